@@ -1,0 +1,53 @@
+"""Messages and API bodies that cross a process boundary.
+
+Each model carries its schema version. Changing one is a deliberate act:
+`python -m contracts` re-exports the JSON Schemas under `contracts/schemas/`,
+and a test fails while the committed schemas differ from the models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from contracts.api import (
+    DeadLetterList,
+    DeadLetterView,
+    EntitlementList,
+    EntitlementView,
+    Error,
+    History,
+)
+from contracts.events import EntitlementEventV1
+from contracts.webhooks import DeadLetterV1, RawWebhookV1
+
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+
+#: file name -> model, for every published schema.
+PUBLISHED: dict[str, type[BaseModel]] = {
+    "webhook-raw.v1.json": RawWebhookV1,
+    "webhook-dead-letter.v1.json": DeadLetterV1,
+    "entitlement-event.v1.json": EntitlementEventV1,
+    "api-entitlement.v1.json": EntitlementView,
+    "api-entitlement-list.v1.json": EntitlementList,
+    "api-history.v1.json": History,
+    "api-dead-letter.v1.json": DeadLetterView,
+    "api-dead-letter-list.v1.json": DeadLetterList,
+    "api-error.v1.json": Error,
+}
+
+
+def render_schema(model: type[BaseModel]) -> str:
+    return json.dumps(model.model_json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def export_schemas(directory: Path = SCHEMA_DIR) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, model in PUBLISHED.items():
+        path = directory / name
+        path.write_text(render_schema(model))
+        written.append(path)
+    return written

@@ -1,0 +1,4 @@
+from contracts import export_schemas
+
+for path in export_schemas():
+    print(path)

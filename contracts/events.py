@@ -1,0 +1,73 @@
+"""The public event stream: `entitle.entitlements.events`, keyed by entitlement id.
+
+Delivery is at least once; `event_id` is stable across redeliveries and
+replays, so consumers deduplicate on it. Per entitlement, `sequence` grows by
+one with each event.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EVENTS_TOPIC = "entitle.entitlements.events"
+
+Status = Literal["PENDING", "ACTIVE", "SUSPENDED", "CANCELED", "EXPIRED"]
+
+
+class CauseV1(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["provider", "schedule", "admin"]
+    source: str = Field(description="Source name, 'schedule', or the admin key's name")
+    event_id: str = Field(
+        description="Provider event id (e.g. evt_…), or a schedule/admin reference"
+    )
+
+
+class CustomerV1(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str | None = None
+    email: str | None = None
+
+
+class EntitlementV1(BaseModel):
+    """An entitlement's state, as published and as served by the API."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: UUID
+    source: str
+    order_ref: str = Field(description="The provider's subscription (or order) id")
+    offering: str = Field(description="Offering SKU")
+    product: str
+    status: Status
+    features: dict[str, Any]
+    limits: dict[str, int]
+    seats: int
+    period_start: datetime | None
+    period_end: datetime | None
+    customer: CustomerV1
+    canceled_reason: str | None = None
+
+
+class EntitlementEventV1(BaseModel):
+    """One change to one entitlement."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: Literal[1] = 1
+    event_id: UUID
+    type: str = Field(description="e.g. entitlement.created, entitlement.activated")
+    entitlement_id: UUID
+    sequence: int = Field(description="The entitlement's version after this event")
+    occurred_at: datetime = Field(description="When the provider says it happened")
+    recorded_at: datetime = Field(description="When the engine recorded it")
+    previous_status: Status | None
+    status: Status
+    cause: CauseV1
+    entitlement: EntitlementV1 = Field(description="State after this event")

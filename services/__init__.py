@@ -1,0 +1,1 @@
+"""Processes and adapters that wire the entitlement domain to infrastructure."""

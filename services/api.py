@@ -1,0 +1,98 @@
+"""The admin HTTP API: entitlements from the read model, history from the store."""
+
+from __future__ import annotations
+
+import uuid
+from typing import get_args
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from contracts.api import DeadLetterList, EntitlementList, History
+from contracts.events import Status
+from services.config import AdminKey
+from services.http import HTTPError, authenticate
+from services.projector import history_entry
+from services.readmodel import FILTERS, ReadModel
+from services.store import EntitlementStore
+
+_STATUSES = set(get_args(Status))
+MAX_LIMIT = 1000
+
+
+def _entitlement_id(request: Request) -> str:
+    raw = request.path_params["id"]
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise HTTPError(422, "invalid_id", f"{raw!r} is not an entitlement id (a UUID)") from None
+
+
+def _limit(request: Request) -> int:
+    raw = request.query_params.get("limit", "100")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise HTTPError(422, "invalid_query", f"limit must be an integer from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+class API:
+    def __init__(self, store: EntitlementStore, read_model: ReadModel, keys: list[AdminKey]):
+        self.store = store
+        self.read_model = read_model
+        self.keys = keys
+
+    async def list_entitlements(self, request: Request) -> JSONResponse:
+        authenticate(request, self.keys)
+        unknown = set(request.query_params) - set(FILTERS) - {"limit"}
+        if unknown:
+            raise HTTPError(
+                422,
+                "invalid_query",
+                f"unknown query parameter(s): {', '.join(sorted(unknown))}; "
+                f"filters are {', '.join(FILTERS)}",
+            )
+        filters = {key: request.query_params.get(key) for key in FILTERS}
+        status = filters.get("status")
+        if status is not None and status not in _STATUSES:
+            raise HTTPError(
+                422, "invalid_query", f"status must be one of {', '.join(sorted(_STATUSES))}"
+            )
+        limit = _limit(request)
+        items = await anyio.to_thread.run_sync(
+            lambda: self.read_model.entitlements(limit, **filters)
+        )
+        return JSONResponse(EntitlementList(items=items).model_dump(mode="json"))
+
+    async def get_entitlement(self, request: Request) -> JSONResponse:
+        authenticate(request, self.keys)
+        entitlement_id = _entitlement_id(request)
+        view = await anyio.to_thread.run_sync(self.read_model.entitlement, entitlement_id)
+        if view is None:
+            raise HTTPError(404, "not_found", f"no entitlement {entitlement_id}")
+        return JSONResponse(view.model_dump(mode="json"))
+
+    async def get_history(self, request: Request) -> JSONResponse:
+        authenticate(request, self.keys)
+        entitlement_id = uuid.UUID(_entitlement_id(request))
+        events = await anyio.to_thread.run_sync(self.store.history, entitlement_id)
+        if not events or type(events[0]).__qualname__.split(".")[0] != "Entitlement":
+            raise HTTPError(404, "not_found", f"no entitlement {entitlement_id}")
+        history = History(entitlement_id=entitlement_id, events=[history_entry(e) for e in events])
+        return JSONResponse(history.model_dump(mode="json"))
+
+    async def list_dead_letters(self, request: Request) -> JSONResponse:
+        authenticate(request, self.keys)
+        limit = _limit(request)
+        items = await anyio.to_thread.run_sync(self.read_model.dead_letters, limit)
+        return JSONResponse(DeadLetterList(items=items).model_dump(mode="json"))
+
+
+def routes(api: API) -> list[Route]:
+    return [
+        Route("/v1/entitlements", api.list_entitlements, methods=["GET"]),
+        Route("/v1/entitlements/{id}", api.get_entitlement, methods=["GET"]),
+        Route("/v1/entitlements/{id}/history", api.get_history, methods=["GET"]),
+        Route("/v1/dead-letters", api.list_dead_letters, methods=["GET"]),
+    ]

@@ -1,0 +1,129 @@
+"""The composition root: one place that wires domain, store, broker and HTTP
+into a process with the roles it was asked to run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from faststream.kafka import KafkaBroker
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from contracts.webhooks import RAW_TOPIC
+from services import api, ingress
+from services.config import AdminKey, Config, Settings
+from services.fold import DomainService, subscribe
+from services.http import HTTPError, handle_http_error, handle_starlette_error
+from services.kafka import ensure_topics, make_broker
+from services.projector import PublicEventsProjection, ReadModelProjection, follow
+from services.readmodel import ReadModel
+from services.store import EntitlementStore
+
+log = logging.getLogger("entitle")
+
+ROLES = ("ingress", "domain", "projector", "api")
+
+
+@dataclass(frozen=True)
+class Roles:
+    ingress: bool = False
+    domain: bool = False
+    projector: bool = False
+    api: bool = False
+
+    @classmethod
+    def all(cls) -> Roles:
+        return cls(True, True, True, True)
+
+    @classmethod
+    def parse(cls, names: list[str]) -> Roles:
+        unknown = set(names) - set(ROLES)
+        if unknown:
+            raise ValueError(
+                f"unknown role(s) {', '.join(sorted(unknown))}; roles are {', '.join(ROLES)}"
+            )
+        return cls(**{name: True for name in names})
+
+    def names(self) -> list[str]:
+        return [name for name in ROLES if getattr(self, name)]
+
+
+def build_app(
+    config: Config,
+    settings: Settings,
+    roles: Roles,
+    admin_keys: list[AdminKey],
+) -> Starlette:
+    needs_broker = roles.ingress or roles.domain or roles.projector
+    if needs_broker and not settings.kafka_bootstrap:
+        raise ValueError("roles ingress, domain and projector need ENTITLE_KAFKA_BOOTSTRAP")
+    store = (
+        EntitlementStore(settings.database_url)
+        if (roles.domain or roles.projector or roles.api)
+        else None
+    )
+    read_model = ReadModel(settings.database_url) if (roles.projector or roles.api) else None
+    broker: KafkaBroker | None = None
+    if needs_broker:
+        assert settings.kafka_bootstrap
+        broker = make_broker(settings.kafka_bootstrap, settings.kafka_idempotence)
+    if roles.domain:
+        assert store is not None and broker is not None
+        subscribe(broker, DomainService(store, config))
+
+    routes: list[Route] = []
+    if roles.ingress:
+        assert broker is not None
+        producer = broker
+
+        async def publish(value: bytes, key: bytes) -> object:
+            return await producer.publish(value, RAW_TOPIC, key=key)
+
+        routes += ingress.routes(ingress.Ingress(config, publish))
+    if roles.api:
+        assert store is not None and read_model is not None
+        routes += api.routes(api.API(store, read_model, admin_keys))
+
+    async def healthz(_: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "roles": roles.names()})
+
+    routes.append(Route("/healthz", healthz, methods=["GET"]))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        tasks: list[asyncio.Task[None]] = []
+        if broker is not None:
+            assert settings.kafka_bootstrap
+            await ensure_topics(settings.kafka_bootstrap, settings.raw_partitions)
+            await broker.start()
+        if roles.projector:
+            assert store is not None and read_model is not None and broker is not None
+            tasks.append(asyncio.create_task(follow(store, ReadModelProjection(read_model), stop)))
+            tasks.append(
+                asyncio.create_task(follow(store, PublicEventsProjection(read_model, broker), stop))
+            )
+        try:
+            yield
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if broker is not None:
+                await broker.stop()
+            if read_model is not None:
+                read_model.close()
+            if store is not None:
+                store.close()
+
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPError: handle_http_error, HTTPException: handle_starlette_error},
+    )

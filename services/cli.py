@@ -1,0 +1,187 @@
+"""`entitle`: run the stack, run one service, or operate the system."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import uvicorn
+
+from services.app import ROLES, Roles, build_app
+from services.config import ConfigError, Settings, admin_keys, generate_admin_key, load_config
+from services.kafka import EmbeddedBroker
+
+log = logging.getLogger("entitle")
+
+
+def _serve(
+    args: argparse.Namespace, roles: Roles, settings: Settings, keys_env: str | None
+) -> None:
+    config = load_config(Path(args.config))
+    app = build_app(config, settings, roles, admin_keys(keys_env))
+    uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            access_log=args.log_level == "debug",
+            lifespan="on",
+        )
+    ).run()
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    keys_env = os.environ.get("ENTITLE_ADMIN_KEYS")
+    generated = None
+    if not keys_env:
+        generated = generate_admin_key()
+        keys_env = f"dev:{generated}"
+    config = load_config(Path(args.config))  # fail before starting anything
+    broker: EmbeddedBroker | None = None
+    if settings.kafka_bootstrap is None:
+        broker = EmbeddedBroker()
+        broker.start()
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap,
+            database_url=settings.database_url,
+            kafka_idempotence=False,
+            raw_partitions=settings.raw_partitions,
+        )
+    base = f"http://{args.host}:{args.port}"
+    lines = [
+        "entitle dev",
+        f"  broker:   {settings.kafka_bootstrap}" + (" (embedded)" if broker else ""),
+        f"  store:    {_redact(settings.database_url)}",
+        f"  API:      {base}/v1/entitlements",
+    ]
+    lines += [
+        f"  webhook:  {base}/webhooks/{name}  ({s.provider.name})"
+        for name, s in config.sources.items()
+    ]
+    if generated:
+        lines.append(f"  admin key (generated; set ENTITLE_ADMIN_KEYS to choose one): {generated}")
+    print("\n".join(lines), flush=True)
+    try:
+        _serve(args, Roles.all(), settings, keys_env)
+    finally:
+        if broker is not None:
+            broker.stop()
+    return 0
+
+
+def _redact(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    roles = Roles.parse(args.roles)
+    _serve(args, roles, Settings.from_env(), os.environ.get("ENTITLE_ADMIN_KEYS"))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from services.projector import replay
+    from services.readmodel import ReadModel
+    from services.store import EntitlementStore
+
+    settings = Settings.from_env()
+    store = EntitlementStore(settings.database_url)
+    read_model = ReadModel(settings.database_url)
+    try:
+        count = replay(store, read_model)
+    finally:
+        read_model.close()
+        store.close()
+    print(f"read model rebuilt from {count} events")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from services.projector import history_entry
+    from services.store import EntitlementStore
+
+    store = EntitlementStore(Settings.from_env().database_url)
+    try:
+        events = store.history(uuid.UUID(args.entitlement_id))
+    finally:
+        store.close()
+    if not events:
+        print(f"no entitlement {args.entitlement_id}", file=sys.stderr)
+        return 1
+    for event in events:
+        print(history_entry(event).model_dump_json())
+    return 0
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from services.readmodel import ReadModel
+
+    read_model = ReadModel(Settings.from_env().database_url)
+    try:
+        for letter in read_model.dead_letters(args.limit):
+            print(json.dumps(letter.model_dump(mode="json")))
+    finally:
+        read_model.close()
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="entitle", description="Event-sourced entitlement engine")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def server(p: argparse.ArgumentParser, port: int = 8080) -> None:
+        p.add_argument("--config", default="entitle.yaml", help="configuration file (YAML)")
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=port)
+        p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    dev = sub.add_parser("dev", help="run the whole stack on embedded defaults")
+    server(dev)
+    dev.set_defaults(run=cmd_dev)
+    for role in ROLES:
+        p = sub.add_parser(role, help=f"run the {role} service alone")
+        server(p)
+        p.set_defaults(run=cmd_serve, roles=[role])
+    serve = sub.add_parser("serve", help="run a chosen set of roles in one process")
+    server(serve)
+    serve.add_argument("roles", nargs="+", choices=ROLES)
+    serve.set_defaults(run=cmd_serve)
+    p = sub.add_parser("replay", help="rebuild the read model from the event store")
+    p.set_defaults(run=cmd_replay)
+    p = sub.add_parser("history", help="print an entitlement's stored events (JSON lines)")
+    p.add_argument("entitlement_id")
+    p.set_defaults(run=cmd_history)
+    p = sub.add_parser("dead-letters", help="list webhooks that could not be mapped")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(run=cmd_dead_letters)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    args = parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except ConfigError as exc:
+        print(f"entitle: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

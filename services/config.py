@@ -1,0 +1,178 @@
+"""The configuration file (`entitle.yaml`) and the environment settings."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from domain.catalog import Catalog, Offering
+from services.providers import PROVIDERS, Provider
+
+
+class ConfigError(Exception):
+    """The configuration file or environment is unusable; the message says why."""
+
+
+class _SourceFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str
+    secret: SecretStr | None = None
+    secret_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> _SourceFile:
+        if (self.secret is None) == (self.secret_env is None):
+            raise ValueError("give exactly one of 'secret' or 'secret_env'")
+        return self
+
+
+class _OfferingFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sku: str
+    product: str
+    period: str = "P1M"
+    seats: int = 1
+    features: dict[str, Any] = Field(default_factory=dict)
+    limits: dict[str, int] = Field(default_factory=dict)
+    suspend_after_days: int | None = None
+    expire_after_days: int | None = None
+    stripe_price_ids: list[str] = Field(default_factory=list)
+
+
+class _ConfigFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sources: dict[str, _SourceFile] = Field(default_factory=dict)
+    offerings: list[_OfferingFile] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A configured webhook endpoint: POST /webhooks/<name>."""
+
+    name: str
+    provider: Provider
+    secret: SecretStr
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"Source(name={self.name!r}, provider={self.provider.name!r})"
+
+
+@dataclass(frozen=True)
+class Config:
+    sources: dict[str, Source]
+    catalog: Catalog
+
+
+def parse_config(
+    text: str, environ: dict[str, str] | None = None, origin: str = "config"
+) -> Config:
+    env = os.environ if environ is None else environ
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
+    try:
+        parsed = _ConfigFile.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{origin}: {problems}") from None
+    sources: dict[str, Source] = {}
+    for name, source in parsed.sources.items():
+        provider = PROVIDERS.get(source.provider)
+        if provider is None:
+            known = ", ".join(sorted(PROVIDERS))
+            raise ConfigError(
+                f"{origin}: source {name!r} names provider {source.provider!r}; known: {known}"
+            )
+        if source.secret_env is not None:
+            value = env.get(source.secret_env)
+            if not value:
+                raise ConfigError(
+                    f"{origin}: source {name!r} reads its secret from ${source.secret_env}, "
+                    "which is not set"
+                )
+            secret = SecretStr(value)
+        else:
+            assert source.secret is not None
+            secret = source.secret
+        sources[name] = Source(name=name, provider=provider, secret=secret)
+    try:
+        catalog = Catalog(
+            Offering(
+                sku=o.sku,
+                product=o.product,
+                period=o.period,
+                seats=o.seats,
+                features=o.features,
+                limits=o.limits,
+                suspend_after_days=o.suspend_after_days,
+                expire_after_days=o.expire_after_days,
+                stripe_price_ids=tuple(o.stripe_price_ids),
+            )
+            for o in parsed.offerings
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+    return Config(sources=sources, catalog=catalog)
+
+
+def load_config(path: Path) -> Config:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
+    return parse_config(text, origin=str(path))
+
+
+@dataclass(frozen=True)
+class AdminKey:
+    name: str
+    secret: str
+
+
+def admin_keys(value: str | None) -> list[AdminKey]:
+    """`ENTITLE_ADMIN_KEYS`: comma-separated `key` or `name:key` entries."""
+    keys = []
+    for n, entry in enumerate(e.strip() for e in (value or "").split(",")):
+        if not entry:
+            continue
+        name, sep, secret = entry.partition(":")
+        keys.append(AdminKey(name, secret) if sep else AdminKey(f"key{n + 1}", entry))
+    return keys
+
+
+def generate_admin_key() -> str:
+    return "ek_" + secrets.token_urlsafe(24)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the infrastructure is, from the environment."""
+
+    kafka_bootstrap: str | None
+    database_url: str
+    kafka_idempotence: bool
+    raw_partitions: int
+
+    @classmethod
+    def from_env(cls, data_dir: Path = Path(".entitle")) -> Settings:
+        bootstrap = os.environ.get("ENTITLE_KAFKA_BOOTSTRAP") or None
+        idempotence = os.environ.get("ENTITLE_KAFKA_IDEMPOTENCE", "true" if bootstrap else "false")
+        return cls(
+            kafka_bootstrap=bootstrap,
+            database_url=os.environ.get("ENTITLE_DATABASE_URL")
+            or f"sqlite:///{data_dir / 'entitle.db'}",
+            kafka_idempotence=idempotence.lower() in ("1", "true", "yes", "y", "on"),
+            raw_partitions=int(os.environ.get("ENTITLE_RAW_PARTITIONS", "8")),
+        )

@@ -1,0 +1,210 @@
+"""The domain service: folds raw webhooks from Kafka into the event store.
+
+Each partition's share of a consumer batch is applied in one transaction that
+also records the partition's last offset (an eventsourcing tracking record
+named `<topic>/<partition>`). Offsets at or below the recorded one are skipped,
+so a redelivery after a crash or rebalance is never applied twice; the Kafka
+offset is committed only after the database commit, so nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import anyio
+from eventsourcing.persistence import IntegrityError, Tracking
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from pydantic import ValidationError
+
+from contracts.webhooks import RAW_TOPIC, RawWebhookV1
+from domain.commands import apply
+from domain.dead_letter import DeadLetter, dead_letter_id
+from services.config import Config
+from services.providers import Unmappable
+from services.store import Batch, EntitlementStore
+
+log = logging.getLogger("entitle.domain")
+
+CONSUMER_GROUP = "entitle-domain"
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_activation_code() -> str:
+    """25 Crockford base32 characters (125 bits) in five groups of five."""
+    chars = "".join(secrets.choice(_CROCKFORD) for _ in range(25))
+    return "-".join(chars[i : i + 5] for i in range(0, 25, 5))
+
+
+class Record(Protocol):
+    """What the fold needs of a Kafka record (aiokafka's ConsumerRecord fits)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+@dataclass
+class FoldResult:
+    webhooks: int = 0
+    skipped: int = 0
+    dead_letters: int = 0
+    events: int = 0
+
+
+def position_name(topic: str, partition: int) -> str:
+    return f"{topic}/{partition}"
+
+
+class DomainService:
+    def __init__(
+        self,
+        store: EntitlementStore,
+        config: Config,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        new_code: Callable[[], str] = new_activation_code,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.new_code = new_code
+
+    def process(self, records: Sequence[Record]) -> FoldResult:
+        """Apply a consumer batch; blocking, so call it from a worker thread."""
+        by_partition: dict[tuple[str, int], list[Record]] = defaultdict(list)
+        for record in records:
+            by_partition[(record.topic, record.partition)].append(record)
+        result = FoldResult()
+        for (topic, partition), group in by_partition.items():
+            group.sort(key=lambda r: r.offset)
+            self._process_partition(position_name(topic, partition), group, result)
+        return result
+
+    def _process_partition(self, name: str, records: list[Record], result: FoldResult) -> None:
+        for attempt in range(5):
+            last = self.store.position(name)
+            pending = [r for r in records if last is None or r.offset > last]
+            if not pending:
+                result.skipped += len(records)
+                return
+            batch = Batch(self.store)
+            dead = 0
+            for record in pending:
+                dead += self._fold(record, batch)
+            try:
+                saved = self.store.record(batch, Tracking(name, pending[-1].offset))
+            except IntegrityError:
+                # Another consumer saved these offsets or aggregates first (a
+                # rebalance): reload and apply only what is still unapplied.
+                log.warning("conflict saving %s (attempt %d); retrying", name, attempt + 1)
+                continue
+            result.webhooks += len(pending)
+            result.skipped += len(records) - len(pending)
+            result.dead_letters += dead
+            result.events += saved
+            return
+        raise RuntimeError(f"could not save {name} after 5 attempts")
+
+    def _fold(self, record: Record, batch: Batch) -> int:
+        """Fold one raw webhook into the batch; returns 1 if it dead-lettered."""
+        now = self.clock()
+        try:
+            webhook = RawWebhookV1.model_validate_json(record.value or b"")
+        except ValidationError as exc:
+            log.error("unreadable envelope at %s/%s: %s", record.partition, record.offset, exc)
+            return self._dead_letter(
+                batch,
+                None,
+                f"unreadable envelope: {exc.errors()[0]['msg']}",
+                f"{record.topic}/{record.partition}/{record.offset}",
+                now,
+            )
+        source = self.config.sources.get(webhook.source)
+        payload: Any = None
+        try:
+            payload = json.loads(webhook.body)
+            if not isinstance(payload, dict):
+                raise Unmappable("webhook body is not a JSON object")
+            if source is None:
+                raise Unmappable(f"source {webhook.source!r} is not configured")
+            commands = source.provider.normalize(webhook.source, payload, self.config.catalog, now)
+        except Unmappable as exc:
+            for command in exc.commands:
+                apply(command, batch, now, self.new_code)
+            return self._dead_letter(
+                batch, webhook, exc.reason, self._event_id(webhook, payload), now
+            )
+        except Exception as exc:  # a provider adapter bug must not block the partition
+            log.exception("cannot normalize webhook %s", webhook.receipt_id)
+            return self._dead_letter(
+                batch, webhook, f"internal error: {exc!r}", self._event_id(webhook, payload), now
+            )
+        for command in commands:
+            apply(command, batch, now, self.new_code)
+        return 0
+
+    def _event_id(self, webhook: RawWebhookV1, payload: Any) -> str:
+        source = self.config.sources.get(webhook.source)
+        if source is not None and isinstance(payload, dict):
+            event_id = source.provider.event_id(payload)
+            if event_id:
+                return event_id
+        return webhook.receipt_id
+
+    def _dead_letter(
+        self, batch: Batch, webhook: RawWebhookV1 | None, reason: str, event_id: str, now: datetime
+    ) -> int:
+        source = webhook.source if webhook else "?"
+        if batch.find(dead_letter_id(source, event_id), DeadLetter) is not None:
+            return 0  # the same provider event already dead-lettered
+        log.warning("dead letter %s/%s: %s", source, event_id, reason)
+        batch.add(
+            DeadLetter.record(
+                source=source,
+                provider=webhook.provider if webhook else "?",
+                provider_event_id=event_id,
+                reason=reason,
+                webhook=webhook.model_dump(mode="json") if webhook else {},
+                at=now,
+            )
+        )
+        return 1
+
+
+def subscribe(broker: KafkaBroker, service: DomainService, max_records: int = 500) -> None:
+    """Register the raw-webhook consumer on a FastStream broker."""
+
+    @broker.subscriber(
+        RAW_TOPIC,
+        group_id=CONSUMER_GROUP,
+        batch=True,
+        max_records=max_records,
+        batch_timeout_ms=50,
+        auto_offset_reset="earliest",
+        ack_policy=AckPolicy.MANUAL,
+    )
+    async def on_raw_webhooks(_: list[bytes], message: KafkaMessage) -> None:
+        records = message.raw_message
+        if not isinstance(records, tuple):
+            records = (records,)
+        try:
+            result = await anyio.to_thread.run_sync(service.process, records)
+        except Exception:
+            log.exception("batch of %d webhooks failed; it will be redelivered", len(records))
+            await message.nack()
+            raise
+        await message.ack()
+        log.debug("folded %s", result)

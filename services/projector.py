@@ -1,0 +1,318 @@
+"""Projectors: follow the event store's notification log, in order, each with
+its own position, and keep something else up to date from it.
+
+- `ReadModelProjection` keeps the API's tables (position saved in the same
+  transaction, so exactly once; `entitle replay` rebuilds it from zero).
+- `PublicEventsProjection` publishes `entitle.entitlements.events` and
+  dead letters (position saved after the broker acknowledged, so at least
+  once; `event_id` lets consumers drop the rare duplicate).
+
+Both poll the log: eventsourcing cannot subscribe to an SQLite store, and one
+code path for both stores is easier to trust. PostgreSQL's table lock on
+insert makes notification ids commit in order, so polling never skips one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Protocol
+from uuid import UUID, uuid5
+
+import anyio
+from faststream.kafka import KafkaBroker
+
+from contracts.api import DeadLetterView, EntitlementView, HistoryEntry
+from contracts.events import (
+    EVENTS_TOPIC,
+    CauseV1,
+    CustomerV1,
+    EntitlementEventV1,
+    EntitlementV1,
+)
+from contracts.webhooks import DEAD_LETTER_TOPIC, DeadLetterV1, RawWebhookV1
+from domain.dead_letter import DeadLetter
+from domain.entitlement import NAMESPACE, Entitlement
+from services.readmodel import ReadModel
+from services.store import EntitlementStore
+
+log = logging.getLogger("entitle.projector")
+
+READ_MODEL = "read-model"
+PUBLIC_EVENTS = "public-events"
+_ENTITLEMENT_TOPIC = "domain.entitlement:Entitlement"
+_DEAD_LETTER_TOPIC = "domain.dead_letter:DeadLetter"
+# The public topic carries the entitlement without its activation code.
+_PUBLIC_FIELDS = set(EntitlementV1.model_fields)
+_BASE_FIELDS = {
+    "originator_id",
+    "originator_version",
+    "timestamp",
+    "originator_topic",
+    "cause",
+    "occurred_at",
+}
+
+
+def event_type(event: Any) -> str:
+    """`entitlement.activated` for Entitlement.Activated, and so on."""
+    aggregate = re.sub(r"(?<!^)(?=[A-Z])", "_", type(event).__qualname__.split(".")[0]).lower()
+    name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(event).__name__).lower()
+    return f"{aggregate}.{name}"
+
+
+def history_entry(event: Any) -> HistoryEntry:
+    data = {k: v for k, v in vars(event).items() if k not in _BASE_FIELDS}
+    cause = getattr(event, "cause", None)
+    return HistoryEntry(
+        version=event.originator_version,
+        type=event_type(event),
+        recorded_at=event.timestamp,
+        occurred_at=getattr(event, "occurred_at", None),
+        cause=CauseV1(**cause) if cause else None,
+        data={k: (str(v) if isinstance(v, UUID) else v) for k, v in data.items()},
+    )
+
+
+def entitlement_view(entitlement: Entitlement) -> EntitlementView:
+    return EntitlementView(
+        id=entitlement.id,
+        source=entitlement.source,
+        order_ref=entitlement.order_ref,
+        offering=entitlement.sku,
+        product=entitlement.product,
+        status=entitlement.status.value,
+        features=entitlement.features,
+        limits=entitlement.limits,
+        seats=entitlement.seats,
+        period_start=entitlement.period_start,
+        period_end=entitlement.period_end,
+        customer=CustomerV1(id=entitlement.customer_id, email=entitlement.customer_email),
+        canceled_reason=entitlement.canceled_reason,
+        activation_code=entitlement.activation_code,
+        sequence=entitlement.version,
+        created_at=entitlement.created_on,
+        updated_at=entitlement.modified_on,
+    )
+
+
+def dead_letter_view(letter: DeadLetter) -> DeadLetterView:
+    return DeadLetterView(
+        id=letter.id,
+        source=letter.source,
+        provider=letter.provider,
+        provider_event_id=letter.provider_event_id,
+        reason=letter.reason,
+        recorded_at=letter.created_on,
+        receipt_id=str(letter.webhook.get("receipt_id", "")),
+    )
+
+
+@dataclass(frozen=True)
+class Change:
+    """One stored event, with the state of its entitlement around it."""
+
+    event: Any
+    previous_status: str | None
+    entitlement: EntitlementView | None = None
+    dead_letter: DeadLetter | None = None
+
+
+class Follower:
+    """Reads the notification log and folds each event onto its aggregate,
+    keeping recent aggregates in memory so a long log is read once."""
+
+    def __init__(self, store: EntitlementStore, cache_size: int = 10_000) -> None:
+        self.store = store
+        self._cache: OrderedDict[UUID, Any] = OrderedDict()
+        self._cache_size = cache_size
+
+    def read(self, after: int, limit: int) -> tuple[list[Change], int | None]:
+        notifications = self.store.process_recorder.select_notifications(
+            start=after + 1, limit=limit
+        )
+        if not notifications:
+            return [], None
+        changes = []
+        event: Any
+        for notification in notifications:
+            if notification.topic.startswith(_ENTITLEMENT_TOPIC + "."):
+                event = self.store.mapper.to_domain_event(notification)
+                before = self._state_before(event)
+                previous = before.status.value if before is not None else None
+                after_state = event.mutate(before)
+                self._remember(after_state)
+                changes.append(Change(event, previous, entitlement=entitlement_view(after_state)))
+            elif notification.topic.startswith(_DEAD_LETTER_TOPIC + "."):
+                event = self.store.mapper.to_domain_event(notification)
+                letter = event.mutate(None)
+                changes.append(Change(event, None, dead_letter=letter))
+        return changes, notifications[-1].id
+
+    def _state_before(self, event: Any) -> Any:
+        version = event.originator_version
+        if version == 1:
+            return None
+        cached = self._cache.get(event.originator_id)
+        if cached is not None and cached.version == version - 1:
+            return cached
+        return self.store.aggregate_at(event.originator_id, version - 1)
+
+    def _remember(self, aggregate: Any) -> None:
+        self._cache[aggregate.id] = aggregate
+        self._cache.move_to_end(aggregate.id)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+
+class Projection(Protocol):
+    name: str
+
+    def position(self) -> int: ...
+
+    async def project(self, changes: list[Change], position: int) -> None: ...
+
+
+class ReadModelProjection:
+    name = READ_MODEL
+
+    def __init__(self, read_model: ReadModel) -> None:
+        self.read_model = read_model
+
+    def position(self) -> int:
+        return self.read_model.position(self.name)
+
+    def apply(self, changes: list[Change], position: int) -> None:
+        latest: dict[UUID, EntitlementView] = {}
+        letters = []
+        for change in changes:
+            if change.entitlement is not None:
+                latest[change.entitlement.id] = change.entitlement
+            if change.dead_letter is not None:
+                letters.append(dead_letter_view(change.dead_letter))
+        self.read_model.apply(self.name, position, list(latest.values()), letters)
+
+    async def project(self, changes: list[Change], position: int) -> None:
+        await anyio.to_thread.run_sync(self.apply, changes, position)
+
+
+def public_event(change: Change) -> EntitlementEventV1:
+    event = change.event
+    view = change.entitlement
+    assert view is not None
+    return EntitlementEventV1(
+        event_id=uuid5(NAMESPACE, f"event\x1f{event.originator_id}\x1f{event.originator_version}"),
+        type=event_type(event),
+        entitlement_id=event.originator_id,
+        sequence=event.originator_version,
+        occurred_at=event.occurred_at,
+        recorded_at=event.timestamp,
+        previous_status=change.previous_status,  # type: ignore[arg-type]
+        status=view.status,
+        cause=CauseV1(**event.cause),
+        entitlement=EntitlementV1.model_validate(view.model_dump(include=_PUBLIC_FIELDS)),
+    )
+
+
+def dead_letter_message(letter: DeadLetter) -> DeadLetterV1:
+    return DeadLetterV1(
+        id=str(letter.id),
+        source=letter.source,
+        provider=letter.provider,
+        provider_event_id=letter.provider_event_id,
+        reason=letter.reason,
+        recorded_at=letter.created_on,
+        webhook=RawWebhookV1.model_validate(letter.webhook)
+        if letter.webhook
+        else RawWebhookV1(
+            receipt_id="",
+            source=letter.source,
+            provider=letter.provider,
+            routing_key="",
+            received_at=letter.created_on,
+            headers={},
+            body="",
+        ),
+    )
+
+
+class PublicEventsProjection:
+    name = PUBLIC_EVENTS
+
+    def __init__(self, read_model: ReadModel, broker: KafkaBroker) -> None:
+        self.read_model = read_model
+        self.broker = broker
+
+    def position(self) -> int:
+        return self.read_model.position(self.name)
+
+    async def project(self, changes: list[Change], position: int) -> None:
+        sends = []
+        for change in changes:
+            if change.entitlement is not None:
+                message = public_event(change)
+                sends.append(
+                    self.broker.publish(
+                        message.model_dump_json().encode(),
+                        EVENTS_TOPIC,
+                        key=str(message.entitlement_id).encode(),
+                        headers={"content-type": "application/json", "ce-type": message.type},
+                    )
+                )
+            elif change.dead_letter is not None:
+                letter = dead_letter_message(change.dead_letter)
+                sends.append(
+                    self.broker.publish(
+                        letter.model_dump_json().encode(),
+                        DEAD_LETTER_TOPIC,
+                        key=letter.webhook.routing_key.encode() or None,
+                        headers={"content-type": "application/json"},
+                    )
+                )
+        # Every send must be acknowledged before the position moves past it.
+        await asyncio.gather(*sends)
+        await anyio.to_thread.run_sync(self.read_model.set_position, self.name, position)
+
+
+async def follow(
+    store: EntitlementStore,
+    projection: Projection,
+    stop: asyncio.Event,
+    poll_interval: float = 0.05,
+    batch_size: int = 500,
+) -> None:
+    """Keep `projection` up to date with the log until `stop` is set."""
+    follower = Follower(store)
+    position = await anyio.to_thread.run_sync(projection.position)
+    while not stop.is_set():
+        try:
+            changes, last = await anyio.to_thread.run_sync(follower.read, position, batch_size)
+            if last is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), poll_interval)
+                continue
+            await projection.project(changes, last)
+            position = last
+        except Exception:
+            log.exception("projection %s failed at %d; retrying", projection.name, position)
+            await asyncio.sleep(1.0)
+            position = await anyio.to_thread.run_sync(projection.position)
+
+
+def replay(store: EntitlementStore, read_model: ReadModel, batch_size: int = 1000) -> int:
+    """Rebuild the read model from the first event; returns events read."""
+    read_model.reset(READ_MODEL)
+    projection = ReadModelProjection(read_model)
+    follower = Follower(store)
+    position, count = 0, 0
+    while True:
+        changes, last = follower.read(position, batch_size)
+        if last is None:
+            return count
+        projection.apply(changes, last)
+        count += len(changes)
+        position = last

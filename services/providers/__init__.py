@@ -1,0 +1,50 @@
+"""Billing providers: how each one signs webhooks and what its events mean.
+
+A provider is one module exposing `PROVIDER`, plus one line in `PROVIDERS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from domain.catalog import Catalog
+from domain.commands import Command
+
+
+class SignatureError(Exception):
+    """The webhook is not authentic (missing, malformed, wrong or expired)."""
+
+
+class Unmappable(Exception):
+    """The event cannot be fully applied: an unknown price, or a shape we do
+    not understand. `commands` holds whatever part of it did map."""
+
+    def __init__(self, reason: str, commands: list[Command] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.commands = commands or []
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    #: verify(headers (lower-case names), raw body, secret, now in unix seconds)
+    verify: Callable[[Mapping[str, str], bytes, str, float], None]
+    #: The key that keeps one order's webhooks in order on the raw topic.
+    routing_key: Callable[[Mapping[str, Any]], str]
+    #: The provider's own id for this event, used to deduplicate deliveries.
+    event_id: Callable[[Mapping[str, Any]], str]
+    #: normalize(source, payload, catalog, received_at) -> commands; raises Unmappable.
+    normalize: Callable[[str, Mapping[str, Any], Catalog, datetime], list[Command]]
+
+
+def _registry() -> dict[str, Provider]:
+    from services.providers import stripe
+
+    return {p.name: p for p in (stripe.PROVIDER,)}
+
+
+PROVIDERS: dict[str, Provider] = _registry()

@@ -1,0 +1,206 @@
+"""The read model behind the API: tables projected from the event store.
+
+The same SQL runs on SQLite and PostgreSQL; each write commits together with
+the projection's position, so the tables are always exactly the fold of the
+event log up to that position, and can be dropped and rebuilt at any time.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+from contracts.api import DeadLetterView, EntitlementView
+
+_TABLES = [
+    """CREATE TABLE IF NOT EXISTS entitle_read_entitlements (
+        id TEXT PRIMARY KEY,
+        source TEXT NOT NULL,
+        order_ref TEXT NOT NULL,
+        offering TEXT NOT NULL,
+        status TEXT NOT NULL,
+        customer_email TEXT,
+        sequence INTEGER NOT NULL,
+        body TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS entitle_read_ent_order ON entitle_read_entitlements (order_ref)",
+    "CREATE INDEX IF NOT EXISTS entitle_read_ent_email"
+    " ON entitle_read_entitlements (customer_email)",
+    "CREATE INDEX IF NOT EXISTS entitle_read_ent_status ON entitle_read_entitlements (status)",
+    """CREATE TABLE IF NOT EXISTS entitle_read_dead_letters (
+        id TEXT PRIMARY KEY,
+        recorded_at TEXT NOT NULL,
+        body TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS entitle_read_positions (
+        name TEXT PRIMARY KEY,
+        position BIGINT NOT NULL
+    )""",
+]
+
+_DROP = [
+    "DROP TABLE IF EXISTS entitle_read_entitlements",
+    "DROP TABLE IF EXISTS entitle_read_dead_letters",
+]
+
+FILTERS = ("order_ref", "customer_email", "status", "offering")
+
+
+class ReadModel:
+    def __init__(self, database_url: str) -> None:
+        url = urlsplit(database_url)
+        self._postgres = url.scheme in ("postgresql", "postgres")
+        self._url = database_url
+        self._local = threading.local()
+        if not self._postgres:
+            path = url.path[1:] if url.path.startswith("/") else url.path
+            self._sqlite_path = path
+        else:
+            from psycopg_pool import ConnectionPool
+
+            self._pool = ConnectionPool(database_url, min_size=1, max_size=8, open=True)
+        self.create()
+
+    def close(self) -> None:
+        if self._postgres:
+            self._pool.close()
+
+    # -- plumbing ----------------------------------------------------------
+
+    def _sql(self, statement: str) -> str:
+        return statement.replace("?", "%s") if self._postgres else statement
+
+    @contextmanager
+    def _transaction(self, write: bool = True) -> Iterator[Any]:
+        if self._postgres:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                yield cur
+            return
+        local: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if local is None:
+            local = sqlite3.connect(self._sqlite_path, timeout=30, isolation_level=None)
+            local.execute("PRAGMA journal_mode=WAL")
+            local.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = local
+        # Readers must not take SQLite's write lock; writers take it up front.
+        local.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield local.cursor()
+        except BaseException:
+            local.execute("ROLLBACK")
+            raise
+        local.execute("COMMIT")
+
+    def _query(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._transaction(write=False) as cur:
+            cur.execute(self._sql(statement), params)
+            return list(cur.fetchall())
+
+    def create(self) -> None:
+        with self._transaction() as cur:
+            for statement in _TABLES:
+                cur.execute(statement)
+
+    def reset(self, name: str) -> None:
+        """Drop the projected tables and projection `name`'s position, so the
+        projector rebuilds them from zero. Other positions (the public event
+        publisher's) are kept: a rebuild must not re-publish history."""
+        with self._transaction() as cur:
+            for statement in _DROP:
+                cur.execute(statement)
+            for statement in _TABLES:
+                cur.execute(statement)
+            cur.execute(self._sql("DELETE FROM entitle_read_positions WHERE name = ?"), (name,))
+
+    # -- writes --------------------------------------------------------------
+
+    def position(self, name: str) -> int:
+        rows = self._query("SELECT position FROM entitle_read_positions WHERE name = ?", (name,))
+        return int(rows[0][0]) if rows else 0
+
+    def save_position(self, cur: Any, name: str, position: int) -> None:
+        cur.execute(
+            self._sql(
+                "INSERT INTO entitle_read_positions (name, position) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET position = excluded.position"
+            ),
+            (name, position),
+        )
+
+    def apply(
+        self,
+        name: str,
+        position: int,
+        entitlements: Sequence[EntitlementView],
+        dead_letters: Sequence[DeadLetterView],
+    ) -> None:
+        """Upsert rows and advance the projection's position, atomically."""
+        with self._transaction() as cur:
+            for view in entitlements:
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO entitle_read_entitlements "
+                        "(id, source, order_ref, offering, status, customer_email, sequence, body) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                        "status = excluded.status, customer_email = excluded.customer_email, "
+                        "offering = excluded.offering, sequence = excluded.sequence, "
+                        "body = excluded.body"
+                    ),
+                    (
+                        str(view.id),
+                        view.source,
+                        view.order_ref,
+                        view.offering,
+                        view.status,
+                        view.customer.email,
+                        view.sequence,
+                        view.model_dump_json(),
+                    ),
+                )
+            for letter in dead_letters:
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO entitle_read_dead_letters (id, recorded_at, body) "
+                        "VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE SET body = excluded.body"
+                    ),
+                    (str(letter.id), letter.recorded_at.isoformat(), letter.model_dump_json()),
+                )
+            self.save_position(cur, name, position)
+
+    def set_position(self, name: str, position: int) -> None:
+        with self._transaction() as cur:
+            self.save_position(cur, name, position)
+
+    # -- reads ---------------------------------------------------------------
+
+    def entitlements(self, limit: int = 100, **filters: str | None) -> list[EntitlementView]:
+        clauses, params = [], []
+        for key, value in filters.items():
+            if key not in FILTERS:
+                raise ValueError(f"unknown filter {key!r}")
+            if value is not None:
+                clauses.append(f"{key} = ?")
+                params.append(value)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._query(
+            f"SELECT body FROM entitle_read_entitlements{where} ORDER BY id LIMIT {int(limit)}",
+            params,
+        )
+        return [EntitlementView.model_validate_json(row[0]) for row in rows]
+
+    def entitlement(self, entitlement_id: str) -> EntitlementView | None:
+        rows = self._query(
+            "SELECT body FROM entitle_read_entitlements WHERE id = ?", (entitlement_id,)
+        )
+        return EntitlementView.model_validate_json(rows[0][0]) if rows else None
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetterView]:
+        rows = self._query(
+            "SELECT body FROM entitle_read_dead_letters"
+            f" ORDER BY recorded_at DESC LIMIT {int(limit)}"
+        )
+        return [DeadLetterView.model_validate_json(row[0]) for row in rows]

@@ -1,0 +1,53 @@
+"""The configuration file: what is accepted and how mistakes are reported."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.config import ConfigError, admin_keys, parse_config
+
+GOOD = """
+sources:
+  stripe-main: {provider: stripe, secret: whsec_example}
+  stripe-eu: {provider: stripe, secret_env: STRIPE_EU_SECRET}
+offerings:
+  - {sku: better_annual, product: acme, period: P1Y, seats: 3,
+     features: {export: true}, limits: {projects: 50}, suspend_after_days: 3}
+"""
+
+
+def test_a_valid_file_gives_sources_and_catalog() -> None:
+    config = parse_config(GOOD, {"STRIPE_EU_SECRET": "whsec_eu"})
+    assert config.sources["stripe-eu"].secret.get_secret_value() == "whsec_eu"
+    assert config.sources["stripe-main"].provider.name == "stripe"
+    offering = config.catalog.get("better_annual")
+    assert offering is not None and offering.seats == 3 and offering.limits == {"projects": 50}
+
+
+def test_secrets_do_not_show_in_reprs() -> None:
+    config = parse_config(GOOD, {"STRIPE_EU_SECRET": "whsec_eu"})
+    assert "whsec" not in repr(config.sources) and "whsec" not in str(config)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("sources: {s: {provider: nope, secret: x}}", "provider 'nope'"),
+        ("sources: {s: {provider: stripe}}", "exactly one of 'secret' or 'secret_env'"),
+        ("sources: {s: {provider: stripe, secret_env: MISSING}}", r"\$MISSING"),
+        ("offerings: [{sku: a, product: p, period: monthly}]", "ISO 8601"),
+        ("offerings: [{sku: a, product: p}, {sku: a, product: p}]", "defined twice"),
+        ("offerings: [{sku: a, product: p, seats: 0}]", "seats"),
+        ("offerings: [{sku: a}]", "product"),
+        ("surprise: 1", "surprise"),
+        ("sources: [", "not valid YAML"),
+    ],
+)
+def test_mistakes_are_reported_clearly(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(text, {})
+
+
+def test_admin_keys_may_be_named() -> None:
+    keys = admin_keys("ops:ek_1, ek_2,")
+    assert [(k.name, k.secret) for k in keys] == [("ops", "ek_1"), ("key2", "ek_2")]
