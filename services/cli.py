@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -24,7 +26,7 @@ def _serve(
 ) -> None:
     config = load_config(Path(args.config))
     app = build_app(config, settings, roles, admin_keys(keys_env))
-    uvicorn.Server(
+    server = uvicorn.Server(
         uvicorn.Config(
             app,
             host=args.host,
@@ -33,7 +35,17 @@ def _serve(
             access_log=args.log_level == "debug",
             lifespan="on",
         )
-    ).run()
+    )
+    # uvicorn shuts down cleanly on SIGINT/SIGTERM, then re-raises the signal
+    # with the previous handlers back: make SIGTERM unwind like Ctrl-C, so the
+    # caller's cleanup (the embedded broker) runs either way, and exit 0.
+    signal.signal(signal.SIGTERM, _interrupt)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_dev(args: argparse.Namespace) -> int:

@@ -11,8 +11,14 @@ from domain.commands import CancelOrder, Customer, PaidLine, RecordPayment, appl
 from domain.entitlement import Cause, Entitlement, Order, Status, entitlement_id
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-ANNUAL = Offering(sku="better_annual", product="acme", period="P1Y", seats=3,
-                  features={"export": True}, limits={"projects": 50})
+ANNUAL = Offering(
+    sku="better_annual",
+    product="acme",
+    period="P1Y",
+    seats=3,
+    features={"export": True},
+    limits={"projects": 50},
+)
 MONTHLY = Offering(sku="basic_monthly", product="acme", seats=1)
 
 
@@ -39,8 +45,12 @@ def codes() -> Any:
 
 def payment(event_id: str, *lines: PaidLine, order_ref: str = "sub_1") -> RecordPayment:
     return RecordPayment(
-        source="stripe-main", order_ref=order_ref, customer=Customer("cus_1", "a@example.com"),
-        lines=lines, cause=Cause.provider("stripe-main", event_id), occurred_at=T0,
+        source="stripe-main",
+        order_ref=order_ref,
+        customer=Customer("cus_1", "a@example.com"),
+        lines=lines,
+        cause=Cause.provider("stripe-main", event_id),
+        occurred_at=T0,
     )
 
 
@@ -49,8 +59,13 @@ def line(offering: Offering = ANNUAL, quantity: int = 1, months: int = 12) -> Pa
 
 
 def cancel(event_id: str, order_ref: str = "sub_1") -> CancelOrder:
-    return CancelOrder(source="stripe-main", order_ref=order_ref, reason="subscription_deleted",
-                       cause=Cause.provider("stripe-main", event_id), occurred_at=T0)
+    return CancelOrder(
+        source="stripe-main",
+        order_ref=order_ref,
+        reason="subscription_deleted",
+        cause=Cause.provider("stripe-main", event_id),
+        occurred_at=T0,
+    )
 
 
 def test_a_paid_invoice_creates_one_active_entitlement_per_offering() -> None:
@@ -108,7 +123,10 @@ def test_a_cancellation_that_arrives_before_the_payment_still_wins() -> None:
     [entitlement] = aggregates.entitlements()
     assert entitlement.status is Status.CANCELED
     assert [type(e).__name__ for e in entitlement.collect_events()] == [
-        "Created", "Activated", "Canceled"]
+        "Created",
+        "Activated",
+        "Canceled",
+    ]
 
 
 def test_a_payment_after_cancellation_does_not_reactivate() -> None:

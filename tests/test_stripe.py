@@ -14,10 +14,12 @@ from services.providers.stripe import normalize, routing_key, verify
 from tests import stripe_events as se
 
 NOW = int(time.time())
-CATALOG = Catalog([
-    Offering(sku="better_annual", product="acme", period="P1Y", seats=3),
-    Offering(sku="basic_monthly", product="acme", stripe_price_ids=("price_basic",)),
-])
+CATALOG = Catalog(
+    [
+        Offering(sku="better_annual", product="acme", period="P1Y", seats=3),
+        Offering(sku="basic_monthly", product="acme", stripe_price_ids=("price_basic",)),
+    ]
+)
 YEAR = {"start": NOW, "end": NOW + 365 * 86400}
 
 
@@ -36,8 +38,10 @@ def test_a_signature_made_by_the_stripe_sdk_verifies() -> None:
         (lambda h, b: ({}, b), "missing"),
         (lambda h, b: ({"stripe-signature": "garbage"}, b), "t= and at least one v1="),
         (lambda h, b: (h, b + b" "), "no v1 signature"),
-        (lambda h, b: ({"stripe-signature": h["stripe-signature"].replace("v1=", "v1=00")}, b),
-         "no v1 signature"),
+        (
+            lambda h, b: ({"stripe-signature": h["stripe-signature"].replace("v1=", "v1=00")}, b),
+            "no v1 signature",
+        ),
     ],
 )
 def test_bad_signatures_are_rejected(mutate: object, message: str) -> None:
@@ -72,16 +76,24 @@ def test_the_secret_is_the_literal_whsec_string() -> None:
 @pytest.mark.parametrize("shape", [se.BASIL, se.LEGACY])
 def test_invoice_paid_maps_lines_onto_offerings(shape: str) -> None:
     event = se.invoice_paid(
-        subscription="sub_42", shape=shape, customer="cus_9", email="x@example.com",
-        lines=[{"price": "price_annual", "sku": "better_annual", "quantity": 2, **YEAR},
-               {"price": "price_basic", **YEAR}],
+        subscription="sub_42",
+        shape=shape,
+        customer="cus_9",
+        email="x@example.com",
+        lines=[
+            {"price": "price_annual", "sku": "better_annual", "quantity": 2, **YEAR},
+            {"price": "price_basic", **YEAR},
+        ],
     )
     if shape == se.BASIL:  # the current API carries no price metadata: map by price id
-        CATALOG_BY_ID = Catalog([
-            Offering(sku="better_annual", product="acme", seats=3,
-                     stripe_price_ids=("price_annual",)),
-            Offering(sku="basic_monthly", product="acme", stripe_price_ids=("price_basic",)),
-        ])
+        CATALOG_BY_ID = Catalog(
+            [
+                Offering(
+                    sku="better_annual", product="acme", seats=3, stripe_price_ids=("price_annual",)
+                ),
+                Offering(sku="basic_monthly", product="acme", stripe_price_ids=("price_basic",)),
+            ]
+        )
         catalog = CATALOG_BY_ID
     else:
         catalog = CATALOG
@@ -99,26 +111,34 @@ def test_invoice_paid_maps_lines_onto_offerings(shape: str) -> None:
 
 
 def test_price_metadata_wins_over_the_catalog_price_list() -> None:
-    event = se.invoice_paid(subscription="sub_1", shape=se.LEGACY,
-                            lines=[{"price": "price_basic", "sku": "better_annual", **YEAR}])
+    event = se.invoice_paid(
+        subscription="sub_1",
+        shape=se.LEGACY,
+        lines=[{"price": "price_basic", "sku": "better_annual", **YEAR}],
+    )
     [command] = normalize("s", event, CATALOG, datetime.now(UTC))
     assert isinstance(command, RecordPayment)
     assert [line.offering.sku for line in command.lines] == ["better_annual"]
 
 
 def test_proration_lines_grant_nothing() -> None:
-    event = se.invoice_paid(subscription="sub_1", lines=[
-        {"price": "price_basic", **YEAR},
-        {"price": "price_unknown", "proration": True, **YEAR},
-    ])
+    event = se.invoice_paid(
+        subscription="sub_1",
+        lines=[
+            {"price": "price_basic", **YEAR},
+            {"price": "price_unknown", "proration": True, **YEAR},
+        ],
+    )
     [command] = normalize("s", event, CATALOG, datetime.now(UTC))
     assert isinstance(command, RecordPayment)
     assert [line.offering.sku for line in command.lines] == ["basic_monthly"]
 
 
 def test_an_unknown_price_is_unmappable_but_keeps_the_mapped_lines() -> None:
-    event = se.invoice_paid(subscription="sub_1", lines=[
-        {"price": "price_basic", **YEAR}, {"price": "price_nope", **YEAR}])
+    event = se.invoice_paid(
+        subscription="sub_1",
+        lines=[{"price": "price_basic", **YEAR}, {"price": "price_nope", **YEAR}],
+    )
     with pytest.raises(Unmappable, match="price 'price_nope' maps to no offering") as info:
         normalize("s", event, CATALOG, datetime.now(UTC))
     [partial] = info.value.commands
@@ -127,8 +147,9 @@ def test_an_unknown_price_is_unmappable_but_keeps_the_mapped_lines() -> None:
 
 
 def test_an_unknown_offering_sku_in_metadata_is_unmappable() -> None:
-    event = se.invoice_paid(subscription="sub_1", shape=se.LEGACY,
-                            lines=[{"price": "price_x", "sku": "gold", **YEAR}])
+    event = se.invoice_paid(
+        subscription="sub_1", shape=se.LEGACY, lines=[{"price": "price_x", "sku": "gold", **YEAR}]
+    )
     with pytest.raises(Unmappable, match="offering_sku 'gold'"):
         normalize("s", event, CATALOG, datetime.now(UTC))
 
@@ -149,8 +170,12 @@ def test_subscription_deleted_cancels_the_order(shape: str) -> None:
 
 
 def test_events_without_entitlement_meaning_are_ignored() -> None:
-    event = {"id": "evt_1", "type": "customer.created", "created": NOW,
-             "data": {"object": {"id": "cus_1", "object": "customer"}}}
+    event = {
+        "id": "evt_1",
+        "type": "customer.created",
+        "created": NOW,
+        "data": {"object": {"id": "cus_1", "object": "customer"}},
+    }
     assert normalize("s", event, CATALOG, datetime.now(UTC)) == []
 
 
