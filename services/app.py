@@ -76,7 +76,7 @@ def build_app(
         broker = make_broker(settings.kafka_bootstrap, settings.kafka_idempotence)
     if roles.domain:
         assert store is not None and broker is not None
-        subscribe(broker, DomainService(store, config))
+        subscribe(broker, DomainService(store, config), settings.domain_batch)
 
     routes: list[Route] = []
     if roles.ingress:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -60,11 +61,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
     if settings.kafka_bootstrap is None:
         broker = EmbeddedBroker()
         broker.start()
-        settings = Settings(
-            kafka_bootstrap=broker.bootstrap,
-            database_url=settings.database_url,
-            kafka_idempotence=False,
-            raw_partitions=settings.raw_partitions,
+        settings = dataclasses.replace(
+            settings, kafka_bootstrap=broker.bootstrap, kafka_idempotence=False
         )
     base = f"http://{args.host}:{args.port}"
     lines = [

@@ -164,6 +164,7 @@ class Settings:
     database_url: str
     kafka_idempotence: bool
     raw_partitions: int
+    domain_batch: int = 500
 
     @classmethod
     def from_env(cls, data_dir: Path = Path(".entitle")) -> Settings:
@@ -175,4 +176,5 @@ class Settings:
             or f"sqlite:///{data_dir / 'entitle.db'}",
             kafka_idempotence=idempotence.lower() in ("1", "true", "yes", "y", "on"),
             raw_partitions=int(os.environ.get("ENTITLE_RAW_PARTITIONS", "8")),
+            domain_batch=int(os.environ.get("ENTITLE_DOMAIN_BATCH", "500")),
         )

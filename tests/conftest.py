@@ -34,25 +34,33 @@ def _docker_answers() -> bool:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap() -> Iterator[str]:
-    explicit = os.environ.get("ENTITLE_TEST_KAFKA_BOOTSTRAP")
+def docker_kafka() -> Iterator[str | None]:
+    if os.environ.get("ENTITLE_TEST_KAFKA_BOOTSTRAP") or not _docker_answers():
+        yield None
+        return
+    from testcontainers.kafka import KafkaContainer
+
+    with KafkaContainer().with_kraft() as kafka:
+        yield kafka.get_bootstrap_server()
+
+
+@pytest.fixture
+def kafka_bootstrap(docker_kafka: str | None) -> Iterator[str]:
+    """A Kafka-protocol broker. The local Tansu broker is started fresh for
+    each test (it starts in milliseconds), so tests never see each other's
+    topics or consumer groups."""
+    explicit = os.environ.get("ENTITLE_TEST_KAFKA_BOOTSTRAP") or docker_kafka
     if explicit:
         yield explicit
-        return
-    if _docker_answers():
-        from testcontainers.kafka import KafkaContainer
-
-        with KafkaContainer().with_kraft() as kafka:
-            yield kafka.get_bootstrap_server()
         return
     with EmbeddedBroker() as broker:
         yield broker.bootstrap
 
 
-@pytest.fixture(scope="session")
-def kafka_idempotence(kafka_bootstrap: str) -> bool:
+@pytest.fixture
+def kafka_idempotence(docker_kafka: str | None) -> bool:
     """Idempotent producers only against a real Kafka (Tansu rejects them)."""
-    return bool(os.environ.get("ENTITLE_TEST_KAFKA_BOOTSTRAP")) or _docker_answers()
+    return bool(os.environ.get("ENTITLE_TEST_KAFKA_BOOTSTRAP") or docker_kafka)
 
 
 @pytest.fixture(scope="session")

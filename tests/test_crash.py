@@ -1,0 +1,116 @@
+"""Kill the domain service with SIGKILL mid-stream; after a restart every
+webhook has been applied exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from contracts.webhooks import RAW_TOPIC, RawWebhookV1
+from domain.entitlement import Entitlement, entitlement_id
+from services.kafka import ensure_topics
+from services.store import EntitlementStore
+from tests import stripe_events as se
+from tests.harness import Entitle, eventually
+
+pytestmark = pytest.mark.integration
+
+SUBSCRIPTIONS = 200
+RENEWALS = 15
+NOW = int(time.time())
+YEAR = 365 * 86400
+CONFIG = f"""
+sources: {{stripe-main: {{provider: stripe, secret: {se.SECRET}}}}}
+offerings: [{{sku: better_annual, product: acme, period: P1Y, seats: 3}}]
+"""
+
+
+def webhooks() -> list[tuple[bytes, bytes]]:
+    """Each subscription's first payment and renewals, each a distinct
+    Stripe event that extends the period by one more year."""
+    out = []
+    for year in range(1, RENEWALS + 2):
+        for n in range(SUBSCRIPTIONS):
+            sub = f"sub_crash_{n}"
+            event = se.invoice_paid(
+                subscription=sub,
+                shape=se.LEGACY,
+                lines=[
+                    {"price": "p", "sku": "better_annual", "start": NOW, "end": NOW + year * YEAR}
+                ],
+            )
+            envelope = RawWebhookV1(
+                receipt_id=f"{sub}-{year}",
+                source="stripe-main",
+                provider="stripe",
+                routing_key=sub,
+                received_at=datetime.now(UTC),
+                headers={},
+                body=se.body(event).decode(),
+            )
+            out.append((sub.encode(), envelope.model_dump_json().encode()))
+    return out
+
+
+async def produce(bootstrap: str, messages: list[tuple[bytes, bytes]]) -> None:
+    await ensure_topics(bootstrap, raw_partitions=4)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_batch_size=1024 * 1024)
+    await producer.start()
+    try:
+        futures = [await producer.send(RAW_TOPIC, value, key=key) for key, value in messages]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def test_sigkill_mid_stream_then_restart_applies_every_webhook_once(
+    kafka_bootstrap: str, postgres_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "entitle.yaml").write_text(CONFIG)
+    messages = webhooks()
+    asyncio.run(produce(kafka_bootstrap, messages))
+    store = EntitlementStore(postgres_url)
+    env = {
+        "ENTITLE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "ENTITLE_DATABASE_URL": postgres_url,
+        "ENTITLE_KAFKA_IDEMPOTENCE": "false",
+        "ENTITLE_DOMAIN_BATCH": "40",
+    }
+    domain = Entitle(["domain"], tmp_path, env).start()
+    total_events = SUBSCRIPTIONS * (3 + 1 + RENEWALS)  # order opened+linked, created, activated
+
+    def folded() -> int:
+        return store.process_recorder.max_notification_id() or 0
+
+    eventually(lambda: folded() > total_events // 5, timeout=60, every=0.005)
+    domain.stop(signal.SIGKILL)
+    at_kill = folded()
+    assert at_kill < total_events, "the stream finished before the kill; make it longer"
+
+    with Entitle(["domain"], tmp_path, env):
+        eventually(lambda: folded() >= total_events, timeout=120, every=0.1)
+        time.sleep(1.0)  # anything applied twice would land now
+
+    assert folded() == total_events
+    for n in range(SUBSCRIPTIONS):
+        ent = store.find(
+            entitlement_id("stripe-main", f"sub_crash_{n}", "better_annual"), Entitlement
+        )
+        assert ent is not None
+        assert ent.version == 2 + RENEWALS
+        assert ent.period_end == datetime.fromtimestamp(NOW, UTC) + timedelta(
+            seconds=(RENEWALS + 1) * YEAR
+        )
+    applied = sum(
+        store.position(f"{RAW_TOPIC}/{p}") + 1
+        for p in range(4)
+        if store.position(f"{RAW_TOPIC}/{p}") is not None
+    )
+    assert applied == len(messages)
+    store.close()

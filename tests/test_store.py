@@ -1,0 +1,148 @@
+"""The fold against real stores (SQLite and PostgreSQL): batches, tracking,
+duplicates, dead letters, and rebuilding the read model."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pytest
+
+from contracts.webhooks import RAW_TOPIC, RawWebhookV1
+from domain.entitlement import Status, entitlement_id
+from services.config import Config, parse_config
+from services.fold import DomainService
+from services.projector import Follower, ReadModelProjection, replay
+from services.readmodel import ReadModel
+from services.store import EntitlementStore
+from tests import stripe_events as se
+
+pytestmark = pytest.mark.integration
+
+CONFIG = parse_config(f"""
+sources: {{stripe-main: {{provider: stripe, secret: {se.SECRET}}}}}
+offerings:
+  - {{sku: better_annual, product: acme, period: P1Y, seats: 3}}
+""")
+NOW = int(time.time())
+YEAR = 365 * 86400
+
+
+@dataclass(frozen=True)
+class Record:
+    """A Kafka record as the consumer hands it over."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes
+
+
+def record(offset: int, event: dict[str, object], partition: int = 0) -> Record:
+    envelope = RawWebhookV1(
+        receipt_id=f"r{partition}-{offset}",
+        source="stripe-main",
+        provider="stripe",
+        routing_key="k",
+        received_at=datetime.now(UTC),
+        headers={},
+        body=se.body(event).decode(),
+    )
+    return Record(RAW_TOPIC, partition, offset, envelope.model_dump_json().encode())
+
+
+def paid(
+    subscription: str, years: int = 1, event_id: str | None = None, sku: str = "better_annual"
+) -> dict[str, object]:
+    return se.invoice_paid(
+        subscription=subscription,
+        shape=se.LEGACY,
+        event_id=event_id,
+        lines=[{"price": "p", "sku": sku, "start": NOW, "end": NOW + years * YEAR}],
+    )
+
+
+@pytest.fixture
+def store(database_url: str) -> EntitlementStore:
+    return EntitlementStore(database_url)
+
+
+def service(store: EntitlementStore, config: Config = CONFIG) -> DomainService:
+    return DomainService(store, config)
+
+
+def test_a_batch_is_saved_with_its_kafka_position(store: EntitlementStore) -> None:
+    records = [record(i, paid(f"sub_{i}")) for i in range(50)]
+    result = service(store).process(records)
+    assert (result.webhooks, result.skipped, result.dead_letters) == (50, 0, 0)
+    assert store.position(f"{RAW_TOPIC}/0") == 49
+    for i in range(50):
+        ent = store.find(entitlement_id("stripe-main", f"sub_{i}", "better_annual"), object)
+        assert ent is not None and ent.status is Status.ACTIVE
+
+
+def test_redelivered_offsets_are_skipped(store: EntitlementStore) -> None:
+    records = [record(i, paid(f"sub_{i}", years=1 + i)) for i in range(10)]
+    service(store).process(records[:6])
+    events_before = store.process_recorder.max_notification_id()
+    # A rebalance or crash redelivers from an older committed offset.
+    result = service(store).process(records[3:])
+    assert (result.webhooks, result.skipped) == (4, 3)
+    assert store.position(f"{RAW_TOPIC}/0") == 9
+    # Only the four new webhooks added events.
+    assert store.process_recorder.max_notification_id() > events_before
+    again = service(store).process(records)
+    assert (again.webhooks, again.skipped, again.events) == (0, 10, 0)
+
+
+def test_partitions_are_tracked_separately(store: EntitlementStore) -> None:
+    records = [
+        record(0, paid("sub_a"), partition=0),
+        record(0, paid("sub_b"), partition=3),
+        record(1, paid("sub_c"), partition=3),
+    ]
+    service(store).process(records)
+    assert store.position(f"{RAW_TOPIC}/0") == 0
+    assert store.position(f"{RAW_TOPIC}/3") == 1
+
+
+def test_the_same_provider_event_at_two_offsets_applies_once(store: EntitlementStore) -> None:
+    event = paid("sub_dup")
+    result = service(store).process([record(0, event), record(1, event)])
+    assert result.webhooks == 2
+    ent_id = entitlement_id("stripe-main", "sub_dup", "better_annual")
+    assert [type(e).__name__ for e in store.history(ent_id)] == ["Created", "Activated"]
+    service(store).process([record(2, event)])
+    assert len(store.history(ent_id)) == 2
+
+
+def test_unmappable_webhooks_become_dead_letters_once(store: EntitlementStore) -> None:
+    event = paid("sub_x", sku="nope")
+    result = service(store).process(
+        [record(0, event), record(1, event), Record(RAW_TOPIC, 0, 2, b"not an envelope")]
+    )
+    assert result.dead_letters == 2
+    letters = [c.dead_letter for c in Follower(store).read(0, 100)[0] if c.dead_letter]
+    reasons = sorted(letter.reason for letter in letters if letter)
+    assert reasons[0].startswith("offering_sku 'nope' maps to no offering")
+    assert reasons[1].startswith("unreadable envelope")
+
+
+def test_replay_rebuilds_the_same_read_model(store: EntitlementStore, database_url: str) -> None:
+    service(store).process([record(i, paid(f"sub_{i % 7}", years=1 + i)) for i in range(40)])
+    read_model = ReadModel(database_url)
+    projection = ReadModelProjection(read_model)
+    follower = Follower(store)
+    changes, last = follower.read(0, 1000)
+    assert last is not None
+    projection.apply(changes, last)
+    before = read_model.entitlements(limit=1000)
+    assert len(before) == 7
+    assert {e.period_end for e in before if e.order_ref == "sub_6"} == {
+        datetime.fromtimestamp(NOW + 35 * YEAR, UTC)  # i = 34, the latest paid period
+    }
+    assert replay(store, read_model) > 0
+    assert read_model.entitlements(limit=1000) == before
+    assert read_model.position("read-model") == last
+    read_model.close()
