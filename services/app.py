@@ -20,7 +20,12 @@ from contracts.webhooks import RAW_TOPIC
 from services import api, ingress
 from services.config import AdminKey, Config, Settings
 from services.fold import DomainService, subscribe
-from services.http import HTTPError, handle_http_error, handle_starlette_error
+from services.http import (
+    HTTPError,
+    handle_http_error,
+    handle_internal_error,
+    handle_starlette_error,
+)
 from services.kafka import ensure_topics, make_broker
 from services.projector import PublicEventsProjection, ReadModelProjection, follow
 from services.readmodel import ReadModel
@@ -125,5 +130,9 @@ def build_app(
     return Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={HTTPError: handle_http_error, HTTPException: handle_starlette_error},
+        exception_handlers={
+            HTTPError: handle_http_error,
+            HTTPException: handle_starlette_error,
+            Exception: handle_internal_error,
+        },
     )

@@ -124,14 +124,20 @@ class DomainService:
         try:
             webhook = RawWebhookV1.model_validate_json(record.value or b"")
         except ValidationError as exc:
-            log.error("unreadable envelope at %s/%s: %s", record.partition, record.offset, exc)
-            return self._dead_letter(
-                batch,
-                None,
-                f"unreadable envelope: {exc.errors()[0]['msg']}",
-                f"{record.topic}/{record.partition}/{record.offset}",
-                now,
+            # Keep the bytes as they were, wrapped in an envelope, so nothing is lost.
+            where = f"{record.topic}/{record.partition}/{record.offset}"
+            log.error("unreadable envelope at %s: %s", where, exc.errors()[0]["msg"])
+            unreadable = RawWebhookV1(
+                receipt_id=where,
+                source="?",
+                provider="?",
+                routing_key="",
+                received_at=now,
+                headers={},
+                body=(record.value or b"").decode(errors="replace"),
             )
+            reason = f"unreadable envelope: {exc.errors()[0]['msg']}"
+            return self._dead_letter(batch, unreadable, reason, where, now)
         source = self.config.sources.get(webhook.source)
         payload: Any = None
         try:
@@ -165,19 +171,18 @@ class DomainService:
         return webhook.receipt_id
 
     def _dead_letter(
-        self, batch: Batch, webhook: RawWebhookV1 | None, reason: str, event_id: str, now: datetime
+        self, batch: Batch, webhook: RawWebhookV1, reason: str, event_id: str, now: datetime
     ) -> int:
-        source = webhook.source if webhook else "?"
-        if batch.find(dead_letter_id(source, event_id), DeadLetter) is not None:
+        if batch.find(dead_letter_id(webhook.source, event_id), DeadLetter) is not None:
             return 0  # the same provider event already dead-lettered
-        log.warning("dead letter %s/%s: %s", source, event_id, reason)
+        log.warning("dead letter %s/%s: %s", webhook.source, event_id, reason)
         batch.add(
             DeadLetter.record(
-                source=source,
-                provider=webhook.provider if webhook else "?",
+                source=webhook.source,
+                provider=webhook.provider,
                 provider_event_id=event_id,
                 reason=reason,
-                webhook=webhook.model_dump(mode="json") if webhook else {},
+                webhook=webhook.model_dump(mode="json"),
                 at=now,
             )
         )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hmac
+import logging
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from contracts.api import Error
 from services.config import AdminKey
+
+log = logging.getLogger("entitle.http")
 
 
 class HTTPError(Exception):
@@ -39,6 +42,11 @@ async def handle_starlette_error(_: Request, exc: Exception) -> JSONResponse:
     detail = str(getattr(exc, "detail", "")) or "error"
     code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
     return error_response(status, code, detail)
+
+
+async def handle_internal_error(_: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error: %r", exc, exc_info=exc)
+    return error_response(500, "internal_error", "the server failed; the error is logged")
 
 
 def authenticate(request: Request, keys: list[AdminKey]) -> AdminKey:

@@ -226,17 +226,7 @@ def dead_letter_message(letter: DeadLetter) -> DeadLetterV1:
         provider_event_id=letter.provider_event_id,
         reason=letter.reason,
         recorded_at=letter.created_on,
-        webhook=RawWebhookV1.model_validate(letter.webhook)
-        if letter.webhook
-        else RawWebhookV1(
-            receipt_id="",
-            source=letter.source,
-            provider=letter.provider,
-            routing_key="",
-            received_at=letter.created_on,
-            headers={},
-            body="",
-        ),
+        webhook=RawWebhookV1.model_validate(letter.webhook),
     )
 
 

@@ -127,6 +127,8 @@ def test_unmappable_webhooks_become_dead_letters_once(store: EntitlementStore) -
     reasons = sorted(letter.reason for letter in letters if letter)
     assert reasons[0].startswith("offering_sku 'nope' maps to no offering")
     assert reasons[1].startswith("unreadable envelope")
+    kept = [letter.webhook["body"] for letter in letters if letter and letter.source == "?"]
+    assert kept == ["not an envelope"]  # the raw bytes are kept, not dropped
 
 
 def test_replay_rebuilds_the_same_read_model(store: EntitlementStore, database_url: str) -> None:
