@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from aiokafka import AIOKafkaConsumer
 from contracts.events import EVENTS_TOPIC, EntitlementEventV1
 from contracts.webhooks import DEAD_LETTER_TOPIC, DeadLetterV1
 from tests import stripe_events as se
-from tests.harness import Entitle, eventually
+from tests.harness import ENTITLE, Entitle, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -308,13 +310,13 @@ def test_a_restart_keeps_every_entitlement_and_replay_rebuilds_the_same(tmp_path
         assert entitle.stop(signal.SIGINT) == 0
     assert len(before) == 5
 
-    replay = Entitle(["replay"], tmp_path, env)
-    replay.args = replay.args[:2]  # no --port
-    replay.start_plain = True  # type: ignore[attr-defined]
-    import subprocess
-
     done = subprocess.run(
-        replay.args, cwd=tmp_path, env=replay.env, text=True, capture_output=True, timeout=60
+        [ENTITLE, "replay"],
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        text=True,
+        capture_output=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     assert "rebuilt from" in done.stdout
