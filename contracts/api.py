@@ -16,8 +16,20 @@ class EntitlementView(EntitlementV1):
 
     activation_code: str
     sequence: int
+    due_at: datetime | None = Field(
+        default=None, description="When time alone next changes this entitlement"
+    )
     created_at: datetime
     updated_at: datetime
+
+
+class AdminAction(BaseModel):
+    """Body of POST /v1/entitlements/{id}/{suspend|reinstate|cancel|extend}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=500, description="Recorded in the history")
+    days: int | None = Field(default=None, ge=1, le=3650, description="extend only: days to add")
 
 
 class EntitlementList(BaseModel):

@@ -18,6 +18,26 @@ EVENTS_TOPIC = "entitle.entitlements.events"
 Status = Literal["PENDING", "ACTIVE", "SUSPENDED", "CANCELED", "EXPIRED"]
 
 
+EventType = Literal[
+    "entitlement.created",
+    "entitlement.activated",
+    "entitlement.renewed",
+    "entitlement.extended",
+    "entitlement.overdue",
+    "entitlement.recovered",
+    "entitlement.suspended",
+    "entitlement.reinstated",
+    "entitlement.canceled",
+    "entitlement.expired",
+    "entitlement.cancel_scheduled",
+    "entitlement.cancel_unscheduled",
+    "entitlement.revised",
+    "entitlement.offering_changed",
+    "entitlement.seats_changed",
+    "entitlement.customer_changed",
+]
+
+
 class CauseV1(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -49,10 +69,26 @@ class EntitlementV1(BaseModel):
     features: dict[str, Any]
     limits: dict[str, int]
     seats: int
+    quantity: int = Field(default=1, description="Units bought; seats = offering seats x quantity")
     period_start: datetime | None
-    period_end: datetime | None
+    period_end: datetime | None = Field(description="Paid (or trial) through; never moves earlier")
     customer: CustomerV1
-    canceled_reason: str | None = None
+    status_reason: str | None = Field(
+        default=None,
+        description="Why the status is not ACTIVE/PENDING: subscription_deleted, refunded, "
+        "disputed, dispute_lost, canceled_at_period_end, removed_from_subscription, paused, "
+        "unpaid, incomplete_expired, admin",
+    )
+    canceled_reason: str | None = Field(
+        default=None, description="status_reason while CANCELED (kept for v1 consumers)"
+    )
+    trial: bool = Field(default=False, description="ACTIVE in a trial, paid through its end")
+    overdue: bool = Field(
+        default=False, description="ACTIVE, but a payment failed or the period ended unpaid"
+    )
+    cancel_at: datetime | None = Field(
+        default=None, description="Scheduled to become CANCELED at this time"
+    )
 
 
 class EntitlementEventV1(BaseModel):
@@ -62,7 +98,7 @@ class EntitlementEventV1(BaseModel):
 
     version: Literal[1] = 1
     event_id: UUID
-    type: str = Field(description="e.g. entitlement.created, entitlement.activated")
+    type: EventType
     entitlement_id: UUID
     sequence: int = Field(description="The entitlement's version after this event")
     occurred_at: datetime = Field(description="When the provider says it happened")

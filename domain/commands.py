@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
-from domain.catalog import Offering
-from domain.entitlement import Cause, Entitlement, Order, entitlement_id, order_id
+from domain.catalog import Catalog
+from domain.entitlement import Cause, Entitlement, Order, Payment, order_id, payment_id
+from domain.lifecycle import Fact, Line, Policy, Terms
 
-A = TypeVar("A", Entitlement, Order)
+A = TypeVar("A", Entitlement, Order, Payment)
 
 
 @dataclass(frozen=True)
@@ -26,39 +27,39 @@ class Customer:
 
 
 @dataclass(frozen=True)
-class PaidLine:
-    """One invoice line that maps onto a catalog offering."""
+class OrderEvent:
+    """Something the provider said about one order (subscription): a payment,
+    a failure, a snapshot of the subscription, its end.
 
-    offering: Offering
-    quantity: int
-    period_start: datetime
-    period_end: datetime
-
-
-@dataclass(frozen=True)
-class RecordPayment:
-    """An order was paid for the given lines and periods."""
+    `lines` are the items it names; an entitlement is created for each one
+    not seen before. `payment_refs` are the payment ids this event settles,
+    so that refunds and disputes naming them find this order.
+    """
 
     source: str
     order_ref: str
-    customer: Customer
-    lines: tuple[PaidLine, ...]
+    fact: Fact
+    lines: tuple[Line, ...]
+    cause: Cause
+    occurred_at: datetime
+    customer: Customer | None = None
+    payment_refs: tuple[str, ...] = ()
+    invoice: str | None = None
+
+
+@dataclass(frozen=True)
+class PaymentEvent:
+    """Something the provider said about a payment rather than an order (a
+    refund, a dispute): it reaches the order through the payment."""
+
+    source: str
+    payment_refs: tuple[str, ...]
+    fact: Fact
     cause: Cause
     occurred_at: datetime
 
 
-@dataclass(frozen=True)
-class CancelOrder:
-    """The provider canceled the whole order (e.g. subscription deleted)."""
-
-    source: str
-    order_ref: str
-    reason: str
-    cause: Cause
-    occurred_at: datetime
-
-
-Command = RecordPayment | CancelOrder
+Command = OrderEvent | PaymentEvent
 
 
 class Aggregates(Protocol):
@@ -66,64 +67,138 @@ class Aggregates(Protocol):
 
     def find(self, aggregate_id: UUID, kind: type[A]) -> A | None: ...
 
-    def add(self, aggregate: Entitlement | Order) -> None: ...
+    def add(self, aggregate: Entitlement | Order | Payment) -> None: ...
 
 
-def apply(
-    command: Command,
-    aggregates: Aggregates,
-    at: datetime,
-    new_activation_code: Callable[[], str],
-) -> None:
+@dataclass(frozen=True)
+class Rules:
+    """What the fold needs besides the aggregates: the catalog, lifecycle
+    policy, and a source of new activation codes."""
+
+    catalog: Catalog
+    policy: Policy
+    new_activation_code: Callable[[], str]
+
+
+def apply(command: Command, aggregates: Aggregates, rules: Rules, at: datetime) -> None:
     """Fold one command into the aggregates it concerns."""
+    if isinstance(command, OrderEvent):
+        _apply_order_event(command, aggregates, rules, at)
+    else:
+        _apply_payment_event(command, aggregates, rules, at)
+
+
+def _entitlements(order: Order, aggregates: Aggregates) -> list[Entitlement]:
+    found = (aggregates.find(ent_id, Entitlement) for ent_id in order.entitlements.values())
+    return [e for e in found if e is not None]
+
+
+def _apply_order_event(
+    command: OrderEvent, aggregates: Aggregates, rules: Rules, at: datetime
+) -> None:
     order = aggregates.find(order_id(command.source, command.order_ref), Order)
     if order is None:
         order = Order.open(command.source, command.order_ref, at)
         aggregates.add(order)
-    if isinstance(command, RecordPayment):
-        _record_payment(command, order, aggregates, at, new_activation_code)
-    else:
-        order.cancel(command.reason, command.cause, command.occurred_at, at)
-        for ent_id in order.entitlements.values():
-            entitlement = aggregates.find(ent_id, Entitlement)
-            if entitlement is not None:
-                entitlement.cancel(command.reason, command.cause, command.occurred_at, at)
-
-
-def _record_payment(
-    command: RecordPayment,
-    order: Order,
-    aggregates: Aggregates,
-    at: datetime,
-    new_activation_code: Callable[[], str],
-) -> None:
+    fact: dict[str, Any] = dict(command.fact)
+    if command.customer is not None:
+        fact["customer"] = {"id": command.customer.id, "email": command.customer.email}
+    entitlements = _entitlements(order, aggregates)
     for line in command.lines:
-        offering = line.offering
-        ent_id = entitlement_id(command.source, command.order_ref, offering.sku)
-        entitlement = aggregates.find(ent_id, Entitlement)
-        if entitlement is None:
-            entitlement = Entitlement.create(
-                source=command.source,
-                order_ref=command.order_ref,
-                sku=offering.sku,
-                product=offering.product,
-                features=dict(offering.features),
-                limits=dict(offering.limits),
-                seats=offering.seats * line.quantity,
-                quantity=line.quantity,
-                customer_id=command.customer.id,
-                customer_email=command.customer.email,
-                activation_code=new_activation_code(),
-                cause=command.cause,
-                occurred_at=command.occurred_at,
-                at=at,
-            )
-            aggregates.add(entitlement)
-            order.add_entitlement(offering.sku, ent_id, at)
-        entitlement.record_payment(
-            line.period_start, line.period_end, command.cause, command.occurred_at, at
+        if line.slot in order.entitlements:
+            continue
+        # A new item learns what its order already knows (a cancellation, a
+        # failed payment), so its state does not depend on when it appeared.
+        inherited = list(order.parked)
+        if entitlements:
+            inherited += [f for f in entitlements[0].facts.log if f["kind"] != "admin"]
+        customer = command.customer or Customer(None, None)
+        entitlement = Entitlement.create(
+            source=command.source,
+            order_ref=command.order_ref,
+            slot=line.slot,
+            terms=Terms.of(line.offering, line.quantity, customer.id, customer.email),
+            activation_code=rules.new_activation_code(),
+            inherited=inherited,
+            cause=command.cause,
+            occurred_at=command.occurred_at,
+            at=at,
         )
-        if order.cancellation is not None:
-            # The cancellation arrived before this payment: it still wins.
-            reason, cause, occurred_at = order.cancellation
-            entitlement.cancel(reason, cause, occurred_at, at)
+        aggregates.add(entitlement)
+        order.add_entitlement(line.slot, entitlement.id, at)
+        entitlements.append(entitlement)
+    if not entitlements:
+        order.park({**fact, "key": command.cause.key, "at": command.occurred_at}, at)
+    for entitlement in entitlements:
+        entitlement.settle(
+            fact, command.cause, command.occurred_at, rules.catalog, rules.policy, at
+        )
+    for ref in command.payment_refs:
+        payment = aggregates.find(payment_id(command.source, ref), Payment)
+        if payment is None:
+            invoice = command.invoice or ref
+            aggregates.add(Payment.open(command.source, ref, at, command.order_ref, invoice))
+        elif payment.link(command.order_ref, command.invoice or ref, at):
+            for parked in payment.parked:
+                _deliver(
+                    parked["fact"],
+                    payment,
+                    Cause(**parked["cause"]),
+                    parked["occurred_at"],
+                    entitlements,
+                    rules,
+                    at,
+                )
+
+
+def _deliver(
+    fact: Fact,
+    payment: Payment,
+    cause: Cause,
+    occurred_at: datetime,
+    entitlements: list[Entitlement],
+    rules: Rules,
+    at: datetime,
+) -> None:
+    fact = {**fact, "invoice": fact.get("invoice") or payment.invoice}
+    for entitlement in entitlements:
+        entitlement.settle(fact, cause, occurred_at, rules.catalog, rules.policy, at)
+
+
+def _apply_payment_event(
+    command: PaymentEvent, aggregates: Aggregates, rules: Rules, at: datetime
+) -> None:
+    payments = [
+        (ref, aggregates.find(payment_id(command.source, ref), Payment))
+        for ref in command.payment_refs
+    ]
+    for _, payment in payments:
+        if payment is not None and payment.order_ref is not None:
+            order = aggregates.find(order_id(command.source, payment.order_ref), Order)
+            if order is not None:
+                _deliver(
+                    command.fact,
+                    payment,
+                    command.cause,
+                    command.occurred_at,
+                    _entitlements(order, aggregates),
+                    rules,
+                    at,
+                )
+                return
+    # The payment itself has not arrived yet: wait for it on every ref.
+    for ref, payment in payments:
+        if payment is None:
+            payment = Payment.open(command.source, ref, at)
+            aggregates.add(payment)
+        payment.park(command.fact, command.cause, command.occurred_at, at)
+
+
+def settle_due(entitlement: Entitlement, rules: Rules, now: datetime) -> bool:
+    """Apply whatever time has changed since the entitlement's due time."""
+    due_at = entitlement.due_at
+    if due_at is None or due_at > now:
+        return False
+    return entitlement.settle(
+        None, Cause.schedule(due_at), due_at, rules.catalog, rules.policy, now
+    )

@@ -1,4 +1,5 @@
-"""The Entitlement aggregate and the Order that groups one purchase's entitlements.
+"""The Entitlement aggregate, the Order that groups one purchase's
+entitlements, and the Payment that ties a provider payment to its order.
 
 Every change is a domain event; an aggregate's state is the fold of its
 events. Methods take the recording time (`at`) and the provider's time
@@ -9,11 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.domain import Aggregate
+
+from domain import lifecycle
+from domain.catalog import Catalog
+from domain.lifecycle import Fact, Facts, Policy, Standing, Status, Terms
+
+__all__ = ["Cause", "Entitlement", "Order", "Payment", "Refused", "Status"]
 
 # Ids are derived from what the provider tells us, so the same purchase always
 # lands on the same aggregate, whichever process or replay computes it.
@@ -24,16 +30,16 @@ def order_id(source: str, order_ref: str) -> UUID:
     return uuid5(NAMESPACE, f"order\x1f{source}\x1f{order_ref}")
 
 
-def entitlement_id(source: str, order_ref: str, sku: str) -> UUID:
-    return uuid5(NAMESPACE, f"entitlement\x1f{source}\x1f{order_ref}\x1f{sku}")
+def entitlement_id(source: str, order_ref: str, slot: str) -> UUID:
+    return uuid5(NAMESPACE, f"entitlement\x1f{source}\x1f{order_ref}\x1f{slot}")
 
 
-class Status(StrEnum):
-    PENDING = "PENDING"
-    ACTIVE = "ACTIVE"
-    SUSPENDED = "SUSPENDED"
-    CANCELED = "CANCELED"
-    EXPIRED = "EXPIRED"
+def payment_id(source: str, ref: str) -> UUID:
+    return uuid5(NAMESPACE, f"payment\x1f{source}\x1f{ref}")
+
+
+class Refused(ValueError):
+    """An admin command that makes no sense in the entitlement's state."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,14 @@ class Cause:
     def provider(cls, source: str, event_id: str) -> Cause:
         return cls("provider", source, event_id)
 
+    @classmethod
+    def schedule(cls, due_at: datetime) -> Cause:
+        return cls("schedule", "schedule", f"due@{due_at.isoformat()}")
+
+    @classmethod
+    def admin(cls, key_name: str, request_id: str) -> Cause:
+        return cls("admin", key_name, request_id)
+
     @property
     def key(self) -> str:
         return f"{self.kind}:{self.source}:{self.event_id}"
@@ -60,15 +74,35 @@ def _cause_key(cause: dict[str, str]) -> str:
     return f"{cause['kind']}:{cause['source']}:{cause['event_id']}"
 
 
+_STANDING_FIELDS = (
+    "status",
+    "reason",
+    "period_start",
+    "period_end",
+    "trial",
+    "overdue",
+    "cancel_at",
+    "due_at",
+)
+
+
 class Entitlement(Aggregate):
-    """One purchased offering: what it grants and where it stands."""
+    """One purchased item: what it grants and where it stands.
+
+    State is derived (see `domain.lifecycle`) from the facts the entitlement
+    has been given; each event carries the fact that caused it, if any, and
+    the resulting values, so the history reads on its own.
+    """
 
     class Event(Aggregate.Event):
         cause: dict[str, str]
         occurred_at: datetime
+        fact: dict[str, Any] | None
 
         def apply(self, aggregate: Any) -> None:
             aggregate.applied.add(_cause_key(self.cause))
+            if self.fact is not None:
+                aggregate.facts.add(self.fact)
             self.change(aggregate)
 
         def change(self, aggregate: Any) -> None:
@@ -77,6 +111,7 @@ class Entitlement(Aggregate):
     class Created(Event, Aggregate.Created):
         source: str
         order_ref: str
+        slot: str
         sku: str
         product: str
         features: dict[str, Any]
@@ -86,16 +121,17 @@ class Entitlement(Aggregate):
         customer_id: str | None
         customer_email: str | None
         activation_code: str
+        inherited: list[dict[str, Any]]
 
         def apply(self, aggregate: Any) -> None:
-            # Creation alone applies nothing: the command that created the
-            # entitlement goes on to fold in the same provider event.
+            # __init__ has built the state; nothing more to fold.
             pass
 
     def __init__(
         self,
         source: str,
         order_ref: str,
+        slot: str,
         sku: str,
         product: str,
         features: dict[str, Any],
@@ -105,11 +141,14 @@ class Entitlement(Aggregate):
         customer_id: str | None,
         customer_email: str | None,
         activation_code: str,
+        inherited: list[dict[str, Any]],
         cause: dict[str, str],
         occurred_at: datetime,
+        fact: dict[str, Any] | None,
     ) -> None:
         self.source = source
         self.order_ref = order_ref
+        self.slot = slot
         self.sku = sku
         self.product = product
         self.features = features
@@ -120,11 +159,19 @@ class Entitlement(Aggregate):
         self.customer_email = customer_email
         self.activation_code = activation_code
         self.status = Status.PENDING
+        self.reason: str | None = None
         self.period_start: datetime | None = None
         self.period_end: datetime | None = None
-        self.canceled_reason: str | None = None
-        # Provider events already folded in, so a redelivery changes nothing.
+        self.trial = False
+        self.overdue = False
+        self.cancel_at: datetime | None = None
+        self.due_at: datetime | None = None
+        # Every fact given (also those inherited from the order's other
+        # entitlements), and every cause applied, so redelivery changes nothing.
+        self.facts = Facts(inherited)
         self.applied: set[str] = set()
+        if fact is not None:
+            self.facts.add(fact)
 
     @classmethod
     def create(
@@ -132,112 +179,279 @@ class Entitlement(Aggregate):
         *,
         source: str,
         order_ref: str,
-        sku: str,
-        product: str,
-        features: dict[str, Any],
-        limits: dict[str, int],
-        seats: int,
-        quantity: int,
-        customer_id: str | None,
-        customer_email: str | None,
+        slot: str,
+        terms: Terms,
         activation_code: str,
+        inherited: list[Fact],
         cause: Cause,
         occurred_at: datetime,
         at: datetime,
     ) -> Entitlement:
+        """A PENDING entitlement; `settle` then brings it up to date."""
         return cls._create(
             cls.Created,
-            id=entitlement_id(source, order_ref, sku),
+            id=entitlement_id(source, order_ref, slot),
             timestamp=at,
             source=source,
             order_ref=order_ref,
-            sku=sku,
-            product=product,
-            features=dict(features),
-            limits=dict(limits),
-            seats=seats,
-            quantity=quantity,
-            customer_id=customer_id,
-            customer_email=customer_email,
+            slot=slot,
+            sku=terms.sku,
+            product=terms.product,
+            features=dict(terms.features),
+            limits=dict(terms.limits),
+            seats=terms.seats,
+            quantity=terms.quantity,
+            customer_id=terms.customer_id,
+            customer_email=terms.customer_email,
             activation_code=activation_code,
+            inherited=list(inherited),
             cause=cause.as_dict(),
             occurred_at=occurred_at,
+            fact=None,
         )
+
+    @property
+    def terms(self) -> Terms:
+        return Terms(
+            sku=self.sku,
+            product=self.product,
+            features=self.features,
+            limits=self.limits,
+            seats=self.seats,
+            quantity=self.quantity,
+            customer_id=self.customer_id,
+            customer_email=self.customer_email,
+        )
+
+    @property
+    def standing(self) -> Standing:
+        return Standing(**{name: getattr(self, name) for name in _STANDING_FIELDS})
 
     def has_applied(self, cause: Cause) -> bool:
         return cause.key in self.applied
 
-    # -- payments ---------------------------------------------------------
+    # -- the events ------------------------------------------------------
 
-    class Activated(Event):
-        period_start: datetime
-        period_end: datetime
+    class Noted(Event):
+        """A fact that changed nothing (stale, partial, or already implied)."""
+
+    class TermsChanged(Event):
+        sku: str
+        product: str
+        features: dict[str, Any]
+        limits: dict[str, int]
+        seats: int
+        quantity: int
 
         def change(self, aggregate: Any) -> None:
-            aggregate.status = Status.ACTIVE
-            aggregate.period_start = self.period_start
-            aggregate.period_end = self.period_end
+            for name in ("sku", "product", "features", "limits", "seats", "quantity"):
+                setattr(aggregate, name, getattr(self, name))
 
-    class Renewed(Event):
-        period_end: datetime
+    class OfferingChanged(TermsChanged):
+        pass
+
+    class SeatsChanged(TermsChanged):
+        pass
+
+    class CustomerChanged(Event):
+        customer_id: str | None
+        customer_email: str | None
 
         def change(self, aggregate: Any) -> None:
-            aggregate.period_end = self.period_end
+            aggregate.customer_id = self.customer_id
+            aggregate.customer_email = self.customer_email
 
-    def record_payment(
+    class StandingChanged(Event):
+        status: str
+        reason: str | None
+        period_start: datetime | None
+        period_end: datetime | None
+        trial: bool
+        overdue: bool
+        cancel_at: datetime | None
+        due_at: datetime | None
+
+        def change(self, aggregate: Any) -> None:
+            for name in _STANDING_FIELDS:
+                setattr(aggregate, name, getattr(self, name))
+            aggregate.status = Status(self.status)
+
+    class Activated(StandingChanged):
+        pass
+
+    class Renewed(StandingChanged):
+        pass
+
+    class Extended(StandingChanged):
+        pass
+
+    class Overdue(StandingChanged):
+        pass
+
+    class Recovered(StandingChanged):
+        pass
+
+    class Suspended(StandingChanged):
+        pass
+
+    class Reinstated(StandingChanged):
+        pass
+
+    class Canceled(StandingChanged):
+        pass
+
+    class Expired(StandingChanged):
+        pass
+
+    class CancelScheduled(StandingChanged):
+        pass
+
+    class CancelUnscheduled(StandingChanged):
+        pass
+
+    class Revised(StandingChanged):
+        """The standing changed in a detail no other event names (a reason,
+        the next due time)."""
+
+    # -- the one way state changes ----------------------------------------
+
+    def settle(
         self,
-        period_start: datetime,
-        period_end: datetime,
+        fact: Fact | None,
         cause: Cause,
         occurred_at: datetime,
+        catalog: Catalog,
+        policy: Policy,
         at: datetime,
-    ) -> None:
-        """A paid period: activates a pending entitlement, and extends an
-        active one's period (never shortening it)."""
-        if self.has_applied(cause) or self.status is Status.CANCELED:
-            return
-        if self.status is Status.PENDING:
+    ) -> bool:
+        """Record `fact` (if any) and bring terms and standing up to date as
+        of `at`. Returns whether anything was recorded."""
+        if self.has_applied(cause):
+            return False
+        if fact is not None:
+            fact = {**fact, "key": cause.key, "at": occurred_at}
+            # Added now so the derivation sees it; the event that carries it
+            # adds it again on replay (adding is idempotent).
+            self.facts.add(fact)
+        carried = fact
+        emitted = False
+
+        def emit(event_class: Any, **fields: Any) -> None:
+            nonlocal carried, emitted
             self.trigger_event(
-                self.Activated,
+                event_class,
                 timestamp=at,
-                period_start=period_start,
-                period_end=period_end,
                 cause=cause.as_dict(),
                 occurred_at=occurred_at,
+                fact=carried,
+                **fields,
             )
-        elif self.period_end is None or period_end > self.period_end:
-            self.trigger_event(
-                self.Renewed,
-                timestamp=at,
-                period_end=period_end,
-                cause=cause.as_dict(),
-                occurred_at=occurred_at,
+            carried = None
+            emitted = True
+
+        terms = self.facts.terms(self.slot, self.terms, catalog)
+        current = self.terms
+        grants = ("sku", "product", "features", "limits")
+        if any(getattr(terms, n) != getattr(current, n) for n in grants):
+            emit(self.OfferingChanged, **_terms_fields(terms))
+        elif (terms.seats, terms.quantity) != (current.seats, current.quantity):
+            emit(self.SeatsChanged, **_terms_fields(terms))
+        if (terms.customer_id, terms.customer_email) != (self.customer_id, self.customer_email):
+            emit(
+                self.CustomerChanged,
+                customer_id=terms.customer_id,
+                customer_email=terms.customer_email,
             )
+        standing = self.facts.standing(self.slot, catalog.get(self.sku), policy, at)
+        event_class = self._standing_event(standing, cause)
+        if event_class is not None:
+            fields = {name: getattr(standing, name) for name in _STANDING_FIELDS}
+            fields["status"] = standing.status.value
+            emit(event_class, **fields)
+        if carried is not None:
+            emit(self.Noted)
+        return emitted
 
-    # -- cancellation -----------------------------------------------------
+    def _standing_event(self, new: Standing, cause: Cause) -> type[StandingChanged] | None:
+        old = self.standing
+        if new == old:
+            return None
+        if new.status is not old.status:
+            return {
+                Status.ACTIVE: self.Activated if old.status is Status.PENDING else self.Reinstated,
+                Status.PENDING: self.Reinstated,
+                Status.SUSPENDED: self.Suspended,
+                Status.CANCELED: self.Canceled,
+                Status.EXPIRED: self.Expired,
+            }[new.status]
+        if new.period_end is not None and (
+            old.period_end is None or new.period_end > old.period_end
+        ):
+            return self.Extended if cause.kind == "admin" else self.Renewed
+        if new.overdue != old.overdue:
+            return self.Overdue if new.overdue else self.Recovered
+        if new.cancel_at != old.cancel_at:
+            return self.CancelScheduled if new.cancel_at is not None else self.CancelUnscheduled
+        return self.Revised
 
-    class Canceled(Event):
-        reason: str
+    # -- admin commands ----------------------------------------------------
 
-        def change(self, aggregate: Any) -> None:
-            aggregate.status = Status.CANCELED
-            aggregate.canceled_reason = self.reason
-
-    def cancel(self, reason: str, cause: Cause, occurred_at: datetime, at: datetime) -> None:
-        if self.has_applied(cause) or self.status is Status.CANCELED:
-            return
-        self.trigger_event(
-            self.Canceled,
-            timestamp=at,
-            reason=reason,
-            cause=cause.as_dict(),
-            occurred_at=occurred_at,
+    def administer(
+        self,
+        action: str,
+        by: str,
+        reason: str,
+        request_id: str,
+        catalog: Catalog,
+        policy: Policy,
+        at: datetime,
+        days: int = 0,
+    ) -> bool:
+        """suspend, reinstate, cancel or extend (by `days`), as admin `by`."""
+        cause = Cause.admin(by, request_id)
+        if self.has_applied(cause):
+            return False
+        if not reason.strip():
+            raise Refused("an admin action needs a reason")
+        waived: list[str] = []
+        if action == "suspend":
+            if self.status in (Status.CANCELED, Status.SUSPENDED):
+                raise Refused(f"the entitlement is {self.status.value}; it cannot be suspended")
+        elif action == "cancel":
+            if self.status is Status.CANCELED:
+                raise Refused("the entitlement is already CANCELED")
+        elif action == "reinstate":
+            blocking = self.facts.blocking(self.slot, at)
+            if not blocking:
+                raise Refused(
+                    f"the entitlement is {self.status.value} and nothing holds it back; "
+                    "to give more time, extend it"
+                )
+            waived = [key for _, _, key in blocking if key is not None]
+        elif action == "extend":
+            if days < 1:
+                raise Refused("extend needs days of at least 1")
+        else:
+            raise Refused(f"unknown action {action!r}")
+        return self.settle(
+            lifecycle.admin(action, by, reason, days, waived), cause, at, catalog, policy, at
         )
+
+
+def _terms_fields(terms: Terms) -> dict[str, Any]:
+    return {
+        "sku": terms.sku,
+        "product": terms.product,
+        "features": dict(terms.features),
+        "limits": dict(terms.limits),
+        "seats": terms.seats,
+        "quantity": terms.quantity,
+    }
 
 
 class Order(Aggregate):
     """One provider subscription or order: which entitlements it holds, and
-    whether the provider has canceled it (possibly before we saw a payment)."""
+    facts that arrived before any entitlement existed to take them."""
 
     class Opened(Aggregate.Created):
         source: str
@@ -247,7 +461,7 @@ class Order(Aggregate):
         self.source = source
         self.order_ref = order_ref
         self.entitlements: dict[str, UUID] = {}
-        self.cancellation: tuple[str, Cause, datetime] | None = None
+        self.parked: list[Fact] = []
 
     @classmethod
     def open(cls, source: str, order_ref: str, at: datetime) -> Order:
@@ -260,33 +474,101 @@ class Order(Aggregate):
         )
 
     class EntitlementAdded(Aggregate.Event):
-        sku: str
+        slot: str
         entitlement_id: UUID
 
         def apply(self, aggregate: Any) -> None:
-            aggregate.entitlements[self.sku] = self.entitlement_id
+            aggregate.entitlements[self.slot] = self.entitlement_id
 
-    def add_entitlement(self, sku: str, entitlement_id: UUID, at: datetime) -> None:
-        if sku not in self.entitlements:
+    def add_entitlement(self, slot: str, entitlement_id: UUID, at: datetime) -> None:
+        if slot not in self.entitlements:
             self.trigger_event(
-                self.EntitlementAdded, timestamp=at, sku=sku, entitlement_id=entitlement_id
+                self.EntitlementAdded, timestamp=at, slot=slot, entitlement_id=entitlement_id
             )
 
-    class Canceled(Aggregate.Event):
-        reason: str
+    class FactParked(Aggregate.Event):
+        fact: dict[str, Any]
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.parked.append(self.fact)
+
+    def park(self, fact: Fact, at: datetime) -> None:
+        if all(parked["key"] != fact["key"] for parked in self.parked):
+            self.trigger_event(self.FactParked, timestamp=at, fact=fact)
+
+
+class Payment(Aggregate):
+    """A provider payment (invoice or payment intent) and the order it paid.
+
+    Refunds and disputes name a payment, not an order; one that arrives
+    before the payment itself is parked here until the payment is seen.
+    """
+
+    class Opened(Aggregate.Created):
+        source: str
+        ref: str
+        order_ref: str | None
+        invoice: str | None
+
+    def __init__(self, source: str, ref: str, order_ref: str | None, invoice: str | None) -> None:
+        self.source = source
+        self.ref = ref
+        self.order_ref = order_ref
+        self.invoice = invoice
+        self.parked: list[dict[str, Any]] = []
+
+    @classmethod
+    def open(
+        cls,
+        source: str,
+        ref: str,
+        at: datetime,
+        order_ref: str | None = None,
+        invoice: str | None = None,
+    ) -> Payment:
+        """A payment seen for the first time: from its own event (linked to
+        its order at once) or from a refund or dispute (not yet linked)."""
+        return cls._create(
+            cls.Opened,
+            id=payment_id(source, ref),
+            timestamp=at,
+            source=source,
+            ref=ref,
+            order_ref=order_ref,
+            invoice=invoice,
+        )
+
+    class Linked(Aggregate.Event):
+        order_ref: str
+        invoice: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.order_ref = self.order_ref
+            aggregate.invoice = self.invoice
+
+    def link(self, order_ref: str, invoice: str, at: datetime) -> bool:
+        """Returns True the first time the payment learns its order."""
+        if self.order_ref is not None:
+            return False
+        self.trigger_event(self.Linked, timestamp=at, order_ref=order_ref, invoice=invoice)
+        return True
+
+    class FactParked(Aggregate.Event):
+        fact: dict[str, Any]
         cause: dict[str, str]
         occurred_at: datetime
 
         def apply(self, aggregate: Any) -> None:
-            cause = Cause(**self.cause)
-            aggregate.cancellation = (self.reason, cause, self.occurred_at)
+            aggregate.parked.append(
+                {"fact": self.fact, "cause": self.cause, "occurred_at": self.occurred_at}
+            )
 
-    def cancel(self, reason: str, cause: Cause, occurred_at: datetime, at: datetime) -> None:
-        if self.cancellation is None:
+    def park(self, fact: Fact, cause: Cause, occurred_at: datetime, at: datetime) -> None:
+        if all(_cause_key(p["cause"]) != cause.key for p in self.parked):
             self.trigger_event(
-                self.Canceled,
+                self.FactParked,
                 timestamp=at,
-                reason=reason,
+                fact=fact,
                 cause=cause.as_dict(),
                 occurred_at=occurred_at,
             )

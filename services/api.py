@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import get_args
 
 import anyio
+from eventsourcing.persistence import IntegrityError
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from contracts.api import DeadLetterList, EntitlementList, History
+from contracts.api import AdminAction, DeadLetterList, EntitlementList, EntitlementView, History
 from contracts.events import Status
-from services.config import AdminKey
+from domain.entitlement import Entitlement, Refused
+from services.config import AdminKey, Config
 from services.http import HTTPError, authenticate
-from services.projector import history_entry
+from services.projector import entitlement_view, history_entry
 from services.readmodel import FILTERS, ReadModel
 from services.store import EntitlementStore
 
@@ -38,10 +43,19 @@ def _limit(request: Request) -> int:
 
 
 class API:
-    def __init__(self, store: EntitlementStore, read_model: ReadModel, keys: list[AdminKey]):
+    def __init__(
+        self,
+        store: EntitlementStore,
+        read_model: ReadModel,
+        keys: list[AdminKey],
+        config: Config,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self.store = store
         self.read_model = read_model
         self.keys = keys
+        self.config = config
+        self.clock = clock
 
     async def list_entitlements(self, request: Request) -> JSONResponse:
         authenticate(request, self.keys)
@@ -88,11 +102,68 @@ class API:
         items = await anyio.to_thread.run_sync(self.read_model.dead_letters, limit)
         return JSONResponse(DeadLetterList(items=items).model_dump(mode="json"))
 
+    async def administer(self, request: Request) -> JSONResponse:
+        """suspend, reinstate, cancel or extend, recorded with the key's name.
+
+        An `Idempotency-Key` header makes a retried request a no-op."""
+        key = authenticate(request, self.keys)
+        entitlement_id = uuid.UUID(_entitlement_id(request))
+        action = request.path_params["action"]
+        if action not in ADMIN_ACTIONS:
+            raise HTTPError(
+                404, "not_found", f"no action {action!r}; actions are {', '.join(ADMIN_ACTIONS)}"
+            )
+        try:
+            body = AdminAction.model_validate_json(await request.body())
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+            )
+            raise HTTPError(422, "invalid_body", problems) from None
+        if (action == "extend") != (body.days is not None):
+            raise HTTPError(422, "invalid_body", "'days' is required by extend and only by extend")
+        request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
+        view = await anyio.to_thread.run_sync(
+            self._administer, entitlement_id, action, key.name, body, request_id
+        )
+        return JSONResponse(view.model_dump(mode="json"))
+
+    def _administer(
+        self, entitlement_id: uuid.UUID, action: str, by: str, body: AdminAction, request_id: str
+    ) -> EntitlementView:
+        for _ in range(5):
+            entitlement = self.store.find(entitlement_id, Entitlement)
+            if entitlement is None:
+                raise HTTPError(404, "not_found", f"no entitlement {entitlement_id}")
+            try:
+                entitlement.administer(
+                    action,
+                    by,
+                    body.reason,
+                    request_id,
+                    self.config.catalog,
+                    self.config.policy,
+                    self.clock(),
+                    days=body.days or 0,
+                )
+            except Refused as exc:
+                raise HTTPError(409, "refused", str(exc)) from None
+            try:
+                self.store.record([entitlement], None)
+            except IntegrityError:
+                continue  # a webhook changed it meanwhile: apply to the new state
+            return entitlement_view(entitlement)
+        raise HTTPError(503, "busy", "the entitlement kept changing; retry", {"Retry-After": "1"})
+
+
+ADMIN_ACTIONS = ("suspend", "reinstate", "cancel", "extend")
+
 
 def routes(api: API) -> list[Route]:
     return [
         Route("/v1/entitlements", api.list_entitlements, methods=["GET"]),
         Route("/v1/entitlements/{id}", api.get_entitlement, methods=["GET"]),
         Route("/v1/entitlements/{id}/history", api.get_history, methods=["GET"]),
+        Route("/v1/entitlements/{id}/{action}", api.administer, methods=["POST"]),
         Route("/v1/dead-letters", api.list_dead_letters, methods=["GET"]),
     ]

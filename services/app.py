@@ -19,7 +19,7 @@ from starlette.routing import Route
 from contracts.webhooks import RAW_TOPIC
 from services import api, ingress
 from services.config import AdminKey, Config, Settings
-from services.fold import DomainService, subscribe
+from services.fold import DomainService, Scheduler, subscribe
 from services.http import (
     HTTPError,
     handle_http_error,
@@ -74,14 +74,19 @@ def build_app(
         if (roles.domain or roles.projector or roles.api)
         else None
     )
-    read_model = ReadModel(settings.database_url) if (roles.projector or roles.api) else None
+    read_model = (
+        ReadModel(settings.database_url) if (roles.projector or roles.api or roles.domain) else None
+    )
     broker: KafkaBroker | None = None
     if needs_broker:
         assert settings.kafka_bootstrap
         broker = make_broker(settings.kafka_bootstrap, settings.kafka_idempotence)
+    scheduler: Scheduler | None = None
     if roles.domain:
-        assert store is not None and broker is not None
-        subscribe(broker, DomainService(store, config), settings.domain_batch)
+        assert store is not None and broker is not None and read_model is not None
+        service = DomainService(store, config)
+        subscribe(broker, service, settings.domain_batch)
+        scheduler = Scheduler(service, read_model)
 
     routes: list[Route] = []
     if roles.ingress:
@@ -94,7 +99,7 @@ def build_app(
         routes += ingress.routes(ingress.Ingress(config, publish))
     if roles.api:
         assert store is not None and read_model is not None
-        routes += api.routes(api.API(store, read_model, admin_keys))
+        routes += api.routes(api.API(store, read_model, admin_keys, config))
 
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "roles": roles.names()})
@@ -115,6 +120,8 @@ def build_app(
             tasks.append(
                 asyncio.create_task(follow(store, PublicEventsProjection(read_model, broker), stop))
             )
+        if scheduler is not None:
+            tasks.append(asyncio.create_task(scheduler.run(stop, settings.schedule_interval)))
         try:
             yield
         finally:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from domain.catalog import Catalog, Offering
+from domain.lifecycle import Policy
 from services.providers import PROVIDERS, Provider
 
 
@@ -47,11 +49,18 @@ class _OfferingFile(BaseModel):
     stripe_price_ids: list[str] = Field(default_factory=list)
 
 
+class _LifecycleFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    expiry_leeway_hours: float = Field(default=24, ge=0)
+
+
 class _ConfigFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sources: dict[str, _SourceFile] = Field(default_factory=dict)
     offerings: list[_OfferingFile] = Field(default_factory=list)
+    lifecycle: _LifecycleFile = Field(default_factory=_LifecycleFile)
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,7 @@ class Source:
 class Config:
     sources: dict[str, Source]
     catalog: Catalog
+    policy: Policy = field(default_factory=Policy)
 
 
 def parse_config(
@@ -124,7 +134,8 @@ def parse_config(
         )
     except ValueError as exc:
         raise ConfigError(f"{origin}: {exc}") from None
-    return Config(sources=sources, catalog=catalog)
+    policy = Policy(expiry_leeway=timedelta(hours=parsed.lifecycle.expiry_leeway_hours))
+    return Config(sources=sources, catalog=catalog, policy=policy)
 
 
 def load_config(path: Path) -> Config:
@@ -165,6 +176,7 @@ class Settings:
     kafka_idempotence: bool
     raw_partitions: int
     domain_batch: int = 500
+    schedule_interval: float = 1.0
 
     @classmethod
     def from_env(cls, data_dir: Path = Path(".entitle")) -> Settings:
@@ -177,4 +189,5 @@ class Settings:
             kafka_idempotence=idempotence.lower() in ("1", "true", "yes", "y", "on"),
             raw_partitions=int(os.environ.get("ENTITLE_RAW_PARTITIONS", "8")),
             domain_batch=int(os.environ.get("ENTITLE_DOMAIN_BATCH", "500")),
+            schedule_interval=float(os.environ.get("ENTITLE_SCHEDULE_INTERVAL", "1")),
         )

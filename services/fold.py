@@ -9,6 +9,8 @@ offset is committed only after the database commit, so nothing is skipped.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -17,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
+from uuid import UUID
 
 import anyio
 from eventsourcing.persistence import IntegrityError, Tracking
@@ -26,10 +29,12 @@ from faststream.kafka.annotations import KafkaMessage
 from pydantic import ValidationError
 
 from contracts.webhooks import RAW_TOPIC, RawWebhookV1
-from domain.commands import apply
+from domain.commands import Rules, apply, settle_due
 from domain.dead_letter import DeadLetter, dead_letter_id
+from domain.entitlement import Entitlement
 from services.config import Config
 from services.providers import Unmappable
+from services.readmodel import ReadModel
 from services.store import Batch, EntitlementStore
 
 log = logging.getLogger("entitle.domain")
@@ -80,7 +85,7 @@ class DomainService:
         self.store = store
         self.config = config
         self.clock = clock
-        self.new_code = new_code
+        self.rules = Rules(config.catalog, config.policy, new_code)
 
     def process(self, records: Sequence[Record]) -> FoldResult:
         """Apply a consumer batch; blocking, so call it from a worker thread."""
@@ -149,7 +154,7 @@ class DomainService:
             commands = source.provider.normalize(webhook.source, payload, self.config.catalog, now)
         except Unmappable as exc:
             for command in exc.commands:
-                apply(command, batch, now, self.new_code)
+                apply(command, batch, self.rules, now)
             return self._dead_letter(
                 batch, webhook, exc.reason, self._event_id(webhook, payload), now
             )
@@ -159,7 +164,7 @@ class DomainService:
                 batch, webhook, f"internal error: {exc!r}", self._event_id(webhook, payload), now
             )
         for command in commands:
-            apply(command, batch, now, self.new_code)
+            apply(command, batch, self.rules, now)
         return 0
 
     def _event_id(self, webhook: RawWebhookV1, payload: Any) -> str:
@@ -187,6 +192,50 @@ class DomainService:
             )
         )
         return 1
+
+
+class Scheduler:
+    """Applies time-based transitions (overdue, suspend, expire, scheduled
+    cancel) when an entitlement's due time comes.
+
+    Due times are part of each entitlement's event-sourced state; the read
+    model only indexes them, so a restart (or a rebuilt read model) loses no
+    timer. Firing twice is harmless: a settled entitlement has a new due time.
+    """
+
+    def __init__(self, service: DomainService, read_model: ReadModel, limit: int = 500) -> None:
+        self.service = service
+        self.read_model = read_model
+        self.limit = limit
+
+    def run_once(self) -> int:
+        """Settle every entitlement now due; returns the events saved."""
+        now = self.service.clock()
+        due = self.read_model.due(now, self.limit)
+        if not due:
+            return 0
+        for attempt in range(5):
+            batch = Batch(self.service.store)
+            for raw_id in due:
+                entitlement = batch.find(UUID(raw_id), Entitlement)
+                if entitlement is not None:
+                    settle_due(entitlement, self.service.rules, now)
+            try:
+                return self.service.store.record(batch, None)
+            except IntegrityError:
+                log.warning("conflict settling due entitlements (attempt %d)", attempt + 1)
+        raise RuntimeError("could not settle due entitlements after 5 attempts")
+
+    async def run(self, stop: asyncio.Event, interval: float = 1.0) -> None:
+        while not stop.is_set():
+            try:
+                saved = await anyio.to_thread.run_sync(self.run_once)
+                if saved:
+                    log.info("schedule: %d events", saved)
+            except Exception:
+                log.exception("schedule run failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
 
 
 def subscribe(broker: KafkaBroker, service: DomainService, max_records: int = 500) -> None:

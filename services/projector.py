@@ -20,7 +20,7 @@ import logging
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 from uuid import UUID, uuid5
 
 import anyio
@@ -33,21 +33,24 @@ from contracts.events import (
     CustomerV1,
     EntitlementEventV1,
     EntitlementV1,
+    EventType,
 )
 from contracts.webhooks import DEAD_LETTER_TOPIC, DeadLetterV1, RawWebhookV1
 from domain.dead_letter import DeadLetter
-from domain.entitlement import NAMESPACE, Entitlement
+from domain.entitlement import NAMESPACE, Entitlement, Status
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
 
 log = logging.getLogger("entitle.projector")
 
-READ_MODEL = "read-model"
+# Versioned with the read model's tables: a new schema rebuilds from zero.
+READ_MODEL = "read-model-v2"
 PUBLIC_EVENTS = "public-events"
 _ENTITLEMENT_TOPIC = "domain.entitlement:Entitlement"
 _DEAD_LETTER_TOPIC = "domain.dead_letter:DeadLetter"
 # The public topic carries the entitlement without its activation code.
 _PUBLIC_FIELDS = set(EntitlementV1.model_fields)
+PUBLIC_TYPES = frozenset(get_args(EventType))
 _BASE_FIELDS = {
     "originator_id",
     "originator_version",
@@ -89,12 +92,18 @@ def entitlement_view(entitlement: Entitlement) -> EntitlementView:
         features=entitlement.features,
         limits=entitlement.limits,
         seats=entitlement.seats,
+        quantity=entitlement.quantity,
         period_start=entitlement.period_start,
         period_end=entitlement.period_end,
         customer=CustomerV1(id=entitlement.customer_id, email=entitlement.customer_email),
-        canceled_reason=entitlement.canceled_reason,
+        status_reason=entitlement.reason,
+        canceled_reason=entitlement.reason if entitlement.status is Status.CANCELED else None,
+        trial=entitlement.trial,
+        overdue=entitlement.overdue,
+        cancel_at=entitlement.cancel_at,
         activation_code=entitlement.activation_code,
         sequence=entitlement.version,
+        due_at=entitlement.due_at,
         created_at=entitlement.created_on,
         updated_at=entitlement.modified_on,
     )
@@ -120,6 +129,12 @@ class Change:
     previous_status: str | None
     entitlement: EntitlementView | None = None
     dead_letter: DeadLetter | None = None
+
+    @property
+    def public(self) -> bool:
+        """Whether the change goes on the public topic: a fact that changed
+        nothing (`entitlement.noted`) stays in the history only."""
+        return event_type(self.event) in PUBLIC_TYPES
 
 
 class Follower:
@@ -206,7 +221,7 @@ def public_event(change: Change) -> EntitlementEventV1:
     assert view is not None
     return EntitlementEventV1(
         event_id=uuid5(NAMESPACE, f"event\x1f{event.originator_id}\x1f{event.originator_version}"),
-        type=event_type(event),
+        type=event_type(event),  # type: ignore[arg-type]
         entitlement_id=event.originator_id,
         sequence=event.originator_version,
         occurred_at=event.occurred_at,
@@ -243,6 +258,8 @@ class PublicEventsProjection:
     async def project(self, changes: list[Change], position: int) -> None:
         sends = []
         for change in changes:
+            if change.entitlement is not None and not change.public:
+                continue
             if change.entitlement is not None:
                 message = public_event(change)
                 sends.append(

@@ -11,13 +11,14 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 from contracts.api import DeadLetterView, EntitlementView
 
 _TABLES = [
-    """CREATE TABLE IF NOT EXISTS entitle_read_entitlements (
+    """CREATE TABLE IF NOT EXISTS entitle_v2_entitlements (
         id TEXT PRIMARY KEY,
         source TEXT NOT NULL,
         order_ref TEXT NOT NULL,
@@ -25,13 +26,14 @@ _TABLES = [
         status TEXT NOT NULL,
         customer_email TEXT,
         sequence INTEGER NOT NULL,
+        due_at TEXT,
         body TEXT NOT NULL
     )""",
-    "CREATE INDEX IF NOT EXISTS entitle_read_ent_order ON entitle_read_entitlements (order_ref)",
-    "CREATE INDEX IF NOT EXISTS entitle_read_ent_email"
-    " ON entitle_read_entitlements (customer_email)",
-    "CREATE INDEX IF NOT EXISTS entitle_read_ent_status ON entitle_read_entitlements (status)",
-    """CREATE TABLE IF NOT EXISTS entitle_read_dead_letters (
+    "CREATE INDEX IF NOT EXISTS entitle_v2_ent_due ON entitle_v2_entitlements (due_at)",
+    "CREATE INDEX IF NOT EXISTS entitle_v2_ent_order ON entitle_v2_entitlements (order_ref)",
+    "CREATE INDEX IF NOT EXISTS entitle_v2_ent_email ON entitle_v2_entitlements (customer_email)",
+    "CREATE INDEX IF NOT EXISTS entitle_v2_ent_status ON entitle_v2_entitlements (status)",
+    """CREATE TABLE IF NOT EXISTS entitle_v2_dead_letters (
         id TEXT PRIMARY KEY,
         recorded_at TEXT NOT NULL,
         body TEXT NOT NULL
@@ -43,11 +45,19 @@ _TABLES = [
 ]
 
 _DROP = [
-    "DROP TABLE IF EXISTS entitle_read_entitlements",
-    "DROP TABLE IF EXISTS entitle_read_dead_letters",
+    "DROP TABLE IF EXISTS entitle_v2_entitlements",
+    "DROP TABLE IF EXISTS entitle_v2_dead_letters",
 ]
 
 FILTERS = ("order_ref", "customer_email", "status", "offering")
+
+
+def _moment(value: datetime | None) -> str | None:
+    """A fixed-width UTC timestamp, so text comparison is time comparison on
+    both databases."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class ReadModel:
@@ -143,12 +153,13 @@ class ReadModel:
             for view in entitlements:
                 cur.execute(
                     self._sql(
-                        "INSERT INTO entitle_read_entitlements "
-                        "(id, source, order_ref, offering, status, customer_email, sequence, body) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                        "INSERT INTO entitle_v2_entitlements "
+                        "(id, source, order_ref, offering, status, customer_email, sequence, "
+                        "due_at, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                        "ON CONFLICT (id) DO UPDATE SET "
                         "status = excluded.status, customer_email = excluded.customer_email, "
                         "offering = excluded.offering, sequence = excluded.sequence, "
-                        "body = excluded.body"
+                        "due_at = excluded.due_at, body = excluded.body"
                     ),
                     (
                         str(view.id),
@@ -158,13 +169,14 @@ class ReadModel:
                         view.status,
                         view.customer.email,
                         view.sequence,
+                        _moment(view.due_at),
                         view.model_dump_json(),
                     ),
                 )
             for letter in dead_letters:
                 cur.execute(
                     self._sql(
-                        "INSERT INTO entitle_read_dead_letters (id, recorded_at, body) "
+                        "INSERT INTO entitle_v2_dead_letters (id, recorded_at, body) "
                         "VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE SET body = excluded.body"
                     ),
                     (str(letter.id), letter.recorded_at.isoformat(), letter.model_dump_json()),
@@ -187,20 +199,28 @@ class ReadModel:
                 params.append(value)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._query(
-            f"SELECT body FROM entitle_read_entitlements{where} ORDER BY id LIMIT {int(limit)}",
+            f"SELECT body FROM entitle_v2_entitlements{where} ORDER BY id LIMIT {int(limit)}",
             params,
         )
         return [EntitlementView.model_validate_json(row[0]) for row in rows]
 
     def entitlement(self, entitlement_id: str) -> EntitlementView | None:
         rows = self._query(
-            "SELECT body FROM entitle_read_entitlements WHERE id = ?", (entitlement_id,)
+            "SELECT body FROM entitle_v2_entitlements WHERE id = ?", (entitlement_id,)
         )
         return EntitlementView.model_validate_json(rows[0][0]) if rows else None
 
+    def due(self, now: datetime, limit: int = 500) -> list[str]:
+        """Ids of entitlements whose due time has come, soonest first."""
+        rows = self._query(
+            "SELECT id FROM entitle_v2_entitlements WHERE due_at <= ?"
+            f" ORDER BY due_at LIMIT {int(limit)}",
+            (_moment(now),),
+        )
+        return [row[0] for row in rows]
+
     def dead_letters(self, limit: int = 100) -> list[DeadLetterView]:
         rows = self._query(
-            "SELECT body FROM entitle_read_dead_letters"
-            f" ORDER BY recorded_at DESC LIMIT {int(limit)}"
+            f"SELECT body FROM entitle_v2_dead_letters ORDER BY recorded_at DESC LIMIT {int(limit)}"
         )
         return [DeadLetterView.model_validate_json(row[0]) for row in rows]

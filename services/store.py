@@ -13,9 +13,9 @@ from eventsourcing.domain import Aggregate, DomainEventProtocol
 from eventsourcing.persistence import ProcessRecorder, Tracking
 
 from domain.dead_letter import DeadLetter
-from domain.entitlement import Entitlement, Order
+from domain.entitlement import Entitlement, Order, Payment
 
-A = TypeVar("A", Entitlement, Order, DeadLetter)
+A = TypeVar("A", Entitlement, Order, Payment, DeadLetter)
 
 
 class DatabaseURLError(ValueError):

@@ -3,6 +3,7 @@ official `stripe` package exactly as Stripe signs them."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import time
@@ -31,6 +32,12 @@ def signed_headers(
     return {"Stripe-Signature": header, "Content-Type": "application/json"}
 
 
+def item_id(subscription: str, price: str) -> str:
+    """A stable subscription item id per (subscription, first price), as
+    Stripe keeps the item when only its price changes."""
+    return "si_" + hashlib.sha1(f"{subscription}/{price}".encode()).hexdigest()[:14]
+
+
 def invoice_paid(
     *,
     subscription: str,
@@ -40,19 +47,24 @@ def invoice_paid(
     shape: str = BASIL,
     event_id: str | None = None,
     created: int | None = None,
+    kind: str = "invoice.paid",
+    invoice_id: str | None = None,
+    payment_intent: str | None = None,
 ) -> dict[str, Any]:
     """`lines`: dicts with price (id), sku (price metadata, legacy shape only),
-    quantity, start, end."""
+    quantity, start, end, and optionally item (the subscription item id)."""
     invoice: dict[str, Any] = {
-        "id": _next("in"),
+        "id": invoice_id or _next("in"),
         "object": "invoice",
         "customer": customer,
         "customer_email": email,
-        "status": "paid",
-        "billing_reason": "subscription_create",
+        "status": "paid" if kind != "invoice.payment_failed" else "open",
+        "billing_reason": "subscription_cycle",
         "currency": "usd",
         "livemode": False,
     }
+    if shape != BASIL:
+        invoice["payment_intent"] = payment_intent
     data = []
     for line in lines:
         item: dict[str, Any] = {
@@ -73,7 +85,7 @@ def invoice_paid(
                 "type": "subscription_item_details",
                 "subscription_item_details": {
                     "subscription": subscription,
-                    "subscription_item": _next("si"),
+                    "subscription_item": line.get("item") or item_id(subscription, line["price"]),
                     "proration": line.get("proration", False),
                     "invoice_item": None,
                 },
@@ -82,6 +94,7 @@ def invoice_paid(
         else:
             item["type"] = "subscription"
             item["subscription"] = subscription
+            item["subscription_item"] = line.get("item") or item_id(subscription, line["price"])
             item["proration"] = line.get("proration", False)
             item["price"] = {
                 "id": line["price"],
@@ -100,25 +113,124 @@ def invoice_paid(
         }
     else:
         invoice["subscription"] = subscription
-    return _event("invoice.paid", invoice, shape, event_id, created)
+    return _event(kind, invoice, shape, event_id, created)
+
+
+def subscription_event(
+    kind: str,
+    *,
+    subscription: str,
+    items: list[dict[str, Any]],
+    status: str = "active",
+    start: int | None = None,
+    end: int | None = None,
+    trial_end: int | None = None,
+    cancel_at_period_end: bool = False,
+    customer: str = "cus_test",
+    shape: str = BASIL,
+    event_id: str | None = None,
+    created: int | None = None,
+) -> dict[str, Any]:
+    """customer.subscription.*; `items`: dicts with price, sku (metadata),
+    quantity, and optionally item (defaults to the item first made for the price)."""
+    data = []
+    for item in items:
+        entry: dict[str, Any] = {
+            "id": item.get("item") or item_id(subscription, item["price"]),
+            "object": "subscription_item",
+            "quantity": item.get("quantity", 1),
+            "price": {
+                "id": item["price"],
+                "object": "price",
+                "product": "prod_acme",
+                "metadata": {"offering_sku": item["sku"]} if item.get("sku") else {},
+                "recurring": {"interval": "month", "interval_count": 1},
+            },
+        }
+        if shape == BASIL:
+            entry["current_period_start"] = start
+            entry["current_period_end"] = end
+        data.append(entry)
+    obj: dict[str, Any] = {
+        "id": subscription,
+        "object": "subscription",
+        "customer": customer,
+        "status": status,
+        "cancel_at_period_end": cancel_at_period_end,
+        "cancel_at": end if cancel_at_period_end else None,
+        "trial_end": trial_end,
+        "items": {"object": "list", "data": data, "has_more": False},
+    }
+    if shape != BASIL:
+        obj["current_period_start"] = start
+        obj["current_period_end"] = end
+    return _event(kind, obj, shape, event_id, created)
 
 
 def subscription_deleted(
     *,
     subscription: str,
     customer: str = "cus_test",
+    items: list[dict[str, Any]] | None = None,
     shape: str = BASIL,
     event_id: str | None = None,
     created: int | None = None,
 ) -> dict[str, Any]:
-    obj = {
-        "id": subscription,
-        "object": "subscription",
-        "customer": customer,
-        "status": "canceled",
-        "canceled_at": int(time.time()),
+    event = subscription_event(
+        "customer.subscription.deleted",
+        subscription=subscription,
+        items=items or [],
+        status="canceled",
+        customer=customer,
+        shape=shape,
+        event_id=event_id,
+        created=created,
+    )
+    event["data"]["object"]["canceled_at"] = event["created"]
+    return event
+
+
+def charge_refunded(
+    *,
+    payment_intent: str,
+    invoice: str | None = None,
+    amount: int = 9900,
+    refunded: int = 9900,
+    event_id: str | None = None,
+    created: int | None = None,
+) -> dict[str, Any]:
+    charge = {
+        "id": _next("ch"),
+        "object": "charge",
+        "amount": amount,
+        "amount_refunded": refunded,
+        "refunded": refunded >= amount,
+        "payment_intent": payment_intent,
+        "invoice": invoice,
+        "currency": "usd",
     }
-    return _event("customer.subscription.deleted", obj, shape, event_id, created)
+    return _event("charge.refunded", charge, LEGACY, event_id, created)
+
+
+def dispute(
+    kind: str,
+    *,
+    dispute_id: str,
+    payment_intent: str,
+    status: str = "needs_response",
+    event_id: str | None = None,
+    created: int | None = None,
+) -> dict[str, Any]:
+    obj = {
+        "id": dispute_id,
+        "object": "dispute",
+        "amount": 9900,
+        "charge": "ch_" + payment_intent,
+        "payment_intent": payment_intent,
+        "reason": "fraudulent",
+        "status": status,
+    }
+    return _event(kind, obj, LEGACY, event_id, created)
 
 
 def _event(

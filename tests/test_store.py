@@ -13,7 +13,7 @@ from contracts.webhooks import RAW_TOPIC, RawWebhookV1
 from domain.entitlement import Status, entitlement_id
 from services.config import Config, parse_config
 from services.fold import DomainService
-from services.projector import Follower, ReadModelProjection, replay
+from services.projector import READ_MODEL, Follower, ReadModelProjection, replay
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
 from tests import stripe_events as se
@@ -78,7 +78,9 @@ def test_a_batch_is_saved_with_its_kafka_position(store: EntitlementStore) -> No
     assert (result.webhooks, result.skipped, result.dead_letters) == (50, 0, 0)
     assert store.position(f"{RAW_TOPIC}/0") == 49
     for i in range(50):
-        ent = store.find(entitlement_id("stripe-main", f"sub_{i}", "better_annual"), object)
+        ent = store.find(
+            entitlement_id("stripe-main", f"sub_{i}", se.item_id(f"sub_{i}", "p")), object
+        )
         assert ent is not None and ent.status is Status.ACTIVE
 
 
@@ -111,7 +113,7 @@ def test_the_same_provider_event_at_two_offsets_applies_once(store: EntitlementS
     event = paid("sub_dup")
     result = service(store).process([record(0, event), record(1, event)])
     assert result.webhooks == 2
-    ent_id = entitlement_id("stripe-main", "sub_dup", "better_annual")
+    ent_id = entitlement_id("stripe-main", "sub_dup", se.item_id("sub_dup", "p"))
     assert [type(e).__name__ for e in store.history(ent_id)] == ["Created", "Activated"]
     service(store).process([record(2, event)])
     assert len(store.history(ent_id)) == 2
@@ -146,5 +148,5 @@ def test_replay_rebuilds_the_same_read_model(store: EntitlementStore, database_u
     }
     assert replay(store, read_model) > 0
     assert read_model.entitlements(limit=1000) == before
-    assert read_model.position("read-model") == last
+    assert read_model.position(READ_MODEL) == last
     read_model.close()

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from domain.catalog import Catalog, Offering
-from domain.commands import CancelOrder, RecordPayment
+from domain.commands import OrderEvent, PaymentEvent
 from services.providers import SignatureError, Unmappable
 from services.providers.stripe import normalize, routing_key, verify
 from tests import stripe_events as se
@@ -98,7 +98,7 @@ def test_invoice_paid_maps_lines_onto_offerings(shape: str) -> None:
     else:
         catalog = CATALOG
     [command] = normalize("stripe-main", event, catalog, datetime.now(UTC))
-    assert isinstance(command, RecordPayment)
+    assert isinstance(command, OrderEvent)
     assert command.order_ref == "sub_42"
     assert command.customer.id == "cus_9" and command.customer.email == "x@example.com"
     assert command.cause.event_id == event["id"]
@@ -117,7 +117,7 @@ def test_price_metadata_wins_over_the_catalog_price_list() -> None:
         lines=[{"price": "price_basic", "sku": "better_annual", **YEAR}],
     )
     [command] = normalize("s", event, CATALOG, datetime.now(UTC))
-    assert isinstance(command, RecordPayment)
+    assert isinstance(command, OrderEvent)
     assert [line.offering.sku for line in command.lines] == ["better_annual"]
 
 
@@ -130,7 +130,7 @@ def test_proration_lines_grant_nothing() -> None:
         ],
     )
     [command] = normalize("s", event, CATALOG, datetime.now(UTC))
-    assert isinstance(command, RecordPayment)
+    assert isinstance(command, OrderEvent)
     assert [line.offering.sku for line in command.lines] == ["basic_monthly"]
 
 
@@ -142,7 +142,7 @@ def test_an_unknown_price_is_unmappable_but_keeps_the_mapped_lines() -> None:
     with pytest.raises(Unmappable, match="price 'price_nope' maps to no offering") as info:
         normalize("s", event, CATALOG, datetime.now(UTC))
     [partial] = info.value.commands
-    assert isinstance(partial, RecordPayment)
+    assert isinstance(partial, OrderEvent)
     assert [line.offering.sku for line in partial.lines] == ["basic_monthly"]
 
 
@@ -164,9 +164,62 @@ def test_an_invoice_without_lines_is_unmappable() -> None:
 def test_subscription_deleted_cancels_the_order(shape: str) -> None:
     event = se.subscription_deleted(subscription="sub_7", shape=shape)
     [command] = normalize("stripe-main", event, CATALOG, datetime.now(UTC))
-    assert isinstance(command, CancelOrder)
+    assert isinstance(command, OrderEvent)
     assert command.order_ref == "sub_7"
+    assert command.fact["kind"] == "ended"
+    assert command.fact["reason"] == "subscription_deleted"
     assert routing_key(event) == "sub_7"
+
+
+@pytest.mark.parametrize("shape", [se.BASIL, se.LEGACY])
+def test_a_subscription_snapshot_keeps_status_period_items_and_cancel_at(shape: str) -> None:
+    event = se.subscription_event(
+        "customer.subscription.updated",
+        subscription="sub_8",
+        items=[{"price": "price_basic", "quantity": 3}],
+        status="trialing",
+        start=NOW,
+        end=NOW + 14 * 86400,
+        trial_end=NOW + 14 * 86400,
+        cancel_at_period_end=True,
+        shape=shape,
+    )
+    [command] = normalize("stripe-main", event, CATALOG, datetime.now(UTC))
+    assert isinstance(command, OrderEvent)
+    fact = command.fact
+    end = datetime.fromtimestamp(NOW + 14 * 86400, UTC)
+    assert (fact["kind"], fact["status"]) == ("subscription", "trialing")
+    assert fact["end"] == end and fact["trial_end"] == end and fact["cancel_at"] == end
+    slot = se.item_id("sub_8", "price_basic")
+    assert fact["lines"] == {
+        slot: {"sku": "basic_monthly", "quantity": 3, "start": None, "end": None}
+    }
+    assert [line.slot for line in command.lines] == [slot]
+
+
+def test_invoice_lines_name_their_subscription_item_as_the_slot() -> None:
+    event = se.invoice_paid(subscription="sub_3", lines=[{"price": "price_basic", **YEAR}])
+    [command] = normalize("s", event, CATALOG, datetime.now(UTC))
+    assert isinstance(command, OrderEvent)
+    assert [line.slot for line in command.lines] == [se.item_id("sub_3", "price_basic")]
+
+
+def test_a_refund_and_a_dispute_name_the_payment_not_the_order() -> None:
+    refund = se.charge_refunded(payment_intent="pi_1", invoice="in_1", refunded=100)
+    [command] = normalize("s", refund, CATALOG, datetime.now(UTC))
+    assert isinstance(command, PaymentEvent)
+    assert command.payment_refs == ("in_1", "pi_1")
+    assert command.fact == {"kind": "refund", "full": False, "invoice": "in_1"}
+    assert routing_key(refund) == "in_1"
+    opened = se.dispute("charge.dispute.created", dispute_id="dp_1", payment_intent="pi_1")
+    lost = se.dispute(
+        "charge.dispute.closed", dispute_id="dp_1", payment_intent="pi_1", status="lost"
+    )
+    [first] = normalize("s", opened, CATALOG, datetime.now(UTC))
+    [second] = normalize("s", lost, CATALOG, datetime.now(UTC))
+    assert isinstance(first, PaymentEvent) and isinstance(second, PaymentEvent)
+    assert (first.fact["state"], second.fact["state"]) == ("open", "lost")
+    assert routing_key(opened) == "pi_1"
 
 
 def test_events_without_entitlement_meaning_are_ignored() -> None:

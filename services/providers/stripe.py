@@ -14,13 +14,25 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from domain.catalog import Catalog
-from domain.commands import CancelOrder, Command, Customer, PaidLine, RecordPayment
+from domain import lifecycle
+from domain.catalog import Catalog, Offering
+from domain.commands import Command, Customer, OrderEvent, PaymentEvent
 from domain.entitlement import Cause
+from domain.lifecycle import Line
 from services.providers import Provider, SignatureError, Unmappable
 
 TOLERANCE_SECONDS = 300
 PAYMENT_EVENTS = frozenset({"invoice.paid", "invoice.payment_succeeded"})
+SUBSCRIPTION_EVENTS = frozenset(
+    {
+        "customer.subscription.created",
+        "customer.subscription.updated",
+        "customer.subscription.paused",
+        "customer.subscription.resumed",
+        "customer.subscription.trial_will_end",
+        "customer.subscription.deleted",
+    }
+)
 
 
 def verify(headers: Mapping[str, str], body: bytes, secret: str, now: float) -> None:
@@ -83,6 +95,10 @@ def routing_key(payload: Mapping[str, Any]) -> str:
             key = _invoice_subscription(obj) or _id(obj.get("id"))
         elif obj.get("object") == "subscription":
             key = _id(obj.get("id"))
+        elif obj.get("object") == "charge":
+            key = _id(obj.get("invoice")) or _id(obj.get("payment_intent")) or _id(obj.get("id"))
+        elif obj.get("object") == "dispute":
+            key = _id(obj.get("payment_intent")) or _id(obj.get("charge"))
         else:
             key = _id(obj.get("subscription")) or _id(obj.get("id"))
         if key:
@@ -127,18 +143,51 @@ def _timestamp(value: Any, what: str) -> datetime:
     return datetime.fromtimestamp(value, UTC)
 
 
-def _record_payment(
-    source: str, payload: Mapping[str, Any], invoice: Mapping[str, Any], catalog: Catalog
-) -> list[Command]:
-    order_ref = _invoice_subscription(invoice) or _id(invoice.get("id"))
-    if not order_ref:
-        raise Unmappable("Stripe invoice has neither a subscription nor an id")
+def _optional_timestamp(value: Any, what: str) -> datetime | None:
+    return None if value is None else _timestamp(value, what)
+
+
+def _line_item(line: Mapping[str, Any]) -> str | None:
+    """The subscription item an invoice line bills, in either shape."""
+    parent = line.get("parent")
+    if isinstance(parent, Mapping):
+        details = parent.get("subscription_item_details")
+        if isinstance(details, Mapping) and _id(details.get("subscription_item")):
+            return _id(details.get("subscription_item"))
+    return _id(line.get("subscription_item"))
+
+
+def _quantity(value: Any, where: str) -> int:
+    quantity = 1 if value is None else value
+    if not isinstance(quantity, int) or isinstance(quantity, bool) or quantity < 1:
+        raise Unmappable(f"Stripe {where} has quantity {quantity!r}")
+    return quantity
+
+
+def _offering(price: Any, catalog: Catalog, unmapped: list[str]) -> Offering | None:
+    price_id, sku = _price(price)
+    offering = catalog.for_stripe_price(price_id, sku)
+    if offering is None:
+        wanted = f"offering_sku {sku!r}" if sku else f"price {price_id!r}"
+        unmapped.append(f"{wanted} maps to no offering in the catalog")
+    return offering
+
+
+def _price(price: Any) -> tuple[str | None, str | None]:
+    sku = None
+    if isinstance(price, Mapping):
+        metadata = price.get("metadata")
+        if isinstance(metadata, Mapping) and metadata.get("offering_sku"):
+            sku = str(metadata["offering_sku"])
+    return _id(price), sku
+
+
+def _invoice_lines(invoice: Mapping[str, Any], catalog: Catalog, unmapped: list[str]) -> list[Line]:
     lines_list = invoice.get("lines")
     raw_lines = lines_list.get("data") if isinstance(lines_list, Mapping) else None
     if not isinstance(raw_lines, list) or not raw_lines:
         raise Unmappable("Stripe invoice has no lines.data")
-    by_sku: dict[str, PaidLine] = {}
-    unmapped: list[str] = []
+    by_slot: dict[str, Line] = {}
     for line in raw_lines:
         if not isinstance(line, Mapping) or _is_proration(line):
             continue
@@ -151,36 +200,215 @@ def _record_payment(
         period = line.get("period")
         if not isinstance(period, Mapping):
             raise Unmappable(f"Stripe invoice line {line.get('id')!r} has no period")
-        quantity = line.get("quantity") or 1
-        if not isinstance(quantity, int) or quantity < 1:
-            raise Unmappable(f"Stripe invoice line {line.get('id')!r} has quantity {quantity!r}")
-        previous = by_sku.get(offering.sku)
-        by_sku[offering.sku] = PaidLine(
+        quantity = _quantity(line.get("quantity"), f"invoice line {line.get('id')!r}")
+        slot = _line_item(line) or offering.sku
+        previous = by_slot.get(slot)
+        by_slot[slot] = Line(
+            slot=slot,
             offering=offering,
             quantity=quantity + (previous.quantity if previous else 0),
             period_start=_timestamp(period.get("start"), "line period start"),
             period_end=_timestamp(period.get("end"), "line period end"),
         )
-    commands: list[Command] = []
-    if by_sku:
-        commands.append(
-            RecordPayment(
-                source=source,
-                order_ref=order_ref,
-                customer=Customer(
-                    id=_id(invoice.get("customer")),
-                    email=invoice.get("customer_email") or None,
-                ),
-                lines=tuple(by_sku.values()),
-                cause=Cause.provider(source, event_id(payload)),
-                occurred_at=_timestamp(payload.get("created"), "event created"),
-            )
-        )
+    return list(by_slot.values())
+
+
+def _cause(source: str, payload: Mapping[str, Any]) -> Cause:
+    return Cause.provider(source, event_id(payload))
+
+
+def _created(payload: Mapping[str, Any]) -> datetime:
+    return _timestamp(payload.get("created"), "event created")
+
+
+def _finish(commands: list[Command], unmapped: list[str], what: str) -> list[Command]:
     if unmapped:
         raise Unmappable("; ".join(unmapped), commands)
     if not commands:
-        raise Unmappable("Stripe invoice has no line with a price (only prorations?)")
+        raise Unmappable(f"Stripe {what} has no item with a price (only prorations?)")
     return commands
+
+
+def _invoice_event(
+    source: str, kind: str, payload: Mapping[str, Any], catalog: Catalog
+) -> list[Command]:
+    invoice = _object(payload)
+    invoice_id = _id(invoice.get("id"))
+    order_ref = _invoice_subscription(invoice) or invoice_id
+    if not order_ref or not invoice_id:
+        raise Unmappable("Stripe invoice has neither a subscription nor an id")
+    unmapped: list[str] = []
+    lines = _invoice_lines(invoice, catalog, unmapped)
+    commands: list[Command] = []
+    if lines:
+        paid = kind in PAYMENT_EVENTS
+        refs = [invoice_id]
+        intent = _id(invoice.get("payment_intent"))
+        if paid and intent:
+            refs.append(intent)
+        commands.append(
+            OrderEvent(
+                source=source,
+                order_ref=order_ref,
+                fact=(lifecycle.payment if paid else lifecycle.payment_failed)(invoice_id, lines),
+                lines=tuple(lines),
+                cause=_cause(source, payload),
+                occurred_at=_created(payload),
+                customer=Customer(
+                    id=_id(invoice.get("customer")), email=invoice.get("customer_email") or None
+                ),
+                payment_refs=tuple(refs) if paid else (),
+                invoice=invoice_id,
+            )
+        )
+    return _finish(commands, unmapped, "invoice")
+
+
+def _subscription_lines(
+    subscription: Mapping[str, Any], catalog: Catalog, unmapped: list[str]
+) -> list[Line]:
+    items = subscription.get("items")
+    data = items.get("data") if isinstance(items, Mapping) else None
+    if not isinstance(data, list):
+        raise Unmappable("Stripe subscription has no items.data")
+    lines = []
+    for item in data:
+        if not isinstance(item, Mapping):
+            continue
+        offering = _offering(item.get("price") or item.get("plan"), catalog, unmapped)
+        if offering is None:
+            continue
+        lines.append(
+            Line(
+                slot=_id(item.get("id")) or offering.sku,
+                offering=offering,
+                quantity=_quantity(item.get("quantity"), f"subscription item {item.get('id')!r}"),
+            )
+        )
+    return lines
+
+
+def _subscription_period(subscription: Mapping[str, Any]) -> tuple[Any, Any]:
+    """The current period, on the subscription (older API versions) or on
+    its items (2025-03-31.basil and later)."""
+    start, end = subscription.get("current_period_start"), subscription.get("current_period_end")
+    if end is None:
+        items = subscription.get("items")
+        data = items.get("data") if isinstance(items, Mapping) else None
+        ends = [i for i in data or [] if isinstance(i, Mapping) and i.get("current_period_end")]
+        if ends:
+            latest = max(ends, key=lambda i: i["current_period_end"])
+            start, end = latest.get("current_period_start"), latest["current_period_end"]
+    return start, end
+
+
+def _subscription_event(
+    source: str, kind: str, payload: Mapping[str, Any], catalog: Catalog
+) -> list[Command]:
+    subscription = _object(payload)
+    order_ref = _id(subscription.get("id"))
+    if not order_ref:
+        raise Unmappable("Stripe subscription has no id")
+    unmapped: list[str] = []
+    lines = _subscription_lines(subscription, catalog, unmapped)
+    if kind == "customer.subscription.deleted":
+        fact = lifecycle.ended("subscription_deleted", lines)
+    else:
+        status = subscription.get("status")
+        if not isinstance(status, str):
+            raise Unmappable("Stripe subscription has no status")
+        start, end = _subscription_period(subscription)
+        period_end = _optional_timestamp(end, "current_period_end")
+        cancel_at = _optional_timestamp(subscription.get("cancel_at"), "cancel_at")
+        if cancel_at is None and subscription.get("cancel_at_period_end"):
+            cancel_at = period_end
+        fact = lifecycle.subscription(
+            status,
+            lines,
+            _optional_timestamp(start, "current_period_start"),
+            period_end,
+            trial_end=_optional_timestamp(subscription.get("trial_end"), "trial_end"),
+            cancel_at=cancel_at,
+        )
+    commands: list[Command] = []
+    if lines or kind == "customer.subscription.deleted":
+        commands.append(
+            OrderEvent(
+                source=source,
+                order_ref=order_ref,
+                fact=fact,
+                lines=tuple(lines),
+                cause=_cause(source, payload),
+                occurred_at=_created(payload),
+                customer=Customer(id=_id(subscription.get("customer")), email=None),
+            )
+        )
+    return _finish(commands, unmapped, "subscription")
+
+
+def _checkout_completed(source: str, payload: Mapping[str, Any]) -> list[Command]:
+    session = _object(payload)
+    order_ref = _id(session.get("subscription"))
+    if session.get("mode") != "subscription" or not order_ref:
+        return []  # one-off payments are granted by their invoice
+    details = session.get("customer_details")
+    email = details.get("email") if isinstance(details, Mapping) else None
+    return [
+        OrderEvent(
+            source=source,
+            order_ref=order_ref,
+            fact={"kind": "checkout", "payment_status": session.get("payment_status")},
+            lines=(),
+            cause=_cause(source, payload),
+            occurred_at=_created(payload),
+            customer=Customer(id=_id(session.get("customer")), email=email or None),
+        )
+    ]
+
+
+def _refs(obj: Mapping[str, Any], *fields: str) -> tuple[str, ...]:
+    return tuple(ref for ref in (_id(obj.get(f)) for f in fields) if ref)
+
+
+def _charge_refunded(source: str, payload: Mapping[str, Any]) -> list[Command]:
+    charge = _object(payload)
+    refs = _refs(charge, "invoice", "payment_intent")
+    if not refs:
+        raise Unmappable("Stripe charge names neither an invoice nor a payment intent")
+    amount, refunded = charge.get("amount"), charge.get("amount_refunded")
+    full = charge.get("refunded") is True or (
+        isinstance(amount, int) and isinstance(refunded, int) and refunded >= amount > 0
+    )
+    return [
+        PaymentEvent(
+            source=source,
+            payment_refs=refs,
+            fact=lifecycle.refund(full, _id(charge.get("invoice"))),
+            cause=_cause(source, payload),
+            occurred_at=_created(payload),
+        )
+    ]
+
+
+def _dispute_event(source: str, kind: str, payload: Mapping[str, Any]) -> list[Command]:
+    dispute = _object(payload)
+    dispute_id = _id(dispute.get("id"))
+    refs = _refs(dispute, "payment_intent", "charge")
+    if not dispute_id or not refs:
+        raise Unmappable("Stripe dispute needs an id and a charge or payment intent")
+    if kind == "charge.dispute.created":
+        state = "open"
+    else:
+        state = "lost" if dispute.get("status") == "lost" else "won"
+    return [
+        PaymentEvent(
+            source=source,
+            payment_refs=refs,
+            fact=lifecycle.dispute(dispute_id, state),
+            cause=_cause(source, payload),
+            occurred_at=_created(payload),
+        )
+    ]
 
 
 def normalize(
@@ -189,24 +417,18 @@ def normalize(
     kind = payload.get("type")
     if not isinstance(kind, str) or not event_id(payload):
         raise Unmappable("not a Stripe event: it needs a string 'type' and 'id'")
-    if kind in PAYMENT_EVENTS:
-        return _record_payment(source, payload, _object(payload), catalog)
-    if kind == "customer.subscription.deleted":
-        subscription = _object(payload)
-        order_ref = _id(subscription.get("id"))
-        if not order_ref:
-            raise Unmappable("Stripe subscription has no id")
-        return [
-            CancelOrder(
-                source=source,
-                order_ref=order_ref,
-                reason="subscription_deleted",
-                cause=Cause.provider(source, event_id(payload)),
-                occurred_at=_timestamp(payload.get("created"), "event created"),
-            )
-        ]
-    # Event types that carry no entitlement meaning (yet) are acknowledged and
-    # left alone, so enabling extra events at Stripe fills no dead-letter queue.
+    if kind in PAYMENT_EVENTS or kind == "invoice.payment_failed":
+        return _invoice_event(source, kind, payload, catalog)
+    if kind in SUBSCRIPTION_EVENTS:
+        return _subscription_event(source, kind, payload, catalog)
+    if kind == "checkout.session.completed":
+        return _checkout_completed(source, payload)
+    if kind == "charge.refunded":
+        return _charge_refunded(source, payload)
+    if kind in ("charge.dispute.created", "charge.dispute.closed"):
+        return _dispute_event(source, kind, payload)
+    # Event types that carry no entitlement meaning are acknowledged and left
+    # alone, so enabling extra events at Stripe fills no dead-letter queue.
     return []
 
 

@@ -1,0 +1,469 @@
+"""Where an entitlement stands, derived from what it has been told.
+
+An entitlement keeps every provider and admin *fact* it has been given
+(payments, failures, subscription snapshots, cancellations, refunds, disputes,
+admin actions). Its status, period, offering and seats are a pure function of
+that set of facts and the current time: `Facts.standing` and `Facts.terms`.
+Because a set has no order, the final state cannot depend on the order in
+which webhooks arrived, nor on how often each one did. Where two facts
+disagree (two subscription snapshots), the provider's timestamp decides, with
+the event id as tie-break, so a stale event is remembered but cannot regress
+the state.
+
+Facts are plain JSON-friendly dicts, because they are stored inside domain
+events. The constructors below are the only way adapters build them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from domain.catalog import Catalog, Offering
+
+
+class Status(StrEnum):
+    PENDING = "PENDING"
+    ACTIVE = "ACTIVE"
+    SUSPENDED = "SUSPENDED"
+    CANCELED = "CANCELED"
+    EXPIRED = "EXPIRED"
+
+
+Fact = dict[str, Any]
+
+# Stripe-like subscription statuses a snapshot can carry.
+PAID_SUBSCRIPTION = frozenset({"active", "past_due", "unpaid"})
+OVERDUE_SUBSCRIPTION = frozenset({"past_due", "unpaid"})
+
+
+# -- fact constructors (what adapters produce) --------------------------------
+
+
+@dataclass(frozen=True)
+class Line:
+    """One purchased item: `slot` is the provider's stable id for it (a
+    subscription item), so a plan change keeps the same entitlement."""
+
+    slot: str
+    offering: Offering
+    quantity: int = 1
+    period_start: datetime | None = None
+    period_end: datetime | None = None
+
+    def as_fact(self) -> dict[str, Any]:
+        return {
+            "sku": self.offering.sku,
+            "quantity": self.quantity,
+            "start": self.period_start,
+            "end": self.period_end,
+        }
+
+
+def _lines(lines: Iterable[Line]) -> dict[str, Any]:
+    return {line.slot: line.as_fact() for line in lines}
+
+
+def payment(invoice: str, lines: Iterable[Line]) -> Fact:
+    """An invoice was paid for these lines' periods."""
+    return {"kind": "payment", "invoice": invoice, "lines": _lines(lines)}
+
+
+def payment_failed(invoice: str, lines: Iterable[Line]) -> Fact:
+    return {"kind": "payment_failed", "invoice": invoice, "lines": _lines(lines)}
+
+
+def subscription(
+    status: str,
+    lines: Iterable[Line],
+    period_start: datetime | None,
+    period_end: datetime | None,
+    trial_end: datetime | None = None,
+    cancel_at: datetime | None = None,
+) -> Fact:
+    """The provider's whole view of the subscription at one moment."""
+    return {
+        "kind": "subscription",
+        "status": status,
+        "lines": _lines(lines),
+        "start": period_start,
+        "end": period_end,
+        "trial_end": trial_end,
+        "cancel_at": cancel_at,
+    }
+
+
+def ended(reason: str, lines: Iterable[Line] = ()) -> Fact:
+    """The provider canceled (deleted) the subscription or order."""
+    return {"kind": "ended", "reason": reason, "lines": _lines(lines)}
+
+
+def refund(full: bool, invoice: str | None = None) -> Fact:
+    return {"kind": "refund", "full": full, "invoice": invoice}
+
+
+def dispute(dispute_id: str, state: str, invoice: str | None = None) -> Fact:
+    """A chargeback: state is `open`, `won` or `lost`."""
+    if state not in ("open", "won", "lost"):
+        raise ValueError(f"dispute state {state!r} is not open, won or lost")
+    return {"kind": "dispute", "dispute": dispute_id, "state": state, "invoice": invoice}
+
+
+def admin(action: str, by: str, reason: str, days: int = 0, waived: Iterable[str] = ()) -> Fact:
+    return {
+        "kind": "admin",
+        "action": action,
+        "by": by,
+        "reason": reason,
+        "days": days,
+        "waived": sorted(waived),
+    }
+
+
+# -- derived state -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What the entitlement grants."""
+
+    sku: str
+    product: str
+    features: Mapping[str, Any]
+    limits: Mapping[str, int]
+    seats: int
+    quantity: int
+    customer_id: str | None
+    customer_email: str | None
+
+    @classmethod
+    def of(
+        cls,
+        offering: Offering,
+        quantity: int,
+        customer_id: str | None = None,
+        customer_email: str | None = None,
+    ) -> Terms:
+        return cls(
+            sku=offering.sku,
+            product=offering.product,
+            features=dict(offering.features),
+            limits=dict(offering.limits),
+            seats=offering.seats * quantity,
+            quantity=quantity,
+            customer_id=customer_id,
+            customer_email=customer_email,
+        )
+
+
+@dataclass(frozen=True)
+class Standing:
+    """Where the entitlement is in its lifecycle, and when that next changes
+    by itself (`due_at`), so a scheduler can come back then."""
+
+    status: Status = Status.PENDING
+    reason: str | None = None
+    period_start: datetime | None = None
+    period_end: datetime | None = None
+    trial: bool = False
+    overdue: bool = False
+    cancel_at: datetime | None = None
+    due_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Lifecycle settings that are not per offering."""
+
+    #: Without suspend/expire thresholds, how long after the period end a
+    #: late renewal may still arrive before the entitlement expires.
+    expiry_leeway: timedelta = timedelta(hours=24)
+
+
+def _order_key(fact: Mapping[str, Any]) -> tuple[datetime, str]:
+    return (fact["at"], fact["key"])
+
+
+class Facts:
+    """Every fact an entitlement has been given, indexed for derivation.
+
+    `add` is idempotent per fact key and commutative: the indexes keep sets
+    or maxima, never "the last one added".
+    """
+
+    def __init__(self, facts: Iterable[Fact] = ()) -> None:
+        self.log: list[Fact] = []
+        self._keys: set[str] = set()
+        self.paid: dict[str, Fact] = {}  # invoice -> payment fact
+        self.failed: set[str] = set()
+        self.latest_snapshot: Fact | None = None
+        self.snapshot_paid_through: tuple[datetime, datetime | None] | None = None
+        self.latest_lines: Fact | None = None  # newest payment/failure/ended with lines
+        self.ended: dict[str, str] = {}  # fact key -> reason
+        self.refunds: dict[str, Fact] = {}  # fact key -> refund fact
+        self.disputes: dict[str, Fact] = {}  # dispute id -> newest fact
+        self.latest_customer: Fact | None = None
+        self.admin: list[Fact] = []
+        for fact in facts:
+            self.add(fact)
+
+    def copy(self) -> Facts:
+        return Facts(self.log)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
+
+    def add(self, fact: Fact) -> None:
+        key = fact["key"]
+        if key in self._keys:
+            return
+        self._keys.add(key)
+        self.log.append(fact)
+        kind = fact["kind"]
+        who = fact.get("customer")
+        if (
+            who
+            and who.get("email")
+            and (
+                self.latest_customer is None or _order_key(fact) > _order_key(self.latest_customer)
+            )
+        ):
+            self.latest_customer = fact
+        if (
+            fact.get("lines")
+            and kind != "subscription"
+            and (self.latest_lines is None or _order_key(fact) > _order_key(self.latest_lines))
+        ):
+            self.latest_lines = fact
+        if kind == "payment":
+            previous = self.paid.get(fact["invoice"])
+            if previous is None or _order_key(fact) < _order_key(previous):
+                self.paid[fact["invoice"]] = fact
+        elif kind == "payment_failed":
+            self.failed.add(fact["invoice"])
+        elif kind == "subscription":
+            if self.latest_snapshot is None or _order_key(fact) > _order_key(self.latest_snapshot):
+                self.latest_snapshot = fact
+            through = _snapshot_paid_through(fact)
+            if through is not None and (
+                self.snapshot_paid_through is None or through[0] > self.snapshot_paid_through[0]
+            ):
+                self.snapshot_paid_through = through
+        elif kind == "ended":
+            self.ended[key] = fact["reason"]
+        elif kind == "refund":
+            self.refunds[key] = fact
+        elif kind == "dispute":
+            previous = self.disputes.get(fact["dispute"])
+            if previous is None or _dispute_rank(fact) > _dispute_rank(previous):
+                self.disputes[fact["dispute"]] = fact
+        elif kind == "admin":
+            # Admin actions are recorded one after another by us, so their
+            # order is the order they were taken in.
+            self.admin.append(fact)
+
+    # -- terms ---------------------------------------------------------------
+
+    def terms(self, slot: str, current: Terms, catalog: Catalog) -> Terms:
+        """The offering and quantity the provider last stated for `slot`.
+
+        The newest subscription snapshot wins (it is the provider's view of
+        the plan); without one, the newest invoice line does.
+        """
+        line: Mapping[str, Any] | None = None
+        snapshot = self.latest_snapshot
+        if snapshot is not None and slot in snapshot["lines"]:
+            line = snapshot["lines"][slot]
+        elif self.latest_lines is not None and slot in self.latest_lines["lines"]:
+            line = self.latest_lines["lines"][slot]
+        else:
+            newest: Fact | None = None
+            for fact in self.log:
+                if slot in (fact.get("lines") or {}) and (
+                    newest is None or _order_key(fact) > _order_key(newest)
+                ):
+                    newest = fact
+            line = newest["lines"][slot] if newest is not None else None
+        customer_id, customer_email = current.customer_id, current.customer_email
+        if self.latest_customer is not None:
+            who = self.latest_customer["customer"]
+            customer_id = who.get("id") or customer_id
+            customer_email = who.get("email") or customer_email
+        terms = replace(current, customer_id=customer_id, customer_email=customer_email)
+        if line is None:
+            return terms
+        offering = catalog.get(line["sku"])
+        if offering is None:
+            # The SKU left the catalog: keep granting what was granted.
+            return terms
+        return Terms.of(offering, int(line["quantity"]), customer_id, customer_email)
+
+    # -- standing ------------------------------------------------------------
+
+    def _admin_state(self) -> tuple[str | None, int, set[str]]:
+        hold: str | None = None
+        days = 0
+        waived: set[str] = set()
+        for fact in self.admin:
+            action = fact["action"]
+            if action in ("suspend", "cancel"):
+                hold = action
+            elif action == "reinstate":
+                hold = None
+                waived.update(fact["waived"])
+            elif action == "extend":
+                days += int(fact["days"])
+        return hold, days, waived
+
+    def _paid_through(self, slot: str) -> tuple[datetime | None, datetime | None, str | None]:
+        """(period start, period end, invoice) of the latest paid period."""
+        best: tuple[datetime, datetime | None, str | None] | None = None
+        for invoice, fact in self.paid.items():
+            line = fact["lines"].get(slot)
+            if line is None or line.get("end") is None:
+                continue
+            candidate = (line["end"], line.get("start"), invoice)
+            if (
+                best is None
+                or candidate[0] > best[0]
+                or (candidate[0] == best[0] and invoice < (best[2] or ""))
+            ):
+                best = candidate
+        through = self.snapshot_paid_through
+        if through is not None and (best is None or through[0] > best[0]):
+            return through[1], through[0], None
+        if best is None:
+            return None, None, None
+        return best[1], best[0], best[2]
+
+    def blocking(self, slot: str, now: datetime) -> list[tuple[Status, str, str | None]]:
+        """Everything that keeps the entitlement from being ACTIVE, most
+        severe first: (status, reason, waivable fact key or None)."""
+        hold, _, waived = self._admin_state()
+        found: list[tuple[Status, str, str | None]] = []
+        if hold == "cancel":
+            found.append((Status.CANCELED, "admin", None))
+        for key, reason in sorted(self.ended.items()):
+            if key not in waived:
+                found.append((Status.CANCELED, reason, key))
+        snapshot = self.latest_snapshot
+        if snapshot is not None and snapshot["key"] not in waived:
+            if snapshot["status"] == "canceled":
+                found.append((Status.CANCELED, "subscription_canceled", snapshot["key"]))
+            elif slot not in snapshot["lines"] and snapshot["lines"]:
+                found.append((Status.CANCELED, "removed_from_subscription", snapshot["key"]))
+            elif snapshot["cancel_at"] is not None and now >= snapshot["cancel_at"]:
+                found.append((Status.CANCELED, "canceled_at_period_end", snapshot["key"]))
+        _, _, current_invoice = self._paid_through(slot)
+        for key, fact in sorted(self.refunds.items()):
+            if (
+                fact["full"]
+                and fact["invoice"] is not None
+                and fact["invoice"] == current_invoice
+                and key not in waived
+            ):
+                found.append((Status.CANCELED, "refunded", key))
+        for dispute_id, fact in sorted(self.disputes.items()):
+            if dispute_id in waived:
+                continue
+            if fact["state"] == "lost":
+                found.append((Status.CANCELED, "dispute_lost", dispute_id))
+            elif fact["state"] == "open":
+                found.append((Status.SUSPENDED, "disputed", dispute_id))
+        if hold == "suspend":
+            found.append((Status.SUSPENDED, "admin", None))
+        if (
+            snapshot is not None
+            and snapshot["status"] == "paused"
+            and snapshot["key"] not in waived
+        ):
+            found.append((Status.SUSPENDED, "paused", snapshot["key"]))
+        found.sort(key=lambda item: 0 if item[0] is Status.CANCELED else 1)
+        return found
+
+    def standing(
+        self, slot: str, offering: Offering | None, policy: Policy, now: datetime
+    ) -> Standing:
+        _, extension_days, _ = self._admin_state()
+        start, end, _ = self._paid_through(slot)
+        if end is not None:
+            end = end + timedelta(days=extension_days)
+        snapshot = self.latest_snapshot
+        cancel_at = snapshot["cancel_at"] if snapshot is not None else None
+        trial = (
+            snapshot is not None
+            and snapshot["status"] == "trialing"
+            and snapshot["trial_end"] is not None
+            and end is not None
+            and end <= snapshot["trial_end"] + timedelta(days=extension_days)
+        )
+        blocking = self.blocking(slot, now)
+        if blocking:
+            status, reason, _ = blocking[0]
+            return Standing(
+                status,
+                reason,
+                start,
+                end,
+                False,
+                False,
+                cancel_at,
+                _due(now, [] if status is Status.CANCELED else [cancel_at]),
+            )
+        if end is None:
+            if snapshot is not None and snapshot["status"] == "incomplete_expired":
+                return Standing(Status.EXPIRED, "incomplete_expired", cancel_at=cancel_at)
+            return Standing(
+                Status.PENDING, None, cancel_at=cancel_at, due_at=_due(now, [cancel_at])
+            )
+        suspend_days = offering.suspend_after_days if offering is not None else None
+        expire_days = offering.expire_after_days if offering is not None else None
+        suspend_at: datetime | None = None
+        expire_at: datetime | None = None
+        if suspend_days is None and expire_days is None:
+            expire_at = end + policy.expiry_leeway
+        else:
+            suspend_at = end + timedelta(days=suspend_days) if suspend_days is not None else None
+            expire_at = end + timedelta(days=expire_days) if expire_days is not None else None
+        due = _due(now, [end, suspend_at, expire_at, cancel_at])
+        if expire_at is not None and now >= expire_at:
+            return Standing(Status.EXPIRED, "unpaid", start, end, False, False, cancel_at, due)
+        if suspend_at is not None and now >= suspend_at:
+            return Standing(Status.SUSPENDED, "unpaid", start, end, False, True, cancel_at, due)
+        return Standing(
+            Status.ACTIVE, None, start, end, trial, self._overdue(end, now), cancel_at, due
+        )
+
+    def _overdue(self, end: datetime, now: datetime) -> bool:
+        if now >= end or self.failed - set(self.paid):
+            return True
+        snapshot = self.latest_snapshot
+        if snapshot is None or snapshot["status"] not in OVERDUE_SUBSCRIPTION:
+            return False
+        # A payment the provider made after that snapshot settles it.
+        return not any(_order_key(p) > _order_key(snapshot) for p in self.paid.values())
+
+
+def _snapshot_paid_through(fact: Fact) -> tuple[datetime, datetime | None] | None:
+    """(end, start) that a subscription snapshot vouches is paid for."""
+    if fact["status"] == "trialing" and fact.get("trial_end") is not None:
+        return fact["trial_end"], fact.get("start")
+    if fact["status"] == "active" and fact.get("end") is not None:
+        return fact["end"], fact.get("start")
+    return None
+
+
+_DISPUTE_ORDER = {"open": 0, "won": 1, "lost": 1}
+
+
+def _dispute_rank(fact: Fact) -> tuple[int, datetime, str]:
+    # A closed dispute outranks its opening whatever the timestamps say.
+    return (_DISPUTE_ORDER[fact["state"]], fact["at"], fact["key"])
+
+
+def _due(now: datetime, moments: Iterable[datetime | None]) -> datetime | None:
+    future = [m for m in moments if m is not None and m > now]
+    return min(future) if future else None

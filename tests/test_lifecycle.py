@@ -1,0 +1,408 @@
+"""The full lifecycle on the Stripe path, without infrastructure: real Stripe
+payloads through the real adapter and domain fold, with a test-held clock."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from domain.entitlement import Refused, Status
+from domain.lifecycle import Policy
+from tests import stripe_events as se
+from tests.lifecycle_world import DAY, MONTH, PRICES, T0, World, ts
+
+SUB = "sub_1"
+
+
+def paid(k: int, plan: str = "basic", quantity: int = 1, **kw: Any) -> dict[str, Any]:
+    """The invoice paying period k (0-based) of SUB, sent a minute into it."""
+    return se.invoice_paid(
+        subscription=SUB,
+        lines=[
+            {
+                "price": PRICES[plan],
+                "item": "si_main",
+                "quantity": quantity,
+                "start": ts(k * MONTH),
+                "end": ts((k + 1) * MONTH),
+            }
+        ],
+        invoice_id=f"in_{k}",
+        payment_intent=f"pi_{k}",
+        shape=se.LEGACY,
+        created=ts(k * MONTH + 60),
+        **kw,
+    )
+
+
+def failed(k: int, plan: str = "basic") -> dict[str, Any]:
+    return paid(k, plan, kind="invoice.payment_failed")
+
+
+def snapshot(
+    k: int,
+    status: str = "active",
+    plan: str = "basic",
+    quantity: int = 1,
+    at: int = 120,
+    kind: str = "customer.subscription.updated",
+    extra: list[dict[str, Any]] | None = None,
+    **kw: Any,
+) -> dict[str, Any]:
+    items = [{"price": PRICES[plan], "item": "si_main", "quantity": quantity}, *(extra or [])]
+    return se.subscription_event(
+        kind,
+        subscription=SUB,
+        items=items,
+        status=status,
+        start=ts(k * MONTH),
+        end=ts((k + 1) * MONTH),
+        created=ts(k * MONTH + at),
+        **kw,
+    )
+
+
+def test_an_incomplete_subscription_is_pending_until_its_first_invoice_is_paid() -> None:
+    world = World()
+    world.deliver(snapshot(0, "incomplete", kind="customer.subscription.created"))
+    entitlement = world.only()
+    assert entitlement.status is Status.PENDING and entitlement.period_end is None
+    world.deliver(paid(0))
+    assert entitlement.status is Status.ACTIVE
+    assert entitlement.period_end == T0 + timedelta(days=30)
+    assert world.event_types(entitlement) == ["Created", "Noted", "CustomerChanged", "Activated"]
+    assert entitlement.customer_email == "buyer@example.com"
+
+
+def test_a_trialing_subscription_is_active_in_trial_until_the_trial_end() -> None:
+    world = World()
+    trial_end = ts(14 * DAY)
+    world.deliver(
+        snapshot(0, "trialing", kind="customer.subscription.created", trial_end=trial_end)
+    )
+    entitlement = world.only()
+    assert entitlement.status is Status.ACTIVE and entitlement.trial
+    assert entitlement.period_end == T0 + timedelta(days=14)
+    # Without payment, it expires after the trial (plus the 24 h leeway).
+    world.at(15 * DAY).tick()
+    assert entitlement.status is Status.EXPIRED and not entitlement.trial
+
+
+def test_renewals_extend_the_period_and_an_old_invoice_never_shortens_it() -> None:
+    world = World()
+    world.deliver(paid(0))
+    world.deliver(paid(2))
+    entitlement = world.only()
+    assert entitlement.period_end == T0 + timedelta(days=90)
+    world.deliver(paid(1))  # late delivery of the middle period
+    assert entitlement.period_end == T0 + timedelta(days=90)
+    assert world.event_types(entitlement)[-1] == "Noted"
+
+
+def test_a_payment_failure_is_overdue_then_suspended_then_expired_by_the_clock() -> None:
+    world = World()  # pro: suspend 3 days and expire 14 days after the period end
+    world.deliver(paid(0, "pro"))
+    world.at(MONTH + 60).deliver(failed(1, "pro"))
+    entitlement = world.only()
+    assert (entitlement.status, entitlement.overdue) == (Status.ACTIVE, True)
+    world.at(MONTH + 3 * DAY - 1).tick()
+    assert entitlement.status is Status.ACTIVE
+    world.at(MONTH + 3 * DAY).tick()
+    assert (entitlement.status, entitlement.reason) == (Status.SUSPENDED, "unpaid")
+    world.at(MONTH + 14 * DAY).tick()
+    assert (entitlement.status, entitlement.reason) == (Status.EXPIRED, "unpaid")
+    # The retried invoice is paid at last: the renewal reinstates it.
+    world.at(MONTH + 20 * DAY).deliver(paid(1, "pro"))
+    assert (entitlement.status, entitlement.overdue) == (Status.ACTIVE, False)
+    assert entitlement.period_end == T0 + timedelta(days=60)
+    types = world.event_types(entitlement)
+    assert types[-4:] == ["Overdue", "Suspended", "Expired", "Reinstated"]
+
+
+def test_without_thresholds_it_expires_at_the_period_end_plus_the_leeway() -> None:
+    world = World(policy=Policy(expiry_leeway=timedelta(hours=6)))
+    world.deliver(paid(0))
+    entitlement = world.only()
+    assert entitlement.due_at == T0 + timedelta(days=30)
+    world.at(MONTH + 6 * 3600 - 1).tick()
+    assert (entitlement.status, entitlement.overdue) == (Status.ACTIVE, True)
+    world.at(MONTH + 6 * 3600).tick()
+    assert entitlement.status is Status.EXPIRED
+    world.at(MONTH + 7 * 3600).deliver(paid(1))  # a late renewal still revives it
+    assert entitlement.status is Status.ACTIVE
+
+
+def test_a_plan_change_keeps_the_entitlement_and_its_code() -> None:
+    world = World()
+    world.deliver(paid(0, "basic"))
+    entitlement = world.only()
+    code = entitlement.activation_code
+    world.deliver(snapshot(0, plan="pro", at=3600))
+    assert world.only() is entitlement and entitlement.activation_code == code
+    assert (entitlement.sku, entitlement.seats) == ("pro", 5)
+    assert entitlement.features == {"export": True} and entitlement.limits == {"projects": 50}
+    world.deliver(snapshot(0, plan="pro", quantity=2, at=7200))
+    assert (entitlement.seats, entitlement.quantity) == (10, 2)
+    assert world.event_types(entitlement)[-2:] == ["OfferingChanged", "SeatsChanged"]
+
+
+def test_cancel_at_period_end_schedules_cancellation_and_undoing_it_unschedules() -> None:
+    world = World()
+    world.deliver(paid(0))
+    world.deliver(snapshot(0, at=600, cancel_at_period_end=True))
+    entitlement = world.only()
+    assert entitlement.status is Status.ACTIVE
+    assert entitlement.cancel_at == T0 + timedelta(days=30)
+    world.deliver(snapshot(0, at=900))
+    assert entitlement.cancel_at is None
+    world.deliver(snapshot(0, at=1200, cancel_at_period_end=True))
+    world.at(MONTH).tick()
+    assert (entitlement.status, entitlement.reason) == (Status.CANCELED, "canceled_at_period_end")
+    types = world.event_types(entitlement)
+    assert types[-4:] == ["CancelScheduled", "CancelUnscheduled", "CancelScheduled", "Canceled"]
+
+
+def test_deletion_is_terminal_until_an_admin_reinstates() -> None:
+    world = World()
+    world.deliver(paid(0))
+    world.deliver(se.subscription_deleted(subscription=SUB, created=ts(600)))
+    entitlement = world.only()
+    assert (entitlement.status, entitlement.reason) == (Status.CANCELED, "subscription_deleted")
+    world.deliver(paid(1))
+    assert entitlement.status is Status.CANCELED
+    entitlement.administer(
+        "reinstate", "ops", "goodwill", "req-1", world.rules.catalog, world.rules.policy, world.now
+    )
+    assert entitlement.status is Status.ACTIVE
+    assert entitlement.period_end == T0 + timedelta(days=60)
+
+
+def test_a_full_refund_of_the_current_period_cancels_and_a_partial_one_does_not() -> None:
+    world = World()
+    world.deliver(paid(0))
+    entitlement = world.only()
+    world.deliver(
+        se.charge_refunded(payment_intent="pi_0", invoice="in_0", refunded=500, created=ts(DAY))
+    )
+    assert entitlement.status is Status.ACTIVE
+    assert world.event_types(entitlement)[-1] == "Noted"
+    world.deliver(se.charge_refunded(payment_intent="pi_0", invoice="in_0", created=ts(2 * DAY)))
+    assert (entitlement.status, entitlement.reason) == (Status.CANCELED, "refunded")
+
+
+def test_a_refund_that_arrives_before_its_payment_waits_for_it() -> None:
+    world = World()
+    world.deliver(se.charge_refunded(payment_intent="pi_0", created=ts(DAY)))
+    assert world.entitlements() == []
+    world.deliver(paid(0))
+    assert (world.only().status, world.only().reason) == (Status.CANCELED, "refunded")
+
+
+def test_a_dispute_suspends_and_winning_it_reinstates() -> None:
+    world = World()
+    world.deliver(paid(0))
+    entitlement = world.only()
+    world.deliver(
+        se.dispute(
+            "charge.dispute.created", dispute_id="dp_1", payment_intent="pi_0", created=ts(DAY)
+        )
+    )
+    assert (entitlement.status, entitlement.reason) == (Status.SUSPENDED, "disputed")
+    world.deliver(
+        se.dispute(
+            "charge.dispute.closed",
+            dispute_id="dp_1",
+            payment_intent="pi_0",
+            status="won",
+            created=ts(9 * DAY),
+        )
+    )
+    assert entitlement.status is Status.ACTIVE
+    assert world.event_types(entitlement)[-2:] == ["Suspended", "Reinstated"]
+
+
+def test_a_lost_dispute_cancels() -> None:
+    world = World()
+    world.deliver(paid(0))
+    world.deliver(
+        se.dispute(
+            "charge.dispute.closed",
+            dispute_id="dp_1",
+            payment_intent="pi_0",
+            status="lost",
+            created=ts(9 * DAY),
+        )
+    )
+    world.deliver(
+        se.dispute(
+            "charge.dispute.created", dispute_id="dp_1", payment_intent="pi_0", created=ts(DAY)
+        )
+    )  # the opening arrives last: still lost
+    assert (world.only().status, world.only().reason) == (Status.CANCELED, "dispute_lost")
+
+
+def test_a_stale_snapshot_is_kept_in_the_history_but_does_not_regress() -> None:
+    world = World()
+    world.deliver(paid(0))
+    world.deliver(snapshot(0, plan="pro", at=3600))
+    entitlement = world.only()
+    world.deliver(snapshot(0, plan="basic", at=1800, event_id="evt_stale"))
+    assert entitlement.sku == "pro"
+    last = entitlement.collect_events()[-1]
+    assert type(last).__name__ == "Noted" and last.cause["event_id"] == "evt_stale"
+
+
+def test_a_redelivered_event_changes_nothing() -> None:
+    world = World()
+    event = paid(0)
+    world.deliver(event)
+    entitlement = world.only()
+    version = entitlement.version
+    world.at(5 * MONTH).deliver(event)
+    assert entitlement.version == version
+
+
+def test_a_new_item_learns_what_its_order_already_knows() -> None:
+    world = World()
+    world.deliver(paid(0))
+    world.deliver(se.subscription_deleted(subscription=SUB, created=ts(600)))
+    # An add-on item shows up in a snapshot delivered after the deletion.
+    world.deliver(snapshot(0, at=300, extra=[{"price": "price_addon", "item": "si_addon"}]))
+    assert [e.status for e in world.entitlements()] == [Status.CANCELED, Status.CANCELED]
+
+
+def test_admin_commands_are_recorded_with_the_key_name_and_reason() -> None:
+    world = World()
+    world.deliver(paid(0))
+    entitlement = world.only()
+    rules = world.rules
+
+    def admin(action: str, request_id: str, days: int = 0) -> None:
+        entitlement.administer(
+            action,
+            "ops",
+            f"because {action}",
+            request_id,
+            rules.catalog,
+            rules.policy,
+            world.now,
+            days=days,
+        )
+
+    admin("suspend", "r1")
+    assert (entitlement.status, entitlement.reason) == (Status.SUSPENDED, "admin")
+    with pytest.raises(Refused):
+        admin("suspend", "r2")
+    admin("reinstate", "r3")
+    assert entitlement.status is Status.ACTIVE
+    admin("extend", "r4", days=10)
+    assert entitlement.period_end == T0 + timedelta(days=40)
+    admin("extend", "r4", days=10)  # the same request again: no effect
+    assert entitlement.period_end == T0 + timedelta(days=40)
+    admin("cancel", "r5")
+    assert (entitlement.status, entitlement.reason) == (Status.CANCELED, "admin")
+    last = entitlement.collect_events()[-1]
+    assert last.cause == {"kind": "admin", "source": "ops", "event_id": "r5"}
+    assert last.fact is not None and last.fact["reason"] == "because cancel"
+    admin("reinstate", "r6")
+    assert entitlement.status is Status.ACTIVE
+    with pytest.raises(Refused, match="to give more time, extend it"):
+        admin("reinstate", "r7")  # nothing holds it back any more
+
+
+# -- order independence ----------------------------------------------------------
+
+
+def history(script: dict[str, Any]) -> list[dict[str, Any]]:
+    """A realistic, in-order Stripe history of one subscription."""
+    plan = "pro" if script["thresholds"] else "basic"
+    periods = script["periods"]
+    events = [snapshot(0, "incomplete", plan, kind="customer.subscription.created", at=10)]
+    for k in range(periods):
+        if k == script["fail_at"]:
+            events += [failed(k, plan), snapshot(k, "past_due", plan, at=200)]
+            if not script["recovers"]:
+                break
+        events += [paid(k, plan), snapshot(k, "active", plan)]
+        if k == script["change_at"]:
+            plan = "basic" if plan == "pro" else "pro"
+            extra = [{"price": "price_addon", "item": "si_addon"}] if script["addon"] else None
+            events.append(snapshot(k, "active", plan, quantity=2, at=DAY, extra=extra))
+    last = periods - 1
+    if script["refund"] is not None:
+        k = min(script["refund"], last)
+        events.append(
+            se.charge_refunded(
+                payment_intent=f"pi_{k}",
+                invoice=f"in_{k}",
+                refunded=9900 if script["full_refund"] else 100,
+                created=ts(k * MONTH + 2 * DAY),
+            )
+        )
+    if script["dispute"] is not None:
+        events.append(
+            se.dispute(
+                "charge.dispute.created",
+                dispute_id="dp_1",
+                payment_intent="pi_0",
+                created=ts(3 * DAY),
+            )
+        )
+        if script["dispute"] != "open":
+            events.append(
+                se.dispute(
+                    "charge.dispute.closed",
+                    dispute_id="dp_1",
+                    payment_intent="pi_0",
+                    status=script["dispute"],
+                    created=ts(9 * DAY),
+                )
+            )
+    if script["cancel_at_end"]:
+        events.append(snapshot(last, "active", plan, at=2 * DAY, cancel_at_period_end=True))
+    if script["deleted"]:
+        events.append(se.subscription_deleted(subscription=SUB, created=ts(periods * MONTH)))
+    return events
+
+
+SCRIPTS = st.fixed_dictionaries(
+    {
+        "thresholds": st.booleans(),
+        "periods": st.integers(1, 4),
+        "fail_at": st.one_of(st.none(), st.integers(1, 3)),
+        "recovers": st.booleans(),
+        "change_at": st.one_of(st.none(), st.integers(0, 3)),
+        "addon": st.booleans(),
+        "refund": st.one_of(st.none(), st.integers(0, 3)),
+        "full_refund": st.booleans(),
+        "dispute": st.one_of(st.none(), st.sampled_from(["open", "won", "lost"])),
+        "cancel_at_end": st.booleans(),
+        "deleted": st.booleans(),
+    }
+)
+
+
+def run(events: list[dict[str, Any]], end: int) -> World:
+    world = World()
+    for n, event in enumerate(events):
+        # Deliveries spread over the months the history covers.
+        world.at(n * end / len(events)).deliver(event)
+    world.at(end + 60 * DAY).tick()
+    return world
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(script=SCRIPTS, data=st.data())
+def test_any_order_and_any_duplication_gives_the_in_order_result(
+    script: dict[str, Any], data: st.DataObject
+) -> None:
+    events = history(script)
+    end = (script["periods"] + 1) * MONTH
+    expected = run(events, end).state()
+    duplicated = events + data.draw(st.lists(st.sampled_from(events), max_size=len(events)))
+    shuffled = data.draw(st.permutations(duplicated))
+    assert run(list(shuffled), end).state() == expected
