@@ -60,6 +60,9 @@ class DeadLetterView(BaseModel):
     reason: str
     recorded_at: datetime
     receipt_id: str
+    resolved_at: datetime | None = Field(
+        default=None, description="When a re-drive applied it in full; null while unresolved"
+    )
 
 
 class DeadLetterList(BaseModel):

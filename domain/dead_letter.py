@@ -39,6 +39,7 @@ class DeadLetter(Aggregate):
         self.provider_event_id = provider_event_id
         self.reason = reason
         self.webhook = webhook
+        self.resolved_at: datetime | None = None
 
     @classmethod
     def record(
@@ -61,3 +62,23 @@ class DeadLetter(Aggregate):
             reason=reason,
             webhook=webhook,
         )
+
+    class Redriven(Aggregate.Event):
+        """Re-processed with the catalog of the day: `resolved` if it mapped
+        in full this time, else the reason it still does not."""
+
+        resolved: bool
+        reason: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.reason = self.reason
+            if self.resolved:
+                aggregate.resolved_at = self.timestamp
+
+    def redriven(self, reason: str | None, at: datetime) -> None:
+        if self.resolved_at is not None:
+            return
+        if reason is None:
+            self.trigger_event(self.Redriven, timestamp=at, resolved=True, reason=self.reason)
+        elif reason != self.reason:
+            self.trigger_event(self.Redriven, timestamp=at, resolved=False, reason=reason)

@@ -219,6 +219,7 @@ class Facts:
     def add(self, fact: Fact) -> None:
         key = fact["key"]
         if key in self._keys:
+            self._merge_lines(fact)
             return
         self._keys.add(key)
         self.log.append(fact)
@@ -264,6 +265,16 @@ class Facts:
             # Admin actions are recorded one after another by us, so their
             # order is the order they were taken in.
             self.admin.append(fact)
+
+    def _merge_lines(self, fact: Fact) -> None:
+        """The same provider event again, understood more fully (re-driven
+        after the catalog gained an offering): it may name more items."""
+        if not fact.get("lines"):
+            return
+        for known in self.log:
+            if known["key"] == fact["key"] and known.get("lines") is not None:
+                for slot, line in fact["lines"].items():
+                    known["lines"].setdefault(slot, line)
 
     # -- terms ---------------------------------------------------------------
 

@@ -147,6 +147,32 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_redrive(args: argparse.Namespace) -> int:
+    """Re-process unresolved dead letters with the current configuration."""
+    from services.fold import DomainService
+    from services.readmodel import ReadModel
+    from services.store import EntitlementStore
+
+    config = load_config(Path(args.config))
+    settings = Settings.from_env()
+    read_model = ReadModel(settings.database_url)
+    store = EntitlementStore(settings.database_url)
+    try:
+        if args.ids:
+            ids = [uuid.UUID(raw) for raw in args.ids]
+        else:
+            ids = [letter.id for letter in read_model.dead_letters(args.limit, unresolved=True)]
+        resolved, failed = DomainService(store, config).redrive(ids)
+    finally:
+        store.close()
+        read_model.close()
+    print(
+        f"re-drove {resolved + failed} dead letter(s): {resolved} applied, "
+        f"{failed} still unmappable"
+    )
+    return 0 if failed == 0 else 1
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="entitle", description="Event-sourced entitlement engine")
     sub = top.add_subparsers(dest="command", required=True)
@@ -176,6 +202,13 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dead-letters", help="list webhooks that could not be mapped")
     p.add_argument("--limit", type=int, default=100)
     p.set_defaults(run=cmd_dead_letters)
+    p = sub.add_parser(
+        "redrive", help="re-process dead letters after fixing the catalog (all unresolved, or ids)"
+    )
+    p.add_argument("--config", default="entitle.yaml", help="configuration file (YAML)")
+    p.add_argument("--limit", type=int, default=10_000)
+    p.add_argument("ids", nargs="*", help="dead letter ids (default: every unresolved one)")
+    p.set_defaults(run=cmd_redrive)
     return top
 
 

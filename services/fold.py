@@ -29,7 +29,7 @@ from faststream.kafka.annotations import KafkaMessage
 from pydantic import ValidationError
 
 from contracts.webhooks import RAW_TOPIC, RawWebhookV1
-from domain.commands import Rules, apply, settle_due
+from domain.commands import Command, Rules, apply, settle_due
 from domain.dead_letter import DeadLetter, dead_letter_id
 from domain.entitlement import Entitlement
 from services.config import Config
@@ -141,8 +141,19 @@ class DomainService:
                 headers={},
                 body=(record.value or b"").decode(errors="replace"),
             )
-            reason = f"unreadable envelope: {exc.errors()[0]['msg']}"
-            return self._dead_letter(batch, unreadable, reason, where, now)
+            why = f"unreadable envelope: {exc.errors()[0]['msg']}"
+            return self._dead_letter(batch, unreadable, why, where, now)
+        commands, reason, payload = self._normalize(webhook, now)
+        for command in commands:
+            apply(command, batch, self.rules, now)
+        if reason is None:
+            return 0
+        return self._dead_letter(batch, webhook, reason, self._event_id(webhook, payload), now)
+
+    def _normalize(
+        self, webhook: RawWebhookV1, now: datetime
+    ) -> tuple[list[Command], str | None, Any]:
+        """(commands to apply, why it is (partly) unmappable or None, payload)."""
         source = self.config.sources.get(webhook.source)
         payload: Any = None
         try:
@@ -153,19 +164,37 @@ class DomainService:
                 raise Unmappable(f"source {webhook.source!r} is not configured")
             commands = source.provider.normalize(webhook.source, payload, self.config.catalog, now)
         except Unmappable as exc:
-            for command in exc.commands:
-                apply(command, batch, self.rules, now)
-            return self._dead_letter(
-                batch, webhook, exc.reason, self._event_id(webhook, payload), now
-            )
+            return exc.commands, exc.reason, payload
         except Exception as exc:  # a provider adapter bug must not block the partition
             log.exception("cannot normalize webhook %s", webhook.receipt_id)
-            return self._dead_letter(
-                batch, webhook, f"internal error: {exc!r}", self._event_id(webhook, payload), now
-            )
-        for command in commands:
-            apply(command, batch, self.rules, now)
-        return 0
+            return [], f"internal error: {exc!r}", payload
+        return commands, None, payload
+
+    def redrive(self, letter_ids: Sequence[UUID]) -> tuple[int, int]:
+        """Re-process dead letters with today's catalog, exactly as if they
+        had mapped when they arrived (the provider's own times and event ids
+        are kept). Returns (resolved, still unmappable)."""
+        now = self.clock()
+        for attempt in range(5):
+            batch = Batch(self.store)
+            resolved = failed = 0
+            for letter_id in letter_ids:
+                letter = batch.find(letter_id, DeadLetter)
+                if letter is None or letter.resolved_at is not None:
+                    continue
+                webhook = RawWebhookV1.model_validate(letter.webhook)
+                commands, reason, _ = self._normalize(webhook, now)
+                for command in commands:
+                    apply(command, batch, self.rules, now)
+                letter.redriven(reason, now)
+                resolved, failed = resolved + (reason is None), failed + (reason is not None)
+            try:
+                self.store.record(batch, None)
+            except IntegrityError:
+                log.warning("conflict re-driving dead letters (attempt %d)", attempt + 1)
+                continue
+            return resolved, failed
+        raise RuntimeError("could not re-drive dead letters after 5 attempts")
 
     def _event_id(self, webhook: RawWebhookV1, payload: Any) -> str:
         source = self.config.sources.get(webhook.source)

@@ -118,6 +118,7 @@ def dead_letter_view(letter: DeadLetter) -> DeadLetterView:
         reason=letter.reason,
         recorded_at=letter.created_on,
         receipt_id=str(letter.webhook.get("receipt_id", "")),
+        resolved_at=letter.resolved_at,
     )
 
 
@@ -164,7 +165,8 @@ class Follower:
                 changes.append(Change(event, previous, entitlement=entitlement_view(after_state)))
             elif notification.topic.startswith(_DEAD_LETTER_TOPIC + "."):
                 event = self.store.mapper.to_domain_event(notification)
-                letter = event.mutate(None)
+                letter = event.mutate(self._state_before(event))
+                self._remember(letter)
                 changes.append(Change(event, None, dead_letter=letter))
         return changes, notifications[-1].id
 
@@ -203,13 +205,13 @@ class ReadModelProjection:
 
     def apply(self, changes: list[Change], position: int) -> None:
         latest: dict[UUID, EntitlementView] = {}
-        letters = []
+        letters: dict[UUID, DeadLetterView] = {}
         for change in changes:
             if change.entitlement is not None:
                 latest[change.entitlement.id] = change.entitlement
             if change.dead_letter is not None:
-                letters.append(dead_letter_view(change.dead_letter))
-        self.read_model.apply(self.name, position, list(latest.values()), letters)
+                letters[change.dead_letter.id] = dead_letter_view(change.dead_letter)
+        self.read_model.apply(self.name, position, list(latest.values()), list(letters.values()))
 
     async def project(self, changes: list[Change], position: int) -> None:
         await anyio.to_thread.run_sync(self.apply, changes, position)
@@ -270,7 +272,7 @@ class PublicEventsProjection:
                         headers={"content-type": "application/json", "ce-type": message.type},
                     )
                 )
-            elif change.dead_letter is not None:
+            elif change.dead_letter is not None and change.event.originator_version == 1:
                 letter = dead_letter_message(change.dead_letter)
                 sends.append(
                     self.broker.publish(

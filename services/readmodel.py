@@ -36,6 +36,7 @@ _TABLES = [
     """CREATE TABLE IF NOT EXISTS entitle_v2_dead_letters (
         id TEXT PRIMARY KEY,
         recorded_at TEXT NOT NULL,
+        resolved INTEGER NOT NULL DEFAULT 0,
         body TEXT NOT NULL
     )""",
     """CREATE TABLE IF NOT EXISTS entitle_read_positions (
@@ -176,10 +177,16 @@ class ReadModel:
             for letter in dead_letters:
                 cur.execute(
                     self._sql(
-                        "INSERT INTO entitle_v2_dead_letters (id, recorded_at, body) "
-                        "VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE SET body = excluded.body"
+                        "INSERT INTO entitle_v2_dead_letters (id, recorded_at, resolved, body) "
+                        "VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                        "resolved = excluded.resolved, body = excluded.body"
                     ),
-                    (str(letter.id), letter.recorded_at.isoformat(), letter.model_dump_json()),
+                    (
+                        str(letter.id),
+                        letter.recorded_at.isoformat(),
+                        int(letter.resolved_at is not None),
+                        letter.model_dump_json(),
+                    ),
                 )
             self.save_position(cur, name, position)
 
@@ -219,8 +226,10 @@ class ReadModel:
         )
         return [row[0] for row in rows]
 
-    def dead_letters(self, limit: int = 100) -> list[DeadLetterView]:
+    def dead_letters(self, limit: int = 100, unresolved: bool = False) -> list[DeadLetterView]:
+        where = " WHERE resolved = 0" if unresolved else ""
         rows = self._query(
-            f"SELECT body FROM entitle_v2_dead_letters ORDER BY recorded_at DESC LIMIT {int(limit)}"
+            f"SELECT body FROM entitle_v2_dead_letters{where}"
+            f" ORDER BY recorded_at DESC LIMIT {int(limit)}"
         )
         return [DeadLetterView.model_validate_json(row[0]) for row in rows]

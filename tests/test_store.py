@@ -3,14 +3,17 @@ duplicates, dead letters, and rebuilding the read model."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
 from contracts.webhooks import RAW_TOPIC, RawWebhookV1
-from domain.entitlement import Status, entitlement_id
+from domain.dead_letter import DeadLetter
+from domain.entitlement import Entitlement, Status, entitlement_id
 from services.config import Config, parse_config
 from services.fold import DomainService
 from services.projector import READ_MODEL, Follower, ReadModelProjection, replay
@@ -150,3 +153,64 @@ def test_replay_rebuilds_the_same_read_model(store: EntitlementStore, database_u
     assert read_model.entitlements(limit=1000) == before
     assert read_model.position(READ_MODEL) == last
     read_model.close()
+
+
+FIXED = parse_config(f"""
+sources: {{stripe-main: {{provider: stripe, secret: {se.SECRET}}}}}
+offerings:
+  - {{sku: better_annual, product: acme, period: P1Y, seats: 3}}
+  - {{sku: gold, product: acme, seats: 10, features: {{sso: true}}}}
+""")
+
+
+def entitlement_states(store: EntitlementStore, subscription: str) -> dict[str, tuple[object, ...]]:
+    states = {}
+    for price in ("p", "p2"):
+        ent = store.find(
+            entitlement_id("stripe-main", subscription, se.item_id(subscription, price)),
+            Entitlement,
+        )
+        if ent is not None:
+            states[price] = (
+                ent.status,
+                ent.sku,
+                ent.seats,
+                ent.features,
+                ent.period_start,
+                ent.period_end,
+                ent.customer_email,
+            )
+    return states
+
+
+def test_a_redrive_after_fixing_the_catalog_gives_the_first_time_result(
+    store: EntitlementStore, database_url: str
+) -> None:
+    event = se.invoice_paid(
+        subscription="sub_r",
+        shape=se.LEGACY,
+        lines=[
+            {"price": "p", "sku": "better_annual", "start": NOW, "end": NOW + YEAR},
+            {"price": "p2", "sku": "gold", "start": NOW, "end": NOW + YEAR},
+        ],
+    )
+    hopeless = paid("sub_h", sku="platinum")
+    result = service(store).process([record(0, event), record(1, hopeless)])
+    assert result.dead_letters == 2
+    assert set(entitlement_states(store, "sub_r")) == {"p"}  # the mapped line applied at once
+
+    letters = {c.dead_letter.id for c in Follower(store).read(0, 1000)[0] if c.dead_letter}
+    assert service(store, FIXED).redrive(sorted(letters)) == (1, 1)
+    redriven = entitlement_states(store, "sub_r")
+
+    # The same webhook, mapped in full the first time, in a fresh store.
+    fresh = EntitlementStore(f"sqlite:///{Path(tempfile.mkdtemp()) / 'fresh.db'}")
+    service(fresh, FIXED).process([record(0, event)])
+    assert redriven == entitlement_states(fresh, "sub_r")
+    assert redriven["p2"][:3] == (Status.ACTIVE, "gold", 10)
+
+    # Resolved letters are not re-driven again; the hopeless one stays unresolved.
+    by_id = {letter_id: store.find(letter_id, DeadLetter) for letter_id in letters}
+    resolved = [letter for letter in by_id.values() if letter and letter.resolved_at]
+    assert len(resolved) == 1
+    assert service(store, FIXED).redrive(sorted(letters)) == (0, 1)
