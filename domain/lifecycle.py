@@ -366,8 +366,6 @@ class Facts:
                 found.append((Status.CANCELED, "subscription_canceled", snapshot["key"]))
             elif slot not in snapshot["lines"] and snapshot["lines"]:
                 found.append((Status.CANCELED, "removed_from_subscription", snapshot["key"]))
-            elif snapshot["cancel_at"] is not None and now >= snapshot["cancel_at"]:
-                found.append((Status.CANCELED, "canceled_at_period_end", snapshot["key"]))
         _, _, current_invoice = self._paid_through(slot)
         for key, fact in sorted(self.refunds.items()):
             if (
@@ -384,6 +382,15 @@ class Facts:
                 found.append((Status.CANCELED, "dispute_lost", dispute_id))
             elif fact["state"] == "open":
                 found.append((Status.SUSPENDED, "disputed", dispute_id))
+        # The one reason that time alone brings: it ranks after every other
+        # cancellation, so the reason cannot depend on when it was derived.
+        if (
+            snapshot is not None
+            and snapshot["key"] not in waived
+            and snapshot["cancel_at"] is not None
+            and now >= snapshot["cancel_at"]
+        ):
+            found.append((Status.CANCELED, "canceled_at_period_end", snapshot["key"]))
         if hold == "suspend":
             found.append((Status.SUSPENDED, "admin", None))
         if (
