@@ -14,7 +14,15 @@ from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
 from domain.catalog import Catalog
-from domain.entitlement import Cause, Entitlement, Order, Payment, order_id, payment_id
+from domain.entitlement import (
+    Cause,
+    Entitlement,
+    Order,
+    Payment,
+    entitlement_id,
+    order_id,
+    payment_id,
+)
 from domain.lifecycle import Fact, Line, Policy, Terms
 
 A = TypeVar("A", Entitlement, Order, Payment)
@@ -78,6 +86,16 @@ class Rules:
     catalog: Catalog
     policy: Policy
     new_activation_code: Callable[[], str]
+
+
+def touches(command: Command) -> list[UUID]:
+    """The aggregates a command names directly, so a service can load them
+    in bulk before applying (orders name their entitlements in turn)."""
+    ids = [payment_id(command.source, ref) for ref in command.payment_refs]
+    if isinstance(command, OrderEvent):
+        ids.append(order_id(command.source, command.order_ref))
+        ids += [entitlement_id(command.source, command.order_ref, ln.slot) for ln in command.lines]
+    return ids
 
 
 def apply(command: Command, aggregates: Aggregates, rules: Rules, at: datetime) -> None:

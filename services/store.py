@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -10,7 +10,10 @@ from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
 from eventsourcing.domain import Aggregate, DomainEventProtocol
-from eventsourcing.persistence import ProcessRecorder, Tracking
+from eventsourcing.persistence import ProcessRecorder, StoredEvent, Tracking
+from eventsourcing.postgres import PostgresAggregateRecorder, PostgresProcessRecorder
+from eventsourcing.sqlite import SQLiteProcessRecorder
+from psycopg.sql import SQL, Identifier
 
 from domain.dead_letter import DeadLetter
 from domain.entitlement import Entitlement, Order, Payment
@@ -20,6 +23,25 @@ A = TypeVar("A", Entitlement, Order, Payment, DeadLetter)
 
 class DatabaseURLError(ValueError):
     pass
+
+
+class PostgresRecorder(PostgresProcessRecorder):
+    """Also records `more_tracking` positions in the same transaction, so one
+    consumer batch spanning several Kafka partitions is one transaction."""
+
+    def _insert_events(self, curs: Any, stored_events: Any, **kwargs: Any) -> Any:
+        for tracking in kwargs.get("more_tracking", ()):
+            self._insert_tracking(curs, tracking=tracking)
+        return super()._insert_events(curs, stored_events, **kwargs)
+
+
+class SQLiteRecorder(SQLiteProcessRecorder):
+    """As PostgresRecorder, on SQLite."""
+
+    def _insert_events(self, c: Any, stored_events: Any, **kwargs: Any) -> Any:
+        for tracking in kwargs.get("more_tracking", ()):
+            self._insert_tracking(c, tracking)
+        return super()._insert_events(c, stored_events, **kwargs)
 
 
 def store_env(database_url: str) -> dict[str, str]:
@@ -32,12 +54,14 @@ def store_env(database_url: str) -> dict[str, str]:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return {
             "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+            "PROCESS_RECORDER_TOPIC": "services.store:SQLiteRecorder",
             "SQLITE_DBNAME": path,
             "SQLITE_LOCK_TIMEOUT": "10",
         }
     if url.scheme in ("postgresql", "postgres"):
         return {
             "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "PROCESS_RECORDER_TOPIC": "services.store:PostgresRecorder",
             "POSTGRES_DBNAME": unquote(url.path.lstrip("/")) or "postgres",
             "POSTGRES_HOST": url.hostname or "127.0.0.1",
             "POSTGRES_PORT": str(url.port or 5432),
@@ -71,12 +95,19 @@ class EntitlementStore(Application[UUID]):
         assert isinstance(recorder, ProcessRecorder)
         return recorder
 
-    def record(self, aggregates: Iterable[Aggregate], tracking: Tracking | None) -> int:
-        """Save the aggregates' new events and the tracking position in one
+    def record(
+        self, aggregates: Iterable[Aggregate], tracking: Tracking | Sequence[Tracking] | None
+    ) -> int:
+        """Save the aggregates' new events and the tracking position(s) in one
         transaction; returns the number of events saved."""
-        processing_event: ProcessingEvent[UUID] = ProcessingEvent(tracking=tracking)
-        processing_event.collect_events(*aggregates)
-        if not processing_event.events and tracking is None:
+        positions = [tracking] if isinstance(tracking, Tracking) else list(tracking or ())
+        processing_event: ProcessingEvent[UUID] = ProcessingEvent(
+            tracking=positions[0] if positions else None
+        )
+        # Only aggregates with new events: collecting costs protocol checks.
+        changed = [a for a in aggregates if a.pending_events]
+        processing_event.collect_events(*changed, more_tracking=positions[1:])
+        if not processing_event.events and not positions:
             return 0
         self._record(processing_event)
         return len(processing_event.events)
@@ -93,6 +124,62 @@ class EntitlementStore(Application[UUID]):
             raise TypeError(f"{aggregate_id} is a {type(aggregate).__name__}, not {kind.__name__}")
         return aggregate
 
+    def load_many(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, Aggregate]:
+        """Current state of many aggregates in one query (those that exist),
+        instead of one repository read each: the fold's main cost otherwise."""
+        ids = list(dict.fromkeys(aggregate_ids))
+        loaded: dict[UUID, Aggregate] = {}
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start : start + 1000]
+            aggregate: Any = None
+            for stored in self._select_events(chunk):
+                event: Any = self.mapper.to_domain_event(stored)
+                if event.originator_version == 1:
+                    aggregate = None
+                aggregate = event.mutate(aggregate)
+                loaded[aggregate.id] = aggregate
+        return loaded
+
+    def _select_events(self, ids: list[UUID]) -> list[StoredEvent]:
+        recorder: Any = self.recorder
+        table = recorder.events_table_name
+        if isinstance(recorder, PostgresAggregateRecorder):
+            statement = SQL(
+                "SELECT originator_id, originator_version, topic, state FROM {schema}.{table}"
+                " WHERE originator_id = ANY(%s::uuid[]) ORDER BY originator_id, originator_version"
+            ).format(schema=Identifier(recorder.datastore.schema), table=Identifier(table))
+            # One array literal: psycopg dumps a list of UUIDs one by one, slowly.
+            literal = "{" + ",".join(str(i) for i in ids) + "}"
+            with recorder.datastore.get_connection() as conn, conn.cursor() as cursor:
+                cursor.execute(statement, (literal,))
+                rows = cursor.fetchall()
+            return [
+                StoredEvent(
+                    originator_id=row["originator_id"],
+                    originator_version=row["originator_version"],
+                    topic=row["topic"],
+                    state=bytes(row["state"]),
+                )
+                for row in rows
+            ]
+        marks = ",".join("?" * len(ids))
+        query = (
+            "SELECT originator_id, originator_version, topic, state FROM "
+            f"{table} WHERE originator_id IN ({marks}) ORDER BY originator_id, originator_version"
+        )
+        with recorder.datastore.transaction(commit=False) as cursor:
+            cursor.execute(query, [i.hex for i in ids])
+            rows = cursor.fetchall()
+        return [
+            StoredEvent(
+                originator_id=recorder.convert_originator_id(row["originator_id"]),
+                originator_version=row["originator_version"],
+                topic=row["topic"],
+                state=row["state"],
+            )
+            for row in rows
+        ]
+
     def history(self, aggregate_id: UUID) -> list[DomainEventProtocol[UUID]]:
         return list(self.events.get(aggregate_id))
 
@@ -107,10 +194,22 @@ class Batch:
     def __init__(self, store: EntitlementStore) -> None:
         self._store = store
         self._aggregates: dict[UUID, Aggregate] = {}
+        self._absent: set[UUID] = set()
+
+    def prefetch(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, Aggregate]:
+        """Load these aggregates in one query; remember which do not exist,
+        so finding them costs nothing. Returns those newly loaded."""
+        wanted = {i for i in aggregate_ids if i not in self._aggregates and i not in self._absent}
+        if not wanted:
+            return {}
+        loaded = self._store.load_many(wanted)
+        self._aggregates.update(loaded)
+        self._absent |= wanted - set(loaded)
+        return loaded
 
     def find(self, aggregate_id: UUID, kind: type[A]) -> A | None:
         found = self._aggregates.get(aggregate_id)
-        if found is None:
+        if found is None and aggregate_id not in self._absent:
             found = self._store.find(aggregate_id, kind)
             if found is not None:
                 self._aggregates[aggregate_id] = found
@@ -120,6 +219,7 @@ class Batch:
 
     def add(self, aggregate: Aggregate) -> None:
         self._aggregates[aggregate.id] = aggregate
+        self._absent.discard(aggregate.id)
 
     def __iter__(self) -> Iterator[Aggregate]:
         return iter(self._aggregates.values())

@@ -208,7 +208,7 @@ def test_a_refund_and_a_dispute_name_the_payment_not_the_order() -> None:
     refund = se.charge_refunded(payment_intent="pi_1", invoice="in_1", refunded=100)
     [command] = normalize("s", refund, CATALOG, datetime.now(UTC))
     assert isinstance(command, PaymentEvent)
-    assert command.payment_refs == ("in_1", "pi_1")
+    assert command.payment_refs == ("pi_1", "in_1")
     assert command.fact == {"kind": "refund", "full": False, "invoice": "in_1"}
     assert routing_key(refund) == "in_1"
     opened = se.dispute("charge.dispute.created", dispute_id="dp_1", payment_intent="pi_1")

@@ -242,10 +242,9 @@ def _invoice_event(
     commands: list[Command] = []
     if lines:
         paid = kind in PAYMENT_EVENTS
-        refs = [invoice_id]
-        intent = _id(invoice.get("payment_intent"))
-        if paid and intent:
-            refs.append(intent)
+        # One id is enough to find the order again from a refund or dispute
+        # (they name the payment intent, and the invoice on older versions).
+        refs = [_id(invoice.get("payment_intent")) or invoice_id]
         commands.append(
             OrderEvent(
                 source=source,
@@ -372,7 +371,7 @@ def _refs(obj: Mapping[str, Any], *fields: str) -> tuple[str, ...]:
 
 def _charge_refunded(source: str, payload: Mapping[str, Any]) -> list[Command]:
     charge = _object(payload)
-    refs = _refs(charge, "invoice", "payment_intent")
+    refs = _refs(charge, "payment_intent", "invoice")
     if not refs:
         raise Unmappable("Stripe charge names neither an invoice nor a payment intent")
     amount, refunded = charge.get("amount"), charge.get("amount_refunded")

@@ -1,0 +1,433 @@
+"""Lifecycle benchmark: a realistic Stripe mix through the real services on
+PostgreSQL, each phase on a fresh broker and a fresh database.
+
+    python bench/lifecycle.py                      # both phases, default sizes
+    python bench/lifecycle.py --subscriptions 2000 --rate 500 --seconds 20
+
+The mix, per subscription: created (incomplete), first invoice paid, active;
+0-3 renewals; 15 % a failed payment (half of them later paid); 10 % a plan
+change; 10 % a cancellation (at period end or deleted); then 10 % duplicate
+deliveries, and each subscription's events shuffled (interleaved with the
+others'). Bodies carry ~1.5 KB of line descriptions, like real invoices.
+
+1. fold: the raw topic is filled first, then `entitle domain` drains it;
+   prints webhooks folded per second from its first commit to its last, with
+   batches (ENTITLE_DOMAIN_BATCH=500) and naively (one webhook, one save).
+2. end to end: `entitle ingress`, `domain` and `projector` as separate
+   processes; webhooks are sent at a fixed rate and each one's latency is
+   measured from the ingress's 202 to its first event on
+   entitle.entitlements.events (webhooks that change nothing publish none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import psycopg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from ingest import Connection, sign  # noqa: E402
+
+from contracts.events import EVENTS_TOPIC  # noqa: E402
+from contracts.webhooks import RAW_TOPIC, RawWebhookV1  # noqa: E402
+from services.kafka import EmbeddedBroker, ensure_topics, free_port  # noqa: E402
+from services.providers.stripe import routing_key  # noqa: E402
+from tests import stripe_events as se  # noqa: E402
+
+ENTITLE = str(Path(sys.executable).parent / "entitle")
+SECRET = "whsec_bench_secret"
+DAY = 86400
+PARTITIONS = 8
+CONFIG = f"""
+sources:
+  stripe-main: {{provider: stripe, secret: {SECRET}}}
+offerings:
+  - {{sku: basic, product: acme, seats: 1, limits: {{projects: 5}},
+      stripe_price_ids: [price_basic]}}
+  - {{sku: pro, product: acme, seats: 5, features: {{export: true}}, limits: {{projects: 50}},
+      suspend_after_days: 3, expire_after_days: 14, stripe_price_ids: [price_pro]}}
+"""
+
+
+# -- the workload ------------------------------------------------------------------
+
+
+def story(n: int, rng: random.Random, now: int) -> list[dict[str, Any]]:
+    sub = f"sub_{n}_{rng.getrandbits(32):08x}"
+    item = f"si_{sub}"
+    price = rng.choice(["price_basic", "price_pro"])
+    start = now - rng.randint(0, 80) * DAY
+    events: list[dict[str, Any]] = []
+
+    def invoice(k: int, kind: str = "invoice.paid") -> dict[str, Any]:
+        begin = start + k * 30 * DAY
+        event = se.invoice_paid(
+            subscription=sub,
+            shape=se.LEGACY,
+            kind=kind,
+            customer=f"cus_{n}",
+            email=f"buyer{n}@example.com",
+            lines=[{"price": price, "item": item, "start": begin, "end": begin + 30 * DAY}],
+            invoice_id=f"in_{sub}_{k}",
+            payment_intent=f"pi_{sub}_{k}",
+            created=begin + 60 + (3600 if kind == "invoice.paid" and k and failing == k else 0),
+        )
+        event["data"]["object"]["lines"]["data"][0]["description"] = "Acme " + "x" * 1500
+        return event
+
+    def snapshot(k: int, status: str, at: int, **kw: Any) -> dict[str, Any]:
+        begin = start + k * 30 * DAY
+        return se.subscription_event(
+            kw.pop("kind", "customer.subscription.updated"),
+            subscription=sub,
+            items=[{"price": price, "item": item}],
+            status=status,
+            start=begin,
+            end=begin + 30 * DAY,
+            created=begin + at,
+            customer=f"cus_{n}",
+            shape=se.LEGACY,
+            **kw,
+        )
+
+    failing = -1
+    renewals = rng.choices([0, 1, 2, 3], weights=[3, 3, 2, 2])[0]
+    if rng.random() < 0.15:
+        failing = renewals + 1
+    events += [
+        snapshot(0, "incomplete", 10, kind="customer.subscription.created"),
+        invoice(0),
+        snapshot(0, "active", 120),
+    ]
+    for k in range(1, renewals + 1):
+        events += [invoice(k), snapshot(k, "active", 120)]
+    last = renewals
+    if failing > 0:
+        events += [invoice(failing, "invoice.payment_failed"), snapshot(failing, "past_due", 120)]
+        if rng.random() < 0.5:
+            events += [invoice(failing), snapshot(failing, "active", 4000)]
+            last = failing
+    if rng.random() < 0.10:
+        price = "price_pro" if price == "price_basic" else "price_basic"
+        events.append(snapshot(last, "active", 2 * DAY))
+    if rng.random() < 0.10:
+        if rng.random() < 0.6:
+            events.append(snapshot(last, "active", 3 * DAY, cancel_at_period_end=True))
+        else:
+            events.append(se.subscription_deleted(subscription=sub, created=start + 90 * DAY))
+    return events
+
+
+def workload(subscriptions: int, seed: int, now: int) -> list[dict[str, Any]]:
+    """Every subscription's events, 10 % duplicated, shuffled within the
+    subscription and interleaved with the others."""
+    rng = random.Random(seed)
+    queues = []
+    for n in range(subscriptions):
+        events = story(n, rng, now)
+        events += [rng.choice(events) for _ in range(len(events)) if rng.random() < 0.10]
+        rng.shuffle(events)
+        queues.append(events)
+    out: list[dict[str, Any]] = []
+    while queues:
+        i = rng.randrange(len(queues))
+        out.append(queues[i].pop())
+        if not queues[i]:
+            queues[i] = queues[-1]
+            queues.pop()
+    return out
+
+
+# -- infrastructure ------------------------------------------------------------------
+
+
+def fresh_database(admin_url: str, name: str) -> str:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    parts = urlsplit(admin_url)
+    return parts._replace(path=f"/{name}").geturl()
+
+
+def folded(database_url: str) -> int:
+    """Webhooks the domain service has committed (tracking positions)."""
+    with psycopg.connect(database_url) as conn:
+        try:
+            rows = conn.execute(
+                "SELECT max(notification_id) FROM entitle_tracking GROUP BY application_name"
+            ).fetchall()
+        except psycopg.errors.UndefinedTable:
+            return 0
+    return sum(int(row[0]) + 1 for row in rows if row[0] is not None)
+
+
+def start(role: str, workdir: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            ENTITLE,
+            role,
+            "--config",
+            str(workdir / "entitle.yaml"),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env={**os.environ, **env},
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=open(workdir / f"{role}.log", "wb"),  # noqa: SIM115
+    )
+    process.port = port  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return process
+        time.sleep(0.1)
+    raise RuntimeError(f"entitle {role} did not start; see {workdir / f'{role}.log'}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def envelope(event: dict[str, Any]) -> tuple[bytes, bytes]:
+    body = json.dumps(event)
+    key = routing_key(event)
+    raw = RawWebhookV1(
+        receipt_id=event["id"] + "-" + os.urandom(4).hex(),
+        source="stripe-main",
+        provider="stripe",
+        routing_key=key,
+        received_at=time.time(),  # type: ignore[arg-type]
+        headers={"content-type": "application/json"},
+        body=body,
+    )
+    return key.encode(), raw.model_dump_json().encode()
+
+
+async def produce(bootstrap: str, events: list[dict[str, Any]]) -> None:
+    await ensure_topics(bootstrap, PARTITIONS)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", max_batch_size=1 << 20, linger_ms=5
+    )
+    await producer.start()
+    try:
+        sends = [
+            await producer.send(RAW_TOPIC, value, key=key) for key, value in map(envelope, events)
+        ]
+        await asyncio.gather(*sends)
+    finally:
+        await producer.stop()
+
+
+# -- phase 1: fold throughput ------------------------------------------------------
+
+
+def fold_phase(events: list[dict[str, Any]], admin_url: str, batch: int, label: str) -> float:
+    workdir = Path(tempfile.mkdtemp(prefix=f"entitle-bench-{label}-"))
+    (workdir / "entitle.yaml").write_text(CONFIG)
+    broker = EmbeddedBroker()
+    broker.start()
+    database_url = fresh_database(admin_url, f"entitle_bench_{label}")
+    try:
+        asyncio.run(produce(broker.bootstrap, events))
+        env = {
+            "ENTITLE_KAFKA_BOOTSTRAP": broker.bootstrap,
+            "ENTITLE_KAFKA_IDEMPOTENCE": "false",
+            "ENTITLE_DATABASE_URL": database_url,
+            "ENTITLE_DOMAIN_BATCH": str(batch),
+            "ENTITLE_SCHEDULE_INTERVAL": "3600",
+        }
+        domain = start("domain", workdir, env)
+        try:
+            first_at, first = None, 0
+            while (done := folded(database_url)) < len(events):
+                if first_at is None and done:
+                    first_at, first = time.perf_counter(), done
+                time.sleep(0.02)
+            finished = time.perf_counter()
+        finally:
+            stop(domain)
+        assert first_at is not None
+        rate = (len(events) - first) / (finished - first_at)
+        with psycopg.connect(database_url) as conn:
+            row = conn.execute("SELECT count(*) FROM entitle_events").fetchone()
+            stored = int(row[0]) if row else 0
+        print(
+            f"fold, {label:>7}: {len(events):>6} webhooks folded at {rate:,.0f} webhooks/s "
+            f"({stored:,} events stored)"
+        )
+        return rate
+    finally:
+        broker.stop()
+
+
+# -- phase 2: end-to-end latency ---------------------------------------------------
+
+
+async def latency_phase(
+    events: list[dict[str, Any]], admin_url: str, rate: float, concurrency: int
+) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="entitle-bench-e2e-"))
+    (workdir / "entitle.yaml").write_text(CONFIG)
+    broker = EmbeddedBroker()
+    broker.start()
+    database_url = fresh_database(admin_url, "entitle_bench_e2e")
+    env = {
+        "ENTITLE_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "ENTITLE_KAFKA_IDEMPOTENCE": "false",
+        "ENTITLE_DATABASE_URL": database_url,
+        "ENTITLE_ADMIN_KEYS": "bench:ek_bench",
+    }
+    await ensure_topics(broker.bootstrap, PARTITIONS)
+    processes = [start(role, workdir, env) for role in ("ingress", "domain", "projector")]
+    ingress_port = processes[0].port  # type: ignore[attr-defined]
+    acked: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    consumer = AIOKafkaConsumer(
+        EVENTS_TOPIC,
+        bootstrap_servers=broker.bootstrap,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=10,  # the watcher must not add its own wait to what it measures
+    )
+    await consumer.start()
+
+    async def watch() -> None:
+        async for record in consumer:
+            received = time.perf_counter()
+            cause = json.loads(record.value or b"{}").get("cause", {})
+            seen.setdefault(cause.get("event_id", ""), received)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        # The domain's first consumer-group join takes seconds on this broker:
+        # wait until a warm-up webhook comes out the other end.
+        warmup = se.invoice_paid(
+            subscription="sub_warmup",
+            lines=[
+                {
+                    "price": "price_basic",
+                    "start": int(time.time()),
+                    "end": int(time.time()) + 30 * DAY,
+                }
+            ],
+        )
+        await send(Connection("127.0.0.1", ingress_port), warmup, acked)
+        deadline = time.monotonic() + 60
+        while warmup["id"] not in seen and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        began = time.perf_counter()
+
+        async def pace() -> None:
+            for n, event in enumerate(events):
+                delay = began + n / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                queue.put_nowait(event)
+            for _ in range(concurrency):
+                queue.put_nowait({})
+
+        async def worker() -> None:
+            connection = Connection("127.0.0.1", ingress_port)
+            while event := await queue.get():
+                await send(connection, event, acked)
+            await connection.close()
+
+        await asyncio.gather(pace(), *(worker() for _ in range(concurrency)))
+        sent_for = time.perf_counter() - began
+        quiet = time.monotonic()
+        count = len(seen)
+        while time.monotonic() - quiet < 3:
+            await asyncio.sleep(0.2)
+            if len(seen) != count:
+                count, quiet = len(seen), time.monotonic()
+    finally:
+        watcher.cancel()
+        await consumer.stop()
+        for process in processes:
+            stop(process)
+        broker.stop()
+    latencies = sorted(
+        (seen[eid] - at) * 1000 for eid, at in acked.items() if eid in seen and eid != warmup["id"]
+    )
+    distinct = len({e["id"] for e in events})
+    print(
+        f"end to end:    {len(events)} webhooks sent at {len(events) / sent_for:,.0f}/s "
+        f"({distinct} distinct); {len(latencies)} published an event"
+    )
+    print(
+        f"latency:       202 -> public event p50 {statistics.median(latencies):.0f} ms, "
+        f"p99 {latencies[int(len(latencies) * 0.99) - 1]:.0f} ms, "
+        f"max {latencies[-1]:.0f} ms"
+    )
+
+
+async def send(connection: Connection, event: dict[str, Any], acked: dict[str, float]) -> None:
+    body = json.dumps(event).encode()
+    headers = {"Stripe-Signature": sign(body, SECRET), "Content-Type": "application/json"}
+    status = await connection.post("/webhooks/stripe-main", body, headers)
+    if status == 202:
+        acked.setdefault(event["id"], time.perf_counter())
+    else:
+        print(f"ingress answered {status}", file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--subscriptions", type=int, default=8000, help="for the fold phase")
+    parser.add_argument("--naive-subscriptions", type=int, default=800)
+    parser.add_argument("--rate", type=float, default=500, help="webhooks/s, end-to-end phase")
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--phase", choices=["fold", "e2e", "all"], default="all")
+    args = parser.parse_args()
+    now = int(time.time())
+    if args.phase in ("fold", "all"):
+        events = workload(args.subscriptions, 1, now)
+        sizes = [len(json.dumps(e)) for e in events[:500]]
+        print(
+            f"mix:           {len(events)} webhooks from {args.subscriptions} subscriptions, "
+            f"{statistics.mean(sizes) / 1024:.1f} KB average"
+        )
+        fold_phase(events, args.postgres, 500, "batched")
+        fold_phase(workload(args.naive_subscriptions, 2, now), args.postgres, 1, "naive")
+    if args.phase in ("e2e", "all"):
+        wanted = int(args.rate * args.seconds)
+        events: list[dict[str, Any]] = []
+        subscriptions = 0
+        while len(events) < wanted:
+            subscriptions += 500
+            events = workload(subscriptions, 3, now)
+        asyncio.run(latency_phase(events[:wanted], args.postgres, args.rate, args.concurrency))
+
+
+if __name__ == "__main__":
+    main()
