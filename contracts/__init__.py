@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from contracts.api import (
+    AdminAction,
     DeadLetterList,
     DeadLetterView,
     EntitlementList,
@@ -36,6 +37,7 @@ PUBLISHED: dict[str, type[BaseModel]] = {
     "api-dead-letter.v1.json": DeadLetterView,
     "api-dead-letter-list.v1.json": DeadLetterList,
     "api-error.v1.json": Error,
+    "api-admin-action.v1.json": AdminAction,
 }
 
 

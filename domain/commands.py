@@ -158,6 +158,7 @@ def _apply_order_event(
             aggregates.add(Payment.open(command.source, ref, at, command.order_ref, invoice))
         elif payment.link(command.order_ref, command.invoice or ref, at):
             for parked in payment.parked:
+                order.payment_fact_delivered(parked["fact"], Cause(**parked["cause"]), at)
                 _deliver(
                     parked["fact"],
                     payment,
@@ -194,6 +195,7 @@ def _apply_payment_event(
         if payment is not None and payment.order_ref is not None:
             order = aggregates.find(order_id(command.source, payment.order_ref), Order)
             if order is not None:
+                order.payment_fact_delivered(command.fact, command.cause, at)
                 _deliver(
                     command.fact,
                     payment,

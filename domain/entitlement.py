@@ -492,6 +492,19 @@ class Order(Aggregate):
         def apply(self, aggregate: Any) -> None:
             aggregate.parked.append(self.fact)
 
+    class PaymentFactDelivered(Aggregate.Event):
+        """A refund or dispute reached this order's entitlements. Recorded so
+        that a concurrent change to the order (a new item copying what its
+        siblings know) conflicts with it and is retried, instead of missing it."""
+
+        fact: dict[str, Any]
+        cause: dict[str, str]
+
+    def payment_fact_delivered(self, fact: Fact, cause: Cause, at: datetime) -> None:
+        self.trigger_event(
+            self.PaymentFactDelivered, timestamp=at, fact=fact, cause=cause.as_dict()
+        )
+
     def park(self, fact: Fact, at: datetime) -> None:
         if all(parked["key"] != fact["key"] for parked in self.parked):
             self.trigger_event(self.FactParked, timestamp=at, fact=fact)

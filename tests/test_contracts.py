@@ -18,3 +18,23 @@ def test_committed_schema_matches_the_model(name: str) -> None:
 
 def test_every_schema_file_is_published() -> None:
     assert {p.name for p in SCHEMA_DIR.glob("*.json")} == set(PUBLISHED)
+
+
+def test_every_entitlement_event_has_a_published_type() -> None:
+    """A new domain event must be added to `EventType` (or be `noted`, which
+    stays in the history), or the public topic would silently lack it."""
+    from domain.entitlement import Entitlement
+    from services.projector import PUBLIC_TYPES, event_type
+
+    abstract = {Entitlement.Event, Entitlement.TermsChanged, Entitlement.StandingChanged}
+    concrete = [
+        value
+        for value in vars(Entitlement).values()
+        if isinstance(value, type)
+        and issubclass(value, Entitlement.Event)
+        and value not in abstract
+    ]
+    assert len(concrete) > 10
+    types = {event_type(cls.__new__(cls)) for cls in concrete}
+    assert types - PUBLIC_TYPES == {"entitlement.noted"}
+    assert PUBLIC_TYPES - types == set()

@@ -78,6 +78,31 @@ def test_an_incomplete_subscription_is_pending_until_its_first_invoice_is_paid()
     assert entitlement.customer_email == "buyer@example.com"
 
 
+def test_a_checkout_before_its_subscription_gives_the_pending_entitlement_its_email() -> None:
+    world = World()
+    checkout = se._event(
+        "checkout.session.completed",
+        {
+            "id": "cs_1",
+            "object": "checkout.session",
+            "mode": "subscription",
+            "subscription": SUB,
+            "customer": "cus_9",
+            "customer_details": {"email": "ada@example.com"},
+            "payment_status": "unpaid",
+        },
+        se.BASIL,
+        None,
+        ts(5),
+    )
+    world.deliver(checkout)
+    assert world.entitlements() == []  # the session names no items: it waits on the order
+    world.deliver(snapshot(0, "incomplete", kind="customer.subscription.created"))
+    entitlement = world.only()
+    assert entitlement.status is Status.PENDING
+    assert (entitlement.customer_id, entitlement.customer_email) == ("cus_9", "ada@example.com")
+
+
 def test_a_trialing_subscription_is_active_in_trial_until_the_trial_end() -> None:
     world = World()
     trial_end = ts(14 * DAY)
