@@ -196,7 +196,7 @@ class Facts:
 
     def __init__(self, facts: Iterable[Fact] = ()) -> None:
         self.log: list[Fact] = []
-        self._keys: set[str] = set()
+        self._by_key: dict[str, Fact] = {}
         self.paid: dict[str, Fact] = {}  # invoice -> payment fact
         self.failed: set[str] = set()
         self.latest_snapshot: Fact | None = None
@@ -214,14 +214,16 @@ class Facts:
         return Facts(self.log)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._keys
+        return key in self._by_key
 
     def add(self, fact: Fact) -> None:
         key = fact["key"]
-        if key in self._keys:
-            self._merge_lines(fact)
+        known = self._by_key.get(key)
+        if known is not None:
+            if known is not fact:
+                _merge_lines(known, fact)
             return
-        self._keys.add(key)
+        self._by_key[key] = fact
         self.log.append(fact)
         kind = fact["kind"]
         who = fact.get("customer")
@@ -265,16 +267,6 @@ class Facts:
             # Admin actions are recorded one after another by us, so their
             # order is the order they were taken in.
             self.admin.append(fact)
-
-    def _merge_lines(self, fact: Fact) -> None:
-        """The same provider event again, understood more fully (re-driven
-        after the catalog gained an offering): it may name more items."""
-        if not fact.get("lines"):
-            return
-        for known in self.log:
-            if known["key"] == fact["key"] and known.get("lines") is not None:
-                for slot, line in fact["lines"].items():
-                    known["lines"].setdefault(slot, line)
 
     # -- terms ---------------------------------------------------------------
 
@@ -463,6 +455,14 @@ class Facts:
             return False
         # A payment the provider made after that snapshot settles it.
         return not any(_order_key(p) > _order_key(snapshot) for p in self.paid.values())
+
+
+def _merge_lines(known: Fact, fact: Fact) -> None:
+    """The same provider event again, understood more fully (re-driven after
+    the catalog gained an offering): it may name more items."""
+    if fact.get("lines") and known.get("lines") is not None:
+        for slot, line in fact["lines"].items():
+            known["lines"].setdefault(slot, line)
 
 
 def _snapshot_paid_through(fact: Fact) -> tuple[datetime, datetime | None] | None:

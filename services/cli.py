@@ -25,6 +25,7 @@ log = logging.getLogger("entitle")
 def _serve(
     args: argparse.Namespace, roles: Roles, settings: Settings, keys_env: str | None
 ) -> None:
+    logging.getLogger("entitle").setLevel(args.log_level.upper())
     config = load_config(Path(args.config))
     app = build_app(config, settings, roles, admin_keys(keys_env))
     server = uvicorn.Server(

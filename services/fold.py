@@ -36,7 +36,7 @@ from domain.entitlement import Entitlement, Order, Payment, order_id
 from services.config import Config
 from services.providers import Unmappable
 from services.readmodel import ReadModel
-from services.store import Batch, EntitlementStore
+from services.store import AggregateCache, Batch, EntitlementStore
 
 log = logging.getLogger("entitle.domain")
 
@@ -93,11 +93,13 @@ class DomainService:
         config: Config,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         new_code: Callable[[], str] = new_activation_code,
+        cache_size: int = 20_000,
     ) -> None:
         self.store = store
         self.config = config
         self.clock = clock
         self.rules = Rules(config.catalog, config.policy, new_code)
+        self.cache = AggregateCache(cache_size)
 
     def process(self, records: Sequence[Record]) -> FoldResult:
         """Apply a consumer batch in one transaction, with each partition's
@@ -125,17 +127,21 @@ class DomainService:
             result = FoldResult(webhooks=len(todo), skipped=len(records) - len(todo))
             if not todo:
                 return result
-            batch = Batch(self.store)
-            self._prefetch(batch, todo)
-            result.dead_letters = sum(self._fold(item, batch, now) for item in todo)
-            positions = [Tracking(name, group[-1].offset) for name, group in pending.items()]
+            batch = Batch(self.store, self.cache)
+            saved = False
             try:
+                self._prefetch(batch, todo)
+                result.dead_letters = sum(self._fold(item, batch, now) for item in todo)
+                positions = [Tracking(name, group[-1].offset) for name, group in pending.items()]
                 result.events = self.store.record(batch, positions)
+                saved = True
             except IntegrityError:
                 # Another consumer saved these offsets or aggregates first (a
                 # rebalance, or an admin action): reload, apply what is left.
                 log.warning("conflict saving a batch (attempt %d); retrying", attempt + 1)
                 continue
+            finally:
+                batch.done(saved)
             return result
         raise RuntimeError("could not save a batch after 5 attempts")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,13 +27,47 @@ class DatabaseURLError(ValueError):
 
 
 class PostgresRecorder(PostgresProcessRecorder):
-    """Also records `more_tracking` positions in the same transaction, so one
-    consumer batch spanning several Kafka partitions is one transaction."""
+    """eventsourcing's PostgreSQL process recorder, with two changes:
+
+    - it also records `more_tracking` positions in the same transaction, so
+      one consumer batch spanning several Kafka partitions is one transaction;
+    - it inserts events as four parallel arrays sent in binary, instead of
+      an array of composite values that psycopg escapes as text (a fifth of
+      the fold's CPU at volume). The table lock and NOTIFY are kept as they are.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._insert_arrays = SQL(
+            "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state)"
+            " SELECT * FROM unnest(%s::{id_type}[], %s::bigint[], %s::text[], %s::bytea[])"
+            " RETURNING notification_id"
+        ).format(
+            schema=Identifier(self.datastore.schema),
+            table=Identifier(self.events_table_name),
+            id_type=SQL(self.datastore.originator_id_type),
+        )
 
     def _insert_events(self, curs: Any, stored_events: Any, **kwargs: Any) -> Any:
         for tracking in kwargs.get("more_tracking", ()):
             self._insert_tracking(curs, tracking=tracking)
         return super()._insert_events(curs, stored_events, **kwargs)
+
+    def _insert_stored_events(
+        self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> None:
+        self._lock_table(curs)
+        self._notify_channel(curs)
+        curs.execute(
+            self._insert_arrays,
+            (
+                [e.originator_id for e in stored_events],
+                [e.originator_version for e in stored_events],
+                [e.topic for e in stored_events],
+                [e.state for e in stored_events],
+            ),
+            binary=True,
+        )
 
 
 class SQLiteRecorder(SQLiteProcessRecorder):
@@ -140,6 +175,39 @@ class EntitlementStore(Application[UUID]):
                 loaded[aggregate.id] = aggregate
         return loaded
 
+    def versions(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, int]:
+        """The current version of each of these aggregates that exists."""
+        ids = list(dict.fromkeys(aggregate_ids))
+        found: dict[UUID, int] = {}
+        recorder: Any = self.recorder
+        table = recorder.events_table_name
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start : start + 1000]
+            if isinstance(recorder, PostgresAggregateRecorder):
+                statement = SQL(
+                    "SELECT originator_id, max(originator_version) AS version FROM {schema}.{table}"
+                    " WHERE originator_id = ANY(%s::uuid[]) GROUP BY originator_id"
+                ).format(schema=Identifier(recorder.datastore.schema), table=Identifier(table))
+                literal = "{" + ",".join(str(i) for i in chunk) + "}"
+                with recorder.datastore.get_connection() as conn, conn.cursor() as cursor:
+                    cursor.execute(statement, (literal,))
+                    rows = cursor.fetchall()
+                found.update((row["originator_id"], row["version"]) for row in rows)
+            else:
+                marks = ",".join("?" * len(chunk))
+                query = (
+                    "SELECT originator_id, max(originator_version) AS version FROM "
+                    f"{table} WHERE originator_id IN ({marks}) GROUP BY originator_id"
+                )
+                with recorder.datastore.transaction(commit=False) as cursor:
+                    cursor.execute(query, [i.hex for i in chunk])
+                    rows = cursor.fetchall()
+                found.update(
+                    (recorder.convert_originator_id(row["originator_id"]), row["version"])
+                    for row in rows
+                )
+        return found
+
     def _select_events(self, ids: list[UUID]) -> list[StoredEvent]:
         recorder: Any = self.recorder
         table = recorder.events_table_name
@@ -187,25 +255,80 @@ class EntitlementStore(Application[UUID]):
         return self.repository.get(aggregate_id, version=version)
 
 
+class AggregateCache:
+    """Recently used aggregates, kept between batches (least recently used
+    go first). An entry is only a candidate: `Batch.prefetch` checks its
+    version against the store before using it, so another writer's change
+    (a rebalance, the scheduler, an admin action) is never missed."""
+
+    def __init__(self, size: int = 20_000) -> None:
+        self.size = size
+        self._items: OrderedDict[UUID, Aggregate] = OrderedDict()
+
+    def get(self, aggregate_id: UUID) -> Aggregate | None:
+        return self._items.get(aggregate_id)
+
+    def put(self, aggregates: Iterable[Aggregate]) -> None:
+        if self.size <= 0:
+            return
+        for aggregate in aggregates:
+            # Orders and entitlements come back with each webhook; a payment
+            # record rarely does, and would only push them out.
+            if not isinstance(aggregate, (Entitlement, Order)):
+                continue
+            self._items[aggregate.id] = aggregate
+            self._items.move_to_end(aggregate.id)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def evict(self, aggregate_ids: Iterable[UUID]) -> None:
+        for aggregate_id in aggregate_ids:
+            self._items.pop(aggregate_id, None)
+
+
 class Batch:
     """The aggregates one transaction touches: each is loaded once, changed
-    by any number of commands, and saved together with one tracking record."""
+    by any number of commands, and saved together with the tracking records.
 
-    def __init__(self, store: EntitlementStore) -> None:
+    With a cache, aggregates come from it when still current; after the
+    transaction, call `done(saved)` so the cache gets the new state, or
+    loses every aggregate a failed attempt changed in memory."""
+
+    def __init__(self, store: EntitlementStore, cache: AggregateCache | None = None) -> None:
         self._store = store
+        self._cache = cache
         self._aggregates: dict[UUID, Aggregate] = {}
         self._absent: set[UUID] = set()
 
     def prefetch(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, Aggregate]:
-        """Load these aggregates in one query; remember which do not exist,
-        so finding them costs nothing. Returns those newly loaded."""
+        """Load these aggregates in few queries; remember which do not exist,
+        so finding them costs nothing. Returns those newly available."""
         wanted = {i for i in aggregate_ids if i not in self._aggregates and i not in self._absent}
         if not wanted:
             return {}
-        loaded = self._store.load_many(wanted)
-        self._aggregates.update(loaded)
-        self._absent |= wanted - set(loaded)
-        return loaded
+        available: dict[UUID, Aggregate] = {}
+        if self._cache is not None:
+            cached = {i: a for i in wanted if (a := self._cache.get(i)) is not None}
+            if cached:
+                current = self._store.versions(cached)
+                for aggregate_id, aggregate in cached.items():
+                    if current.get(aggregate_id) == aggregate.version:
+                        available[aggregate_id] = aggregate
+                self._cache.evict(set(cached) - set(available))
+        missing = wanted - set(available)
+        if missing:
+            available.update(self._store.load_many(missing))
+        self._aggregates.update(available)
+        self._absent |= wanted - set(available)
+        return available
+
+    def done(self, saved: bool) -> None:
+        if self._cache is None:
+            return
+        if saved:
+            self._cache.put(self._aggregates.values())
+        else:
+            self._cache.evict(self._aggregates)
 
     def find(self, aggregate_id: UUID, kind: type[A]) -> A | None:
         found = self._aggregates.get(aggregate_id)
