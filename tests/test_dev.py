@@ -307,8 +307,10 @@ def test_a_restart_keeps_every_entitlement_and_replay_rebuilds_the_same(tmp_path
         # Wait for the final state: "4 ACTIVE" alone also holds before the
         # deletion of sub_r0 is folded, if sub_r4 is not folded yet either.
         eventually(
-            lambda: len(entitlements(entitle, status="ACTIVE")) == 4
-            and len(entitlements(entitle, status="CANCELED")) == 1,
+            lambda: (
+                len(entitlements(entitle, status="ACTIVE")) == 4
+                and len(entitlements(entitle, status="CANCELED")) == 1
+            ),
             timeout=10,
         )
         before = entitlements(entitle)

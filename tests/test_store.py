@@ -214,3 +214,59 @@ def test_a_redrive_after_fixing_the_catalog_gives_the_first_time_result(
     resolved = [letter for letter in by_id.values() if letter and letter.resolved_at]
     assert len(resolved) == 1
     assert service(store, FIXED).redrive(sorted(letters)) == (0, 1)
+
+
+def test_a_cached_order_changed_by_another_consumer_is_reloaded(
+    store: EntitlementStore, database_url: str
+) -> None:
+    """After a rebalance another consumer may have changed an order this one
+    still has in memory: the stale copy must be reloaded (caught by the
+    version check, or by the save conflict it would cause), never trusted."""
+    catalog = parse_config(f"""
+sources: {{stripe-main: {{provider: stripe, secret: {se.SECRET}}}}}
+offerings:
+  - {{sku: basic, product: acme, stripe_price_ids: [price_basic]}}
+  - {{sku: addon, product: acme, stripe_price_ids: [price_addon]}}
+""")
+    first = DomainService(store, catalog)
+    other = DomainService(EntitlementStore(database_url), catalog)
+    basic = {"price": "price_basic", "item": "si_basic"}
+    first.process(
+        [
+            record(
+                0,
+                se.subscription_event(
+                    "customer.subscription.created",
+                    subscription="sub_c",
+                    items=[basic],
+                    start=NOW,
+                    end=NOW + YEAR,
+                    created=NOW,
+                ),
+            )
+        ]
+    )
+    other.process(
+        [
+            record(
+                1,
+                se.subscription_event(
+                    "customer.subscription.updated",
+                    subscription="sub_c",
+                    items=[basic, {"price": "price_addon", "item": "si_addon"}],
+                    start=NOW,
+                    end=NOW + YEAR,
+                    created=NOW + 60,
+                ),
+            )
+        ]
+    )
+    first.process(
+        [record(2, se.subscription_deleted(subscription="sub_c", items=[basic], created=NOW + 120))]
+    )
+    statuses = {}
+    for slot in ("si_basic", "si_addon"):
+        ent = store.find(entitlement_id("stripe-main", "sub_c", slot), Entitlement)
+        assert ent is not None
+        statuses[slot] = ent.status
+    assert statuses == {"si_basic": Status.CANCELED, "si_addon": Status.CANCELED}
