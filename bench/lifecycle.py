@@ -207,6 +207,13 @@ def start(role: str, workdir: Path, env: dict[str, str]) -> subprocess.Popen[byt
     raise RuntimeError(f"entitle {role} did not start; see {workdir / f'{role}.log'}")
 
 
+def resident_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def stop(process: subprocess.Popen[bytes]) -> None:
     process.send_signal(signal.SIGINT)
     try:
@@ -271,6 +278,7 @@ def fold_phase(events: list[dict[str, Any]], admin_url: str, batch: int, label: 
                     first_at, first = time.perf_counter(), done
                 time.sleep(0.02)
             finished = time.perf_counter()
+            rss = resident_mb(domain.pid)
         finally:
             stop(domain)
         assert first_at is not None
@@ -280,7 +288,7 @@ def fold_phase(events: list[dict[str, Any]], admin_url: str, batch: int, label: 
             stored = int(row[0]) if row else 0
         print(
             f"fold, {label:>7}: {len(events):>6} webhooks folded at {rate:,.0f} webhooks/s "
-            f"({stored:,} events stored)"
+            f"({stored:,} events stored; domain process {rss:.0f} MB resident)"
         )
         return rate
     finally:
@@ -368,6 +376,10 @@ async def latency_phase(
             await asyncio.sleep(0.2)
             if len(seen) != count:
                 count, quiet = len(seen), time.monotonic()
+        memory = ", ".join(
+            f"{role} {resident_mb(p.pid):.0f} MB"
+            for role, p in zip(("ingress", "domain", "projector"), processes, strict=True)
+        )
     finally:
         watcher.cancel()
         await consumer.stop()
@@ -387,6 +399,7 @@ async def latency_phase(
         f"p99 {latencies[int(len(latencies) * 0.99) - 1]:.0f} ms, "
         f"max {latencies[-1]:.0f} ms"
     )
+    print(f"resident:      {memory}")
 
 
 async def send(connection: Connection, event: dict[str, Any], acked: dict[str, float]) -> None:

@@ -27,17 +27,16 @@ __all__ = ["Cause", "Entitlement", "Order", "Payment", "Refused", "Status"]
 NAMESPACE = uuid5(NAMESPACE_URL, "https://entitle.dev/ids")
 
 
-@lru_cache(maxsize=65_536)
+@lru_cache(maxsize=16_384)
 def order_id(source: str, order_ref: str) -> UUID:
     return uuid5(NAMESPACE, f"order\x1f{source}\x1f{order_ref}")
 
 
-@lru_cache(maxsize=65_536)
+@lru_cache(maxsize=16_384)
 def entitlement_id(source: str, order_ref: str, slot: str) -> UUID:
     return uuid5(NAMESPACE, f"entitlement\x1f{source}\x1f{order_ref}\x1f{slot}")
 
 
-@lru_cache(maxsize=65_536)
 def payment_id(source: str, ref: str) -> UUID:
     return uuid5(NAMESPACE, f"payment\x1f{source}\x1f{ref}")
 

@@ -84,7 +84,7 @@ def build_app(
     scheduler: Scheduler | None = None
     if roles.domain:
         assert store is not None and broker is not None and read_model is not None
-        service = DomainService(store, config)
+        service = DomainService(store, config, cache_size=settings.aggregate_cache)
         subscribe(broker, service, settings.domain_batch)
         scheduler = Scheduler(service, read_model)
 

@@ -177,6 +177,7 @@ class Settings:
     raw_partitions: int
     domain_batch: int = 500
     schedule_interval: float = 1.0
+    aggregate_cache: int = 10_000
 
     @classmethod
     def from_env(cls, data_dir: Path = Path(".entitle")) -> Settings:
@@ -190,4 +191,5 @@ class Settings:
             raw_partitions=int(os.environ.get("ENTITLE_RAW_PARTITIONS", "8")),
             domain_batch=int(os.environ.get("ENTITLE_DOMAIN_BATCH", "500")),
             schedule_interval=float(os.environ.get("ENTITLE_SCHEDULE_INTERVAL", "1")),
+            aggregate_cache=int(os.environ.get("ENTITLE_AGGREGATE_CACHE", "10000")),
         )

@@ -93,7 +93,7 @@ class DomainService:
         config: Config,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         new_code: Callable[[], str] = new_activation_code,
-        cache_size: int = 20_000,
+        cache_size: int = 10_000,
     ) -> None:
         self.store = store
         self.config = config

@@ -261,7 +261,7 @@ class AggregateCache:
     version against the store before using it, so another writer's change
     (a rebalance, the scheduler, an admin action) is never missed."""
 
-    def __init__(self, size: int = 20_000) -> None:
+    def __init__(self, size: int = 10_000) -> None:
         self.size = size
         self._items: OrderedDict[UUID, Aggregate] = OrderedDict()
 
