@@ -148,6 +148,18 @@ def test_a_payment_failure_is_overdue_then_suspended_then_expired_by_the_clock()
     assert types[-4:] == ["Overdue", "Suspended", "Expired", "Reinstated"]
 
 
+def test_a_renewal_paid_while_suspended_reactivates() -> None:
+    world = World()
+    world.deliver(paid(0, "pro"))
+    world.at(MONTH + 60).deliver(failed(1, "pro"))
+    world.at(MONTH + 5 * DAY).tick()
+    entitlement = world.only()
+    assert entitlement.status is Status.SUSPENDED
+    world.at(MONTH + 6 * DAY).deliver(paid(1, "pro"))
+    assert (entitlement.status, entitlement.overdue) == (Status.ACTIVE, False)
+    assert world.event_types(entitlement)[-1] == "Reinstated"
+
+
 def test_without_thresholds_it_expires_at_the_period_end_plus_the_leeway() -> None:
     world = World(policy=Policy(expiry_leeway=timedelta(hours=6)))
     world.deliver(paid(0))
