@@ -23,6 +23,8 @@ class Offering:
     suspend_after_days: int | None = None
     expire_after_days: int | None = None
     stripe_price_ids: tuple[str, ...] = ()
+    #: Provider price (variant, plan, item price) ids per provider name.
+    prices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.sku:
@@ -47,18 +49,21 @@ class Catalog:
 
     def __init__(self, offerings: Iterable[Offering] = ()) -> None:
         self._by_sku: dict[str, Offering] = {}
-        self._by_stripe_price: dict[str, Offering] = {}
+        self._by_price: dict[tuple[str, str], Offering] = {}
         for offering in offerings:
             if offering.sku in self._by_sku:
                 raise ValueError(f"offering {offering.sku!r} is defined twice")
             self._by_sku[offering.sku] = offering
-            for price_id in offering.stripe_price_ids:
-                if price_id in self._by_stripe_price:
+            listed = [("stripe", p) for p in offering.stripe_price_ids]
+            listed += [(provider, p) for provider, ids in offering.prices.items() for p in ids]
+            for provider, price_id in listed:
+                other = self._by_price.get((provider, price_id))
+                if other is not None and other is not offering:
                     raise ValueError(
-                        f"Stripe price {price_id!r} maps to both "
-                        f"{self._by_stripe_price[price_id].sku!r} and {offering.sku!r}"
+                        f"{provider} price {price_id!r} maps to both "
+                        f"{other.sku!r} and {offering.sku!r}"
                     )
-                self._by_stripe_price[price_id] = offering
+                self._by_price[(provider, price_id)] = offering
 
     def __iter__(self) -> Any:
         return iter(self._by_sku.values())
@@ -70,11 +75,14 @@ class Catalog:
         return self._by_sku.get(sku)
 
     def for_stripe_price(self, price_id: str | None, sku: str | None) -> Offering | None:
-        """The offering a Stripe price stands for: its `offering_sku` metadata
-        wins over the catalog's price-id list, so a vendor can map prices from
-        either side."""
+        return self.for_price("stripe", price_id, sku)
+
+    def for_price(self, provider: str, price_id: str | None, sku: str | None) -> Offering | None:
+        """The offering a provider's price stands for: an `offering_sku` the
+        provider carries (price metadata, custom data) wins over the
+        catalog's price-id list, so a vendor can map prices from either side."""
         if sku:
             return self._by_sku.get(sku)
         if price_id:
-            return self._by_stripe_price.get(price_id)
+            return self._by_price.get((provider, str(price_id)))
         return None

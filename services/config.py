@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 from domain.catalog import Catalog, Offering
 from domain.lifecycle import Policy
-from services.providers import PROVIDERS, Provider
+from services.providers import PROVIDERS, Credentials, Provider
 
 
 class ConfigError(Exception):
@@ -27,11 +27,14 @@ class _SourceFile(BaseModel):
     provider: str
     secret: SecretStr | None = None
     secret_env: str | None = None
+    username: str | None = None
+    tolerance_seconds: float | None = Field(default=None, gt=0)
+    webhook_id: str | None = None
 
     @model_validator(mode="after")
     def _one_secret(self) -> _SourceFile:
-        if (self.secret is None) == (self.secret_env is None):
-            raise ValueError("give exactly one of 'secret' or 'secret_env'")
+        if self.secret is not None and self.secret_env is not None:
+            raise ValueError("give only one of 'secret' or 'secret_env'")
         return self
 
 
@@ -47,6 +50,7 @@ class _OfferingFile(BaseModel):
     suspend_after_days: int | None = None
     expire_after_days: int | None = None
     stripe_price_ids: list[str] = Field(default_factory=list)
+    prices: dict[str, list[str | int]] = Field(default_factory=dict)
 
 
 class _LifecycleFile(BaseModel):
@@ -70,9 +74,20 @@ class Source:
     name: str
     provider: Provider
     secret: SecretStr
+    username: str | None = None
+    tolerance_seconds: float | None = None
+    webhook_id: str | None = None
 
     def __repr__(self) -> str:  # never show the secret
         return f"Source(name={self.name!r}, provider={self.provider.name!r})"
+
+    def credentials(self) -> Credentials:
+        return Credentials(
+            secret=self.secret.get_secret_value(),
+            username=self.username,
+            tolerance_seconds=self.tolerance_seconds,
+            webhook_id=self.webhook_id,
+        )
 
 
 @dataclass(frozen=True)
@@ -105,6 +120,13 @@ def parse_config(
             raise ConfigError(
                 f"{origin}: source {name!r} names provider {source.provider!r}; known: {known}"
             )
+        missing = [need for need in provider.needs if getattr(source, need) is None]
+        if source.secret is None and source.secret_env is None and provider.secret_required:
+            missing.insert(0, "secret (or secret_env)")
+        if missing:
+            raise ConfigError(
+                f"{origin}: source {name!r} ({source.provider}) needs {', '.join(missing)}"
+            )
         if source.secret_env is not None:
             value = env.get(source.secret_env)
             if not value:
@@ -114,9 +136,15 @@ def parse_config(
                 )
             secret = SecretStr(value)
         else:
-            assert source.secret is not None
-            secret = source.secret
-        sources[name] = Source(name=name, provider=provider, secret=secret)
+            secret = source.secret if source.secret is not None else SecretStr("")
+        sources[name] = Source(
+            name=name,
+            provider=provider,
+            secret=secret,
+            username=source.username,
+            tolerance_seconds=source.tolerance_seconds,
+            webhook_id=source.webhook_id,
+        )
     try:
         catalog = Catalog(
             Offering(
@@ -129,6 +157,7 @@ def parse_config(
                 suspend_after_days=o.suspend_after_days,
                 expire_after_days=o.expire_after_days,
                 stripe_price_ids=tuple(o.stripe_price_ids),
+                prices={name: tuple(str(p) for p in ids) for name, ids in o.prices.items()},
             )
             for o in parsed.offerings
         )

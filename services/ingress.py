@@ -68,7 +68,7 @@ class Ingress:
         body = await read_body(request)
         headers = {k.lower(): v for k, v in request.headers.items()}
         try:
-            source.provider.verify(headers, body, source.secret.get_secret_value(), self.clock())
+            source.provider.verify(headers, body, source.credentials(), self.clock())
         except SignatureError as exc:
             log.info("rejected webhook for %s: %s", name, exc)
             raise HTTPError(401, "invalid_signature", str(exc)) from None

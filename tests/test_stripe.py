@@ -9,11 +9,12 @@ import pytest
 
 from domain.catalog import Catalog, Offering
 from domain.commands import OrderEvent, PaymentEvent
-from services.providers import SignatureError, Unmappable
+from services.providers import Credentials, SignatureError, Unmappable
 from services.providers.stripe import normalize, routing_key, verify
 from tests import stripe_events as se
 
 NOW = int(time.time())
+KEY = Credentials(se.SECRET)
 CATALOG = Catalog(
     [
         Offering(sku="better_annual", product="acme", period="P1Y", seats=3),
@@ -29,7 +30,7 @@ def headers(body: bytes, **kwargs: int) -> dict[str, str]:
 
 def test_a_signature_made_by_the_stripe_sdk_verifies() -> None:
     body = se.body(se.subscription_deleted(subscription="sub_1"))
-    verify(headers(body), body, se.SECRET, time.time())
+    verify(headers(body), body, KEY, time.time())
 
 
 @pytest.mark.parametrize(
@@ -48,15 +49,15 @@ def test_bad_signatures_are_rejected(mutate: object, message: str) -> None:
     body = se.body(se.subscription_deleted(subscription="sub_1"))
     bad_headers, bad_body = mutate(headers(body), body)  # type: ignore[operator]
     with pytest.raises(SignatureError, match=message):
-        verify(bad_headers, bad_body, se.SECRET, time.time())
+        verify(bad_headers, bad_body, KEY, time.time())
 
 
 def test_a_signature_outside_the_tolerance_is_rejected() -> None:
     body = se.body(se.subscription_deleted(subscription="sub_1"))
     old = headers(body, timestamp=NOW - 301)
     with pytest.raises(SignatureError, match="tolerance"):
-        verify(old, body, se.SECRET, NOW)
-    verify(headers(body, timestamp=NOW - 299), body, se.SECRET, NOW)
+        verify(old, body, KEY, NOW)
+    verify(headers(body, timestamp=NOW - 299), body, KEY, NOW)
 
 
 def test_any_one_of_several_v1_signatures_may_match() -> None:
@@ -64,13 +65,13 @@ def test_any_one_of_several_v1_signatures_may_match() -> None:
     good = headers(body)["stripe-signature"]
     t, v1 = good.split(",")
     rotated = {"stripe-signature": f"{t},v1={'0' * 64},{v1},v0=legacy"}
-    verify(rotated, body, se.SECRET, time.time())
+    verify(rotated, body, KEY, time.time())
 
 
 def test_the_secret_is_the_literal_whsec_string() -> None:
     body = se.body(se.subscription_deleted(subscription="sub_1"))
     with pytest.raises(SignatureError):
-        verify(headers(body), body, "whsec_other", time.time())
+        verify(headers(body), body, Credentials("whsec_other"), time.time())
 
 
 @pytest.mark.parametrize("shape", [se.BASIL, se.LEGACY])

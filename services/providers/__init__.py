@@ -29,16 +29,33 @@ class Unmappable(Exception):
 
 
 @dataclass(frozen=True)
+class Credentials:
+    """What a source is configured with to authenticate its webhooks."""
+
+    secret: str  # HMAC key or password; "" where the provider needs none
+    username: str | None = None  # HTTP Basic auth (Chargebee)
+    tolerance_seconds: float | None = None  # signature age allowed; provider default if None
+    webhook_id: str | None = None  # the provider's id of this webhook (PayPal)
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"Credentials(username={self.username!r})"
+
+
+@dataclass(frozen=True)
 class Provider:
     name: str
-    #: verify(headers (lower-case names), raw body, secret, now in unix seconds)
-    verify: Callable[[Mapping[str, str], bytes, str, float], None]
+    #: verify(headers (lower-case names), raw body, credentials, now in unix seconds)
+    verify: Callable[[Mapping[str, str], bytes, Credentials, float], None]
     #: The key that keeps one order's webhooks in order on the raw topic.
     routing_key: Callable[[Mapping[str, Any]], str]
     #: The provider's own id for this event, used to deduplicate deliveries.
     event_id: Callable[[Mapping[str, Any]], str]
     #: normalize(source, payload, catalog, received_at) -> commands; raises Unmappable.
     normalize: Callable[[str, Mapping[str, Any], Catalog, datetime], list[Command]]
+    #: Whether a source of this provider must have a secret.
+    secret_required: bool = True
+    #: Other source settings it cannot work without (e.g. "username").
+    needs: tuple[str, ...] = ()
 
 
 def _registry() -> dict[str, Provider]:

@@ -19,7 +19,7 @@ from domain.catalog import Catalog, Offering
 from domain.commands import Command, Customer, OrderEvent, PaymentEvent
 from domain.entitlement import Cause
 from domain.lifecycle import Line
-from services.providers import Provider, SignatureError, Unmappable
+from services.providers import Credentials, Provider, SignatureError, Unmappable
 
 TOLERANCE_SECONDS = 300
 PAYMENT_EVENTS = frozenset({"invoice.paid", "invoice.payment_succeeded"})
@@ -35,7 +35,7 @@ SUBSCRIPTION_EVENTS = frozenset(
 )
 
 
-def verify(headers: Mapping[str, str], body: bytes, secret: str, now: float) -> None:
+def verify(headers: Mapping[str, str], body: bytes, credentials: Credentials, now: float) -> None:
     header = headers.get("stripe-signature")
     if not header:
         raise SignatureError("missing Stripe-Signature header")
@@ -52,11 +52,12 @@ def verify(headers: Mapping[str, str], body: bytes, secret: str, now: float) -> 
             candidates.append(value)
     if timestamp is None or not candidates:
         raise SignatureError("Stripe-Signature needs t= and at least one v1=")
-    if abs(now - timestamp) > TOLERANCE_SECONDS:
-        raise SignatureError("Stripe-Signature timestamp is outside the 300 s tolerance")
+    tolerance = credentials.tolerance_seconds or TOLERANCE_SECONDS
+    if abs(now - timestamp) > tolerance:
+        raise SignatureError(f"Stripe-Signature timestamp is outside the {tolerance:g} s tolerance")
     # Stripe keys the HMAC with the literal `whsec_…` string, not its decoding.
     signed = str(timestamp).encode() + b"." + body
-    expected = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+    expected = hmac.new(credentials.secret.encode(), signed, hashlib.sha256).hexdigest()
     if not any(hmac.compare_digest(expected, candidate) for candidate in candidates):
         raise SignatureError("no v1 signature in Stripe-Signature matches the payload")
 
