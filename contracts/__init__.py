@@ -21,6 +21,7 @@ from contracts.api import (
     Error,
     History,
 )
+from contracts.billing import BillingEventV1
 from contracts.events import EntitlementEventV1
 from contracts.webhooks import DeadLetterV1, RawWebhookV1
 
@@ -38,6 +39,7 @@ PUBLISHED: dict[str, type[BaseModel]] = {
     "api-dead-letter-list.v1.json": DeadLetterList,
     "api-error.v1.json": Error,
     "api-admin-action.v1.json": AdminAction,
+    "billing-event.v1.json": BillingEventV1,
 }
 
 

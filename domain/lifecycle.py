@@ -35,7 +35,8 @@ class Status(StrEnum):
 
 Fact = dict[str, Any]
 
-# Stripe-like subscription statuses a snapshot can carry.
+# Subscription statuses a snapshot can carry: Stripe's, plus "pending",
+# "suspended" and "expired" for providers that state them outright.
 PAID_SUBSCRIPTION = frozenset({"active", "past_due", "unpaid"})
 OVERDUE_SUBSCRIPTION = frozenset({"past_due", "unpaid"})
 
@@ -385,13 +386,14 @@ class Facts:
             found.append((Status.CANCELED, "canceled_at_period_end", snapshot["key"]))
         if hold == "suspend":
             found.append((Status.SUSPENDED, "admin", None))
-        if (
-            snapshot is not None
-            and snapshot["status"] == "paused"
-            and snapshot["key"] not in waived
-        ):
-            found.append((Status.SUSPENDED, "paused", snapshot["key"]))
-        found.sort(key=lambda item: 0 if item[0] is Status.CANCELED else 1)
+        if snapshot is not None and snapshot["key"] not in waived:
+            # Providers that state these outright (Zenofy-style checkouts,
+            # the neutral schema) are taken at their word.
+            if snapshot["status"] in ("paused", "suspended"):
+                found.append((Status.SUSPENDED, snapshot["status"], snapshot["key"]))
+            elif snapshot["status"] == "expired":
+                found.append((Status.EXPIRED, "expired", snapshot["key"]))
+        found.sort(key=lambda item: _SEVERITY[item[0]])
         return found
 
     def standing(
@@ -475,6 +477,7 @@ def _snapshot_paid_through(fact: Fact) -> tuple[datetime, datetime | None] | Non
 
 
 _DISPUTE_ORDER = {"open": 0, "won": 1, "lost": 1}
+_SEVERITY = {Status.CANCELED: 0, Status.EXPIRED: 1, Status.SUSPENDED: 2}
 
 
 def _dispute_rank(fact: Fact) -> tuple[int, datetime, str]:

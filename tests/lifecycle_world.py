@@ -12,7 +12,7 @@ from domain.catalog import Catalog, Offering
 from domain.commands import Rules, apply, settle_due
 from domain.entitlement import Entitlement
 from domain.lifecycle import Policy
-from services.providers.stripe import normalize
+from services.providers import PROVIDERS
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 DAY = 86400
@@ -52,7 +52,10 @@ def ts(offset_seconds: float) -> int:
 
 
 class World:
-    def __init__(self, catalog: Catalog = CATALOG, policy: Policy | None = None) -> None:
+    def __init__(
+        self, catalog: Catalog = CATALOG, policy: Policy | None = None, provider: str = "stripe"
+    ) -> None:
+        self.normalize = PROVIDERS[provider].normalize
         self.items: dict[UUID, Any] = {}
         self.codes = itertools.count(1)
         self.rules = Rules(catalog, policy or Policy(), lambda: f"CODE-{next(self.codes)}")
@@ -70,7 +73,7 @@ class World:
         return self
 
     def deliver(self, event: dict[str, Any]) -> None:
-        for command in normalize(SOURCE, event, self.rules.catalog, self.now):
+        for command in self.normalize(SOURCE, event, self.rules.catalog, self.now):
             apply(command, self, self.rules, self.now)
 
     def tick(self) -> None:
