@@ -59,9 +59,9 @@ class Provider:
 
 
 def _registry() -> dict[str, Provider]:
-    from services.providers import standard, stripe
+    from services.providers import paddle, standard, stripe
 
-    return {p.name: p for p in (stripe.PROVIDER, standard.PROVIDER)}
+    return {p.name: p for p in (stripe.PROVIDER, paddle.PROVIDER, standard.PROVIDER)}
 
 
 PROVIDERS: dict[str, Provider] = _registry()
