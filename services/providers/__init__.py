@@ -59,9 +59,10 @@ class Provider:
 
 
 def _registry() -> dict[str, Provider]:
-    from services.providers import paddle, standard, stripe
+    from services.providers import chargebee, paddle, standard, stripe
 
-    return {p.name: p for p in (stripe.PROVIDER, paddle.PROVIDER, standard.PROVIDER)}
+    providers = (stripe.PROVIDER, paddle.PROVIDER, chargebee.PROVIDER, standard.PROVIDER)
+    return {p.name: p for p in providers}
 
 
 PROVIDERS: dict[str, Provider] = _registry()
