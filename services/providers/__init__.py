@@ -59,9 +59,15 @@ class Provider:
 
 
 def _registry() -> dict[str, Provider]:
-    from services.providers import chargebee, paddle, standard, stripe
+    from services.providers import chargebee, paddle, standard, stripe, zenofy
 
-    providers = (stripe.PROVIDER, paddle.PROVIDER, chargebee.PROVIDER, standard.PROVIDER)
+    providers = (
+        stripe.PROVIDER,
+        paddle.PROVIDER,
+        chargebee.PROVIDER,
+        zenofy.PROVIDER,
+        standard.PROVIDER,
+    )
     return {p.name: p for p in providers}
 
 
