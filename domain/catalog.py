@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import calendar
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 _PERIOD = re.compile(r"^P(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)W)?(?:(\d+)D)?$")
@@ -42,6 +44,19 @@ class Offering:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"offering {self.sku!r}: {name} must not be negative")
+
+
+def add_period(start: datetime, period: str) -> datetime:
+    """`start` plus an ISO 8601 period such as P1M or P1Y2M10D; a month from
+    Jan 31 ends on the last day of February."""
+    match = _PERIOD.match(period)
+    if match is None:
+        raise ValueError(f"{period!r} is not an ISO 8601 period")
+    years, months, weeks, days = (int(g or 0) for g in match.groups())
+    month_index = start.month - 1 + months + 12 * years
+    year, month = start.year + month_index // 12, month_index % 12 + 1
+    day = min(start.day, calendar.monthrange(year, month)[1])
+    return start.replace(year=year, month=month, day=day) + timedelta(weeks=weeks, days=days)
 
 
 class Catalog:

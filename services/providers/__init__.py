@@ -59,11 +59,12 @@ class Provider:
 
 
 def _registry() -> dict[str, Provider]:
-    from services.providers import chargebee, paddle, standard, stripe, zenofy
+    from services.providers import chargebee, lemonsqueezy, paddle, standard, stripe, zenofy
 
     providers = (
         stripe.PROVIDER,
         paddle.PROVIDER,
+        lemonsqueezy.PROVIDER,
         chargebee.PROVIDER,
         zenofy.PROVIDER,
         standard.PROVIDER,
