@@ -424,7 +424,7 @@ class Entitlement(Aggregate):
             if self.status is Status.CANCELED:
                 raise Refused("the entitlement is already CANCELED")
         elif action == "reinstate":
-            blocking = self.facts.blocking(self.slot, at)
+            blocking = self.facts.blocking(self.slot, at, catalog.get(self.sku))
             if not blocking:
                 raise Refused(
                     f"the entitlement is {self.status.value} and nothing holds it back; "

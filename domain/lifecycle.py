@@ -19,10 +19,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Any
 
-from domain.catalog import Catalog, Offering
+from domain.catalog import Catalog, Offering, add_period
 
 
 class Status(StrEnum):
@@ -68,9 +69,23 @@ def _lines(lines: Iterable[Line]) -> dict[str, Any]:
     return {line.slot: line.as_fact() for line in lines}
 
 
-def payment(invoice: str, lines: Iterable[Line]) -> Fact:
-    """An invoice was paid for these lines' periods."""
-    return {"kind": "payment", "invoice": invoice, "lines": _lines(lines)}
+def payment(
+    invoice: str,
+    lines: Iterable[Line],
+    starts: datetime | None = None,
+    amount: str | None = None,
+) -> Fact:
+    """An invoice was paid for these lines' periods. A provider that names no
+    period (PayPal's sales) gives `starts` instead: one period of each
+    entitlement's offering from then. `amount` lets a later refund be
+    judged full or partial."""
+    return {
+        "kind": "payment",
+        "invoice": invoice,
+        "lines": _lines(lines),
+        "starts": starts,
+        "amount": amount,
+    }
 
 
 def payment_failed(invoice: str, lines: Iterable[Line]) -> Fact:
@@ -102,8 +117,9 @@ def ended(reason: str, lines: Iterable[Line] = ()) -> Fact:
     return {"kind": "ended", "reason": reason, "lines": _lines(lines)}
 
 
-def refund(full: bool, invoice: str | None = None) -> Fact:
-    return {"kind": "refund", "full": full, "invoice": invoice}
+def refund(full: bool | None, invoice: str | None = None, amount: str | None = None) -> Fact:
+    """`full` None: judged by `amount` against the refunded payment's amount."""
+    return {"kind": "refund", "full": full, "invoice": invoice, "amount": amount}
 
 
 def dispute(dispute_id: str, state: str, invoice: str | None = None) -> Fact:
@@ -322,14 +338,20 @@ class Facts:
                 days += int(fact["days"])
         return hold, days, waived
 
-    def _paid_through(self, slot: str) -> tuple[datetime | None, datetime | None, str | None]:
+    def _paid_through(
+        self, slot: str, offering: Offering | None
+    ) -> tuple[datetime | None, datetime | None, str | None]:
         """(period start, period end, invoice) of the latest paid period."""
         best: tuple[datetime, datetime | None, str | None] | None = None
         for invoice, fact in self.paid.items():
             line = fact["lines"].get(slot)
-            if line is None or line.get("end") is None:
+            if line is not None and line.get("end") is not None:
+                candidate = (line["end"], line.get("start"), invoice)
+            elif fact.get("starts") is not None and offering is not None:
+                starts = fact["starts"]
+                candidate = (add_period(starts, offering.period), starts, invoice)
+            else:
                 continue
-            candidate = (line["end"], line.get("start"), invoice)
             if (
                 best is None
                 or candidate[0] > best[0]
@@ -343,7 +365,9 @@ class Facts:
             return None, None, None
         return best[1], best[0], best[2]
 
-    def blocking(self, slot: str, now: datetime) -> list[tuple[Status, str, str | None]]:
+    def blocking(
+        self, slot: str, now: datetime, offering: Offering | None = None
+    ) -> list[tuple[Status, str, str | None]]:
         """Everything that keeps the entitlement from being ACTIVE, most
         severe first: (status, reason, waivable fact key or None)."""
         hold, _, waived = self._admin_state()
@@ -359,10 +383,10 @@ class Facts:
                 found.append((Status.CANCELED, "subscription_canceled", snapshot["key"]))
             elif slot not in snapshot["lines"] and snapshot["lines"]:
                 found.append((Status.CANCELED, "removed_from_subscription", snapshot["key"]))
-        _, _, current_invoice = self._paid_through(slot)
+        _, _, current_invoice = self._paid_through(slot, offering)
         for key, fact in sorted(self.refunds.items()):
             if (
-                fact["full"]
+                self._full_refund(fact)
                 and fact["invoice"] is not None
                 and fact["invoice"] == current_invoice
                 and key not in waived
@@ -396,11 +420,22 @@ class Facts:
         found.sort(key=lambda item: _SEVERITY[item[0]])
         return found
 
+    def _full_refund(self, fact: Fact) -> bool:
+        if fact["full"] is not None:
+            return bool(fact["full"])
+        paid = self.paid.get(fact["invoice"] or "")
+        if paid is None or paid.get("amount") is None or fact.get("amount") is None:
+            return False
+        try:
+            return abs(Decimal(str(fact["amount"]))) >= Decimal(str(paid["amount"]))
+        except InvalidOperation:
+            return False
+
     def standing(
         self, slot: str, offering: Offering | None, policy: Policy, now: datetime
     ) -> Standing:
         _, extension_days, _ = self._admin_state()
-        start, end, _ = self._paid_through(slot)
+        start, end, _ = self._paid_through(slot, offering)
         if end is not None:
             end = end + timedelta(days=extension_days)
         snapshot = self.latest_snapshot
@@ -412,7 +447,7 @@ class Facts:
             and end is not None
             and end <= snapshot["trial_end"] + timedelta(days=extension_days)
         )
-        blocking = self.blocking(slot, now)
+        blocking = self.blocking(slot, now, offering)
         if blocking:
             status, reason, _ = blocking[0]
             return Standing(

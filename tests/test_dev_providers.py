@@ -208,9 +208,12 @@ def test_the_lifecycle_reaches_the_same_states_as_stripe(stack: Entitle, provide
 
         def reached(s: str = status, o: bool = overdue, e: str = end) -> dict[str, Any] | None:
             items = entitlements(stack, order_ref=order_ref)
-            if len(items) == 1 and (items[0]["status"], items[0]["overdue"]) == (s, o):
-                if (items[0]["period_end"] or "").startswith(e):
-                    return items[0]
+            if (
+                len(items) == 1
+                and (items[0]["status"], items[0]["overdue"]) == (s, o)
+                and (items[0]["period_end"] or "").startswith(e)
+            ):
+                return items[0]
             return None
 
         item = eventually(reached, timeout=10)

@@ -210,7 +210,7 @@ def test_a_refund_and_a_dispute_name_the_payment_not_the_order() -> None:
     [command] = normalize("s", refund, CATALOG, datetime.now(UTC))
     assert isinstance(command, PaymentEvent)
     assert command.payment_refs == ("pi_1", "in_1")
-    assert command.fact == {"kind": "refund", "full": False, "invoice": "in_1"}
+    assert command.fact == {"kind": "refund", "full": False, "invoice": "in_1", "amount": None}
     assert routing_key(refund) == "in_1"
     opened = se.dispute("charge.dispute.created", dispute_id="dp_1", payment_intent="pi_1")
     lost = se.dispute(
