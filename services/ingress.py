@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
+import anyio
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -68,7 +69,12 @@ class Ingress:
         body = await read_body(request)
         headers = {k.lower(): v for k, v in request.headers.items()}
         try:
-            source.provider.verify(headers, body, source.credentials(), self.clock())
+            if source.provider.blocking_verify:
+                await anyio.to_thread.run_sync(
+                    source.provider.verify, headers, body, source.credentials(), self.clock()
+                )
+            else:
+                source.provider.verify(headers, body, source.credentials(), self.clock())
         except SignatureError as exc:
             log.info("rejected webhook for %s: %s", name, exc)
             raise HTTPError(401, "invalid_signature", str(exc)) from None

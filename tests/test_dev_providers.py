@@ -16,6 +16,7 @@ import pytest
 from tests import chargebee_events as cb
 from tests import lemonsqueezy_events as ls
 from tests import paddle_events as pe
+from tests import paypal_events as pp
 from tests import standard_events as sw
 from tests import stripe_events as se
 from tests import zenofy_events as ze
@@ -33,11 +34,13 @@ sources:
   chargebee: {{provider: chargebee, username: {cb.USERNAME}, secret: {cb.PASSWORD}}}
   zenofy: {{provider: zenofy, secret: {ze.SECRET}}}
   standard: {{provider: standard, secret: "{sw.SECRET}"}}
+  paypal: {{provider: paypal, webhook_id: {pp.WEBHOOK_ID}}}
 offerings:
   - sku: basic
     product: acme
     stripe_price_ids: [price_basic]
-    prices: {{paddle: [pri_basic], lemonsqueezy: [101], chargebee: [basic-USD-Monthly]}}
+    prices: {{paddle: [pri_basic], lemonsqueezy: [101], chargebee: [basic-USD-Monthly],
+             paypal: [P-BASIC]}}
 """
 
 Sign = Callable[[bytes], dict[str, str]]
@@ -48,7 +51,11 @@ SIGN: dict[str, Sign] = {
     "chargebee": lambda body: cb.headers(),
     "zenofy": ze.signed_headers,
     "standard": sw.signed_headers,
+    "paypal": lambda body: AUTHORITY.headers(body),
 }
+# PayPal's certificate comes from a local CA: the dev process trusts its root
+# (ENTITLE_PAYPAL_TRUST_ROOTS) and finds the certificate in its cache.
+AUTHORITY = pp.Authority.make()
 
 
 def lifecycle(provider: str, now: int) -> tuple[str, list[list[dict[str, Any]]]]:
@@ -158,6 +165,16 @@ def lifecycle(provider: str, now: int) -> tuple[str, list[list[dict[str, Any]]]]
                 )
             ],
         ]
+    if provider == "paypal":
+        return sub, [
+            [pp.subscription("BILLING.SUBSCRIPTION.ACTIVATED", sub, "ACTIVE", p1, now)],
+            [
+                pp.sale(sub, f"S{now}1", now + 1),
+                pp.subscription("BILLING.SUBSCRIPTION.UPDATED", sub, "ACTIVE", p2, now + 1),
+            ],
+            [pp.subscription("BILLING.SUBSCRIPTION.PAYMENT.FAILED", sub, "ACTIVE", p2, now + 2)],
+            [pp.subscription("BILLING.SUBSCRIPTION.CANCELLED", sub, "CANCELLED", None, now + 10)],
+        ]
     assert provider == "standard"
     return sub, [
         [sw.payment(sub, f"pay_{sub}_0", p0, p1, now)],
@@ -171,7 +188,14 @@ def lifecycle(provider: str, now: int) -> tuple[str, list[list[dict[str, Any]]]]
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Entitle]:
     workdir = tmp_path_factory.mktemp("providers")
     (workdir / "entitle.yaml").write_text(CONFIG)
-    with Entitle(["dev"], Path(workdir), {"ENTITLE_ADMIN_KEYS": ADMIN}) as entitle:
+    (workdir / "paypal-root.pem").write_bytes(AUTHORITY.root_pem())
+    AUTHORITY.seed(workdir / "paypal-certs")
+    env = {
+        "ENTITLE_ADMIN_KEYS": ADMIN,
+        "ENTITLE_PAYPAL_TRUST_ROOTS": str(workdir / "paypal-root.pem"),
+        "ENTITLE_PAYPAL_CERT_CACHE": str(workdir / "paypal-certs"),
+    }
+    with Entitle(["dev"], Path(workdir), env) as entitle:
         yield entitle
 
 
@@ -187,7 +211,8 @@ def post(
 
 
 @pytest.mark.parametrize(
-    "provider", ["stripe", "paddle", "lemonsqueezy", "chargebee", "zenofy", "standard"]
+    "provider",
+    ["stripe", "paddle", "lemonsqueezy", "chargebee", "paypal", "zenofy", "standard"],
 )
 def test_the_lifecycle_reaches_the_same_states_as_stripe(stack: Entitle, provider: str) -> None:
     now = int(time.time())
@@ -228,6 +253,7 @@ def test_the_lifecycle_reaches_the_same_states_as_stripe(stack: Entitle, provide
         ("standard", True),
         ("lemonsqueezy", False),
         ("chargebee", False),
+        ("paypal", False),
         ("zenofy", False),
     ],
 )
@@ -245,6 +271,7 @@ def test_bad_and_expired_signatures_get_401_and_nothing_is_written(
         "lemonsqueezy": ls.signed_headers(body, secret="wrong"),
         "chargebee": cb.headers(password="wrong"),
         "zenofy": ze.signed_headers(body, secret="wrong"),
+        "paypal": pp.Authority.make().headers(body),  # a certificate from an untrusted CA
     }
     attempts = [wrong[provider], {"Content-Type": "application/json"}]
     if stale:  # a replay of a once-valid delivery, after the tolerance

@@ -56,16 +56,27 @@ class Provider:
     secret_required: bool = True
     #: Other source settings it cannot work without (e.g. "username").
     needs: tuple[str, ...] = ()
+    #: verify may block (a certificate fetch): ingress runs it in a worker thread.
+    blocking_verify: bool = False
 
 
 def _registry() -> dict[str, Provider]:
-    from services.providers import chargebee, lemonsqueezy, paddle, standard, stripe, zenofy
+    from services.providers import (
+        chargebee,
+        lemonsqueezy,
+        paddle,
+        paypal,
+        standard,
+        stripe,
+        zenofy,
+    )
 
     providers = (
         stripe.PROVIDER,
         paddle.PROVIDER,
         lemonsqueezy.PROVIDER,
         chargebee.PROVIDER,
+        paypal.PROVIDER,
         zenofy.PROVIDER,
         standard.PROVIDER,
     )
