@@ -127,3 +127,17 @@ def test_the_lifecycle_matches_the_stripe_path() -> None:
         )
     )
     assert (entitlement.status, entitlement.reason) == (Status.CANCELED, "subscription_canceled")
+
+
+def test_price_custom_data_offering_sku_wins_over_the_catalog_list() -> None:
+    catalog = Catalog(
+        [
+            Offering(sku="basic", product="acme", prices={"paddle": ("pri_basic",)}),
+            Offering(sku="pro", product="acme", seats=5),
+        ]
+    )
+    event = pe.transaction("sub_9", "txn_9", NOW, NOW + MONTH, NOW)
+    event["data"]["items"][0]["price"]["custom_data"] = {"offering_sku": "pro"}
+    [command] = normalize("pd", event, catalog, datetime.now(UTC))
+    assert isinstance(command, OrderEvent)
+    assert [line.offering.sku for line in command.lines] == ["pro"]

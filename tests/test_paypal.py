@@ -159,3 +159,13 @@ def test_a_full_refund_by_amount_cancels_and_a_partial_one_does_not() -> None:
     assert world.only().status is Status.ACTIVE
     world.deliver(pp.refund("S9", ts(2 * DAY), total="-9.99"))
     assert (world.only().status, world.only().reason) == (Status.CANCELED, "refunded")
+
+
+def test_with_a_tolerance_a_replayed_delivery_is_rejected(authority: pp.Authority) -> None:
+    body = pp.body(pp.sale("I-1", "S1", int(time.time())))
+    old = pp.iso(int(time.time()) - 3600)
+    headers = lower(authority.headers(body, transmission_time=old))
+    verify(headers, body, KEY, time.time())  # no tolerance configured: only the signature counts
+    strict = Credentials("", webhook_id=pp.WEBHOOK_ID, tolerance_seconds=300)
+    with pytest.raises(SignatureError, match="outside the tolerance"):
+        verify(headers, body, strict, time.time())
