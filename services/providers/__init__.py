@@ -28,6 +28,17 @@ class Unmappable(Exception):
         self.commands = commands or []
 
 
+def parse_time(value: Any, what: str) -> datetime | None:
+    """An ISO 8601 / RFC 3339 time from a payload ("Z" allowed), None if
+    absent; a malformed one makes the event unmappable, saying which field."""
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise Unmappable(f"{what} {value!r} is not an ISO 8601 time") from None
+
+
 @dataclass(frozen=True)
 class Credentials:
     """What a source is configured with to authenticate its webhooks."""

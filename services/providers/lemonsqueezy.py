@@ -26,7 +26,13 @@ from domain.catalog import Catalog, add_period
 from domain.commands import Command, Customer, OrderEvent, PaymentEvent
 from domain.entitlement import Cause
 from domain.lifecycle import Line
-from services.providers import Credentials, Provider, SignatureError, Unmappable
+from services.providers import (
+    Credentials,
+    Provider,
+    SignatureError,
+    Unmappable,
+    parse_time,
+)
 
 NAME = "lemonsqueezy"
 SLOT = "main"  # one item per Lemon Squeezy order; a variant change keeps it
@@ -100,12 +106,7 @@ def event_id(payload: Mapping[str, Any]) -> str:
 
 
 def _time(value: Any, what: str) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        raise Unmappable(f"Lemon Squeezy {what} {value!r} is not an ISO 8601 time") from None
+    return parse_time(value, f"Lemon Squeezy {what}")
 
 
 def _offering_line(

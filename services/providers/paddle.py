@@ -21,7 +21,13 @@ from domain.catalog import Catalog
 from domain.commands import Command, Customer, OrderEvent
 from domain.entitlement import Cause
 from domain.lifecycle import Line
-from services.providers import Credentials, Provider, SignatureError, Unmappable
+from services.providers import (
+    Credentials,
+    Provider,
+    SignatureError,
+    Unmappable,
+    parse_time,
+)
 
 NAME = "paddle"
 TOLERANCE_SECONDS = 5
@@ -94,12 +100,7 @@ def event_id(payload: Mapping[str, Any]) -> str:
 
 
 def _time(value: Any, what: str) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        raise Unmappable(f"Paddle {what} {value!r} is not an RFC 3339 time") from None
+    return parse_time(value, f"Paddle {what}")
 
 
 def _period(obj: Any, what: str) -> tuple[datetime | None, datetime | None]:

@@ -31,7 +31,13 @@ from domain.catalog import Catalog
 from domain.commands import Command, Customer, OrderEvent
 from domain.entitlement import Cause
 from domain.lifecycle import Line
-from services.providers import Credentials, Provider, SignatureError, Unmappable
+from services.providers import (
+    Credentials,
+    Provider,
+    SignatureError,
+    Unmappable,
+    parse_time,
+)
 
 NAME = "zenofy"
 EVENTS = frozenset(
@@ -90,12 +96,7 @@ def event_id(payload: Mapping[str, Any]) -> str:
 
 
 def _time(value: Any, what: str) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        raise Unmappable(f"Zenofy {what} {value!r} is not an ISO 8601 time") from None
+    return parse_time(value, f"Zenofy {what}")
 
 
 def normalize(
