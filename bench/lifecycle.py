@@ -269,6 +269,7 @@ def fold_phase(events: list[dict[str, Any]], admin_url: str, batch: int, label: 
             "ENTITLE_DATABASE_URL": database_url,
             "ENTITLE_DOMAIN_BATCH": str(batch),
             "ENTITLE_SCHEDULE_INTERVAL": "3600",
+            "ENTITLE_CODE_SECRET": "bench-code-secret-0123456789",
         }
         domain = start("domain", workdir, env)
         try:
@@ -311,6 +312,7 @@ async def latency_phase(
         "ENTITLE_KAFKA_IDEMPOTENCE": "false",
         "ENTITLE_DATABASE_URL": database_url,
         "ENTITLE_ADMIN_KEYS": "bench:ek_bench",
+        "ENTITLE_CODE_SECRET": "bench-code-secret-0123456789",
     }
     await ensure_topics(broker.bootstrap, PARTITIONS)
     processes = [start(role, workdir, env) for role in ("ingress", "domain", "projector")]

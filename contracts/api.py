@@ -11,10 +11,22 @@ from pydantic import BaseModel, ConfigDict, Field
 from contracts.events import CauseV1, EntitlementV1
 
 
+class ActivationCodeView(BaseModel):
+    index: int = Field(description="Which of the entitlement's codes (0 is the first)")
+    code: str | None = Field(
+        default=None, description="The code, e.g. 7K3QD-…; shown by the admin API only"
+    )
+
+
 class EntitlementView(EntitlementV1):
     """An entitlement as the admin API shows it."""
 
-    activation_code: str
+    activation_code: str | None = Field(
+        default=None, description="The first active activation code (admin API only)"
+    )
+    activation_codes: list[ActivationCodeView] = Field(
+        default_factory=list, description="Every active code; revoked ones are gone"
+    )
     sequence: int
     due_at: datetime | None = Field(
         default=None, description="When time alone next changes this entitlement"

@@ -35,6 +35,8 @@ EventType = Literal[
     "entitlement.offering_changed",
     "entitlement.seats_changed",
     "entitlement.customer_changed",
+    "entitlement.code_issued",
+    "entitlement.code_revoked",
 ]
 
 

@@ -81,11 +81,12 @@ class Aggregates(Protocol):
 @dataclass(frozen=True)
 class Rules:
     """What the fold needs besides the aggregates: the catalog, lifecycle
-    policy, and a source of new activation codes."""
+    policy, and the hash of an entitlement's n-th activation code (the code
+    itself is derived by the service layer and never stored)."""
 
     catalog: Catalog
     policy: Policy
-    new_activation_code: Callable[[], str]
+    code_hash: Callable[[UUID, int], str]
 
 
 def touches(command: Command) -> list[UUID]:
@@ -136,7 +137,9 @@ def _apply_order_event(
             order_ref=command.order_ref,
             slot=line.slot,
             terms=Terms.of(line.offering, line.quantity, customer.id, customer.email),
-            activation_code=rules.new_activation_code(),
+            code_hash=rules.code_hash(
+                entitlement_id(command.source, command.order_ref, line.slot), 0
+            ),
             inherited=inherited,
             cause=command.cause,
             occurred_at=command.occurred_at,

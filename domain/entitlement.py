@@ -8,6 +8,8 @@ events. Methods take the recording time (`at`) and the provider's time
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -35,6 +37,21 @@ def order_id(source: str, order_ref: str) -> UUID:
 @lru_cache(maxsize=16_384)
 def entitlement_id(source: str, order_ref: str, slot: str) -> UUID:
     return uuid5(NAMESPACE, f"entitlement\x1f{source}\x1f{order_ref}\x1f{slot}")
+
+
+_CROCKFORD_ALIASES = str.maketrans({"O": "0", "I": "1", "L": "1"})
+
+
+def normalize_code(code: str) -> str:
+    """An activation code as typed by a person: any case, with or without
+    hyphens and spaces, O for 0 and I or L for 1 (Crockford base32)."""
+    return "".join(code.split()).replace("-", "").upper().translate(_CROCKFORD_ALIASES)
+
+
+def code_hash(code: str) -> str:
+    """What is stored of an activation code. The codes carry 125 random bits,
+    so a plain SHA-256 cannot be reversed by guessing."""
+    return hashlib.sha256(b"entitle-code\x1f" + normalize_code(code).encode()).hexdigest()
 
 
 def payment_id(source: str, ref: str) -> UUID:
@@ -123,8 +140,15 @@ class Entitlement(Aggregate):
         quantity: int
         customer_id: str | None
         customer_email: str | None
-        activation_code: str
+        code_hash: str
         inherited: list[dict[str, Any]]
+
+        # Version 1 stored the activation code itself; now only its hash.
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["code_hash"] = code_hash(state.pop("activation_code"))
 
         def apply(self, aggregate: Any) -> None:
             # __init__ has built the state; nothing more to fold.
@@ -143,7 +167,7 @@ class Entitlement(Aggregate):
         quantity: int,
         customer_id: str | None,
         customer_email: str | None,
-        activation_code: str,
+        code_hash: str,
         inherited: list[dict[str, Any]],
         cause: dict[str, str],
         occurred_at: datetime,
@@ -160,7 +184,10 @@ class Entitlement(Aggregate):
         self.quantity = quantity
         self.customer_id = customer_id
         self.customer_email = customer_email
-        self.activation_code = activation_code
+        # Activation codes by the hash of each (never the code itself), with
+        # the index the code was derived from; revoked ones are removed.
+        self.codes: dict[str, int] = {code_hash: 0}
+        self.codes_issued = 1
         self.status = Status.PENDING
         self.reason: str | None = None
         self.period_start: datetime | None = None
@@ -184,7 +211,7 @@ class Entitlement(Aggregate):
         order_ref: str,
         slot: str,
         terms: Terms,
-        activation_code: str,
+        code_hash: str,
         inherited: list[Fact],
         cause: Cause,
         occurred_at: datetime,
@@ -206,7 +233,7 @@ class Entitlement(Aggregate):
             quantity=terms.quantity,
             customer_id=terms.customer_id,
             customer_email=terms.customer_email,
-            activation_code=activation_code,
+            code_hash=code_hash,
             inherited=list(inherited),
             cause=cause.as_dict(),
             occurred_at=occurred_at,
@@ -396,6 +423,60 @@ class Entitlement(Aggregate):
         if new.cancel_at != old.cancel_at:
             return self.CancelScheduled if new.cancel_at is not None else self.CancelUnscheduled
         return self.Revised
+
+    # -- activation codes ------------------------------------------------
+
+    class CodeIssued(Event):
+        code_hash: str
+        index: int
+
+        def change(self, aggregate: Any) -> None:
+            aggregate.codes[self.code_hash] = self.index
+            aggregate.codes_issued = max(aggregate.codes_issued, self.index + 1)
+
+    class CodeRevoked(Event):
+        code_hash: str
+        index: int
+
+        def change(self, aggregate: Any) -> None:
+            aggregate.codes.pop(self.code_hash, None)
+
+    def issue_code(
+        self, code_hash_for: Callable[[UUID, int], str], by: str, request_id: str, at: datetime
+    ) -> int:
+        """Another activation code (e.g. for a second department); returns
+        its index, from which the code is derived again for display."""
+        cause = Cause.admin(by, request_id)
+        if self.has_applied(cause):
+            return self.codes_issued - 1
+        index = self.codes_issued
+        self.trigger_event(
+            self.CodeIssued,
+            timestamp=at,
+            cause=cause.as_dict(),
+            occurred_at=at,
+            fact=None,
+            code_hash=code_hash_for(self.id, index),
+            index=index,
+        )
+        return index
+
+    def revoke_code(self, index: int, by: str, request_id: str, at: datetime) -> None:
+        cause = Cause.admin(by, request_id)
+        if self.has_applied(cause):
+            return
+        hashes = [h for h, i in self.codes.items() if i == index]
+        if not hashes:
+            raise Refused(f"no active activation code with index {index}")
+        self.trigger_event(
+            self.CodeRevoked,
+            timestamp=at,
+            cause=cause.as_dict(),
+            occurred_at=at,
+            fact=None,
+            code_hash=hashes[0],
+            index=index,
+        )
 
     # -- admin commands ----------------------------------------------------
 

@@ -14,9 +14,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from contracts.api import AdminAction, DeadLetterList, EntitlementList, EntitlementView, History
+from contracts.api import (
+    ActivationCodeView,
+    AdminAction,
+    DeadLetterList,
+    EntitlementList,
+    EntitlementView,
+    History,
+)
 from contracts.events import Status
 from domain.entitlement import Entitlement, Refused
+from services.codes import CodeBook
 from services.config import AdminKey, Config
 from services.http import HTTPError, authenticate
 from services.projector import entitlement_view, history_entry
@@ -49,13 +57,28 @@ class API:
         read_model: ReadModel,
         keys: list[AdminKey],
         config: Config,
+        codes: CodeBook,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.store = store
         self.read_model = read_model
         self.keys = keys
         self.config = config
+        self.codes = codes
         self.clock = clock
+
+    def with_codes(self, view: EntitlementView) -> EntitlementView:
+        """The view with its activation codes derived again (never stored)."""
+        codes = [
+            ActivationCodeView(index=c.index, code=self.codes.code(view.id, c.index))
+            for c in view.activation_codes
+        ]
+        return view.model_copy(
+            update={
+                "activation_codes": codes,
+                "activation_code": codes[0].code if codes else None,
+            }
+        )
 
     async def list_entitlements(self, request: Request) -> JSONResponse:
         authenticate(request, self.keys)
@@ -77,6 +100,7 @@ class API:
         items = await anyio.to_thread.run_sync(
             lambda: self.read_model.entitlements(limit, **filters)
         )
+        items = [self.with_codes(item) for item in items]
         return JSONResponse(EntitlementList(items=items).model_dump(mode="json"))
 
     async def get_entitlement(self, request: Request) -> JSONResponse:
@@ -85,7 +109,7 @@ class API:
         view = await anyio.to_thread.run_sync(self.read_model.entitlement, entitlement_id)
         if view is None:
             raise HTTPError(404, "not_found", f"no entitlement {entitlement_id}")
-        return JSONResponse(view.model_dump(mode="json"))
+        return JSONResponse(self.with_codes(view).model_dump(mode="json"))
 
     async def get_history(self, request: Request) -> JSONResponse:
         authenticate(request, self.keys)
@@ -152,7 +176,55 @@ class API:
                 self.store.record([entitlement], None)
             except IntegrityError:
                 continue  # a webhook changed it meanwhile: apply to the new state
-            return entitlement_view(entitlement)
+            return self.with_codes(entitlement_view(entitlement))
+        raise HTTPError(503, "busy", "the entitlement kept changing; retry", {"Retry-After": "1"})
+
+    async def issue_code(self, request: Request) -> JSONResponse:
+        """Another activation code for the entitlement (201 with the code)."""
+        key = authenticate(request, self.keys)
+        entitlement_id = uuid.UUID(_entitlement_id(request))
+        request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
+
+        def change(entitlement: Entitlement, at: datetime) -> None:
+            entitlement.issue_code(self.codes.hash, key.name, request_id, at)
+
+        view = await anyio.to_thread.run_sync(self._change, entitlement_id, change)
+        code = max(view.activation_codes, key=lambda c: c.index)
+        return JSONResponse(
+            {"index": code.index, "code": code.code, "entitlement": view.model_dump(mode="json")},
+            status_code=201,
+        )
+
+    async def revoke_code(self, request: Request) -> JSONResponse:
+        key = authenticate(request, self.keys)
+        entitlement_id = uuid.UUID(_entitlement_id(request))
+        raw = request.path_params["index"]
+        if not raw.isdigit():
+            raise HTTPError(422, "invalid_index", f"{raw!r} is not a code index")
+        request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
+
+        def change(entitlement: Entitlement, at: datetime) -> None:
+            entitlement.revoke_code(int(raw), key.name, request_id, at)
+
+        view = await anyio.to_thread.run_sync(self._change, entitlement_id, change)
+        return JSONResponse(view.model_dump(mode="json"))
+
+    def _change(
+        self, entitlement_id: uuid.UUID, change: Callable[[Entitlement, datetime], None]
+    ) -> EntitlementView:
+        for _ in range(5):
+            entitlement = self.store.find(entitlement_id, Entitlement)
+            if entitlement is None:
+                raise HTTPError(404, "not_found", f"no entitlement {entitlement_id}")
+            try:
+                change(entitlement, self.clock())
+            except Refused as exc:
+                raise HTTPError(409, "refused", str(exc)) from None
+            try:
+                self.store.record([entitlement], None)
+            except IntegrityError:
+                continue
+            return self.with_codes(entitlement_view(entitlement))
         raise HTTPError(503, "busy", "the entitlement kept changing; retry", {"Retry-After": "1"})
 
 
@@ -164,6 +236,8 @@ def routes(api: API) -> list[Route]:
         Route("/v1/entitlements", api.list_entitlements, methods=["GET"]),
         Route("/v1/entitlements/{id}", api.get_entitlement, methods=["GET"]),
         Route("/v1/entitlements/{id}/history", api.get_history, methods=["GET"]),
+        Route("/v1/entitlements/{id}/codes", api.issue_code, methods=["POST"]),
+        Route("/v1/entitlements/{id}/codes/{index}", api.revoke_code, methods=["DELETE"]),
         Route("/v1/entitlements/{id}/{action}", api.administer, methods=["POST"]),
         Route("/v1/dead-letters", api.list_dead_letters, methods=["GET"]),
     ]

@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from contracts.webhooks import RAW_TOPIC
 from services import api, ingress
+from services.codes import CodeBook
 from services.config import AdminKey, Config, Settings
 from services.fold import DomainService, Scheduler, subscribe
 from services.http import (
@@ -81,10 +82,18 @@ def build_app(
     if needs_broker:
         assert settings.kafka_bootstrap
         broker = make_broker(settings.kafka_bootstrap, settings.kafka_idempotence)
+    codes: CodeBook | None = None
+    if roles.domain or roles.api:
+        if not settings.code_secret:
+            raise ValueError(
+                "roles domain and api need ENTITLE_CODE_SECRET (the same in every process)"
+            )
+        codes = CodeBook(settings.code_secret)
     scheduler: Scheduler | None = None
     if roles.domain:
         assert store is not None and broker is not None and read_model is not None
-        service = DomainService(store, config, cache_size=settings.aggregate_cache)
+        assert codes is not None
+        service = DomainService(store, config, codes, cache_size=settings.aggregate_cache)
         subscribe(broker, service, settings.domain_batch)
         scheduler = Scheduler(service, read_model)
 
@@ -99,7 +108,8 @@ def build_app(
         routes += ingress.routes(ingress.Ingress(config, publish))
     if roles.api:
         assert store is not None and read_model is not None
-        routes += api.routes(api.API(store, read_model, admin_keys, config))
+        assert codes is not None
+        routes += api.routes(api.API(store, read_model, admin_keys, config, codes))
 
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "roles": roles.names()})

@@ -16,6 +16,7 @@ from pathlib import Path
 import uvicorn
 
 from services.app import ROLES, Roles, build_app
+from services.codes import load_secret
 from services.config import ConfigError, Settings, admin_keys, generate_admin_key, load_config
 from services.kafka import EmbeddedBroker
 
@@ -52,6 +53,9 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
+    if not settings.code_secret:
+        # One process: a secret kept in .entitle/ is enough (see services/codes.py).
+        settings = dataclasses.replace(settings, code_secret=load_secret(generate=True))
     keys_env = os.environ.get("ENTITLE_ADMIN_KEYS")
     generated = None
     if not keys_env:
@@ -150,12 +154,15 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 
 def cmd_redrive(args: argparse.Namespace) -> int:
     """Re-process unresolved dead letters with the current configuration."""
+    from services.codes import CodeBook
     from services.fold import DomainService
     from services.readmodel import ReadModel
     from services.store import EntitlementStore
 
     config = load_config(Path(args.config))
     settings = Settings.from_env()
+    if not settings.code_secret:
+        raise ConfigError("redrive needs ENTITLE_CODE_SECRET (the one the services use)")
     read_model = ReadModel(settings.database_url)
     store = EntitlementStore(settings.database_url)
     try:
@@ -163,7 +170,8 @@ def cmd_redrive(args: argparse.Namespace) -> int:
             ids = [uuid.UUID(raw) for raw in args.ids]
         else:
             ids = [letter.id for letter in read_model.dead_letters(args.limit, unresolved=True)]
-        resolved, failed = DomainService(store, config).redrive(ids)
+        codes = CodeBook(settings.code_secret)
+        resolved, failed = DomainService(store, config, codes).redrive(ids)
     finally:
         store.close()
         read_model.close()

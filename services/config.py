@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 from domain.catalog import Catalog, Offering
 from domain.lifecycle import Policy
+from services.codes import load_secret
 from services.providers import PROVIDERS, Credentials, Provider
 
 
@@ -207,6 +208,10 @@ class Settings:
     domain_batch: int = 500
     schedule_interval: float = 1.0
     aggregate_cache: int = 10_000
+    code_secret: str | None = None
+
+    def __repr__(self) -> str:  # never show the code secret
+        return f"Settings(kafka_bootstrap={self.kafka_bootstrap!r})"
 
     @classmethod
     def from_env(cls, data_dir: Path = Path(".entitle")) -> Settings:
@@ -221,4 +226,5 @@ class Settings:
             domain_batch=int(os.environ.get("ENTITLE_DOMAIN_BATCH", "500")),
             schedule_interval=float(os.environ.get("ENTITLE_SCHEDULE_INTERVAL", "1")),
             aggregate_cache=int(os.environ.get("ENTITLE_AGGREGATE_CACHE", "10000")),
+            code_secret=load_secret(data_dir),
         )

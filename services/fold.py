@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ from contracts.webhooks import RAW_TOPIC, RawWebhookV1
 from domain.commands import Command, Rules, apply, settle_due, touches
 from domain.dead_letter import DeadLetter, dead_letter_id
 from domain.entitlement import Entitlement, Order, Payment, order_id
+from services.codes import CodeBook
 from services.config import Config
 from services.providers import Unmappable
 from services.readmodel import ReadModel
@@ -41,13 +41,6 @@ from services.store import AggregateCache, Batch, EntitlementStore
 log = logging.getLogger("entitle.domain")
 
 CONSUMER_GROUP = "entitle-domain"
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-
-
-def new_activation_code() -> str:
-    """25 Crockford base32 characters (125 bits) in five groups of five."""
-    chars = "".join(secrets.choice(_CROCKFORD) for _ in range(25))
-    return "-".join(chars[i : i + 5] for i in range(0, 25, 5))
 
 
 class Record(Protocol):
@@ -91,14 +84,15 @@ class DomainService:
         self,
         store: EntitlementStore,
         config: Config,
+        codes: CodeBook,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        new_code: Callable[[], str] = new_activation_code,
         cache_size: int = 10_000,
     ) -> None:
         self.store = store
         self.config = config
         self.clock = clock
-        self.rules = Rules(config.catalog, config.policy, new_code)
+        self.codes = codes
+        self.rules = Rules(config.catalog, config.policy, codes.hash)
         self.cache = AggregateCache(cache_size)
 
     def process(self, records: Sequence[Record]) -> FoldResult:

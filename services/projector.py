@@ -26,7 +26,7 @@ from uuid import UUID, uuid5
 import anyio
 from faststream.kafka import KafkaBroker
 
-from contracts.api import DeadLetterView, EntitlementView, HistoryEntry
+from contracts.api import ActivationCodeView, DeadLetterView, EntitlementView, HistoryEntry
 from contracts.events import (
     EVENTS_TOPIC,
     CauseV1,
@@ -101,7 +101,8 @@ def entitlement_view(entitlement: Entitlement) -> EntitlementView:
         trial=entitlement.trial,
         overdue=entitlement.overdue,
         cancel_at=entitlement.cancel_at,
-        activation_code=entitlement.activation_code,
+        # Only which codes exist: the codes themselves are never stored.
+        activation_codes=[ActivationCodeView(index=i) for i in sorted(entitlement.codes.values())],
         sequence=entitlement.version,
         due_at=entitlement.due_at,
         created_at=entitlement.created_on,

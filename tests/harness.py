@@ -21,6 +21,9 @@ T = TypeVar("T")
 ENTITLE = str(Path(sys.executable).with_name("entitle"))
 
 
+SHARED_CODE_SECRET = "test-code-secret-0123456789"
+
+
 class Entitle:
     """`entitle <args>` in `cwd`, with its output collected for assertions."""
 
@@ -31,7 +34,10 @@ class Entitle:
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [ENTITLE, *args, "--port", str(self.port)]
         self.cwd = cwd
-        self.env = {**os.environ, **(env or {})}
+        # Split roles need the shared code secret; `entitle dev` keeps its own
+        # in .entitle/, and the tests let it.
+        shared = {} if args[:1] == ["dev"] else {"ENTITLE_CODE_SECRET": SHARED_CODE_SECRET}
+        self.env = {**shared, **os.environ, **(env or {})}
         self.output: list[str] = []
         self.process: subprocess.Popen[str] | None = None
 

@@ -58,7 +58,7 @@ class World:
         self.normalize = PROVIDERS[provider].normalize
         self.items: dict[UUID, Any] = {}
         self.codes = itertools.count(1)
-        self.rules = Rules(catalog, policy or Policy(), lambda: f"CODE-{next(self.codes)}")
+        self.rules = Rules(catalog, policy or Policy(), lambda ent_id, n: f"hash-{ent_id}-{n}")
         self.now = T0
 
     # the domain's Aggregates port

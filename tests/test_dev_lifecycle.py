@@ -238,7 +238,7 @@ def test_redrive_applies_dead_letters_once_the_catalog_knows_the_price(tmp_path:
         done = subprocess.run(
             [ENTITLE, "redrive", "--config", str(fixed)],
             cwd=tmp_path,
-            env={**os.environ, **env},
+            env={**os.environ, **env},  # the secret is the one dev keeps in .entitle/
             text=True,
             capture_output=True,
             timeout=60,
@@ -249,3 +249,41 @@ def test_redrive_applies_dead_letters_once_the_catalog_knows_the_price(tmp_path:
         assert (item["offering"], item["seats"], item["status"]) == ("gold", 20, "ACTIVE")
         [letter] = httpx.get(f"{entitle.url}/v1/dead-letters", headers=AUTH).json()["items"]
         assert letter["resolved_at"] is not None
+
+
+def test_admins_issue_and_revoke_activation_codes_which_are_never_stored(tmp_path: Path) -> None:
+    (tmp_path / "entitle.yaml").write_text(CONFIG)
+    now = int(time.time())
+    with Entitle(["dev"], tmp_path, {"ENTITLE_ADMIN_KEYS": ADMIN}) as entitle:
+        paid = se.invoice_paid(
+            subscription="sub_codes",
+            lines=[{"price": "price_basic", "start": now, "end": now + 30 * DAY}],
+        )
+        assert post(entitle, paid).status_code == 202
+        [item] = eventually(lambda: entitlements(entitle, order_ref="sub_codes"), timeout=5)
+        first = item["activation_code"]
+        assert [c["code"] for c in item["activation_codes"]] == [first]
+        url = f"{entitle.url}/v1/entitlements/{item['id']}"
+        issued = httpx.post(f"{url}/codes", headers=AUTH)
+        assert issued.status_code == 201, issued.text
+        second = issued.json()["code"]
+        assert issued.json()["index"] == 1 and second != first
+        revoked = httpx.delete(f"{url}/codes/0", headers=AUTH)
+        assert revoked.status_code == 200, revoked.text
+        assert revoked.json()["activation_code"] == second
+        assert httpx.delete(f"{url}/codes/0", headers=AUTH).status_code == 409
+        assert httpx.delete(f"{url}/codes/x", headers=AUTH).status_code == 422
+        assert httpx.post(f"{url}/codes").status_code == 401
+        shown = eventually(
+            lambda: (
+                (v := httpx.get(url, headers=AUTH).json())["activation_codes"][0]["index"] == 1
+                and v
+            ),
+            timeout=5,
+        )
+        assert [c["code"] for c in shown["activation_codes"]] == [second]
+        types = [e["type"] for e in httpx.get(f"{url}/history", headers=AUTH).json()["events"]]
+        assert types[-2:] == ["entitlement.code_issued", "entitlement.code_revoked"]
+    stored = b"".join(p.read_bytes() for p in (tmp_path / ".entitle").glob("entitle.db*"))
+    for code in (first, second):
+        assert code.encode() not in stored and code.replace("-", "").encode() not in stored

@@ -14,7 +14,7 @@ from services.projector import Follower, ReadModelProjection
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
 from tests import stripe_events as se
-from tests.test_store import record
+from tests.test_store import CODES, record
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ def status(store: EntitlementStore, subscription: str, price: str) -> Status:
 def test_due_entitlements_are_suspended_then_expired_across_a_restart(database_url: str) -> None:
     clock = Clock(START + timedelta(minutes=5))
     store, read_model = EntitlementStore(database_url), ReadModel(database_url)
-    service = DomainService(store, CONFIG, clock=clock)
+    service = DomainService(store, CONFIG, CODES, clock=clock)
     service.process(
         [record(0, paid("sub_pro", "price_pro")), record(1, paid("sub_basic", "price_basic"))]
     )
@@ -84,7 +84,7 @@ def test_due_entitlements_are_suspended_then_expired_across_a_restart(database_u
     read_model.close()
     store, read_model = EntitlementStore(database_url), ReadModel(database_url)
     clock.now = END + timedelta(days=20)
-    scheduler = Scheduler(DomainService(store, CONFIG, clock=clock), read_model)
+    scheduler = Scheduler(DomainService(store, CONFIG, CODES, clock=clock), read_model)
     assert scheduler.run_once() > 0
     assert status(store, "sub_pro", "price_pro") is Status.EXPIRED
     ent_id = entitlement_id("stripe-main", "sub_pro", se.item_id("sub_pro", "price_pro"))

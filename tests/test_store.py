@@ -14,6 +14,7 @@ import pytest
 from contracts.webhooks import RAW_TOPIC, RawWebhookV1
 from domain.dead_letter import DeadLetter
 from domain.entitlement import Entitlement, Status, entitlement_id
+from services.codes import CodeBook
 from services.config import Config, parse_config
 from services.fold import DomainService
 from services.projector import READ_MODEL, Follower, ReadModelProjection, replay
@@ -29,6 +30,7 @@ offerings:
   - {{sku: better_annual, product: acme, period: P1Y, seats: 3}}
 """)
 NOW = int(time.time())
+CODES = CodeBook("test-code-secret-0123456789")
 YEAR = 365 * 86400
 
 
@@ -72,7 +74,7 @@ def store(database_url: str) -> EntitlementStore:
 
 
 def service(store: EntitlementStore, config: Config = CONFIG) -> DomainService:
-    return DomainService(store, config)
+    return DomainService(store, config, CODES)
 
 
 def test_a_batch_is_saved_with_its_kafka_position(store: EntitlementStore) -> None:
@@ -228,8 +230,8 @@ offerings:
   - {{sku: basic, product: acme, stripe_price_ids: [price_basic]}}
   - {{sku: addon, product: acme, stripe_price_ids: [price_addon]}}
 """)
-    first = DomainService(store, catalog)
-    other = DomainService(EntitlementStore(database_url), catalog)
+    first = DomainService(store, catalog, CODES)
+    other = DomainService(EntitlementStore(database_url), catalog, CODES)
     basic = {"price": "price_basic", "item": "si_basic"}
     first.process(
         [
