@@ -23,6 +23,12 @@ from contracts.api import (
 )
 from contracts.billing import BillingEventV1
 from contracts.events import EntitlementEventV1
+from contracts.licensing import (
+    Activation,
+    ActivationRequest,
+    ValidationRequest,
+    ValidationResult,
+)
 from contracts.webhooks import DeadLetterV1, RawWebhookV1
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
@@ -40,6 +46,10 @@ PUBLISHED: dict[str, type[BaseModel]] = {
     "api-error.v1.json": Error,
     "api-admin-action.v1.json": AdminAction,
     "billing-event.v1.json": BillingEventV1,
+    "licensing-activation-request.v1.json": ActivationRequest,
+    "licensing-activation.v1.json": Activation,
+    "licensing-validation-request.v1.json": ValidationRequest,
+    "licensing-validation-result.v1.json": ValidationResult,
 }
 
 

@@ -18,6 +18,15 @@ class ActivationCodeView(BaseModel):
     )
 
 
+class SeatView(BaseModel):
+    """A device holding one of the entitlement's seats."""
+
+    id: str
+    fingerprint: str
+    label: str | None = None
+    activated_at: datetime
+
+
 class EntitlementView(EntitlementV1):
     """An entitlement as the admin API shows it."""
 
@@ -26,6 +35,9 @@ class EntitlementView(EntitlementV1):
     )
     activation_codes: list[ActivationCodeView] = Field(
         default_factory=list, description="Every active code; revoked ones are gone"
+    )
+    activations: list[SeatView] = Field(
+        default_factory=list, description="Devices holding seats, oldest first"
     )
     sequence: int
     due_at: datetime | None = Field(
@@ -87,6 +99,9 @@ class Error(BaseModel):
     error: str = Field(description="Machine-readable code, e.g. invalid_signature")
     detail: str
     status: int
+    entitlement_status: str | None = Field(
+        default=None, description="On 403 NOT_ACTIVE: the entitlement's status"
+    )
 
 
 class Accepted(BaseModel):

@@ -37,14 +37,18 @@ EventType = Literal[
     "entitlement.customer_changed",
     "entitlement.code_issued",
     "entitlement.code_revoked",
+    "entitlement.seat_activated",
+    "entitlement.seat_released",
 ]
 
 
 class CauseV1(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    kind: Literal["provider", "schedule", "admin"]
-    source: str = Field(description="Source name, 'schedule', or the admin key's name")
+    kind: Literal["provider", "schedule", "admin", "client"]
+    source: str = Field(
+        description="Source name, 'schedule', the admin key's name, or 'activation' (client)"
+    )
     event_id: str = Field(
         description="Provider event id (e.g. evt_…), or a schedule/admin reference"
     )

@@ -62,6 +62,20 @@ class Refused(ValueError):
     """An admin command that makes no sense in the entitlement's state."""
 
 
+class NotActive(Refused):
+    """Activation needs an ACTIVE entitlement."""
+
+    def __init__(self, status: Status) -> None:
+        super().__init__(f"the entitlement is {status.value}")
+        self.status = status
+
+
+class TooManySeats(Refused):
+    def __init__(self, seats: int) -> None:
+        super().__init__(f"all {seats} seat(s) are in use")
+        self.seats = seats
+
+
 @dataclass(frozen=True)
 class Cause:
     """Why something changed: a provider event, the schedule, or an admin."""
@@ -81,6 +95,11 @@ class Cause:
     @classmethod
     def admin(cls, key_name: str, request_id: str) -> Cause:
         return cls("admin", key_name, request_id)
+
+    @classmethod
+    def client(cls, request_id: str) -> Cause:
+        """The vendor's application, acting with a customer's activation code."""
+        return cls("client", "activation", request_id)
 
     @property
     def key(self) -> str:
@@ -188,6 +207,8 @@ class Entitlement(Aggregate):
         # the index the code was derived from; revoked ones are removed.
         self.codes: dict[str, int] = {code_hash: 0}
         self.codes_issued = 1
+        # Seats in use: seat id -> fingerprint, label, activation time, code hash.
+        self.activations: dict[str, dict[str, Any]] = {}
         self.status = Status.PENDING
         self.reason: str | None = None
         self.period_start: datetime | None = None
@@ -386,6 +407,9 @@ class Entitlement(Aggregate):
             emit(self.OfferingChanged, **_terms_fields(terms))
         elif (terms.seats, terms.quantity) != (current.seats, current.quantity):
             emit(self.SeatsChanged, **_terms_fields(terms))
+        if len(self.activations) > self.seats:
+            self._release_beyond(self.seats, cause, occurred_at, at)
+            emitted = True
         if (terms.customer_id, terms.customer_email) != (self.customer_id, self.customer_email):
             emit(
                 self.CustomerChanged,
@@ -477,6 +501,101 @@ class Entitlement(Aggregate):
             code_hash=hashes[0],
             index=index,
         )
+
+    # -- seats ---------------------------------------------------------------
+
+    class SeatActivated(Event):
+        seat_id: str
+        fingerprint: str
+        label: str | None
+        code_hash: str
+
+        def change(self, aggregate: Any) -> None:
+            aggregate.activations[self.seat_id] = {
+                "fingerprint": self.fingerprint,
+                "label": self.label,
+                "activated_at": self.timestamp,
+                "code_hash": self.code_hash,
+            }
+
+    class SeatReleased(Event):
+        seat_id: str
+        reason: str
+
+        def change(self, aggregate: Any) -> None:
+            aggregate.activations.pop(self.seat_id, None)
+
+    def seat_for(self, fingerprint: str) -> str | None:
+        for seat_id, seat in self.activations.items():
+            if seat["fingerprint"] == fingerprint:
+                return seat_id
+        return None
+
+    def activate(
+        self,
+        code_hash: str,
+        fingerprint: str,
+        label: str | None,
+        seat_id: str,
+        request_id: str,
+        at: datetime,
+    ) -> tuple[str, bool]:
+        """Take a seat for a device; returns (seat id, whether it is new). The
+        same fingerprint again gets its existing seat."""
+        if code_hash not in self.codes:
+            raise Refused("the activation code is not active")
+        existing = self.seat_for(fingerprint)
+        if existing is not None:
+            return existing, False
+        if self.status is not Status.ACTIVE:
+            raise NotActive(self.status)
+        if len(self.activations) >= self.seats:
+            raise TooManySeats(self.seats)
+        cause = Cause.client(request_id)
+        self.trigger_event(
+            self.SeatActivated,
+            timestamp=at,
+            cause=cause.as_dict(),
+            occurred_at=at,
+            fact=None,
+            seat_id=seat_id,
+            fingerprint=fingerprint,
+            label=label,
+            code_hash=code_hash,
+        )
+        return seat_id, True
+
+    def release(self, seat_id: str, reason: str, request_id: str, at: datetime) -> None:
+        if seat_id not in self.activations:
+            raise Refused(f"no seat {seat_id} in use")
+        cause = Cause.client(request_id)
+        self.trigger_event(
+            self.SeatReleased,
+            timestamp=at,
+            cause=cause.as_dict(),
+            occurred_at=at,
+            fact=None,
+            seat_id=seat_id,
+            reason=reason,
+        )
+
+    def _release_beyond(
+        self, seats: int, cause: Cause, occurred_at: datetime, at: datetime
+    ) -> None:
+        """Fewer seats (a downgrade): the newest activations go, the oldest stay."""
+        newest_first = sorted(
+            self.activations.items(), key=lambda item: item[1]["activated_at"], reverse=True
+        )
+        for seat_id, _ in newest_first[: max(0, len(self.activations) - seats)]:
+            self.trigger_event(
+                self.SeatReleased,
+                timestamp=at,
+                cause=cause.as_dict(),
+                occurred_at=occurred_at,
+                fact=None,
+                seat_id=seat_id,
+                reason="seats_reduced",
+            )
 
     # -- admin commands ----------------------------------------------------
 

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from contracts.webhooks import RAW_TOPIC
-from services import api, ingress
+from services import api, ingress, licensing
 from services.codes import CodeBook
 from services.config import AdminKey, Config, Settings
 from services.fold import DomainService, Scheduler, subscribe
@@ -110,6 +110,7 @@ def build_app(
         assert store is not None and read_model is not None
         assert codes is not None
         routes += api.routes(api.API(store, read_model, admin_keys, config, codes))
+        routes += licensing.routes(licensing.Licensing(store, read_model))
 
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "roles": roles.names()})

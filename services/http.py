@@ -17,24 +17,36 @@ log = logging.getLogger("entitle.http")
 class HTTPError(Exception):
     """Raised by a handler; rendered as an `Error` JSON body."""
 
-    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        headers: dict[str, str] | None = None,
+        entitlement_status: str | None = None,
+    ):
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
         self.headers = headers
+        self.entitlement_status = entitlement_status
 
 
 def error_response(
-    status: int, code: str, detail: str, headers: dict[str, str] | None = None
+    status: int,
+    code: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    entitlement_status: str | None = None,
 ) -> JSONResponse:
-    body = Error(error=code, detail=detail, status=status)
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    body = Error(error=code, detail=detail, status=status, entitlement_status=entitlement_status)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 
 async def handle_http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPError)
-    return error_response(exc.status, exc.code, exc.detail, exc.headers)
+    return error_response(exc.status, exc.code, exc.detail, exc.headers, exc.entitlement_status)
 
 
 async def handle_starlette_error(_: Request, exc: Exception) -> JSONResponse:

@@ -26,7 +26,13 @@ from uuid import UUID, uuid5
 import anyio
 from faststream.kafka import KafkaBroker
 
-from contracts.api import ActivationCodeView, DeadLetterView, EntitlementView, HistoryEntry
+from contracts.api import (
+    ActivationCodeView,
+    DeadLetterView,
+    EntitlementView,
+    HistoryEntry,
+    SeatView,
+)
 from contracts.events import (
     EVENTS_TOPIC,
     CauseV1,
@@ -103,6 +109,18 @@ def entitlement_view(entitlement: Entitlement) -> EntitlementView:
         cancel_at=entitlement.cancel_at,
         # Only which codes exist: the codes themselves are never stored.
         activation_codes=[ActivationCodeView(index=i) for i in sorted(entitlement.codes.values())],
+        activations=sorted(
+            (
+                SeatView(
+                    id=seat_id,
+                    fingerprint=seat["fingerprint"],
+                    label=seat["label"],
+                    activated_at=seat["activated_at"],
+                )
+                for seat_id, seat in entitlement.activations.items()
+            ),
+            key=lambda seat: seat.activated_at,
+        ),
         sequence=entitlement.version,
         due_at=entitlement.due_at,
         created_at=entitlement.created_on,
@@ -131,6 +149,8 @@ class Change:
     previous_status: str | None
     entitlement: EntitlementView | None = None
     dead_letter: DeadLetter | None = None
+    #: The entitlement's active code hashes, for the read model's code index.
+    code_hashes: tuple[str, ...] = ()
 
     @property
     def public(self) -> bool:
@@ -163,7 +183,14 @@ class Follower:
                 previous = before.status.value if before is not None else None
                 after_state = event.mutate(before)
                 self._remember(after_state)
-                changes.append(Change(event, previous, entitlement=entitlement_view(after_state)))
+                changes.append(
+                    Change(
+                        event,
+                        previous,
+                        entitlement=entitlement_view(after_state),
+                        code_hashes=tuple(after_state.codes),
+                    )
+                )
             elif notification.topic.startswith(_DEAD_LETTER_TOPIC + "."):
                 event = self.store.mapper.to_domain_event(notification)
                 letter = event.mutate(self._state_before(event))
@@ -206,13 +233,17 @@ class ReadModelProjection:
 
     def apply(self, changes: list[Change], position: int) -> None:
         latest: dict[UUID, EntitlementView] = {}
+        codes: dict[UUID, tuple[str, ...]] = {}
         letters: dict[UUID, DeadLetterView] = {}
         for change in changes:
             if change.entitlement is not None:
                 latest[change.entitlement.id] = change.entitlement
+                codes[change.entitlement.id] = change.code_hashes
             if change.dead_letter is not None:
                 letters[change.dead_letter.id] = dead_letter_view(change.dead_letter)
-        self.read_model.apply(self.name, position, list(latest.values()), list(letters.values()))
+        self.read_model.apply(
+            self.name, position, list(latest.values()), list(letters.values()), codes
+        )
 
     async def project(self, changes: list[Change], position: int) -> None:
         await anyio.to_thread.run_sync(self.apply, changes, position)

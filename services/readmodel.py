@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
+from uuid import UUID
 
 from contracts.api import DeadLetterView, EntitlementView
 
@@ -39,6 +40,18 @@ _TABLES = [
         resolved INTEGER NOT NULL DEFAULT 0,
         body TEXT NOT NULL
     )""",
+    # Activation code hash -> entitlement, and seat -> entitlement: the
+    # licensing API's lookups.
+    """CREATE TABLE IF NOT EXISTS entitle_v2_codes (
+        code_hash TEXT PRIMARY KEY,
+        entitlement_id TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS entitle_v2_codes_ent ON entitle_v2_codes (entitlement_id)",
+    """CREATE TABLE IF NOT EXISTS entitle_v2_seats (
+        seat_id TEXT PRIMARY KEY,
+        entitlement_id TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS entitle_v2_seats_ent ON entitle_v2_seats (entitlement_id)",
     """CREATE TABLE IF NOT EXISTS entitle_read_positions (
         name TEXT PRIMARY KEY,
         position BIGINT NOT NULL
@@ -48,6 +61,8 @@ _TABLES = [
 _DROP = [
     "DROP TABLE IF EXISTS entitle_v2_entitlements",
     "DROP TABLE IF EXISTS entitle_v2_dead_letters",
+    "DROP TABLE IF EXISTS entitle_v2_codes",
+    "DROP TABLE IF EXISTS entitle_v2_seats",
 ]
 
 FILTERS = ("order_ref", "customer_email", "status", "offering")
@@ -148,10 +163,32 @@ class ReadModel:
         position: int,
         entitlements: Sequence[EntitlementView],
         dead_letters: Sequence[DeadLetterView],
+        codes: Mapping[UUID, Sequence[str]] | None = None,
     ) -> None:
         """Upsert rows and advance the projection's position, atomically."""
         with self._transaction() as cur:
             for view in entitlements:
+                entitlement_id = str(view.id)
+                # Codes and seats are few per entitlement: replace them outright.
+                for table in ("entitle_v2_codes", "entitle_v2_seats"):
+                    cur.execute(
+                        self._sql(f"DELETE FROM {table} WHERE entitlement_id = ?"),
+                        (entitlement_id,),
+                    )
+                for code in (codes or {}).get(view.id, ()):
+                    cur.execute(
+                        self._sql(
+                            "INSERT INTO entitle_v2_codes (code_hash, entitlement_id) VALUES (?, ?)"
+                        ),
+                        (code, entitlement_id),
+                    )
+                for seat in view.activations:
+                    cur.execute(
+                        self._sql(
+                            "INSERT INTO entitle_v2_seats (seat_id, entitlement_id) VALUES (?, ?)"
+                        ),
+                        (seat.id, entitlement_id),
+                    )
                 cur.execute(
                     self._sql(
                         "INSERT INTO entitle_v2_entitlements "
@@ -216,6 +253,21 @@ class ReadModel:
             "SELECT body FROM entitle_v2_entitlements WHERE id = ?", (entitlement_id,)
         )
         return EntitlementView.model_validate_json(rows[0][0]) if rows else None
+
+    def by_code(self, code_hash: str) -> EntitlementView | None:
+        """The entitlement an activation code (by its hash) belongs to."""
+        rows = self._query(
+            "SELECT e.body FROM entitle_v2_codes c JOIN entitle_v2_entitlements e"
+            " ON e.id = c.entitlement_id WHERE c.code_hash = ?",
+            (code_hash,),
+        )
+        return EntitlementView.model_validate_json(rows[0][0]) if rows else None
+
+    def by_seat(self, seat_id: str) -> str | None:
+        rows = self._query(
+            "SELECT entitlement_id FROM entitle_v2_seats WHERE seat_id = ?", (seat_id,)
+        )
+        return str(rows[0][0]) if rows else None
 
     def due(self, now: datetime, limit: int = 500) -> list[str]:
         """Ids of entitlements whose due time has come, soonest first."""

@@ -1,0 +1,72 @@
+"""Bodies of the licensing API: what the vendor's application calls with a
+customer's activation code (no admin key)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from contracts.events import Status
+
+ValidationCode = Literal[
+    "VALID",
+    "NOT_FOUND",
+    "PENDING",
+    "SUSPENDED",
+    "CANCELED",
+    "EXPIRED",
+    "NO_SEAT",
+    "FEATURE_NOT_INCLUDED",
+    "OVER_LIMIT",
+]
+
+
+class ActivationRequest(BaseModel):
+    """POST /v1/activations"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    activation_code: str = Field(min_length=1, max_length=64)
+    fingerprint: str = Field(min_length=1, max_length=256, description="The device's identity")
+    label: str | None = Field(default=None, max_length=200, description="e.g. 'Ada's laptop'")
+
+
+class Activation(BaseModel):
+    """A seat held by one device."""
+
+    id: str
+    entitlement_id: UUID
+    fingerprint: str
+    label: str | None = None
+    activated_at: datetime
+
+
+class ValidationRequest(BaseModel):
+    """POST /v1/validate"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    activation_code: str = Field(min_length=1, max_length=64)
+    fingerprint: str | None = Field(default=None, min_length=1, max_length=256)
+    feature: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class ValidatedEntitlement(BaseModel):
+    offering: str
+    features: dict[str, Any]
+    limits: dict[str, int]
+    period_end: datetime | None
+    seats_used: int
+    seats_total: int
+
+
+class ValidationResult(BaseModel):
+    """Always 200 for a well-formed request: `code` says why it is (not) valid."""
+
+    valid: bool
+    code: ValidationCode
+    status: Status | None = Field(description="The entitlement's status, if the code exists")
+    entitlement: ValidatedEntitlement | None = None

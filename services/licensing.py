@@ -1,0 +1,176 @@
+"""The licensing API: what the vendor's application calls with a customer's
+activation code. No admin key: the code is the credential, and it reaches
+only its own entitlement.
+
+Lookups go to the read model (indexed by code hash); seat changes are
+domain events saved to the store, with optimistic concurrency, so two
+devices racing for the last seat cannot both get it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import anyio
+from eventsourcing.persistence import IntegrityError
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from contracts.api import EntitlementView
+from contracts.licensing import (
+    Activation,
+    ActivationRequest,
+    ValidatedEntitlement,
+    ValidationRequest,
+    ValidationResult,
+)
+from domain.entitlement import Entitlement, NotActive, Refused, TooManySeats, code_hash
+from services.http import HTTPError
+from services.readmodel import ReadModel
+from services.store import EntitlementStore
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def _body(request: Request, model: type[M]) -> M:
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        raise HTTPError(422, "invalid_body", problems) from None
+
+
+class Licensing:
+    def __init__(
+        self,
+        store: EntitlementStore,
+        read_model: ReadModel,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.store = store
+        self.read_model = read_model
+        self.clock = clock
+
+    # -- activations -------------------------------------------------------
+
+    async def activate(self, request: Request) -> JSONResponse:
+        body = await _body(request, ActivationRequest)
+        hashed = code_hash(body.activation_code)
+        view = await anyio.to_thread.run_sync(self.read_model.by_code, hashed)
+        if view is None:
+            raise HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
+        request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
+        seat: dict[str, Any] = {}
+
+        def change(entitlement: Entitlement, at: datetime) -> None:
+            seat_id, new = entitlement.activate(
+                hashed, body.fingerprint, body.label, str(uuid.uuid4()), request_id, at
+            )
+            seat.update(id=seat_id, new=new)
+
+        entitlement = await anyio.to_thread.run_sync(self._change, view.id, change)
+        held = entitlement.activations[seat["id"]]
+        activation = Activation(
+            id=seat["id"],
+            entitlement_id=entitlement.id,
+            fingerprint=held["fingerprint"],
+            label=held["label"],
+            activated_at=held["activated_at"],
+        )
+        return JSONResponse(
+            activation.model_dump(mode="json"), status_code=201 if seat["new"] else 200
+        )
+
+    async def deactivate(self, request: Request) -> Response:
+        seat_id = request.path_params["id"]
+        entitlement_id = await anyio.to_thread.run_sync(self.read_model.by_seat, seat_id)
+        if entitlement_id is None:
+            raise HTTPError(404, "NOT_FOUND", f"no seat {seat_id} is in use")
+        request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
+
+        def change(entitlement: Entitlement, at: datetime) -> None:
+            if seat_id in entitlement.activations:
+                entitlement.release(seat_id, "released", request_id, at)
+
+        await anyio.to_thread.run_sync(self._change, uuid.UUID(entitlement_id), change)
+        return Response(status_code=204)
+
+    def _change(
+        self, entitlement_id: uuid.UUID, change: Callable[[Entitlement, datetime], None]
+    ) -> Entitlement:
+        for _ in range(5):
+            entitlement = self.store.find(entitlement_id, Entitlement)
+            if entitlement is None:
+                raise HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
+            try:
+                change(entitlement, self.clock())
+            except NotActive as exc:
+                raise HTTPError(
+                    403, "NOT_ACTIVE", str(exc), entitlement_status=exc.status.value
+                ) from None
+            except TooManySeats as exc:
+                raise HTTPError(409, "TOO_MANY_SEATS", str(exc)) from None
+            except Refused as exc:
+                raise HTTPError(404, "NOT_FOUND", str(exc)) from None
+            try:
+                self.store.record([entitlement], None)
+            except IntegrityError:
+                continue  # another device or a webhook changed it: decide again
+            return entitlement
+        raise HTTPError(503, "busy", "the entitlement kept changing; retry", {"Retry-After": "1"})
+
+    # -- validation --------------------------------------------------------
+
+    async def validate(self, request: Request) -> JSONResponse:
+        body = await _body(request, ValidationRequest)
+        result = await anyio.to_thread.run_sync(self.check, body)
+        return JSONResponse(result.model_dump(mode="json"))
+
+    def check(self, body: ValidationRequest) -> ValidationResult:
+        view = self.read_model.by_code(code_hash(body.activation_code))
+        if view is None:
+            return ValidationResult(valid=False, code="NOT_FOUND", status=None)
+        summary = ValidatedEntitlement(
+            offering=view.offering,
+            features=view.features,
+            limits=view.limits,
+            period_end=view.period_end,
+            seats_used=len(view.activations),
+            seats_total=view.seats,
+        )
+        if view.status != "ACTIVE":
+            return ValidationResult(
+                valid=False, code=view.status, status=view.status, entitlement=summary
+            )
+        if body.fingerprint is not None and not self._holds_seat(view, body.fingerprint):
+            return ValidationResult(
+                valid=False, code="NO_SEAT", status=view.status, entitlement=summary
+            )
+        if body.feature is not None and not view.features.get(body.feature):
+            return ValidationResult(
+                valid=False, code="FEATURE_NOT_INCLUDED", status=view.status, entitlement=summary
+            )
+        return ValidationResult(valid=True, code="VALID", status=view.status, entitlement=summary)
+
+    def _holds_seat(self, view: EntitlementView, fingerprint: str) -> bool:
+        if any(seat.fingerprint == fingerprint for seat in view.activations):
+            return True
+        # The read model may not have the activation yet (it was just made):
+        # the store decides. This is the rare path, so it may cost a read.
+        entitlement = self.store.find(view.id, Entitlement)
+        return entitlement is not None and entitlement.seat_for(fingerprint) is not None
+
+
+def routes(licensing: Licensing) -> list[Route]:
+    return [
+        Route("/v1/activations", licensing.activate, methods=["POST"]),
+        Route("/v1/activations/{id}", licensing.deactivate, methods=["DELETE"]),
+        Route("/v1/validate", licensing.validate, methods=["POST"]),
+    ]

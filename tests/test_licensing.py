@@ -1,0 +1,194 @@
+"""The licensing API: activations (seats) and validation, with a customer's
+activation code and no admin key."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from domain.entitlement import NotActive, TooManySeats
+from tests import stripe_events as se
+from tests.harness import Entitle, eventually
+from tests.lifecycle_world import DAY, T0, World
+from tests.test_dev import ADMIN, AUTH, entitlements, post
+from tests.test_lifecycle import paid, snapshot
+
+CONFIG = f"""
+sources:
+  stripe-main: {{provider: stripe, secret: {se.SECRET}}}
+offerings:
+  - {{sku: team, product: acme, seats: 2, features: {{export: true, sso: false}},
+      limits: {{projects: 5}}, stripe_price_ids: [price_team]}}
+"""
+
+
+# -- seats in the domain ----------------------------------------------------------
+
+
+def test_seats_are_taken_once_per_device_and_limited() -> None:
+    world = World()
+    world.deliver(paid(0, "pro"))  # pro: 5 seats
+    entitlement = world.only()
+    [code] = entitlement.codes
+    at = T0 + timedelta(minutes=5)
+    seats = [
+        entitlement.activate(code, f"dev-{n}", None, f"seat-{n}", f"r{n}", at) for n in range(5)
+    ]
+    assert all(new for _, new in seats)
+    assert entitlement.activate(code, "dev-0", None, "seat-x", "r9", at) == ("seat-0", False)
+    with pytest.raises(TooManySeats):
+        entitlement.activate(code, "dev-5", None, "seat-5", "r5", at)
+    entitlement.release("seat-4", "released", "r10", at)
+    assert entitlement.activate(code, "dev-5", None, "seat-5", "r11", at) == ("seat-5", True)
+
+
+def test_an_entitlement_that_is_not_active_takes_no_new_seat() -> None:
+    world = World()
+    world.deliver(paid(0, "pro"))
+    entitlement = world.only()
+    [code] = entitlement.codes
+    world.at(60 * DAY).tick()  # unpaid: suspended, then expired
+    with pytest.raises(NotActive) as info:
+        entitlement.activate(code, "dev-1", None, "seat-1", "r1", world.now)
+    assert info.value.status.value == "EXPIRED"
+
+
+def test_a_downgrade_keeps_the_oldest_activations_that_still_fit() -> None:
+    world = World()
+    world.deliver(paid(0, "pro", quantity=2))  # 10 seats
+    entitlement = world.only()
+    [code] = entitlement.codes
+    for n in range(4):
+        entitlement.activate(
+            code, f"dev-{n}", None, f"seat-{n}", f"r{n}", T0 + timedelta(minutes=n)
+        )
+    world.deliver(snapshot(0, plan="basic", at=DAY))  # basic: 1 seat
+    assert list(entitlement.activations) == ["seat-0"]
+    released = [e for e in entitlement.collect_events() if type(e).__name__ == "SeatReleased"]
+    assert {e.reason for e in released} == {"seats_reduced"}  # type: ignore[attr-defined]
+
+
+# -- the API end to end -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    workdir = tmp_path_factory.mktemp("licensing")
+    (workdir / "entitle.yaml").write_text(CONFIG)
+    with Entitle(["dev"], Path(workdir), {"ENTITLE_ADMIN_KEYS": ADMIN}) as entitle:
+        yield entitle
+
+
+def new_entitlement(stack: Entitle, sub: str) -> dict[str, Any]:
+    now = int(time.time())
+    event = se.invoice_paid(
+        subscription=sub, lines=[{"price": "price_team", "start": now - DAY, "end": now + 30 * DAY}]
+    )
+    assert post(stack, event).status_code == 202
+    [item] = eventually(lambda: entitlements(stack, order_ref=sub), timeout=5)
+    return item
+
+
+def call(stack: Entitle, path: str, body: Any) -> httpx.Response:
+    return httpx.post(f"{stack.url}{path}", json=body)
+
+
+@pytest.mark.e2e
+def test_activate_validate_and_release_with_the_code_alone(stack: Entitle) -> None:
+    item = new_entitlement(stack, "sub_lic_1")
+    code = item["activation_code"].lower().replace("-", "")  # however the customer types it
+    first = call(
+        stack,
+        "/v1/activations",
+        {"activation_code": code, "fingerprint": "laptop", "label": "Ada's laptop"},
+    )
+    assert first.status_code == 201, first.text
+    seat = first.json()
+    assert (seat["entitlement_id"], seat["fingerprint"], seat["label"]) == (
+        item["id"],
+        "laptop",
+        "Ada's laptop",
+    )
+    again = call(stack, "/v1/activations", {"activation_code": code, "fingerprint": "laptop"})
+    assert (again.status_code, again.json()["id"]) == (200, seat["id"])
+    # Validation sees the seat at once (the store confirms what the read model lacks).
+    result = call(
+        stack,
+        "/v1/validate",
+        {"activation_code": code, "fingerprint": "laptop", "feature": "export"},
+    ).json()
+    assert (result["valid"], result["code"], result["status"]) == (True, "VALID", "ACTIVE")
+    assert result["entitlement"]["seats_total"] == 2
+    assert result["entitlement"]["limits"] == {"projects": 5}
+    assert (
+        call(
+            stack, "/v1/activations", {"activation_code": code, "fingerprint": "desktop"}
+        ).status_code
+        == 201
+    )
+    full = call(stack, "/v1/activations", {"activation_code": code, "fingerprint": "tablet"})
+    assert (full.status_code, full.json()["error"]) == (409, "TOO_MANY_SEATS")
+    assert httpx.delete(f"{stack.url}/v1/activations/{seat['id']}").status_code == 204
+    eventually(
+        lambda: (
+            call(
+                stack, "/v1/activations", {"activation_code": code, "fingerprint": "tablet"}
+            ).status_code
+            == 201
+        ),
+        timeout=5,
+    )
+    checks = {
+        "NO_SEAT": {"activation_code": code, "fingerprint": "laptop"},
+        "FEATURE_NOT_INCLUDED": {"activation_code": code, "feature": "sso"},
+        "NOT_FOUND": {"activation_code": "AAAAA-BBBBB-CCCCC-DDDDD-EEEEE"},
+    }
+    for expected, body in checks.items():
+        result = eventually(
+            lambda b=body, e=expected: (
+                (r := call(stack, "/v1/validate", b).json())["code"] == e and r
+            ),
+            timeout=5,
+        )
+        assert result["valid"] is False
+    assert call(stack, "/v1/validate", {"activation_code": code, "extra": 1}).status_code == 422
+    assert call(stack, "/v1/validate", {}).json()["error"] == "invalid_body"
+    assert httpx.delete(f"{stack.url}/v1/activations/nope").status_code == 404
+    unknown = call(
+        stack,
+        "/v1/activations",
+        {"activation_code": "AAAAA-BBBBB-CCCCC-DDDDD-EEEEE", "fingerprint": "x"},
+    )
+    assert (unknown.status_code, unknown.json()["error"]) == (404, "NOT_FOUND")
+
+
+@pytest.mark.e2e
+def test_a_suspended_entitlement_validates_as_suspended_and_takes_no_seat(stack: Entitle) -> None:
+    item = new_entitlement(stack, "sub_lic_2")
+    code = item["activation_code"]
+    suspend = httpx.post(
+        f"{stack.url}/v1/entitlements/{item['id']}/suspend",
+        json={"reason": "fraud check"},
+        headers=AUTH,
+    )
+    assert suspend.status_code == 200
+    refused = call(stack, "/v1/activations", {"activation_code": code, "fingerprint": "pc"})
+    assert refused.status_code == 403
+    assert (refused.json()["error"], refused.json()["entitlement_status"]) == (
+        "NOT_ACTIVE",
+        "SUSPENDED",
+    )
+    result = eventually(
+        lambda: (
+            (r := call(stack, "/v1/validate", {"activation_code": code}).json())["code"]
+            == "SUSPENDED"
+            and r
+        ),
+        timeout=5,
+    )
+    assert (result["valid"], result["status"]) == (False, "SUSPENDED")
