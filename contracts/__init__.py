@@ -23,6 +23,7 @@ from contracts.api import (
 )
 from contracts.billing import BillingEventV1
 from contracts.events import EntitlementEventV1
+from contracts.license_file import KeysV1, LicenseFileV1
 from contracts.licensing import (
     Activation,
     ActivationRequest,
@@ -50,6 +51,8 @@ PUBLISHED: dict[str, type[BaseModel]] = {
     "licensing-activation.v1.json": Activation,
     "licensing-validation-request.v1.json": ValidationRequest,
     "licensing-validation-result.v1.json": ValidationResult,
+    "license-file.v1.json": LicenseFileV1,
+    "license-keys.v1.json": KeysV1,
 }
 
 

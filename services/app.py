@@ -110,7 +110,12 @@ def build_app(
         assert store is not None and read_model is not None
         assert codes is not None
         routes += api.routes(api.API(store, read_model, admin_keys, config, codes))
-        routes += licensing.routes(licensing.Licensing(store, read_model))
+        signer = (
+            licensing.Signer.from_secret(settings.license_key) if settings.license_key else None
+        )
+        routes += licensing.routes(
+            licensing.Licensing(store, read_model, signer, config.license_file_ttl)
+        )
 
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "roles": roles.names()})

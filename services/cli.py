@@ -53,9 +53,12 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
+    # One process: secrets kept in .entitle/ are enough (see services/codes.py).
     if not settings.code_secret:
-        # One process: a secret kept in .entitle/ is enough (see services/codes.py).
         settings = dataclasses.replace(settings, code_secret=load_secret(generate=True))
+    if not settings.license_key:
+        license_key = load_secret(generate=True, env="ENTITLE_LICENSE_KEY", file_name="license-key")
+        settings = dataclasses.replace(settings, license_key=license_key)
     keys_env = os.environ.get("ENTITLE_ADMIN_KEYS")
     generated = None
     if not keys_env:

@@ -9,6 +9,7 @@ so a lost secret loses the ability to show codes again, not to check them.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import os
@@ -39,20 +40,25 @@ class CodeBook:
         return code_hash(self.code(entitlement_id, index))
 
 
-def load_secret(data_dir: Path = Path(".entitle"), generate: bool = False) -> str | None:
-    """ENTITLE_CODE_SECRET, else the one `entitle dev` keeps in its data
-    directory (generated on first use when `generate`), so codes stay the
-    same across restarts."""
-    secret = os.environ.get("ENTITLE_CODE_SECRET")
+def load_secret(
+    data_dir: Path = Path(".entitle"),
+    generate: bool = False,
+    env: str = "ENTITLE_CODE_SECRET",
+    file_name: str = "code-secret",
+) -> str | None:
+    """A secret from the environment, else the one `entitle dev` keeps in its
+    data directory (generated on first use when `generate`), so codes and
+    license signatures stay the same across restarts."""
+    secret = os.environ.get(env)
     if secret:
         return secret
-    path = data_dir / "code-secret"
+    path = data_dir / file_name
     if path.exists():
         return path.read_text().strip()
     if not generate:
         return None
     data_dir.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(32)
+    secret = base64.b64encode(secrets.token_bytes(32)).decode()
     path.write_text(secret + "\n")
     path.chmod(0o600)
     return secret

@@ -60,12 +60,19 @@ class _LifecycleFile(BaseModel):
     expiry_leeway_hours: float = Field(default=24, ge=0)
 
 
+class _LicensingFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    license_file_days: float = Field(default=7, gt=0)
+
+
 class _ConfigFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sources: dict[str, _SourceFile] = Field(default_factory=dict)
     offerings: list[_OfferingFile] = Field(default_factory=list)
     lifecycle: _LifecycleFile = Field(default_factory=_LifecycleFile)
+    licensing: _LicensingFile = Field(default_factory=_LicensingFile)
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,7 @@ class Config:
     sources: dict[str, Source]
     catalog: Catalog
     policy: Policy = field(default_factory=Policy)
+    license_file_ttl: timedelta = timedelta(days=7)
 
 
 def parse_config(
@@ -165,7 +173,12 @@ def parse_config(
     except ValueError as exc:
         raise ConfigError(f"{origin}: {exc}") from None
     policy = Policy(expiry_leeway=timedelta(hours=parsed.lifecycle.expiry_leeway_hours))
-    return Config(sources=sources, catalog=catalog, policy=policy)
+    return Config(
+        sources=sources,
+        catalog=catalog,
+        policy=policy,
+        license_file_ttl=timedelta(days=parsed.licensing.license_file_days),
+    )
 
 
 def load_config(path: Path) -> Config:
@@ -209,6 +222,7 @@ class Settings:
     schedule_interval: float = 1.0
     aggregate_cache: int = 10_000
     code_secret: str | None = None
+    license_key: str | None = None
 
     def __repr__(self) -> str:  # never show the code secret
         return f"Settings(kafka_bootstrap={self.kafka_bootstrap!r})"
@@ -227,4 +241,5 @@ class Settings:
             schedule_interval=float(os.environ.get("ENTITLE_SCHEDULE_INTERVAL", "1")),
             aggregate_cache=int(os.environ.get("ENTITLE_AGGREGATE_CACHE", "10000")),
             code_secret=load_secret(data_dir),
+            license_key=load_secret(data_dir, env="ENTITLE_LICENSE_KEY", file_name="license-key"),
         )

@@ -9,12 +9,17 @@ devices racing for the last seat cannot both get it.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import anyio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from eventsourcing.persistence import IntegrityError
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -22,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from contracts.api import EntitlementView
+from contracts.license_file import KeysV1, LicenseFileV1, LicenseV1, PublicKeyV1, canonical
 from contracts.licensing import (
     Activation,
     ActivationRequest,
@@ -29,7 +35,14 @@ from contracts.licensing import (
     ValidationRequest,
     ValidationResult,
 )
-from domain.entitlement import Entitlement, NotActive, Refused, TooManySeats, code_hash
+from domain.entitlement import (
+    Entitlement,
+    NotActive,
+    Refused,
+    Status,
+    TooManySeats,
+    code_hash,
+)
 from services.http import HTTPError
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
@@ -47,16 +60,90 @@ async def _body(request: Request, model: type[M]) -> M:
         raise HTTPError(422, "invalid_body", problems) from None
 
 
+class Signer:
+    """Signs offline license files with the Ed25519 key from ENTITLE_LICENSE_KEY."""
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        raw = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.public = PublicKeyV1(
+            id=hashlib.sha256(raw).hexdigest()[:16], public_key=base64.b64encode(raw).decode()
+        )
+
+    @classmethod
+    def from_secret(cls, secret: str) -> Signer:
+        try:
+            seed = base64.b64decode(secret, validate=True)
+        except (binascii.Error, ValueError):
+            seed = b""
+        if len(seed) != 32:
+            raise ValueError("ENTITLE_LICENSE_KEY must be base64 of 32 random bytes")
+        return cls(Ed25519PrivateKey.from_private_bytes(seed))
+
+    def sign(self, license: LicenseV1) -> LicenseFileV1:
+        signature = self._key.sign(canonical(license))
+        return LicenseFileV1(license=license, signature=base64.b64encode(signature).decode())
+
+
 class Licensing:
     def __init__(
         self,
         store: EntitlementStore,
         read_model: ReadModel,
+        signer: Signer | None = None,
+        license_ttl: timedelta = timedelta(days=7),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.store = store
         self.read_model = read_model
+        self.signer = signer
+        self.license_ttl = license_ttl
         self.clock = clock
+
+    # -- offline license files -----------------------------------------------
+
+    async def keys(self, _: Request) -> JSONResponse:
+        keys = [self.signer.public] if self.signer else []
+        return JSONResponse(KeysV1(keys=keys).model_dump(mode="json"))
+
+    async def license_file(self, request: Request) -> JSONResponse:
+        if self.signer is None:
+            raise HTTPError(503, "not_configured", "license files need ENTITLE_LICENSE_KEY")
+        seat_id = request.path_params["id"]
+        entitlement_id = await anyio.to_thread.run_sync(self.read_model.by_seat, seat_id)
+        entitlement = (
+            await anyio.to_thread.run_sync(self.store.find, uuid.UUID(entitlement_id), Entitlement)
+            if entitlement_id
+            else None
+        )
+        if entitlement is None or seat_id not in entitlement.activations:
+            raise HTTPError(404, "NOT_FOUND", f"no seat {seat_id} is in use")
+        if entitlement.status is not Status.ACTIVE:
+            raise HTTPError(
+                403,
+                "NOT_ACTIVE",
+                f"the entitlement is {entitlement.status.value}",
+                entitlement_status=entitlement.status.value,
+            )
+        now = self.clock()
+        expires = now + self.license_ttl
+        if entitlement.period_end is not None and now < entitlement.period_end < expires:
+            expires = entitlement.period_end  # no further than what is paid for
+        license = LicenseV1(
+            key_id=self.signer.public.id,
+            entitlement_id=entitlement.id,
+            activation_id=seat_id,
+            fingerprint=entitlement.activations[seat_id]["fingerprint"],
+            offering=entitlement.sku,
+            product=entitlement.product,
+            features=dict(entitlement.features),
+            limits=dict(entitlement.limits),
+            status=entitlement.status.value,
+            period_end=entitlement.period_end,
+            issued_at=now,
+            expires_at=expires,
+        )
+        return JSONResponse(self.signer.sign(license).model_dump(mode="json"))
 
     # -- activations -------------------------------------------------------
 
@@ -173,4 +260,6 @@ def routes(licensing: Licensing) -> list[Route]:
         Route("/v1/activations", licensing.activate, methods=["POST"]),
         Route("/v1/activations/{id}", licensing.deactivate, methods=["DELETE"]),
         Route("/v1/validate", licensing.validate, methods=["POST"]),
+        Route("/v1/activations/{id}/license-file", licensing.license_file, methods=["POST"]),
+        Route("/v1/keys", licensing.keys, methods=["GET"]),
     ]

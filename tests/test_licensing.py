@@ -3,6 +3,8 @@ activation code and no admin key."""
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from contracts.license_file import InvalidLicense, verify_license
 from domain.entitlement import NotActive, TooManySeats
 from tests import stripe_events as se
 from tests.harness import Entitle, eventually
@@ -192,3 +195,38 @@ def test_a_suspended_entitlement_validates_as_suspended_and_takes_no_seat(stack:
         timeout=5,
     )
     assert (result["valid"], result["status"]) == (False, "SUSPENDED")
+
+
+@pytest.mark.e2e
+def test_an_offline_license_file_verifies_and_tampering_is_detected(stack: Entitle) -> None:
+    item = new_entitlement(stack, "sub_lic_3")
+    seat = call(
+        stack,
+        "/v1/activations",
+        {"activation_code": item["activation_code"], "fingerprint": "workstation-7"},
+    ).json()
+    response = call(stack, f"/v1/activations/{seat['id']}/license-file", None)
+    assert response.status_code == 200, response.text
+    document = response.json()
+    [key] = httpx.get(f"{stack.url}/v1/keys").json()["keys"]
+    assert (key["algorithm"], key["id"]) == ("Ed25519", document["license"]["key_id"])
+
+    license = verify_license(document, key["public_key"], fingerprint="workstation-7")
+    assert (license.offering, license.features, license.limits) == (
+        "team",
+        {"export": True, "sso": False},
+        {"projects": 5},
+    )
+    assert license.expires_at - license.issued_at == timedelta(days=7)  # the default TTL
+
+    tampered = json.loads(json.dumps(document))
+    tampered["license"]["features"]["sso"] = True
+    with pytest.raises(InvalidLicense, match="altered"):
+        verify_license(tampered, key["public_key"])
+    with pytest.raises(InvalidLicense, match="another device"):
+        verify_license(document, key["public_key"], fingerprint="someone-else")
+    with pytest.raises(InvalidLicense, match="expired"):
+        verify_license(document, key["public_key"], now=license.expires_at)
+    with pytest.raises(InvalidLicense):
+        verify_license(document, base64.b64encode(b"\x01" * 32).decode())
+    assert call(stack, "/v1/activations/nope/license-file", None).status_code == 404
