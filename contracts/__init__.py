@@ -27,6 +27,7 @@ from contracts.license_file import KeysV1, LicenseFileV1
 from contracts.licensing import (
     Activation,
     ActivationRequest,
+    Portal,
     ValidationRequest,
     ValidationResult,
 )
@@ -53,6 +54,7 @@ PUBLISHED: dict[str, type[BaseModel]] = {
     "licensing-validation-result.v1.json": ValidationResult,
     "license-file.v1.json": LicenseFileV1,
     "license-keys.v1.json": KeysV1,
+    "licensing-portal.v1.json": Portal,
 }
 
 

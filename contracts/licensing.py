@@ -54,6 +54,25 @@ class ValidationRequest(BaseModel):
     feature: str | None = Field(default=None, min_length=1, max_length=200)
 
 
+class PortalSeat(BaseModel):
+    label: str | None
+    activated_at: datetime
+
+
+class Portal(BaseModel):
+    """GET /v1/portal?activation_code=…: what the customer may see of the
+    entitlement their code opens, and nothing of any other."""
+
+    status: Status
+    status_reason: str | None = None
+    product: str
+    offering: str
+    period_end: datetime | None
+    cancel_at: datetime | None = None
+    seats_total: int
+    seats: list[PortalSeat]
+
+
 class ValidatedEntitlement(BaseModel):
     offering: str
     features: dict[str, Any]

@@ -114,7 +114,13 @@ def build_app(
             licensing.Signer.from_secret(settings.license_key) if settings.license_key else None
         )
         routes += licensing.routes(
-            licensing.Licensing(store, read_model, signer, config.license_file_ttl)
+            licensing.Licensing(
+                store,
+                read_model,
+                signer,
+                config.license_file_ttl,
+                licensing.Limits.from_config(config.rate_limits),
+            )
         )
 
     async def healthz(_: Request) -> JSONResponse:

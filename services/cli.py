@@ -18,6 +18,7 @@ import uvicorn
 from services.app import ROLES, Roles, build_app
 from services.codes import load_secret
 from services.config import ConfigError, Settings, admin_keys, generate_admin_key, load_config
+from services.http import MaskCodes
 from services.kafka import EmbeddedBroker
 
 log = logging.getLogger("entitle")
@@ -27,6 +28,7 @@ def _serve(
     args: argparse.Namespace, roles: Roles, settings: Settings, keys_env: str | None
 ) -> None:
     logging.getLogger("entitle").setLevel(args.log_level.upper())
+    logging.getLogger("uvicorn.access").addFilter(MaskCodes())
     config = load_config(Path(args.config))
     app = build_app(config, settings, roles, admin_keys(keys_env))
     server = uvicorn.Server(

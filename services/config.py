@@ -64,6 +64,12 @@ class _LicensingFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     license_file_days: float = Field(default=7, gt=0)
+    # Token buckets: requests per second (and burst) per activation code and
+    # per client address, on activation, validation and the portal.
+    per_code_per_second: float = Field(default=10, gt=0)
+    per_code_burst: int = Field(default=20, ge=1)
+    per_address_per_second: float = Field(default=100, gt=0)
+    per_address_burst: int = Field(default=200, ge=1)
 
 
 class _ConfigFile(BaseModel):
@@ -104,6 +110,7 @@ class Config:
     catalog: Catalog
     policy: Policy = field(default_factory=Policy)
     license_file_ttl: timedelta = timedelta(days=7)
+    rate_limits: tuple[float, int, float, int] = (10, 20, 100, 200)
 
 
 def parse_config(
@@ -178,6 +185,12 @@ def parse_config(
         catalog=catalog,
         policy=policy,
         license_file_ttl=timedelta(days=parsed.licensing.license_file_days),
+        rate_limits=(
+            parsed.licensing.per_code_per_second,
+            parsed.licensing.per_code_burst,
+            parsed.licensing.per_address_per_second,
+            parsed.licensing.per_address_burst,
+        ),
     )
 
 

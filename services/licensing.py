@@ -12,8 +12,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import math
+import threading
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -31,6 +36,8 @@ from contracts.license_file import KeysV1, LicenseFileV1, LicenseV1, PublicKeyV1
 from contracts.licensing import (
     Activation,
     ActivationRequest,
+    Portal,
+    PortalSeat,
     ValidatedEntitlement,
     ValidationRequest,
     ValidationResult,
@@ -85,6 +92,50 @@ class Signer:
         return LicenseFileV1(license=license, signature=base64.b64encode(signature).decode())
 
 
+class Buckets:
+    """Token buckets by key (a code hash, a client address): `rate` tokens a
+    second up to `burst`. Idle keys are forgotten oldest first."""
+
+    def __init__(self, rate: float, burst: int, keys: int = 100_000) -> None:
+        self.rate, self.burst, self.keys = rate, burst, keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def take(self, key: str, now: float) -> float:
+        """0 if the request may go ahead, else the seconds until it may."""
+        with self._lock:
+            tokens, last = self._buckets.pop(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+            wait = 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+            self._buckets[key] = (tokens - 1 if wait == 0 else tokens, now)
+            while len(self._buckets) > self.keys:
+                self._buckets.popitem(last=False)
+            return wait
+
+
+@dataclass
+class Limits:
+    per_code: Buckets
+    per_address: Buckets
+
+    @classmethod
+    def from_config(cls, limits: tuple[float, int, float, int]) -> Limits:
+        return cls(Buckets(limits[0], limits[1]), Buckets(limits[2], limits[3]))
+
+    def check(self, request: Request, code: str | None, now: float) -> None:
+        address = request.client.host if request.client else "?"
+        wait = self.per_address.take(address, now)
+        if code is not None:
+            wait = max(wait, self.per_code.take(code, now))
+        if wait > 0:
+            raise HTTPError(
+                429,
+                "rate_limited",
+                "too many requests; slow down",
+                {"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+
+
 class Licensing:
     def __init__(
         self,
@@ -92,13 +143,40 @@ class Licensing:
         read_model: ReadModel,
         signer: Signer | None = None,
         license_ttl: timedelta = timedelta(days=7),
+        limits: Limits | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.store = store
         self.read_model = read_model
         self.signer = signer
         self.license_ttl = license_ttl
+        self.limits = limits or Limits.from_config((10, 20, 100, 200))
         self.clock = clock
+
+    # -- the customer's view ---------------------------------------------------
+
+    async def portal(self, request: Request) -> JSONResponse:
+        code = request.query_params.get("activation_code", "")
+        if not code or len(code) > 64:
+            raise HTTPError(422, "invalid_query", "activation_code is required")
+        hashed = code_hash(code)
+        self.limits.check(request, hashed, time.monotonic())
+        view = await anyio.to_thread.run_sync(self.read_model.by_code, hashed)
+        if view is None:
+            raise HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
+        portal = Portal(
+            status=view.status,
+            status_reason=view.status_reason,
+            product=view.product,
+            offering=view.offering,
+            period_end=view.period_end,
+            cancel_at=view.cancel_at,
+            seats_total=view.seats,
+            seats=[
+                PortalSeat(label=s.label, activated_at=s.activated_at) for s in view.activations
+            ],
+        )
+        return JSONResponse(portal.model_dump(mode="json"))
 
     # -- offline license files -----------------------------------------------
 
@@ -150,6 +228,7 @@ class Licensing:
     async def activate(self, request: Request) -> JSONResponse:
         body = await _body(request, ActivationRequest)
         hashed = code_hash(body.activation_code)
+        self.limits.check(request, hashed, time.monotonic())
         view = await anyio.to_thread.run_sync(self.read_model.by_code, hashed)
         if view is None:
             raise HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
@@ -217,6 +296,7 @@ class Licensing:
 
     async def validate(self, request: Request) -> JSONResponse:
         body = await _body(request, ValidationRequest)
+        self.limits.check(request, code_hash(body.activation_code), time.monotonic())
         result = await anyio.to_thread.run_sync(self.check, body)
         return JSONResponse(result.model_dump(mode="json"))
 
@@ -262,4 +342,5 @@ def routes(licensing: Licensing) -> list[Route]:
         Route("/v1/validate", licensing.validate, methods=["POST"]),
         Route("/v1/activations/{id}/license-file", licensing.license_file, methods=["POST"]),
         Route("/v1/keys", licensing.keys, methods=["GET"]),
+        Route("/v1/portal", licensing.portal, methods=["GET"]),
     ]

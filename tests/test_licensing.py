@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -15,6 +16,8 @@ import pytest
 
 from contracts.license_file import InvalidLicense, verify_license
 from domain.entitlement import NotActive, TooManySeats
+from services.http import MaskCodes
+from services.licensing import Buckets
 from tests import stripe_events as se
 from tests.harness import Entitle, eventually
 from tests.lifecycle_world import DAY, T0, World
@@ -230,3 +233,79 @@ def test_an_offline_license_file_verifies_and_tampering_is_detected(stack: Entit
     with pytest.raises(InvalidLicense):
         verify_license(document, base64.b64encode(b"\x01" * 32).decode())
     assert call(stack, "/v1/activations/nope/license-file", None).status_code == 404
+
+
+# -- the customer's view, abuse limits, logs -----------------------------------------
+
+
+@pytest.mark.e2e
+def test_the_portal_shows_only_the_entitlement_the_code_opens(stack: Entitle) -> None:
+    mine = new_entitlement(stack, "sub_lic_4")
+    other = new_entitlement(stack, "sub_lic_5")
+    call(
+        stack,
+        "/v1/activations",
+        {"activation_code": mine["activation_code"], "fingerprint": "f1", "label": "Office PC"},
+    )
+    portal = eventually(
+        lambda: (
+            (
+                p := httpx.get(
+                    f"{stack.url}/v1/portal", params={"activation_code": mine["activation_code"]}
+                )
+            )
+            .json()
+            .get("seats")
+            and p.json()
+        ),
+        timeout=5,
+    )
+    assert (portal["status"], portal["offering"], portal["seats_total"]) == ("ACTIVE", "team", 2)
+    assert [s["label"] for s in portal["seats"]] == ["Office PC"]
+    text = json.dumps(portal)
+    for secret in (other["id"], mine["id"], "f1", mine["customer"]["email"] or "@"):
+        assert secret not in text  # no ids, fingerprints or other customers' data
+    assert httpx.get(f"{stack.url}/v1/portal").status_code == 422
+    missing = httpx.get(
+        f"{stack.url}/v1/portal", params={"activation_code": "AAAAA-BBBBB-CCCCC-DDDDD-EEEEE"}
+    )
+    assert missing.status_code == 404
+
+
+@pytest.mark.e2e
+def test_validation_is_rate_limited_per_code_with_retry_after(stack: Entitle) -> None:
+    item = new_entitlement(stack, "sub_lic_6")
+    body = {"activation_code": item["activation_code"]}
+    statuses = [call(stack, "/v1/validate", body) for _ in range(30)]
+    limited = [r for r in statuses if r.status_code == 429]
+    assert limited, "the per-code burst of 20 was not enforced"
+    assert limited[0].json()["error"] == "rate_limited"
+    assert int(limited[0].headers["Retry-After"]) >= 1
+    other = new_entitlement(stack, "sub_lic_7")  # another code is not held back
+    assert (
+        call(stack, "/v1/validate", {"activation_code": other["activation_code"]}).status_code
+        == 200
+    )
+
+
+def test_a_bucket_refills_at_its_rate() -> None:
+    bucket = Buckets(rate=2, burst=3)
+    assert [bucket.take("k", 0.0) for _ in range(3)] == [0, 0, 0]
+    assert bucket.take("k", 0.0) == pytest.approx(0.5)
+    assert bucket.take("k", 0.5) == 0
+    assert bucket.take("other", 0.5) == 0
+
+
+def test_access_logs_never_show_a_whole_code() -> None:
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        "",
+        0,
+        '%s - "%s %s"',
+        ("1.2.3.4", "GET", "/v1/portal?activation_code=7K3QD-ABCDE-FGHJK"),
+        None,
+    )
+    MaskCodes().filter(record)
+    line = record.getMessage()
+    assert "7K3QD" in line and "ABCDE" not in line and "FGHJK" not in line
