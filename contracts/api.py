@@ -27,6 +27,12 @@ class SeatView(BaseModel):
     activated_at: datetime
 
 
+class UsagePeriodView(BaseModel):
+    period_start: datetime | None
+    period_end: datetime | None
+    metrics: dict[str, int]
+
+
 class EntitlementView(EntitlementV1):
     """An entitlement as the admin API shows it."""
 
@@ -38,6 +44,9 @@ class EntitlementView(EntitlementV1):
     )
     activations: list[SeatView] = Field(
         default_factory=list, description="Devices holding seats, oldest first"
+    )
+    usage: list[UsagePeriodView] = Field(
+        default_factory=list, description="Usage per paid period, the current one last"
     )
     sequence: int
     due_at: datetime | None = Field(

@@ -54,6 +54,35 @@ class ValidationRequest(BaseModel):
     feature: str | None = Field(default=None, min_length=1, max_length=200)
 
 
+class UsageRequest(BaseModel):
+    """POST /v1/usage"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    activation_code: str = Field(min_length=1, max_length=64)
+    metric: str = Field(min_length=1, max_length=100, description="A name in the offering's limits")
+    quantity: int = Field(ge=1, le=1_000_000_000)
+    idempotency_key: str = Field(min_length=1, max_length=200)
+
+
+class UsageMetric(BaseModel):
+    used: int
+    limit: int
+
+
+class UsagePeriod(BaseModel):
+    period_start: datetime | None
+    period_end: datetime | None
+    metrics: dict[str, int]
+
+
+class Usage(BaseModel):
+    """POST /v1/usage answers with the current period; GET /v1/usage adds every period."""
+
+    current: dict[str, UsageMetric]
+    periods: list[UsagePeriod] = Field(default_factory=list)
+
+
 class PortalSeat(BaseModel):
     label: str | None
     activated_at: datetime
@@ -71,6 +100,7 @@ class Portal(BaseModel):
     cancel_at: datetime | None = None
     seats_total: int
     seats: list[PortalSeat]
+    usage: dict[str, UsageMetric] = Field(default_factory=dict, description="This period")
 
 
 class ValidatedEntitlement(BaseModel):

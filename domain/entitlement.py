@@ -70,6 +70,16 @@ class NotActive(Refused):
         self.status = status
 
 
+class UnknownMetric(Refused):
+    pass
+
+
+class OverLimit(Refused):
+    def __init__(self, metric: str, used: int, limit: int) -> None:
+        super().__init__(f"{metric}: {used} of {limit} used this period")
+        self.metric, self.used, self.limit = metric, used, limit
+
+
 class TooManySeats(Refused):
     def __init__(self, seats: int) -> None:
         super().__init__(f"all {seats} seat(s) are in use")
@@ -209,6 +219,8 @@ class Entitlement(Aggregate):
         self.codes_issued = 1
         # Seats in use: seat id -> fingerprint, label, activation time, code hash.
         self.activations: dict[str, dict[str, Any]] = {}
+        # Usage per paid period (keyed by its start) and metric.
+        self.usage: dict[str, dict[str, Any]] = {}
         self.status = Status.PENDING
         self.reason: str | None = None
         self.period_start: datetime | None = None
@@ -597,6 +609,55 @@ class Entitlement(Aggregate):
                 reason="seats_reduced",
             )
 
+    # -- usage ---------------------------------------------------------------
+
+    class UsageRecorded(Event):
+        metric: str
+        quantity: int
+        period_start: datetime | None
+        period_end: datetime | None
+
+        def change(self, aggregate: Any) -> None:
+            key = _period_key(self.period_start)
+            period = aggregate.usage.setdefault(
+                key,
+                {"period_start": self.period_start, "period_end": self.period_end, "metrics": {}},
+            )
+            period["period_end"] = self.period_end
+            period["metrics"][self.metric] = period["metrics"].get(self.metric, 0) + self.quantity
+
+    def used(self, metric: str) -> int:
+        period = self.usage.get(_period_key(self.period_start))
+        return int(period["metrics"].get(metric, 0)) if period else 0
+
+    def record_usage(self, metric: str, quantity: int, idempotency_key: str, at: datetime) -> bool:
+        """Count `quantity` of `metric` against this period's limit; False if
+        this idempotency key was already counted."""
+        cause = Cause("client", "usage", idempotency_key)
+        if self.has_applied(cause):
+            return False
+        if self.status is not Status.ACTIVE:
+            raise NotActive(self.status)
+        if metric not in self.limits:
+            raise UnknownMetric(f"the offering has no limit named {metric!r}")
+        if quantity < 1:
+            raise Refused("quantity must be at least 1")
+        used, limit = self.used(metric), int(self.limits[metric])
+        if used + quantity > limit:
+            raise OverLimit(metric, used, limit)
+        self.trigger_event(
+            self.UsageRecorded,
+            timestamp=at,
+            cause=cause.as_dict(),
+            occurred_at=at,
+            fact=None,
+            metric=metric,
+            quantity=quantity,
+            period_start=self.period_start,
+            period_end=self.period_end,
+        )
+        return True
+
     # -- admin commands ----------------------------------------------------
 
     def administer(
@@ -639,6 +700,10 @@ class Entitlement(Aggregate):
         return self.settle(
             lifecycle.admin(action, by, reason, days, waived), cause, at, catalog, policy, at
         )
+
+
+def _period_key(start: datetime | None) -> str:
+    return start.isoformat() if start is not None else "-"
 
 
 def _terms_fields(terms: Terms) -> dict[str, Any]:

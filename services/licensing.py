@@ -38,6 +38,10 @@ from contracts.licensing import (
     ActivationRequest,
     Portal,
     PortalSeat,
+    Usage,
+    UsageMetric,
+    UsagePeriod,
+    UsageRequest,
     ValidatedEntitlement,
     ValidationRequest,
     ValidationResult,
@@ -45,12 +49,15 @@ from contracts.licensing import (
 from domain.entitlement import (
     Entitlement,
     NotActive,
+    OverLimit,
     Refused,
     Status,
     TooManySeats,
+    UnknownMetric,
     code_hash,
 )
 from services.http import HTTPError
+from services.projector import entitlement_view
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
 
@@ -175,6 +182,7 @@ class Licensing:
             seats=[
                 PortalSeat(label=s.label, activated_at=s.activated_at) for s in view.activations
             ],
+            usage=_usage(view.limits, _current(view)).current,
         )
         return JSONResponse(portal.model_dump(mode="json"))
 
@@ -283,6 +291,10 @@ class Licensing:
                 ) from None
             except TooManySeats as exc:
                 raise HTTPError(409, "TOO_MANY_SEATS", str(exc)) from None
+            except OverLimit as exc:
+                raise HTTPError(409, "OVER_LIMIT", str(exc)) from None
+            except UnknownMetric as exc:
+                raise HTTPError(422, "unknown_metric", str(exc)) from None
             except Refused as exc:
                 raise HTTPError(404, "NOT_FOUND", str(exc)) from None
             try:
@@ -291,6 +303,44 @@ class Licensing:
                 continue  # another device or a webhook changed it: decide again
             return entitlement
         raise HTTPError(503, "busy", "the entitlement kept changing; retry", {"Retry-After": "1"})
+
+    # -- usage ----------------------------------------------------------------
+
+    async def record_usage(self, request: Request) -> JSONResponse:
+        body = await _body(request, UsageRequest)
+        hashed = code_hash(body.activation_code)
+        self.limits.check(request, hashed, time.monotonic())
+        view = await anyio.to_thread.run_sync(self.read_model.by_code, hashed)
+        if view is None:
+            raise HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
+        recorded: list[bool] = []
+
+        def change(entitlement: Entitlement, at: datetime) -> None:
+            if hashed not in entitlement.codes:
+                raise Refused("the activation code is not active")
+            recorded.append(
+                entitlement.record_usage(body.metric, body.quantity, body.idempotency_key, at)
+            )
+
+        entitlement = await anyio.to_thread.run_sync(self._change, view.id, change)
+        usage = _usage(entitlement.limits, _current(entitlement_view(entitlement)))
+        return JSONResponse(usage.model_dump(mode="json"), status_code=201 if recorded[-1] else 200)
+
+    async def usage(self, request: Request) -> JSONResponse:
+        code = request.query_params.get("activation_code", "")
+        if not code or len(code) > 64:
+            raise HTTPError(422, "invalid_query", "activation_code is required")
+        hashed = code_hash(code)
+        self.limits.check(request, hashed, time.monotonic())
+        view = await anyio.to_thread.run_sync(self.read_model.by_code, hashed)
+        if view is None:
+            raise HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
+        usage = _usage(view.limits, _current(view))
+        usage.periods = [
+            UsagePeriod(period_start=p.period_start, period_end=p.period_end, metrics=p.metrics)
+            for p in view.usage
+        ]
+        return JSONResponse(usage.model_dump(mode="json"))
 
     # -- validation --------------------------------------------------------
 
@@ -320,7 +370,12 @@ class Licensing:
             return ValidationResult(
                 valid=False, code="NO_SEAT", status=view.status, entitlement=summary
             )
-        if body.feature is not None and not view.features.get(body.feature):
+        if body.feature is not None and body.feature in view.limits:
+            if _current(view).get(body.feature, 0) >= view.limits[body.feature]:
+                return ValidationResult(
+                    valid=False, code="OVER_LIMIT", status=view.status, entitlement=summary
+                )
+        elif body.feature is not None and not view.features.get(body.feature):
             return ValidationResult(
                 valid=False, code="FEATURE_NOT_INCLUDED", status=view.status, entitlement=summary
             )
@@ -335,6 +390,20 @@ class Licensing:
         return entitlement is not None and entitlement.seat_for(fingerprint) is not None
 
 
+def _current(view: EntitlementView) -> dict[str, int]:
+    """This period's usage per metric."""
+    for period in view.usage:
+        if period.period_start == view.period_start:
+            return period.metrics
+    return {}
+
+
+def _usage(limits: dict[str, int], current: dict[str, int]) -> Usage:
+    return Usage(
+        current={m: UsageMetric(used=current.get(m, 0), limit=limit) for m, limit in limits.items()}
+    )
+
+
 def routes(licensing: Licensing) -> list[Route]:
     return [
         Route("/v1/activations", licensing.activate, methods=["POST"]),
@@ -343,4 +412,6 @@ def routes(licensing: Licensing) -> list[Route]:
         Route("/v1/activations/{id}/license-file", licensing.license_file, methods=["POST"]),
         Route("/v1/keys", licensing.keys, methods=["GET"]),
         Route("/v1/portal", licensing.portal, methods=["GET"]),
+        Route("/v1/usage", licensing.record_usage, methods=["POST"]),
+        Route("/v1/usage", licensing.usage, methods=["GET"]),
     ]

@@ -32,6 +32,7 @@ from contracts.api import (
     EntitlementView,
     HistoryEntry,
     SeatView,
+    UsagePeriodView,
 )
 from contracts.events import (
     EVENTS_TOPIC,
@@ -109,6 +110,17 @@ def entitlement_view(entitlement: Entitlement) -> EntitlementView:
         cancel_at=entitlement.cancel_at,
         # Only which codes exist: the codes themselves are never stored.
         activation_codes=[ActivationCodeView(index=i) for i in sorted(entitlement.codes.values())],
+        usage=sorted(
+            (
+                UsagePeriodView(
+                    period_start=period["period_start"],
+                    period_end=period["period_end"],
+                    metrics=dict(period["metrics"]),
+                )
+                for period in entitlement.usage.values()
+            ),
+            key=lambda p: (p.period_start is not None, p.period_start),
+        ),
         activations=sorted(
             (
                 SeatView(

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from contracts.license_file import InvalidLicense, verify_license
-from domain.entitlement import NotActive, TooManySeats
+from domain.entitlement import NotActive, OverLimit, TooManySeats, UnknownMetric
 from services.http import MaskCodes
 from services.licensing import Buckets
 from tests import stripe_events as se
@@ -309,3 +309,70 @@ def test_access_logs_never_show_a_whole_code() -> None:
     MaskCodes().filter(record)
     line = record.getMessage()
     assert "7K3QD" in line and "ABCDE" not in line and "FGHJK" not in line
+
+
+# -- usage quotas -------------------------------------------------------------------
+
+
+def test_usage_counts_against_the_limit_once_per_key_and_resets_each_period() -> None:
+    world = World()
+    world.deliver(paid(0, "pro"))  # pro: limits {projects: 50}
+    entitlement = world.only()
+    at = T0 + timedelta(days=1)
+    assert entitlement.record_usage("projects", 30, "k1", at)
+    assert not entitlement.record_usage("projects", 30, "k1", at)  # the same key: once
+    with pytest.raises(OverLimit):
+        entitlement.record_usage("projects", 21, "k2", at)
+    assert entitlement.used("projects") == 30  # nothing was recorded
+    with pytest.raises(UnknownMetric):
+        entitlement.record_usage("seats", 1, "k3", at)
+    world.deliver(paid(1, "pro"))  # a new paid period
+    assert entitlement.used("projects") == 0
+    assert entitlement.record_usage("projects", 50, "k4", at)
+
+
+@pytest.mark.e2e
+def test_usage_over_http_with_over_limit_and_history(stack: Entitle) -> None:
+    item = new_entitlement(stack, "sub_lic_8")  # team: limits {projects: 5}
+    code = item["activation_code"]
+
+    def use(quantity: int, key: str) -> httpx.Response:
+        return call(
+            stack,
+            "/v1/usage",
+            {
+                "activation_code": code,
+                "metric": "projects",
+                "quantity": quantity,
+                "idempotency_key": key,
+            },
+        )
+
+    first = use(3, "a")
+    assert first.status_code == 201, first.text
+    assert first.json()["current"]["projects"] == {"used": 3, "limit": 5}
+    assert use(3, "a").status_code == 200  # a retry with the same key counts once
+    over = use(3, "b")
+    assert (over.status_code, over.json()["error"]) == (409, "OVER_LIMIT")
+    assert use(2, "c").json()["current"]["projects"] == {"used": 5, "limit": 5}
+    unknown = call(
+        stack,
+        "/v1/usage",
+        {"activation_code": code, "metric": "gpus", "quantity": 1, "idempotency_key": "d"},
+    )
+    assert (unknown.status_code, unknown.json()["error"]) == (422, "unknown_metric")
+    history = eventually(
+        lambda: (
+            (h := httpx.get(f"{stack.url}/v1/usage", params={"activation_code": code}).json())[
+                "current"
+            ]["projects"]["used"]
+            == 5
+            and h
+        ),
+        timeout=5,
+    )
+    assert [p["metrics"] for p in history["periods"]] == [{"projects": 5}]
+    result = call(stack, "/v1/validate", {"activation_code": code, "feature": "projects"}).json()
+    assert (result["valid"], result["code"]) == (False, "OVER_LIMIT")
+    portal = httpx.get(f"{stack.url}/v1/portal", params={"activation_code": code}).json()
+    assert portal["usage"] == {"projects": {"used": 5, "limit": 5}}
