@@ -25,6 +25,9 @@ class SeatView(BaseModel):
     fingerprint: str
     label: str | None = None
     activated_at: datetime
+    lease_until: datetime | None = Field(
+        default=None, description="Floating seats: free after this without a heartbeat"
+    )
 
 
 class UsagePeriodView(BaseModel):

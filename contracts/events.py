@@ -39,6 +39,7 @@ EventType = Literal[
     "entitlement.code_revoked",
     "entitlement.seat_activated",
     "entitlement.seat_released",
+    "entitlement.seat_renewed",
     "entitlement.usage_recorded",
 ]
 

@@ -42,6 +42,9 @@ class Activation(BaseModel):
     fingerprint: str
     label: str | None = None
     activated_at: datetime
+    lease_until: datetime | None = Field(
+        default=None, description="Floating seats: heartbeat before this"
+    )
 
 
 class ValidationRequest(BaseModel):

@@ -25,6 +25,9 @@ class Offering:
     suspend_after_days: int | None = None
     expire_after_days: int | None = None
     stripe_price_ids: tuple[str, ...] = ()
+    #: Floating seats: leases kept alive by heartbeats, freed after lease_seconds.
+    floating: bool = False
+    lease_seconds: int = 900
     #: Provider price (variant, plan, item price) ids per provider name.
     prices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 

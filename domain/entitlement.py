@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
@@ -521,6 +521,7 @@ class Entitlement(Aggregate):
         fingerprint: str
         label: str | None
         code_hash: str
+        lease_until: datetime | None  # floating seats only
 
         def change(self, aggregate: Any) -> None:
             aggregate.activations[self.seat_id] = {
@@ -528,7 +529,15 @@ class Entitlement(Aggregate):
                 "label": self.label,
                 "activated_at": self.timestamp,
                 "code_hash": self.code_hash,
+                "lease_until": self.lease_until,
             }
+
+    class SeatRenewed(Event):
+        seat_id: str
+        lease_until: datetime
+
+        def change(self, aggregate: Any) -> None:
+            aggregate.activations[self.seat_id]["lease_until"] = self.lease_until
 
     class SeatReleased(Event):
         seat_id: str
@@ -536,6 +545,35 @@ class Entitlement(Aggregate):
 
         def change(self, aggregate: Any) -> None:
             aggregate.activations.pop(self.seat_id, None)
+
+    def holds_seat(self, fingerprint: str, now: datetime) -> bool:
+        seat_id = self.seat_for(fingerprint)
+        return seat_id is not None and not _lapsed(self.activations[seat_id], now)
+
+    def heartbeat(
+        self, seat_id: str, lease: timedelta, request_id: str, at: datetime
+    ) -> datetime | None:
+        """Keep a floating seat's lease; returns when it now ends (None for a
+        seat that is not leased). Recorded only when less than half of the
+        lease is left, so heartbeats do not flood the history."""
+        seat = self.activations.get(seat_id)
+        if seat is None or _lapsed(seat, at):
+            raise Refused(f"no seat {seat_id} is in use (a lapsed lease must activate again)")
+        if seat["lease_until"] is None:
+            return None
+        if seat["lease_until"] - at < lease / 2:
+            cause = Cause.client(request_id)
+            self.trigger_event(
+                self.SeatRenewed,
+                timestamp=at,
+                cause=cause.as_dict(),
+                occurred_at=at,
+                fact=None,
+                seat_id=seat_id,
+                lease_until=at + lease,
+            )
+        lease_until: datetime = seat["lease_until"]
+        return lease_until
 
     def seat_for(self, fingerprint: str) -> str | None:
         for seat_id, seat in self.activations.items():
@@ -551,13 +589,27 @@ class Entitlement(Aggregate):
         seat_id: str,
         request_id: str,
         at: datetime,
+        lease: timedelta | None = None,
     ) -> tuple[str, bool]:
         """Take a seat for a device; returns (seat id, whether it is new). The
-        same fingerprint again gets its existing seat."""
+        same fingerprint again gets its existing seat. With a `lease`
+        (floating seats), lapsed leases are freed first."""
         if code_hash not in self.codes:
             raise Refused("the activation code is not active")
+        for lapsed_id in [s for s, seat in self.activations.items() if _lapsed(seat, at)]:
+            self.trigger_event(
+                self.SeatReleased,
+                timestamp=at,
+                cause=Cause.client(request_id).as_dict(),
+                occurred_at=at,
+                fact=None,
+                seat_id=lapsed_id,
+                reason="lease_expired",
+            )
         existing = self.seat_for(fingerprint)
         if existing is not None:
+            if lease is not None:
+                self.heartbeat(existing, lease, request_id, at)
             return existing, False
         if self.status is not Status.ACTIVE:
             raise NotActive(self.status)
@@ -574,6 +626,7 @@ class Entitlement(Aggregate):
             fingerprint=fingerprint,
             label=label,
             code_hash=code_hash,
+            lease_until=at + lease if lease is not None else None,
         )
         return seat_id, True
 
@@ -700,6 +753,11 @@ class Entitlement(Aggregate):
         return self.settle(
             lifecycle.admin(action, by, reason, days, waived), cause, at, catalog, policy, at
         )
+
+
+def _lapsed(seat: dict[str, Any], now: datetime) -> bool:
+    lease_until = seat.get("lease_until")
+    return lease_until is not None and bool(lease_until <= now)
 
 
 def _period_key(start: datetime | None) -> str:

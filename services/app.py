@@ -120,6 +120,7 @@ def build_app(
                 signer,
                 config.license_file_ttl,
                 licensing.Limits.from_config(config.rate_limits),
+                config.catalog,
             )
         )
 

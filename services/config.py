@@ -52,6 +52,8 @@ class _OfferingFile(BaseModel):
     expire_after_days: int | None = None
     stripe_price_ids: list[str] = Field(default_factory=list)
     prices: dict[str, list[str | int]] = Field(default_factory=dict)
+    floating: bool = False
+    lease_seconds: int = Field(default=900, ge=30)
 
 
 class _LifecycleFile(BaseModel):
@@ -174,6 +176,8 @@ def parse_config(
                 expire_after_days=o.expire_after_days,
                 stripe_price_ids=tuple(o.stripe_price_ids),
                 prices={name: tuple(str(p) for p in ids) for name, ids in o.prices.items()},
+                floating=o.floating,
+                lease_seconds=o.lease_seconds,
             )
             for o in parsed.offerings
         )

@@ -46,6 +46,7 @@ from contracts.licensing import (
     ValidationRequest,
     ValidationResult,
 )
+from domain.catalog import Catalog
 from domain.entitlement import (
     Entitlement,
     NotActive,
@@ -151,10 +152,12 @@ class Licensing:
         signer: Signer | None = None,
         license_ttl: timedelta = timedelta(days=7),
         limits: Limits | None = None,
+        catalog: Catalog | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.store = store
         self.read_model = read_model
+        self.catalog = catalog or Catalog()
         self.signer = signer
         self.license_ttl = license_ttl
         self.limits = limits or Limits.from_config((10, 20, 100, 200))
@@ -215,6 +218,9 @@ class Licensing:
         expires = now + self.license_ttl
         if entitlement.period_end is not None and now < entitlement.period_end < expires:
             expires = entitlement.period_end  # no further than what is paid for
+        lease_until = entitlement.activations[seat_id].get("lease_until")
+        if lease_until is not None and now < lease_until < expires:
+            expires = lease_until  # a floating seat is only lent
         license = LicenseV1(
             key_id=self.signer.public.id,
             entitlement_id=entitlement.id,
@@ -245,7 +251,13 @@ class Licensing:
 
         def change(entitlement: Entitlement, at: datetime) -> None:
             seat_id, new = entitlement.activate(
-                hashed, body.fingerprint, body.label, str(uuid.uuid4()), request_id, at
+                hashed,
+                body.fingerprint,
+                body.label,
+                str(uuid.uuid4()),
+                request_id,
+                at,
+                self._lease(entitlement),
             )
             seat.update(id=seat_id, new=new)
 
@@ -257,10 +269,36 @@ class Licensing:
             fingerprint=held["fingerprint"],
             label=held["label"],
             activated_at=held["activated_at"],
+            lease_until=held.get("lease_until"),
         )
         return JSONResponse(
             activation.model_dump(mode="json"), status_code=201 if seat["new"] else 200
         )
+
+    def _lease(self, entitlement: Entitlement) -> timedelta | None:
+        offering = self.catalog.get(entitlement.sku)
+        if offering is None or not offering.floating:
+            return None
+        return timedelta(seconds=offering.lease_seconds)
+
+    async def heartbeat(self, request: Request) -> JSONResponse:
+        """Keep a floating seat: 200 {id, lease_until}; 404 once it lapsed."""
+        seat_id = request.path_params["id"]
+        entitlement_id = await anyio.to_thread.run_sync(self.read_model.by_seat, seat_id)
+        if entitlement_id is None:
+            raise HTTPError(404, "NOT_FOUND", f"no seat {seat_id} is in use")
+        request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
+        until: list[datetime | None] = []
+
+        def change(entitlement: Entitlement, at: datetime) -> None:
+            lease = self._lease(entitlement)
+            until.append(entitlement.heartbeat(seat_id, lease, request_id, at) if lease else None)
+
+        entitlement = await anyio.to_thread.run_sync(
+            self._change, uuid.UUID(entitlement_id), change
+        )
+        seat = entitlement.activations.get(seat_id, {})
+        return JSONResponse({"id": seat_id, "lease_until": _iso(seat.get("lease_until"))})
 
     async def deactivate(self, request: Request) -> Response:
         seat_id = request.path_params["id"]
@@ -382,12 +420,20 @@ class Licensing:
         return ValidationResult(valid=True, code="VALID", status=view.status, entitlement=summary)
 
     def _holds_seat(self, view: EntitlementView, fingerprint: str) -> bool:
-        if any(seat.fingerprint == fingerprint for seat in view.activations):
+        now = self.clock()
+        if any(
+            seat.fingerprint == fingerprint and (seat.lease_until is None or seat.lease_until > now)
+            for seat in view.activations
+        ):
             return True
-        # The read model may not have the activation yet (it was just made):
-        # the store decides. This is the rare path, so it may cost a read.
+        # The read model may not have the activation (or renewal) yet: the
+        # store decides. This is the rare path, so it may cost a read.
         entitlement = self.store.find(view.id, Entitlement)
-        return entitlement is not None and entitlement.seat_for(fingerprint) is not None
+        return entitlement is not None and entitlement.holds_seat(fingerprint, now)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
 
 
 def _current(view: EntitlementView) -> dict[str, int]:
@@ -408,6 +454,7 @@ def routes(licensing: Licensing) -> list[Route]:
     return [
         Route("/v1/activations", licensing.activate, methods=["POST"]),
         Route("/v1/activations/{id}", licensing.deactivate, methods=["DELETE"]),
+        Route("/v1/activations/{id}/heartbeat", licensing.heartbeat, methods=["POST"]),
         Route("/v1/validate", licensing.validate, methods=["POST"]),
         Route("/v1/activations/{id}/license-file", licensing.license_file, methods=["POST"]),
         Route("/v1/keys", licensing.keys, methods=["GET"]),

@@ -128,6 +128,7 @@ def entitlement_view(entitlement: Entitlement) -> EntitlementView:
                     fingerprint=seat["fingerprint"],
                     label=seat["label"],
                     activated_at=seat["activated_at"],
+                    lease_until=seat.get("lease_until"),
                 )
                 for seat_id, seat in entitlement.activations.items()
             ),

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from contracts.license_file import InvalidLicense, verify_license
-from domain.entitlement import NotActive, OverLimit, TooManySeats, UnknownMetric
+from domain.entitlement import NotActive, OverLimit, Refused, TooManySeats, UnknownMetric
 from services.http import MaskCodes
 from services.licensing import Buckets
 from tests import stripe_events as se
@@ -30,6 +30,8 @@ sources:
 offerings:
   - {{sku: team, product: acme, seats: 2, features: {{export: true, sso: false}},
       limits: {{projects: 5}}, stripe_price_ids: [price_team]}}
+  - {{sku: float, product: acme, seats: 1, floating: true, lease_seconds: 60,
+      stripe_price_ids: [price_float]}}
 """
 
 
@@ -276,7 +278,9 @@ def test_the_portal_shows_only_the_entitlement_the_code_opens(stack: Entitle) ->
 def test_validation_is_rate_limited_per_code_with_retry_after(stack: Entitle) -> None:
     item = new_entitlement(stack, "sub_lic_6")
     body = {"activation_code": item["activation_code"]}
-    statuses = [call(stack, "/v1/validate", body) for _ in range(30)]
+    # One keep-alive connection, so the requests come faster than the refill.
+    with httpx.Client(base_url=stack.url) as client:
+        statuses = [client.post("/v1/validate", json=body) for _ in range(60)]
     limited = [r for r in statuses if r.status_code == 429]
     assert limited, "the per-code burst of 20 was not enforced"
     assert limited[0].json()["error"] == "rate_limited"
@@ -376,3 +380,62 @@ def test_usage_over_http_with_over_limit_and_history(stack: Entitle) -> None:
     assert (result["valid"], result["code"]) == (False, "OVER_LIMIT")
     portal = httpx.get(f"{stack.url}/v1/portal", params={"activation_code": code}).json()
     assert portal["usage"] == {"projects": {"used": 5, "limit": 5}}
+
+
+# -- floating seats -------------------------------------------------------------------
+
+
+def test_floating_seats_are_leases_kept_by_heartbeats_and_freed_when_they_lapse() -> None:
+    world = World()
+    world.deliver(paid(0, "basic"))  # 1 seat
+    entitlement = world.only()
+    [code] = entitlement.codes
+    lease = timedelta(minutes=15)
+    t = T0 + timedelta(hours=1)
+    assert entitlement.activate(code, "a", None, "seat-a", "r1", t, lease) == ("seat-a", True)
+    assert entitlement.activations["seat-a"]["lease_until"] == t + lease
+    with pytest.raises(TooManySeats):
+        entitlement.activate(code, "b", None, "seat-b", "r2", t, lease)
+    entitlement.collect_events()
+    # A heartbeat early in the lease records nothing; one past half renews it.
+    assert entitlement.heartbeat("seat-a", lease, "h1", t + timedelta(minutes=5)) == t + lease
+    assert entitlement.collect_events() == []
+    later = t + timedelta(minutes=10)
+    assert entitlement.heartbeat("seat-a", lease, "h2", later) == later + lease
+    assert [type(e).__name__ for e in entitlement.collect_events()] == ["SeatRenewed"]
+    # Without heartbeats the lease lapses: the device no longer holds a seat,
+    # and another device can take it (the lapsed one is released first).
+    lapsed = later + lease
+    assert not entitlement.holds_seat("a", lapsed)
+    with pytest.raises(Refused, match="lapsed"):
+        entitlement.heartbeat("seat-a", lease, "h3", lapsed)
+    assert entitlement.activate(code, "b", None, "seat-b", "r3", lapsed, lease) == ("seat-b", True)
+    released = [e for e in entitlement.collect_events() if type(e).__name__ == "SeatReleased"]
+    assert [e.reason for e in released] == ["lease_expired"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.e2e
+def test_a_floating_seat_reports_its_lease_and_takes_heartbeats(stack: Entitle) -> None:
+    now = int(time.time())
+    event = se.invoice_paid(
+        subscription="sub_lic_float",
+        lines=[{"price": "price_float", "start": now - DAY, "end": now + 30 * DAY}],
+    )
+    assert post(stack, event).status_code == 202
+    [item] = eventually(lambda: entitlements(stack, order_ref="sub_lic_float"), timeout=5)
+    seat = call(
+        stack,
+        "/v1/activations",
+        {"activation_code": item["activation_code"], "fingerprint": "render-node-1"},
+    ).json()
+    assert seat["lease_until"] is not None
+    beat = call(stack, f"/v1/activations/{seat['id']}/heartbeat", None)
+    assert beat.status_code == 200, beat.text
+    assert beat.json()["id"] == seat["id"] and beat.json()["lease_until"]
+    taken = call(
+        stack,
+        "/v1/activations",
+        {"activation_code": item["activation_code"], "fingerprint": "render-node-2"},
+    )
+    assert taken.status_code == 409  # the lease is alive
+    assert call(stack, "/v1/activations/nope/heartbeat", None).status_code == 404
