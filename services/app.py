@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import anyio
 from faststream.kafka import KafkaBroker
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -28,7 +29,12 @@ from services.http import (
     handle_starlette_error,
 )
 from services.kafka import ensure_topics, make_broker
-from services.projector import PublicEventsProjection, ReadModelProjection, follow
+from services.projector import (
+    PublicEventsProjection,
+    ReadModelProjection,
+    ValidationIndex,
+    follow,
+)
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
 
@@ -98,6 +104,7 @@ def build_app(
         scheduler = Scheduler(service, read_model)
 
     routes: list[Route] = []
+    index: ValidationIndex | None = None
     if roles.ingress:
         assert broker is not None
         producer = broker
@@ -113,6 +120,7 @@ def build_app(
         signer = (
             licensing.Signer.from_secret(settings.license_key) if settings.license_key else None
         )
+        index = ValidationIndex(read_model)
         routes += licensing.routes(
             licensing.Licensing(
                 store,
@@ -121,6 +129,7 @@ def build_app(
                 config.license_file_ttl,
                 licensing.Limits.from_config(config.rate_limits),
                 config.catalog,
+                index,
             )
         )
 
@@ -145,6 +154,10 @@ def build_app(
             )
         if scheduler is not None:
             tasks.append(asyncio.create_task(scheduler.run(stop, settings.schedule_interval)))
+        if index is not None:
+            assert store is not None
+            await anyio.to_thread.run_sync(index.load)
+            tasks.append(asyncio.create_task(follow(store, index, stop, poll_interval=0.02)))
         try:
             yield
         finally:

@@ -13,6 +13,7 @@ import base64
 import binascii
 import hashlib
 import math
+import secrets
 import threading
 import time
 import uuid
@@ -58,7 +59,7 @@ from domain.entitlement import (
     code_hash,
 )
 from services.http import HTTPError
-from services.projector import entitlement_view
+from services.projector import ValidationIndex, entitlement_view
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
 
@@ -153,11 +154,13 @@ class Licensing:
         license_ttl: timedelta = timedelta(days=7),
         limits: Limits | None = None,
         catalog: Catalog | None = None,
+        index: ValidationIndex | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.store = store
         self.read_model = read_model
         self.catalog = catalog or Catalog()
+        self.index = index
         self.signer = signer
         self.license_ttl = license_ttl
         self.limits = limits or Limits.from_config((10, 20, 100, 200))
@@ -199,11 +202,8 @@ class Licensing:
         if self.signer is None:
             raise HTTPError(503, "not_configured", "license files need ENTITLE_LICENSE_KEY")
         seat_id = request.path_params["id"]
-        entitlement_id = await anyio.to_thread.run_sync(self.read_model.by_seat, seat_id)
-        entitlement = (
-            await anyio.to_thread.run_sync(self.store.find, uuid.UUID(entitlement_id), Entitlement)
-            if entitlement_id
-            else None
+        entitlement = await anyio.to_thread.run_sync(
+            self.store.find, _seat_owner(seat_id), Entitlement
         )
         if entitlement is None or seat_id not in entitlement.activations:
             raise HTTPError(404, "NOT_FOUND", f"no seat {seat_id} is in use")
@@ -254,7 +254,7 @@ class Licensing:
                 hashed,
                 body.fingerprint,
                 body.label,
-                str(uuid.uuid4()),
+                new_seat_id(entitlement.id),
                 request_id,
                 at,
                 self._lease(entitlement),
@@ -284,9 +284,7 @@ class Licensing:
     async def heartbeat(self, request: Request) -> JSONResponse:
         """Keep a floating seat: 200 {id, lease_until}; 404 once it lapsed."""
         seat_id = request.path_params["id"]
-        entitlement_id = await anyio.to_thread.run_sync(self.read_model.by_seat, seat_id)
-        if entitlement_id is None:
-            raise HTTPError(404, "NOT_FOUND", f"no seat {seat_id} is in use")
+        entitlement_id = _seat_owner(seat_id)
         request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
         until: list[datetime | None] = []
 
@@ -294,24 +292,19 @@ class Licensing:
             lease = self._lease(entitlement)
             until.append(entitlement.heartbeat(seat_id, lease, request_id, at) if lease else None)
 
-        entitlement = await anyio.to_thread.run_sync(
-            self._change, uuid.UUID(entitlement_id), change
-        )
+        entitlement = await anyio.to_thread.run_sync(self._change, entitlement_id, change)
         seat = entitlement.activations.get(seat_id, {})
         return JSONResponse({"id": seat_id, "lease_until": _iso(seat.get("lease_until"))})
 
     async def deactivate(self, request: Request) -> Response:
         seat_id = request.path_params["id"]
-        entitlement_id = await anyio.to_thread.run_sync(self.read_model.by_seat, seat_id)
-        if entitlement_id is None:
-            raise HTTPError(404, "NOT_FOUND", f"no seat {seat_id} is in use")
+        entitlement_id = _seat_owner(seat_id)
         request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
 
         def change(entitlement: Entitlement, at: datetime) -> None:
-            if seat_id in entitlement.activations:
-                entitlement.release(seat_id, "released", request_id, at)
+            entitlement.release(seat_id, "released", request_id, at)  # 404 if not in use
 
-        await anyio.to_thread.run_sync(self._change, uuid.UUID(entitlement_id), change)
+        await anyio.to_thread.run_sync(self._change, entitlement_id, change)
         return Response(status_code=204)
 
     def _change(
@@ -382,14 +375,34 @@ class Licensing:
 
     # -- validation --------------------------------------------------------
 
-    async def validate(self, request: Request) -> JSONResponse:
+    async def validate(self, request: Request) -> Response:
         body = await _body(request, ValidationRequest)
-        self.limits.check(request, code_hash(body.activation_code), time.monotonic())
-        result = await anyio.to_thread.run_sync(self.check, body)
-        return JSONResponse(result.model_dump(mode="json"))
+        hashed = code_hash(body.activation_code)
+        self.limits.check(request, hashed, time.monotonic())
+        view = self.index.get(hashed) if self.index is not None else None
+        if view is not None and self._answerable(view, body):
+            result = self.check(body, view)  # the hot path: memory only
+        else:
+            result = await anyio.to_thread.run_sync(self.check, body)
+        return Response(result.model_dump_json(), media_type="application/json")
 
-    def check(self, body: ValidationRequest) -> ValidationResult:
-        view = self.read_model.by_code(code_hash(body.activation_code))
+    def _answerable(self, view: EntitlementView, body: ValidationRequest) -> bool:
+        """Whether the in-memory view decides alone: a device it does not list
+        as holding a seat may have just activated, so the store must say."""
+        if body.fingerprint is None or view.status != "ACTIVE":
+            return True
+        now = self.clock()
+        return any(
+            seat.fingerprint == body.fingerprint
+            and (seat.lease_until is None or seat.lease_until > now)
+            for seat in view.activations
+        )
+
+    def check(
+        self, body: ValidationRequest, view: EntitlementView | None = None
+    ) -> ValidationResult:
+        if view is None:
+            view = self.read_model.by_code(code_hash(body.activation_code))
         if view is None:
             return ValidationResult(valid=False, code="NOT_FOUND", status=None)
         summary = ValidatedEntitlement(
@@ -430,6 +443,22 @@ class Licensing:
         # store decides. This is the rare path, so it may cost a read.
         entitlement = self.store.find(view.id, Entitlement)
         return entitlement is not None and entitlement.holds_seat(fingerprint, now)
+
+
+def new_seat_id(entitlement_id: uuid.UUID) -> str:
+    """<entitlement id>.<64 random bits>: a seat's routes reach the store
+    directly, without waiting for the read model to learn of the seat."""
+    return f"{entitlement_id}.{secrets.token_hex(8)}"
+
+
+def _seat_owner(seat_id: str) -> uuid.UUID:
+    owner, _, tail = seat_id.partition(".")
+    try:
+        if len(tail) != 16:
+            raise ValueError
+        return uuid.UUID(owner)
+    except ValueError:
+        raise HTTPError(404, "NOT_FOUND", f"no seat {seat_id} is in use") from None
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -40,18 +40,12 @@ _TABLES = [
         resolved INTEGER NOT NULL DEFAULT 0,
         body TEXT NOT NULL
     )""",
-    # Activation code hash -> entitlement, and seat -> entitlement: the
-    # licensing API's lookups.
+    # Activation code hash -> entitlement: the licensing API's lookup.
     """CREATE TABLE IF NOT EXISTS entitle_v2_codes (
         code_hash TEXT PRIMARY KEY,
         entitlement_id TEXT NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS entitle_v2_codes_ent ON entitle_v2_codes (entitlement_id)",
-    """CREATE TABLE IF NOT EXISTS entitle_v2_seats (
-        seat_id TEXT PRIMARY KEY,
-        entitlement_id TEXT NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS entitle_v2_seats_ent ON entitle_v2_seats (entitlement_id)",
     """CREATE TABLE IF NOT EXISTS entitle_read_positions (
         name TEXT PRIMARY KEY,
         position BIGINT NOT NULL
@@ -62,7 +56,6 @@ _DROP = [
     "DROP TABLE IF EXISTS entitle_v2_entitlements",
     "DROP TABLE IF EXISTS entitle_v2_dead_letters",
     "DROP TABLE IF EXISTS entitle_v2_codes",
-    "DROP TABLE IF EXISTS entitle_v2_seats",
 ]
 
 FILTERS = ("order_ref", "customer_email", "status", "offering")
@@ -169,12 +162,11 @@ class ReadModel:
         with self._transaction() as cur:
             for view in entitlements:
                 entitlement_id = str(view.id)
-                # Codes and seats are few per entitlement: replace them outright.
-                for table in ("entitle_v2_codes", "entitle_v2_seats"):
-                    cur.execute(
-                        self._sql(f"DELETE FROM {table} WHERE entitlement_id = ?"),
-                        (entitlement_id,),
-                    )
+                # Codes are few per entitlement: replace them outright.
+                cur.execute(
+                    self._sql("DELETE FROM entitle_v2_codes WHERE entitlement_id = ?"),
+                    (entitlement_id,),
+                )
                 for code in (codes or {}).get(view.id, ()):
                     cur.execute(
                         self._sql(
@@ -182,13 +174,7 @@ class ReadModel:
                         ),
                         (code, entitlement_id),
                     )
-                for seat in view.activations:
-                    cur.execute(
-                        self._sql(
-                            "INSERT INTO entitle_v2_seats (seat_id, entitlement_id) VALUES (?, ?)"
-                        ),
-                        (seat.id, entitlement_id),
-                    )
+
                 cur.execute(
                     self._sql(
                         "INSERT INTO entitle_v2_entitlements "
@@ -263,11 +249,23 @@ class ReadModel:
         )
         return EntitlementView.model_validate_json(rows[0][0]) if rows else None
 
-    def by_seat(self, seat_id: str) -> str | None:
-        rows = self._query(
-            "SELECT entitlement_id FROM entitle_v2_seats WHERE seat_id = ?", (seat_id,)
-        )
-        return str(rows[0][0]) if rows else None
+    def snapshot(self, projection: str) -> tuple[int, list[tuple[str, EntitlementView]]]:
+        """Every (code hash, entitlement) and the projection's position, read
+        in one transaction so they agree."""
+        with self._transaction(write=False) as cur:
+            cur.execute(
+                self._sql("SELECT position FROM entitle_read_positions WHERE name = ?"),
+                (projection,),
+            )
+            row = cur.fetchone()
+            cur.execute(
+                "SELECT c.code_hash, e.body FROM entitle_v2_codes c JOIN entitle_v2_entitlements e"
+                " ON e.id = c.entitlement_id"
+            )
+            rows = cur.fetchall()
+        return (int(row[0]) if row else 0), [
+            (code, EntitlementView.model_validate_json(body)) for code, body in rows
+        ]
 
     def due(self, now: datetime, limit: int = 500) -> list[str]:
         """Ids of entitlements whose due time has come, soonest first."""
