@@ -8,8 +8,6 @@ from datetime import UTC, datetime
 from typing import get_args
 
 import anyio
-from eventsourcing.persistence import IntegrityError
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -26,10 +24,10 @@ from contracts.events import Status
 from domain.entitlement import Entitlement, Refused
 from services.codes import CodeBook
 from services.config import AdminKey, Config
-from services.http import HTTPError, authenticate
+from services.http import HTTPError, authenticate, busy, read_json
 from services.projector import entitlement_view, history_entry
 from services.readmodel import FILTERS, ReadModel
-from services.store import EntitlementStore
+from services.store import EntitlementStore, StillChanging
 
 _STATUSES = set(get_args(Status))
 MAX_LIMIT = 1000
@@ -137,47 +135,25 @@ class API:
             raise HTTPError(
                 404, "not_found", f"no action {action!r}; actions are {', '.join(ADMIN_ACTIONS)}"
             )
-        try:
-            body = AdminAction.model_validate_json(await request.body())
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
-            )
-            raise HTTPError(422, "invalid_body", problems) from None
+        body = await read_json(request, AdminAction)
         if (action == "extend") != (body.days is not None):
             raise HTTPError(422, "invalid_body", "'days' is required by extend and only by extend")
         request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
-        view = await anyio.to_thread.run_sync(
-            self._administer, entitlement_id, action, key.name, body, request_id
-        )
-        return JSONResponse(view.model_dump(mode="json"))
 
-    def _administer(
-        self, entitlement_id: uuid.UUID, action: str, by: str, body: AdminAction, request_id: str
-    ) -> EntitlementView:
-        for _ in range(5):
-            entitlement = self.store.find(entitlement_id, Entitlement)
-            if entitlement is None:
-                raise HTTPError(404, "not_found", f"no entitlement {entitlement_id}")
-            try:
-                entitlement.administer(
-                    action,
-                    by,
-                    body.reason,
-                    request_id,
-                    self.config.catalog,
-                    self.config.policy,
-                    self.clock(),
-                    days=body.days or 0,
-                )
-            except Refused as exc:
-                raise HTTPError(409, "refused", str(exc)) from None
-            try:
-                self.store.record([entitlement], None)
-            except IntegrityError:
-                continue  # a webhook changed it meanwhile: apply to the new state
-            return self.with_codes(entitlement_view(entitlement))
-        raise HTTPError(503, "busy", "the entitlement kept changing; retry", {"Retry-After": "1"})
+        def change(entitlement: Entitlement, at: datetime) -> None:
+            entitlement.administer(
+                action,
+                key.name,
+                body.reason,
+                request_id,
+                self.config.catalog,
+                self.config.policy,
+                at,
+                days=body.days or 0,
+            )
+
+        view = await anyio.to_thread.run_sync(self._change, entitlement_id, change)
+        return JSONResponse(view.model_dump(mode="json"))
 
     async def issue_code(self, request: Request) -> JSONResponse:
         """Another activation code for the entitlement (201 with the code)."""
@@ -212,20 +188,16 @@ class API:
     def _change(
         self, entitlement_id: uuid.UUID, change: Callable[[Entitlement, datetime], None]
     ) -> EntitlementView:
-        for _ in range(5):
-            entitlement = self.store.find(entitlement_id, Entitlement)
-            if entitlement is None:
-                raise HTTPError(404, "not_found", f"no entitlement {entitlement_id}")
-            try:
-                change(entitlement, self.clock())
-            except Refused as exc:
-                raise HTTPError(409, "refused", str(exc)) from None
-            try:
-                self.store.record([entitlement], None)
-            except IntegrityError:
-                continue
-            return self.with_codes(entitlement_view(entitlement))
-        raise HTTPError(503, "busy", "the entitlement kept changing; retry", {"Retry-After": "1"})
+        """An admin change, saved; a webhook saving first makes it apply again."""
+        try:
+            entitlement = self.store.change(entitlement_id, lambda e: change(e, self.clock()))
+        except Refused as exc:
+            raise HTTPError(409, "refused", str(exc)) from None
+        except StillChanging:
+            raise busy() from None
+        if entitlement is None:
+            raise HTTPError(404, "not_found", f"no entitlement {entitlement_id}")
+        return self.with_codes(entitlement_view(entitlement))
 
 
 ADMIN_ACTIONS = ("suspend", "reinstate", "cancel", "extend")

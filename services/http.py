@@ -5,7 +5,9 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+from typing import TypeVar
 
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -13,6 +15,7 @@ from contracts.api import Error
 from services.config import AdminKey
 
 log = logging.getLogger("entitle.http")
+M = TypeVar("M", bound=BaseModel)
 _CODE_IN_QUERY = re.compile(r"(activation_code=)([^&\s]{0,5})[^&\s]*", re.IGNORECASE)
 
 
@@ -47,6 +50,25 @@ class HTTPError(Exception):
         self.detail = detail
         self.headers = headers
         self.entitlement_status = entitlement_status
+
+
+def describe(exc: ValidationError) -> str:
+    """What was wrong with a request body, field by field."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+    )
+
+
+async def read_json(request: Request, model: type[M]) -> M:
+    """The request's JSON body as `model`, or a 422 saying what is wrong."""
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise HTTPError(422, "invalid_body", describe(exc)) from None
+
+
+def busy() -> HTTPError:
+    return HTTPError(503, "busy", "the entitlement kept changing; retry", {"Retry-After": "1"})
 
 
 def error_response(

@@ -21,13 +21,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from eventsourcing.persistence import IntegrityError
-from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -58,22 +56,10 @@ from domain.entitlement import (
     UnknownMetric,
     code_hash,
 )
-from services.http import HTTPError
+from services.http import HTTPError, busy, read_json
 from services.projector import ValidationIndex, entitlement_view
 from services.readmodel import ReadModel
-from services.store import EntitlementStore
-
-M = TypeVar("M", bound=BaseModel)
-
-
-async def _body(request: Request, model: type[M]) -> M:
-    try:
-        return model.model_validate_json(await request.body())
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
-        )
-        raise HTTPError(422, "invalid_body", problems) from None
+from services.store import EntitlementStore, StillChanging
 
 
 class Signer:
@@ -168,15 +154,17 @@ class Licensing:
 
     # -- the customer's view ---------------------------------------------------
 
-    async def portal(self, request: Request) -> JSONResponse:
-        code = request.query_params.get("activation_code", "")
-        if not code or len(code) > 64:
-            raise HTTPError(422, "invalid_query", "activation_code is required")
+    async def _opened_by(self, request: Request, code: str) -> tuple[str, EntitlementView]:
+        """(code hash, the entitlement the code opens), after the rate limits; 404 if none."""
         hashed = code_hash(code)
         self.limits.check(request, hashed, time.monotonic())
         view = await anyio.to_thread.run_sync(self.read_model.by_code, hashed)
         if view is None:
             raise HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
+        return hashed, view
+
+    async def portal(self, request: Request) -> JSONResponse:
+        _, view = await self._opened_by(request, _code_param(request))
         portal = Portal(
             status=view.status,
             status_reason=view.status_reason,
@@ -240,12 +228,8 @@ class Licensing:
     # -- activations -------------------------------------------------------
 
     async def activate(self, request: Request) -> JSONResponse:
-        body = await _body(request, ActivationRequest)
-        hashed = code_hash(body.activation_code)
-        self.limits.check(request, hashed, time.monotonic())
-        view = await anyio.to_thread.run_sync(self.read_model.by_code, hashed)
-        if view is None:
-            raise HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
+        body = await read_json(request, ActivationRequest)
+        hashed, view = await self._opened_by(request, body.activation_code)
         request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
         seat: dict[str, Any] = {}
 
@@ -310,40 +294,33 @@ class Licensing:
     def _change(
         self, entitlement_id: uuid.UUID, change: Callable[[Entitlement, datetime], None]
     ) -> Entitlement:
-        for _ in range(5):
-            entitlement = self.store.find(entitlement_id, Entitlement)
-            if entitlement is None:
-                raise HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
-            try:
-                change(entitlement, self.clock())
-            except NotActive as exc:
-                raise HTTPError(
-                    403, "NOT_ACTIVE", str(exc), entitlement_status=exc.status.value
-                ) from None
-            except TooManySeats as exc:
-                raise HTTPError(409, "TOO_MANY_SEATS", str(exc)) from None
-            except OverLimit as exc:
-                raise HTTPError(409, "OVER_LIMIT", str(exc)) from None
-            except UnknownMetric as exc:
-                raise HTTPError(422, "unknown_metric", str(exc)) from None
-            except Refused as exc:
-                raise HTTPError(404, "NOT_FOUND", str(exc)) from None
-            try:
-                self.store.record([entitlement], None)
-            except IntegrityError:
-                continue  # another device or a webhook changed it: decide again
-            return entitlement
-        raise HTTPError(503, "busy", "the entitlement kept changing; retry", {"Retry-After": "1"})
+        """A seat or usage change, saved; another device or a webhook saving
+        first makes it decide again on the new state."""
+        try:
+            entitlement = self.store.change(entitlement_id, lambda e: change(e, self.clock()))
+        except NotActive as exc:
+            raise HTTPError(
+                403, "NOT_ACTIVE", str(exc), entitlement_status=exc.status.value
+            ) from None
+        except TooManySeats as exc:
+            raise HTTPError(409, "TOO_MANY_SEATS", str(exc)) from None
+        except OverLimit as exc:
+            raise HTTPError(409, "OVER_LIMIT", str(exc)) from None
+        except UnknownMetric as exc:
+            raise HTTPError(422, "unknown_metric", str(exc)) from None
+        except Refused as exc:
+            raise HTTPError(404, "NOT_FOUND", str(exc)) from None
+        except StillChanging:
+            raise busy() from None
+        if entitlement is None:
+            raise HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
+        return entitlement
 
     # -- usage ----------------------------------------------------------------
 
     async def record_usage(self, request: Request) -> JSONResponse:
-        body = await _body(request, UsageRequest)
-        hashed = code_hash(body.activation_code)
-        self.limits.check(request, hashed, time.monotonic())
-        view = await anyio.to_thread.run_sync(self.read_model.by_code, hashed)
-        if view is None:
-            raise HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
+        body = await read_json(request, UsageRequest)
+        hashed, view = await self._opened_by(request, body.activation_code)
         recorded: list[bool] = []
 
         def change(entitlement: Entitlement, at: datetime) -> None:
@@ -358,14 +335,7 @@ class Licensing:
         return JSONResponse(usage.model_dump(mode="json"), status_code=201 if recorded[-1] else 200)
 
     async def usage(self, request: Request) -> JSONResponse:
-        code = request.query_params.get("activation_code", "")
-        if not code or len(code) > 64:
-            raise HTTPError(422, "invalid_query", "activation_code is required")
-        hashed = code_hash(code)
-        self.limits.check(request, hashed, time.monotonic())
-        view = await anyio.to_thread.run_sync(self.read_model.by_code, hashed)
-        if view is None:
-            raise HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
+        _, view = await self._opened_by(request, _code_param(request))
         usage = _usage(view.limits, _current(view))
         usage.periods = [
             UsagePeriod(period_start=p.period_start, period_end=p.period_end, metrics=p.metrics)
@@ -376,7 +346,7 @@ class Licensing:
     # -- validation --------------------------------------------------------
 
     async def validate(self, request: Request) -> Response:
-        body = await _body(request, ValidationRequest)
+        body = await read_json(request, ValidationRequest)
         hashed = code_hash(body.activation_code)
         self.limits.check(request, hashed, time.monotonic())
         view = self.index.get(hashed) if self.index is not None else None
@@ -443,6 +413,13 @@ class Licensing:
         # store decides. This is the rare path, so it may cost a read.
         entitlement = self.store.find(view.id, Entitlement)
         return entitlement is not None and entitlement.holds_seat(fingerprint, now)
+
+
+def _code_param(request: Request) -> str:
+    code = request.query_params.get("activation_code", "")
+    if not code or len(code) > 64:
+        raise HTTPError(422, "invalid_query", "activation_code is required")
+    return code
 
 
 def new_seat_id(entitlement_id: uuid.UUID) -> str:

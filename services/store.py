@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -11,7 +11,7 @@ from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
 from eventsourcing.domain import Aggregate, DomainEventProtocol
-from eventsourcing.persistence import ProcessRecorder, StoredEvent, Tracking
+from eventsourcing.persistence import IntegrityError, ProcessRecorder, StoredEvent, Tracking
 from eventsourcing.postgres import PostgresAggregateRecorder, PostgresProcessRecorder
 from eventsourcing.sqlite import SQLiteProcessRecorder
 from psycopg.sql import SQL, Identifier
@@ -24,6 +24,10 @@ A = TypeVar("A", Entitlement, Order, Payment, DeadLetter)
 
 class DatabaseURLError(ValueError):
     pass
+
+
+class StillChanging(Exception):
+    """Other writers kept saving the entitlement first; the caller may retry later."""
 
 
 class PostgresRecorder(PostgresProcessRecorder):
@@ -146,6 +150,24 @@ class EntitlementStore(Application[UUID]):
             return 0
         self._record(processing_event)
         return len(processing_event.events)
+
+    def change(
+        self, entitlement_id: UUID, change: Callable[[Entitlement], None], attempts: int = 5
+    ) -> Entitlement | None:
+        """Load, change and save one entitlement; if another writer saved it
+        first (optimistic concurrency), do it again on the new state. None if
+        it does not exist; what `change` raises propagates, nothing saved."""
+        for _ in range(attempts):
+            entitlement = self.find(entitlement_id, Entitlement)
+            if entitlement is None:
+                return None
+            change(entitlement)
+            try:
+                self.record([entitlement], None)
+            except IntegrityError:
+                continue
+            return entitlement
+        raise StillChanging(f"entitlement {entitlement_id} kept changing")
 
     def position(self, name: str) -> int | None:
         return self.process_recorder.max_tracking_id(name)
