@@ -460,6 +460,25 @@ class Entitlement(Aggregate):
             return self.CancelScheduled if new.cancel_at is not None else self.CancelUnscheduled
         return self.Revised
 
+    def _record(
+        self,
+        event_class: Any,
+        cause: Cause,
+        at: datetime,
+        occurred_at: datetime | None = None,
+        **fields: Any,
+    ) -> None:
+        """An event that carries no provider fact: an admin's, a client's or
+        the schedule's doing, which happened when it was recorded unless said."""
+        self.trigger_event(
+            event_class,
+            timestamp=at,
+            cause=cause.as_dict(),
+            occurred_at=occurred_at or at,
+            fact=None,
+            **fields,
+        )
+
     # -- activation codes ------------------------------------------------
 
     class CodeIssued(Event):
@@ -486,12 +505,10 @@ class Entitlement(Aggregate):
         if self.has_applied(cause):
             return self.codes_issued - 1
         index = self.codes_issued
-        self.trigger_event(
+        self._record(
             self.CodeIssued,
-            timestamp=at,
-            cause=cause.as_dict(),
-            occurred_at=at,
-            fact=None,
+            cause,
+            at,
             code_hash=code_hash_for(self.id, index),
             index=index,
         )
@@ -504,12 +521,10 @@ class Entitlement(Aggregate):
         hashes = [h for h, i in self.codes.items() if i == index]
         if not hashes:
             raise Refused(f"no active activation code with index {index}")
-        self.trigger_event(
+        self._record(
             self.CodeRevoked,
-            timestamp=at,
-            cause=cause.as_dict(),
-            occurred_at=at,
-            fact=None,
+            cause,
+            at,
             code_hash=hashes[0],
             index=index,
         )
@@ -563,12 +578,10 @@ class Entitlement(Aggregate):
             return None
         if seat["lease_until"] - at < lease / 2:
             cause = Cause.client(request_id)
-            self.trigger_event(
+            self._record(
                 self.SeatRenewed,
-                timestamp=at,
-                cause=cause.as_dict(),
-                occurred_at=at,
-                fact=None,
+                cause,
+                at,
                 seat_id=seat_id,
                 lease_until=at + lease,
             )
@@ -597,12 +610,10 @@ class Entitlement(Aggregate):
         if code_hash not in self.codes:
             raise Refused("the activation code is not active")
         for lapsed_id in [s for s, seat in self.activations.items() if _lapsed(seat, at)]:
-            self.trigger_event(
+            self._record(
                 self.SeatReleased,
-                timestamp=at,
-                cause=Cause.client(request_id).as_dict(),
-                occurred_at=at,
-                fact=None,
+                Cause.client(request_id),
+                at,
                 seat_id=lapsed_id,
                 reason="lease_expired",
             )
@@ -616,12 +627,10 @@ class Entitlement(Aggregate):
         if len(self.activations) >= self.seats:
             raise TooManySeats(self.seats)
         cause = Cause.client(request_id)
-        self.trigger_event(
+        self._record(
             self.SeatActivated,
-            timestamp=at,
-            cause=cause.as_dict(),
-            occurred_at=at,
-            fact=None,
+            cause,
+            at,
             seat_id=seat_id,
             fingerprint=fingerprint,
             label=label,
@@ -634,12 +643,10 @@ class Entitlement(Aggregate):
         if seat_id not in self.activations:
             raise Refused(f"no seat {seat_id} in use")
         cause = Cause.client(request_id)
-        self.trigger_event(
+        self._record(
             self.SeatReleased,
-            timestamp=at,
-            cause=cause.as_dict(),
-            occurred_at=at,
-            fact=None,
+            cause,
+            at,
             seat_id=seat_id,
             reason=reason,
         )
@@ -652,14 +659,13 @@ class Entitlement(Aggregate):
             self.activations.items(), key=lambda item: item[1]["activated_at"], reverse=True
         )
         for seat_id, _ in newest_first[: max(0, len(self.activations) - seats)]:
-            self.trigger_event(
+            self._record(
                 self.SeatReleased,
-                timestamp=at,
-                cause=cause.as_dict(),
-                occurred_at=occurred_at,
-                fact=None,
+                cause,
+                at,
                 seat_id=seat_id,
                 reason="seats_reduced",
+                occurred_at=occurred_at,
             )
 
     # -- usage ---------------------------------------------------------------
@@ -698,12 +704,10 @@ class Entitlement(Aggregate):
         used, limit = self.used(metric), int(self.limits[metric])
         if used + quantity > limit:
             raise OverLimit(metric, used, limit)
-        self.trigger_event(
+        self._record(
             self.UsageRecorded,
-            timestamp=at,
-            cause=cause.as_dict(),
-            occurred_at=at,
-            fact=None,
+            cause,
+            at,
             metric=metric,
             quantity=quantity,
             period_start=self.period_start,
