@@ -111,8 +111,8 @@ def event_id(payload: Mapping[str, Any]) -> str:
     return str(payload.get("id", ""))
 
 
-def _line_price(line: Mapping[str, Any]) -> tuple[str | None, str | None]:
-    """(price id, offering_sku from price metadata) of an invoice line."""
+def _line_price(line: Mapping[str, Any]) -> Any:
+    """An invoice line's price: an id (current API) or an object with metadata."""
     price: Any = line.get("price")
     pricing = line.get("pricing")
     if isinstance(pricing, Mapping):
@@ -121,12 +121,7 @@ def _line_price(line: Mapping[str, Any]) -> tuple[str | None, str | None]:
             price = details.get("price")
     if price is None and isinstance(line.get("plan"), Mapping):
         price = line["plan"]
-    sku = None
-    if isinstance(price, Mapping):
-        metadata = price.get("metadata")
-        if isinstance(metadata, Mapping) and metadata.get("offering_sku"):
-            sku = str(metadata["offering_sku"])
-    return _id(price), sku
+    return price
 
 
 def _is_proration(line: Mapping[str, Any]) -> bool:
@@ -175,6 +170,7 @@ def _offering(price: Any, catalog: Catalog, unmapped: list[str]) -> Offering | N
 
 
 def _price(price: Any) -> tuple[str | None, str | None]:
+    """(price id, offering_sku from the price's metadata)."""
     sku = None
     if isinstance(price, Mapping):
         metadata = price.get("metadata")
@@ -192,11 +188,8 @@ def _invoice_lines(invoice: Mapping[str, Any], catalog: Catalog, unmapped: list[
     for line in raw_lines:
         if not isinstance(line, Mapping) or _is_proration(line):
             continue
-        price_id, sku = _line_price(line)
-        offering = catalog.for_stripe_price(price_id, sku)
+        offering = _offering(_line_price(line), catalog, unmapped)
         if offering is None:
-            wanted = f"offering_sku {sku!r}" if sku else f"price {price_id!r}"
-            unmapped.append(f"{wanted} maps to no offering in the catalog")
             continue
         period = line.get("period")
         if not isinstance(period, Mapping):
