@@ -162,37 +162,25 @@ def normalize(
     invoice = _obj(payload, "invoice")
     unmapped: list[str] = []
     commands: list[Command] = []
-    if kind in ("subscription_renewed", "payment_succeeded", "subscription_created") and (
-        invoice is not None and invoice.get("status") == "paid" and invoice.get("subscription_id")
-    ):
-        # A paid invoice says more than the snapshot beside it: it is what
-        # a later refund names.
+    # A paid invoice says more than the snapshot beside it: it is what a
+    # later refund names.
+    paid = kind in ("subscription_renewed", "payment_succeeded", "subscription_created") and (
+        invoice is not None and invoice.get("status") == "paid"
+    )
+    if (paid or kind == "payment_failed") and invoice and invoice.get("subscription_id"):
         lines = _invoice_lines(invoice, catalog, unmapped)
         if lines:
+            record = lifecycle.payment if paid else lifecycle.payment_failed
             commands.append(
                 OrderEvent(
                     source,
                     str(invoice["subscription_id"]),
-                    lifecycle.payment(str(invoice["id"]), lines),
+                    record(str(invoice["id"]), lines),
                     tuple(lines),
                     cause,
                     occurred_at,
                     _customer(payload),
-                    invoice=str(invoice["id"]),
-                )
-            )
-    elif kind == "payment_failed" and invoice is not None and invoice.get("subscription_id"):
-        lines = _invoice_lines(invoice, catalog, unmapped)
-        if lines:
-            commands.append(
-                OrderEvent(
-                    source,
-                    str(invoice["subscription_id"]),
-                    lifecycle.payment_failed(str(invoice["id"]), lines),
-                    tuple(lines),
-                    cause,
-                    occurred_at,
-                    _customer(payload),
+                    invoice=str(invoice["id"]) if paid else None,
                 )
             )
     elif kind == "payment_refunded" and invoice is not None and invoice.get("subscription_id"):
