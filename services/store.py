@@ -184,91 +184,65 @@ class EntitlementStore(Application[UUID]):
     def load_many(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, Aggregate]:
         """Current state of many aggregates in one query (those that exist),
         instead of one repository read each: the fold's main cost otherwise."""
-        ids = list(dict.fromkeys(aggregate_ids))
         loaded: dict[UUID, Aggregate] = {}
-        for start in range(0, len(ids), 1000):
-            chunk = ids[start : start + 1000]
-            aggregate: Any = None
-            for stored in self._select_events(chunk):
-                event: Any = self.mapper.to_domain_event(stored)
-                if event.originator_version == 1:
-                    aggregate = None
-                aggregate = event.mutate(aggregate)
-                loaded[aggregate.id] = aggregate
+        aggregate: Any = None
+        rows = self._event_rows(
+            aggregate_ids,
+            "originator_id, originator_version, topic, state",
+            "ORDER BY originator_id, originator_version",
+        )
+        for row in rows:
+            stored = StoredEvent(
+                originator_id=row["originator_id"],
+                originator_version=row["originator_version"],
+                topic=row["topic"],
+                state=bytes(row["state"]),
+            )
+            event: Any = self.mapper.to_domain_event(stored)
+            if event.originator_version == 1:
+                aggregate = None
+            aggregate = event.mutate(aggregate)
+            loaded[aggregate.id] = aggregate
         return loaded
 
     def versions(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, int]:
         """The current version of each of these aggregates that exists."""
+        rows = self._event_rows(
+            aggregate_ids,
+            "originator_id, max(originator_version) AS version",
+            "GROUP BY originator_id",
+        )
+        return {row["originator_id"]: row["version"] for row in rows}
+
+    def _event_rows(self, aggregate_ids: Iterable[UUID], columns: str, tail: str) -> list[Any]:
+        """`SELECT columns … WHERE originator_id IN ids tail` on the events
+        table, on either database, 1,000 ids a query; ids come back as UUIDs."""
         ids = list(dict.fromkeys(aggregate_ids))
-        found: dict[UUID, int] = {}
         recorder: Any = self.recorder
         table = recorder.events_table_name
+        rows: list[Any] = []
         for start in range(0, len(ids), 1000):
             chunk = ids[start : start + 1000]
             if isinstance(recorder, PostgresAggregateRecorder):
                 statement = SQL(
-                    "SELECT originator_id, max(originator_version) AS version FROM {schema}.{table}"
-                    " WHERE originator_id = ANY(%s::uuid[]) GROUP BY originator_id"
+                    f"SELECT {columns} FROM {{schema}}.{{table}}"
+                    f" WHERE originator_id = ANY(%s::uuid[]) {tail}"
                 ).format(schema=Identifier(recorder.datastore.schema), table=Identifier(table))
+                # One array literal: psycopg dumps a list of UUIDs one by one, slowly.
                 literal = "{" + ",".join(str(i) for i in chunk) + "}"
                 with recorder.datastore.get_connection() as conn, conn.cursor() as cursor:
                     cursor.execute(statement, (literal,))
-                    rows = cursor.fetchall()
-                found.update((row["originator_id"], row["version"]) for row in rows)
+                    rows += cursor.fetchall()
             else:
                 marks = ",".join("?" * len(chunk))
-                query = (
-                    "SELECT originator_id, max(originator_version) AS version FROM "
-                    f"{table} WHERE originator_id IN ({marks}) GROUP BY originator_id"
-                )
+                query = f"SELECT {columns} FROM {table} WHERE originator_id IN ({marks}) {tail}"
                 with recorder.datastore.transaction(commit=False) as cursor:
                     cursor.execute(query, [i.hex for i in chunk])
-                    rows = cursor.fetchall()
-                found.update(
-                    (recorder.convert_originator_id(row["originator_id"]), row["version"])
-                    for row in rows
-                )
-        return found
-
-    def _select_events(self, ids: list[UUID]) -> list[StoredEvent]:
-        recorder: Any = self.recorder
-        table = recorder.events_table_name
-        if isinstance(recorder, PostgresAggregateRecorder):
-            statement = SQL(
-                "SELECT originator_id, originator_version, topic, state FROM {schema}.{table}"
-                " WHERE originator_id = ANY(%s::uuid[]) ORDER BY originator_id, originator_version"
-            ).format(schema=Identifier(recorder.datastore.schema), table=Identifier(table))
-            # One array literal: psycopg dumps a list of UUIDs one by one, slowly.
-            literal = "{" + ",".join(str(i) for i in ids) + "}"
-            with recorder.datastore.get_connection() as conn, conn.cursor() as cursor:
-                cursor.execute(statement, (literal,))
-                rows = cursor.fetchall()
-            return [
-                StoredEvent(
-                    originator_id=row["originator_id"],
-                    originator_version=row["originator_version"],
-                    topic=row["topic"],
-                    state=bytes(row["state"]),
-                )
-                for row in rows
-            ]
-        marks = ",".join("?" * len(ids))
-        query = (
-            "SELECT originator_id, originator_version, topic, state FROM "
-            f"{table} WHERE originator_id IN ({marks}) ORDER BY originator_id, originator_version"
-        )
-        with recorder.datastore.transaction(commit=False) as cursor:
-            cursor.execute(query, [i.hex for i in ids])
-            rows = cursor.fetchall()
-        return [
-            StoredEvent(
-                originator_id=recorder.convert_originator_id(row["originator_id"]),
-                originator_version=row["originator_version"],
-                topic=row["topic"],
-                state=row["state"],
-            )
-            for row in rows
-        ]
+                    rows += [
+                        {**dict(row), "originator_id": recorder.convert_originator_id(row[0])}
+                        for row in cursor.fetchall()
+                    ]
+        return rows
 
     def history(self, aggregate_id: UUID) -> list[DomainEventProtocol[UUID]]:
         return list(self.events.get(aggregate_id))
