@@ -92,9 +92,6 @@ class Catalog:
     def get(self, sku: str) -> Offering | None:
         return self._by_sku.get(sku)
 
-    def for_stripe_price(self, price_id: str | None, sku: str | None) -> Offering | None:
-        return self.for_price("stripe", price_id, sku)
-
     def for_price(self, provider: str, price_id: str | None, sku: str | None) -> Offering | None:
         """The offering a provider's price stands for: an `offering_sku` the
         provider carries (price metadata, custom data) wins over the

@@ -227,12 +227,6 @@ class Facts:
         for fact in facts:
             self.add(fact)
 
-    def copy(self) -> Facts:
-        return Facts(self.log)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._by_key
-
     def add(self, fact: Fact) -> None:
         key = fact["key"]
         known = self._by_key.get(key)

@@ -162,7 +162,7 @@ def _quantity(value: Any, where: str) -> int:
 
 def _offering(price: Any, catalog: Catalog, unmapped: list[str]) -> Offering | None:
     price_id, sku = _price(price)
-    offering = catalog.for_stripe_price(price_id, sku)
+    offering = catalog.for_price("stripe", price_id, sku)
     if offering is None:
         wanted = f"offering_sku {sku!r}" if sku else f"price {price_id!r}"
         unmapped.append(f"{wanted} maps to no offering in the catalog")
