@@ -352,26 +352,7 @@ async def latency_phase(
         while warmup["id"] not in seen and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        began = time.perf_counter()
-
-        async def pace() -> None:
-            for n, event in enumerate(events):
-                delay = began + n / rate - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                queue.put_nowait(event)
-            for _ in range(concurrency):
-                queue.put_nowait({})
-
-        async def worker() -> None:
-            connection = Connection("127.0.0.1", ingress_port)
-            while event := await queue.get():
-                await send(connection, event, acked)
-            await connection.close()
-
-        await asyncio.gather(pace(), *(worker() for _ in range(concurrency)))
-        sent_for = time.perf_counter() - began
+        sent_for = await send_paced(ingress_port, events, rate, concurrency, acked)
         quiet = time.monotonic()
         count = len(seen)
         while time.monotonic() - quiet < 3:
@@ -402,6 +383,41 @@ async def latency_phase(
         f"max {latencies[-1]:.0f} ms"
     )
     print(f"resident:      {memory}")
+
+
+async def send_paced(
+    port: int,
+    events: list[dict[str, Any]],
+    rate: float,
+    concurrency: int,
+    acked: dict[str, float],
+    seconds: float | None = None,
+) -> float:
+    """Send `events` to the ingress at `rate` a second over `concurrency`
+    keep-alive connections (stopping after `seconds`, if given); returns how
+    long the sending took."""
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    began = time.perf_counter()
+
+    async def pace() -> None:
+        for n, event in enumerate(events):
+            if seconds is not None and time.perf_counter() - began > seconds:
+                break
+            delay = began + n / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            queue.put_nowait(event)
+        for _ in range(concurrency):
+            queue.put_nowait({})
+
+    async def worker() -> None:
+        connection = Connection("127.0.0.1", port)
+        while event := await queue.get():
+            await send(connection, event, acked)
+        await connection.close()
+
+    await asyncio.gather(pace(), *(worker() for _ in range(concurrency)))
+    return time.perf_counter() - began
 
 
 async def send(connection: Connection, event: dict[str, Any], acked: dict[str, float]) -> None:

@@ -30,7 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from ingest import Connection  # noqa: E402
-from lifecycle import CONFIG, fresh_database, resident_mb, send, start, stop, story  # noqa: E402
+from lifecycle import (  # noqa: E402
+    CONFIG,
+    fresh_database,
+    resident_mb,
+    send_paced,
+    start,
+    stop,
+    story,
+)
 
 from services.kafka import EmbeddedBroker, ensure_topics  # noqa: E402
 
@@ -70,27 +78,7 @@ async def validate_load(
 
 async def ingest_load(port: int, events: list[dict[str, Any]], rate: float, seconds: float) -> int:
     acked: dict[str, float] = {}
-    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    began = time.perf_counter()
-
-    async def pace() -> None:
-        for n, event in enumerate(events):
-            if time.perf_counter() - began > seconds:
-                break
-            delay = began + n / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            queue.put_nowait(event)
-        for _ in range(8):
-            queue.put_nowait({})
-
-    async def worker() -> None:
-        connection = Connection("127.0.0.1", port)
-        while event := await queue.get():
-            await send(connection, event, acked)
-        await connection.close()
-
-    await asyncio.gather(pace(), *(worker() for _ in range(8)))
+    await send_paced(port, events, rate, 8, acked, seconds)
     return len(acked)
 
 
