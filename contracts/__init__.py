@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from contracts.api import (
     AdminAction,
@@ -56,6 +56,13 @@ PUBLISHED: dict[str, type[BaseModel]] = {
     "license-keys.v1.json": KeysV1,
     "licensing-portal.v1.json": Portal,
 }
+
+
+def describe(exc: ValidationError) -> str:
+    """What was wrong with a message or body, field by field."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+    )
 
 
 def render_schema(model: type[BaseModel]) -> str:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from contracts import describe
 from contracts.api import Error
 from services.config import AdminKey
 
@@ -50,13 +51,6 @@ class HTTPError(Exception):
         self.detail = detail
         self.headers = headers
         self.entitlement_status = entitlement_status
-
-
-def describe(exc: ValidationError) -> str:
-    """What was wrong with a request body, field by field."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
-    )
 
 
 async def read_json(request: Request, model: type[M]) -> M:

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from contracts import describe
 from contracts.billing import BillingEventV1, BillingItemV1
 from domain import lifecycle
 from domain.catalog import Catalog
@@ -109,10 +110,7 @@ def normalize(
     try:
         event = BillingEventV1.model_validate(payload)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
-        )
-        raise Unmappable(f"not a billing event v1: {problems}") from None
+        raise Unmappable(f"not a billing event v1: {describe(exc)}") from None
     cause = Cause.provider(source, event.id)
     unmapped: list[str] = []
     commands: list[Command] = []
