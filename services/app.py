@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from contracts.webhooks import RAW_TOPIC
 from services import api, ingress, licensing
@@ -27,14 +28,10 @@ from services.http import (
     handle_http_error,
     handle_internal_error,
     handle_starlette_error,
+    shortcut,
 )
 from services.kafka import ensure_topics, make_broker
-from services.projector import (
-    PublicEventsProjection,
-    ReadModelProjection,
-    ValidationIndex,
-    follow,
-)
+from services.projector import PublicEventsProjection, ReadModelProjection, follow
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
 
@@ -72,7 +69,7 @@ def build_app(
     settings: Settings,
     roles: Roles,
     admin_keys: list[AdminKey],
-) -> Starlette:
+) -> ASGIApp:
     needs_broker = roles.ingress or roles.domain or roles.projector
     if needs_broker and not settings.kafka_bootstrap:
         raise ValueError("roles ingress, domain and projector need ENTITLE_KAFKA_BOOTSTRAP")
@@ -104,7 +101,8 @@ def build_app(
         scheduler = Scheduler(service, read_model)
 
     routes: list[Route] = []
-    index: ValidationIndex | None = None
+    index: licensing.ValidationIndex | None = None
+    validation: licensing.Licensing | None = None
     if roles.ingress:
         assert broker is not None
         producer = broker
@@ -120,18 +118,17 @@ def build_app(
         signer = (
             licensing.Signer.from_secret(settings.license_key) if settings.license_key else None
         )
-        index = ValidationIndex(read_model)
-        routes += licensing.routes(
-            licensing.Licensing(
-                store,
-                read_model,
-                signer,
-                config.license_file_ttl,
-                licensing.Limits.from_config(config.rate_limits),
-                config.catalog,
-                index,
-            )
+        index = licensing.ValidationIndex(read_model)
+        validation = licensing.Licensing(
+            store,
+            read_model,
+            signer,
+            config.license_file_ttl,
+            licensing.Limits.from_config(config.rate_limits),
+            config.catalog,
+            index,
         )
+        routes += licensing.routes(validation)
 
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "roles": roles.names()})
@@ -155,9 +152,8 @@ def build_app(
         if scheduler is not None:
             tasks.append(asyncio.create_task(scheduler.run(stop, settings.schedule_interval)))
         if index is not None:
-            assert store is not None
-            await anyio.to_thread.run_sync(index.load)
-            tasks.append(asyncio.create_task(follow(store, index, stop, poll_interval=0.02)))
+            await anyio.to_thread.run_sync(index.refresh)
+            tasks.append(asyncio.create_task(index.follow(stop)))
         try:
             yield
         finally:
@@ -170,7 +166,7 @@ def build_app(
             if store is not None:
                 store.close()
 
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
@@ -179,3 +175,6 @@ def build_app(
             Exception: handle_internal_error,
         },
     )
+    if validation is not None:
+        return shortcut(app, "POST", "/v1/validate", validation.validate)
+    return app

@@ -75,6 +75,10 @@ class EmbeddedBroker:
         self.stop()
         raise RuntimeError(f"embedded broker did not listen on {self.bootstrap} in {timeout} s")
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()

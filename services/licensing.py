@@ -9,9 +9,12 @@ devices racing for the last seat cannot both get it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
+import logging
 import math
 import secrets
 import threading
@@ -19,9 +22,9 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import anyio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -29,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from contracts.api import EntitlementView
 from contracts.license_file import KeysV1, LicenseFileV1, LicenseV1, PublicKeyV1, canonical
@@ -42,6 +46,7 @@ from contracts.licensing import (
     UsagePeriod,
     UsageRequest,
     ValidatedEntitlement,
+    ValidationCode,
     ValidationRequest,
     ValidationResult,
 )
@@ -56,10 +61,21 @@ from domain.entitlement import (
     UnknownMetric,
     code_hash,
 )
-from services.http import HTTPError, busy, read_json
-from services.projector import ValidationIndex, entitlement_view
+from services.http import (
+    HTTPError,
+    busy,
+    http_error_response,
+    internal_error_response,
+    parse_json,
+    read_body,
+    read_json,
+    send_json,
+)
+from services.projector import entitlement_view
 from services.readmodel import ReadModel
 from services.store import EntitlementStore, StillChanging
+
+log = logging.getLogger("entitle.licensing")
 
 
 class Signer:
@@ -117,8 +133,7 @@ class Limits:
     def from_config(cls, limits: tuple[float, int, float, int]) -> Limits:
         return cls(Buckets(limits[0], limits[1]), Buckets(limits[2], limits[3]))
 
-    def check(self, request: Request, code: str | None, now: float) -> None:
-        address = request.client.host if request.client else "?"
+    def check(self, address: str, code: str | None, now: float) -> None:
         wait = self.per_address.take(address, now)
         if code is not None:
             wait = max(wait, self.per_code.take(code, now))
@@ -157,7 +172,7 @@ class Licensing:
     async def _opened_by(self, request: Request, code: str) -> tuple[str, EntitlementView]:
         """(code hash, the entitlement the code opens), after the rate limits; 404 if none."""
         hashed = code_hash(code)
-        self.limits.check(request, hashed, time.monotonic())
+        self.limits.check(_address(request), hashed, time.monotonic())
         view = await anyio.to_thread.run_sync(self.read_model.by_code, hashed)
         if view is None:
             raise HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
@@ -345,74 +360,160 @@ class Licensing:
 
     # -- validation --------------------------------------------------------
 
-    async def validate(self, request: Request) -> Response:
-        body = await read_json(request, ValidationRequest)
-        hashed = code_hash(body.activation_code)
-        self.limits.check(request, hashed, time.monotonic())
-        view = self.index.get(hashed) if self.index is not None else None
-        if view is not None and self._answerable(view, body):
-            result = self.check(body, view)  # the hot path: memory only
-        else:
-            result = await anyio.to_thread.run_sync(self.check, body)
-        return Response(result.model_dump_json(), media_type="application/json")
+    async def validate(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /v1/validate. The hot path, so a bare ASGI app: app.py puts it
+        in front of Starlette's middleware and router, and a well-formed
+        request for an indexed code is answered from memory with bytes
+        serialised once per entitlement state."""
+        try:
+            body = parse_json(await read_body(receive), ValidationRequest)
+            hashed = code_hash(body.activation_code)
+            client = scope.get("client")
+            self.limits.check(client[0] if client else "?", hashed, time.monotonic())
+            payload = self._answer(body, hashed)
+            if payload is None:
+                payload = await anyio.to_thread.run_sync(self._answer_from_store, body)
+        except HTTPError as exc:
+            await http_error_response(exc)(scope, receive, send)
+            return
+        except Exception as exc:
+            await internal_error_response(exc)(scope, receive, send)
+            return
+        await send_json(send, 200, payload)
 
-    def _answerable(self, view: EntitlementView, body: ValidationRequest) -> bool:
-        """Whether the in-memory view decides alone: a device it does not list
-        as holding a seat may have just activated, so the store must say."""
-        if body.fingerprint is None or view.status != "ACTIVE":
-            return True
+    def _answer(self, body: ValidationRequest, hashed: str) -> bytes | None:
+        """The answer from the index alone, or None when it cannot decide: a
+        code it does not know may be minutes old, and a device it does not
+        list as holding a seat may have activated a moment ago."""
+        indexed = self.index.get(hashed) if self.index is not None else None
+        if indexed is None:
+            return None
+        view = indexed.view
+        if (
+            body.fingerprint is not None
+            and view.status == "ACTIVE"
+            and not self._seat_listed(view, body.fingerprint)
+        ):
+            return None
+        return indexed.answer(self.outcome(body, view))
+
+    def _answer_from_store(self, body: ValidationRequest) -> bytes:
+        return self.check(body).model_dump_json().encode()
+
+    def check(self, body: ValidationRequest) -> ValidationResult:
+        """The answer from the read model, and the store where a seat is in
+        question."""
+        view = self.read_model.by_code(code_hash(body.activation_code))
+        if view is None:
+            return ValidationResult(valid=False, code="NOT_FOUND", status=None)
+        return validation_result(view, self.outcome(body, view))
+
+    def outcome(self, body: ValidationRequest, view: EntitlementView) -> ValidationCode:
+        if view.status != "ACTIVE":
+            return cast(ValidationCode, view.status)
+        if body.fingerprint is not None and not self._holds_seat(view, body.fingerprint):
+            return "NO_SEAT"
+        if body.feature is not None and body.feature in view.limits:
+            if _current(view).get(body.feature, 0) >= view.limits[body.feature]:
+                return "OVER_LIMIT"
+        elif body.feature is not None and not view.features.get(body.feature):
+            return "FEATURE_NOT_INCLUDED"
+        return "VALID"
+
+    def _seat_listed(self, view: EntitlementView, fingerprint: str) -> bool:
         now = self.clock()
         return any(
-            seat.fingerprint == body.fingerprint
-            and (seat.lease_until is None or seat.lease_until > now)
+            seat.fingerprint == fingerprint and (seat.lease_until is None or seat.lease_until > now)
             for seat in view.activations
         )
 
-    def check(
-        self, body: ValidationRequest, view: EntitlementView | None = None
-    ) -> ValidationResult:
-        if view is None:
-            view = self.read_model.by_code(code_hash(body.activation_code))
-        if view is None:
-            return ValidationResult(valid=False, code="NOT_FOUND", status=None)
-        summary = ValidatedEntitlement(
+    def _holds_seat(self, view: EntitlementView, fingerprint: str) -> bool:
+        if self._seat_listed(view, fingerprint):
+            return True
+        # The read model may not have the activation (or renewal) yet: the
+        # store decides. This is the rare path, so it may cost a read.
+        entitlement = self.store.find(view.id, Entitlement)
+        return entitlement is not None and entitlement.holds_seat(fingerprint, self.clock())
+
+
+def validation_result(view: EntitlementView, code: ValidationCode) -> ValidationResult:
+    return ValidationResult(
+        valid=code == "VALID",
+        code=code,
+        status=cast(Any, view.status),
+        entitlement=ValidatedEntitlement(
             offering=view.offering,
             features=view.features,
             limits=view.limits,
             period_end=view.period_end,
             seats_used=len(view.activations),
             seats_total=view.seats,
-        )
-        if view.status != "ACTIVE":
-            return ValidationResult(
-                valid=False, code=view.status, status=view.status, entitlement=summary
-            )
-        if body.fingerprint is not None and not self._holds_seat(view, body.fingerprint):
-            return ValidationResult(
-                valid=False, code="NO_SEAT", status=view.status, entitlement=summary
-            )
-        if body.feature is not None and body.feature in view.limits:
-            if _current(view).get(body.feature, 0) >= view.limits[body.feature]:
-                return ValidationResult(
-                    valid=False, code="OVER_LIMIT", status=view.status, entitlement=summary
-                )
-        elif body.feature is not None and not view.features.get(body.feature):
-            return ValidationResult(
-                valid=False, code="FEATURE_NOT_INCLUDED", status=view.status, entitlement=summary
-            )
-        return ValidationResult(valid=True, code="VALID", status=view.status, entitlement=summary)
+        ),
+    )
 
-    def _holds_seat(self, view: EntitlementView, fingerprint: str) -> bool:
-        now = self.clock()
-        if any(
-            seat.fingerprint == fingerprint and (seat.lease_until is None or seat.lease_until > now)
-            for seat in view.activations
-        ):
-            return True
-        # The read model may not have the activation (or renewal) yet: the
-        # store decides. This is the rare path, so it may cost a read.
-        entitlement = self.store.find(view.id, Entitlement)
-        return entitlement is not None and entitlement.holds_seat(fingerprint, now)
+
+@dataclass(eq=False)
+class IndexedEntitlement:
+    """An entitlement as the validation index holds it, with the answers
+    given so far: one state gives at most a few different answers."""
+
+    view: EntitlementView
+    answers: dict[str, bytes] = field(default_factory=dict)
+
+    def answer(self, code: ValidationCode) -> bytes:
+        payload = self.answers.get(code)
+        if payload is None:
+            payload = self.answers[code] = (
+                validation_result(self.view, code).model_dump_json().encode()
+            )
+        return payload
+
+
+class ValidationIndex:
+    """Activation code hash -> entitlement, in the API process's memory, so
+    validation needs no database round trip. It copies the read model's
+    entitlements, then fetches only those written since (`ReadModel.changed`)
+    a few dozen times a second: the projector has already folded them."""
+
+    def __init__(self, read_model: ReadModel) -> None:
+        self.read_model = read_model
+        self._entries: dict[str, IndexedEntitlement] = {}
+        self._codes: dict[uuid.UUID, list[str]] = {}
+        self._position = 0
+
+    def get(self, code_hash: str) -> IndexedEntitlement | None:
+        return self._entries.get(code_hash)
+
+    def refresh(self) -> int:
+        """Fetch and apply what changed; returns how many entitlements did."""
+        position, changed = self.read_model.changed(self._position)
+        for view, codes in changed:
+            entry = IndexedEntitlement(view)
+            # New codes first, then drop revoked ones: a code that stays never misses.
+            for code in codes:
+                self._entries[code] = entry
+            for code in set(self._codes.get(view.id, ())) - set(codes):
+                self._entries.pop(code, None)
+            self._codes[view.id] = codes
+        self._position = position
+        return len(changed)
+
+    async def follow(self, stop: asyncio.Event, interval: float = 0.02) -> None:
+        """Refresh until `stop` is set: at once while there is more, else
+        every `interval` seconds."""
+        while not stop.is_set():
+            try:
+                changed = await anyio.to_thread.run_sync(self.refresh)
+            except Exception:
+                log.exception("the validation index failed to refresh; retrying")
+                changed, interval = 0, max(interval, 1.0)
+            if not changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval)
+
+
+def _address(request: Request) -> str:
+    return request.client.host if request.client else "?"
 
 
 def _code_param(request: Request) -> str:
@@ -461,7 +562,6 @@ def routes(licensing: Licensing) -> list[Route]:
         Route("/v1/activations", licensing.activate, methods=["POST"]),
         Route("/v1/activations/{id}", licensing.deactivate, methods=["DELETE"]),
         Route("/v1/activations/{id}/heartbeat", licensing.heartbeat, methods=["POST"]),
-        Route("/v1/validate", licensing.validate, methods=["POST"]),
         Route("/v1/activations/{id}/license-file", licensing.license_file, methods=["POST"]),
         Route("/v1/keys", licensing.keys, methods=["GET"]),
         Route("/v1/portal", licensing.portal, methods=["GET"]),

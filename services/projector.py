@@ -51,7 +51,7 @@ from services.store import EntitlementStore
 log = logging.getLogger("entitle.projector")
 
 # Versioned with the read model's tables: a new schema rebuilds from zero.
-READ_MODEL = "read-model-v2"
+READ_MODEL = "read-model-v3"
 PUBLIC_EVENTS = "public-events"
 _ENTITLEMENT_TOPIC = "domain.entitlement:Entitlement"
 _DEAD_LETTER_TOPIC = "domain.dead_letter:DeadLetter"
@@ -260,45 +260,6 @@ class ReadModelProjection:
 
     async def project(self, changes: list[Change], position: int) -> None:
         await anyio.to_thread.run_sync(self.apply, changes, position)
-
-
-class ValidationIndex:
-    """The licensing API's own read model, in memory: activation code hash
-    -> entitlement view. It starts from the read-model tables and follows the
-    log like any projector, so validation needs no database round trip."""
-
-    name = "validation-index"
-
-    def __init__(self, read_model: ReadModel) -> None:
-        self.read_model = read_model
-        self._views: dict[str, EntitlementView] = {}
-        self._codes: dict[UUID, tuple[str, ...]] = {}
-        self._position = 0
-
-    def load(self) -> None:
-        position, rows = self.read_model.snapshot(READ_MODEL)
-        for code, view in rows:
-            self._views[code] = view
-            self._codes[view.id] = (*self._codes.get(view.id, ()), code)
-        self._position = position
-
-    def get(self, code_hash: str) -> EntitlementView | None:
-        return self._views.get(code_hash)
-
-    def position(self) -> int:
-        return self._position
-
-    async def project(self, changes: list[Change], position: int) -> None:
-        for change in changes:
-            view = change.entitlement
-            if view is None:
-                continue
-            for code in self._codes.pop(view.id, ()):
-                self._views.pop(code, None)
-            for code in change.code_hashes:
-                self._views[code] = view
-            self._codes[view.id] = change.code_hashes
-        self._position = position
 
 
 def public_event(change: Change) -> EntitlementEventV1:

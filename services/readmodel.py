@@ -19,7 +19,7 @@ from uuid import UUID
 from contracts.api import DeadLetterView, EntitlementView
 
 _TABLES = [
-    """CREATE TABLE IF NOT EXISTS entitle_v2_entitlements (
+    """CREATE TABLE IF NOT EXISTS entitle_v3_entitlements (
         id TEXT PRIMARY KEY,
         source TEXT NOT NULL,
         order_ref TEXT NOT NULL,
@@ -28,24 +28,28 @@ _TABLES = [
         customer_email TEXT,
         sequence INTEGER NOT NULL,
         due_at TEXT,
-        body TEXT NOT NULL
+        body TEXT NOT NULL,
+        -- The log position of the batch that last wrote the row: readers that
+        -- keep a copy (the validation index) fetch only what changed.
+        position BIGINT NOT NULL
     )""",
-    "CREATE INDEX IF NOT EXISTS entitle_v2_ent_due ON entitle_v2_entitlements (due_at)",
-    "CREATE INDEX IF NOT EXISTS entitle_v2_ent_order ON entitle_v2_entitlements (order_ref)",
-    "CREATE INDEX IF NOT EXISTS entitle_v2_ent_email ON entitle_v2_entitlements (customer_email)",
-    "CREATE INDEX IF NOT EXISTS entitle_v2_ent_status ON entitle_v2_entitlements (status)",
-    """CREATE TABLE IF NOT EXISTS entitle_v2_dead_letters (
+    "CREATE INDEX IF NOT EXISTS entitle_v3_ent_position ON entitle_v3_entitlements (position)",
+    "CREATE INDEX IF NOT EXISTS entitle_v3_ent_due ON entitle_v3_entitlements (due_at)",
+    "CREATE INDEX IF NOT EXISTS entitle_v3_ent_order ON entitle_v3_entitlements (order_ref)",
+    "CREATE INDEX IF NOT EXISTS entitle_v3_ent_email ON entitle_v3_entitlements (customer_email)",
+    "CREATE INDEX IF NOT EXISTS entitle_v3_ent_status ON entitle_v3_entitlements (status)",
+    """CREATE TABLE IF NOT EXISTS entitle_v3_dead_letters (
         id TEXT PRIMARY KEY,
         recorded_at TEXT NOT NULL,
         resolved INTEGER NOT NULL DEFAULT 0,
         body TEXT NOT NULL
     )""",
     # Activation code hash -> entitlement: the licensing API's lookup.
-    """CREATE TABLE IF NOT EXISTS entitle_v2_codes (
+    """CREATE TABLE IF NOT EXISTS entitle_v3_codes (
         code_hash TEXT PRIMARY KEY,
         entitlement_id TEXT NOT NULL
     )""",
-    "CREATE INDEX IF NOT EXISTS entitle_v2_codes_ent ON entitle_v2_codes (entitlement_id)",
+    "CREATE INDEX IF NOT EXISTS entitle_v3_codes_ent ON entitle_v3_codes (entitlement_id)",
     """CREATE TABLE IF NOT EXISTS entitle_read_positions (
         name TEXT PRIMARY KEY,
         position BIGINT NOT NULL
@@ -53,9 +57,9 @@ _TABLES = [
 ]
 
 _DROP = [
-    "DROP TABLE IF EXISTS entitle_v2_entitlements",
-    "DROP TABLE IF EXISTS entitle_v2_dead_letters",
-    "DROP TABLE IF EXISTS entitle_v2_codes",
+    "DROP TABLE IF EXISTS entitle_v3_entitlements",
+    "DROP TABLE IF EXISTS entitle_v3_dead_letters",
+    "DROP TABLE IF EXISTS entitle_v3_codes",
 ]
 
 FILTERS = ("order_ref", "customer_email", "status", "offering")
@@ -164,26 +168,27 @@ class ReadModel:
                 entitlement_id = str(view.id)
                 # Codes are few per entitlement: replace them outright.
                 cur.execute(
-                    self._sql("DELETE FROM entitle_v2_codes WHERE entitlement_id = ?"),
+                    self._sql("DELETE FROM entitle_v3_codes WHERE entitlement_id = ?"),
                     (entitlement_id,),
                 )
                 for code in (codes or {}).get(view.id, ()):
                     cur.execute(
                         self._sql(
-                            "INSERT INTO entitle_v2_codes (code_hash, entitlement_id) VALUES (?, ?)"
+                            "INSERT INTO entitle_v3_codes (code_hash, entitlement_id) VALUES (?, ?)"
                         ),
                         (code, entitlement_id),
                     )
 
                 cur.execute(
                     self._sql(
-                        "INSERT INTO entitle_v2_entitlements "
+                        "INSERT INTO entitle_v3_entitlements "
                         "(id, source, order_ref, offering, status, customer_email, sequence, "
-                        "due_at, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                        "due_at, body, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                         "ON CONFLICT (id) DO UPDATE SET "
                         "status = excluded.status, customer_email = excluded.customer_email, "
                         "offering = excluded.offering, sequence = excluded.sequence, "
-                        "due_at = excluded.due_at, body = excluded.body"
+                        "due_at = excluded.due_at, body = excluded.body, "
+                        "position = excluded.position"
                     ),
                     (
                         str(view.id),
@@ -195,12 +200,13 @@ class ReadModel:
                         view.sequence,
                         _moment(view.due_at),
                         view.model_dump_json(),
+                        position,
                     ),
                 )
             for letter in dead_letters:
                 cur.execute(
                     self._sql(
-                        "INSERT INTO entitle_v2_dead_letters (id, recorded_at, resolved, body) "
+                        "INSERT INTO entitle_v3_dead_letters (id, recorded_at, resolved, body) "
                         "VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
                         "resolved = excluded.resolved, body = excluded.body"
                     ),
@@ -229,48 +235,53 @@ class ReadModel:
                 params.append(value)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._query(
-            f"SELECT body FROM entitle_v2_entitlements{where} ORDER BY id LIMIT {int(limit)}",
+            f"SELECT body FROM entitle_v3_entitlements{where} ORDER BY id LIMIT {int(limit)}",
             params,
         )
         return [EntitlementView.model_validate_json(row[0]) for row in rows]
 
     def entitlement(self, entitlement_id: str) -> EntitlementView | None:
         rows = self._query(
-            "SELECT body FROM entitle_v2_entitlements WHERE id = ?", (entitlement_id,)
+            "SELECT body FROM entitle_v3_entitlements WHERE id = ?", (entitlement_id,)
         )
         return EntitlementView.model_validate_json(rows[0][0]) if rows else None
 
     def by_code(self, code_hash: str) -> EntitlementView | None:
         """The entitlement an activation code (by its hash) belongs to."""
         rows = self._query(
-            "SELECT e.body FROM entitle_v2_codes c JOIN entitle_v2_entitlements e"
+            "SELECT e.body FROM entitle_v3_codes c JOIN entitle_v3_entitlements e"
             " ON e.id = c.entitlement_id WHERE c.code_hash = ?",
             (code_hash,),
         )
         return EntitlementView.model_validate_json(rows[0][0]) if rows else None
 
-    def snapshot(self, projection: str) -> tuple[int, list[tuple[str, EntitlementView]]]:
-        """Every (code hash, entitlement) and the projection's position, read
-        in one transaction so they agree."""
-        with self._transaction(write=False) as cur:
-            cur.execute(
-                self._sql("SELECT position FROM entitle_read_positions WHERE name = ?"),
-                (projection,),
-            )
-            row = cur.fetchone()
-            cur.execute(
-                "SELECT c.code_hash, e.body FROM entitle_v2_codes c JOIN entitle_v2_entitlements e"
-                " ON e.id = c.entitlement_id"
-            )
-            rows = cur.fetchall()
-        return (int(row[0]) if row else 0), [
-            (code, EntitlementView.model_validate_json(body)) for code, body in rows
+    def changed(self, after: int) -> tuple[int, list[tuple[EntitlementView, list[str]]]]:
+        """Entitlements written after log position `after`, each with its code
+        hashes, and the position to ask after next time. A projection batch
+        commits all its rows at once and batches commit in log order, so
+        asking again from the returned position misses nothing."""
+        rows = self._query(
+            "SELECT e.position, e.id, e.body, c.code_hash FROM entitle_v3_entitlements e"
+            " LEFT JOIN entitle_v3_codes c ON c.entitlement_id = e.id"
+            " WHERE e.position > ? ORDER BY e.position",
+            (after,),
+        )
+        bodies: dict[str, str] = {}
+        codes: dict[str, list[str]] = {}
+        for position, entitlement_id, body, code in rows:
+            after = max(after, int(position))
+            bodies[entitlement_id] = body
+            codes.setdefault(entitlement_id, [])
+            if code is not None:
+                codes[entitlement_id].append(code)
+        return after, [
+            (EntitlementView.model_validate_json(body), codes[key]) for key, body in bodies.items()
         ]
 
     def due(self, now: datetime, limit: int = 500) -> list[str]:
         """Ids of entitlements whose due time has come, soonest first."""
         rows = self._query(
-            "SELECT id FROM entitle_v2_entitlements WHERE due_at <= ?"
+            "SELECT id FROM entitle_v3_entitlements WHERE due_at <= ?"
             f" ORDER BY due_at LIMIT {int(limit)}",
             (_moment(now),),
         )
@@ -279,7 +290,7 @@ class ReadModel:
     def dead_letters(self, limit: int = 100, unresolved: bool = False) -> list[DeadLetterView]:
         where = " WHERE resolved = 0" if unresolved else ""
         rows = self._query(
-            f"SELECT body FROM entitle_v2_dead_letters{where}"
+            f"SELECT body FROM entitle_v3_dead_letters{where}"
             f" ORDER BY recorded_at DESC LIMIT {int(limit)}"
         )
         return [DeadLetterView.model_validate_json(row[0]) for row in rows]

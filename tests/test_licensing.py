@@ -166,6 +166,9 @@ def test_activate_validate_and_release_with_the_code_alone(stack: Entitle) -> No
         assert result["valid"] is False
     assert call(stack, "/v1/validate", {"activation_code": code, "extra": 1}).status_code == 422
     assert call(stack, "/v1/validate", {}).json()["error"] == "invalid_body"
+    wrong_method = httpx.get(f"{stack.url}/v1/validate")
+    assert (wrong_method.status_code, wrong_method.json()["error"]) == (405, "method_not_allowed")
+    assert wrong_method.headers["allow"] == "POST"
     assert httpx.delete(f"{stack.url}/v1/activations/nope").status_code == 404
     unknown = call(
         stack,

@@ -17,6 +17,7 @@ from domain.entitlement import Entitlement, Status, entitlement_id
 from services.codes import CodeBook
 from services.config import Config, parse_config
 from services.fold import DomainService
+from services.licensing import ValidationIndex
 from services.projector import READ_MODEL, Follower, ReadModelProjection, replay
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
@@ -272,3 +273,47 @@ offerings:
         assert ent is not None
         statuses[slot] = ent.status
     assert statuses == {"si_basic": Status.CANCELED, "si_addon": Status.CANCELED}
+
+
+def test_the_validation_index_follows_the_read_model(
+    store: EntitlementStore, database_url: str
+) -> None:
+    read_model = ReadModel(database_url)
+    follower, projection = Follower(store), ReadModelProjection(read_model)
+    index = ValidationIndex(read_model)
+    position = 0
+
+    def project() -> None:
+        nonlocal position
+        changes, last = follower.read(position, 1000)
+        assert last is not None
+        projection.apply(changes, last)
+        position = last
+
+    service(store).process([record(0, paid("sub_a")), record(1, paid("sub_b"))])
+    project()
+    assert index.refresh() == 2
+    a = entitlement_id("stripe-main", "sub_a", se.item_id("sub_a", "p"))
+    b = entitlement_id("stripe-main", "sub_b", se.item_id("sub_b", "p"))
+    first, second = CODES.hash(a, 0), CODES.hash(a, 1)
+    assert (found := index.get(first)) is not None and found.view.status == "ACTIVE"
+    assert index.get(second) is None
+    assert index.refresh() == 0  # nothing written since
+
+    at = datetime.now(UTC)
+    store.change(a, lambda e: e.issue_code(CODES.hash, "ops", "r1", at) and None)
+    store.change(a, lambda e: e.revoke_code(0, "ops", "r2", at))
+    store.change(
+        a, lambda e: e.administer("cancel", "ops", "fraud", "r3", CONFIG.catalog, CONFIG.policy, at)
+    )
+    project()
+    assert index.refresh() == 1
+    assert index.get(first) is None  # revoked
+    assert (found := index.get(second)) is not None and found.view.status == "CANCELED"
+    assert (other := index.get(CODES.hash(b, 0))) is not None and other.view.status == "ACTIVE"
+    # After a restart, the index starts from the same state.
+    again = ValidationIndex(read_model)
+    again.refresh()
+    for code in (first, second, CODES.hash(b, 0)):
+        assert getattr(again.get(code), "view", None) == getattr(index.get(code), "view", None)
+    read_model.close()
