@@ -179,7 +179,7 @@ def folded(database_url: str) -> int:
     return sum(int(row[0]) + 1 for row in rows if row[0] is not None)
 
 
-def start(role: str, workdir: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def start(role: str, workdir: Path, env: dict[str, str], nice: int = 0) -> subprocess.Popen[bytes]:
     port = free_port()
     process = subprocess.Popen(
         [
@@ -196,6 +196,7 @@ def start(role: str, workdir: Path, env: dict[str, str]) -> subprocess.Popen[byt
         cwd=workdir,
         stdout=subprocess.DEVNULL,
         stderr=open(workdir / f"{role}.log", "wb"),  # noqa: SIM115
+        preexec_fn=(lambda: os.nice(nice) and None) if nice else None,
     )
     process.port = port  # type: ignore[attr-defined]
     deadline = time.monotonic() + 30

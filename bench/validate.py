@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
@@ -40,6 +42,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from ingest import Connection  # noqa: E402
 from lifecycle import (  # noqa: E402
     CONFIG,
+    folded,
     fresh_database,
     resident_mb,
     send_paced,
@@ -48,7 +51,9 @@ from lifecycle import (  # noqa: E402
     story,
 )
 
+from contracts.webhooks import RAW_TOPIC  # noqa: E402
 from services.kafka import EmbeddedBroker, ensure_topics  # noqa: E402
+from services.projector import READ_MODEL  # noqa: E402
 
 ROLES = ("ingress", "domain", "projector", "api")
 LIMITS = """
@@ -133,6 +138,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+async def backlog(bootstrap: str, database_url: str) -> tuple[int, int]:
+    """(webhooks on the raw topic not folded yet, stored events the read
+    model has not caught up with): whether the ingest kept up."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        partitions = consumer.partitions_for_topic(RAW_TOPIC) or set()
+        ends = await consumer.end_offsets([TopicPartition(RAW_TOPIC, p) for p in partitions])
+    finally:
+        await consumer.stop()
+    with psycopg.connect(database_url) as conn:
+        head = conn.execute("SELECT max(notification_id) FROM entitle_events").fetchone()
+        read = conn.execute(
+            "SELECT position FROM entitle_read_positions WHERE name = %s", (READ_MODEL,)
+        ).fetchone()
+    unfolded = sum(ends.values()) - folded(database_url)
+    return unfolded, (head[0] if head else 0) - (read[0] if read else 0)
+
+
 async def ingest_load(port: int, events: list[dict[str, Any]], rate: float, seconds: float) -> int:
     acked: dict[str, float] = {}
     await send_paced(port, events, rate, 8, acked, seconds)
@@ -153,7 +178,9 @@ async def run(args: argparse.Namespace) -> None:
         "ENTITLE_CODE_SECRET": "bench-code-secret-0123456789",
     }
     await ensure_topics(broker.bootstrap, 8)
-    processes = [start(role, workdir, env) for role in ROLES]
+    processes = [
+        start(role, workdir, env, nice=0 if role == "api" else args.ingest_nice) for role in ROLES
+    ]
     ingress_port, api_port = processes[0].port, processes[3].port  # type: ignore[attr-defined]
     try:
         now = int(time.time())
@@ -183,7 +210,10 @@ async def run(args: argparse.Namespace) -> None:
             pids["broker"] = broker.pid
         cpu_before = {role: cpu_seconds(pid) for role, pid in pids.items()}
         machine_before = machine_seconds()
-        if args.client == "wrk":
+        if args.concurrency == 0:  # the ingest alone: what it leaves of the cores
+            requests, failures, p50, p99, seconds = 0, 0, 0.0, 0.0, args.seconds
+            ingested = await ingest_load(ingress_port, background, args.ingest_rate, args.seconds)
+        elif args.client == "wrk":
             (requests, failures, p50, p99, seconds), ingested = await asyncio.gather(
                 wrk_load(api_port, codes, args.seconds, args.concurrency, workdir),
                 ingest_load(ingress_port, background, args.ingest_rate, args.seconds),
@@ -199,6 +229,7 @@ async def run(args: argparse.Namespace) -> None:
             p99 = latencies[int(len(latencies) * 0.99) - 1]
         busy, elapsed = (a - b for a, b in zip(machine_seconds(), machine_before, strict=True))
         cpu = {role: cpu_seconds(pid) - cpu_before[role] for role, pid in pids.items()}
+        unfolded, unprojected = await backlog(broker.bootstrap, database_url)
         memory = ", ".join(
             f"{role} {resident_mb(p.pid):.0f} MB" for role, p in zip(ROLES, processes, strict=True)
         )
@@ -211,7 +242,10 @@ async def run(args: argparse.Namespace) -> None:
         f"{args.concurrency}, {args.client} client" + (f" ({failures} not 200)" if failures else "")
     )
     print(f"latency:       p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
-    print(f"meanwhile:     {ingested / args.seconds:,.0f} webhooks/s accepted by the ingress")
+    print(
+        f"meanwhile:     {ingested / args.seconds:,.0f} webhooks/s accepted by the ingress; "
+        f"at the end {unfolded} not yet folded, {unprojected} events not yet projected"
+    )
     print(
         "cpu:           "
         + ", ".join(f"{role} {used / elapsed:.0%}" for role, used in cpu.items())
@@ -235,8 +269,13 @@ def main() -> None:
         "--entitlements", type=int, default=1000, help="at most 1000 (one API page)"
     )
     parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--concurrency", type=int, default=32, help="0: no validations, only the ingest"
+    )
     parser.add_argument("--ingest-rate", type=float, default=500)
+    parser.add_argument(
+        "--ingest-nice", type=int, default=0, help="run ingress, domain and projector at this nice"
+    )
     parser.add_argument(
         "--client", choices=("wrk", "python"), default="wrk" if shutil.which("wrk") else "python"
     )

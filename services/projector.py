@@ -336,7 +336,7 @@ async def follow(
     store: EntitlementStore,
     projection: Projection,
     stop: asyncio.Event,
-    poll_interval: float = 0.05,
+    poll_interval: float = 0.1,
     batch_size: int = 500,
 ) -> None:
     """Keep `projection` up to date with the log until `stop` is set."""
@@ -350,7 +350,11 @@ async def follow(
                     await asyncio.wait_for(stop.wait(), poll_interval)
                 continue
             await projection.project(changes, last)
+            caught_up = last - position < batch_size
             position = last
+            if caught_up:  # let changes gather: fewer, larger transactions
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), poll_interval)
         except Exception:
             log.exception("projection %s failed at %d; retrying", projection.name, position)
             await asyncio.sleep(1.0)
