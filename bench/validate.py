@@ -141,6 +141,13 @@ def cpu_seconds(pid: int) -> float:
 async def backlog(bootstrap: str, database_url: str) -> tuple[int, int]:
     """(webhooks on the raw topic not folded yet, stored events the read
     model has not caught up with): whether the ingest kept up."""
+    # The database first: webhooks folded after it was read count as not yet.
+    done = folded(database_url)
+    with psycopg.connect(database_url) as conn:
+        read = conn.execute(
+            "SELECT position FROM entitle_read_positions WHERE name = %s", (READ_MODEL,)
+        ).fetchone()
+        head = conn.execute("SELECT max(notification_id) FROM entitle_events").fetchone()
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await consumer.start()
     try:
@@ -149,12 +156,7 @@ async def backlog(bootstrap: str, database_url: str) -> tuple[int, int]:
         ends = await consumer.end_offsets([TopicPartition(RAW_TOPIC, p) for p in partitions])
     finally:
         await consumer.stop()
-    with psycopg.connect(database_url) as conn:
-        head = conn.execute("SELECT max(notification_id) FROM entitle_events").fetchone()
-        read = conn.execute(
-            "SELECT position FROM entitle_read_positions WHERE name = %s", (READ_MODEL,)
-        ).fetchone()
-    unfolded = sum(ends.values()) - folded(database_url)
+    unfolded = sum(ends.values()) - done
     return unfolded, (head[0] if head else 0) - (read[0] if read else 0)
 
 
