@@ -25,6 +25,7 @@ from domain.entitlement import Entitlement, Refused
 from services.codes import CodeBook
 from services.config import AdminKey, Config
 from services.http import HTTPError, authenticate, busy, read_json
+from services.licensing import ValidationIndex
 from services.projector import entitlement_view, history_entry
 from services.readmodel import FILTERS, ReadModel
 from services.store import EntitlementStore, StillChanging
@@ -57,7 +58,9 @@ class API:
         config: Config,
         codes: CodeBook,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        index: ValidationIndex | None = None,
     ) -> None:
+        self.index = index
         self.store = store
         self.read_model = read_model
         self.keys = keys
@@ -197,6 +200,8 @@ class API:
             raise busy() from None
         if entitlement is None:
             raise HTTPError(404, "not_found", f"no entitlement {entitlement_id}")
+        if self.index is not None:
+            self.index.saved(entitlement)
         return self.with_codes(entitlement_view(entitlement))
 
 

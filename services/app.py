@@ -114,11 +114,11 @@ def build_app(
     if roles.api:
         assert store is not None and read_model is not None
         assert codes is not None
-        routes += api.routes(api.API(store, read_model, admin_keys, config, codes))
         signer = (
             licensing.Signer.from_secret(settings.license_key) if settings.license_key else None
         )
         index = licensing.ValidationIndex(read_model)
+        routes += api.routes(api.API(store, read_model, admin_keys, config, codes, index=index))
         validation = licensing.Licensing(
             store,
             read_model,

@@ -334,6 +334,8 @@ class Licensing:
             raise busy() from None
         if entitlement is None:
             raise HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
+        if self.index is not None:
+            self.index.saved(entitlement)
         return entitlement
 
     # -- usage ----------------------------------------------------------------
@@ -478,30 +480,46 @@ class ValidationIndex:
     """Activation code hash -> entitlement, in the API process's memory, so
     validation needs no database round trip. It copies the read model's
     entitlements, then fetches only those written since (`ReadModel.changed`)
-    a few dozen times a second: the projector has already folded them."""
+    ten times a second: the projector has already folded them. What this
+    process saves itself (activations, usage, admin actions) it holds at once,
+    so a client sees its own change in the next validation."""
 
     def __init__(self, read_model: ReadModel) -> None:
         self.read_model = read_model
         self._entries: dict[str, IndexedEntitlement] = {}
-        self._codes: dict[uuid.UUID, list[str]] = {}
+        self._held: dict[uuid.UUID, tuple[int, list[str]]] = {}  # id -> (sequence, codes)
         self._position = 0
+        self._lock = threading.Lock()  # writers only: refresh and saves run in threads
 
     def get(self, code_hash: str) -> IndexedEntitlement | None:
         return self._entries.get(code_hash)
 
     def refresh(self) -> int:
-        """Fetch and apply what changed; returns how many entitlements did."""
+        """Fetch and hold what changed; returns how many entitlements did."""
         position, changed = self.read_model.changed(self._position)
         for view, codes in changed:
+            self.hold(view, codes)
+        self._position = position
+        return len(changed)
+
+    def saved(self, entitlement: Entitlement) -> None:
+        """This process saved `entitlement`: hold its new state now."""
+        self.hold(entitlement_view(entitlement), list(entitlement.codes))
+
+    def hold(self, view: EntitlementView, codes: list[str]) -> None:
+        """Hold `view` unless a later state of the entitlement is held: the
+        read model may still be behind a state this process saved."""
+        with self._lock:
+            sequence, before = self._held.get(view.id, (0, []))
+            if view.sequence < sequence:
+                return
             entry = IndexedEntitlement(view)
             # New codes first, then drop revoked ones: a code that stays never misses.
             for code in codes:
                 self._entries[code] = entry
-            for code in set(self._codes.get(view.id, ())) - set(codes):
+            for code in set(before) - set(codes):
                 self._entries.pop(code, None)
-            self._codes[view.id] = codes
-        self._position = position
-        return len(changed)
+            self._held[view.id] = (view.sequence, codes)
 
     async def follow(self, stop: asyncio.Event, interval: float = 0.1) -> None:
         """Refresh every `interval` seconds until `stop` is set: a tenth of a
