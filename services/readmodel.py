@@ -255,28 +255,24 @@ class ReadModel:
         )
         return EntitlementView.model_validate_json(rows[0][0]) if rows else None
 
-    def changed(self, after: int) -> tuple[int, list[tuple[EntitlementView, list[str]]]]:
-        """Entitlements written after log position `after`, each with its code
-        hashes, and the position to ask after next time. A projection batch
-        commits all its rows at once and batches commit in log order, so
-        asking again from the returned position misses nothing."""
+    def changed(self, after: int) -> tuple[int, list[tuple[str, list[str]]]]:
+        """Entitlements written after log position `after`, as their JSON
+        bodies each with its code hashes, and the position to ask after next
+        time. A projection batch commits all its rows at once and batches
+        commit in log order, so asking again from there misses nothing."""
         rows = self._query(
             "SELECT e.position, e.id, e.body, c.code_hash FROM entitle_v3_entitlements e"
             " LEFT JOIN entitle_v3_codes c ON c.entitlement_id = e.id"
             " WHERE e.position > ? ORDER BY e.position",
             (after,),
         )
-        bodies: dict[str, str] = {}
-        codes: dict[str, list[str]] = {}
+        changed: dict[str, tuple[str, list[str]]] = {}
         for position, entitlement_id, body, code in rows:
             after = max(after, int(position))
-            bodies[entitlement_id] = body
-            codes.setdefault(entitlement_id, [])
+            _, codes = changed.setdefault(entitlement_id, (body, []))
             if code is not None:
-                codes[entitlement_id].append(code)
-        return after, [
-            (EntitlementView.model_validate_json(body), codes[key]) for key, body in bodies.items()
-        ]
+                codes.append(code)
+        return after, list(changed.values())
 
     def due(self, now: datetime, limit: int = 500) -> list[str]:
         """Ids of entitlements whose due time has come, soonest first."""
