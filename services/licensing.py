@@ -20,10 +20,10 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import anyio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -177,7 +177,7 @@ class Licensing:
     async def _opened_by(self, request: Request, code: str) -> tuple[str, EntitlementView]:
         """(code hash, the entitlement the code opens), after the rate limits; 404 if none."""
         hashed = code_hash(code)
-        self.limits.check(_address(request), hashed, time.monotonic())
+        self.limits.check(_address(request.scope), hashed, time.monotonic())
         view = await anyio.to_thread.run_sync(self.read_model.by_code, hashed)
         if view is None:
             raise HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
@@ -375,8 +375,7 @@ class Licensing:
         try:
             body = parse_json(await read_body(receive), ValidationRequest)
             hashed = code_hash(body.activation_code)
-            client = scope.get("client")
-            self.limits.check(client[0] if client else "?", hashed, time.monotonic())
+            self.limits.check(_address(scope), hashed, time.monotonic())
             payload = self._answer(body, hashed)
             if payload is None:
                 payload = await anyio.to_thread.run_sync(self._answer_from_store, body)
@@ -417,7 +416,7 @@ class Licensing:
 
     def outcome(self, body: ValidationRequest, view: EntitlementView) -> ValidationCode:
         if view.status != "ACTIVE":
-            return cast(ValidationCode, view.status)
+            return view.status
         if body.fingerprint is not None and not self._holds_seat(view, body.fingerprint):
             return "NO_SEAT"
         if body.feature is not None and body.feature in view.limits:
@@ -447,7 +446,7 @@ def validation_result(view: EntitlementView, code: ValidationCode) -> Validation
     return ValidationResult(
         valid=code == "VALID",
         code=code,
-        status=cast(Any, view.status),
+        status=view.status,
         entitlement=ValidatedEntitlement(
             offering=view.offering,
             features=view.features,
@@ -496,11 +495,18 @@ class ValidationIndex:
 
     def refresh(self) -> int:
         """Fetch and hold what changed; returns how many entitlements did."""
-        position, changed = self.read_model.changed(self._position)
-        for body, codes in changed:
+        changed = self.read_model.changed(self._position)
+        for _ in self._holding(*changed):
+            pass
+        return len(changed[1])
+
+    def _holding(self, position: int, changed: list[tuple[str, list[str]]]) -> Iterator[None]:
+        """Hold fetched rows, pausing (yielding) every few, then advance."""
+        for n, (body, codes) in enumerate(changed, 1):
             self.hold(EntitlementView.model_validate_json(body), codes)
+            if n % 8 == 0:
+                yield
         self._position = position
-        return len(changed)
 
     def saved(self, entitlement: Entitlement) -> None:
         """This process saved `entitlement`: hold its new state now."""
@@ -530,14 +536,9 @@ class ValidationIndex:
         while not stop.is_set():
             wait = interval
             try:
-                position, changed = await anyio.to_thread.run_sync(
-                    self.read_model.changed, self._position
-                )
-                for n, (body, codes) in enumerate(changed, 1):
-                    self.hold(EntitlementView.model_validate_json(body), codes)
-                    if n % 8 == 0:
-                        await asyncio.sleep(0)
-                self._position = position
+                changed = await anyio.to_thread.run_sync(self.read_model.changed, self._position)
+                for _ in self._holding(*changed):
+                    await asyncio.sleep(0)
             except Exception:
                 log.exception("the validation index failed to refresh; retrying")
                 wait = max(interval, 1.0)
@@ -545,8 +546,10 @@ class ValidationIndex:
                 await asyncio.wait_for(stop.wait(), wait)
 
 
-def _address(request: Request) -> str:
-    return request.client.host if request.client else "?"
+def _address(scope: Scope) -> str:
+    """The client's address (behind a trusted proxy, the one it forwarded)."""
+    client = scope.get("client")
+    return str(client[0]) if client else "?"
 
 
 def _code_param(request: Request) -> str:
