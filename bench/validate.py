@@ -203,7 +203,17 @@ async def run(args: argparse.Namespace) -> None:
             ).json()["items"]
         # Many stories start long enough ago that their first period is over.
         codes = [item["activation_code"] for item in items if item["status"] == "ACTIVE"]
-        print(f"entitlements:  {len(codes)} ACTIVE, their codes validated at random")
+        # What the load will be answered: a fast wrong answer must not pass for speed.
+        answers: dict[str, int] = {}
+        with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30) as client:
+            for code in codes:
+                body = {"activation_code": code, "feature": "export"}
+                answer = client.post("/v1/validate", json=body).json()["code"]
+                answers[answer] = answers.get(answer, 0) + 1
+        print(
+            f"entitlements:  {len(codes)} ACTIVE, their codes validated at random; answered "
+            + ", ".join(f"{count} {answer}" for answer, count in sorted(answers.items()))
+        )
         background = [
             e for n in range(args.entitlements, args.entitlements * 10) for e in story(n, rng, now)
         ]
