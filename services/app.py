@@ -31,7 +31,13 @@ from services.http import (
     shortcut,
 )
 from services.kafka import ensure_topics, make_broker
-from services.projector import PublicEventsProjection, ReadModelProjection, follow
+from services.projector import (
+    LogBell,
+    PublicEventsProjection,
+    ReadModelProjection,
+    follow,
+    listen,
+)
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
 
@@ -145,10 +151,16 @@ def build_app(
             await broker.start()
         if roles.projector:
             assert store is not None and read_model is not None and broker is not None
-            tasks.append(asyncio.create_task(follow(store, ReadModelProjection(read_model), stop)))
-            tasks.append(
-                asyncio.create_task(follow(store, PublicEventsProjection(read_model, broker), stop))
-            )
+            bell: LogBell | None = None
+            if store.notify_channel is not None:
+                bell = LogBell()
+                listener = listen(settings.database_url, store.notify_channel, bell, stop)
+                tasks.append(asyncio.create_task(listener))
+            for projection in (
+                ReadModelProjection(read_model),
+                PublicEventsProjection(read_model, broker),
+            ):
+                tasks.append(asyncio.create_task(follow(store, projection, stop, bell=bell)))
         if scheduler is not None:
             tasks.append(asyncio.create_task(scheduler.run(stop, settings.schedule_interval)))
         if index is not None:

@@ -7,9 +7,11 @@ its own position, and keep something else up to date from it.
   dead letters (position saved after the broker acknowledged, so at least
   once; `event_id` lets consumers drop the rare duplicate).
 
-Both poll the log: eventsourcing cannot subscribe to an SQLite store, and one
-code path for both stores is easier to trust. PostgreSQL's table lock on
-insert makes notification ids commit in order, so polling never skips one.
+Both read the log by position: eventsourcing cannot subscribe to an SQLite
+store, and one code path for both stores is easier to trust. PostgreSQL's
+table lock on insert makes notification ids commit in order, so reading after
+a position never skips one. On PostgreSQL a `LogBell` rung by the NOTIFY that
+comes with every insert wakes them at once; on SQLite they poll.
 """
 
 from __future__ import annotations
@@ -332,29 +334,88 @@ class PublicEventsProjection:
         await anyio.to_thread.run_sync(self.read_model.set_position, self.name, position)
 
 
+class LogBell:
+    """Rung when the event log may have grown, so its followers read it at
+    once instead of at their next poll."""
+
+    def __init__(self) -> None:
+        self._rung = asyncio.Event()
+
+    def armed(self) -> asyncio.Event:
+        """What the next ring sets. A follower takes it before reading, so a
+        ring while it reads or projects is not lost."""
+        return self._rung
+
+    def ring(self) -> None:
+        self._rung.set()
+        self._rung = asyncio.Event()
+
+
+async def listen(database_url: str, channel: str, bell: LogBell, stop: asyncio.Event) -> None:
+    """Ring `bell` at every NOTIFY on `channel` (one per transaction that
+    inserts events) until `stop` is set; reconnects after a lost connection."""
+    import psycopg
+    from psycopg.sql import SQL, Identifier
+
+    while not stop.is_set():
+        try:
+            connection = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
+            async with connection:
+                await connection.execute(SQL("LISTEN {}").format(Identifier(channel)))
+                bell.ring()  # whatever was committed before LISTEN took effect
+                while not stop.is_set():
+                    # Notifications that arrive together wake the followers once.
+                    rung = False
+                    async for _ in connection.notifies(timeout=0.5, stop_after=1):
+                        rung = True
+                    if rung:
+                        bell.ring()
+        except Exception:
+            if stop.is_set():
+                return
+            log.exception("listening on %s failed; followers poll until it is back", channel)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+
+
+async def _idle(stop: asyncio.Event, rung: asyncio.Event | None, timeout: float) -> None:
+    waits = [asyncio.ensure_future(stop.wait())]
+    if rung is not None:
+        waits.append(asyncio.ensure_future(rung.wait()))
+    _, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+
+
 async def follow(
     store: EntitlementStore,
     projection: Projection,
     stop: asyncio.Event,
     poll_interval: float = 0.1,
     batch_size: int = 500,
+    bell: LogBell | None = None,
 ) -> None:
-    """Keep `projection` up to date with the log until `stop` is set."""
+    """Keep `projection` up to date with the log until `stop` is set: when
+    caught up, until `bell` rings (or a second passes) if there is one, else
+    for `poll_interval`."""
     follower = Follower(store)
     position = await anyio.to_thread.run_sync(projection.position)
+    # With a bell, the timeout only covers a listener that is reconnecting.
+    timeout = 1.0 if bell is not None else poll_interval
     while not stop.is_set():
         try:
+            rung = bell.armed() if bell is not None else None
             changes, last = await anyio.to_thread.run_sync(follower.read, position, batch_size)
             if last is None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), poll_interval)
+                await _idle(stop, rung, timeout)
                 continue
             await projection.project(changes, last)
             caught_up = last - position < batch_size
             position = last
-            if caught_up:  # let changes gather: fewer, larger transactions
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), poll_interval)
+            if caught_up:
+                # Without a bell, let changes gather: fewer, larger transactions.
+                # With one, the writers' own transactions already batch them.
+                await _idle(stop, rung, timeout)
         except Exception:
             log.exception("projection %s failed at %d; retrying", projection.name, position)
             await asyncio.sleep(1.0)

@@ -134,6 +134,13 @@ class EntitlementStore(Application[UUID]):
         assert isinstance(recorder, ProcessRecorder)
         return recorder
 
+    @property
+    def notify_channel(self) -> str | None:
+        """The PostgreSQL channel every insert into the log notifies (None on
+        SQLite, which has no such thing)."""
+        recorder = self.recorder
+        return recorder.channel_name if isinstance(recorder, PostgresRecorder) else None
+
     def record(
         self, aggregates: Iterable[Aggregate], tracking: Tracking | Sequence[Tracking] | None
     ) -> int:

@@ -3,6 +3,7 @@ duplicates, dead letters, and rebuilding the read model."""
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,7 +19,14 @@ from services.codes import CodeBook
 from services.config import Config, parse_config
 from services.fold import DomainService
 from services.licensing import ValidationIndex
-from services.projector import READ_MODEL, Follower, ReadModelProjection, replay
+from services.projector import (
+    READ_MODEL,
+    Follower,
+    LogBell,
+    ReadModelProjection,
+    listen,
+    replay,
+)
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
 from tests import stripe_events as se
@@ -327,3 +335,28 @@ def test_the_validation_index_follows_the_read_model(
     for code in (first, second, CODES.hash(b, 0)):
         assert getattr(again.get(code), "view", None) == getattr(index.get(code), "view", None)
     read_model.close()
+
+
+def test_followers_are_woken_by_each_write_to_the_postgres_log(postgres_url: str) -> None:
+    store = EntitlementStore(postgres_url)
+    assert store.notify_channel is not None
+    assert EntitlementStore(f"sqlite:///{tempfile.mkdtemp()}/e.db").notify_channel is None
+
+    async def scenario() -> None:
+        bell, stop = LogBell(), asyncio.Event()
+        listening = asyncio.create_task(
+            listen(postgres_url, store.notify_channel or "", bell, stop)
+        )
+        try:
+            # The listener rings once when it starts; the next ring is the write's.
+            await asyncio.wait_for(bell.armed().wait(), 10)
+            rung = bell.armed()
+            await asyncio.sleep(0.2)
+            assert not rung.is_set()
+            await asyncio.to_thread(service(store).process, [record(0, paid("sub_a"))])
+            await asyncio.wait_for(rung.wait(), 10)
+        finally:
+            stop.set()
+            await listening
+
+    asyncio.run(scenario())
