@@ -90,7 +90,12 @@ def build_app(
     broker: KafkaBroker | None = None
     if needs_broker:
         assert settings.kafka_bootstrap
-        broker = make_broker(settings.kafka_bootstrap, settings.kafka_idempotence)
+        broker = make_broker(
+            settings.kafka_bootstrap,
+            settings.kafka_idempotence,
+            # Only the ingress sends one message at a time.
+            linger_ms=20 if roles.ingress else 0,
+        )
     codes: CodeBook | None = None
     if roles.domain or roles.api:
         if not settings.code_secret:

@@ -140,9 +140,15 @@ async def ensure_topics(bootstrap: str, raw_partitions: int, timeout: float = 30
         await admin.close()
 
 
-def make_broker(bootstrap: str, idempotence: bool) -> KafkaBroker:
+def make_broker(bootstrap: str, idempotence: bool, linger_ms: int = 20) -> KafkaBroker:
     """The client every process uses. Idempotence is on against Apache Kafka;
-    Tansu rejects InitProducerId, so the embedded broker runs without it."""
+    Tansu rejects InitProducerId, so the embedded broker runs without it.
+
+    Webhooks that reach the ingress within `linger_ms` share one produce
+    request: each request costs the broker and this process a wakeup, which
+    at hundreds a second costs more CPU than the messages themselves. A
+    process that publishes whole batches itself (the projector) needs no
+    linger."""
     return KafkaBroker(
         bootstrap,
         acks="all",
@@ -150,10 +156,7 @@ def make_broker(bootstrap: str, idempotence: bool) -> KafkaBroker:
         # The 16 KB default caps 3 KB webhooks near 6k/s; larger batches reach 25k/s.
         max_batch_size=1024 * 1024,
         max_request_size=MAX_MESSAGE_BYTES,
-        # Webhooks that arrive within 20 ms share one produce request: each
-        # request costs the broker and this process a wakeup, which at hundreds
-        # a second costs more CPU than the messages themselves.
-        linger_ms=20,
+        linger_ms=linger_ms,
         logger=log,
         client_id="entitle",
     )
