@@ -171,8 +171,12 @@ def folded(database_url: str) -> int:
     """Webhooks the domain service has committed (tracking positions)."""
     with psycopg.connect(database_url) as conn:
         try:
+            # Only the raw topic's partitions (eventsourcing tracks its own
+            # `__migration__` in the same table).
             rows = conn.execute(
-                "SELECT max(notification_id) FROM entitle_tracking GROUP BY application_name"
+                "SELECT max(notification_id) FROM entitle_tracking"
+                " WHERE application_name LIKE %s GROUP BY application_name",
+                (RAW_TOPIC + "/%",),
             ).fetchall()
         except psycopg.errors.UndefinedTable:
             return 0
