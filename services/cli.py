@@ -39,6 +39,8 @@ def _serve(
             log_level=args.log_level,
             access_log=args.log_level == "debug",
             lifespan="on",
+            proxy_headers=True,
+            forwarded_allow_ips=settings.trusted_proxies,
         )
     )
     # uvicorn shuts down cleanly on SIGINT/SIGTERM, then re-raises the signal

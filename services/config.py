@@ -240,6 +240,8 @@ class Settings:
     aggregate_cache: int = 10_000
     code_secret: str | None = None
     license_key: str | None = None
+    #: Peers whose X-Forwarded-For names the client (rate limits are per client).
+    trusted_proxies: str = "127.0.0.1"
 
     def __repr__(self) -> str:  # never show the code secret
         return f"Settings(kafka_bootstrap={self.kafka_bootstrap!r})"
@@ -259,4 +261,5 @@ class Settings:
             aggregate_cache=int(os.environ.get("ENTITLE_AGGREGATE_CACHE", "10000")),
             code_secret=load_secret(data_dir),
             license_key=load_secret(data_dir, env="ENTITLE_LICENSE_KEY", file_name="license-key"),
+            trusted_proxies=os.environ.get("ENTITLE_TRUSTED_PROXIES", "127.0.0.1"),
         )

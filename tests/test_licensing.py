@@ -7,6 +7,7 @@ import base64
 import json
 import logging
 import time
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 
 from contracts.license_file import InvalidLicense, verify_license
 from domain.entitlement import NotActive, OverLimit, Refused, TooManySeats, UnknownMetric
+from services.codes import CodeBook
 from services.http import MaskCodes
 from services.licensing import Buckets
 from tests import stripe_events as se
@@ -293,6 +295,41 @@ def test_validation_is_rate_limited_per_code_with_retry_after(stack: Entitle) ->
         call(stack, "/v1/validate", {"activation_code": other["activation_code"]}).status_code
         == 200
     )
+
+
+@pytest.mark.e2e
+def test_activation_and_validation_are_rate_limited_per_client_address(stack: Entitle) -> None:
+    # The tests connect from 127.0.0.1, a trusted proxy by default, so
+    # X-Forwarded-For names the client. Unknown codes, each used once, fill
+    # only the address's bucket (burst 200, then 100/s).
+    codes = CodeBook("not-the-stack-secret-0123456789")
+    unknown = [codes.code(uuid.uuid4(), 0) for _ in range(600)]
+    with httpx.Client(base_url=stack.url, headers={"X-Forwarded-For": "203.0.113.7"}) as client:
+        answers = [client.post("/v1/validate", json={"activation_code": c}) for c in unknown]
+        assert answers[0].status_code == 200 and answers[0].json()["code"] == "NOT_FOUND"
+        limited = [a for a in answers if a.status_code == 429]
+        assert len(limited) > 100, "the per-address burst of 200 was not enforced"
+        assert int(limited[0].headers["Retry-After"]) >= 1
+        again = client.post(
+            "/v1/activations", json={"activation_code": unknown[0], "fingerprint": "f"}
+        )
+        assert again.status_code == 429  # activation shares the address's bucket
+    # Another client, right after, has a whole burst of its own.
+    with httpx.Client(base_url=stack.url, headers={"X-Forwarded-For": "203.0.113.8"}) as client:
+        other = [client.post("/v1/validate", json={"activation_code": c}) for c in unknown[:50]]
+    assert [a.status_code for a in other] == [200] * 50
+
+
+@pytest.mark.e2e
+def test_activation_is_rate_limited_per_code(stack: Entitle) -> None:
+    code = CodeBook("not-the-stack-secret-0123456789").code(uuid.uuid4(), 0)
+    with httpx.Client(base_url=stack.url, headers={"X-Forwarded-For": "203.0.113.9"}) as client:
+        answers = [
+            client.post("/v1/activations", json={"activation_code": code, "fingerprint": f"d{n}"})
+            for n in range(60)
+        ]
+    assert answers[0].status_code == 404
+    assert 429 in [a.status_code for a in answers], "the per-code burst of 20 was not enforced"
 
 
 def test_a_bucket_refills_at_its_rate() -> None:
