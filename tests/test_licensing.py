@@ -207,6 +207,43 @@ def test_a_suspended_entitlement_validates_as_suspended_and_takes_no_seat(stack:
     assert (result["valid"], result["status"]) == (False, "SUSPENDED")
 
 
+def validated(stack: Entitle, code: str, expected: str) -> dict[str, Any]:
+    """The validation answer for `code`, once it is `expected` (the index
+    follows the read model a moment behind the webhook)."""
+    answer: dict[str, Any] = eventually(
+        lambda: (
+            (r := call(stack, "/v1/validate", {"activation_code": code}).json())["code"] == expected
+            and r
+        ),
+        timeout=5,
+    )
+    return answer
+
+
+@pytest.mark.e2e
+def test_pending_and_canceled_entitlements_validate_with_their_status(stack: Entitle) -> None:
+    now = int(time.time())
+    created = se.subscription_event(
+        "customer.subscription.created",
+        subscription="sub_lic_pending",
+        items=[{"price": "price_team"}],
+        status="incomplete",
+        start=now,
+        end=now + 30 * DAY,
+    )
+    assert post(stack, created).status_code == 202
+    [pending] = eventually(lambda: entitlements(stack, order_ref="sub_lic_pending"), timeout=5)
+    answer = validated(stack, pending["activation_code"], "PENDING")
+    assert (answer["valid"], answer["status"]) == (False, "PENDING")
+    assert answer["entitlement"]["offering"] == pending["offering"]
+
+    item = new_entitlement(stack, "sub_lic_canceled")
+    assert validated(stack, item["activation_code"], "VALID")["valid"] is True
+    assert post(stack, se.subscription_deleted(subscription="sub_lic_canceled")).status_code == 202
+    answer = validated(stack, item["activation_code"], "CANCELED")
+    assert (answer["valid"], answer["status"]) == (False, "CANCELED")
+
+
 @pytest.mark.e2e
 def test_an_offline_license_file_verifies_and_tampering_is_detected(stack: Entitle) -> None:
     item = new_entitlement(stack, "sub_lic_3")
