@@ -457,12 +457,12 @@ def main() -> None:
         fold_phase(workload(args.naive_subscriptions, 2, now), args.postgres, 1, "naive")
     if args.phase in ("e2e", "all"):
         wanted = int(args.rate * args.seconds)
-        events: list[dict[str, Any]] = []
+        stream: list[dict[str, Any]] = []
         subscriptions = 0
-        while len(events) < wanted:
+        while len(stream) < wanted:
             subscriptions += 500
-            events = workload(subscriptions, 3, now)
-        asyncio.run(latency_phase(events[:wanted], args.postgres, args.rate, args.concurrency))
+            stream = workload(subscriptions, 3, now)
+        asyncio.run(latency_phase(stream[:wanted], args.postgres, args.rate, args.concurrency))
 
 
 if __name__ == "__main__":
