@@ -26,7 +26,9 @@ from typing import Any, Protocol, get_args
 from uuid import UUID, uuid5
 
 import anyio
+import psycopg
 from faststream.kafka import KafkaBroker
+from psycopg.sql import SQL, Identifier
 
 from contracts.api import (
     ActivationCodeView,
@@ -354,9 +356,6 @@ class LogBell:
 async def listen(database_url: str, channel: str, bell: LogBell, stop: asyncio.Event) -> None:
     """Ring `bell` at every NOTIFY on `channel` (one per transaction that
     inserts events) until `stop` is set; reconnects after a lost connection."""
-    import psycopg
-    from psycopg.sql import SQL, Identifier
-
     while not stop.is_set():
         try:
             connection = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
