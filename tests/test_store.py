@@ -340,7 +340,9 @@ def test_the_validation_index_follows_the_read_model(
 def test_followers_are_woken_by_each_write_to_the_postgres_log(postgres_url: str) -> None:
     store = EntitlementStore(postgres_url)
     assert store.notify_channel is not None
-    assert EntitlementStore(f"sqlite:///{tempfile.mkdtemp()}/e.db").notify_channel is None
+    embedded = EntitlementStore(f"sqlite:///{tempfile.mkdtemp()}/e.db")
+    assert embedded.notify_channel is None
+    embedded.close()
 
     async def scenario() -> None:
         bell, stop = LogBell(), asyncio.Event()
@@ -360,3 +362,4 @@ def test_followers_are_woken_by_each_write_to_the_postgres_log(postgres_url: str
             await listening
 
     asyncio.run(scenario())
+    store.close()
