@@ -176,7 +176,7 @@ def folded(database_url: str) -> int:
             rows = conn.execute(
                 "SELECT max(notification_id) FROM entitle_tracking"
                 " WHERE application_name LIKE %s GROUP BY application_name",
-                (RAW_TOPIC + "/%",),
+                (RAW_TOPIC + "%",),
             ).fetchall()
         except psycopg.errors.UndefinedTable:
             return 0

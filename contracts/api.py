@@ -105,6 +105,36 @@ class DeadLetterList(BaseModel):
     items: list[DeadLetterView]
 
 
+class ProjectionErrorView(BaseModel):
+    """A stored event a projection could not project; it went on without it."""
+
+    projection: str = Field(description="e.g. read-model-v3, public-events")
+    position: int = Field(description="The event's position in the notification log")
+    aggregate_id: str | None = None
+    version: int | None = None
+    event_type: str | None = Field(default=None, description="e.g. entitlement.activated")
+    error: str = Field(description="The exception's class and message")
+    recorded_at: datetime
+
+
+class ProjectionErrorList(BaseModel):
+    items: list[ProjectionErrorView]
+
+
+class Readiness(BaseModel):
+    """`GET /readyz`: whether every part of this process works."""
+
+    ready: bool
+    roles: list[str]
+    parts: dict[str, str] = Field(
+        description="Each part (broker, database, fold, projection:…, scheduler, index) and its "
+        "state: ok, starting, or failing/stopped with the reason"
+    )
+    projection_errors: int | None = Field(
+        default=None, description="Stored events the projections went on without"
+    )
+
+
 class Error(BaseModel):
     """Every error response: a stable code and a sentence for humans."""
 

@@ -14,10 +14,9 @@ an adapter of its own.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 BillingEventType = Literal[
     "subscription.updated",
@@ -69,12 +68,12 @@ class BillingSubscriptionV1(BaseModel):
     ]
     items: list[BillingItemV1] = Field(default_factory=list)
     customer: BillingCustomerV1 | None = None
-    current_period_start: datetime | None = None
-    current_period_end: datetime | None = Field(
+    current_period_start: AwareDatetime | None = None
+    current_period_end: AwareDatetime | None = Field(
         default=None, description="Paid through this time when status is active"
     )
-    trial_end: datetime | None = None
-    cancel_at: datetime | None = Field(default=None, description="A scheduled cancellation")
+    trial_end: AwareDatetime | None = None
+    cancel_at: AwareDatetime | None = Field(default=None, description="A scheduled cancellation")
 
 
 class BillingDisputeV1(BaseModel):
@@ -92,8 +91,8 @@ class BillingPaymentV1(BaseModel):
         default=None, description="Required for payment.succeeded and payment.failed"
     )
     items: list[BillingItemV1] = Field(default_factory=list)
-    period_start: datetime | None = None
-    period_end: datetime | None = None
+    period_start: AwareDatetime | None = None
+    period_end: AwareDatetime | None = None
     customer: BillingCustomerV1 | None = None
     refund: Literal["full", "partial"] | None = Field(
         default=None, description="payment.refunded: how much of the payment was refunded"
@@ -115,7 +114,7 @@ class BillingEventV1(BaseModel):
 
     id: str = Field(min_length=1, description="Unique per event; the same on every retry")
     type: BillingEventType
-    timestamp: datetime = Field(description="When it happened in the billing system")
+    timestamp: AwareDatetime = Field(description="When it happened in the billing system")
     data: BillingDataV1
 
     @model_validator(mode="after")

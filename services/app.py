@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -18,11 +19,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from contracts.api import Readiness
 from contracts.webhooks import RAW_TOPIC
 from services import api, ingress, licensing
 from services.codes import CodeBook
 from services.config import AdminKey, Config, Settings
-from services.fold import DomainService, Scheduler, subscribe
+from services.fold import DomainService, RawLog, Scheduler, subscribe
+from services.health import Health, describe, supervise
 from services.http import (
     HTTPError,
     handle_http_error,
@@ -30,7 +33,7 @@ from services.http import (
     handle_starlette_error,
     shortcut,
 )
-from services.kafka import ensure_topics, make_broker
+from services.kafka import NoTopicIds, ensure_topics, make_broker, topic_id
 from services.projector import (
     LogBell,
     PublicEventsProjection,
@@ -76,6 +79,7 @@ def build_app(
     roles: Roles,
     admin_keys: list[AdminKey],
 ) -> ASGIApp:
+    health = Health()
     needs_broker = roles.ingress or roles.domain or roles.projector
     if needs_broker and not settings.kafka_bootstrap:
         raise ValueError("roles ingress, domain and projector need ENTITLE_KAFKA_BOOTSTRAP")
@@ -106,9 +110,11 @@ def build_app(
     scheduler: Scheduler | None = None
     if roles.domain:
         assert store is not None and broker is not None and read_model is not None
-        assert codes is not None
+        assert codes is not None and settings.kafka_bootstrap is not None
         service = DomainService(store, config, codes, cache_size=settings.aggregate_cache)
-        subscribe(broker, service, settings.domain_batch)
+        subscribe(
+            broker, service, RawLog(settings.kafka_bootstrap, store), health, settings.domain_batch
+        )
         scheduler = Scheduler(service, read_model)
 
     routes: list[Route] = []
@@ -144,12 +150,45 @@ def build_app(
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "roles": roles.names()})
 
+    async def readyz(_: Request) -> JSONResponse:
+        parts = {name: part.state for name, part in health.parts().items()}
+        for name, part in health.parts().items():
+            if part.detail:
+                parts[name] = f"{part.state}: {part.detail}"
+        checks: list[tuple[str, Awaitable[object]]] = []
+        if settings.kafka_bootstrap is not None and broker is not None:
+            checks.append(("broker", topic_id(settings.kafka_bootstrap, RAW_TOPIC, 2000)))
+        if read_model is not None:
+            checks.append(("database", anyio.to_thread.run_sync(read_model.ping)))
+        errors: int | None = None
+        for name, check in checks:
+            try:
+                await asyncio.wait_for(check, 3.0)
+                parts[name] = "ok"
+            except NoTopicIds:
+                parts[name] = "ok"
+            except Exception as exc:
+                parts[name] = f"failing: {describe(exc) if str(exc) else 'no answer in 3 s'}"
+        if read_model is not None and parts.get("database") == "ok":
+            with contextlib.suppress(Exception):
+                errors = await anyio.to_thread.run_sync(read_model.count_projection_errors)
+        ready = all(state == "ok" for state in parts.values())
+        body = Readiness(ready=ready, roles=roles.names(), parts=parts, projection_errors=errors)
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ready else 503)
+
     routes.append(Route("/healthz", healthz, methods=["GET"]))
+    routes.append(Route("/readyz", readyz, methods=["GET"]))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         stop = asyncio.Event()
         tasks: list[asyncio.Task[None]] = []
+
+        def keep(name: str, loop: Callable[[Callable[[], None]], Awaitable[None]]) -> None:
+            """Run `loop(working)` under `supervise`, for as long as the process."""
+            working = functools.partial(health.ok, name)
+            tasks.append(asyncio.create_task(supervise(name, lambda: loop(working), health, stop)))
+
         if broker is not None:
             assert settings.kafka_bootstrap
             await ensure_topics(settings.kafka_bootstrap, settings.raw_partitions)
@@ -165,12 +204,16 @@ def build_app(
                 ReadModelProjection(read_model),
                 PublicEventsProjection(read_model, broker),
             ):
-                tasks.append(asyncio.create_task(follow(store, projection, stop, bell=bell)))
+                loop = functools.partial(_follow, store, projection, stop, bell)
+                keep(f"projection:{projection.name}", loop)
         if scheduler is not None:
-            tasks.append(asyncio.create_task(scheduler.run(stop, settings.schedule_interval)))
+            keep(
+                "scheduler",
+                functools.partial(scheduler.run, stop, interval=settings.schedule_interval),
+            )
         if index is not None:
             await anyio.to_thread.run_sync(index.refresh)
-            tasks.append(asyncio.create_task(index.follow(stop)))
+            keep("index", functools.partial(index.follow, stop))
         try:
             yield
         finally:
@@ -182,6 +225,15 @@ def build_app(
                 read_model.close()
             if store is not None:
                 store.close()
+
+    async def _follow(
+        store: EntitlementStore,
+        projection: ReadModelProjection | PublicEventsProjection,
+        stop: asyncio.Event,
+        bell: LogBell | None,
+        working: Callable[[], None],
+    ) -> None:
+        await follow(store, projection, stop, working, bell=bell)
 
     app = Starlette(
         routes=routes,

@@ -10,13 +10,12 @@ offset is committed only after the database commit, so nothing is skipped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 from uuid import UUID
@@ -34,13 +33,16 @@ from domain.dead_letter import DeadLetter, dead_letter_id
 from domain.entitlement import Entitlement, Order, Payment, order_id
 from services.codes import CodeBook
 from services.config import Config
-from services.providers import Unmappable
+from services.health import Backoff, Health, describe, sleep_unless, transient
+from services.kafka import NoTopicIds, topic_id
+from services.providers import Unmappable, check
 from services.readmodel import ReadModel
 from services.store import AggregateCache, Batch, EntitlementStore
 
 log = logging.getLogger("entitle.domain")
 
 CONSUMER_GROUP = "entitle-domain"
+FOLD = "fold"
 
 
 class Record(Protocol):
@@ -75,7 +77,12 @@ class Decoded:
     event_id: str
 
 
-def position_name(topic: str, partition: int) -> str:
+def position_name(topic: str, partition: int, incarnation: str = "") -> str:
+    """The tracking name of a partition's position: `<topic>/<partition>`,
+    or `<topic>@<incarnation>/<partition>` for one incarnation of the topic
+    (a position is only meaningful in the log it came from)."""
+    if incarnation:
+        return f"{topic}@{incarnation}/{partition}"
     return f"{topic}/{partition}"
 
 
@@ -95,49 +102,98 @@ class DomainService:
         self.rules = Rules(config.catalog, config.policy, codes.hash)
         self.cache = AggregateCache(cache_size)
 
-    def process(self, records: Sequence[Record]) -> FoldResult:
+    def process(self, records: Sequence[Record], incarnation: str = "") -> FoldResult:
         """Apply a consumer batch in one transaction, with each partition's
-        last offset; blocking, so call it from a worker thread."""
+        last offset (under the raw log's `incarnation`); blocking, so call it
+        from a worker thread.
+
+        A webhook whose folding raises is taken out of the batch and dead-
+        lettered with the error, and the rest is folded again without it: one
+        bad record never stops its partition. Errors that say the database is
+        unavailable propagate, so the caller retries the whole batch later."""
         by_partition: dict[str, list[Record]] = defaultdict(list)
         for record in records:
-            by_partition[position_name(record.topic, record.partition)].append(record)
+            by_partition[position_name(record.topic, record.partition, incarnation)].append(record)
         for group in by_partition.values():
             group.sort(key=lambda r: r.offset)
         now = self.clock()
         decoded: dict[tuple[str, int], Decoded] = {}
-        for attempt in range(5):
+        conflicts = 0
+        while True:
             pending: dict[str, list[Record]] = {}
             for name, group in by_partition.items():
                 last = self.store.position(name)
                 fresh = [r for r in group if last is None or r.offset > last]
                 if fresh:
                     pending[name] = fresh
-            todo = []
+            todo: list[tuple[tuple[str, int], Decoded]] = []
             for name, group in pending.items():
                 for record in group:
-                    if (name, record.offset) not in decoded:
-                        decoded[(name, record.offset)] = self._decode(record, now)
-                    todo.append(decoded[(name, record.offset)])
+                    key = (name, record.offset)
+                    if key not in decoded:
+                        decoded[key] = self._decode(record, now)
+                    todo.append((key, decoded[key]))
             result = FoldResult(webhooks=len(todo), skipped=len(records) - len(todo))
             if not todo:
                 return result
             batch = Batch(self.store, self.cache)
             saved = False
+            poison: tuple[tuple[str, int], Exception] | None = None
             try:
-                self._prefetch(batch, todo)
-                result.dead_letters = sum(self._fold(item, batch, now) for item in todo)
-                positions = [Tracking(name, group[-1].offset) for name, group in pending.items()]
-                result.events = self.store.record(batch, positions)
-                saved = True
+                self._prefetch(batch, [item for _, item in todo])
+                for key, item in todo:
+                    try:
+                        result.dead_letters += self._fold(item, batch, now)
+                    except Exception as exc:
+                        if transient(exc) or not item.commands:
+                            raise
+                        poison = (key, exc)
+                        break
+                if poison is None:
+                    positions = [
+                        Tracking(name, group[-1].offset) for name, group in pending.items()
+                    ]
+                    result.events = self.store.record(batch, positions)
+                    saved = True
             except IntegrityError:
                 # Another consumer saved these offsets or aggregates first (a
                 # rebalance, or an admin action): reload, apply what is left.
-                log.warning("conflict saving a batch (attempt %d); retrying", attempt + 1)
+                conflicts += 1
+                if conflicts == 5:
+                    raise RuntimeError("could not save a batch after 5 attempts") from None
+                log.warning("conflict saving a batch (attempt %d); retrying", conflicts)
                 continue
+            except Exception as exc:
+                if transient(exc):
+                    raise
+                if len(todo) > 1:
+                    # Something in the batch cannot be saved (or loaded): find
+                    # which webhook by saving them one at a time.
+                    log.warning("batch cannot be saved (%s); saving one at a time", describe(exc))
+                    return self._one_by_one(by_partition, incarnation)
+                if not todo[0][1].commands:
+                    raise  # not even its dead letter can be saved
+                poison = (todo[0][0], exc)
             finally:
                 batch.done(saved)
-            return result
-        raise RuntimeError("could not save a batch after 5 attempts")
+            if poison is None:
+                return result
+            key, error = poison
+            item = decoded[key]
+            reason = f"folding failed: {describe(error)}"
+            log.error("webhook %s (%s) cannot be folded: %s", item.webhook.receipt_id, key, reason)
+            decoded[key] = replace(item, commands=[], reason=reason)
+
+    def _one_by_one(self, by_partition: dict[str, list[Record]], incarnation: str) -> FoldResult:
+        total = FoldResult()
+        for group in by_partition.values():
+            for record in group:
+                one = self.process([record], incarnation)
+                total.webhooks += one.webhooks
+                total.skipped += one.skipped
+                total.dead_letters += one.dead_letters
+                total.events += one.events
+        return total
 
     def _decode(self, record: Record, now: datetime) -> Decoded:
         """Parse and normalize one raw webhook (no database access)."""
@@ -159,8 +215,7 @@ class DomainService:
             why = f"unreadable envelope: {exc.errors()[0]['msg']}"
             return Decoded(unreadable, [], why, where)
         commands, reason, payload = self._normalize(webhook, now)
-        event_id = self._event_id(webhook, payload) if reason is not None else ""
-        return Decoded(webhook, commands, reason, event_id)
+        return Decoded(webhook, commands, reason, self._event_id(webhook, payload))
 
     def _prefetch(self, batch: Batch, items: list[Decoded]) -> None:
         """Load everything the batch will touch in a few queries: what the
@@ -203,11 +258,16 @@ class DomainService:
             if source is None:
                 raise Unmappable(f"source {webhook.source!r} is not configured")
             commands = source.provider.normalize(webhook.source, payload, self.config.catalog, now)
+            check(commands)
         except Unmappable as exc:
+            try:
+                check(exc.commands)
+            except Unmappable as bad:
+                return [], f"{bad.reason}; {exc.reason}", payload
             return exc.commands, exc.reason, payload
         except Exception as exc:  # a provider adapter bug must not block the partition
             log.exception("cannot normalize webhook %s", webhook.receipt_id)
-            return [], f"internal error: {exc!r}", payload
+            return [], f"normalizing failed: {describe(exc)}", payload
         return commands, None, payload
 
     def redrive(self, letter_ids: Sequence[UUID]) -> tuple[int, int]:
@@ -295,20 +355,104 @@ class Scheduler:
                 log.warning("conflict settling due entitlements (attempt %d)", attempt + 1)
         raise RuntimeError("could not settle due entitlements after 5 attempts")
 
-    async def run(self, stop: asyncio.Event, interval: float = 1.0) -> None:
+    async def run(
+        self, stop: asyncio.Event, working: Callable[[], None], interval: float = 1.0
+    ) -> None:
+        """Settle due entitlements every `interval` seconds until `stop` is
+        set; an error propagates (to `supervise`, which starts it again)."""
         while not stop.is_set():
-            try:
-                saved = await anyio.to_thread.run_sync(self.run_once)
-                if saved:
-                    log.info("schedule: %d events", saved)
-            except Exception:
-                log.exception("schedule run failed; retrying")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+            saved = await anyio.to_thread.run_sync(self.run_once)
+            working()
+            if saved:
+                log.info("schedule: %d events", saved)
+            await sleep_unless(stop, interval)
 
 
-def subscribe(broker: KafkaBroker, service: DomainService, max_records: int = 500) -> None:
+class RawLog:
+    """Which incarnation of the raw topic the fold reads.
+
+    A stored position is only trusted for the log it came from: a topic
+    deleted and created again, or the embedded broker started again (it keeps
+    nothing), begins a new log at offset 0, and the old positions would skip
+    its first records. The broker's topic id (Metadata v10+) names the log;
+    positions are recorded under it (`position_name`). It is looked up again
+    whenever records could come from another log than the one last seen: a
+    partition's first batch in this process, or offsets that go back.
+    """
+
+    def __init__(self, bootstrap: str, store: EntitlementStore) -> None:
+        self.bootstrap = bootstrap
+        self.store = store
+        self.current: str | None = None
+        self._next: dict[int, int] = {}  # partition -> offset expected next
+
+    async def incarnation(self, records: Sequence[Record]) -> str:
+        if self.current is None or any(
+            record.offset < self._next.get(record.partition, record.offset + 1)
+            for record in records
+        ):
+            await self.check()
+        assert self.current is not None
+        return self.current
+
+    def folded(self, records: Sequence[Record]) -> None:
+        for record in records:
+            self._next[record.partition] = max(
+                self._next.get(record.partition, 0), record.offset + 1
+            )
+
+    async def check(self) -> None:
+        try:
+            found = await topic_id(self.bootstrap, RAW_TOPIC)
+        except NoTopicIds:
+            if self.current is None:
+                log.warning(
+                    "the broker gives no topic ids: a recreated %s cannot be told from the old one",
+                    RAW_TOPIC,
+                )
+            found = ""
+        if found == self.current:
+            return
+        known = await anyio.to_thread.run_sync(self._incarnations)
+        if self.current is not None:
+            log.warning(
+                "%s was created again: incarnation %s, was %s; folding the new log from its start",
+                RAW_TOPIC,
+                self._name(found),
+                self._name(self.current),
+            )
+        elif known and found not in known:
+            log.warning(
+                "%s is a new log: incarnation %s, positions were recorded for %s; "
+                "folding it from its start",
+                RAW_TOPIC,
+                self._name(found),
+                ", ".join(self._name(i) for i in sorted(known)),
+            )
+        else:
+            log.info("%s: incarnation %s", RAW_TOPIC, self._name(found))
+        self.current = found
+        self._next.clear()
+
+    @staticmethod
+    def _name(incarnation: str) -> str:
+        return incarnation or "(none recorded)"
+
+    def _incarnations(self) -> set[str]:
+        names = self.store.positions(RAW_TOPIC)
+        return {n[len(RAW_TOPIC) :].partition("/")[0].removeprefix("@") for n in names}
+
+
+def subscribe(
+    broker: KafkaBroker,
+    service: DomainService,
+    raw_log: RawLog,
+    health: Health,
+    max_records: int = 500,
+) -> None:
     """Register the raw-webhook consumer on a FastStream broker."""
+    backoff = Backoff()
+    health.ok(FOLD)
 
     @broker.subscriber(
         RAW_TOPIC,
@@ -330,11 +474,26 @@ def subscribe(broker: KafkaBroker, service: DomainService, max_records: int = 50
             records = (records,)
         started = time.perf_counter()
         try:
-            result = await anyio.to_thread.run_sync(service.process, records)
-        except Exception:
-            log.exception("batch of %d webhooks failed; it will be redelivered", len(records))
+            incarnation = await raw_log.incarnation(records)
+            result = await anyio.to_thread.run_sync(service.process, records, incarnation)
+        except Exception as exc:
+            # Only an unavailable database or broker gets here (a bad record is
+            # dead-lettered inside): wait, then have the batch delivered again.
+            delay = backoff.next()
+            health.failing(FOLD, exc)
+            log.error(
+                "batch of %d webhooks failed (%s); it is delivered again in %.1f s",
+                len(records),
+                describe(exc),
+                delay,
+                exc_info=None if transient(exc) or backoff.attempts > 1 else exc,
+            )
+            await asyncio.sleep(delay)
             await message.nack()
-            raise
+            return
+        raw_log.folded(records)
+        backoff.reset()
+        health.ok(FOLD)
         folded = time.perf_counter()
         await message.ack()
         log.debug(

@@ -9,10 +9,29 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
+from io import BytesIO
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import (
+    IncompatibleBrokerVersion,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+    for_code,
+)
+from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.types import (
+    AbstractType,
+    Boolean,
+    CompactArray,
+    CompactString,
+    Int16,
+    Int32,
+    Schema,
+    TaggedFields,
+)
 from faststream.kafka import KafkaBroker
 
 from contracts.events import EVENTS_TOPIC
@@ -160,3 +179,121 @@ def make_broker(bootstrap: str, idempotence: bool, linger_ms: int = 20) -> Kafka
         logger=log,
         client_id="entitle",
     )
+
+
+# -- topic ids (Metadata v10, KIP-516) ----------------------------------------
+# aiokafka speaks Metadata up to v5, which has no topic ids; v10 is the first
+# version with them (Apache Kafka 2.8+, Tansu). Only the fields we read are
+# named; the schema is the one in Kafka's MetadataResponse.json.
+
+
+class _Uuid(AbstractType[uuid.UUID]):  # type: ignore[misc]
+    @classmethod
+    def encode(cls, value: uuid.UUID) -> bytes:
+        return value.bytes
+
+    @classmethod
+    def decode(cls, data: BytesIO) -> uuid.UUID:
+        return uuid.UUID(bytes=data.read(16))
+
+
+_TEXT = CompactString("utf-8")
+
+
+class _MetadataResponseV10(Response):  # type: ignore[misc]
+    API_KEY = 3
+    API_VERSION = 10
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        (
+            "brokers",
+            CompactArray(
+                ("node_id", Int32),
+                ("host", _TEXT),
+                ("port", Int32),
+                ("rack", _TEXT),
+                ("tags", TaggedFields),
+            ),
+        ),
+        ("cluster_id", _TEXT),
+        ("controller_id", Int32),
+        (
+            "topics",
+            CompactArray(
+                ("error_code", Int16),
+                ("name", _TEXT),
+                ("topic_id", _Uuid),
+                ("is_internal", Boolean),
+                (
+                    "partitions",
+                    CompactArray(
+                        ("error_code", Int16),
+                        ("partition_index", Int32),
+                        ("leader_id", Int32),
+                        ("leader_epoch", Int32),
+                        ("replica_nodes", CompactArray(Int32)),
+                        ("isr_nodes", CompactArray(Int32)),
+                        ("offline_replicas", CompactArray(Int32)),
+                        ("tags", TaggedFields),
+                    ),
+                ),
+                ("topic_authorized_operations", Int32),
+                ("tags", TaggedFields),
+            ),
+        ),
+        ("cluster_authorized_operations", Int32),
+        ("tags", TaggedFields),
+    )
+
+
+class _MetadataRequestV10(RequestStruct):  # type: ignore[misc]
+    FLEXIBLE_VERSION = True
+    API_KEY = 3
+    API_VERSION = 10
+    RESPONSE_TYPE = _MetadataResponseV10
+    SCHEMA = Schema(
+        ("topics", CompactArray(("topic_id", _Uuid), ("name", _TEXT), ("tags", TaggedFields))),
+        ("allow_auto_topic_creation", Boolean),
+        ("include_cluster_authorized_operations", Boolean),
+        ("include_topic_authorized_operations", Boolean),
+        ("tags", TaggedFields),
+    )
+
+
+class _TopicIdsRequest(Request[_MetadataRequestV10]):  # type: ignore[misc]
+    API_KEY = 3
+
+    def __init__(self, topics: list[str]) -> None:
+        self.topics = topics
+
+    def build(self, request_struct_class: type[_MetadataRequestV10]) -> _MetadataRequestV10:
+        return request_struct_class(
+            [(uuid.UUID(int=0), name, {}) for name in self.topics], False, False, False, {}
+        )
+
+
+class NoTopicIds(Exception):
+    """The broker is older than Metadata v10 (Apache Kafka < 2.8)."""
+
+
+async def topic_id(bootstrap: str, topic: str, timeout_ms: int = 5000) -> str:
+    """The broker's id of `topic`: a new one each time the topic is created
+    (and, on the embedded broker, at each start). Raises NoTopicIds on a
+    broker without them, or a KafkaError if the topic is missing."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    await admin.start()
+    try:
+        client: Any = admin._client  # aiokafka has no public way to send a raw request
+        node = client.get_random_node()
+        try:
+            response = await client.send(node, _TopicIdsRequest([topic]))
+        except (IncompatibleBrokerVersion, NotImplementedError):
+            raise NoTopicIds("the broker gives no topic ids (Metadata v10+)") from None
+        for found in response.to_object()["topics"]:
+            if found["name"] == topic:
+                if found["error_code"]:
+                    raise for_code(found["error_code"])(f"topic {topic}")
+                return str(found["topic_id"])
+        raise UnknownTopicOrPartitionError(f"topic {topic}")
+    finally:
+        await admin.close()

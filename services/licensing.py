@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
 import logging
 import math
@@ -60,6 +59,7 @@ from domain.entitlement import (
     UnknownMetric,
     code_hash,
 )
+from services.health import sleep_unless
 from services.http import (
     HTTPError,
     busy,
@@ -527,23 +527,20 @@ class ValidationIndex:
                 self._entries.pop(code, None)
             self._held[view.id] = (view.sequence, codes)
 
-    async def follow(self, stop: asyncio.Event, interval: float = 0.1) -> None:
+    async def follow(
+        self, stop: asyncio.Event, working: Callable[[], None], interval: float = 0.1
+    ) -> None:
         """Refresh every `interval` seconds until `stop` is set: a tenth of a
         second's changes in one query costs the hot path far less than
         chasing each change as it lands. The rows are parsed here on the
         event loop, a few at a time between requests: in a worker thread the
         parsing would hold the GIL for up to 5 ms while requests wait."""
         while not stop.is_set():
-            wait = interval
-            try:
-                changed = await anyio.to_thread.run_sync(self.read_model.changed, self._position)
-                for _ in self._holding(*changed):
-                    await asyncio.sleep(0)
-            except Exception:
-                log.exception("the validation index failed to refresh; retrying")
-                wait = max(interval, 1.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), wait)
+            changed = await anyio.to_thread.run_sync(self.read_model.changed, self._position)
+            for _ in self._holding(*changed):
+                await asyncio.sleep(0)
+            working()
+            await sleep_unless(stop, interval)
 
 
 def _address(scope: Scope) -> str:

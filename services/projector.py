@@ -21,12 +21,15 @@ import contextlib
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol, get_args
 from uuid import UUID, uuid5
 
 import anyio
 import psycopg
+from eventsourcing.persistence import Notification
 from faststream.kafka import KafkaBroker
 from psycopg.sql import SQL, Identifier
 
@@ -35,6 +38,7 @@ from contracts.api import (
     DeadLetterView,
     EntitlementView,
     HistoryEntry,
+    ProjectionErrorView,
     SeatView,
     UsagePeriodView,
 )
@@ -49,6 +53,7 @@ from contracts.events import (
 from contracts.webhooks import DEAD_LETTER_TOPIC, DeadLetterV1, RawWebhookV1
 from domain.dead_letter import DeadLetter
 from domain.entitlement import NAMESPACE, Entitlement, Status
+from services.health import describe, transient
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
 
@@ -59,6 +64,7 @@ READ_MODEL = "read-model-v3"
 PUBLIC_EVENTS = "public-events"
 _ENTITLEMENT_TOPIC = "domain.entitlement:Entitlement"
 _DEAD_LETTER_TOPIC = "domain.dead_letter:DeadLetter"
+_PROJECTED = (_ENTITLEMENT_TOPIC + ".", _DEAD_LETTER_TOPIC + ".")
 # The public topic carries the entitlement without its activation code.
 _PUBLIC_FIELDS = set(EntitlementV1.model_fields)
 PUBLIC_TYPES = frozenset(get_args(EventType))
@@ -164,10 +170,15 @@ class Change:
 
     event: Any
     previous_status: str | None
+    position: int = 0
     entitlement: EntitlementView | None = None
     dead_letter: DeadLetter | None = None
     #: The entitlement's active code hashes, for the read model's code index.
     code_hashes: tuple[str, ...] = ()
+    #: Why the event could not be read (every projection skips it, saying so).
+    error: str | None = None
+    aggregate_id: str | None = None
+    topic: str = ""
 
     @property
     def public(self) -> bool:
@@ -192,28 +203,46 @@ class Follower:
         if not notifications:
             return [], None
         changes = []
-        event: Any
         for notification in notifications:
-            if notification.topic.startswith(_ENTITLEMENT_TOPIC + "."):
-                event = self.store.mapper.to_domain_event(notification)
-                before = self._state_before(event)
-                previous = before.status.value if before is not None else None
-                after_state = event.mutate(before)
-                self._remember(after_state)
+            if not notification.topic.startswith(
+                (_ENTITLEMENT_TOPIC + ".", _DEAD_LETTER_TOPIC + ".")
+            ):
+                continue
+            try:
+                changes.append(self._change(notification))
+            except Exception as exc:
+                if transient(exc):
+                    raise
+                # One event that cannot be read must not stop every projection.
                 changes.append(
                     Change(
-                        event,
-                        previous,
-                        entitlement=entitlement_view(after_state),
-                        code_hashes=tuple(after_state.codes),
+                        None,
+                        None,
+                        notification.id,
+                        error=describe(exc),
+                        aggregate_id=str(notification.originator_id),
+                        topic=notification.topic,
                     )
                 )
-            elif notification.topic.startswith(_DEAD_LETTER_TOPIC + "."):
-                event = self.store.mapper.to_domain_event(notification)
-                letter = event.mutate(self._state_before(event))
-                self._remember(letter)
-                changes.append(Change(event, None, dead_letter=letter))
         return changes, notifications[-1].id
+
+    def _change(self, notification: Notification) -> Change:
+        event: Any = self.store.mapper.to_domain_event(notification)
+        if notification.topic.startswith(_DEAD_LETTER_TOPIC):
+            letter = event.mutate(self._state_before(event))
+            self._remember(letter)
+            return Change(event, None, notification.id, dead_letter=letter)
+        before = self._state_before(event)
+        previous = before.status.value if before is not None else None
+        after_state = event.mutate(before)
+        self._remember(after_state)
+        return Change(
+            event,
+            previous,
+            notification.id,
+            entitlement=entitlement_view(after_state),
+            code_hashes=tuple(after_state.codes),
+        )
 
     def _state_before(self, event: Any) -> Any:
         version = event.originator_version
@@ -233,6 +262,7 @@ class Follower:
 
 class Projection(Protocol):
     name: str
+    read_model: ReadModel
 
     def position(self) -> int: ...
 
@@ -390,35 +420,83 @@ async def follow(
     store: EntitlementStore,
     projection: Projection,
     stop: asyncio.Event,
+    working: Callable[[], None] = lambda: None,
     poll_interval: float = 0.1,
     batch_size: int = 500,
     bell: LogBell | None = None,
 ) -> None:
     """Keep `projection` up to date with the log until `stop` is set: when
     caught up, until `bell` rings (or a second passes) if there is one, else
-    for `poll_interval`."""
+    for `poll_interval`. Calls `working()` after each step that worked.
+
+    An event the projection cannot project is recorded as a projection
+    error and skipped; an unavailable database or broker raises, and the
+    caller (`supervise`) starts again from the projection's saved position."""
     follower = Follower(store)
     position = await anyio.to_thread.run_sync(projection.position)
     # With a bell, the timeout only covers a listener that is reconnecting.
     timeout = 1.0 if bell is not None else poll_interval
     while not stop.is_set():
+        rung = bell.armed() if bell is not None else None
+        changes, last = await anyio.to_thread.run_sync(follower.read, position, batch_size)
+        working()
+        if last is None:
+            await _idle(stop, rung, timeout)
+            continue
         try:
-            rung = bell.armed() if bell is not None else None
-            changes, last = await anyio.to_thread.run_sync(follower.read, position, batch_size)
-            if last is None:
-                await _idle(stop, rung, timeout)
-                continue
+            if any(change.error for change in changes):
+                raise _Unreadable
             await projection.project(changes, last)
-            caught_up = last - position < batch_size
-            position = last
-            if caught_up:
-                # Without a bell, let changes gather: fewer, larger transactions.
-                # With one, the writers' own transactions already batch them.
-                await _idle(stop, rung, timeout)
-        except Exception:
-            log.exception("projection %s failed at %d; retrying", projection.name, position)
-            await asyncio.sleep(1.0)
-            position = await anyio.to_thread.run_sync(projection.position)
+        except Exception as exc:
+            if transient(exc):
+                raise
+            await _one_by_one(projection, changes, last)
+        working()
+        caught_up = last - position < batch_size
+        position = last
+        if caught_up:
+            # Without a bell, let changes gather: fewer, larger transactions.
+            # With one, the writers' own transactions already batch them.
+            await _idle(stop, rung, timeout)
+
+
+class _Unreadable(Exception):
+    pass
+
+
+async def _one_by_one(projection: Projection, changes: list[Change], last: int) -> None:
+    """Project a batch that failed one change at a time, recording (and
+    going past) each change that fails on its own."""
+    for change in changes:
+        error = change.error
+        if error is None:
+            try:
+                await projection.project([change], change.position)
+                continue
+            except Exception as exc:
+                if transient(exc):
+                    raise
+                error = describe(exc)
+        event = change.event
+        view = ProjectionErrorView(
+            projection=projection.name,
+            position=change.position,
+            aggregate_id=change.aggregate_id or str(getattr(event, "originator_id", "")) or None,
+            version=getattr(event, "originator_version", None),
+            event_type=event_type(event) if event is not None else change.topic or None,
+            error=error,
+            recorded_at=datetime.now(UTC),
+        )
+        log.error(
+            "projection %s skips the event at %d (%s %s): %s",
+            projection.name,
+            change.position,
+            view.event_type,
+            view.aggregate_id,
+            error,
+        )
+        await anyio.to_thread.run_sync(projection.read_model.skip, projection.name, view)
+    await projection.project([], last)
 
 
 def replay(store: EntitlementStore, read_model: ReadModel, batch_size: int = 1000) -> int:

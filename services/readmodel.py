@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from uuid import UUID
 
-from contracts.api import DeadLetterView, EntitlementView
+from contracts.api import DeadLetterView, EntitlementView, ProjectionErrorView
 
 _TABLES = [
     """CREATE TABLE IF NOT EXISTS entitle_v3_entitlements (
@@ -50,6 +50,17 @@ _TABLES = [
         entitlement_id TEXT NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS entitle_v3_codes_ent ON entitle_v3_codes (entitlement_id)",
+    # Stored events a projection could not project (it went on without them).
+    """CREATE TABLE IF NOT EXISTS entitle_projection_errors (
+        projection TEXT NOT NULL,
+        position BIGINT NOT NULL,
+        aggregate_id TEXT,
+        version INTEGER,
+        event_type TEXT,
+        error TEXT NOT NULL,
+        recorded_at TEXT NOT NULL,
+        PRIMARY KEY (projection, position)
+    )""",
     """CREATE TABLE IF NOT EXISTS entitle_read_positions (
         name TEXT PRIMARY KEY,
         position BIGINT NOT NULL
@@ -138,6 +149,9 @@ class ReadModel:
             for statement in _TABLES:
                 cur.execute(statement)
             cur.execute(self._sql("DELETE FROM entitle_read_positions WHERE name = ?"), (name,))
+            cur.execute(
+                self._sql("DELETE FROM entitle_projection_errors WHERE projection = ?"), (name,)
+            )
 
     # -- writes --------------------------------------------------------------
 
@@ -222,6 +236,53 @@ class ReadModel:
     def set_position(self, name: str, position: int) -> None:
         with self._transaction() as cur:
             self.save_position(cur, name, position)
+
+    def skip(self, name: str, error: ProjectionErrorView) -> None:
+        """Record that projection `name` could not project the event at
+        `error.position`, and move its position there, atomically."""
+        with self._transaction() as cur:
+            cur.execute(
+                self._sql(
+                    "INSERT INTO entitle_projection_errors (projection, position, aggregate_id,"
+                    " version, event_type, error, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (projection, position) DO UPDATE SET error = excluded.error"
+                ),
+                (
+                    name,
+                    error.position,
+                    error.aggregate_id,
+                    error.version,
+                    error.event_type,
+                    error.error,
+                    _moment(error.recorded_at),
+                ),
+            )
+            self.save_position(cur, name, error.position)
+
+    def projection_errors(self, limit: int = 100) -> list[ProjectionErrorView]:
+        rows = self._query(
+            "SELECT projection, position, aggregate_id, version, event_type, error, recorded_at"
+            f" FROM entitle_projection_errors ORDER BY recorded_at DESC LIMIT {int(limit)}"
+        )
+        return [
+            ProjectionErrorView(
+                projection=row[0],
+                position=row[1],
+                aggregate_id=row[2],
+                version=row[3],
+                event_type=row[4],
+                error=row[5],
+                recorded_at=datetime.fromisoformat(row[6].replace("Z", "+00:00")),
+            )
+            for row in rows
+        ]
+
+    def count_projection_errors(self) -> int:
+        return int(self._query("SELECT count(*) FROM entitle_projection_errors")[0][0])
+
+    def ping(self) -> None:
+        """Raises unless the database answers."""
+        self._query("SELECT 1")
 
     # -- reads ---------------------------------------------------------------
 

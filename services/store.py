@@ -179,6 +179,30 @@ class EntitlementStore(Application[UUID]):
     def position(self, name: str) -> int | None:
         return self.process_recorder.max_tracking_id(name)
 
+    def positions(self, prefix: str) -> dict[str, int]:
+        """Every tracking position whose name starts with `prefix`."""
+        recorder = self.recorder
+        if isinstance(recorder, PostgresRecorder):
+            statement = SQL(
+                "SELECT application_name, max(notification_id) FROM {schema}.{table}"
+                " WHERE starts_with(application_name, %s) GROUP BY application_name"
+            ).format(
+                schema=Identifier(recorder.datastore.schema),
+                table=Identifier(recorder.tracking_table_name),
+            )
+            with recorder.datastore.get_connection() as conn, conn.cursor() as cursor:
+                cursor.execute(statement, (prefix,))
+                rows = cursor.fetchall()
+            return {row["application_name"]: row["max"] for row in rows}
+        assert isinstance(recorder, SQLiteRecorder)
+        with recorder.datastore.transaction(commit=False) as cursor:
+            cursor.execute(
+                "SELECT application_name, max(notification_id) FROM tracking"
+                " WHERE substr(application_name, 1, ?) = ? GROUP BY application_name",
+                (len(prefix), prefix),
+            )
+            return {row[0]: row[1] for row in cursor.fetchall()}
+
     def find(self, aggregate_id: UUID, kind: type[A]) -> A | None:
         try:
             aggregate: Any = self.repository.get(aggregate_id)

@@ -5,13 +5,15 @@ A provider is one module exposing `PROVIDER`, plus one line in `PROVIDERS`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from domain.catalog import Catalog
-from domain.commands import Command
+from domain.commands import Command, Customer, OrderEvent
+from domain.lifecycle import Line
 
 
 class SignatureError(Exception):
@@ -28,15 +30,123 @@ class Unmappable(Exception):
         self.commands = commands or []
 
 
+#: The times a provider may name: earlier or later is a corrupt field (a
+#: "lifetime" end of year 9999 included), never a date to compute with.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2200, 1, 1, tzinfo=UTC)
+#: Most seats one item may buy.
+MAX_QUANTITY = 1_000_000
+MAX_TEXT = 1000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def parse_time(value: Any, what: str) -> datetime | None:
-    """An ISO 8601 / RFC 3339 time from a payload ("Z" allowed), None if
-    absent; a malformed one makes the event unmappable, saying which field."""
+    """An RFC 3339 time from a payload ("Z" allowed), None if absent. It
+    must carry a UTC offset and fall in 1970-2200; otherwise the event is
+    unmappable, saying which field."""
     if value is None:
         return None
     try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError:
         raise Unmappable(f"{what} {value!r} is not an ISO 8601 time") from None
+    return _in_range(parsed, what)
+
+
+def from_unix(value: Any, what: str, scale: int = 1) -> datetime:
+    """A unix time (integer seconds, or `scale`ths of one: Stripe, Chargebee)
+    as an aware datetime in 1970-2200; anything else makes the event
+    unmappable, naming the field."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise Unmappable(f"{what} is not a unix timestamp")
+    try:
+        parsed = datetime.fromtimestamp(value / scale, UTC)
+    except (OverflowError, OSError, ValueError):
+        raise Unmappable(f"{what} {value!r} is out of range (1970-2200)") from None
+    return _in_range(parsed, what)
+
+
+def _in_range(moment: datetime, what: str) -> datetime:
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise Unmappable(f"{what} {moment.isoformat()!r} has no UTC offset")
+    if not EARLIEST <= moment <= LATEST:
+        raise Unmappable(f"{what} {moment.isoformat()!r} is out of range (1970-2200)")
+    return moment
+
+
+def check(commands: list[Command]) -> None:
+    """Every value an adapter passes on, checked for type and range, so
+    that one odd field (an e-mail that is an object, a NUL in an id, a
+    time without offset, year 9999) is a dead letter naming the field, not
+    a failure further down (in the fold, a projection, the read model).
+    Raises Unmappable."""
+    for command in commands:
+        _text(command.order_ref if isinstance(command, OrderEvent) else "-", "order reference")
+        _text(command.cause.event_id, "event id")
+        _moment(command.occurred_at, "event time")
+        for ref in command.payment_refs:
+            _text(ref, "payment reference")
+        _value(command.fact, "fact")
+        if isinstance(command, OrderEvent):
+            _customer(command.customer)
+            for line in command.lines:
+                _line(line)
+
+
+def _customer(customer: Customer | None) -> None:
+    if customer is not None:
+        _text(customer.id, "customer id", optional=True)
+        _text(customer.email, "customer email", optional=True)
+
+
+def _line(line: Line) -> None:
+    what = f"item {line.slot!r}"
+    _text(line.slot, "item id")
+    quantity = line.quantity
+    if not isinstance(quantity, int) or isinstance(quantity, bool):
+        raise Unmappable(f"{what} quantity {quantity!r} is not an integer")
+    if not 0 <= quantity <= MAX_QUANTITY:
+        raise Unmappable(f"{what} quantity {quantity} is not within 0-{MAX_QUANTITY}")
+    for moment, name in ((line.period_start, "period start"), (line.period_end, "period end")):
+        if moment is not None:
+            _moment(moment, f"{what} {name}")
+
+
+def _text(value: Any, what: str, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise Unmappable(f"{what} {value!r:.80} is not a string")
+    if len(value) > MAX_TEXT:
+        raise Unmappable(f"{what} is longer than {MAX_TEXT} characters")
+    if _CONTROL.search(value):
+        raise Unmappable(f"{what} {value!r:.80} contains a control character")
+
+
+def _moment(value: Any, what: str) -> None:
+    if not isinstance(value, datetime):
+        raise Unmappable(f"{what} {value!r:.80} is not a time")
+    _in_range(value, what)
+
+
+def _value(value: Any, what: str) -> None:
+    """Facts are JSON-like: check every string and time in them."""
+    if isinstance(value, str):
+        _text(value, what)
+    elif isinstance(value, datetime):
+        _moment(value, what)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _text(key, f"{what} key")
+            _value(item, f"{what}.{key}")
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _value(item, what)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        if not -(10**15) <= value <= 10**15:
+            raise Unmappable(f"{what} {value!r} is out of range")
+    elif value is not None and not isinstance(value, bool):
+        raise Unmappable(f"{what} {value!r:.80} is not a JSON value")
 
 
 @dataclass(frozen=True)

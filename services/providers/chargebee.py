@@ -13,7 +13,7 @@ import base64
 import binascii
 import hmac
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from domain import lifecycle
@@ -21,7 +21,13 @@ from domain.catalog import Catalog
 from domain.commands import Command, Customer, OrderEvent
 from domain.entitlement import Cause
 from domain.lifecycle import Line
-from services.providers import Credentials, Provider, SignatureError, Unmappable
+from services.providers import (
+    Credentials,
+    Provider,
+    SignatureError,
+    Unmappable,
+    from_unix,
+)
 
 NAME = "chargebee"
 SUBSCRIPTION_EVENTS = frozenset(
@@ -88,11 +94,7 @@ def event_id(payload: Mapping[str, Any]) -> str:
 
 
 def _time(value: Any, what: str, scale: int = 1) -> datetime | None:
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise Unmappable(f"Chargebee {what} is not a unix timestamp")
-    return datetime.fromtimestamp(value / scale, UTC)
+    return None if value is None else from_unix(value, f"Chargebee {what}", scale)
 
 
 def _slot(item_type: Any, item_price_id: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from domain import lifecycle
@@ -19,7 +19,13 @@ from domain.catalog import Catalog, Offering
 from domain.commands import Command, Customer, OrderEvent, PaymentEvent
 from domain.entitlement import Cause
 from domain.lifecycle import Line
-from services.providers import Credentials, Provider, SignatureError, Unmappable
+from services.providers import (
+    Credentials,
+    Provider,
+    SignatureError,
+    Unmappable,
+    from_unix,
+)
 
 TOLERANCE_SECONDS = 300
 PAYMENT_EVENTS = frozenset({"invoice.paid", "invoice.payment_succeeded"})
@@ -134,9 +140,7 @@ def _is_proration(line: Mapping[str, Any]) -> bool:
 
 
 def _timestamp(value: Any, what: str) -> datetime:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise Unmappable(f"Stripe {what} is not a unix timestamp")
-    return datetime.fromtimestamp(value, UTC)
+    return from_unix(value, f"Stripe {what}")
 
 
 def _optional_timestamp(value: Any, what: str) -> datetime | None:
