@@ -108,13 +108,13 @@ def build_app(
             )
         codes = CodeBook(settings.code_secret)
     scheduler: Scheduler | None = None
+    raw_log: RawLog | None = None
     if roles.domain:
         assert store is not None and broker is not None and read_model is not None
         assert codes is not None and settings.kafka_bootstrap is not None
         service = DomainService(store, config, codes, cache_size=settings.aggregate_cache)
-        subscribe(
-            broker, service, RawLog(settings.kafka_bootstrap, store), health, settings.domain_batch
-        )
+        raw_log = RawLog(settings.kafka_bootstrap, store)
+        subscribe(broker, service, raw_log, health, settings.domain_batch)
         scheduler = Scheduler(service, read_model)
 
     routes: list[Route] = []
@@ -206,6 +206,8 @@ def build_app(
             ):
                 loop = functools.partial(_follow, store, projection, stop, bell)
                 keep(f"projection:{projection.name}", loop)
+        if raw_log is not None:
+            keep("raw-log", functools.partial(raw_log.watch, stop))
         if scheduler is not None:
             keep(
                 "scheduler",

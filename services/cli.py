@@ -10,7 +10,9 @@ import logging
 import os
 import signal
 import sys
+import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
@@ -25,7 +27,11 @@ log = logging.getLogger("entitle")
 
 
 def _serve(
-    args: argparse.Namespace, roles: Roles, settings: Settings, keys_env: str | None
+    args: argparse.Namespace,
+    roles: Roles,
+    settings: Settings,
+    keys_env: str | None,
+    watch: Callable[[uvicorn.Server], None] | None = None,
 ) -> None:
     logging.getLogger("entitle").setLevel(args.log_level.upper())
     logging.getLogger("uvicorn.access").addFilter(MaskCodes())
@@ -47,6 +53,8 @@ def _serve(
     # with the previous handlers back: make SIGTERM unwind like Ctrl-C, so the
     # caller's cleanup (the embedded broker) runs either way, and exit 0.
     signal.signal(signal.SIGTERM, _interrupt)
+    if watch is not None:
+        watch(server)
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
 
@@ -90,12 +98,34 @@ def cmd_dev(args: argparse.Namespace) -> int:
     if generated:
         lines.append(f"  admin key (generated; set ENTITLE_ADMIN_KEYS to choose one): {generated}")
     print("\n".join(lines), flush=True)
+    died: list[int] = []
+
+    def watch(server: uvicorn.Server) -> None:
+        """Stop the whole stack if the embedded broker dies: without it
+        nothing can be accepted or folded, and its log is gone anyway."""
+        if broker is None:
+            return
+
+        def wait() -> None:
+            code = broker.wait()
+            if code is None:
+                return  # stopped by us
+            died.append(code)
+            log.critical(
+                "the embedded broker exited (code %s); stopping. Webhooks it acknowledged "
+                "but the domain service had not yet folded are lost with it",
+                code,
+            )
+            server.should_exit = True
+
+        threading.Thread(target=wait, name="broker-watch", daemon=True).start()
+
     try:
-        _serve(args, Roles.all(), settings, keys_env)
+        _serve(args, Roles.all(), settings, keys_env, watch)
     finally:
         if broker is not None:
             broker.stop()
-    return 0
+    return 1 if died else 0
 
 
 def _redact(url: str) -> str:

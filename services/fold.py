@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from uuid import UUID
 
 import anyio
+from aiokafka import TopicPartition
 from eventsourcing.persistence import IntegrityError, Tracking
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
@@ -375,25 +376,54 @@ class RawLog:
     deleted and created again, or the embedded broker started again (it keeps
     nothing), begins a new log at offset 0, and the old positions would skip
     its first records. The broker's topic id (Metadata v10+) names the log;
-    positions are recorded under it (`position_name`). It is looked up again
-    whenever records could come from another log than the one last seen: a
-    partition's first batch in this process, or offsets that go back.
+    positions are recorded under it (`position_name`).
+
+    The id is looked up whenever records could come from another log than
+    the one last seen (a partition's first batch in this process, offsets
+    that go back) and every `interval` seconds by `watch`, since a consumer
+    whose position lies beyond a new log's end may wait there silently. On a
+    new log every assigned partition is read again from its start: records
+    fetched from elsewhere are dropped unfolded, and the partition sought
+    back to the start.
     """
 
     def __init__(self, bootstrap: str, store: EntitlementStore) -> None:
         self.bootstrap = bootstrap
         self.store = store
         self.current: str | None = None
+        #: The FastStream subscriber reading the topic (`subscribe` sets it).
+        self.subscriber: Any = None
         self._next: dict[int, int] = {}  # partition -> offset expected next
+        self._from_start: set[int] = set()  # partitions that must begin again
+        self._lock = asyncio.Lock()
 
-    async def incarnation(self, records: Sequence[Record]) -> str:
+    async def accept(self, records: Sequence[Record]) -> tuple[str, list[Record]]:
+        """The incarnation to record positions under, and the records to fold
+        now (possibly fewer than given, see above)."""
         if self.current is None or any(
             record.offset < self._next.get(record.partition, record.offset + 1)
             for record in records
         ):
             await self.check()
         assert self.current is not None
-        return self.current
+        kept = list(records)
+        waiting = {r.partition for r in records} & self._from_start
+        if waiting:
+            partitions = [TopicPartition(RAW_TOPIC, p) for p in sorted(waiting)]
+            starts = await self.consumer.beginning_offsets(partitions)
+            for partition in partitions:
+                first = min(r.offset for r in kept if r.partition == partition.partition)
+                if first <= starts[partition]:
+                    self._from_start.discard(partition.partition)
+                else:
+                    kept = [r for r in kept if r.partition != partition.partition]
+                    self.consumer.seek(partition, starts[partition])
+        return self.current, kept
+
+    @property
+    def consumer(self) -> Any:
+        """The subscriber's aiokafka consumer, once it runs."""
+        return getattr(self.subscriber, "consumer", None)
 
     def folded(self, records: Sequence[Record]) -> None:
         for record in records:
@@ -401,38 +431,62 @@ class RawLog:
                 self._next.get(record.partition, 0), record.offset + 1
             )
 
+    async def watch(
+        self, stop: asyncio.Event, working: Callable[[], None], interval: float = 5.0
+    ) -> None:
+        while not stop.is_set():
+            if self.current is not None and self.consumer is not None:
+                await self.check()
+            working()
+            await sleep_unless(stop, interval)
+
     async def check(self) -> None:
-        try:
-            found = await topic_id(self.bootstrap, RAW_TOPIC)
-        except NoTopicIds:
-            if self.current is None:
+        async with self._lock:
+            try:
+                found = await topic_id(self.bootstrap, RAW_TOPIC)
+            except NoTopicIds:
+                if self.current is None:
+                    log.warning(
+                        "the broker gives no topic ids: a recreated %s cannot be told apart",
+                        RAW_TOPIC,
+                    )
+                found = ""
+            if found == self.current:
+                return
+            known = await anyio.to_thread.run_sync(self._incarnations)
+            if self.current is not None:
                 log.warning(
-                    "the broker gives no topic ids: a recreated %s cannot be told from the old one",
+                    "%s was created again: incarnation %s, was %s; "
+                    "folding the new log from its start",
                     RAW_TOPIC,
+                    self._name(found),
+                    self._name(self.current),
                 )
-            found = ""
-        if found == self.current:
+                await self._start_again()
+            elif known - {""} and found not in known:
+                log.warning(
+                    "%s is a new log: incarnation %s, positions were recorded for %s; "
+                    "folding it from its start",
+                    RAW_TOPIC,
+                    self._name(found),
+                    ", ".join(self._name(i) for i in sorted(known)),
+                )
+                await self._start_again()
+            else:
+                # Positions recorded before incarnations were (legacy names)
+                # are not used; the consumer group's offsets still are, and a
+                # webhook folded again is recognised by its provider event id.
+                log.info("%s: incarnation %s", RAW_TOPIC, self._name(found))
+            self.current = found
+            self._next.clear()
+
+    async def _start_again(self) -> None:
+        if self.consumer is None:
             return
-        known = await anyio.to_thread.run_sync(self._incarnations)
-        if self.current is not None:
-            log.warning(
-                "%s was created again: incarnation %s, was %s; folding the new log from its start",
-                RAW_TOPIC,
-                self._name(found),
-                self._name(self.current),
-            )
-        elif known and found not in known:
-            log.warning(
-                "%s is a new log: incarnation %s, positions were recorded for %s; "
-                "folding it from its start",
-                RAW_TOPIC,
-                self._name(found),
-                ", ".join(self._name(i) for i in sorted(known)),
-            )
-        else:
-            log.info("%s: incarnation %s", RAW_TOPIC, self._name(found))
-        self.current = found
-        self._next.clear()
+        assigned = set(self.consumer.assignment())
+        self._from_start = {tp.partition for tp in assigned}
+        if assigned:
+            await self.consumer.seek_to_beginning(*assigned)
 
     @staticmethod
     def _name(incarnation: str) -> str:
@@ -454,7 +508,7 @@ def subscribe(
     backoff = Backoff()
     health.ok(FOLD)
 
-    @broker.subscriber(
+    subscriber = broker.subscriber(
         RAW_TOPIC,
         group_id=CONSUMER_GROUP,
         batch=True,
@@ -468,13 +522,17 @@ def subscribe(
         auto_offset_reset="earliest",
         ack_policy=AckPolicy.MANUAL,
     )
+
+    raw_log.subscriber = subscriber
+
+    @subscriber
     async def on_raw_webhooks(_: list[bytes], message: KafkaMessage) -> None:
         records = message.raw_message
         if not isinstance(records, tuple):
             records = (records,)
         started = time.perf_counter()
         try:
-            incarnation = await raw_log.incarnation(records)
+            incarnation, records = await raw_log.accept(records)
             result = await anyio.to_thread.run_sync(service.process, records, incarnation)
         except Exception as exc:
             # Only an unavailable database or broker gets here (a bad record is

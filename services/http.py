@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from contracts import describe
 from contracts.api import Error
 from services.config import AdminKey
+from services.health import transient
 
 log = logging.getLogger("entitle.http")
 M = TypeVar("M", bound=BaseModel)
@@ -145,6 +146,11 @@ async def handle_internal_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 def internal_error_response(exc: Exception) -> JSONResponse:
+    if transient(exc):
+        log.warning("unavailable: %s: %s", type(exc).__name__, exc)
+        return error_response(
+            503, "unavailable", "the database is unavailable; retry", {"Retry-After": "5"}
+        )
     log.error("unhandled error: %r", exc, exc_info=exc)
     return error_response(500, "internal_error", "the server failed; the error is logged")
 

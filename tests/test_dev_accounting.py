@@ -1,0 +1,205 @@
+"""Every accepted webhook is accounted for, through `entitle dev` and the
+services as subprocesses: restarts, a recreated raw topic, a poison record,
+a database outage and a dead broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+
+from contracts.events import EVENTS_TOPIC
+from contracts.webhooks import RAW_TOPIC
+from services.kafka import ensure_topics
+from tests import standard_events as sw
+from tests import stripe_events as se
+from tests.harness import Entitle, Proxy, eventually
+from tests.test_dev import ADMIN, AUTH, CONFIG, YEAR, consume, entitlements, post
+
+pytestmark = pytest.mark.e2e
+
+CASES = Path(__file__).parent / "cases"
+STANDARD_SECRET = "whsec_YnVnaHVudC1zdGFuZGFyZC13ZWJob29rcy1rZXk="
+ACCOUNTING_CONFIG = (
+    CONFIG.replace(
+        "sources:\n", f"sources:\n  billing: {{provider: standard, secret: {STANDARD_SECRET}}}\n", 1
+    )
+    + "  - {sku: pro_annual, product: acme, period: P1Y, prices: {standard: [pro]}}\n"
+)
+
+
+def paid(subscription: str) -> dict[str, Any]:
+    now = int(time.time())
+    return se.invoice_paid(
+        subscription=subscription,
+        shape=se.LEGACY,
+        lines=[{"price": "p", "sku": "better_annual", "start": now, "end": now + YEAR}],
+    )
+
+
+def send(entitle: Entitle, prefix: str, count: int) -> set[str]:
+    refs = {f"{prefix}{n}" for n in range(count)}
+    for ref in sorted(refs):
+        response = post(entitle, paid(ref))
+        assert response.status_code == 202, response.text
+    return refs
+
+
+def active_refs(entitle: Entitle) -> set[str]:
+    return {e["order_ref"] for e in entitlements(entitle, status="ACTIVE", limit="1000")}
+
+
+def stack(tmp_path: Path, **env: str) -> Entitle:
+    (tmp_path / "entitle.yaml").write_text(ACCOUNTING_CONFIG)
+    return Entitle(["dev"], tmp_path, {"ENTITLE_ADMIN_KEYS": ADMIN, **env})
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
+def test_webhooks_sent_after_a_restart_are_all_applied(tmp_path: Path, how: int) -> None:
+    entitle = stack(tmp_path).start()
+    try:
+        before = send(entitle, "sub_before_", 10)
+        eventually(lambda: active_refs(entitle) == before, timeout=15)
+    finally:
+        if how == signal.SIGKILL:
+            entitle.kill()
+        else:
+            assert entitle.stop(how) == 0
+    with stack(tmp_path) as again:
+        # The embedded broker starts a new, empty log: its offsets start at 0
+        # again, below every position the store kept from the last one.
+        after = send(again, "sub_after_", 20)
+        eventually(lambda: active_refs(again) == before | after, timeout=20)
+        assert "is a new log" in again.text
+
+
+def test_case_08_a_poison_webhook_is_a_dead_letter_and_its_partition_goes_on(
+    tmp_path: Path,
+) -> None:
+    with stack(tmp_path) as entitle:
+        for path in sorted((CASES / "08").glob("*.json")):
+            body = path.read_bytes()
+            response = httpx.post(
+                f"{entitle.url}/webhooks/billing",
+                content=body,
+                headers=sw.signed_headers(body, secret=STANDARD_SECRET),
+            )
+            assert response.status_code == 202, response.text
+        # A Stripe webhook after them, on whatever partition.
+        assert post(entitle, paid("sub_after_poison")).status_code == 202
+
+        [valid] = eventually(lambda: entitlements(entitle, order_ref="sub_case08_poison"))
+        assert valid["status"] == "ACTIVE"
+        assert valid["period_end"].startswith("2027-11-01T00:00:00")
+        eventually(lambda: "sub_after_poison" in active_refs(entitle))
+        letters = httpx.get(f"{entitle.url}/v1/dead-letters", headers=AUTH).json()["items"]
+        [poison] = [d for d in letters if d["provider_event_id"] == "evt_case08_poison"]
+        assert "timezone" in poison["reason"]
+        # Both good ones reached the public topic too.
+        bootstrap = entitle.printed(r"broker:\s+(\S+)")
+        published = [json.loads(r.value) for r in consume(bootstrap, EVENTS_TOPIC, 4)]
+        orders = {p["entitlement"]["order_ref"] for p in published}
+        assert {"sub_case08_poison", "sub_after_poison"} <= orders
+        assert "delivered again" not in entitle.text  # no batch was ever retried
+
+
+def test_the_stack_stops_with_an_error_when_its_embedded_broker_dies(tmp_path: Path) -> None:
+    entitle = stack(tmp_path).start()
+    assert entitle.process is not None
+    pid = entitle.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(children) == 1  # the broker
+    import os
+
+    os.kill(int(children[0]), signal.SIGKILL)
+    assert entitle.process.wait(20) == 1
+    assert "embedded broker exited" in entitle.text
+
+
+def test_a_database_outage_is_reported_and_everything_catches_up(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    url = urlsplit(postgres_url)
+    proxy = Proxy((url.hostname or "127.0.0.1", url.port or 5432))
+    through_proxy = url._replace(netloc=f"postgres@127.0.0.1:{proxy.port}").geturl()
+    try:
+        with stack(tmp_path, ENTITLE_DATABASE_URL=through_proxy) as entitle:
+            first = send(entitle, "sub_pre_", 5)
+            eventually(lambda: active_refs(entitle) == first, timeout=15)
+            assert httpx.get(f"{entitle.url}/readyz").status_code == 200
+
+            proxy.cut()
+            during = send(entitle, "sub_during_", 10)  # the broker still takes them
+            outage = eventually(
+                lambda: (
+                    (r := httpx.get(f"{entitle.url}/readyz", timeout=10)).status_code == 503
+                    and r.json()
+                ),
+                timeout=10,
+            )
+            assert outage["parts"]["database"].startswith("failing")
+            listing = httpx.get(f"{entitle.url}/v1/entitlements", headers=AUTH, timeout=30)
+            assert listing.status_code == 503, listing.text
+            time.sleep(10)
+            proxy.restore()
+
+            eventually(
+                lambda: httpx.get(f"{entitle.url}/readyz", timeout=10).status_code == 200,
+                timeout=60,
+            )
+            eventually(lambda: active_refs(entitle) == first | during, timeout=60)
+            bootstrap = entitle.printed(r"broker:\s+(\S+)")
+            published = [json.loads(r.value) for r in consume(bootstrap, EVENTS_TOPIC, 60)]
+            activated = {
+                p["entitlement"]["order_ref"]
+                for p in published
+                if p["type"] == "entitlement.activated"
+            }
+            assert activated == first | during
+    finally:
+        proxy.close()
+
+
+def test_a_recreated_raw_topic_is_folded_from_its_start(
+    tmp_path: Path, kafka_bootstrap: str, kafka_idempotence: bool
+) -> None:
+    (tmp_path / "entitle.yaml").write_text(ACCOUNTING_CONFIG)
+    env = {
+        "ENTITLE_ADMIN_KEYS": ADMIN,
+        "ENTITLE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "ENTITLE_KAFKA_IDEMPOTENCE": str(kafka_idempotence).lower(),
+        "ENTITLE_RAW_PARTITIONS": "2",
+        "ENTITLE_DATABASE_URL": f"sqlite:///{tmp_path / 'entitle.db'}",
+    }
+    with Entitle(["serve", "ingress", "domain", "projector", "api"], tmp_path, env) as entitle:
+        first = send(entitle, "sub_old_log_", 10)
+        eventually(lambda: active_refs(entitle) == first, timeout=15)
+
+        async def recreate() -> None:
+            admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+            await admin.start()
+            try:
+                await admin.delete_topics([RAW_TOPIC])
+            finally:
+                await admin.close()
+            await asyncio.sleep(1.0)
+            await ensure_topics(kafka_bootstrap, 2)
+
+        asyncio.run(recreate())
+        # Fewer webhooks than the old log held: each offset of the new log is
+        # at or below a position recorded for the old one.
+        second = send(entitle, "sub_new_log_", 6)
+        try:
+            eventually(lambda: active_refs(entitle) == first | second, timeout=30)
+        except AssertionError:
+            print(entitle.text, active_refs(entitle))
+            raise
+        assert "was created again" in entitle.text
