@@ -20,6 +20,10 @@ from contracts.api import (
     EntitlementView,
     Error,
     History,
+    ProjectionErrorList,
+    Readiness,
+    ReceiptList,
+    ReceiptView,
 )
 from contracts.billing import BillingEventV1
 from contracts.events import EntitlementEventV1
@@ -46,6 +50,10 @@ PUBLISHED: dict[str, type[BaseModel]] = {
     "api-dead-letter.v1.json": DeadLetterView,
     "api-dead-letter-list.v1.json": DeadLetterList,
     "api-error.v1.json": Error,
+    "api-webhook-receipt.v1.json": ReceiptView,
+    "api-webhook-receipt-list.v1.json": ReceiptList,
+    "api-projection-error-list.v1.json": ProjectionErrorList,
+    "api-readiness.v1.json": Readiness,
     "api-admin-action.v1.json": AdminAction,
     "billing-event.v1.json": BillingEventV1,
     "licensing-activation-request.v1.json": ActivationRequest,

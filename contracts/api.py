@@ -9,6 +9,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.events import CauseV1, EntitlementV1
+from contracts.webhooks import RawWebhookV1
 
 
 class ActivationCodeView(BaseModel):
@@ -105,10 +106,46 @@ class DeadLetterList(BaseModel):
     items: list[DeadLetterView]
 
 
+class ReceiptView(BaseModel):
+    """What became of one webhook the ingress accepted (`GET /v1/webhooks`)."""
+
+    id: str = Field(description="The receipt id the ingress answered in its 202")
+    source: str
+    provider: str
+    provider_event_id: str = Field(description="The provider's event id (or a content hash)")
+    event_type: str = Field(description="The provider's event type, e.g. invoice.paid")
+    order_ref: str = Field(description="The order (subscription) reference it was routed by")
+    received_at: datetime
+    recorded_at: datetime = Field(description="When the domain service folded it")
+    outcome: Literal["applied", "duplicate", "ignored", "parked", "dead_letter"]
+    detail: str | None = Field(
+        default=None,
+        description="Why: the dead letter's reason, what was ignored, what it duplicates",
+    )
+    waits_for: str | None = Field(
+        default=None, description="parked: what it waits for, e.g. 'payment pi_123'"
+    )
+    entitlement_ids: list[str] = Field(description="The entitlements it changed")
+    event_types: list[str] = Field(description="The events it produced on them")
+    resolved_at: datetime | None = Field(
+        default=None, description="When a parked webhook was applied or gave up waiting"
+    )
+    webhook: RawWebhookV1 | None = Field(
+        default=None, description="The webhook as received (headers and raw body); one only"
+    )
+
+
+class ReceiptList(BaseModel):
+    items: list[ReceiptView]
+    next_cursor: str | None = Field(
+        default=None, description="Pass as `cursor` for the next page; null on the last"
+    )
+
+
 class ProjectionErrorView(BaseModel):
     """A stored event a projection could not project; it went on without it."""
 
-    projection: str = Field(description="e.g. read-model-v3, public-events")
+    projection: str = Field(description="e.g. read-model-v4, public-events")
     position: int = Field(description="The event's position in the notification log")
     aggregate_id: str | None = None
     version: int | None = None

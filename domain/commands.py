@@ -8,7 +8,7 @@ in the domain service, in tests and in a re-drive.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
@@ -20,6 +20,7 @@ from domain.entitlement import (
     Order,
     Payment,
     entitlement_id,
+    event_type,
     order_id,
     payment_id,
 )
@@ -99,12 +100,49 @@ def touches(command: Command) -> list[UUID]:
     return ids
 
 
-def apply(command: Command, aggregates: Aggregates, rules: Rules, at: datetime) -> None:
-    """Fold one command into the aggregates it concerns."""
+@dataclass
+class Effect:
+    """What applying one command did."""
+
+    #: The events each entitlement it reached got (`entitlement.activated` …).
+    events: dict[UUID, list[str]] = field(default_factory=dict)
+    #: Whether every entitlement it reached had applied its cause already.
+    duplicate: bool = False
+    #: What its fact waits for when no entitlement could take it yet
+    #: (`payment pi_1`, `an item of order sub_1`), and whether it began
+    #: waiting now (not a repeat of a fact already waiting).
+    waits_for: str | None = None
+    newly_parked: bool = False
+
+    def merge(self, other: Effect) -> None:
+        for key, names in other.events.items():
+            self.events.setdefault(key, []).extend(names)
+        self.duplicate = self.duplicate or other.duplicate
+        self.waits_for = self.waits_for or other.waits_for
+        self.newly_parked = self.newly_parked or other.newly_parked
+
+
+class _Watch:
+    """Counts each entitlement's pending events, to tell what a command added."""
+
+    def __init__(self, entitlements: list[Entitlement], cause: Cause) -> None:
+        self.before = {e.id: len(e.pending_events) for e in entitlements}
+        self.duplicate = bool(entitlements) and all(e.has_applied(cause) for e in entitlements)
+
+    def effect(self, entitlements: list[Entitlement]) -> Effect:
+        events = {}
+        for entitlement in entitlements:
+            new = entitlement.pending_events[self.before.get(entitlement.id, 0) :]
+            if new:
+                events[entitlement.id] = [event_type(event) for event in new]
+        return Effect(events, duplicate=self.duplicate and not events)
+
+
+def apply(command: Command, aggregates: Aggregates, rules: Rules, at: datetime) -> Effect:
+    """Fold one command into the aggregates it concerns; returns what it did."""
     if isinstance(command, OrderEvent):
-        _apply_order_event(command, aggregates, rules, at)
-    else:
-        _apply_payment_event(command, aggregates, rules, at)
+        return _apply_order_event(command, aggregates, rules, at)
+    return _apply_payment_event(command, aggregates, rules, at)
 
 
 def _entitlements(order: Order, aggregates: Aggregates) -> list[Entitlement]:
@@ -114,7 +152,7 @@ def _entitlements(order: Order, aggregates: Aggregates) -> list[Entitlement]:
 
 def _apply_order_event(
     command: OrderEvent, aggregates: Aggregates, rules: Rules, at: datetime
-) -> None:
+) -> Effect:
     order = aggregates.find(order_id(command.source, command.order_ref), Order)
     if order is None:
         order = Order.open(command.source, command.order_ref, at)
@@ -123,6 +161,7 @@ def _apply_order_event(
     if command.customer is not None:
         fact["customer"] = {"id": command.customer.id, "email": command.customer.email}
     entitlements = _entitlements(order, aggregates)
+    watch = _Watch(entitlements, command.cause)
     for line in command.lines:
         if line.slot in order.entitlements:
             continue
@@ -148,8 +187,10 @@ def _apply_order_event(
         aggregates.add(entitlement)
         order.add_entitlement(line.slot, entitlement.id, at)
         entitlements.append(entitlement)
+    waits_for, newly_parked = None, False
     if not entitlements:
-        order.park({**fact, "key": command.cause.key, "at": command.occurred_at}, at)
+        waits_for = f"an item of order {command.order_ref}"
+        newly_parked = order.park({**fact, "key": command.cause.key, "at": command.occurred_at}, at)
     for entitlement in entitlements:
         entitlement.settle(
             fact, command.cause, command.occurred_at, rules.catalog, rules.policy, at
@@ -171,6 +212,9 @@ def _apply_order_event(
                     rules,
                     at,
                 )
+    effect = watch.effect(entitlements)
+    effect.waits_for, effect.newly_parked = waits_for, newly_parked
+    return effect
 
 
 def _deliver(
@@ -189,7 +233,7 @@ def _deliver(
 
 def _apply_payment_event(
     command: PaymentEvent, aggregates: Aggregates, rules: Rules, at: datetime
-) -> None:
+) -> Effect:
     payments = [
         (ref, aggregates.find(payment_id(command.source, ref), Payment))
         for ref in command.payment_refs
@@ -198,23 +242,30 @@ def _apply_payment_event(
         if payment is not None and payment.order_ref is not None:
             order = aggregates.find(order_id(command.source, payment.order_ref), Order)
             if order is not None:
+                entitlements = _entitlements(order, aggregates)
+                watch = _Watch(entitlements, command.cause)
                 order.payment_fact_delivered(command.fact, command.cause, at)
                 _deliver(
                     command.fact,
                     payment,
                     command.cause,
                     command.occurred_at,
-                    _entitlements(order, aggregates),
+                    entitlements,
                     rules,
                     at,
                 )
-                return
+                return watch.effect(entitlements)
     # The payment itself has not arrived yet: wait for it on every ref.
+    newly_parked = False
     for ref, payment in payments:
         if payment is None:
             payment = Payment.open(command.source, ref, at)
             aggregates.add(payment)
-        payment.park(command.fact, command.cause, command.occurred_at, at)
+        newly_parked = (
+            payment.park(command.fact, command.cause, command.occurred_at, at) or newly_parked
+        )
+    refs = ", ".join(command.payment_refs)
+    return Effect(waits_for=f"payment {refs}", newly_parked=newly_parked)
 
 
 def settle_due(entitlement: Entitlement, rules: Rules, now: datetime) -> bool:

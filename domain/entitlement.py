@@ -9,6 +9,7 @@ events. Methods take the recording time (`at`) and the provider's time
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,7 +23,7 @@ from domain import lifecycle
 from domain.catalog import Catalog
 from domain.lifecycle import Fact, Facts, Policy, Standing, Status, Terms
 
-__all__ = ["Cause", "Entitlement", "Order", "Payment", "Refused", "Status"]
+__all__ = ["Cause", "Entitlement", "Order", "Payment", "Refused", "Status", "event_type"]
 
 # Ids are derived from what the provider tells us, so the same purchase always
 # lands on the same aggregate, whichever process or replay computes it.
@@ -52,6 +53,16 @@ def code_hash(code: str) -> str:
     """What is stored of an activation code. The codes carry 125 random bits,
     so a plain SHA-256 cannot be reversed by guessing."""
     return hashlib.sha256(b"entitle-code\x1f" + normalize_code(code).encode()).hexdigest()
+
+
+def event_type(event: Any) -> str:
+    """`entitlement.activated` for Entitlement.Activated, and so on."""
+    aggregate = _snake(type(event).__qualname__.split(".")[0])
+    return f"{aggregate}.{_snake(type(event).__name__)}"
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 def payment_id(source: str, ref: str) -> UUID:
@@ -835,9 +846,13 @@ class Order(Aggregate):
             self.PaymentFactDelivered, timestamp=at, fact=fact, cause=cause.as_dict()
         )
 
-    def park(self, fact: Fact, at: datetime) -> None:
-        if all(parked["key"] != fact["key"] for parked in self.parked):
-            self.trigger_event(self.FactParked, timestamp=at, fact=fact)
+    def park(self, fact: Fact, at: datetime) -> bool:
+        """Keep `fact` for the order's first entitlement; False if it is
+        kept already."""
+        if any(parked["key"] == fact["key"] for parked in self.parked):
+            return False
+        self.trigger_event(self.FactParked, timestamp=at, fact=fact)
+        return True
 
 
 class Payment(Aggregate):
@@ -906,12 +921,16 @@ class Payment(Aggregate):
                 {"fact": self.fact, "cause": self.cause, "occurred_at": self.occurred_at}
             )
 
-    def park(self, fact: Fact, cause: Cause, occurred_at: datetime, at: datetime) -> None:
-        if all(_cause_key(p["cause"]) != cause.key for p in self.parked):
-            self.trigger_event(
-                self.FactParked,
-                timestamp=at,
-                fact=fact,
-                cause=cause.as_dict(),
-                occurred_at=occurred_at,
-            )
+    def park(self, fact: Fact, cause: Cause, occurred_at: datetime, at: datetime) -> bool:
+        """Keep `fact` until this payment's order is known; False if it is
+        kept already."""
+        if any(_cause_key(p["cause"]) == cause.key for p in self.parked):
+            return False
+        self.trigger_event(
+            self.FactParked,
+            timestamp=at,
+            fact=fact,
+            cause=cause.as_dict(),
+            occurred_at=occurred_at,
+        )
+        return True

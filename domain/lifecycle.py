@@ -198,6 +198,10 @@ class Policy:
     #: Without suspend/expire thresholds, how long after the period end a
     #: late renewal may still arrive before the entitlement expires.
     expiry_leeway: timedelta = timedelta(hours=24)
+    #: How long a refund, dispute or payment fact may wait for what it names
+    #: (a payment, an order's first item) before it becomes a dead letter:
+    #: longer than any provider keeps retrying a webhook (Stripe: 3 days).
+    parked_for: timedelta = timedelta(days=7)
 
 
 def _order_key(fact: Mapping[str, Any]) -> tuple[datetime, str]:

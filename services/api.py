@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -19,15 +21,19 @@ from contracts.api import (
     EntitlementList,
     EntitlementView,
     History,
+    ProjectionErrorList,
+    ReceiptList,
 )
 from contracts.events import Status
+from contracts.webhooks import RawWebhookV1
 from domain.entitlement import Entitlement, Refused
+from domain.receipt import OUTCOMES, Receipt, receipt_id
 from services.codes import CodeBook
 from services.config import AdminKey, Config
 from services.http import HTTPError, authenticate, busy, read_json
 from services.licensing import ValidationIndex
-from services.projector import entitlement_view, history_entry
-from services.readmodel import FILTERS, ReadModel
+from services.projector import entitlement_view, history_entry, receipt_view
+from services.readmodel import FILTERS, RECEIPT_FILTERS, ReadModel
 from services.store import EntitlementStore, StillChanging
 
 _STATUSES = set(get_args(Status))
@@ -47,6 +53,36 @@ def _limit(request: Request) -> int:
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
         raise HTTPError(422, "invalid_query", f"limit must be an integer from 1 to {MAX_LIMIT}")
     return int(raw)
+
+
+def _time_param(raw: str | None, name: str) -> datetime | None:
+    if raw is None:
+        return None
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        value = None
+    if value is None or value.tzinfo is None:
+        raise HTTPError(
+            422, "invalid_query", f"{name} must be an RFC 3339 time with an offset, e.g. …Z"
+        )
+    return value
+
+
+def _encode_cursor(after: tuple[str, str]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(after)).encode()).decode()
+
+
+def _decode_cursor(raw: str | None) -> tuple[str, str] | None:
+    if raw is None:
+        return None
+    try:
+        received_at, receipt = json.loads(base64.urlsafe_b64decode(raw.encode()))
+        if isinstance(received_at, str) and isinstance(receipt, str):
+            return received_at, receipt
+    except (ValueError, TypeError):
+        pass
+    raise HTTPError(422, "invalid_query", "cursor is not one this API gave (next_cursor)")
 
 
 class API:
@@ -126,6 +162,51 @@ class API:
         limit = _limit(request)
         items = await anyio.to_thread.run_sync(self.read_model.dead_letters, limit)
         return JSONResponse(DeadLetterList(items=items).model_dump(mode="json"))
+
+    async def list_webhooks(self, request: Request) -> JSONResponse:
+        """Receipts of accepted webhooks, newest first, with cursor paging."""
+        authenticate(request, self.keys)
+        query = request.query_params
+        allowed = {*RECEIPT_FILTERS, "since", "limit", "cursor"}
+        unknown = set(query) - allowed
+        if unknown:
+            raise HTTPError(
+                422,
+                "invalid_query",
+                f"unknown query parameter(s): {', '.join(sorted(unknown))}; "
+                f"use {', '.join(sorted(allowed))}",
+            )
+        filters = {key: query.get(key) for key in RECEIPT_FILTERS}
+        outcome = filters.get("outcome")
+        if outcome is not None and outcome not in OUTCOMES:
+            raise HTTPError(422, "invalid_query", f"outcome must be one of {', '.join(OUTCOMES)}")
+        since = _time_param(query.get("since"), "since")
+        cursor = _decode_cursor(query.get("cursor"))
+        limit = _limit(request)
+        items, after = await anyio.to_thread.run_sync(
+            lambda: self.read_model.receipts(limit, cursor, since, **filters)
+        )
+        body = ReceiptList(items=items, next_cursor=_encode_cursor(after) if after else None)
+        return JSONResponse(body.model_dump(mode="json", exclude_none=False))
+
+    async def get_webhook(self, request: Request) -> JSONResponse:
+        """One receipt, with the webhook as it was received."""
+        authenticate(request, self.keys)
+        receipt = request.path_params["receipt_id"]
+        view = await anyio.to_thread.run_sync(self.read_model.receipt, receipt)
+        stored = await anyio.to_thread.run_sync(self.store.find, receipt_id(receipt), Receipt)
+        if stored is None:
+            raise HTTPError(404, "not_found", f"no webhook receipt {receipt!r} (yet)")
+        if view is None:  # folded, not yet projected
+            view = receipt_view(stored)
+        view = view.model_copy(update={"webhook": RawWebhookV1.model_validate(stored.webhook)})
+        return JSONResponse(view.model_dump(mode="json"))
+
+    async def list_projection_errors(self, request: Request) -> JSONResponse:
+        authenticate(request, self.keys)
+        limit = _limit(request)
+        items = await anyio.to_thread.run_sync(self.read_model.projection_errors, limit)
+        return JSONResponse(ProjectionErrorList(items=items).model_dump(mode="json"))
 
     async def administer(self, request: Request) -> JSONResponse:
         """suspend, reinstate, cancel or extend, recorded with the key's name.
@@ -217,4 +298,7 @@ def routes(api: API) -> list[Route]:
         Route("/v1/entitlements/{id}/codes/{index}", api.revoke_code, methods=["DELETE"]),
         Route("/v1/entitlements/{id}/{action}", api.administer, methods=["POST"]),
         Route("/v1/dead-letters", api.list_dead_letters, methods=["GET"]),
+        Route("/v1/webhooks", api.list_webhooks, methods=["GET"]),
+        Route("/v1/webhooks/{receipt_id}", api.get_webhook, methods=["GET"]),
+        Route("/v1/projection-errors", api.list_projection_errors, methods=["GET"]),
     ]

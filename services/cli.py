@@ -13,6 +13,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import uvicorn
@@ -189,6 +190,46 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    """Receipts of accepted webhooks, newest first (JSON lines), or one with
+    the webhook itself."""
+    from contracts.webhooks import RawWebhookV1
+    from domain.receipt import Receipt, receipt_id
+    from services.readmodel import ReadModel
+    from services.store import EntitlementStore
+
+    settings = Settings.from_env()
+    read_model = ReadModel(settings.database_url)
+    try:
+        if args.receipt_id:
+            store = EntitlementStore(settings.database_url)
+            try:
+                stored = store.find(receipt_id(args.receipt_id), Receipt)
+            finally:
+                store.close()
+            view = read_model.receipt(args.receipt_id)
+            if stored is None or view is None:
+                print(f"no webhook receipt {args.receipt_id!r} (yet)", file=sys.stderr)
+                return 1
+            view.webhook = RawWebhookV1.model_validate(stored.webhook)
+            print(view.model_dump_json())
+            return 0
+        since = datetime.fromisoformat(args.since.replace("Z", "+00:00")) if args.since else None
+        items, _ = read_model.receipts(
+            args.limit,
+            None,
+            since,
+            source=args.source,
+            outcome=args.outcome,
+            order_ref=args.order_ref,
+        )
+        for item in items:
+            print(item.model_dump_json(exclude={"webhook"}))
+    finally:
+        read_model.close()
+    return 0
+
+
 def cmd_redrive(args: argparse.Namespace) -> int:
     """Re-process unresolved dead letters with the current configuration."""
     from services.codes import CodeBook
@@ -248,6 +289,16 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dead-letters", help="list webhooks that could not be mapped")
     p.add_argument("--limit", type=int, default=100)
     p.set_defaults(run=cmd_dead_letters)
+    p = sub.add_parser("webhooks", help="what became of accepted webhooks (receipts)")
+    p.add_argument("receipt_id", nargs="?", help="show one, with the webhook as received")
+    p.add_argument("--source")
+    p.add_argument(
+        "--outcome", choices=["applied", "duplicate", "ignored", "parked", "dead_letter"]
+    )
+    p.add_argument("--order-ref")
+    p.add_argument("--since", help="RFC 3339 time, e.g. 2026-11-30T00:00:00Z")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(run=cmd_webhooks)
     p = sub.add_parser(
         "redrive", help="re-process dead letters after fixing the catalog (all unresolved, or ids)"
     )

@@ -60,6 +60,7 @@ class _LifecycleFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     expiry_leeway_hours: float = Field(default=24, ge=0)
+    parked_days: float = Field(default=7, gt=0)
 
 
 class _LicensingFile(BaseModel):
@@ -183,7 +184,10 @@ def parse_config(
         )
     except ValueError as exc:
         raise ConfigError(f"{origin}: {exc}") from None
-    policy = Policy(expiry_leeway=timedelta(hours=parsed.lifecycle.expiry_leeway_hours))
+    policy = Policy(
+        expiry_leeway=timedelta(hours=parsed.lifecycle.expiry_leeway_hours),
+        parked_for=timedelta(days=parsed.lifecycle.parked_days),
+    )
     return Config(
         sources=sources,
         catalog=catalog,

@@ -16,7 +16,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -29,14 +29,15 @@ from faststream.kafka.annotations import KafkaMessage
 from pydantic import ValidationError
 
 from contracts.webhooks import RAW_TOPIC, RawWebhookV1
-from domain.commands import Command, Rules, apply, settle_due, touches
+from domain.commands import Command, Effect, Rules, apply, settle_due, touches
 from domain.dead_letter import DeadLetter, dead_letter_id
 from domain.entitlement import Entitlement, Order, Payment, order_id
+from domain.receipt import Receipt, classify, receipt_id
 from services.codes import CodeBook
 from services.config import Config
 from services.health import Backoff, Health, describe, sleep_unless, transient
 from services.kafka import NoTopicIds, topic_id
-from services.providers import Unmappable, check
+from services.providers import Unmappable, check, event_type
 from services.readmodel import ReadModel
 from services.store import AggregateCache, Batch, EntitlementStore
 
@@ -76,6 +77,7 @@ class Decoded:
     commands: list[Command]
     reason: str | None
     event_id: str
+    event_type: str = ""
 
 
 def position_name(topic: str, partition: int, incarnation: str = "") -> str:
@@ -216,7 +218,8 @@ class DomainService:
             why = f"unreadable envelope: {exc.errors()[0]['msg']}"
             return Decoded(unreadable, [], why, where)
         commands, reason, payload = self._normalize(webhook, now)
-        return Decoded(webhook, commands, reason, self._event_id(webhook, payload))
+        kind = event_type(payload) if isinstance(payload, dict) else ""
+        return Decoded(webhook, commands, reason, self._event_id(webhook, payload), kind)
 
     def _prefetch(self, batch: Batch, items: list[Decoded]) -> None:
         """Load everything the batch will touch in a few queries: what the
@@ -227,6 +230,7 @@ class DomainService:
                 wanted.update(touches(command))
             if item.reason is not None:
                 wanted.add(dead_letter_id(item.webhook.source, item.event_id))
+            wanted.add(receipt_id(item.webhook.receipt_id))
         for _ in range(3):
             loaded = batch.prefetch(wanted)
             wanted = set()
@@ -239,12 +243,37 @@ class DomainService:
                 return
 
     def _fold(self, item: Decoded, batch: Batch, now: datetime) -> int:
-        """Fold one decoded webhook into the batch; returns 1 if it dead-lettered."""
+        """Fold one decoded webhook into the batch, with its receipt; returns
+        1 if it dead-lettered."""
+        effect = Effect()
         for command in item.commands:
-            apply(command, batch, self.rules, now)
-        if item.reason is None:
-            return 0
-        return self._dead_letter(batch, item.webhook, item.reason, item.event_id, now)
+            effect.merge(apply(command, batch, self.rules, now))
+        dead = 0
+        if item.reason is not None:
+            dead = self._dead_letter(batch, item.webhook, item.reason, item.event_id, now)
+        webhook = item.webhook
+        if batch.find(receipt_id(webhook.receipt_id), Receipt) is not None:
+            return dead  # folded before, from a log read again
+        outcome, detail = classify(item.reason, len(item.commands), effect, item.event_type)
+        batch.add(
+            Receipt.record(
+                at=now,
+                receipt=webhook.receipt_id,
+                source=webhook.source,
+                provider=webhook.provider,
+                provider_event_id=item.event_id,
+                event_type=item.event_type,
+                order_ref=webhook.routing_key,
+                received_at=webhook.received_at,
+                outcome=outcome,
+                entitlement_ids=[str(i) for i in effect.events],
+                event_types=sorted({name for names in effect.events.values() for name in names}),
+                detail=detail,
+                waits_for=effect.waits_for if outcome == "parked" else None,
+                webhook=webhook.model_dump(mode="json"),
+            )
+        )
+        return dead
 
     def _normalize(
         self, webhook: RawWebhookV1, now: datetime
@@ -285,9 +314,21 @@ class DomainService:
                     continue
                 webhook = RawWebhookV1.model_validate(letter.webhook)
                 commands, reason, _ = self._normalize(webhook, now)
+                effect = Effect()
                 for command in commands:
-                    apply(command, batch, self.rules, now)
+                    effect.merge(apply(command, batch, self.rules, now))
+                if reason is None and effect.waits_for and not effect.events:
+                    reason = f"still waits for {effect.waits_for}"
                 letter.redriven(reason, now)
+                receipt = batch.find(receipt_id(webhook.receipt_id), Receipt)
+                if receipt is not None and reason is None:
+                    receipt.resolve(
+                        "applied",
+                        "re-driven",
+                        now,
+                        [str(i) for i in effect.events],
+                        sorted({name for names in effect.events.values() for name in names}),
+                    )
                 resolved, failed = resolved + (reason is None), failed + (reason is not None)
             try:
                 self.store.record(batch, None)
@@ -296,6 +337,21 @@ class DomainService:
                 continue
             return resolved, failed
         raise RuntimeError("could not re-drive dead letters after 5 attempts")
+
+    def give_up(self, batch: Batch, receipt_key: str, now: datetime) -> bool:
+        """A parked webhook that waited `policy.parked_for` becomes a dead
+        letter saying what it waited for. It stays parked in the domain: if
+        what it names arrives after all, it is applied then. Returns whether
+        it gave up (False if it was applied meanwhile)."""
+        receipt = batch.find(receipt_id(receipt_key), Receipt)
+        if receipt is None or receipt.outcome != "parked":
+            return False
+        days = self.config.policy.parked_for / timedelta(days=1)
+        reason = f"waited {days:g} days for {receipt.waits_for}"
+        webhook = RawWebhookV1.model_validate(receipt.webhook)
+        self._dead_letter(batch, webhook, reason, receipt.provider_event_id, now)
+        receipt.resolve("dead_letter", reason, now)
+        return True
 
     def _event_id(self, webhook: RawWebhookV1, payload: Any) -> str:
         source = self.config.sources.get(webhook.source)
@@ -326,7 +382,8 @@ class DomainService:
 
 class Scheduler:
     """Applies time-based transitions (overdue, suspend, expire, scheduled
-    cancel) when an entitlement's due time comes.
+    cancel) when an entitlement's due time comes, and turns webhooks parked
+    longer than `lifecycle.parked_days` into dead letters.
 
     Due times are part of each entitlement's event-sourced state; the read
     model only indexes them, so a restart (or a rebuilt read model) loses no
@@ -342,7 +399,8 @@ class Scheduler:
         """Settle every entitlement now due; returns the events saved."""
         now = self.service.clock()
         due = self.read_model.due(now, self.limit)
-        if not due:
+        waited = self.read_model.waiting_since(now - self.service.rules.policy.parked_for)
+        if not due and not waited:
             return 0
         for attempt in range(5):
             batch = Batch(self.service.store)
@@ -350,6 +408,8 @@ class Scheduler:
                 entitlement = batch.find(UUID(raw_id), Entitlement)
                 if entitlement is not None:
                     settle_due(entitlement, self.service.rules, now)
+            for receipt in waited:
+                self.service.give_up(batch, receipt, now)
             try:
                 return self.service.store.record(batch, None)
             except IntegrityError:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from contracts.api import (
     EntitlementView,
     HistoryEntry,
     ProjectionErrorView,
+    ReceiptView,
     SeatView,
     UsagePeriodView,
 )
@@ -52,19 +52,27 @@ from contracts.events import (
 )
 from contracts.webhooks import DEAD_LETTER_TOPIC, DeadLetterV1, RawWebhookV1
 from domain.dead_letter import DeadLetter
-from domain.entitlement import NAMESPACE, Entitlement, Status
+from domain.entitlement import NAMESPACE, Entitlement, Status, event_type
+from domain.receipt import Receipt
 from services.health import describe, transient
-from services.readmodel import ReadModel
+from services.readmodel import Delivered, ReadModel
 from services.store import EntitlementStore
 
 log = logging.getLogger("entitle.projector")
 
 # Versioned with the read model's tables: a new schema rebuilds from zero.
-READ_MODEL = "read-model-v3"
+READ_MODEL = "read-model-v4"
 PUBLIC_EVENTS = "public-events"
 _ENTITLEMENT_TOPIC = "domain.entitlement:Entitlement"
 _DEAD_LETTER_TOPIC = "domain.dead_letter:DeadLetter"
-_PROJECTED = (_ENTITLEMENT_TOPIC + ".", _DEAD_LETTER_TOPIC + ".")
+_RECEIPT_TOPIC = "domain.receipt:Receipt"
+_DELIVERED_TOPIC = "domain.entitlement:Order.PaymentFactDelivered"
+_PROJECTED = (
+    _ENTITLEMENT_TOPIC + ".",
+    _DEAD_LETTER_TOPIC + ".",
+    _RECEIPT_TOPIC + ".",
+    _DELIVERED_TOPIC,
+)
 # The public topic carries the entitlement without its activation code.
 _PUBLIC_FIELDS = set(EntitlementV1.model_fields)
 PUBLIC_TYPES = frozenset(get_args(EventType))
@@ -76,13 +84,6 @@ _BASE_FIELDS = {
     "cause",
     "occurred_at",
 }
-
-
-def event_type(event: Any) -> str:
-    """`entitlement.activated` for Entitlement.Activated, and so on."""
-    aggregate = re.sub(r"(?<!^)(?=[A-Z])", "_", type(event).__qualname__.split(".")[0]).lower()
-    name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(event).__name__).lower()
-    return f"{aggregate}.{name}"
 
 
 def history_entry(event: Any) -> HistoryEntry:
@@ -164,6 +165,39 @@ def dead_letter_view(letter: DeadLetter) -> DeadLetterView:
     )
 
 
+def receipt_view(receipt: Receipt) -> ReceiptView:
+    return ReceiptView(
+        id=receipt.receipt,
+        source=receipt.source,
+        provider=receipt.provider,
+        provider_event_id=receipt.provider_event_id,
+        event_type=receipt.event_type,
+        order_ref=receipt.order_ref,
+        received_at=receipt.received_at,
+        recorded_at=receipt.created_on,
+        outcome=receipt.outcome,  # type: ignore[arg-type]
+        detail=receipt.detail,
+        waits_for=receipt.waits_for,
+        entitlement_ids=receipt.entitlement_ids,
+        event_types=receipt.event_types,
+        resolved_at=receipt.resolved_at,
+    )
+
+
+def _inherited(event: Any) -> tuple[Delivered, ...]:
+    """Provider facts a new entitlement took over from its order, where
+    they waited for it (and from its siblings, which changes nothing)."""
+    if not isinstance(event, Entitlement.Created):
+        return ()
+    delivered = []
+    for fact in event.inherited:
+        kind, _, rest = str(fact.get("key", "")).partition(":")
+        source, _, event_id = rest.partition(":")
+        if kind == "provider":
+            delivered.append(Delivered(source, event_id, event.timestamp))
+    return tuple(delivered)
+
+
 @dataclass(frozen=True)
 class Change:
     """One stored event, with the state of its entitlement around it."""
@@ -175,6 +209,9 @@ class Change:
     dead_letter: DeadLetter | None = None
     #: The entitlement's active code hashes, for the read model's code index.
     code_hashes: tuple[str, ...] = ()
+    receipt: ReceiptView | None = None
+    #: Provider facts that waited and reached their entitlements with this event.
+    delivered: tuple[Delivered, ...] = ()
     #: Why the event could not be read (every projection skips it, saying so).
     error: str | None = None
     aggregate_id: str | None = None
@@ -204,9 +241,7 @@ class Follower:
             return [], None
         changes = []
         for notification in notifications:
-            if not notification.topic.startswith(
-                (_ENTITLEMENT_TOPIC + ".", _DEAD_LETTER_TOPIC + ".")
-            ):
+            if not notification.topic.startswith(_PROJECTED):
                 continue
             try:
                 changes.append(self._change(notification))
@@ -228,10 +263,18 @@ class Follower:
 
     def _change(self, notification: Notification) -> Change:
         event: Any = self.store.mapper.to_domain_event(notification)
+        if notification.topic == _DELIVERED_TOPIC:
+            cause = event.cause
+            delivered = Delivered(cause["source"], cause["event_id"], event.timestamp)
+            return Change(event, None, notification.id, delivered=(delivered,))
         if notification.topic.startswith(_DEAD_LETTER_TOPIC):
             letter = event.mutate(self._state_before(event))
             self._remember(letter)
             return Change(event, None, notification.id, dead_letter=letter)
+        if notification.topic.startswith(_RECEIPT_TOPIC):
+            receipt = event.mutate(self._state_before(event))
+            self._remember(receipt)
+            return Change(event, None, notification.id, receipt=receipt_view(receipt))
         before = self._state_before(event)
         previous = before.status.value if before is not None else None
         after_state = event.mutate(before)
@@ -242,6 +285,7 @@ class Follower:
             notification.id,
             entitlement=entitlement_view(after_state),
             code_hashes=tuple(after_state.codes),
+            delivered=_inherited(event),
         )
 
     def _state_before(self, event: Any) -> Any:
@@ -282,14 +326,25 @@ class ReadModelProjection:
         latest: dict[UUID, EntitlementView] = {}
         codes: dict[UUID, tuple[str, ...]] = {}
         letters: dict[UUID, DeadLetterView] = {}
+        receipts: dict[str, ReceiptView] = {}
+        delivered: list[Delivered] = []
         for change in changes:
+            if change.receipt is not None:
+                receipts[change.receipt.id] = change.receipt
+            delivered += change.delivered
             if change.entitlement is not None:
                 latest[change.entitlement.id] = change.entitlement
                 codes[change.entitlement.id] = change.code_hashes
             if change.dead_letter is not None:
                 letters[change.dead_letter.id] = dead_letter_view(change.dead_letter)
         self.read_model.apply(
-            self.name, position, list(latest.values()), list(letters.values()), codes
+            self.name,
+            position,
+            list(latest.values()),
+            list(letters.values()),
+            codes,
+            list(receipts.values()),
+            delivered,
         )
 
     async def project(self, changes: list[Change], position: int) -> None:

@@ -11,12 +11,13 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 from uuid import UUID
 
-from contracts.api import DeadLetterView, EntitlementView, ProjectionErrorView
+from contracts.api import DeadLetterView, EntitlementView, ProjectionErrorView, ReceiptView
 
 _TABLES = [
     """CREATE TABLE IF NOT EXISTS entitle_v3_entitlements (
@@ -50,6 +51,23 @@ _TABLES = [
         entitlement_id TEXT NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS entitle_v3_codes_ent ON entitle_v3_codes (entitlement_id)",
+    # One row per accepted webhook: its outcome (the body is its ReceiptView
+    # without the webhook itself, which the event store keeps).
+    """CREATE TABLE IF NOT EXISTS entitle_v3_receipts (
+        id TEXT PRIMARY KEY,
+        source TEXT NOT NULL,
+        provider_event_id TEXT NOT NULL,
+        order_ref TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        received_at TEXT NOT NULL,
+        waiting INTEGER NOT NULL DEFAULT 0,
+        body TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS entitle_v3_rec_received ON entitle_v3_receipts (received_at, id)",
+    "CREATE INDEX IF NOT EXISTS entitle_v3_rec_event"
+    " ON entitle_v3_receipts (source, provider_event_id)",
+    "CREATE INDEX IF NOT EXISTS entitle_v3_rec_waiting"
+    " ON entitle_v3_receipts (waiting, received_at)",
     # Stored events a projection could not project (it went on without them).
     """CREATE TABLE IF NOT EXISTS entitle_projection_errors (
         projection TEXT NOT NULL,
@@ -68,12 +86,23 @@ _TABLES = [
 ]
 
 _DROP = [
+    "DROP TABLE IF EXISTS entitle_v3_receipts",
     "DROP TABLE IF EXISTS entitle_v3_entitlements",
     "DROP TABLE IF EXISTS entitle_v3_dead_letters",
     "DROP TABLE IF EXISTS entitle_v3_codes",
 ]
 
 FILTERS = ("order_ref", "customer_email", "status", "offering")
+RECEIPT_FILTERS = ("source", "outcome", "order_ref")
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """A provider fact that waited, delivered to its entitlements at `at`."""
+
+    source: str
+    event_id: str
+    at: datetime
 
 
 def _moment(value: datetime | None) -> str | None:
@@ -175,9 +204,34 @@ class ReadModel:
         entitlements: Sequence[EntitlementView],
         dead_letters: Sequence[DeadLetterView],
         codes: Mapping[UUID, Sequence[str]] | None = None,
+        receipts: Sequence[ReceiptView] = (),
+        delivered: Sequence[Delivered] = (),
     ) -> None:
-        """Upsert rows and advance the projection's position, atomically."""
+        """Upsert rows and advance the projection's position, atomically.
+        `delivered`: facts that waited and reached their entitlements now."""
         with self._transaction() as cur:
+            for receipt in receipts:
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO entitle_v3_receipts (id, source, provider_event_id,"
+                        " order_ref, outcome, received_at, waiting, body)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+                        " outcome = excluded.outcome, waiting = excluded.waiting,"
+                        " body = excluded.body"
+                    ),
+                    (
+                        receipt.id,
+                        receipt.source,
+                        receipt.provider_event_id,
+                        receipt.order_ref,
+                        receipt.outcome,
+                        _moment(receipt.received_at),
+                        int(receipt.waits_for is not None),
+                        receipt.model_dump_json(exclude={"webhook"}),
+                    ),
+                )
+            for fact in delivered:
+                self._deliver(cur, fact)
             for view in entitlements:
                 entitlement_id = str(view.id)
                 # Codes are few per entitlement: replace them outright.
@@ -233,6 +287,28 @@ class ReadModel:
                 )
             self.save_position(cur, name, position)
 
+    def _deliver(self, cur: Any, fact: Delivered) -> None:
+        """Receipts of a fact that waited (parked, or dead-lettered after
+        waiting too long) become applied once it reaches its entitlements."""
+        cur.execute(
+            self._sql(
+                "SELECT id, body FROM entitle_v3_receipts"
+                " WHERE source = ? AND provider_event_id = ? AND waiting = 1"
+            ),
+            (fact.source, fact.event_id),
+        )
+        for receipt_id, body in cur.fetchall():
+            view = ReceiptView.model_validate_json(body)
+            view.outcome, view.waits_for, view.resolved_at = "applied", None, fact.at
+            view.detail = "applied when what it waited for arrived"
+            cur.execute(
+                self._sql(
+                    "UPDATE entitle_v3_receipts SET outcome = 'applied', waiting = 0, body = ?"
+                    " WHERE id = ?"
+                ),
+                (view.model_dump_json(exclude={"webhook"}), receipt_id),
+            )
+
     def set_position(self, name: str, position: int) -> None:
         with self._transaction() as cur:
             self.save_position(cur, name, position)
@@ -279,6 +355,53 @@ class ReadModel:
 
     def count_projection_errors(self) -> int:
         return int(self._query("SELECT count(*) FROM entitle_projection_errors")[0][0])
+
+    def receipts(
+        self,
+        limit: int = 100,
+        cursor: tuple[str, str] | None = None,
+        since: datetime | None = None,
+        **filters: str | None,
+    ) -> tuple[list[ReceiptView], tuple[str, str] | None]:
+        """Receipts, newest first, filtered by `source`, `outcome` and
+        `order_ref`, received at or after `since`; and the cursor (received
+        time, id) after the last one when there may be more."""
+        clauses: list[str] = []
+        params: list[str | None] = []
+        for key, value in filters.items():
+            if key not in RECEIPT_FILTERS:
+                raise ValueError(f"unknown filter {key!r}")
+            if value is not None:
+                clauses.append(f"{key} = ?")
+                params.append(value)
+        if since is not None:
+            clauses.append("received_at >= ?")
+            params.append(_moment(since))
+        if cursor is not None:
+            clauses.append("(received_at < ? OR (received_at = ? AND id < ?))")
+            params += [cursor[0], cursor[0], cursor[1]]
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._query(
+            f"SELECT received_at, id, body FROM entitle_v3_receipts{where}"
+            f" ORDER BY received_at DESC, id DESC LIMIT {int(limit) + 1}",
+            params,
+        )
+        views = [ReceiptView.model_validate_json(row[2]) for row in rows[:limit]]
+        more = len(rows) > limit
+        return views, ((rows[limit - 1][0], rows[limit - 1][1]) if more and limit else None)
+
+    def receipt(self, receipt_id: str) -> ReceiptView | None:
+        rows = self._query("SELECT body FROM entitle_v3_receipts WHERE id = ?", (receipt_id,))
+        return ReceiptView.model_validate_json(rows[0][0]) if rows else None
+
+    def waiting_since(self, before: datetime, limit: int = 500) -> list[str]:
+        """Ids of parked receipts received before `before`, oldest first."""
+        rows = self._query(
+            "SELECT id FROM entitle_v3_receipts WHERE waiting = 1 AND outcome = 'parked'"
+            f" AND received_at < ? ORDER BY received_at LIMIT {int(limit)}",
+            (_moment(before),),
+        )
+        return [row[0] for row in rows]
 
     def ping(self) -> None:
         """Raises unless the database answers."""

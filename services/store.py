@@ -18,8 +18,9 @@ from psycopg.sql import SQL, Identifier
 
 from domain.dead_letter import DeadLetter
 from domain.entitlement import Entitlement, Order, Payment
+from domain.receipt import Receipt
 
-A = TypeVar("A", Entitlement, Order, Payment, DeadLetter)
+A = TypeVar("A", Entitlement, Order, Payment, DeadLetter, Receipt)
 
 
 class DatabaseURLError(ValueError):

@@ -84,8 +84,8 @@ def test_sigkill_mid_stream_then_restart_applies_every_webhook_once(
     }
     domain = Entitle(["domain"], tmp_path, env).start()
     # Per subscription: order opened + entitlement added, entitlement created +
-    # activated + one renewal each, and one payment record per invoice.
-    total_events = SUBSCRIPTIONS * (2 + 2 + RENEWALS + (1 + RENEWALS))
+    # activated + one renewal each, and a payment record and a receipt per invoice.
+    total_events = SUBSCRIPTIONS * (2 + 2 + RENEWALS + 2 * (1 + RENEWALS))
 
     def folded() -> int:
         return store.process_recorder.max_notification_id() or 0

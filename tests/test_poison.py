@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer
 from contracts.events import EVENTS_TOPIC
 from contracts.webhooks import RAW_TOPIC, RawWebhookV1
 from domain import lifecycle
-from domain.commands import Command, Customer, OrderEvent, Rules, apply
+from domain.commands import Command, Customer, Effect, OrderEvent, Rules, apply
 from domain.dead_letter import DeadLetter, dead_letter_id
 from domain.entitlement import Cause, Entitlement, Status, entitlement_id
 from domain.lifecycle import Line
@@ -140,10 +140,10 @@ def test_an_exception_in_the_fold_dead_letters_that_webhook_only(
 ) -> None:
     original = fold.apply
 
-    def failing(command: Command, *args: Any) -> None:
+    def failing(command: Command, *args: Any) -> Effect:
         if isinstance(command, OrderEvent) and command.order_ref == "sub_poison":
             raise RuntimeError("injected")
-        original(command, *args)
+        return original(command, *args)
 
     monkeypatch.setattr(fold, "apply", failing)
     store = EntitlementStore(database_url)

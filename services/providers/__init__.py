@@ -149,6 +149,22 @@ def _value(value: Any, what: str) -> None:
         raise Unmappable(f"{what} {value!r:.80} is not a JSON value")
 
 
+def event_type(payload: Mapping[str, Any]) -> str:
+    """The provider's name for an event's type, wherever it puts it: `type`
+    (Stripe, Standard Webhooks), `event_type` (Paddle, Chargebee, PayPal),
+    `meta.event_name` (Lemon Squeezy), `event` (Zenofy); "" if none."""
+    meta = payload.get("meta")
+    for value in (
+        payload.get("type"),
+        payload.get("event_type"),
+        meta.get("event_name") if isinstance(meta, Mapping) else None,
+        payload.get("event"),
+    ):
+        if isinstance(value, str) and value:
+            return value[:200]
+    return ""
+
+
 @dataclass(frozen=True)
 class Credentials:
     """What a source is configured with to authenticate its webhooks."""

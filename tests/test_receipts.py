@@ -1,0 +1,166 @@
+"""Every webhook the fold takes gets one receipt with its outcome, written
+with its effect and rebuilt by a replay; a parked one ends, applied when what
+it waits for arrives, or a dead letter after `lifecycle.parked_days`.
+Against real stores (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from contracts.api import ReceiptView
+from contracts.webhooks import RAW_TOPIC, RawWebhookV1
+from domain.dead_letter import DeadLetter, dead_letter_id
+from services.codes import CodeBook
+from services.config import parse_config
+from services.fold import DomainService, Scheduler
+from services.projector import Follower, ReadModelProjection, project_batch, replay
+from services.readmodel import ReadModel
+from services.store import EntitlementStore
+from tests import stripe_events as se
+from tests.test_store import NOW, YEAR, Record
+
+pytestmark = pytest.mark.integration
+
+CONFIG = parse_config(f"""
+sources: {{stripe-main: {{provider: stripe, secret: {se.SECRET}}}}}
+offerings:
+  - {{sku: better_annual, product: acme, period: P1Y, seats: 3}}
+lifecycle: {{parked_days: 7}}
+""")
+CODES = CodeBook("test-code-secret-0123456789")
+
+
+class World:
+    """A domain service, its read model projection, and a held clock."""
+
+    def __init__(self, database_url: str) -> None:
+        self.now = datetime.now(UTC)
+        self.store = EntitlementStore(database_url)
+        self.read_model = ReadModel(database_url)
+        self.service = DomainService(self.store, CONFIG, CODES, clock=lambda: self.now)
+        self.offset = 0
+        self.position = 0
+
+    def send(self, event: dict[str, Any], receipt: str) -> None:
+        raw = RawWebhookV1(
+            receipt_id=receipt,
+            source="stripe-main",
+            provider="stripe",
+            routing_key=str(event["data"]["object"].get("subscription") or event["id"]),
+            received_at=self.now,
+            headers={},
+            body=json.dumps(event),
+        )
+        record = Record(RAW_TOPIC, 0, self.offset, raw.model_dump_json().encode())
+        self.offset += 1
+        self.service.process([record])
+        self.project()
+
+    def project(self) -> None:
+        import asyncio
+
+        changes, last = Follower(self.store).read(self.position, 10_000)
+        if last is not None:
+            asyncio.run(project_batch(ReadModelProjection(self.read_model), changes, last))
+            self.position = last
+
+    def receipts(self, **filters: str) -> dict[str, ReceiptView]:
+        items, _ = self.read_model.receipts(1000, **filters)
+        return {item.id: item for item in items}
+
+    def close(self) -> None:
+        self.store.close()
+        self.read_model.close()
+
+
+@pytest.fixture
+def world(database_url: str) -> Any:
+    w = World(database_url)
+    yield w
+    w.close()
+
+
+def paid(subscription: str, sku: str = "better_annual", **kw: Any) -> dict[str, Any]:
+    return se.invoice_paid(
+        subscription=subscription,
+        shape=se.LEGACY,
+        lines=[{"price": "p", "sku": sku, "start": NOW, "end": NOW + YEAR}],
+        **kw,
+    )
+
+
+def test_every_outcome_is_recorded_and_rebuilt_by_a_replay(world: World) -> None:
+    first = paid("sub_r", payment_intent="pi_r")
+    world.send(first, "applied")
+    world.send(first, "duplicate")  # the provider's retry: the same evt_
+    world.send({**se.subscription_deleted(subscription="x"), "type": "customer.created"}, "ignored")
+    world.send(se.charge_refunded(payment_intent="pi_never_seen"), "parked")
+    world.send(paid("sub_p", sku="platinum"), "dead")
+
+    got = world.receipts()
+    assert {k: v.outcome for k, v in got.items()} == {
+        "applied": "applied",
+        "duplicate": "duplicate",
+        "ignored": "ignored",
+        "parked": "parked",
+        "dead": "dead_letter",
+    }
+    assert got["applied"].event_types == ["entitlement.activated", "entitlement.created"]
+    assert len(got["applied"].entitlement_ids) == 1
+    assert got["applied"].event_type == "invoice.paid"
+    assert got["applied"].provider_event_id == first["id"]
+    assert got["duplicate"].detail and "already applied" in got["duplicate"].detail
+    assert got["ignored"].detail == "customer.created means nothing for entitlements"
+    assert got["parked"].waits_for == "payment pi_never_seen"
+    assert got["dead"].detail and "platinum" in got["dead"].detail
+    assert set(world.receipts(outcome="parked")) == {"parked"}
+    assert set(world.receipts(order_ref="sub_r")) == {"applied", "duplicate"}
+
+    # Paging: newest first, each page after the last, none twice.
+    page, cursor = world.read_model.receipts(2)
+    seen = [r.id for r in page]
+    while cursor is not None:
+        page, cursor = world.read_model.receipts(2, cursor)
+        seen += [r.id for r in page]
+    assert sorted(seen) == sorted(got)
+
+    replay(world.store, world.read_model)
+    assert world.receipts() == got
+
+
+def test_a_parked_refund_is_applied_when_its_payment_arrives(world: World) -> None:
+    world.send(se.charge_refunded(payment_intent="pi_late"), "refund")
+    assert world.receipts()["refund"].outcome == "parked"
+    world.send(paid("sub_late", payment_intent="pi_late"), "payment")
+    refund = world.receipts()["refund"]
+    assert refund.outcome == "applied"
+    assert refund.waits_for is None and refund.resolved_at is not None
+
+
+def test_a_refund_that_waits_too_long_becomes_a_dead_letter(world: World) -> None:
+    refund = se.charge_refunded(payment_intent="pi_gone")
+    world.send(refund, "refund")
+    scheduler = Scheduler(world.service, world.read_model)
+
+    world.now += timedelta(days=6, hours=23)
+    scheduler.run_once()
+    world.project()
+    assert world.receipts()["refund"].outcome == "parked"
+
+    world.now += timedelta(hours=2)
+    scheduler.run_once()
+    world.project()
+    receipt = world.receipts()["refund"]
+    assert receipt.outcome == "dead_letter"
+    assert receipt.detail == "waited 7 days for payment pi_gone"
+    letter = world.store.find(dead_letter_id("stripe-main", refund["id"]), DeadLetter)
+    assert letter is not None and letter.reason == "waited 7 days for payment pi_gone"
+    assert [d.provider_event_id for d in world.read_model.dead_letters()] == [refund["id"]]
+
+    # Its payment arrives after all: the refund still reaches the entitlement.
+    world.send(paid("sub_gone", payment_intent="pi_gone"), "payment")
+    assert world.receipts()["refund"].outcome == "applied"
