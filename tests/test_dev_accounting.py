@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from contracts.webhooks import RAW_TOPIC
 from services.kafka import ensure_topics
 from tests import standard_events as sw
 from tests import stripe_events as se
-from tests.harness import Entitle, Proxy, eventually
+from tests.harness import ENTITLE, Entitle, Proxy, eventually
 from tests.test_dev import ADMIN, AUTH, CONFIG, YEAR, consume, entitlements, post
 
 pytestmark = pytest.mark.e2e
@@ -85,6 +86,7 @@ def test_case_08_a_poison_webhook_is_a_dead_letter_and_its_partition_goes_on(
     tmp_path: Path,
 ) -> None:
     with stack(tmp_path) as entitle:
+        receipts = []
         for path in sorted((CASES / "08").glob("*.json")):
             body = path.read_bytes()
             response = httpx.post(
@@ -93,6 +95,7 @@ def test_case_08_a_poison_webhook_is_a_dead_letter_and_its_partition_goes_on(
                 headers=sw.signed_headers(body, secret=STANDARD_SECRET),
             )
             assert response.status_code == 202, response.text
+            receipts.append(response.json()["receipt_id"])
         # A Stripe webhook after them, on whatever partition.
         assert post(entitle, paid("sub_after_poison")).status_code == 202
 
@@ -109,6 +112,35 @@ def test_case_08_a_poison_webhook_is_a_dead_letter_and_its_partition_goes_on(
         orders = {p["entitlement"]["order_ref"] for p in published}
         assert {"sub_case08_poison", "sub_after_poison"} <= orders
         assert "delivered again" not in entitle.text  # no batch was ever retried
+
+        # The receipt log says what became of each, by the ids the 202s gave.
+        dead = httpx.get(
+            f"{entitle.url}/v1/webhooks", params={"outcome": "dead_letter"}, headers=AUTH
+        ).json()
+        assert [r["id"] for r in dead["items"]] == [receipts[0]]
+        assert "timezone" in dead["items"][0]["detail"]
+        one = httpx.get(f"{entitle.url}/v1/webhooks/{receipts[1]}", headers=AUTH).json()
+        assert one["outcome"] == "applied"
+        assert one["event_types"] == ["entitlement.activated", "entitlement.created"]
+        assert json.loads(one["webhook"]["body"])["id"] == "evt_case08_valid"
+        listed = subprocess.run(
+            [ENTITLE, "webhooks", "--source", "billing"],
+            cwd=tmp_path,
+            env=entitle.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert listed.returncode == 0, listed.stderr
+        outcomes = {
+            json.loads(line)["id"]: json.loads(line)["outcome"]
+            for line in listed.stdout.splitlines()
+        }
+        assert outcomes == {receipts[0]: "dead_letter", receipts[1]: "applied"}
+        bad = httpx.get(f"{entitle.url}/v1/webhooks", params={"outcome": "lost"}, headers=AUTH)
+        assert bad.status_code == 422 and "outcome must be one of" in bad.json()["detail"]
+        assert httpx.get(f"{entitle.url}/v1/webhooks/nope", headers=AUTH).status_code == 404
+        assert httpx.get(f"{entitle.url}/v1/webhooks").status_code == 401
 
 
 def test_the_stack_stops_with_an_error_when_its_embedded_broker_dies(tmp_path: Path) -> None:
