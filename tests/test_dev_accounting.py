@@ -235,3 +235,55 @@ def test_a_recreated_raw_topic_is_folded_from_its_start(
             print(entitle.text, active_refs(entitle))
             raise
         assert "was created again" in entitle.text
+
+
+STRIPE_POISONS = {
+    "year 9999 period end": ({"end": 253402300799}, "out of range"),
+    "e-mail not a string": ({"email": {"address": "x@example.com"}}, "customer email"),
+    "NUL in an e-mail": ({"email": "buyer\x00@example.com"}, "control character"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(STRIPE_POISONS))
+def test_a_poison_stripe_webhook_between_two_good_ones_of_its_order(
+    tmp_path: Path, postgres_url: str, kind: str
+) -> None:
+    """All three name one subscription, so they share a partition."""
+    overrides, named = STRIPE_POISONS[kind]
+    now = int(time.time())
+
+    def invoice(years: int, **kw: Any) -> dict[str, Any]:
+        end = kw.pop("end", now + years * YEAR)
+        return se.invoice_paid(
+            subscription="sub_poisoned",
+            shape=se.LEGACY,
+            lines=[{"price": "p", "sku": "better_annual", "start": now, "end": end}],
+            **kw,
+        )
+
+    poison = invoice(1, **overrides)
+    with stack(tmp_path, ENTITLE_DATABASE_URL=postgres_url) as entitle:
+        for event in (invoice(1), poison, invoice(2)):
+            assert post(entitle, event).status_code == 202
+        [item] = eventually(
+            lambda: [
+                e
+                for e in entitlements(entitle, order_ref="sub_poisoned")
+                if e["period_end"].startswith(
+                    time.strftime("%Y-%m-%d", time.gmtime(now + 2 * YEAR))
+                )
+            ]
+        )
+        assert item["status"] == "ACTIVE"
+        assert item["customer"]["email"] == "buyer@example.com"
+        letters = httpx.get(f"{entitle.url}/v1/dead-letters", headers=AUTH).json()["items"]
+        [letter] = [d for d in letters if d["provider_event_id"] == poison["id"]]
+        assert named in letter["reason"]
+        bootstrap = entitle.printed(r"broker:\s+(\S+)")
+        types = [json.loads(r.value)["type"] for r in consume(bootstrap, EVENTS_TOPIC, 3)]
+        assert types == ["entitlement.created", "entitlement.activated", "entitlement.renewed"]
+        receipts = httpx.get(
+            f"{entitle.url}/v1/webhooks", params={"order_ref": "sub_poisoned"}, headers=AUTH
+        ).json()["items"]
+        assert sorted(r["outcome"] for r in receipts) == ["applied", "applied", "dead_letter"]
+        assert "delivered again" not in entitle.text  # the partition never stalled
