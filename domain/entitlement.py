@@ -57,8 +57,12 @@ def code_hash(code: str) -> str:
 
 def event_type(event: Any) -> str:
     """`entitlement.activated` for Entitlement.Activated, and so on."""
-    aggregate = _snake(type(event).__qualname__.split(".")[0])
-    return f"{aggregate}.{_snake(type(event).__name__)}"
+    return _event_type(event.__class__)
+
+
+@lru_cache(maxsize=256)
+def _event_type(cls: Any) -> str:
+    return f"{_snake(cls.__qualname__.split('.')[0])}.{_snake(cls.__name__)}"
 
 
 def _snake(name: str) -> str:

@@ -1,4 +1,5 @@
 """The receipt of one webhook the ingress accepted: what became of it.
+(The webhook itself is kept beside the events: `services.store.WEBHOOKS`.)
 
 Every accepted webhook gets exactly one receipt, written in the transaction
 that folds it, so no outcome exists without its effect and no effect without
@@ -9,6 +10,7 @@ for arrives, or when it has waited too long (it then becomes a dead letter).
 from __future__ import annotations
 
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, Literal
 from uuid import UUID, uuid5
 
@@ -21,6 +23,7 @@ Outcome = Literal["applied", "duplicate", "ignored", "parked", "dead_letter"]
 OUTCOMES: tuple[Outcome, ...] = ("applied", "duplicate", "ignored", "parked", "dead_letter")
 
 
+@lru_cache(maxsize=4096)
 def receipt_id(receipt: str) -> UUID:
     """The aggregate id of the receipt the ingress numbered `receipt`."""
     return uuid5(NAMESPACE, f"receipt\x1f{receipt}")
@@ -40,7 +43,6 @@ class Receipt(Aggregate):
         event_types: list[str]
         detail: str | None
         waits_for: str | None
-        webhook: dict[str, Any]
 
     def __init__(
         self,
@@ -56,7 +58,6 @@ class Receipt(Aggregate):
         event_types: list[str],
         detail: str | None,
         waits_for: str | None,
-        webhook: dict[str, Any],
     ) -> None:
         self.receipt = receipt
         self.source = source
@@ -70,7 +71,6 @@ class Receipt(Aggregate):
         self.event_types = event_types
         self.detail = detail
         self.waits_for = waits_for
-        self.webhook = webhook
         self.resolved_at: datetime | None = None
 
     @classmethod

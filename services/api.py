@@ -199,7 +199,9 @@ class API:
             raise HTTPError(404, "not_found", f"no webhook receipt {receipt!r} (yet)")
         if view is None:  # folded, not yet projected
             view = receipt_view(stored)
-        view = view.model_copy(update={"webhook": RawWebhookV1.model_validate(stored.webhook)})
+        webhook = await anyio.to_thread.run_sync(self.store.webhook, receipt)
+        if webhook is not None:
+            view = view.model_copy(update={"webhook": RawWebhookV1.model_validate_json(webhook)})
         return JSONResponse(view.model_dump(mode="json"))
 
     async def list_projection_errors(self, request: Request) -> JSONResponse:

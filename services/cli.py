@@ -194,7 +194,6 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
     """Receipts of accepted webhooks, newest first (JSON lines), or one with
     the webhook itself."""
     from contracts.webhooks import RawWebhookV1
-    from domain.receipt import Receipt, receipt_id
     from services.readmodel import ReadModel
     from services.store import EntitlementStore
 
@@ -204,14 +203,14 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
         if args.receipt_id:
             store = EntitlementStore(settings.database_url)
             try:
-                stored = store.find(receipt_id(args.receipt_id), Receipt)
+                webhook = store.webhook(args.receipt_id)
             finally:
                 store.close()
             view = read_model.receipt(args.receipt_id)
-            if stored is None or view is None:
+            if webhook is None or view is None:
                 print(f"no webhook receipt {args.receipt_id!r} (yet)", file=sys.stderr)
                 return 1
-            view.webhook = RawWebhookV1.model_validate(stored.webhook)
+            view.webhook = RawWebhookV1.model_validate_json(webhook)
             print(view.model_dump_json())
             return 0
         since = datetime.fromisoformat(args.since.replace("Z", "+00:00")) if args.since else None

@@ -78,6 +78,8 @@ class Decoded:
     reason: str | None
     event_id: str
     event_type: str = ""
+    #: The envelope's JSON, kept with the receipt.
+    envelope: bytes = b""
 
 
 def position_name(topic: str, partition: int, incarnation: str = "") -> str:
@@ -143,7 +145,7 @@ class DomainService:
             saved = False
             poison: tuple[tuple[str, int], Exception] | None = None
             try:
-                self._prefetch(batch, [item for _, item in todo])
+                self._prefetch(batch, [item for _, item in todo], receipts=conflicts > 0)
                 for key, item in todo:
                     try:
                         result.dead_letters += self._fold(item, batch, now)
@@ -156,7 +158,8 @@ class DomainService:
                     positions = [
                         Tracking(name, group[-1].offset) for name, group in pending.items()
                     ]
-                    result.events = self.store.record(batch, positions)
+                    webhooks = [(item.webhook.receipt_id, item.envelope) for _, item in todo]
+                    result.events = self.store.record(batch, positions, webhooks)
                     saved = True
             except IntegrityError:
                 # Another consumer saved these offsets or aggregates first (a
@@ -216,21 +219,28 @@ class DomainService:
                 body=(record.value or b"").decode(errors="replace"),
             )
             why = f"unreadable envelope: {exc.errors()[0]['msg']}"
-            return Decoded(unreadable, [], why, where)
+            return Decoded(unreadable, [], why, where, "", unreadable.model_dump_json().encode())
         commands, reason, payload = self._normalize(webhook, now)
         kind = event_type(payload) if isinstance(payload, dict) else ""
-        return Decoded(webhook, commands, reason, self._event_id(webhook, payload), kind)
+        event_id = self._event_id(webhook, payload)
+        return Decoded(webhook, commands, reason, event_id, kind, record.value or b"")
 
-    def _prefetch(self, batch: Batch, items: list[Decoded]) -> None:
+    def _prefetch(self, batch: Batch, items: list[Decoded], receipts: bool = False) -> None:
         """Load everything the batch will touch in a few queries: what the
-        commands name, then what those aggregates name in turn."""
-        wanted: set[UUID] = set()
+        commands name, then what those aggregates name in turn.
+
+        Receipts are new with each delivery (the ingress numbers them), so
+        they are not looked up, unless a save conflicted (`receipts`): then
+        a log read again may hold webhooks folded before."""
+        ids = [receipt_id(item.webhook.receipt_id) for item in items]
+        if not receipts:
+            batch.assume_absent(ids)
+        wanted: set[UUID] = set(ids) if receipts else set()
         for item in items:
             for command in item.commands:
                 wanted.update(touches(command))
             if item.reason is not None:
                 wanted.add(dead_letter_id(item.webhook.source, item.event_id))
-            wanted.add(receipt_id(item.webhook.receipt_id))
         for _ in range(3):
             loaded = batch.prefetch(wanted)
             wanted = set()
@@ -270,7 +280,6 @@ class DomainService:
                 event_types=sorted({name for names in effect.events.values() for name in names}),
                 detail=detail,
                 waits_for=effect.waits_for if outcome == "parked" else None,
-                webhook=webhook.model_dump(mode="json"),
             )
         )
         return dead
@@ -348,7 +357,7 @@ class DomainService:
             return False
         days = self.config.policy.parked_for / timedelta(days=1)
         reason = f"waited {days:g} days for {receipt.waits_for}"
-        webhook = RawWebhookV1.model_validate(receipt.webhook)
+        webhook = RawWebhookV1.model_validate_json(self.store.webhook(receipt.receipt) or b"")
         self._dead_letter(batch, webhook, reason, receipt.provider_event_id, now)
         receipt.resolve("dead_letter", reason, now)
         return True

@@ -164,3 +164,17 @@ def test_a_refund_that_waits_too_long_becomes_a_dead_letter(world: World) -> Non
     # Its payment arrives after all: the refund still reaches the entitlement.
     world.send(paid("sub_gone", payment_intent="pi_gone"), "payment")
     assert world.receipts()["refund"].outcome == "applied"
+
+
+def test_a_refund_or_dispute_naming_only_its_charge_waits_like_any_other(world: World) -> None:
+    refund = se.charge_refunded(payment_intent="")
+    refund["data"]["object"]["payment_intent"] = None
+    dispute = se.dispute("charge.dispute.created", dispute_id="dp_1", payment_intent="")
+    dispute["data"]["object"]["payment_intent"] = None
+    dispute["data"]["object"]["charge"] = "ch_only"
+    world.send(refund, "refund")
+    world.send(dispute, "dispute")
+    got = world.receipts()
+    assert got["refund"].outcome == got["dispute"].outcome == "parked"
+    assert got["refund"].waits_for == f"payment {refund['data']['object']['id']}"
+    assert got["dispute"].waits_for == "payment ch_only"

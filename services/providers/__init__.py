@@ -115,12 +115,21 @@ def _line(line: Line) -> None:
 def _text(value: Any, what: str, optional: bool = False) -> None:
     if value is None and optional:
         return
-    if not isinstance(value, str):
-        raise Unmappable(f"{what} {value!r:.80} is not a string")
+    problem = _text_problem(value)
+    if problem:
+        raise Unmappable(f"{what} {problem}")
+
+
+def _text_problem(value: Any) -> str | None:
+    if type(value) is not str:
+        return f"{value!r:.80} is not a string"
     if len(value) > MAX_TEXT:
-        raise Unmappable(f"{what} is longer than {MAX_TEXT} characters")
-    if _CONTROL.search(value):
-        raise Unmappable(f"{what} {value!r:.80} contains a control character")
+        return f"is longer than {MAX_TEXT} characters"
+    # isprintable() is the fast answer for almost every string; the pattern
+    # says whether a non-printable one holds a control character.
+    if not value.isprintable() and _CONTROL.search(value):
+        return f"{value!r:.80} contains a control character"
+    return None
 
 
 def _moment(value: Any, what: str) -> None:
@@ -131,22 +140,47 @@ def _moment(value: Any, what: str) -> None:
 
 def _value(value: Any, what: str) -> None:
     """Facts are JSON-like: check every string and time in them."""
-    if isinstance(value, str):
-        _text(value, what)
-    elif isinstance(value, datetime):
-        _moment(value, what)
-    elif isinstance(value, Mapping):
+    found = _problem(value)
+    if found is not None:
+        path, problem = found
+        raise Unmappable(f"{'.'.join([what, *reversed(path)])} {problem}")
+
+
+def _problem(value: Any) -> tuple[list[str], str] | None:
+    """The path (innermost first) and problem of the first bad value, or
+    None. The path is built only for a bad value: this runs on every fact."""
+    kind = type(value)
+    if kind is str:
+        problem = _text_problem(value)
+        return ([], problem) if problem else None
+    if kind is datetime:
+        if value.tzinfo is not None and EARLIEST <= value <= LATEST:
+            return None
+        try:
+            _in_range(value, "")
+        except Unmappable as exc:
+            return [], exc.reason.strip()
+        return None
+    if kind is dict or isinstance(value, Mapping):
         for key, item in value.items():
-            _text(key, f"{what} key")
-            _value(item, f"{what}.{key}")
-    elif isinstance(value, list | tuple):
+            found = _problem(item) or (
+                ([], f"key {key!r:.80} is not a string") if type(key) is not str else None
+            )
+            if found is not None:
+                found[0].append(str(key))
+                return found
+        return None
+    if kind is list or kind is tuple:
         for item in value:
-            _value(item, what)
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        if not -(10**15) <= value <= 10**15:
-            raise Unmappable(f"{what} {value!r} is out of range")
-    elif value is not None and not isinstance(value, bool):
-        raise Unmappable(f"{what} {value!r:.80} is not a JSON value")
+            found = _problem(item)
+            if found is not None:
+                return found
+        return None
+    if kind is int or kind is float:
+        return None if -(10**15) <= value <= 10**15 else ([], f"{value!r} is out of range")
+    if value is None or kind is bool:
+        return None
+    return [], f"{value!r:.80} is not a JSON value"
 
 
 def event_type(payload: Mapping[str, Any]) -> str:

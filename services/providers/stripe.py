@@ -369,9 +369,12 @@ def _refs(obj: Mapping[str, Any], *fields: str) -> tuple[str, ...]:
 
 def _charge_refunded(source: str, payload: Mapping[str, Any]) -> list[Command]:
     charge = _object(payload)
-    refs = _refs(charge, "payment_intent", "invoice")
+    # A charge that names neither waits under its own id, as a dispute that
+    # names only its charge does: both end as dead letters if nothing links
+    # them within lifecycle.parked_days.
+    refs = _refs(charge, "payment_intent", "invoice") or _refs(charge, "id")
     if not refs:
-        raise Unmappable("Stripe charge names neither an invoice nor a payment intent")
+        raise Unmappable("Stripe charge names no charge, invoice or payment intent")
     amount, refunded = charge.get("amount"), charge.get("amount_refunded")
     full = charge.get("refunded") is True or (
         isinstance(amount, int) and isinstance(refunded, int) and refunded >= amount > 0
