@@ -113,6 +113,8 @@ class Effect:
     #: waiting now (not a repeat of a fact already waiting).
     waits_for: str | None = None
     newly_parked: bool = False
+    #: What it waits on: `payment:<id>` or `order:<id>` (aggregate ids).
+    waits_on: tuple[str, ...] = ()
 
     def merge(self, other: Effect) -> None:
         for key, names in other.events.items():
@@ -120,6 +122,7 @@ class Effect:
         self.duplicate = self.duplicate or other.duplicate
         self.waits_for = self.waits_for or other.waits_for
         self.newly_parked = self.newly_parked or other.newly_parked
+        self.waits_on += other.waits_on
 
 
 class _Watch:
@@ -214,6 +217,8 @@ def _apply_order_event(
                 )
     effect = watch.effect(entitlements)
     effect.waits_for, effect.newly_parked = waits_for, newly_parked
+    if waits_for is not None:
+        effect.waits_on = (f"order:{order.id}",)
     return effect
 
 
@@ -265,7 +270,24 @@ def _apply_payment_event(
             payment.park(command.fact, command.cause, command.occurred_at, at) or newly_parked
         )
     refs = ", ".join(command.payment_refs)
-    return Effect(waits_for=f"payment {refs}", newly_parked=newly_parked)
+    waits_on = tuple(f"payment:{payment_id(command.source, ref)}" for ref in command.payment_refs)
+    return Effect(waits_for=f"payment {refs}", newly_parked=newly_parked, waits_on=waits_on)
+
+
+def still_waits(aggregates: Aggregates, waits_on: list[str]) -> bool:
+    """Whether a fact parked on these (`Effect.waits_on`) still waits: no
+    payment of them is linked to its order, the order has no item yet."""
+    for entry in waits_on:
+        kind, _, raw = entry.partition(":")
+        if kind == "payment":
+            payment = aggregates.find(UUID(raw), Payment)
+            if payment is not None and payment.order_ref is not None:
+                return False
+        elif kind == "order":
+            order = aggregates.find(UUID(raw), Order)
+            if order is not None and order.entitlements:
+                return False
+    return True
 
 
 def settle_due(entitlement: Entitlement, rules: Rules, now: datetime) -> bool:

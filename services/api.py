@@ -27,12 +27,12 @@ from contracts.api import (
 from contracts.events import Status
 from contracts.webhooks import RawWebhookV1
 from domain.entitlement import Entitlement, Refused
-from domain.receipt import OUTCOMES, Receipt, receipt_id
+from domain.receipt import OUTCOMES
 from services.codes import CodeBook
 from services.config import AdminKey, Config
 from services.http import HTTPError, authenticate, busy, read_json
 from services.licensing import ValidationIndex
-from services.projector import entitlement_view, history_entry, receipt_view
+from services.projector import entitlement_view, history_entry
 from services.readmodel import FILTERS, RECEIPT_FILTERS, ReadModel
 from services.store import EntitlementStore, StillChanging
 
@@ -194,11 +194,10 @@ class API:
         authenticate(request, self.keys)
         receipt = request.path_params["receipt_id"]
         view = await anyio.to_thread.run_sync(self.read_model.receipt, receipt)
-        stored = await anyio.to_thread.run_sync(self.store.find, receipt_id(receipt), Receipt)
-        if stored is None:
-            raise HTTPError(404, "not_found", f"no webhook receipt {receipt!r} (yet)")
-        if view is None:  # folded, not yet projected
-            view = receipt_view(stored)
+        if view is None:
+            raise HTTPError(
+                404, "not_found", f"no webhook receipt {receipt!r} (or it is not folded yet)"
+            )
         webhook = await anyio.to_thread.run_sync(self.store.webhook, receipt)
         if webhook is not None:
             view = view.model_copy(update={"webhook": RawWebhookV1.model_validate_json(webhook)})

@@ -28,11 +28,12 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from pydantic import ValidationError
 
+from contracts.api import ReceiptView
 from contracts.webhooks import RAW_TOPIC, RawWebhookV1
-from domain.commands import Command, Effect, Rules, apply, settle_due, touches
+from domain.commands import Command, Effect, Rules, apply, settle_due, still_waits, touches
 from domain.dead_letter import DeadLetter, dead_letter_id
 from domain.entitlement import Entitlement, Order, Payment, order_id
-from domain.receipt import Receipt, classify, receipt_id
+from domain.receipt import ReceiptResolution, Receipts, classify, receipt, resolution_id
 from services.codes import CodeBook
 from services.config import Config
 from services.health import Backoff, Health, describe, sleep_unless, transient
@@ -145,16 +146,19 @@ class DomainService:
             saved = False
             poison: tuple[tuple[str, int], Exception] | None = None
             try:
-                self._prefetch(batch, [item for _, item in todo], receipts=conflicts > 0)
+                self._prefetch(batch, [item for _, item in todo])
+                receipts = []
                 for key, item in todo:
                     try:
-                        result.dead_letters += self._fold(item, batch, now)
+                        receipts.append(self._fold(item, batch, now, result))
                     except Exception as exc:
                         if transient(exc) or not item.commands:
                             raise
                         poison = (key, exc)
                         break
                 if poison is None:
+                    first, offset = todo[0][0]
+                    batch.add(Receipts.record(receipts, f"{first}/{offset}", now))
                     positions = [
                         Tracking(name, group[-1].offset) for name, group in pending.items()
                     ]
@@ -225,17 +229,10 @@ class DomainService:
         event_id = self._event_id(webhook, payload)
         return Decoded(webhook, commands, reason, event_id, kind, record.value or b"")
 
-    def _prefetch(self, batch: Batch, items: list[Decoded], receipts: bool = False) -> None:
+    def _prefetch(self, batch: Batch, items: list[Decoded]) -> None:
         """Load everything the batch will touch in a few queries: what the
-        commands name, then what those aggregates name in turn.
-
-        Receipts are new with each delivery (the ingress numbers them), so
-        they are not looked up, unless a save conflicted (`receipts`): then
-        a log read again may hold webhooks folded before."""
-        ids = [receipt_id(item.webhook.receipt_id) for item in items]
-        if not receipts:
-            batch.assume_absent(ids)
-        wanted: set[UUID] = set(ids) if receipts else set()
+        commands name, then what those aggregates name in turn."""
+        wanted: set[UUID] = set()
         for item in items:
             for command in item.commands:
                 wanted.update(touches(command))
@@ -252,37 +249,32 @@ class DomainService:
             if not wanted:
                 return
 
-    def _fold(self, item: Decoded, batch: Batch, now: datetime) -> int:
-        """Fold one decoded webhook into the batch, with its receipt; returns
-        1 if it dead-lettered."""
+    def _fold(
+        self, item: Decoded, batch: Batch, now: datetime, result: FoldResult
+    ) -> dict[str, Any]:
+        """Fold one decoded webhook into the batch (counting a new dead
+        letter in `result`); returns its receipt."""
         effect = Effect()
         for command in item.commands:
             effect.merge(apply(command, batch, self.rules, now))
-        dead = 0
-        if item.reason is not None:
-            dead = self._dead_letter(batch, item.webhook, item.reason, item.event_id, now)
         webhook = item.webhook
-        if batch.find(receipt_id(webhook.receipt_id), Receipt) is not None:
-            return dead  # folded before, from a log read again
-        outcome, detail = classify(item.reason, len(item.commands), effect, item.event_type)
-        batch.add(
-            Receipt.record(
-                at=now,
-                receipt=webhook.receipt_id,
-                source=webhook.source,
-                provider=webhook.provider,
-                provider_event_id=item.event_id,
-                event_type=item.event_type,
-                order_ref=webhook.routing_key,
-                received_at=webhook.received_at,
-                outcome=outcome,
-                entitlement_ids=[str(i) for i in effect.events],
-                event_types=sorted({name for names in effect.events.values() for name in names}),
-                detail=detail,
-                waits_for=effect.waits_for if outcome == "parked" else None,
+        if item.reason is not None:
+            result.dead_letters += self._dead_letter(
+                batch, webhook, item.reason, item.event_id, now
             )
+        outcome, detail = classify(item.reason, len(item.commands), effect, item.event_type)
+        return receipt(
+            receipt=webhook.receipt_id,
+            source=webhook.source,
+            provider=webhook.provider,
+            provider_event_id=item.event_id,
+            event_type=item.event_type,
+            order_ref=webhook.routing_key,
+            received_at=webhook.received_at,
+            outcome=outcome,
+            detail=detail,
+            effect=effect,
         )
-        return dead
 
     def _normalize(
         self, webhook: RawWebhookV1, now: datetime
@@ -329,9 +321,8 @@ class DomainService:
                 if reason is None and effect.waits_for and not effect.events:
                     reason = f"still waits for {effect.waits_for}"
                 letter.redriven(reason, now)
-                receipt = batch.find(receipt_id(webhook.receipt_id), Receipt)
-                if receipt is not None and reason is None:
-                    receipt.resolve(
+                if reason is None:
+                    self._resolution(batch, webhook.receipt_id, now).resolve(
                         "applied",
                         "re-driven",
                         now,
@@ -347,20 +338,43 @@ class DomainService:
             return resolved, failed
         raise RuntimeError("could not re-drive dead letters after 5 attempts")
 
-    def give_up(self, batch: Batch, receipt_key: str, now: datetime) -> bool:
+    def give_up(
+        self, batch: Batch, parked: ReceiptView, waits_on: list[str], now: datetime
+    ) -> bool:
         """A parked webhook that waited `policy.parked_for` becomes a dead
         letter saying what it waited for. It stays parked in the domain: if
         what it names arrives after all, it is applied then. Returns whether
-        it gave up (False if it was applied meanwhile)."""
-        receipt = batch.find(receipt_id(receipt_key), Receipt)
-        if receipt is None or receipt.outcome != "parked":
+        it gave up (not if it was applied, or given up, meanwhile)."""
+        resolution = self._resolution(batch, parked.id, now)
+        if resolution.outcome == "dead_letter" or not still_waits(batch, waits_on):
             return False
         days = self.config.policy.parked_for / timedelta(days=1)
-        reason = f"waited {days:g} days for {receipt.waits_for}"
-        webhook = RawWebhookV1.model_validate_json(self.store.webhook(receipt.receipt) or b"")
-        self._dead_letter(batch, webhook, reason, receipt.provider_event_id, now)
-        receipt.resolve("dead_letter", reason, now)
+        reason = f"waited {days:g} days for {parked.waits_for}"
+        stored = self.store.webhook(parked.id)
+        webhook = (
+            RawWebhookV1.model_validate_json(stored)
+            if stored is not None
+            else RawWebhookV1(
+                receipt_id=parked.id,
+                source=parked.source,
+                provider=parked.provider,
+                routing_key=parked.order_ref,
+                received_at=parked.received_at,
+                headers={},
+                body="",
+            )
+        )
+        self._dead_letter(batch, webhook, reason, parked.provider_event_id, now)
+        resolution.resolve("dead_letter", reason, now)
         return True
+
+    @staticmethod
+    def _resolution(batch: Batch, receipt_key: str, now: datetime) -> ReceiptResolution:
+        resolution = batch.find(resolution_id(receipt_key), ReceiptResolution)
+        if resolution is None:
+            resolution = ReceiptResolution.open(receipt_key, now)
+            batch.add(resolution)
+        return resolution
 
     def _event_id(self, webhook: RawWebhookV1, payload: Any) -> str:
         source = self.config.sources.get(webhook.source)
@@ -417,8 +431,8 @@ class Scheduler:
                 entitlement = batch.find(UUID(raw_id), Entitlement)
                 if entitlement is not None:
                     settle_due(entitlement, self.service.rules, now)
-            for receipt in waited:
-                self.service.give_up(batch, receipt, now)
+            for parked, waits_on in waited:
+                self.service.give_up(batch, parked, waits_on, now)
             try:
                 return self.service.store.record(batch, None)
             except IntegrityError:

@@ -53,9 +53,8 @@ from contracts.events import (
 from contracts.webhooks import DEAD_LETTER_TOPIC, DeadLetterV1, RawWebhookV1
 from domain.dead_letter import DeadLetter
 from domain.entitlement import NAMESPACE, Entitlement, Status, event_type
-from domain.receipt import Receipt
 from services.health import describe, transient
-from services.readmodel import Delivered, ReadModel
+from services.readmodel import Delivered, ReadModel, Resolution
 from services.store import EntitlementStore
 
 log = logging.getLogger("entitle.projector")
@@ -65,12 +64,14 @@ READ_MODEL = "read-model-v4"
 PUBLIC_EVENTS = "public-events"
 _ENTITLEMENT_TOPIC = "domain.entitlement:Entitlement"
 _DEAD_LETTER_TOPIC = "domain.dead_letter:DeadLetter"
-_RECEIPT_TOPIC = "domain.receipt:Receipt"
+_RECEIPTS_TOPIC = "domain.receipt:Receipts.Recorded"
+_RESOLVED_TOPIC = "domain.receipt:ReceiptResolution.Resolved"
 _DELIVERED_TOPIC = "domain.entitlement:Order.PaymentFactDelivered"
 _PROJECTED = (
     _ENTITLEMENT_TOPIC + ".",
     _DEAD_LETTER_TOPIC + ".",
-    _RECEIPT_TOPIC + ".",
+    _RECEIPTS_TOPIC,
+    _RESOLVED_TOPIC,
     _DELIVERED_TOPIC,
 )
 # The public topic carries the entitlement without its activation code.
@@ -165,22 +166,12 @@ def dead_letter_view(letter: DeadLetter) -> DeadLetterView:
     )
 
 
-def receipt_view(receipt: Receipt) -> ReceiptView:
+def receipt_view(item: dict[str, Any], recorded_at: datetime) -> ReceiptView:
+    """A receipt as `domain.receipt.receipt()` made it, for the API."""
     return ReceiptView(
-        id=receipt.receipt,
-        source=receipt.source,
-        provider=receipt.provider,
-        provider_event_id=receipt.provider_event_id,
-        event_type=receipt.event_type,
-        order_ref=receipt.order_ref,
-        received_at=receipt.received_at,
-        recorded_at=receipt.created_on,
-        outcome=receipt.outcome,  # type: ignore[arg-type]
-        detail=receipt.detail,
-        waits_for=receipt.waits_for,
-        entitlement_ids=receipt.entitlement_ids,
-        event_types=receipt.event_types,
-        resolved_at=receipt.resolved_at,
+        id=item["receipt"],
+        recorded_at=recorded_at,
+        **{k: v for k, v in item.items() if k not in ("receipt", "waits_on")},
     )
 
 
@@ -209,7 +200,9 @@ class Change:
     dead_letter: DeadLetter | None = None
     #: The entitlement's active code hashes, for the read model's code index.
     code_hashes: tuple[str, ...] = ()
-    receipt: ReceiptView | None = None
+    #: New receipts, each with what it waits on (if parked).
+    receipts: tuple[tuple[ReceiptView, tuple[str, ...]], ...] = ()
+    resolution: Resolution | None = None
     #: Provider facts that waited and reached their entitlements with this event.
     delivered: tuple[Delivered, ...] = ()
     #: Why the event could not be read (every projection skips it, saying so).
@@ -271,10 +264,23 @@ class Follower:
             letter = event.mutate(self._state_before(event))
             self._remember(letter)
             return Change(event, None, notification.id, dead_letter=letter)
-        if notification.topic.startswith(_RECEIPT_TOPIC):
-            receipt = event.mutate(self._state_before(event))
-            self._remember(receipt)
-            return Change(event, None, notification.id, receipt=receipt_view(receipt))
+        if notification.topic == _RECEIPTS_TOPIC:
+            receipts = tuple(
+                (receipt_view(item, event.timestamp), tuple(item["waits_on"]))
+                for item in event.items
+            )
+            return Change(event, None, notification.id, receipts=receipts)
+        if notification.topic == _RESOLVED_TOPIC:
+            opened = self._state_before(event)
+            resolution = Resolution(
+                opened.receipt,
+                event.outcome,
+                event.detail,
+                event.entitlement_ids,
+                event.event_types,
+                event.timestamp,
+            )
+            return Change(event, None, notification.id, resolution=resolution)
         before = self._state_before(event)
         previous = before.status.value if before is not None else None
         after_state = event.mutate(before)
@@ -326,11 +332,13 @@ class ReadModelProjection:
         latest: dict[UUID, EntitlementView] = {}
         codes: dict[UUID, tuple[str, ...]] = {}
         letters: dict[UUID, DeadLetterView] = {}
-        receipts: dict[str, ReceiptView] = {}
+        receipts: list[tuple[ReceiptView, tuple[str, ...]]] = []
+        resolutions: list[Resolution] = []
         delivered: list[Delivered] = []
         for change in changes:
-            if change.receipt is not None:
-                receipts[change.receipt.id] = change.receipt
+            receipts += change.receipts
+            if change.resolution is not None:
+                resolutions.append(change.resolution)
             delivered += change.delivered
             if change.entitlement is not None:
                 latest[change.entitlement.id] = change.entitlement
@@ -343,8 +351,9 @@ class ReadModelProjection:
             list(latest.values()),
             list(letters.values()),
             codes,
-            list(receipts.values()),
+            receipts,
             delivered,
+            resolutions,
         )
 
     async def project(self, changes: list[Change], position: int) -> None:

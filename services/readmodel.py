@@ -61,6 +61,7 @@ _TABLES = [
         outcome TEXT NOT NULL,
         received_at TEXT NOT NULL,
         waiting INTEGER NOT NULL DEFAULT 0,
+        waits_on TEXT,
         body TEXT NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS entitle_v3_rec_received ON entitle_v3_receipts (received_at, id)",
@@ -94,6 +95,18 @@ _DROP = [
 
 FILTERS = ("order_ref", "customer_email", "status", "offering")
 RECEIPT_FILTERS = ("source", "outcome", "order_ref")
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """A parked webhook's end (`ReceiptResolution.Resolved`)."""
+
+    receipt: str
+    outcome: str
+    detail: str | None
+    entitlement_ids: list[str]
+    event_types: list[str]
+    at: datetime
 
 
 @dataclass(frozen=True)
@@ -204,32 +217,42 @@ class ReadModel:
         entitlements: Sequence[EntitlementView],
         dead_letters: Sequence[DeadLetterView],
         codes: Mapping[UUID, Sequence[str]] | None = None,
-        receipts: Sequence[ReceiptView] = (),
+        receipts: Sequence[tuple[ReceiptView, Sequence[str]]] = (),
         delivered: Sequence[Delivered] = (),
+        resolutions: Sequence[Resolution] = (),
     ) -> None:
         """Upsert rows and advance the projection's position, atomically.
-        `delivered`: facts that waited and reached their entitlements now."""
+        `receipts`: new receipts, each with what it waits on (if parked);
+        `delivered`: facts that waited and reached their entitlements now;
+        `resolutions`: parked webhooks' ends."""
         with self._transaction() as cur:
-            for receipt in receipts:
-                cur.execute(
+            if receipts:
+                # The first receipt of a webhook stands: a log read again
+                # (once, after an upgrade) must not turn "applied" into
+                # "duplicate".
+                cur.executemany(
                     self._sql(
                         "INSERT INTO entitle_v3_receipts (id, source, provider_event_id,"
-                        " order_ref, outcome, received_at, waiting, body)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
-                        " outcome = excluded.outcome, waiting = excluded.waiting,"
-                        " body = excluded.body"
+                        " order_ref, outcome, received_at, waiting, waits_on, body)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
                     ),
-                    (
-                        receipt.id,
-                        receipt.source,
-                        receipt.provider_event_id,
-                        receipt.order_ref,
-                        receipt.outcome,
-                        _moment(receipt.received_at),
-                        int(receipt.waits_for is not None),
-                        receipt.model_dump_json(exclude={"webhook"}),
-                    ),
+                    [
+                        (
+                            view.id,
+                            view.source,
+                            view.provider_event_id,
+                            view.order_ref,
+                            view.outcome,
+                            _moment(view.received_at),
+                            int(view.waits_for is not None),
+                            ",".join(waits_on) or None,
+                            view.model_dump_json(exclude={"webhook"}),
+                        )
+                        for view, waits_on in receipts
+                    ],
                 )
+            for resolution in resolutions:
+                self._resolve(cur, resolution)
             for fact in delivered:
                 self._deliver(cur, fact)
             for view in entitlements:
@@ -286,6 +309,29 @@ class ReadModel:
                     ),
                 )
             self.save_position(cur, name, position)
+
+    def _resolve(self, cur: Any, resolution: Resolution) -> None:
+        cur.execute(
+            self._sql("SELECT body FROM entitle_v3_receipts WHERE id = ?"), (resolution.receipt,)
+        )
+        row = cur.fetchone()
+        if row is None:
+            return
+        view = ReceiptView.model_validate_json(row[0])
+        view.outcome = resolution.outcome  # type: ignore[assignment]
+        view.detail, view.resolved_at = resolution.detail, resolution.at
+        view.entitlement_ids = resolution.entitlement_ids or view.entitlement_ids
+        view.event_types = resolution.event_types or view.event_types
+        # A dead letter for waiting too long still waits (see _deliver).
+        waiting = resolution.outcome == "dead_letter" and view.waits_for is not None
+        if not waiting:
+            view.waits_for = None
+        cur.execute(
+            self._sql(
+                "UPDATE entitle_v3_receipts SET outcome = ?, waiting = ?, body = ? WHERE id = ?"
+            ),
+            (view.outcome, int(waiting), view.model_dump_json(exclude={"webhook"}), view.id),
+        )
 
     def _deliver(self, cur: Any, fact: Delivered) -> None:
         """Receipts of a fact that waited (parked, or dead-lettered after
@@ -394,14 +440,21 @@ class ReadModel:
         rows = self._query("SELECT body FROM entitle_v3_receipts WHERE id = ?", (receipt_id,))
         return ReceiptView.model_validate_json(rows[0][0]) if rows else None
 
-    def waiting_since(self, before: datetime, limit: int = 500) -> list[str]:
-        """Ids of parked receipts received before `before`, oldest first."""
+    def waiting_since(
+        self, before: datetime, limit: int = 500
+    ) -> list[tuple[ReceiptView, list[str]]]:
+        """Parked receipts received before `before`, oldest first, each with
+        what it waits on."""
         rows = self._query(
-            "SELECT id FROM entitle_v3_receipts WHERE waiting = 1 AND outcome = 'parked'"
+            "SELECT body, waits_on FROM entitle_v3_receipts WHERE waiting = 1"
+            " AND outcome = 'parked'"
             f" AND received_at < ? ORDER BY received_at LIMIT {int(limit)}",
             (_moment(before),),
         )
-        return [row[0] for row in rows]
+        return [
+            (ReceiptView.model_validate_json(body), waits_on.split(",") if waits_on else [])
+            for body, waits_on in rows
+        ]
 
     def ping(self) -> None:
         """Raises unless the database answers."""

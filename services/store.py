@@ -18,9 +18,9 @@ from psycopg.sql import SQL, Identifier
 
 from domain.dead_letter import DeadLetter
 from domain.entitlement import Entitlement, Order, Payment
-from domain.receipt import Receipt
+from domain.receipt import ReceiptResolution
 
-A = TypeVar("A", Entitlement, Order, Payment, DeadLetter, Receipt)
+A = TypeVar("A", Entitlement, Order, Payment, DeadLetter, ReceiptResolution)
 
 
 #: The webhooks as received (their RawWebhookV1 JSON) by receipt id, written
@@ -414,11 +414,6 @@ class Batch:
         self._aggregates.update(available)
         self._absent |= wanted - set(available)
         return available
-
-    def assume_absent(self, aggregate_ids: Iterable[UUID]) -> None:
-        """Take these aggregates not to exist without asking the store (ids
-        new by construction); saving one that does exist conflicts."""
-        self._absent.update(i for i in aggregate_ids if i not in self._aggregates)
 
     def done(self, saved: bool) -> None:
         if self._cache is None:
