@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -37,6 +38,7 @@ from services.readmodel import FILTERS, RECEIPT_FILTERS, ReadModel
 from services.store import EntitlementStore, StillChanging
 
 _STATUSES = set(get_args(Status))
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_LIMIT = 1000
 
 
@@ -55,6 +57,14 @@ def _limit(request: Request) -> int:
     return int(raw)
 
 
+def _no_control_characters(request: Request) -> None:
+    """A control character (a NUL) in a query or path is no id, e-mail or
+    time anyone has: 422, before a database refuses it."""
+    values = [*request.query_params.values(), *map(str, request.path_params.values())]
+    if any(not value.isprintable() and _CONTROL.search(value) for value in values):
+        raise HTTPError(422, "invalid_query", "the query or path holds a control character")
+
+
 def _time_param(raw: str | None, name: str) -> datetime | None:
     if raw is None:
         return None
@@ -64,7 +74,10 @@ def _time_param(raw: str | None, name: str) -> datetime | None:
         value = None
     if value is None or value.tzinfo is None:
         raise HTTPError(
-            422, "invalid_query", f"{name} must be an RFC 3339 time with an offset, e.g. …Z"
+            422,
+            "invalid_query",
+            f"{name} must be an RFC 3339 time with an offset, e.g. 2026-11-30T00:00:00Z"
+            " (a + must be sent as %2B)",
         )
     return value
 
@@ -119,6 +132,7 @@ class API:
 
     async def list_entitlements(self, request: Request) -> JSONResponse:
         authenticate(request, self.keys)
+        _no_control_characters(request)
         unknown = set(request.query_params) - set(FILTERS) - {"limit"}
         if unknown:
             raise HTTPError(
@@ -166,6 +180,7 @@ class API:
     async def list_webhooks(self, request: Request) -> JSONResponse:
         """Receipts of accepted webhooks, newest first, with cursor paging."""
         authenticate(request, self.keys)
+        _no_control_characters(request)
         query = request.query_params
         allowed = {*RECEIPT_FILTERS, "since", "limit", "cursor"}
         unknown = set(query) - allowed
@@ -192,6 +207,7 @@ class API:
     async def get_webhook(self, request: Request) -> JSONResponse:
         """One receipt, with the webhook as it was received."""
         authenticate(request, self.keys)
+        _no_control_characters(request)
         receipt = request.path_params["receipt_id"]
         view = await anyio.to_thread.run_sync(self.read_model.receipt, receipt)
         if view is None:

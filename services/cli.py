@@ -117,7 +117,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 "but the domain service had not yet folded are lost with it",
                 code,
             )
-            server.should_exit = True
+            # Nothing can be stored or folded any more: stop at once, without
+            # waiting for requests in flight, and without the Kafka client
+            # logging each reconnect meanwhile, nor every task cut short.
+            for name in ("aiokafka", "asyncio", "uvicorn.error", "entitle.kafka"):
+                logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+            server.should_exit = server.force_exit = True
 
         threading.Thread(target=wait, name="broker-watch", daemon=True).start()
 
@@ -213,7 +218,7 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
             view.webhook = RawWebhookV1.model_validate_json(webhook)
             print(view.model_dump_json())
             return 0
-        since = datetime.fromisoformat(args.since.replace("Z", "+00:00")) if args.since else None
+        since = _since(args.since)
         items, _ = read_model.receipts(
             args.limit,
             None,
@@ -227,6 +232,25 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
     finally:
         read_model.close()
     return 0
+
+
+def _since(raw: str | None) -> datetime | None:
+    if raw is None:
+        return None
+    try:
+        since = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        since = None
+    if since is None or since.tzinfo is None:
+        raise ConfigError(f"--since {raw!r} is not an RFC 3339 time with an offset (…Z)")
+    return since
+
+
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def cmd_redrive(args: argparse.Namespace) -> int:
@@ -296,7 +320,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--order-ref")
     p.add_argument("--since", help="RFC 3339 time, e.g. 2026-11-30T00:00:00Z")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=_positive, default=100, help="most receipts (default 100)")
     p.set_defaults(run=cmd_webhooks)
     p = sub.add_parser(
         "redrive", help="re-process dead letters after fixing the catalog (all unresolved, or ids)"

@@ -389,7 +389,7 @@ class DomainService:
     ) -> int:
         if batch.find(dead_letter_id(webhook.source, event_id), DeadLetter) is not None:
             return 0  # the same provider event already dead-lettered
-        log.warning("dead letter %s/%s: %s", webhook.source, event_id, reason)
+        log.warning("dead letter %r/%r: %s", webhook.source, event_id, reason)
         batch.add(
             DeadLetter.record(
                 source=webhook.source,

@@ -84,10 +84,17 @@ class Ingress:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise HTTPError(400, "invalid_json", "the webhook body is not JSON") from None
+        except RecursionError:
+            raise HTTPError(400, "invalid_json", "the webhook body is nested too deeply") from None
         if not isinstance(payload, dict):
             raise HTTPError(400, "invalid_json", "the webhook body is not a JSON object")
         receipt_id = str(uuid.uuid4())
-        routing_key = source.provider.routing_key(payload) or receipt_id
+        try:
+            routing_key = source.provider.routing_key(payload) or receipt_id
+        except Exception:
+            # An odd payload is the domain service's to judge (a dead letter
+            # naming the field); here it only needs some key.
+            routing_key = receipt_id
         envelope = RawWebhookV1(
             receipt_id=receipt_id,
             source=name,

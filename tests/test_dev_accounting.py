@@ -5,9 +5,12 @@ a database outage and a dead broker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -142,6 +145,15 @@ def test_case_08_a_poison_webhook_is_a_dead_letter_and_its_partition_goes_on(
         assert httpx.get(f"{entitle.url}/v1/webhooks/nope", headers=AUTH).status_code == 404
         assert httpx.get(f"{entitle.url}/v1/webhooks").status_code == 401
 
+        # A body nested deeper than any parser's stack is bad input, not a 500.
+        deep = b'{"id": "evt_deep", "data": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+        response = httpx.post(
+            f"{entitle.url}/webhooks/billing",
+            content=deep,
+            headers=sw.signed_headers(deep, secret=STANDARD_SECRET),
+        )
+        assert response.status_code == 400, response.text
+
 
 def test_the_stack_stops_with_an_error_when_its_embedded_broker_dies(tmp_path: Path) -> None:
     entitle = stack(tmp_path).start()
@@ -149,11 +161,29 @@ def test_the_stack_stops_with_an_error_when_its_embedded_broker_dies(tmp_path: P
     pid = entitle.process.pid
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     assert len(children) == 1  # the broker
-    import os
+    sending = threading.Event()
+    sending.set()
 
+    def keep_sending() -> None:  # webhooks in flight when the broker dies
+        n = 0
+        while sending.is_set():
+            with contextlib.suppress(httpx.HTTPError):
+                post(entitle, paid(f"sub_flowing_{n}"))
+            n += 1
+
+    sender = threading.Thread(target=keep_sending, daemon=True)
+    sender.start()
+    time.sleep(1.0)
     os.kill(int(children[0]), signal.SIGKILL)
-    assert entitle.process.wait(20) == 1
-    assert "embedded broker exited" in entitle.text
+    killed = time.monotonic()
+    try:
+        assert entitle.process.wait(20) == 1
+    finally:
+        sending.clear()
+    assert time.monotonic() - killed < 10
+    assert entitle.text.count("embedded broker exited") == 1
+    after = entitle.text.split("embedded broker exited", 1)[1]
+    assert after.count("\n") < 50, after[-3000:]  # no error loop meanwhile
 
 
 def test_a_database_outage_is_reported_and_everything_catches_up(
@@ -287,3 +317,11 @@ def test_a_poison_stripe_webhook_between_two_good_ones_of_its_order(
         ).json()["items"]
         assert sorted(r["outcome"] for r in receipts) == ["applied", "applied", "dead_letter"]
         assert "delivered again" not in entitle.text  # the partition never stalled
+        # A NUL in a query is no e-mail or reference: 422, not the database's 500.
+        for path, query in (
+            ("/v1/webhooks", {"order_ref": "\x00"}),
+            ("/v1/entitlements", {"customer_email": "a\x00b"}),
+        ):
+            answer = httpx.get(f"{entitle.url}{path}", params=query, headers=AUTH)
+            assert answer.status_code == 422, answer.text
+        assert httpx.get(f"{entitle.url}/v1/webhooks/%00", headers=AUTH).status_code == 422

@@ -99,6 +99,25 @@ POISONS: dict[str, tuple[Callable[[], dict[str, Any]], str, str]] = {
         "stripe-main",
         "control character",
     ),
+    # An id of the wrong type is no id: not "5", not an order of its own.
+    "item id not a string": (
+        lambda: se.invoice_paid(
+            subscription="sub_poison",
+            shape=se.LEGACY,
+            lines=[{"price": "p", "sku": "better_annual", "item": 5, "start": NOW, "end": NOW}],
+        ),
+        "stripe-main",
+        "not a string",
+    ),
+    "subscription id not a string": (
+        lambda: se.invoice_paid(
+            subscription=42,  # type: ignore[arg-type]
+            shape=se.LEGACY,
+            lines=[{"price": "p", "sku": "better_annual", "start": NOW, "end": NOW + YEAR}],
+        ),
+        "stripe-main",
+        "not a string",
+    ),
 }
 
 

@@ -33,11 +33,23 @@ class Unmappable(Exception):
 #: The times a provider may name: earlier or later is a corrupt field (a
 #: "lifetime" end of year 9999 included), never a date to compute with.
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
-LATEST = datetime(2200, 1, 1, tzinfo=UTC)
+LATEST = datetime(2200, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
 #: Most seats one item may buy.
 MAX_QUANTITY = 1_000_000
 MAX_TEXT = 1000
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def ref(value: Any, what: str, numbers: bool = False) -> str | None:
+    """A provider's id (or e-mail) from a payload, None if absent. It must be
+    a string (or, with `numbers`, an integer: Lemon Squeezy's ids are); any
+    other value makes the event unmappable, naming the field, rather than an
+    id like "{'a': 1}" that would open an order of its own."""
+    if value is None or isinstance(value, str):
+        return value
+    if numbers and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise Unmappable(f"{what} {value!r:.80} is not a string")
 
 
 def parse_time(value: Any, what: str) -> datetime | None:

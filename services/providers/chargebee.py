@@ -27,6 +27,7 @@ from services.providers import (
     SignatureError,
     Unmappable,
     from_unix,
+    ref,
 )
 
 NAME = "chargebee"
@@ -97,6 +98,10 @@ def _time(value: Any, what: str, scale: int = 1) -> datetime | None:
     return None if value is None else from_unix(value, f"Chargebee {what}", scale)
 
 
+def _ref(obj: Mapping[str, Any], field: str) -> str:
+    return ref(obj.get(field), f"Chargebee {field}") or ""
+
+
 def _slot(item_type: Any, item_price_id: str) -> str:
     return "plan" if item_type in ("plan", "plan_item_price") else item_price_id
 
@@ -108,7 +113,7 @@ def _subscription_lines(
     for item in subscription.get("subscription_items") or []:
         if not isinstance(item, Mapping) or item.get("item_type") == "charge":
             continue
-        price_id = str(item.get("item_price_id"))
+        price_id = str(ref(item.get("item_price_id"), "Chargebee item_price_id"))
         offering = catalog.for_price(NAME, price_id, None)
         if offering is None:
             unmapped.append(f"item price {price_id!r} maps to no offering in the catalog")
@@ -127,7 +132,7 @@ def _invoice_lines(invoice: Mapping[str, Any], catalog: Catalog, unmapped: list[
             "addon_item_price",
         ):
             continue
-        price_id = str(item.get("entity_id"))
+        price_id = str(ref(item.get("entity_id"), "Chargebee line entity_id"))
         offering = catalog.for_price(NAME, price_id, None)
         if offering is None:
             unmapped.append(f"item price {price_id!r} maps to no offering in the catalog")
@@ -147,7 +152,10 @@ def _customer(payload: Mapping[str, Any]) -> Customer | None:
     customer = _obj(payload, "customer")
     if customer is None:
         return None
-    return Customer(id=customer.get("id"), email=customer.get("email"))
+    return Customer(
+        id=ref(customer.get("id"), "Chargebee customer id"),
+        email=ref(customer.get("email"), "Chargebee customer email"),
+    )
 
 
 def normalize(
@@ -176,13 +184,13 @@ def normalize(
             commands.append(
                 OrderEvent(
                     source,
-                    str(invoice["subscription_id"]),
-                    record(str(invoice["id"]), lines),
+                    _ref(invoice, "subscription_id"),
+                    record(_ref(invoice, "id"), lines),
                     tuple(lines),
                     cause,
                     occurred_at,
                     _customer(payload),
-                    invoice=str(invoice["id"]) if paid else None,
+                    invoice=_ref(invoice, "id") if paid else None,
                 )
             )
     elif kind == "payment_refunded" and invoice is not None and invoice.get("subscription_id"):
@@ -190,9 +198,9 @@ def normalize(
         credit = _obj(payload, "credit_note")
         transaction = _obj(payload, "transaction")
         refunded = (credit or {}).get("total") or (transaction or {}).get("amount") or 0
-        fact = lifecycle.refund(bool(total) and refunded >= total, str(invoice["id"]))
+        fact = lifecycle.refund(bool(total) and refunded >= total, _ref(invoice, "id"))
         commands.append(
-            OrderEvent(source, str(invoice["subscription_id"]), fact, (), cause, occurred_at)
+            OrderEvent(source, _ref(invoice, "subscription_id"), fact, (), cause, occurred_at)
         )
     elif kind in SUBSCRIPTION_EVENTS and subscription is not None:
         status = STATUSES.get(str(subscription.get("status")))
@@ -216,7 +224,7 @@ def normalize(
         commands.append(
             OrderEvent(
                 source,
-                str(subscription["id"]),
+                _ref(subscription, "id"),
                 fact,
                 tuple(lines),
                 cause,

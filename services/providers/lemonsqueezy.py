@@ -32,6 +32,7 @@ from services.providers import (
     SignatureError,
     Unmappable,
     parse_time,
+    ref,
 )
 
 NAME = "lemonsqueezy"
@@ -132,10 +133,9 @@ def normalize(
     occurred_at = _time(attributes.get("updated_at") or attributes.get("created_at"), "updated_at")
     if occurred_at is None:
         raise Unmappable("Lemon Squeezy object has neither updated_at nor created_at")
-    email = attributes.get("user_email")
     customer = Customer(
-        id=None if attributes.get("customer_id") is None else str(attributes["customer_id"]),
-        email=email if isinstance(email, str) and email else None,
+        id=ref(attributes.get("customer_id"), "Lemon Squeezy customer_id", numbers=True),
+        email=ref(attributes.get("user_email"), "Lemon Squeezy user_email") or None,
     )
     if name in SUBSCRIPTION_EVENTS:
         order = attributes.get("order_id")

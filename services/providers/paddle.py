@@ -27,6 +27,7 @@ from services.providers import (
     SignatureError,
     Unmappable,
     parse_time,
+    ref,
 )
 
 NAME = "paddle"
@@ -135,7 +136,11 @@ def _lines(
         quantity = item.get("quantity") or 1
         if not isinstance(quantity, int) or quantity < 1:
             raise Unmappable(f"Paddle item has quantity {quantity!r}")
-        slot = str(price.get("product_id") or price.get("id") or offering.sku)
+        slot = (
+            ref(price.get("product_id"), "Paddle price.product_id")
+            or ref(price.get("id"), "Paddle price.id")
+            or offering.sku
+        )
         lines[slot] = Line(slot, offering, quantity, start, end)
     return list(lines.values())
 
@@ -159,9 +164,9 @@ def normalize(
     data = _data(payload)
     unmapped: list[str] = []
     commands: list[Command] = []
-    customer = Customer(id=data.get("customer_id"), email=None)
+    customer = Customer(id=ref(data.get("customer_id"), "Paddle customer_id"), email=None)
     if kind in SUBSCRIPTION_EVENTS:
-        subscription_id = data.get("id")
+        subscription_id = ref(data.get("id"), "Paddle subscription id")
         status = STATUSES.get(str(data.get("status")))
         if not subscription_id or status is None:
             raise Unmappable(
@@ -185,12 +190,11 @@ def normalize(
                 cancel_at=cancel_at,
             )
         commands.append(
-            OrderEvent(
-                source, str(subscription_id), fact, tuple(lines), cause, occurred_at, customer
-            )
+            OrderEvent(source, subscription_id, fact, tuple(lines), cause, occurred_at, customer)
         )
     elif kind in ("transaction.completed", "transaction.paid", "transaction.payment_failed"):
-        transaction_id, subscription_id = data.get("id"), data.get("subscription_id")
+        transaction_id = ref(data.get("id"), "Paddle transaction id")
+        subscription_id = ref(data.get("subscription_id"), "Paddle subscription_id")
         if not transaction_id:
             raise Unmappable("Paddle transaction has no id")
         if not subscription_id:
@@ -202,16 +206,16 @@ def normalize(
             commands.append(
                 OrderEvent(
                     source,
-                    str(subscription_id),
+                    subscription_id,
                     (lifecycle.payment if paid else lifecycle.payment_failed)(
-                        str(transaction_id), lines
+                        transaction_id, lines
                     ),
                     tuple(lines),
                     cause,
                     occurred_at,
                     customer,
-                    payment_refs=(str(transaction_id),) if paid else (),
-                    invoice=str(transaction_id),
+                    payment_refs=(transaction_id,) if paid else (),
+                    invoice=transaction_id,
                 )
             )
     return _finish(commands, unmapped)

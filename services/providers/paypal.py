@@ -45,6 +45,7 @@ from services.providers import (
     SignatureError,
     Unmappable,
     parse_time,
+    ref,
 )
 
 NAME = "paypal"
@@ -257,7 +258,8 @@ def normalize(
         raise Unmappable("PayPal event has no create_time")
     cause = Cause.provider(source, event_id(payload))
     if kind in SUBSCRIPTION_EVENTS:
-        subscription_id, plan = resource.get("id"), resource.get("plan_id")
+        subscription_id = ref(resource.get("id"), "PayPal subscription id")
+        plan = ref(resource.get("plan_id"), "PayPal plan_id")
         status = STATUSES.get(str(resource.get("status")))
         if not subscription_id or status is None:
             raise Unmappable(f"PayPal subscription has status {resource.get('status')!r}")
@@ -277,8 +279,9 @@ def normalize(
             _time(next_billing, "next_billing_time"),
         )
         subscriber = resource.get("subscriber")
-        email = subscriber.get("email_address") if isinstance(subscriber, Mapping) else None
-        payer = subscriber.get("payer_id") if isinstance(subscriber, Mapping) else None
+        subscriber = subscriber if isinstance(subscriber, Mapping) else {}
+        email = ref(subscriber.get("email_address"), "PayPal subscriber.email_address")
+        payer = ref(subscriber.get("payer_id"), "PayPal subscriber.payer_id")
         # Snapshots are ordered by when PayPal last changed the subscription.
         updated = _time(
             resource.get("update_time") or resource.get("status_update_time"), "update_time"
@@ -295,7 +298,8 @@ def normalize(
             )
         ]
     if kind == "PAYMENT.SALE.COMPLETED":
-        agreement, sale = resource.get("billing_agreement_id"), resource.get("id")
+        agreement = ref(resource.get("billing_agreement_id"), "PayPal billing_agreement_id")
+        sale = ref(resource.get("id"), "PayPal sale id")
         if not agreement or not sale:
             return []  # not a subscription payment
         when = _time(resource.get("create_time"), "sale create_time") or created

@@ -25,6 +25,7 @@ from services.providers import (
     SignatureError,
     Unmappable,
     from_unix,
+    ref,
 )
 
 TOLERANCE_SECONDS = 300
@@ -76,13 +77,12 @@ def _object(payload: Mapping[str, Any]) -> Mapping[str, Any]:
     return obj
 
 
-def _id(value: Any) -> str | None:
-    """A Stripe reference, whether left as an id or expanded into an object."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Mapping) and isinstance(value.get("id"), str):
-        return str(value["id"])
-    return None
+def _id(value: Any, what: str = "Stripe reference") -> str | None:
+    """A Stripe reference, whether left as an id or expanded into an object;
+    anything else makes the event unmappable (see `providers.ref`)."""
+    if isinstance(value, Mapping):
+        value = value.get("id")
+    return ref(value, what)
 
 
 def _invoice_subscription(invoice: Mapping[str, Any]) -> str | None:
