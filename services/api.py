@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -31,14 +30,14 @@ from domain.entitlement import Entitlement, Refused
 from domain.receipt import OUTCOMES
 from services.codes import CodeBook
 from services.config import AdminKey, Config
-from services.http import HTTPError, authenticate, busy, read_json
+from services.http import HTTPError, authenticate, aware_time, busy, read_json
 from services.licensing import ValidationIndex
 from services.projector import entitlement_view, history_entry
+from services.providers import has_control_character
 from services.readmodel import FILTERS, RECEIPT_FILTERS, ReadModel
 from services.store import EntitlementStore, StillChanging
 
 _STATUSES = set(get_args(Status))
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_LIMIT = 1000
 
 
@@ -61,18 +60,15 @@ def _no_control_characters(request: Request) -> None:
     """A control character (a NUL) in a query or path is no id, e-mail or
     time anyone has: 422, before a database refuses it."""
     values = [*request.query_params.values(), *map(str, request.path_params.values())]
-    if any(not value.isprintable() and _CONTROL.search(value) for value in values):
+    if any(has_control_character(value) for value in values):
         raise HTTPError(422, "invalid_query", "the query or path holds a control character")
 
 
 def _time_param(raw: str | None, name: str) -> datetime | None:
     if raw is None:
         return None
-    try:
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        value = None
-    if value is None or value.tzinfo is None:
+    value = aware_time(raw)
+    if value is None:
         raise HTTPError(
             422,
             "invalid_query",

@@ -21,7 +21,7 @@ import uvicorn
 from services.app import ROLES, Roles, build_app
 from services.codes import load_secret
 from services.config import ConfigError, Settings, admin_keys, generate_admin_key, load_config
-from services.http import MaskCodes
+from services.http import MaskCodes, aware_time
 from services.kafka import EmbeddedBroker
 
 log = logging.getLogger("entitle")
@@ -237,11 +237,8 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
 def _since(raw: str | None) -> datetime | None:
     if raw is None:
         return None
-    try:
-        since = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        since = None
-    if since is None or since.tzinfo is None:
+    since = aware_time(raw)
+    if since is None:
         raise ConfigError(f"--since {raw!r} is not an RFC 3339 time with an offset (…Z)")
     return since
 

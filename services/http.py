@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+from datetime import datetime
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -53,6 +54,16 @@ class HTTPError(Exception):
         self.detail = detail
         self.headers = headers
         self.entitlement_status = entitlement_status
+
+
+def aware_time(raw: str) -> datetime | None:
+    """An RFC 3339 time with its UTC offset ("Z" allowed), or None if `raw`
+    is not one (a time without offset included)."""
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value if value.tzinfo is not None else None
 
 
 async def read_json(request: Request, model: type[M]) -> M:

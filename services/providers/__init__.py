@@ -137,11 +137,15 @@ def _text_problem(value: Any) -> str | None:
         return f"{value!r:.80} is not a string"
     if len(value) > MAX_TEXT:
         return f"is longer than {MAX_TEXT} characters"
-    # isprintable() is the fast answer for almost every string; the pattern
-    # says whether a non-printable one holds a control character.
-    if not value.isprintable() and _CONTROL.search(value):
+    if has_control_character(value):
         return f"{value!r:.80} contains a control character"
     return None
+
+
+def has_control_character(value: str) -> bool:
+    # isprintable() is the fast answer for almost every string; the pattern
+    # says whether a non-printable one holds a control character.
+    return not value.isprintable() and _CONTROL.search(value) is not None
 
 
 def _moment(value: Any, what: str) -> None:
