@@ -138,7 +138,9 @@ class ReadModel:
         else:
             from psycopg_pool import ConnectionPool
 
-            self._pool = ConnectionPool(database_url, min_size=1, max_size=8, open=True)
+            # A request waits at most 5 s for a connection: during a database
+            # outage the API answers 503 soon rather than hanging for 30 s.
+            self._pool = ConnectionPool(database_url, min_size=1, max_size=8, open=True, timeout=5)
         self.create()
 
     def close(self) -> None:
