@@ -151,10 +151,10 @@ def build_app(
         return JSONResponse({"status": "ok", "roles": roles.names()})
 
     async def readyz(_: Request) -> JSONResponse:
-        parts = {name: part.state for name, part in health.parts().items()}
-        for name, part in health.parts().items():
-            if part.detail:
-                parts[name] = f"{part.state}: {part.detail}"
+        parts = {
+            name: f"{part.state}: {part.detail}" if part.detail else part.state
+            for name, part in health.parts().items()
+        }
         checks: list[tuple[str, Awaitable[object]]] = []
         if settings.kafka_bootstrap is not None and broker is not None:
             checks.append(("broker", topic_id(settings.kafka_bootstrap, RAW_TOPIC, 2000)))
@@ -204,7 +204,7 @@ def build_app(
                 ReadModelProjection(read_model),
                 PublicEventsProjection(read_model, broker),
             ):
-                loop = functools.partial(_follow, store, projection, stop, bell)
+                loop = functools.partial(follow, store, projection, stop, bell=bell)
                 keep(f"projection:{projection.name}", loop)
         if raw_log is not None:
             keep("raw-log", functools.partial(raw_log.watch, stop))
@@ -227,15 +227,6 @@ def build_app(
                 read_model.close()
             if store is not None:
                 store.close()
-
-    async def _follow(
-        store: EntitlementStore,
-        projection: ReadModelProjection | PublicEventsProjection,
-        stop: asyncio.Event,
-        bell: LogBell | None,
-        working: Callable[[], None],
-    ) -> None:
-        await follow(store, projection, stop, working, bell=bell)
 
     app = Starlette(
         routes=routes,
