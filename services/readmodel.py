@@ -118,6 +118,21 @@ class Delivered:
     at: datetime
 
 
+def _equal(
+    filters: Mapping[str, str | None], allowed: Sequence[str]
+) -> tuple[list[str], list[str | None]]:
+    """`column = ?` clauses and their parameters for the filters given."""
+    clauses: list[str] = []
+    params: list[str | None] = []
+    for key, value in filters.items():
+        if key not in allowed:
+            raise ValueError(f"unknown filter {key!r}")
+        if value is not None:
+            clauses.append(f"{key} = ?")
+            params.append(value)
+    return clauses, params
+
+
 def _moment(value: datetime | None) -> str | None:
     """A fixed-width UTC timestamp, so text comparison is time comparison on
     both databases."""
@@ -414,14 +429,7 @@ class ReadModel:
         """Receipts, newest first, filtered by `source`, `outcome` and
         `order_ref`, received at or after `since`; and the cursor (received
         time, id) after the last one when there may be more."""
-        clauses: list[str] = []
-        params: list[str | None] = []
-        for key, value in filters.items():
-            if key not in RECEIPT_FILTERS:
-                raise ValueError(f"unknown filter {key!r}")
-            if value is not None:
-                clauses.append(f"{key} = ?")
-                params.append(value)
+        clauses, params = _equal(filters, RECEIPT_FILTERS)
         if since is not None:
             clauses.append("received_at >= ?")
             params.append(_moment(since))
@@ -465,13 +473,7 @@ class ReadModel:
     # -- reads ---------------------------------------------------------------
 
     def entitlements(self, limit: int = 100, **filters: str | None) -> list[EntitlementView]:
-        clauses, params = [], []
-        for key, value in filters.items():
-            if key not in FILTERS:
-                raise ValueError(f"unknown filter {key!r}")
-            if value is not None:
-                clauses.append(f"{key} = ?")
-                params.append(value)
+        clauses, params = _equal(filters, FILTERS)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._query(
             f"SELECT body FROM entitle_v3_entitlements{where} ORDER BY id LIMIT {int(limit)}",
