@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -64,7 +63,6 @@ class Backoff:
 @dataclass(frozen=True)
 class Part:
     state: str  # "ok", "starting", "failing" or "stopped"
-    since: float
     detail: str | None = None
 
 
@@ -75,9 +73,7 @@ class Health:
         self._parts: dict[str, Part] = {}
 
     def _set(self, name: str, state: str, detail: str | None = None) -> None:
-        current = self._parts.get(name)
-        if current is None or current.state != state or current.detail != detail:
-            self._parts[name] = Part(state, time.time(), detail)
+        self._parts[name] = Part(state, detail)
 
     def starting(self, name: str) -> None:
         self._set(name, "starting")
