@@ -35,13 +35,14 @@ from contracts.licensing import (
     ValidationRequest,
     ValidationResult,
 )
-from contracts.webhooks import DeadLetterV1, RawWebhookV1
+from contracts.webhooks import DeadLetterV1, RawLogMarkerV1, RawWebhookV1
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
 #: file name -> model, for every published schema.
 PUBLISHED: dict[str, type[BaseModel]] = {
     "webhook-raw.v1.json": RawWebhookV1,
+    "webhook-raw-log-marker.v1.json": RawLogMarkerV1,
     "webhook-dead-letter.v1.json": DeadLetterV1,
     "entitlement-event.v1.json": EntitlementEventV1,
     "api-entitlement.v1.json": EntitlementView,

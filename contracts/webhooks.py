@@ -28,6 +28,26 @@ class RawWebhookV1(BaseModel):
     body: str = Field(description="The raw request body (UTF-8 JSON text)")
 
 
+class RawLogMarkerV1(BaseModel):
+    """The first record of partition 0 of `entitle.webhooks.raw`, written when
+    the engine finds that partition empty on a broker without topic ids
+    (Apache Kafka < 2.8): it names this log, so positions recorded for an
+    earlier log of the same name (a topic deleted and created again) are not
+    trusted. Consumers of the raw topic skip it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    #: First, so a reader can tell a marker by the record's first bytes.
+    kind: Literal["entitle.raw-log-marker"] = "entitle.raw-log-marker"
+    version: Literal[1] = 1
+    marker: str = Field(description="A new UUID for each log")
+    created_at: datetime
+
+
+#: How every marker record begins (`RawLogMarkerV1` serialises `kind` first).
+MARKER_PREFIX = b'{"kind":"entitle.raw-log-marker"'
+
+
 class DeadLetterV1(BaseModel):
     """A webhook that could not be mapped onto the catalog, with the reason."""
 

@@ -113,7 +113,7 @@ def build_app(
         assert store is not None and broker is not None and read_model is not None
         assert codes is not None and settings.kafka_bootstrap is not None
         service = DomainService(store, config, codes, cache_size=settings.aggregate_cache)
-        raw_log = RawLog(settings.kafka_bootstrap, store)
+        raw_log = RawLog(settings.kafka_bootstrap, store, settings.kafka_topic_ids)
         subscribe(broker, service, raw_log, health, settings.domain_batch)
         scheduler = Scheduler(service, read_model)
 
@@ -191,7 +191,11 @@ def build_app(
 
         if broker is not None:
             assert settings.kafka_bootstrap
-            await ensure_topics(settings.kafka_bootstrap, settings.raw_partitions)
+            await ensure_topics(
+                settings.kafka_bootstrap,
+                settings.raw_partitions,
+                topic_ids=settings.kafka_topic_ids,
+            )
             await broker.start()
         if roles.projector:
             assert store is not None and read_model is not None and broker is not None

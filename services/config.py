@@ -231,6 +231,10 @@ def generate_admin_key() -> str:
     return "ek_" + secrets.token_urlsafe(24)
 
 
+def _flag(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "y", "on")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where the infrastructure is, from the environment."""
@@ -246,6 +250,9 @@ class Settings:
     license_key: str | None = None
     #: Peers whose X-Forwarded-For names the client (rate limits are per client).
     trusted_proxies: str = "127.0.0.1"
+    #: Tell a recreated raw topic by the broker's topic id; off, by a marker
+    #: record (for brokers whose ids are missing or not to be trusted).
+    kafka_topic_ids: bool = True
 
     def __repr__(self) -> str:  # never show the code secret
         return f"Settings(kafka_bootstrap={self.kafka_bootstrap!r})"
@@ -258,7 +265,7 @@ class Settings:
             kafka_bootstrap=bootstrap,
             database_url=os.environ.get("ENTITLE_DATABASE_URL")
             or f"sqlite:///{data_dir / 'entitle.db'}",
-            kafka_idempotence=idempotence.lower() in ("1", "true", "yes", "y", "on"),
+            kafka_idempotence=_flag(idempotence),
             raw_partitions=int(os.environ.get("ENTITLE_RAW_PARTITIONS", "8")),
             domain_batch=int(os.environ.get("ENTITLE_DOMAIN_BATCH", "500")),
             schedule_interval=float(os.environ.get("ENTITLE_SCHEDULE_INTERVAL", "1")),
@@ -266,4 +273,5 @@ class Settings:
             code_secret=load_secret(data_dir),
             license_key=load_secret(data_dir, env="ENTITLE_LICENSE_KEY", file_name="license-key"),
             trusted_proxies=os.environ.get("ENTITLE_TRUSTED_PROXIES", "127.0.0.1"),
+            kafka_topic_ids=_flag(os.environ.get("ENTITLE_KAFKA_TOPIC_IDS", "true")),
         )

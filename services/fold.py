@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import anyio
 from aiokafka import TopicPartition
@@ -37,7 +37,7 @@ from domain.receipt import ReceiptResolution, Receipts, classify, receipt, resol
 from services.codes import CodeBook
 from services.config import Config
 from services.health import Backoff, Health, describe, sleep_unless, transient
-from services.kafka import NoTopicIds, topic_id
+from services.kafka import end_offsets, incarnation, is_marker
 from services.providers import Unmappable, check, event_type
 from services.readmodel import ReadModel
 from services.store import AggregateCache, Batch, EntitlementStore
@@ -119,6 +119,8 @@ class DomainService:
         unavailable propagate, so the caller retries the whole batch later."""
         by_partition: dict[str, list[Record]] = defaultdict(list)
         for record in records:
+            if is_marker(record.value):
+                continue  # names the log (RawLog); no webhook
             by_partition[position_name(record.topic, record.partition, incarnation)].append(record)
         for group in by_partition.values():
             group.sort(key=lambda r: r.offset)
@@ -458,26 +460,29 @@ class RawLog:
     A stored position is only trusted for the log it came from: a topic
     deleted and created again, or the embedded broker started again (it keeps
     nothing), begins a new log at offset 0, and the old positions would skip
-    its first records. The broker's topic id (Metadata v10+) names the log;
-    positions are recorded under it (`position_name`).
+    its first records. The broker's topic id (Metadata v10+) names the log,
+    or on a broker without ids a marker record at the start of partition 0
+    (`services.kafka.incarnation`); positions are recorded under that name
+    (`position_name`), and those of earlier logs are deleted.
 
-    The id is looked up whenever records could come from another log than
-    the one last seen (a partition's first batch in this process, offsets
-    that go back) and every `interval` seconds by `watch`, since a consumer
-    whose position lies beyond a new log's end may wait there silently. On a
-    new log every assigned partition is read again from its start: records
-    fetched from elsewhere are dropped unfolded, and the partition sought
-    back to the start.
+    The name is looked up at start, whenever records could come from another
+    log than the one last seen (a first batch, offsets that go back), and
+    every `interval` seconds by `watch`, since a consumer whose position lies
+    beyond a new log's end may wait there silently. On a new log each
+    partition is read from its start: records fetched from elsewhere are
+    dropped unfolded, and the partition sought back to the start.
     """
 
-    def __init__(self, bootstrap: str, store: EntitlementStore) -> None:
+    def __init__(self, bootstrap: str, store: EntitlementStore, topic_ids: bool = True) -> None:
         self.bootstrap = bootstrap
         self.store = store
+        self.topic_ids = topic_ids
         self.current: str | None = None
         #: The FastStream subscriber reading the topic (`subscribe` sets it).
         self.subscriber: Any = None
         self._next: dict[int, int] = {}  # partition -> offset expected next
-        self._from_start: set[int] = set()  # partitions that must begin again
+        self._new_log = False  # each partition must be read from its start...
+        self._started: set[int] = set()  # ...and these have been
         self._lock = asyncio.Lock()
 
     async def accept(self, records: Sequence[Record]) -> tuple[str, list[Record]]:
@@ -488,20 +493,25 @@ class RawLog:
             for record in records
         ):
             await self.check()
-        assert self.current is not None
+        current = self.current
+        assert current is not None
         kept = list(records)
-        waiting = {r.partition for r in records} & self._from_start
+        waiting = {r.partition for r in records} - self._started if self._new_log else set()
         if waiting:
             partitions = [TopicPartition(RAW_TOPIC, p) for p in sorted(waiting)]
             starts = await self.consumer.beginning_offsets(partitions)
             for partition in partitions:
                 first = min(r.offset for r in kept if r.partition == partition.partition)
-                if first <= starts[partition]:
-                    self._from_start.discard(partition.partition)
+                name = position_name(RAW_TOPIC, partition.partition, current)
+                if (
+                    first <= starts[partition]
+                    or await anyio.to_thread.run_sync(self.store.position, name) is not None
+                ):
+                    self._started.add(partition.partition)
                 else:
                     kept = [r for r in kept if r.partition != partition.partition]
                     self.consumer.seek(partition, starts[partition])
-        return self.current, kept
+        return current, kept
 
     @property
     def consumer(self) -> Any:
@@ -518,25 +528,46 @@ class RawLog:
         self, stop: asyncio.Event, working: Callable[[], None], interval: float = 5.0
     ) -> None:
         while not stop.is_set():
-            if self.current is not None and self.consumer is not None:
-                await self.check()
+            await self.check()
             working()
             await sleep_unless(stop, interval)
 
     async def check(self) -> None:
         async with self._lock:
-            try:
-                found = await topic_id(self.bootstrap, RAW_TOPIC)
-            except NoTopicIds:
-                if self.current is None:
-                    log.warning(
-                        "the broker gives no topic ids: a recreated %s cannot be told apart",
-                        RAW_TOPIC,
-                    )
-                found = ""
+            found = await incarnation(self.bootstrap, RAW_TOPIC, self.topic_ids)
             if found == self.current:
                 return
-            known = await anyio.to_thread.run_sync(self._incarnations)
+            positions = await anyio.to_thread.run_sync(self.store.positions, RAW_TOPIC)
+            known = {self._of(name) for name in positions}
+            if found is None:
+                # No topic id, and no marker where partition 0 begins: retention
+                # removed it, or the topic held webhooks before the engine ran,
+                # or was created again by hand. The log is the one whose
+                # positions are recorded, unless some lie beyond its end.
+                named = sorted(known - {""})
+                trusted = self.current
+                if trusted is None:
+                    trusted = named[0] if len(named) == 1 else ""
+                ends = await end_offsets(self.bootstrap, RAW_TOPIC) if trusted else {}
+                beyond = [
+                    name
+                    for name, offset in positions.items()
+                    if self._of(name) == trusted
+                    and offset >= ends.get(int(name.rpartition("/")[2]), offset + 1)
+                ]
+                if not beyond:
+                    if self.current is None:
+                        log.warning(
+                            "%s has no topic id and no marker at its start: "
+                            "trusting the positions recorded for %s",
+                            RAW_TOPIC,
+                            self._name(trusted),
+                        )
+                        self.current = trusted
+                    return
+                if self.current is None:
+                    self.current = trusted  # so the log below is "created again"
+                found = f"unmarked-{uuid4()}"
             if self.current is not None:
                 log.warning(
                     "%s was created again: incarnation %s, was %s; "
@@ -560,24 +591,28 @@ class RawLog:
                 # are not used; the consumer group's offsets still are, and a
                 # webhook folded again is recognised by its provider event id.
                 log.info("%s: incarnation %s", RAW_TOPIC, self._name(found))
+            stale = [name for name in positions if self._of(name) != found]
+            if stale:
+                # Their log is gone: they protect nothing, and would leave
+                # several logs to choose from once a marker is removed.
+                await anyio.to_thread.run_sync(self.store.forget_positions, stale)
             self.current = found
             self._next.clear()
 
     async def _start_again(self) -> None:
-        if self.consumer is None:
-            return
-        assigned = set(self.consumer.assignment())
-        self._from_start = {tp.partition for tp in assigned}
-        if assigned:
+        self._new_log = True
+        self._started = set()
+        if self.consumer is not None and (assigned := self.consumer.assignment()):
             await self.consumer.seek_to_beginning(*assigned)
 
     @staticmethod
     def _name(incarnation: str) -> str:
         return incarnation or "(none recorded)"
 
-    def _incarnations(self) -> set[str]:
-        names = self.store.positions(RAW_TOPIC)
-        return {n[len(RAW_TOPIC) :].partition("/")[0].removeprefix("@") for n in names}
+    @staticmethod
+    def _of(name: str) -> str:
+        """The incarnation a position name belongs to ('' for legacy names)."""
+        return name[len(RAW_TOPIC) :].partition("/")[0].removeprefix("@")
 
 
 def subscribe(

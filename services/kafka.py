@@ -11,9 +11,11 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from io import BytesIO
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     IncompatibleBrokerVersion,
@@ -35,7 +37,7 @@ from aiokafka.protocol.types import (
 from faststream.kafka import KafkaBroker
 
 from contracts.events import EVENTS_TOPIC
-from contracts.webhooks import DEAD_LETTER_TOPIC, RAW_TOPIC
+from contracts.webhooks import DEAD_LETTER_TOPIC, MARKER_PREFIX, RAW_TOPIC, RawLogMarkerV1
 
 log = logging.getLogger("entitle.kafka")
 
@@ -134,8 +136,11 @@ def embedded_broker() -> Iterator[EmbeddedBroker]:
         yield broker
 
 
-async def ensure_topics(bootstrap: str, raw_partitions: int, timeout: float = 30.0) -> None:
-    """Create the engine's topics when they are missing."""
+async def ensure_topics(
+    bootstrap: str, raw_partitions: int, timeout: float = 30.0, topic_ids: bool = True
+) -> None:
+    """Create the engine's topics when they are missing, and name the raw
+    topic's log (`incarnation`) before anything is written to it."""
     deadline = time.monotonic() + timeout
     while True:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
@@ -169,6 +174,7 @@ async def ensure_topics(bootstrap: str, raw_partitions: int, timeout: float = 30
             log.info("created topics %s", ", ".join(t.name for t in wanted))
     finally:
         await admin.close()
+    await incarnation(bootstrap, RAW_TOPIC, topic_ids)
 
 
 def make_broker(bootstrap: str, idempotence: bool, linger_ms: int = 20) -> KafkaBroker:
@@ -305,7 +311,85 @@ async def topic_id(bootstrap: str, topic: str, timeout_ms: int = 5000) -> str:
             if found["name"] == topic:
                 if found["error_code"]:
                     raise for_code(found["error_code"])(f"topic {topic}")
+                if found["topic_id"].int == 0:  # "no id", in brokers that answer v10 without them
+                    raise NoTopicIds(f"the broker reports no id for {topic}")
                 return str(found["topic_id"])
         raise UnknownTopicOrPartitionError(f"topic {topic}")
     finally:
         await admin.close()
+
+
+# -- marker records, for brokers without topic ids ----------------------------
+
+
+async def incarnation(bootstrap: str, topic: str, topic_ids: bool = True) -> str | None:
+    """What names the current log of `topic`: its topic id, or on a broker
+    without them (or with `topic_ids` off) the marker at the start of its
+    partition 0 (`marker`). None when neither is there: the marker was removed
+    by retention, or the topic held records before the engine first saw it."""
+    if topic_ids:
+        with contextlib.suppress(NoTopicIds):
+            return await topic_id(bootstrap, topic)
+    return await marker(bootstrap, topic)
+
+
+async def marker(bootstrap: str, topic: str, timeout_ms: int = 5000) -> str | None:
+    """The marker (`RawLogMarkerV1`) that begins partition 0 of `topic`,
+    written first if that partition is empty; None if it begins with
+    anything else. Two processes that write one at once agree: the first
+    record is the marker."""
+    partition = TopicPartition(topic, 0)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        request_timeout_ms=timeout_ms,
+    )
+    await consumer.start()
+    try:
+        consumer.assign([partition])
+        start = (await consumer.beginning_offsets([partition]))[partition]
+        if start == (await consumer.end_offsets([partition]))[partition]:
+            await _write_marker(bootstrap, topic)
+        consumer.seek(partition, start)
+        batch = await consumer.getmany(partition, timeout_ms=timeout_ms, max_records=1)
+        for record in batch.get(partition, []):
+            value = record.value or b""
+            if value.startswith(MARKER_PREFIX):
+                return RawLogMarkerV1.model_validate_json(value).marker
+        return None
+    finally:
+        await consumer.stop()
+
+
+async def end_offsets(bootstrap: str, topic: str, timeout_ms: int = 5000) -> dict[int, int]:
+    """Each partition of `topic` -> the offset its next record will get."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        request_timeout_ms=timeout_ms,
+    )
+    await consumer.start()
+    try:
+        await consumer.topics()  # fetches the metadata partitions_for_topic reads
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        ends = await consumer.end_offsets(partitions)
+        return {partition.partition: offset for partition, offset in ends.items()}
+    finally:
+        await consumer.stop()
+
+
+def is_marker(value: bytes | None) -> bool:
+    return value is not None and value.startswith(MARKER_PREFIX)
+
+
+async def _write_marker(bootstrap: str, topic: str) -> None:
+    value = RawLogMarkerV1(marker=str(uuid.uuid4()), created_at=datetime.now(UTC))
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value.model_dump_json().encode(), partition=0)
+    finally:
+        await producer.stop()
+    log.info("%s: partition 0 begins with marker %s", topic, value.marker)

@@ -269,6 +269,23 @@ class EntitlementStore(Application[UUID]):
             )
             return {row[0]: row[1] for row in cursor.fetchall()}
 
+    def forget_positions(self, names: Sequence[str]) -> None:
+        """Delete the tracking positions `names` (of a log that is gone)."""
+        recorder = self.recorder
+        if isinstance(recorder, PostgresRecorder):
+            statement = SQL("DELETE FROM {schema}.{table} WHERE application_name = ANY(%b)").format(
+                schema=Identifier(recorder.datastore.schema),
+                table=Identifier(recorder.tracking_table_name),
+            )
+            with recorder.datastore.transaction(commit=True) as cursor:
+                cursor.execute(statement, (list(names),))
+            return
+        assert isinstance(recorder, SQLiteRecorder)
+        with recorder.datastore.transaction(commit=True) as cursor:
+            cursor.executemany(
+                "DELETE FROM tracking WHERE application_name = ?", [(n,) for n in names]
+            )
+
     def find(self, aggregate_id: UUID, kind: type[A]) -> A | None:
         try:
             aggregate: Any = self.repository.get(aggregate_id)

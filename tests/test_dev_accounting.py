@@ -18,11 +18,13 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import UnknownTopicOrPartitionError
 
 from contracts.events import EVENTS_TOPIC
 from contracts.webhooks import RAW_TOPIC
 from services.kafka import ensure_topics
+from services.store import EntitlementStore
 from tests import standard_events as sw
 from tests import stripe_events as se
 from tests.harness import ENTITLE, Entitle, Proxy, eventually
@@ -230,32 +232,47 @@ def test_a_database_outage_is_reported_and_everything_catches_up(
         proxy.close()
 
 
+# How the domain service tells the new log: the broker's topic id; a marker
+# record at the start of partition 0 (brokers without ids, here simulated by
+# ENTITLE_KAFKA_TOPIC_IDS=false), written when the engine creates the topic;
+# and a topic created again by hand, with no marker, whose end lies below
+# the positions recorded for the old log.
+RECREATIONS = ["topic id", "marker", "by hand, no marker"]
+
+
+@pytest.mark.parametrize("how", RECREATIONS)
 def test_a_recreated_raw_topic_is_folded_from_its_start(
-    tmp_path: Path, kafka_bootstrap: str, kafka_idempotence: bool
+    tmp_path: Path, kafka_bootstrap: str, kafka_idempotence: bool, how: str
 ) -> None:
     (tmp_path / "entitle.yaml").write_text(ACCOUNTING_CONFIG)
     env = {
         "ENTITLE_ADMIN_KEYS": ADMIN,
         "ENTITLE_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "ENTITLE_KAFKA_IDEMPOTENCE": str(kafka_idempotence).lower(),
+        "ENTITLE_KAFKA_TOPIC_IDS": str(how == "topic id").lower(),
         "ENTITLE_RAW_PARTITIONS": "2",
         "ENTITLE_DATABASE_URL": f"sqlite:///{tmp_path / 'entitle.db'}",
     }
+
+    async def delete() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            with contextlib.suppress(UnknownTopicOrPartitionError):
+                await admin.delete_topics([RAW_TOPIC])
+            await asyncio.sleep(1.0)
+            if how == "by hand, no marker":
+                await admin.create_topics([NewTopic(RAW_TOPIC, 2, 1)])
+        finally:
+            await admin.close()
+        if how != "by hand, no marker":
+            await ensure_topics(kafka_bootstrap, 2, topic_ids=how == "topic id")
+
+    asyncio.run(delete())  # a topic left by another test may hold a marker, or not
     with Entitle(["serve", "ingress", "domain", "projector", "api"], tmp_path, env) as entitle:
         first = send(entitle, "sub_old_log_", 10)
         eventually(lambda: active_refs(entitle) == first, timeout=15)
-
-        async def recreate() -> None:
-            admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-            await admin.start()
-            try:
-                await admin.delete_topics([RAW_TOPIC])
-            finally:
-                await admin.close()
-            await asyncio.sleep(1.0)
-            await ensure_topics(kafka_bootstrap, 2)
-
-        asyncio.run(recreate())
+        asyncio.run(delete())
         # Fewer webhooks than the old log held: each offset of the new log is
         # at or below a position recorded for the old one.
         second = send(entitle, "sub_new_log_", 6)
@@ -265,6 +282,14 @@ def test_a_recreated_raw_topic_is_folded_from_its_start(
             print(entitle.text, active_refs(entitle))
             raise
         assert "was created again" in entitle.text
+        if how == "marker":
+            assert "created again: incarnation unmarked-" not in entitle.text
+        # A marker is no webhook: nothing was dead-lettered.
+        letters = httpx.get(f"{entitle.url}/v1/dead-letters", headers=AUTH).json()["items"]
+        assert letters == []
+        # Once switched, the old log's positions are gone from the store.
+        names = EntitlementStore(env["ENTITLE_DATABASE_URL"]).positions(RAW_TOPIC)
+        assert len({name.rpartition("/")[0] for name in names}) == 1, names
 
 
 STRIPE_POISONS = {
