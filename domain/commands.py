@@ -205,16 +205,13 @@ def _apply_order_event(
             aggregates.add(Payment.open(command.source, ref, at, command.order_ref, invoice))
         elif payment.link(command.order_ref, command.invoice or ref, at):
             for parked in payment.parked:
-                order.payment_fact_delivered(parked["fact"], Cause(**parked["cause"]), at)
+                cause = Cause(**parked["cause"])
+                delivered = _Watch(entitlements, cause)
                 _deliver(
-                    parked["fact"],
-                    payment,
-                    Cause(**parked["cause"]),
-                    parked["occurred_at"],
-                    entitlements,
-                    rules,
-                    at,
+                    parked["fact"], payment, cause, parked["occurred_at"], entitlements, rules, at
                 )
+                reached = delivered.effect(entitlements).events
+                order.payment_fact_delivered(parked["fact"], cause, reached, at)
     effect = watch.effect(entitlements)
     effect.waits_for, effect.newly_parked = waits_for, newly_parked
     if waits_for is not None:
@@ -249,7 +246,6 @@ def _apply_payment_event(
             if order is not None:
                 entitlements = _entitlements(order, aggregates)
                 watch = _Watch(entitlements, command.cause)
-                order.payment_fact_delivered(command.fact, command.cause, at)
                 _deliver(
                     command.fact,
                     payment,
@@ -259,7 +255,9 @@ def _apply_payment_event(
                     rules,
                     at,
                 )
-                return watch.effect(entitlements)
+                effect = watch.effect(entitlements)
+                order.payment_fact_delivered(command.fact, command.cause, effect.events, at)
+                return effect
     # The payment itself has not arrived yet: wait for it on every ref.
     newly_parked = False
     for ref, payment in payments:

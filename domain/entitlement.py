@@ -844,10 +844,19 @@ class Order(Aggregate):
 
         fact: dict[str, Any]
         cause: dict[str, str]
+        #: Entitlement id -> the events the fact gave it (not in events
+        #: stored before 2026-11-30: read with getattr).
+        effects: dict[str, list[str]]
 
-    def payment_fact_delivered(self, fact: Fact, cause: Cause, at: datetime) -> None:
+    def payment_fact_delivered(
+        self, fact: Fact, cause: Cause, effects: dict[UUID, list[str]], at: datetime
+    ) -> None:
         self.trigger_event(
-            self.PaymentFactDelivered, timestamp=at, fact=fact, cause=cause.as_dict()
+            self.PaymentFactDelivered,
+            timestamp=at,
+            fact=fact,
+            cause=cause.as_dict(),
+            effects={str(key): names for key, names in effects.items()},
         )
 
     def park(self, fact: Fact, at: datetime) -> bool:

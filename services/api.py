@@ -87,7 +87,13 @@ def _decode_cursor(raw: str | None) -> tuple[str, str] | None:
         return None
     try:
         received_at, receipt = json.loads(base64.urlsafe_b64decode(raw.encode()))
-        if isinstance(received_at, str) and isinstance(receipt, str):
+        if (
+            isinstance(received_at, str)
+            and isinstance(receipt, str)
+            and aware_time(received_at) is not None
+            and receipt
+            and not has_control_character(receipt)
+        ):
             return received_at, receipt
     except (ValueError, TypeError):
         pass

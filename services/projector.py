@@ -185,7 +185,15 @@ def _inherited(event: Any) -> tuple[Delivered, ...]:
         kind, _, rest = str(fact.get("key", "")).partition(":")
         source, _, event_id = rest.partition(":")
         if kind == "provider":
-            delivered.append(Delivered(source, event_id, event.timestamp))
+            delivered.append(
+                Delivered(
+                    source,
+                    event_id,
+                    event.timestamp,
+                    (str(event.originator_id),),
+                    (event_type(event),),
+                )
+            )
     return tuple(delivered)
 
 
@@ -258,7 +266,14 @@ class Follower:
         event: Any = self.store.mapper.to_domain_event(notification)
         if notification.topic == _DELIVERED_TOPIC:
             cause = event.cause
-            delivered = Delivered(cause["source"], cause["event_id"], event.timestamp)
+            effects: dict[str, list[str]] = getattr(event, "effects", {})
+            delivered = Delivered(
+                cause["source"],
+                cause["event_id"],
+                event.timestamp,
+                tuple(effects),
+                tuple(sorted({name for names in effects.values() for name in names})),
+            )
             return Change(event, None, notification.id, delivered=(delivered,))
         if notification.topic.startswith(_DEAD_LETTER_TOPIC):
             letter = event.mutate(self._state_before(event))

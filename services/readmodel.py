@@ -116,6 +116,9 @@ class Delivered:
     source: str
     event_id: str
     at: datetime
+    #: The entitlements it reached, and the events it gave them.
+    entitlement_ids: tuple[str, ...] = ()
+    event_types: tuple[str, ...] = ()
 
 
 def _equal(
@@ -364,6 +367,8 @@ class ReadModel:
             view = ReceiptView.model_validate_json(body)
             view.outcome, view.waits_for, view.resolved_at = "applied", None, fact.at
             view.detail = "applied when what it waited for arrived"
+            view.entitlement_ids = list(fact.entitlement_ids)
+            view.event_types = list(fact.event_types)
             cur.execute(
                 self._sql(
                     "UPDATE entitle_v3_receipts SET outcome = 'applied', waiting = 0, body = ?"

@@ -5,6 +5,7 @@ a database outage and a dead broker."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -18,11 +19,13 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import UnknownTopicOrPartitionError
 
 from contracts.events import EVENTS_TOPIC
 from contracts.webhooks import RAW_TOPIC
+from services.fold import CONSUMER_GROUP
 from services.kafka import ensure_topics
 from services.store import EntitlementStore
 from tests import standard_events as sw
@@ -61,6 +64,31 @@ def send(entitle: Entitle, prefix: str, count: int) -> set[str]:
 
 def active_refs(entitle: Entitle) -> set[str]:
     return {e["order_ref"] for e in entitlements(entitle, status="ACTIVE", limit="1000")}
+
+
+def lag(bootstrap: str) -> int:
+    """Raw webhooks the domain service's consumer group has not committed."""
+
+    async def measure() -> int:
+        # Not a member: it only reads the group's committed offsets.
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=CONSUMER_GROUP, enable_auto_commit=False
+        )
+        await consumer.start()
+        try:
+            await consumer.topics()
+            partitions = [
+                TopicPartition(RAW_TOPIC, p) for p in consumer.partitions_for_topic(RAW_TOPIC) or ()
+            ]
+            ends = await consumer.end_offsets(partitions)
+            behind = 0
+            for partition, end in ends.items():
+                behind += end - (await consumer.committed(partition) or 0)
+            return behind
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(measure())
 
 
 def stack(tmp_path: Path, **env: str) -> Entitle:
@@ -117,6 +145,7 @@ def test_case_08_a_poison_webhook_is_a_dead_letter_and_its_partition_goes_on(
         orders = {p["entitlement"]["order_ref"] for p in published}
         assert {"sub_case08_poison", "sub_after_poison"} <= orders
         assert "delivered again" not in entitle.text  # no batch was ever retried
+        eventually(lambda: lag(bootstrap) == 0, timeout=10)  # nothing left behind
 
         # The receipt log says what became of each, by the ids the 202s gave.
         dead = httpx.get(
@@ -145,6 +174,9 @@ def test_case_08_a_poison_webhook_is_a_dead_letter_and_its_partition_goes_on(
         bad = httpx.get(f"{entitle.url}/v1/webhooks", params={"outcome": "lost"}, headers=AUTH)
         assert bad.status_code == 422 and "outcome must be one of" in bad.json()["detail"]
         assert httpx.get(f"{entitle.url}/v1/webhooks/nope", headers=AUTH).status_code == 404
+        made_up = base64.urlsafe_b64encode(json.dumps(["yesterday", "r"]).encode()).decode()
+        bad = httpx.get(f"{entitle.url}/v1/webhooks", params={"cursor": made_up}, headers=AUTH)
+        assert bad.status_code == 422 and "cursor" in bad.json()["detail"]
         assert httpx.get(f"{entitle.url}/v1/webhooks").status_code == 401
 
         # A body nested deeper than any parser's stack is bad input, not a 500.

@@ -136,9 +136,18 @@ def test_a_parked_refund_is_applied_when_its_payment_arrives(world: World) -> No
     world.send(se.charge_refunded(payment_intent="pi_late"), "refund")
     assert world.receipts()["refund"].outcome == "parked"
     world.send(paid("sub_late", payment_intent="pi_late"), "payment")
-    refund = world.receipts()["refund"]
+    got = world.receipts()
+    refund = got["refund"]
     assert refund.outcome == "applied"
     assert refund.waits_for is None and refund.resolved_at is not None
+    # It says which entitlement it reached and what it did there.
+    assert refund.entitlement_ids == got["payment"].entitlement_ids != []
+    assert refund.event_types == ["entitlement.canceled"]
+    [entitlement] = world.read_model.entitlements(order_ref="sub_late")
+    assert entitlement.status == "CANCELED"
+
+    replay(world.store, world.read_model)
+    assert world.receipts() == got
 
 
 def test_a_refund_that_waits_too_long_becomes_a_dead_letter(world: World) -> None:

@@ -155,6 +155,20 @@ def test_an_unknown_offering_sku_in_metadata_is_unmappable() -> None:
         normalize("s", event, CATALOG, datetime.now(UTC))
 
 
+@pytest.mark.parametrize(
+    ("price", "message"),
+    [
+        (["price_basic"], r"Stripe price \['price_basic'\] is not a string"),
+        (None, "an item names no price"),
+        ({"id": None}, "an item names no price"),
+    ],
+)
+def test_a_line_price_that_is_no_id_is_named_as_such(price: object, message: str) -> None:
+    event = se.invoice_paid(subscription="sub_1", lines=[{"price": price, **YEAR}])
+    with pytest.raises(Unmappable, match=message):
+        normalize("s", event, CATALOG, datetime.now(UTC))
+
+
 def test_an_invoice_without_lines_is_unmappable() -> None:
     event = se.invoice_paid(subscription="sub_1", lines=[])
     with pytest.raises(Unmappable, match="no lines"):

@@ -166,6 +166,9 @@ def _quantity(value: Any, where: str) -> int:
 
 def _offering(price: Any, catalog: Catalog, unmapped: list[str]) -> Offering | None:
     price_id, sku = _price(price)
+    if price_id is None and sku is None:
+        unmapped.append("an item names no price")
+        return None
     offering = catalog.for_price("stripe", price_id, sku)
     if offering is None:
         wanted = f"offering_sku {sku!r}" if sku else f"price {price_id!r}"
@@ -180,7 +183,7 @@ def _price(price: Any) -> tuple[str | None, str | None]:
         metadata = price.get("metadata")
         if isinstance(metadata, Mapping) and metadata.get("offering_sku"):
             sku = str(metadata["offering_sku"])
-    return _id(price), sku
+    return _id(price, "Stripe price"), sku
 
 
 def _invoice_lines(invoice: Mapping[str, Any], catalog: Catalog, unmapped: list[str]) -> list[Line]:
