@@ -115,6 +115,9 @@ class Effect:
     newly_parked: bool = False
     #: What it waits on: `payment:<id>` or `order:<id>` (aggregate ids).
     waits_on: tuple[str, ...] = ()
+    #: Payment ids it linked to their order (`payment_link`), newly or not.
+    linked: tuple[str, ...] = ()
+    newly_linked: bool = False
 
     def merge(self, other: Effect) -> None:
         for key, names in other.events.items():
@@ -123,6 +126,8 @@ class Effect:
         self.waits_for = self.waits_for or other.waits_for
         self.newly_parked = self.newly_parked or other.newly_parked
         self.waits_on += other.waits_on
+        self.linked += other.linked
+        self.newly_linked = self.newly_linked or other.newly_linked
 
 
 class _Watch:
@@ -204,14 +209,7 @@ def _apply_order_event(
             invoice = command.invoice or ref
             aggregates.add(Payment.open(command.source, ref, at, command.order_ref, invoice))
         elif payment.link(command.order_ref, command.invoice or ref, at):
-            for parked in payment.parked:
-                cause = Cause(**parked["cause"])
-                delivered = _Watch(entitlements, cause)
-                _deliver(
-                    parked["fact"], payment, cause, parked["occurred_at"], entitlements, rules, at
-                )
-                reached = delivered.effect(entitlements).events
-                order.payment_fact_delivered(parked["fact"], cause, reached, at)
+            _deliver_parked(payment, order, aggregates, rules, at)
     effect = watch.effect(entitlements)
     effect.waits_for, effect.newly_parked = waits_for, newly_parked
     if waits_for is not None:
@@ -219,18 +217,54 @@ def _apply_order_event(
     return effect
 
 
+def _deliver_parked(
+    payment: Payment, order: Order, aggregates: Aggregates, rules: Rules, at: datetime
+) -> None:
+    """The facts that waited for `payment`, now linked to `order`, reach
+    its entitlements (each recorded on the order with what it did)."""
+    entitlements = _entitlements(order, aggregates)
+    for parked in payment.parked:
+        cause = Cause(**parked["cause"])
+        delivered = _Watch(entitlements, cause)
+        _deliver(
+            parked["fact"], payment, cause, parked["occurred_at"], order, aggregates, rules, at
+        )
+        reached = delivered.effect(_entitlements(order, aggregates)).events
+        order.payment_fact_delivered(parked["fact"], cause, reached, at)
+
+
 def _deliver(
     fact: Fact,
     payment: Payment,
     cause: Cause,
     occurred_at: datetime,
-    entitlements: list[Entitlement],
+    order: Order,
+    aggregates: Aggregates,
     rules: Rules,
     at: datetime,
-) -> None:
+) -> bool:
+    """A payment fact reaches the order `payment` is linked to. A
+    `payment_link` names more ids of the same payment (Stripe's
+    `invoice_payment.paid`: the payment intent and charge that paid an
+    invoice): they are linked to the order too, and what waited for them
+    is delivered. Returns whether it linked an id not linked before."""
+    source, order_ref = order.source, order.order_ref
+    if fact["kind"] == "payment_link":
+        invoice = payment.invoice or payment.ref
+        linked = False
+        for alias in fact["aliases"]:
+            other = aggregates.find(payment_id(source, alias), Payment)
+            if other is None:
+                aggregates.add(Payment.open(source, alias, at, order_ref, invoice))
+                linked = True
+            elif other.link(order_ref, invoice, at):
+                _deliver_parked(other, order, aggregates, rules, at)
+                linked = True
+        return linked
     fact = {**fact, "invoice": fact.get("invoice") or payment.invoice}
-    for entitlement in entitlements:
+    for entitlement in _entitlements(order, aggregates):
         entitlement.settle(fact, cause, occurred_at, rules.catalog, rules.policy, at)
+    return False
 
 
 def _apply_payment_event(
@@ -246,16 +280,19 @@ def _apply_payment_event(
             if order is not None:
                 entitlements = _entitlements(order, aggregates)
                 watch = _Watch(entitlements, command.cause)
-                _deliver(
+                linked = _deliver(
                     command.fact,
                     payment,
                     command.cause,
                     command.occurred_at,
-                    entitlements,
+                    order,
+                    aggregates,
                     rules,
                     at,
                 )
-                effect = watch.effect(entitlements)
+                effect = watch.effect(_entitlements(order, aggregates))
+                if command.fact["kind"] == "payment_link":
+                    effect.linked, effect.newly_linked = tuple(command.fact["aliases"]), linked
                 order.payment_fact_delivered(command.fact, command.cause, effect.events, at)
                 return effect
     # The payment itself has not arrived yet: wait for it on every ref.

@@ -74,18 +74,24 @@ def payment(
     lines: Iterable[Line],
     starts: datetime | None = None,
     amount: str | None = None,
+    rest_of_subscription: bool = False,
 ) -> Fact:
     """An invoice was paid for these lines' periods. A provider that names no
-    period (PayPal's sales) gives `starts` instead: one period of each
-    entitlement's offering from then. `amount` lets a later refund be
-    judged full or partial."""
-    return {
+    period (PayPal's sales, one-off purchases) gives `starts` instead: one
+    period of each entitlement's offering from then. `amount` lets a later
+    refund be judged full or partial. `rest_of_subscription`: the invoice
+    also paid items it does not list (a webhook carries only its first
+    lines), for the period the subscription last stated before it."""
+    fact: Fact = {
         "kind": "payment",
         "invoice": invoice,
         "lines": _lines(lines),
         "starts": starts,
         "amount": amount,
     }
+    if rest_of_subscription:
+        fact["rest"] = True
+    return fact
 
 
 def payment_failed(invoice: str, lines: Iterable[Line]) -> Fact:
@@ -99,8 +105,16 @@ def subscription(
     period_end: datetime | None,
     trial_end: datetime | None = None,
     cancel_at: datetime | None = None,
+    vouches: bool = True,
 ) -> Fact:
-    """The provider's whole view of the subscription at one moment."""
+    """The provider's whole view of the subscription at one moment.
+
+    `vouches`: whether an `active` snapshot proves its period is paid. Not
+    on providers that move the period forward before they charge for it
+    (Stripe: `customer.subscription.updated` about an hour before the
+    renewal invoice is attempted, https://docs.stripe.com/billing/subscriptions/overview#subscription-lifecycle;
+    Chargebee: `subscription_renewed` with an invoice still to be paid):
+    there only a paid invoice moves the paid-through date."""
     return {
         "kind": "subscription",
         "status": status,
@@ -109,7 +123,20 @@ def subscription(
         "end": period_end,
         "trial_end": trial_end,
         "cancel_at": cancel_at,
+        "vouches": vouches,
     }
+
+
+def written_off(invoice: str, how: str) -> Fact:
+    """The provider no longer expects `invoice` to be paid (`how`: `voided`,
+    `uncollectible`): a failure to pay it leaves nothing overdue."""
+    return {"kind": "written_off", "invoice": invoice, "how": how}
+
+
+def payment_link(aliases: Iterable[str]) -> Fact:
+    """More ids of the payment it is delivered through (a payment intent, a
+    charge): refunds and disputes that name them find its order."""
+    return {"kind": "payment_link", "aliases": sorted(set(aliases))}
 
 
 def ended(reason: str, lines: Iterable[Line] = ()) -> Fact:
@@ -219,8 +246,10 @@ class Facts:
         self.log: list[Fact] = []
         self._by_key: dict[str, Fact] = {}
         self.paid: dict[str, Fact] = {}  # invoice -> payment fact
-        self.failed: set[str] = set()
+        self.failed: dict[str, Fact] = {}  # invoice -> its (first) failure
+        self.written_off: set[str] = set()
         self.latest_snapshot: Fact | None = None
+        self.snapshots: list[Fact] = []
         self.snapshot_paid_through: tuple[datetime, datetime | None] | None = None
         self.latest_lines: Fact | None = None  # newest payment/failure/ended with lines
         self.ended: dict[str, str] = {}  # fact key -> reason
@@ -261,8 +290,13 @@ class Facts:
             if previous is None or _order_key(fact) < _order_key(previous):
                 self.paid[fact["invoice"]] = fact
         elif kind == "payment_failed":
-            self.failed.add(fact["invoice"])
+            previous = self.failed.get(fact["invoice"])
+            if previous is None or _order_key(fact) < _order_key(previous):
+                self.failed[fact["invoice"]] = fact
+        elif kind == "written_off":
+            self.written_off.add(fact["invoice"])
         elif kind == "subscription":
+            self.snapshots.append(fact)
             if self.latest_snapshot is None or _order_key(fact) > _order_key(self.latest_snapshot):
                 self.latest_snapshot = fact
             through = _snapshot_paid_through(fact)
@@ -348,6 +382,8 @@ class Facts:
             elif fact.get("starts") is not None and offering is not None:
                 starts = fact["starts"]
                 candidate = (add_period(starts, offering.period), starts, invoice)
+            elif fact.get("rest") and (stated := self._stated_before(fact, slot)) is not None:
+                candidate = (stated[1], stated[0], invoice)
             else:
                 continue
             if (
@@ -362,6 +398,19 @@ class Facts:
         if best is None:
             return None, None, None
         return best[1], best[0], best[2]
+
+    def _stated_before(self, fact: Fact, slot: str) -> tuple[datetime | None, datetime] | None:
+        """(start, end) of `slot`'s period in the newest snapshot before `fact`."""
+        best: Fact | None = None
+        for snapshot in self.snapshots:
+            if (
+                slot in snapshot["lines"]
+                and snapshot.get("end") is not None
+                and _order_key(snapshot) <= _order_key(fact)
+                and (best is None or _order_key(snapshot) > _order_key(best))
+            ):
+                best = snapshot
+        return (best.get("start"), best["end"]) if best is not None else None
 
     def blocking(
         self, slot: str, now: datetime, offering: Offering | None = None
@@ -479,12 +528,28 @@ class Facts:
         if suspend_at is not None and now >= suspend_at:
             return Standing(Status.SUSPENDED, "unpaid", start, end, False, True, cancel_at, due)
         return Standing(
-            Status.ACTIVE, None, start, end, trial, self._overdue(end, now), cancel_at, due
+            Status.ACTIVE, None, start, end, trial, self._overdue(slot, end, now), cancel_at, due
         )
 
-    def _overdue(self, end: datetime, now: datetime) -> bool:
-        if now >= end or self.failed - set(self.paid):
+    def _overdue(self, slot: str, end: datetime, now: datetime) -> bool:
+        """Whether the current period is unpaid: it has ended unpaid, or an
+        invoice beyond the paid-through date failed and is neither paid nor
+        written off since, or the provider's newest snapshot says so and no
+        payment came after it."""
+        if now >= end:
             return True
+        for invoice, failure in self.failed.items():
+            if invoice in self.paid or invoice in self.written_off:
+                continue
+            line = failure["lines"].get(slot)
+            if line is None and failure["lines"]:
+                continue  # another item's invoice
+            failed_end = line.get("end") if line is not None else None
+            if failed_end is not None:
+                if failed_end > end:
+                    return True
+            elif not any(_order_key(p) > _order_key(failure) for p in self.paid.values()):
+                return True
         snapshot = self.latest_snapshot
         if snapshot is None or snapshot["status"] not in OVERDUE_SUBSCRIPTION:
             return False
@@ -504,7 +569,7 @@ def _snapshot_paid_through(fact: Fact) -> tuple[datetime, datetime | None] | Non
     """(end, start) that a subscription snapshot vouches is paid for."""
     if fact["status"] == "trialing" and fact.get("trial_end") is not None:
         return fact["trial_end"], fact.get("start")
-    if fact["status"] == "active" and fact.get("end") is not None:
+    if fact["status"] == "active" and fact.get("end") is not None and fact.get("vouches", True):
         return fact["end"], fact.get("start")
     return None
 

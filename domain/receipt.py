@@ -134,6 +134,11 @@ def classify(
         return "dead_letter", reason
     if effect.events:
         return "applied", None
+    if effect.linked:
+        what = ", ".join(effect.linked)
+        if effect.newly_linked:
+            return "applied", f"linked {what} to its order"
+        return "duplicate", f"{what} already linked to its order"
     if effect.waits_for is not None:
         if effect.newly_parked:
             return "parked", None

@@ -15,7 +15,7 @@ from contracts.api import ReceiptView
 from contracts.webhooks import RAW_TOPIC, RawWebhookV1
 from domain.dead_letter import DeadLetter, dead_letter_id
 from services.codes import CodeBook
-from services.config import parse_config
+from services.config import Config, parse_config
 from services.fold import DomainService, Scheduler
 from services.projector import Follower, ReadModelProjection, project_batch, replay
 from services.readmodel import ReadModel
@@ -37,11 +37,11 @@ CODES = CodeBook("test-code-secret-0123456789")
 class World:
     """A domain service, its read model projection, and a held clock."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, config: Config = CONFIG) -> None:
         self.now = datetime.now(UTC)
         self.store = EntitlementStore(database_url)
         self.read_model = ReadModel(database_url)
-        self.service = DomainService(self.store, CONFIG, CODES, clock=lambda: self.now)
+        self.service = DomainService(self.store, config, CODES, clock=lambda: self.now)
         self.offset = 0
         self.position = 0
 
@@ -67,6 +67,12 @@ class World:
         if last is not None:
             asyncio.run(project_batch(ReadModelProjection(self.read_model), changes, last))
             self.position = last
+
+    def settle(self, now: datetime) -> None:
+        """Let time pass to `now`: the scheduler settles what became due."""
+        self.now = now
+        Scheduler(self.service, self.read_model).run_once()
+        self.project()
 
     def receipts(self, **filters: str) -> dict[str, ReceiptView]:
         items, _ = self.read_model.receipts(1000, **filters)

@@ -158,8 +158,9 @@ def _line_item(line: Mapping[str, Any]) -> str | None:
 
 
 def _quantity(value: Any, where: str) -> int:
+    """An item's quantity; 0 is allowed (an emptied item grants nothing)."""
     quantity = 1 if value is None else value
-    if not isinstance(quantity, int) or isinstance(quantity, bool) or quantity < 1:
+    if not isinstance(quantity, int) or isinstance(quantity, bool) or quantity < 0:
         raise Unmappable(f"Stripe {where} has quantity {quantity!r}")
     return quantity
 
@@ -186,32 +187,52 @@ def _price(price: Any) -> tuple[str | None, str | None]:
     return _id(price, "Stripe price"), sku
 
 
-def _invoice_lines(invoice: Mapping[str, Any], catalog: Catalog, unmapped: list[str]) -> list[Line]:
+def _invoice_lines(
+    invoice: Mapping[str, Any], catalog: Catalog, unmapped: list[str], one_off: bool
+) -> list[Line]:
+    """The items an invoice pays for, one Line per subscription item.
+    Proration lines (the difference a mid-period change costs) and lines of
+    quantity 0 grant nothing and are left out. A one-off invoice's lines
+    carry no period: the payment starts one."""
     lines_list = invoice.get("lines")
     raw_lines = lines_list.get("data") if isinstance(lines_list, Mapping) else None
-    if not isinstance(raw_lines, list) or not raw_lines:
+    if not isinstance(raw_lines, list) or (not raw_lines and not _truncated(invoice)):
         raise Unmappable("Stripe invoice has no lines.data")
     by_slot: dict[str, Line] = {}
     for line in raw_lines:
         if not isinstance(line, Mapping) or _is_proration(line):
             continue
+        where = f"invoice line {line.get('id')!r}"
+        quantity = _quantity(line.get("quantity"), where)
+        if quantity == 0:
+            continue
         offering = _offering(_line_price(line), catalog, unmapped)
         if offering is None:
             continue
-        period = line.get("period")
-        if not isinstance(period, Mapping):
-            raise Unmappable(f"Stripe invoice line {line.get('id')!r} has no period")
-        quantity = _quantity(line.get("quantity"), f"invoice line {line.get('id')!r}")
+        start = end = None
+        if not one_off:
+            period = line.get("period")
+            if not isinstance(period, Mapping):
+                raise Unmappable(f"Stripe {where} has no period")
+            start = _timestamp(period.get("start"), "line period start")
+            end = _timestamp(period.get("end"), "line period end")
         slot = _line_item(line) or offering.sku
         previous = by_slot.get(slot)
         by_slot[slot] = Line(
             slot=slot,
             offering=offering,
             quantity=quantity + (previous.quantity if previous else 0),
-            period_start=_timestamp(period.get("start"), "line period start"),
-            period_end=_timestamp(period.get("end"), "line period end"),
+            period_start=start,
+            period_end=end,
         )
     return list(by_slot.values())
+
+
+def _truncated(invoice: Mapping[str, Any]) -> bool:
+    """Whether the webhook carries only the first page of the invoice's
+    lines (Stripe embeds at most 10: https://docs.stripe.com/api/invoices/object#invoice_object-lines)."""
+    lines_list = invoice.get("lines")
+    return isinstance(lines_list, Mapping) and lines_list.get("has_more") is True
 
 
 def _cause(source: str, payload: Mapping[str, Any]) -> Cause:
@@ -226,42 +247,133 @@ def _finish(commands: list[Command], unmapped: list[str], what: str) -> list[Com
     if unmapped:
         raise Unmappable("; ".join(unmapped), commands)
     if not commands:
-        raise Unmappable(f"Stripe {what} has no item with a price (only prorations?)")
+        raise Unmappable(f"Stripe {what} has no item of quantity 1 or more")
     return commands
 
 
 def _invoice_event(
     source: str, kind: str, payload: Mapping[str, Any], catalog: Catalog
 ) -> list[Command]:
+    """A paid or failed invoice. Paid, it moves the paid-through date of
+    the items it bills and links its payment ids (payment intent, charge,
+    the invoice itself) to the order, for refunds and disputes to find,
+    even when it grants nothing new (only prorations, or items of quantity
+    0). One without a subscription is a one-off purchase: its order is the
+    invoice, and each item gets one period of its offering from the payment."""
     invoice = _object(payload)
     invoice_id = _id(invoice.get("id"))
-    order_ref = _invoice_subscription(invoice) or invoice_id
+    subscription = _invoice_subscription(invoice)
+    order_ref = subscription or invoice_id
     if not order_ref or not invoice_id:
         raise Unmappable("Stripe invoice has neither a subscription nor an id")
+    paid = kind in PAYMENT_EVENTS
     unmapped: list[str] = []
-    lines = _invoice_lines(invoice, catalog, unmapped)
-    commands: list[Command] = []
-    if lines:
-        paid = kind in PAYMENT_EVENTS
-        # One id is enough to find the order again from a refund or dispute
-        # (they name the payment intent, and the invoice on older versions).
-        refs = [_id(invoice.get("payment_intent")) or invoice_id]
-        commands.append(
-            OrderEvent(
-                source=source,
-                order_ref=order_ref,
-                fact=(lifecycle.payment if paid else lifecycle.payment_failed)(invoice_id, lines),
-                lines=tuple(lines),
-                cause=_cause(source, payload),
-                occurred_at=_created(payload),
-                customer=Customer(
-                    id=_id(invoice.get("customer")), email=invoice.get("customer_email") or None
-                ),
-                payment_refs=tuple(refs) if paid else (),
-                invoice=invoice_id,
-            )
+    one_off = subscription is None
+    lines = _invoice_lines(invoice, catalog, unmapped, one_off)
+    truncated = _truncated(invoice) and not one_off
+    if not lines and (one_off or not paid) and not truncated:
+        if unmapped:
+            raise Unmappable("; ".join(unmapped))
+        if not paid:
+            return []  # a failure to pay for nothing that grants anything
+        raise Unmappable("Stripe one-off invoice has no item with a price")
+    amount = invoice.get("amount_paid")
+    if paid:
+        paid_at = _paid_at(invoice) or _created(payload)
+        fact = lifecycle.payment(
+            invoice_id,
+            lines,
+            starts=paid_at if one_off else None,
+            amount=str(amount)
+            if isinstance(amount, int) and not isinstance(amount, bool)
+            else None,
+            rest_of_subscription=truncated,
         )
-    return _finish(commands, unmapped, "invoice")
+    else:
+        fact = lifecycle.payment_failed(invoice_id, lines)
+    command = OrderEvent(
+        source=source,
+        order_ref=order_ref,
+        fact=fact,
+        lines=tuple(lines),
+        cause=_cause(source, payload),
+        occurred_at=_created(payload),
+        customer=Customer(
+            id=_id(invoice.get("customer")), email=invoice.get("customer_email") or None
+        ),
+        payment_refs=_payment_refs(invoice, invoice_id) if paid else (),
+        invoice=invoice_id,
+    )
+    if unmapped:
+        raise Unmappable("; ".join(unmapped), [command])
+    return [command]
+
+
+def _paid_at(invoice: Mapping[str, Any]) -> datetime | None:
+    transitions = invoice.get("status_transitions")
+    if isinstance(transitions, Mapping) and transitions.get("paid_at") is not None:
+        return _timestamp(transitions["paid_at"], "status_transitions.paid_at")
+    return None
+
+
+def _payment_refs(invoice: Mapping[str, Any], invoice_id: str) -> tuple[str, ...]:
+    """Every id a refund or dispute may name this payment by: the invoice,
+    and its payment intent and charge (on the invoice before
+    2025-03-31.basil; since then in `payments`, when expanded, or sent
+    later by `invoice_payment.paid`)."""
+    refs = [invoice_id, *_refs(invoice, "payment_intent", "charge")]
+    payments = invoice.get("payments")
+    data = payments.get("data") if isinstance(payments, Mapping) else None
+    for entry in data if isinstance(data, list) else []:
+        if isinstance(entry, Mapping) and isinstance(entry.get("payment"), Mapping):
+            refs += _refs(entry["payment"], "payment_intent", "charge")
+    return tuple(dict.fromkeys(refs))
+
+
+def _written_off(source: str, kind: str, payload: Mapping[str, Any]) -> list[Command]:
+    """`invoice.voided` / `invoice.marked_uncollectible`: the vendor no
+    longer expects the invoice to be paid, so failing to pay it leaves the
+    subscription's current period owing nothing
+    (https://docs.stripe.com/invoicing/overview#invoice-statuses)."""
+    invoice = _object(payload)
+    invoice_id = _id(invoice.get("id"))
+    subscription = _invoice_subscription(invoice)
+    if not invoice_id:
+        raise Unmappable("Stripe invoice has no id")
+    if subscription is None:
+        return []  # a one-off invoice never paid granted nothing
+    how = "voided" if kind == "invoice.voided" else "uncollectible"
+    return [
+        OrderEvent(
+            source=source,
+            order_ref=subscription,
+            fact=lifecycle.written_off(invoice_id, how),
+            lines=(),
+            cause=_cause(source, payload),
+            occurred_at=_created(payload),
+        )
+    ]
+
+
+def _invoice_payment(source: str, payload: Mapping[str, Any]) -> list[Command]:
+    """`invoice_payment.paid` (2025-03-31.basil and later): which payment
+    intent or charge paid an invoice, the only place a basil payload says
+    so (https://docs.stripe.com/api/invoice-payment/object)."""
+    obj = _object(payload)
+    invoice = _id(obj.get("invoice"))
+    payment = obj.get("payment")
+    aliases = _refs(payment, "payment_intent", "charge") if isinstance(payment, Mapping) else ()
+    if not invoice or not aliases:
+        raise Unmappable("Stripe invoice payment names no invoice, payment intent or charge")
+    return [
+        PaymentEvent(
+            source=source,
+            payment_refs=(invoice,),
+            fact=lifecycle.payment_link(aliases),
+            cause=_cause(source, payload),
+            occurred_at=_created(payload),
+        )
+    ]
 
 
 def _subscription_lines(
@@ -275,15 +387,14 @@ def _subscription_lines(
     for item in data:
         if not isinstance(item, Mapping):
             continue
+        quantity = _quantity(item.get("quantity"), f"subscription item {item.get('id')!r}")
+        if quantity == 0:
+            continue  # an emptied item grants nothing; the others still apply
         offering = _offering(item.get("price") or item.get("plan"), catalog, unmapped)
         if offering is None:
             continue
         lines.append(
-            Line(
-                slot=_id(item.get("id")) or offering.sku,
-                offering=offering,
-                quantity=_quantity(item.get("quantity"), f"subscription item {item.get('id')!r}"),
-            )
+            Line(slot=_id(item.get("id")) or offering.sku, offering=offering, quantity=quantity)
         )
     return lines
 
@@ -329,6 +440,8 @@ def _subscription_event(
             period_end,
             trial_end=_optional_timestamp(subscription.get("trial_end"), "trial_end"),
             cancel_at=cancel_at,
+            # Stripe moves the period forward before it charges for it.
+            vouches=False,
         )
     commands: list[Command] = []
     if lines or kind == "customer.subscription.deleted":
@@ -422,6 +535,10 @@ def normalize(
         raise Unmappable("not a Stripe event: it needs a string 'type' and 'id'")
     if kind in PAYMENT_EVENTS or kind == "invoice.payment_failed":
         return _invoice_event(source, kind, payload, catalog)
+    if kind in ("invoice.voided", "invoice.marked_uncollectible"):
+        return _written_off(source, kind, payload)
+    if kind == "invoice_payment.paid":
+        return _invoice_payment(source, payload)
     if kind in SUBSCRIPTION_EVENTS:
         return _subscription_event(source, kind, payload, catalog)
     if kind == "checkout.session.completed":
