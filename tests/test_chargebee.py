@@ -126,3 +126,76 @@ def test_a_full_refund_of_the_current_invoice_cancels() -> None:
     assert world.only().status is Status.ACTIVE
     world.deliver(cb.refunded("sub_1", "inv_0", 1000, ts(2 * DAY)))
     assert (world.only().status, world.only().reason) == (Status.CANCELED, "refunded")
+
+
+def renewed_unpaid(world: World) -> None:
+    """A term paid, then `subscription_renewed` with the next term's invoice
+    still payment_due (its collection failed), as Chargebee sends it."""
+    world.deliver(
+        cb.invoice_event("subscription_created", "sub_1", "inv_0", ts(0), ts(MONTH), ts(60))
+    )
+    renewal = cb.subscription(
+        "subscription_renewed", "sub_1", "active", ts(MONTH), ts(2 * MONTH), ts(MONTH) * 1000
+    )
+    unpaid = cb.invoice_event(
+        "x", "sub_1", "inv_1", ts(MONTH), ts(2 * MONTH), ts(MONTH), status="payment_due"
+    )
+    renewal["content"]["invoice"] = unpaid["content"]["invoice"]
+    world.at(MONTH + 60).deliver(renewal)
+
+
+def test_a_renewal_with_an_unpaid_invoice_does_not_extend_the_paid_period() -> None:
+    world = World(catalog=CATALOG, provider="chargebee")
+    renewed_unpaid(world)
+    entitlement = world.only()
+    assert entitlement.period_end == T0 + timedelta(seconds=MONTH)
+    assert (entitlement.status, entitlement.overdue) == (Status.ACTIVE, True)
+    world.at(MONTH + 2 * DAY).tick()  # past the period and the 24 h leeway
+    assert (entitlement.status, entitlement.reason) == (Status.EXPIRED, "unpaid")
+    # Paid after all (dunning succeeded): the term is paid through.
+    world.at(MONTH + 3 * DAY).deliver(
+        cb.invoice_event(
+            "payment_succeeded", "sub_1", "inv_1", ts(MONTH), ts(2 * MONTH), ts(MONTH + 3 * DAY)
+        )
+    )
+    assert (entitlement.status, entitlement.overdue) == (Status.ACTIVE, False)
+    assert entitlement.period_end == T0 + timedelta(seconds=2 * MONTH)
+
+
+def test_a_written_off_invoice_and_a_reactivation_leave_nothing_overdue() -> None:
+    world = World(catalog=CATALOG, provider="chargebee")
+    renewed_unpaid(world)
+    written_off = cb.invoice_event(
+        "invoice_updated", "sub_1", "inv_1", ts(MONTH), ts(2 * MONTH), ts(MONTH + DAY)
+    )
+    written_off["content"]["invoice"].update(amount_paid=0, write_off_amount=1000)
+    world.at(MONTH + DAY).deliver(written_off)
+    assert world.only().period_end == T0 + timedelta(seconds=MONTH)  # no payment
+    reactivated = cb.invoice_event(
+        "subscription_reactivated",
+        "sub_1",
+        "inv_2",
+        ts(MONTH + DAY),
+        ts(2 * MONTH),
+        ts(MONTH + DAY),
+    )
+    snapshot = cb.subscription(
+        "x", "sub_1", "active", ts(MONTH + DAY), ts(2 * MONTH), ts(MONTH + DAY) * 1000
+    )
+    reactivated["content"]["subscription"] = snapshot["content"]["subscription"]
+    world.at(MONTH + DAY + 60).deliver(reactivated)
+    entitlement = world.only()
+    assert (entitlement.status, entitlement.overdue) == (Status.ACTIVE, False)
+    assert entitlement.period_end == T0 + timedelta(seconds=2 * MONTH)
+
+
+def test_an_item_of_quantity_0_grants_nothing_and_the_plan_still_applies() -> None:
+    world = World(catalog=CATALOG, provider="chargebee")
+    event = cb.subscription("subscription_changed", "sub_1", "in_trial", ts(0), ts(MONTH), 1000)
+    event["content"]["subscription"]["trial_end"] = ts(MONTH)
+    event["content"]["subscription"]["subscription_items"].append(
+        {"item_price_id": "pro-USD-Monthly", "item_type": "addon", "quantity": 0}
+    )
+    world.deliver(event)
+    assert [e.sku for e in world.entitlements()] == ["basic"]
+    assert world.only().status is Status.ACTIVE

@@ -46,6 +46,8 @@ SUBSCRIPTION_EVENTS = frozenset(
         "subscription_scheduled_cancellation_removed",
     }
 )
+#: Invoice statuses that mean its collection failed (https://apidocs.chargebee.com/docs/api/invoices#invoice_status).
+UNPAID = frozenset({"payment_due", "not_paid"})
 STATUSES = {
     "future": "pending",
     "in_trial": "trialing",
@@ -118,10 +120,17 @@ def _subscription_lines(
         if offering is None:
             unmapped.append(f"item price {price_id!r} maps to no offering in the catalog")
             continue
-        lines.append(
-            Line(_slot(item.get("item_type"), price_id), offering, int(item.get("quantity") or 1))
-        )
+        quantity = _quantity(item.get("quantity"), price_id)
+        if quantity:  # an emptied item grants nothing; the others still apply
+            lines.append(Line(_slot(item.get("item_type"), price_id), offering, quantity))
     return lines
+
+
+def _quantity(value: Any, price_id: str) -> int:
+    quantity = 1 if value is None else value
+    if not isinstance(quantity, int) or isinstance(quantity, bool) or quantity < 0:
+        raise Unmappable(f"Chargebee item price {price_id!r} has quantity {quantity!r}")
+    return quantity
 
 
 def _invoice_lines(invoice: Mapping[str, Any], catalog: Catalog, unmapped: list[str]) -> list[Line]:
@@ -137,11 +146,14 @@ def _invoice_lines(invoice: Mapping[str, Any], catalog: Catalog, unmapped: list[
         if offering is None:
             unmapped.append(f"item price {price_id!r} maps to no offering in the catalog")
             continue
+        quantity = _quantity(item.get("quantity"), price_id)
+        if not quantity:
+            continue
         slot = _slot(item.get("entity_type"), price_id)
         lines[slot] = Line(
             slot,
             offering,
-            int(item.get("quantity") or 1),
+            quantity,
             _time(item.get("date_from"), "line date_from"),
             _time(item.get("date_to"), "line date_to"),
         )
@@ -172,28 +184,44 @@ def normalize(
     invoice = _obj(payload, "invoice")
     unmapped: list[str] = []
     commands: list[Command] = []
-    # A paid invoice says more than the snapshot beside it: it is what a
-    # later refund names.
-    paid = kind in ("subscription_renewed", "payment_succeeded", "subscription_created") and (
-        invoice is not None and invoice.get("status") == "paid"
+    # An event may carry a subscription and an invoice: each is a fact of its
+    # own (the invoice's under the event id + "/invoice", since an
+    # entitlement keeps one fact per cause).
+    invoice_cause = (
+        Cause.provider(source, f"{event_id(payload)}/invoice") if subscription else cause
     )
-    if (paid or kind == "payment_failed") and invoice and invoice.get("subscription_id"):
-        lines = _invoice_lines(invoice, catalog, unmapped)
-        if lines:
-            record = lifecycle.payment if paid else lifecycle.payment_failed
-            commands.append(
-                OrderEvent(
-                    source,
-                    _ref(invoice, "subscription_id"),
-                    record(_ref(invoice, "id"), lines),
-                    tuple(lines),
-                    cause,
-                    occurred_at,
-                    _customer(payload),
-                    invoice=_ref(invoice, "id") if paid else None,
+    status = invoice.get("status") if invoice is not None else None
+    if invoice is not None and invoice.get("subscription_id") and kind != "payment_refunded":
+        invoice_id = _ref(invoice, "id")
+        order = _ref(invoice, "subscription_id")
+        written_off = status == "voided" or (invoice.get("write_off_amount") or 0) > 0
+        if written_off:
+            # Written off, it is marked paid with nothing collected: no payment.
+            how = "voided" if status == "voided" else "uncollectible"
+            fact = lifecycle.written_off(invoice_id, how)
+            commands.append(OrderEvent(source, order, fact, (), invoice_cause, occurred_at))
+        elif status == "paid" or status in UNPAID or kind == "payment_failed":
+            # Paid, it moves the paid-through date and is what a later refund
+            # names; not paid (a renewal whose collection failed), it leaves the
+            # new term unpaid and the subscription overdue.
+            lines = _invoice_lines(invoice, catalog, unmapped)
+            paid = status == "paid"
+            if lines:
+                commands.append(
+                    OrderEvent(
+                        source,
+                        order,
+                        (lifecycle.payment if paid else lifecycle.payment_failed)(
+                            invoice_id, lines
+                        ),
+                        tuple(lines),
+                        invoice_cause,
+                        occurred_at,
+                        _customer(payload),
+                        invoice=invoice_id if paid else None,
+                    )
                 )
-            )
-    elif kind == "payment_refunded" and invoice is not None and invoice.get("subscription_id"):
+    if kind == "payment_refunded" and invoice is not None and invoice.get("subscription_id"):
         total = invoice.get("total") or invoice.get("amount_paid") or 0
         credit = _obj(payload, "credit_note")
         transaction = _obj(payload, "transaction")
@@ -203,8 +231,8 @@ def normalize(
             OrderEvent(source, _ref(invoice, "subscription_id"), fact, (), cause, occurred_at)
         )
     elif kind in SUBSCRIPTION_EVENTS and subscription is not None:
-        status = STATUSES.get(str(subscription.get("status")))
-        if not subscription.get("id") or status is None:
+        sub_status = STATUSES.get(str(subscription.get("status")))
+        if not subscription.get("id") or sub_status is None:
             raise Unmappable(f"Chargebee subscription has status {subscription.get('status')!r}")
         lines = _subscription_lines(subscription, catalog, unmapped)
         end = _time(subscription.get("current_term_end"), "current_term_end")
@@ -212,12 +240,15 @@ def normalize(
         if subscription.get("status") == "non_renewing":
             cancel_at = cancel_at or end
         fact = lifecycle.subscription(
-            status,
+            sub_status,
             lines,
             _time(subscription.get("current_term_start"), "current_term_start"),
             end,
             trial_end=_time(subscription.get("trial_end"), "trial_end"),
-            cancel_at=cancel_at if status != "canceled" else None,
+            cancel_at=cancel_at if sub_status != "canceled" else None,
+            # Chargebee starts the next term before it has collected for it
+            # (subscription_renewed with an invoice still payment_due).
+            vouches=False,
         )
         # Chargebee bumps resource_version (ms) on every change: it orders snapshots.
         version = _time(subscription.get("resource_version"), "resource_version", 1000)
