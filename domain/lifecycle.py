@@ -106,6 +106,8 @@ def subscription(
     trial_end: datetime | None = None,
     cancel_at: datetime | None = None,
     vouches: bool = True,
+    state: Mapping[str, Any] | None = None,
+    previous: Mapping[str, Any] | None = None,
 ) -> Fact:
     """The provider's whole view of the subscription at one moment.
 
@@ -114,8 +116,12 @@ def subscription(
     (Stripe: `customer.subscription.updated` about an hour before the
     renewal invoice is attempted, https://docs.stripe.com/billing/subscriptions/overview#subscription-lifecycle;
     Chargebee: `subscription_renewed` with an invoice still to be paid):
-    there only a paid invoice moves the paid-through date."""
-    return {
+    there only a paid invoice moves the paid-through date.
+
+    `state` and `previous`: fields of the provider's object as they are now
+    and as they were before this change (Stripe's `data.previous_attributes`),
+    which order two snapshots made in the same second (`_snapshot_later`)."""
+    fact: Fact = {
         "kind": "subscription",
         "status": status,
         "lines": _lines(lines),
@@ -125,6 +131,10 @@ def subscription(
         "cancel_at": cancel_at,
         "vouches": vouches,
     }
+    if previous:
+        fact["state"] = dict(state or {})
+        fact["previous"] = dict(previous)
+    return fact
 
 
 def written_off(invoice: str, how: str) -> Fact:
@@ -144,9 +154,21 @@ def ended(reason: str, lines: Iterable[Line] = ()) -> Fact:
     return {"kind": "ended", "reason": reason, "lines": _lines(lines)}
 
 
-def refund(full: bool | None, invoice: str | None = None, amount: str | None = None) -> Fact:
-    """`full` None: judged by `amount` against the refunded payment's amount."""
-    return {"kind": "refund", "full": full, "invoice": invoice, "amount": amount}
+def refund(
+    full: bool | None,
+    invoice: str | None = None,
+    amount: str | None = None,
+    refund_id: str | None = None,
+    failed: bool = False,
+) -> Fact:
+    """`full` None: judged by `amount` against the refunded payment's amount.
+    A refund the provider names (`refund_id`) and later reports `failed`
+    refunds nothing."""
+    fact: Fact = {"kind": "refund", "full": full, "invoice": invoice, "amount": amount}
+    if refund_id is not None:
+        fact["refund"] = refund_id
+        fact["failed"] = failed
+    return fact
 
 
 def dispute(dispute_id: str, state: str, invoice: str | None = None) -> Fact:
@@ -254,6 +276,7 @@ class Facts:
         self.latest_lines: Fact | None = None  # newest payment/failure/ended with lines
         self.ended: dict[str, str] = {}  # fact key -> reason
         self.refunds: dict[str, Fact] = {}  # fact key -> refund fact
+        self.failed_refunds: set[str] = set()  # refund ids the provider says failed
         self.disputes: dict[str, Fact] = {}  # dispute id -> newest fact
         self.latest_customer: Fact | None = None
         self.admin: list[Fact] = []
@@ -297,7 +320,7 @@ class Facts:
             self.written_off.add(fact["invoice"])
         elif kind == "subscription":
             self.snapshots.append(fact)
-            if self.latest_snapshot is None or _order_key(fact) > _order_key(self.latest_snapshot):
+            if self.latest_snapshot is None or _snapshot_later(fact, self.latest_snapshot):
                 self.latest_snapshot = fact
             through = _snapshot_paid_through(fact)
             if through is not None and (
@@ -307,7 +330,10 @@ class Facts:
         elif kind == "ended":
             self.ended[key] = fact["reason"]
         elif kind == "refund":
-            self.refunds[key] = fact
+            if fact.get("failed"):
+                self.failed_refunds.add(fact["refund"])
+            else:
+                self.refunds[key] = fact
         elif kind == "dispute":
             previous = self.disputes.get(fact["dispute"])
             if previous is None or _dispute_rank(fact) > _dispute_rank(previous):
@@ -434,6 +460,7 @@ class Facts:
         for key, fact in sorted(self.refunds.items()):
             if (
                 self._full_refund(fact)
+                and fact.get("refund") not in self.failed_refunds
                 and fact["invoice"] is not None
                 and fact["invoice"] == current_invoice
                 and key not in waived
@@ -572,6 +599,58 @@ def _snapshot_paid_through(fact: Fact) -> tuple[datetime, datetime | None] | Non
     if fact["status"] == "active" and fact.get("end") is not None and fact.get("vouches", True):
         return fact["end"], fact.get("start")
     return None
+
+
+#: Where a status usually comes in a subscription's life: of two snapshots
+#: in the same second that nothing else orders, the later status wins.
+_STATUS_ORDER = {
+    "pending": 0,
+    "incomplete": 1,
+    "incomplete_expired": 2,
+    "trialing": 3,
+    "active": 4,
+    "past_due": 5,
+    "unpaid": 6,
+    "paused": 6,
+    "suspended": 6,
+    "canceled": 7,
+    "expired": 8,
+}
+
+
+def _follows(later: Fact, earlier: Fact) -> bool:
+    """Whether `later` says it changed from what `earlier` shows: every
+    field it reports as changed had, before, the value `earlier` has."""
+    previous = later.get("previous")
+    state = earlier.get("state")
+    if not previous or state is None:
+        return False
+    return all(field in state and state[field] == value for field, value in previous.items())
+
+
+def _snapshot_later(fact: Fact, other: Fact) -> bool:
+    """Whether snapshot `fact` is newer than `other`: by the provider's
+    time; in the same second (Stripe's `created` has one-second resolution)
+    by which one changed from the other (`previous_attributes`); then by a
+    rule that depends on their content only (the usual order of statuses,
+    the later period end, a scheduled cancellation), never on random ids
+    unless the two say the same."""
+    if fact["at"] != other["at"]:
+        return bool(fact["at"] > other["at"])
+    forward, backward = _follows(fact, other), _follows(other, fact)
+    if forward != backward:
+        return forward
+    return _content_rank(fact) > _content_rank(other)
+
+
+def _content_rank(fact: Fact) -> tuple[int, datetime, int, str]:
+    end = fact.get("end") or fact["at"]
+    return (
+        _STATUS_ORDER.get(fact["status"], 0),
+        end,
+        int(fact.get("cancel_at") is not None),
+        fact["key"],
+    )
 
 
 _DISPUTE_ORDER = {"open": 0, "won": 1, "lost": 1}

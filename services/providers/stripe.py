@@ -413,6 +413,43 @@ def _subscription_period(subscription: Mapping[str, Any]) -> tuple[Any, Any]:
     return start, end
 
 
+#: Subscription fields whose `previous_attributes` tell which of two
+#: updates in the same second came first.
+ORDERING_FIELDS = (
+    "status",
+    "cancel_at_period_end",
+    "cancel_at",
+    "canceled_at",
+    "trial_end",
+    "current_period_start",
+    "current_period_end",
+    "quantity",
+)
+
+
+def _previous(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """What an update changed, from `data.previous_attributes`
+    (https://docs.stripe.com/api/events/object#event_object-data-previous_attributes)."""
+    data = payload.get("data")
+    previous = data.get("previous_attributes") if isinstance(data, Mapping) else None
+    return _ordering(previous) if isinstance(previous, Mapping) else {}
+
+
+def _ordering(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The ordering fields `obj` has, where they are plain values."""
+    return {
+        field: obj[field]
+        for field in ORDERING_FIELDS
+        if field in obj
+        and (
+            obj[field] is None
+            or isinstance(obj[field], bool)
+            or (isinstance(obj[field], int) and abs(obj[field]) < 2**53)
+            or (isinstance(obj[field], str) and len(obj[field]) <= 100)
+        )
+    }
+
+
 def _subscription_event(
     source: str, kind: str, payload: Mapping[str, Any], catalog: Catalog
 ) -> list[Command]:
@@ -442,6 +479,8 @@ def _subscription_event(
             cancel_at=cancel_at,
             # Stripe moves the period forward before it charges for it.
             vouches=False,
+            state=_ordering(subscription),
+            previous=_previous(payload),
         )
     commands: list[Command] = []
     if lines or kind == "customer.subscription.deleted":
@@ -459,13 +498,54 @@ def _subscription_event(
     return _finish(commands, unmapped, "subscription")
 
 
-def _checkout_completed(source: str, payload: Mapping[str, Any]) -> list[Command]:
+def _checkout_completed(source: str, payload: Mapping[str, Any], catalog: Catalog) -> list[Command]:
+    """A Checkout Session completed. In subscription mode it names the
+    customer (the subscription's own events grant). In payment mode, once
+    paid, it is a one-off purchase: granted by its invoice when Checkout
+    made one, else here, by the offering its `metadata.offering_sku` names
+    (webhooks carry no line items: https://docs.stripe.com/api/checkout/sessions/object#checkout_session_object-line_items)."""
     session = _object(payload)
-    order_ref = _id(session.get("subscription"))
-    if session.get("mode") != "subscription" or not order_ref:
-        return []  # one-off payments are granted by their invoice
     details = session.get("customer_details")
     email = details.get("email") if isinstance(details, Mapping) else None
+    customer = Customer(id=_id(session.get("customer")), email=email or None)
+    if session.get("mode") == "payment":
+        if session.get("payment_status") != "paid" or _id(session.get("invoice")):
+            return []  # not paid yet (async_payment_succeeded follows), or its invoice grants
+        metadata = session.get("metadata")
+        sku = metadata.get("offering_sku") if isinstance(metadata, Mapping) else None
+        offering = catalog.get(str(sku)) if sku else None
+        if offering is None:
+            raise Unmappable(
+                f"Stripe Checkout Session {session.get('id')!r} in payment mode names no"
+                f" offering (metadata.offering_sku {sku!r}); enable invoice creation,"
+                " or set metadata.offering_sku"
+            )
+        order_ref = _id(session.get("payment_intent")) or _id(session.get("id"))
+        if not order_ref:
+            raise Unmappable("Stripe Checkout Session has no id")
+        amount = session.get("amount_total")
+        line = Line(slot=offering.sku, offering=offering)
+        return [
+            OrderEvent(
+                source=source,
+                order_ref=order_ref,
+                fact=lifecycle.payment(
+                    order_ref,
+                    [line],
+                    starts=_created(payload),
+                    amount=str(amount) if isinstance(amount, int) else None,
+                ),
+                lines=(line,),
+                cause=_cause(source, payload),
+                occurred_at=_created(payload),
+                customer=customer,
+                payment_refs=_refs(session, "payment_intent", "id"),
+                invoice=order_ref,
+            )
+        ]
+    order_ref = _id(session.get("subscription"))
+    if session.get("mode") != "subscription" or not order_ref:
+        return []  # setup mode: nothing is bought
     return [
         OrderEvent(
             source=source,
@@ -474,7 +554,7 @@ def _checkout_completed(source: str, payload: Mapping[str, Any]) -> list[Command
             lines=(),
             cause=_cause(source, payload),
             occurred_at=_created(payload),
-            customer=Customer(id=_id(session.get("customer")), email=email or None),
+            customer=customer,
         )
     ]
 
@@ -500,6 +580,33 @@ def _charge_refunded(source: str, payload: Mapping[str, Any]) -> list[Command]:
             source=source,
             payment_refs=refs,
             fact=lifecycle.refund(full, _id(charge.get("invoice"))),
+            cause=_cause(source, payload),
+            occurred_at=_created(payload),
+        )
+    ]
+
+
+def _refund_event(source: str, payload: Mapping[str, Any]) -> list[Command]:
+    """`refund.created` / `refund.updated` (how 2025-03-31.basil reports
+    refunds): full or partial by its amount against the payment's; one
+    that failed or was canceled refunds nothing
+    (https://docs.stripe.com/api/refunds/object#refund_object-status)."""
+    refund = _object(payload)
+    refund_id = _id(refund.get("id"))
+    refs = _refs(refund, "payment_intent", "charge")
+    if not refund_id or not refs:
+        raise Unmappable("Stripe refund needs an id and a charge or payment intent")
+    amount = refund.get("amount")
+    return [
+        PaymentEvent(
+            source=source,
+            payment_refs=refs,
+            fact=lifecycle.refund(
+                None,
+                amount=str(amount) if isinstance(amount, int) else None,
+                refund_id=refund_id,
+                failed=refund.get("status") in ("failed", "canceled"),
+            ),
             cause=_cause(source, payload),
             occurred_at=_created(payload),
         )
@@ -541,10 +648,12 @@ def normalize(
         return _invoice_payment(source, payload)
     if kind in SUBSCRIPTION_EVENTS:
         return _subscription_event(source, kind, payload, catalog)
-    if kind == "checkout.session.completed":
-        return _checkout_completed(source, payload)
+    if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
+        return _checkout_completed(source, payload, catalog)
     if kind == "charge.refunded":
         return _charge_refunded(source, payload)
+    if kind in ("refund.created", "refund.updated", "refund.failed"):
+        return _refund_event(source, payload)
     if kind in ("charge.dispute.created", "charge.dispute.closed"):
         return _dispute_event(source, kind, payload)
     # Event types that carry no entitlement meaning are acknowledged and left
