@@ -73,8 +73,11 @@ class World:
         return self
 
     def deliver(self, event: dict[str, Any]) -> None:
+        """Fold one event; then what Stripe sends with it (`_then`)."""
         for command in self.normalize(SOURCE, event, self.rules.catalog, self.now):
             apply(command, self, self.rules, self.now)
+        for then in event.get("_then", ()):
+            self.deliver(then)
 
     def tick(self) -> None:
         for entitlement in self.entitlements():

@@ -105,6 +105,8 @@ def invoice_paid(
             }
         data.append(item)
     invoice["lines"] = {"object": "list", "data": data, "has_more": False}
+    if invoice["status"] == "paid":
+        invoice["amount_paid"] = sum(item["amount"] for item in data)
     if shape == BASIL:
         invoice["parent"] = {
             "type": "subscription_details",
@@ -113,7 +115,52 @@ def invoice_paid(
         }
     else:
         invoice["subscription"] = subscription
-    return _event(kind, invoice, shape, event_id, created)
+    event = _event(kind, invoice, shape, event_id, created)
+    if shape == BASIL and payment_intent and kind != "invoice.payment_failed":
+        # Since basil only `invoice_payment.paid` says which payment intent
+        # paid the invoice; Stripe sends it with the invoice (`World.deliver`
+        # sends what `_then` lists after the event).
+        event["_then"] = [invoice_payment_paid(invoice["id"], payment_intent, event["created"])]
+    return event
+
+
+def invoice_payment_paid(
+    invoice: str, payment_intent: str, created: int | None = None
+) -> dict[str, Any]:
+    obj = {
+        "id": _next("inpay"),
+        "object": "invoice_payment",
+        "amount_paid": 9900,
+        "amount_requested": 9900,
+        "currency": "usd",
+        "invoice": invoice,
+        "is_default": True,
+        "payment": {"type": "payment_intent", "payment_intent": payment_intent},
+        "status": "paid",
+    }
+    return _event("invoice_payment.paid", obj, BASIL, None, created)
+
+
+def refund_event(
+    kind: str,
+    *,
+    payment_intent: str,
+    amount: int = 9900,
+    status: str = "succeeded",
+    refund_id: str = "re_1",
+    created: int | None = None,
+) -> dict[str, Any]:
+    """refund.created / refund.updated, as 2025-03-31.basil reports refunds."""
+    obj = {
+        "id": refund_id,
+        "object": "refund",
+        "amount": amount,
+        "charge": "ch_" + payment_intent,
+        "payment_intent": payment_intent,
+        "currency": "usd",
+        "status": status,
+    }
+    return _event(kind, obj, BASIL, None, created)
 
 
 def subscription_event(
@@ -198,8 +245,9 @@ def charge_refunded(
     refunded: int = 9900,
     event_id: str | None = None,
     created: int | None = None,
+    shape: str = LEGACY,
 ) -> dict[str, Any]:
-    charge = {
+    charge: dict[str, Any] = {
         "id": _next("ch"),
         "object": "charge",
         "amount": amount,
@@ -209,7 +257,9 @@ def charge_refunded(
         "invoice": invoice,
         "currency": "usd",
     }
-    return _event("charge.refunded", charge, LEGACY, event_id, created)
+    if shape == BASIL:
+        del charge["invoice"]  # basil charges name no invoice
+    return _event("charge.refunded", charge, shape, event_id, created)
 
 
 def dispute(

@@ -12,10 +12,20 @@ from hypothesis import strategies as st
 
 from domain.entitlement import Refused, Status
 from domain.lifecycle import Policy
+from services.providers import Unmappable
 from tests import stripe_events as se
 from tests.lifecycle_world import DAY, MONTH, PRICES, T0, World, ts
 
 SUB = "sub_1"
+#: The API shape every test here runs on: each runs on both (see `shape`).
+SHAPE = [se.LEGACY]
+
+
+@pytest.fixture(autouse=True, params=[se.LEGACY, se.BASIL])
+def shape(request: pytest.FixtureRequest) -> Any:
+    SHAPE[0] = request.param
+    yield request.param
+    SHAPE[0] = se.LEGACY
 
 
 def paid(k: int, plan: str = "basic", quantity: int = 1, **kw: Any) -> dict[str, Any]:
@@ -33,7 +43,7 @@ def paid(k: int, plan: str = "basic", quantity: int = 1, **kw: Any) -> dict[str,
         ],
         invoice_id=f"in_{k}",
         payment_intent=f"pi_{k}",
-        shape=se.LEGACY,
+        shape=kw.pop("shape", SHAPE[0]),
         created=ts(k * MONTH + 60),
         **kw,
     )
@@ -62,6 +72,7 @@ def snapshot(
         start=ts(k * MONTH),
         end=ts((k + 1) * MONTH),
         created=ts(k * MONTH + at),
+        shape=kw.pop("shape", SHAPE[0]),
         **kw,
     )
 
@@ -223,17 +234,23 @@ def test_a_full_refund_of_the_current_period_cancels_and_a_partial_one_does_not(
     world.deliver(paid(0))
     entitlement = world.only()
     world.deliver(
-        se.charge_refunded(payment_intent="pi_0", invoice="in_0", refunded=500, created=ts(DAY))
+        se.charge_refunded(
+            payment_intent="pi_0", invoice="in_0", refunded=500, created=ts(DAY), shape=SHAPE[0]
+        )
     )
     assert entitlement.status is Status.ACTIVE
     assert world.event_types(entitlement)[-1] == "Noted"
-    world.deliver(se.charge_refunded(payment_intent="pi_0", invoice="in_0", created=ts(2 * DAY)))
+    world.deliver(
+        se.charge_refunded(
+            payment_intent="pi_0", invoice="in_0", created=ts(2 * DAY), shape=SHAPE[0]
+        )
+    )
     assert (entitlement.status, entitlement.reason) == (Status.CANCELED, "refunded")
 
 
 def test_a_refund_that_arrives_before_its_payment_waits_for_it() -> None:
     world = World()
-    world.deliver(se.charge_refunded(payment_intent="pi_0", created=ts(DAY)))
+    world.deliver(se.charge_refunded(payment_intent="pi_0", created=ts(DAY), shape=SHAPE[0]))
     assert world.entitlements() == []
     world.deliver(paid(0))
     assert (world.only().status, world.only().reason) == (Status.CANCELED, "refunded")
@@ -349,6 +366,243 @@ def test_admin_commands_are_recorded_with_the_key_name_and_reason() -> None:
     assert entitlement.status is Status.ACTIVE
     with pytest.raises(Refused, match="to give more time, extend it"):
         admin("reinstate", "r7")  # nothing holds it back any more
+
+
+# -- Stripe as it really behaves --------------------------------------------------
+
+
+def test_the_renewal_snapshot_sent_before_the_charge_does_not_pay_the_period() -> None:
+    """Stripe advances current_period_* (status still active) about an hour
+    before it charges; if the charge fails, the new period is unpaid."""
+    world = World()  # pro: suspend 3 days and expire 14 days after the period end
+    world.deliver(paid(0, "pro"))
+    world.at(MONTH - 3600).deliver(snapshot(1, "active", "pro", at=-3600))
+    entitlement = world.only()
+    assert entitlement.period_end == T0 + timedelta(seconds=MONTH)
+    world.at(MONTH + 60).deliver(failed(1, "pro"))
+    world.deliver(snapshot(1, "past_due", "pro", at=200))
+    assert (entitlement.status, entitlement.overdue) == (Status.ACTIVE, True)
+    world.at(MONTH + 3 * DAY).tick()
+    assert (entitlement.status, entitlement.reason) == (Status.SUSPENDED, "unpaid")
+    # A trial still counts as paid through its end.
+    trial = World()
+    trial.deliver(snapshot(0, "trialing", trial_end=ts(14 * DAY)))
+    assert trial.only().status is Status.ACTIVE and trial.only().trial
+
+
+@pytest.mark.parametrize("how", ["invoice.voided", "invoice.marked_uncollectible"])
+def test_a_failed_invoice_written_off_leaves_nothing_overdue(how: str) -> None:
+    world = World()
+    world.deliver(paid(0))
+    world.deliver(paid(1))
+    world.at(MONTH + 60).deliver(failed(2))  # e.g. an invoice for extra usage, later voided
+    entitlement = world.only()
+    assert entitlement.overdue
+    written_off = failed(2)
+    written_off["type"], written_off["id"] = how, "evt_written_off"
+    world.deliver(written_off)
+    assert (entitlement.status, entitlement.overdue) == (Status.ACTIVE, False)
+
+
+def test_a_later_paid_period_clears_an_earlier_failure() -> None:
+    world = World()
+    world.deliver(paid(0))
+    world.at(MONTH + 60).deliver(failed(1))
+    world.at(2 * MONTH + 60).deliver(paid(2))
+    entitlement = world.only()
+    assert entitlement.period_end == T0 + timedelta(seconds=3 * MONTH)
+    assert not entitlement.overdue
+
+
+def test_a_proration_only_invoice_links_its_payment_so_its_dispute_suspends() -> None:
+    world = World()
+    world.deliver(paid(0))
+    upgrade = se.invoice_paid(
+        subscription=SUB,
+        lines=[
+            {
+                "price": PRICES["basic"],
+                "item": "si_main",
+                "quantity": -1,
+                "proration": True,
+                "start": ts(DAY),
+                "end": ts(MONTH),
+            },
+            {
+                "price": PRICES["pro"],
+                "item": "si_main",
+                "proration": True,
+                "start": ts(DAY),
+                "end": ts(MONTH),
+            },
+        ],
+        invoice_id="in_upgrade",
+        payment_intent="pi_upgrade",
+        shape=SHAPE[0],
+        created=ts(DAY),
+    )
+    upgrade["data"]["object"]["lines"]["data"][0]["quantity"] = 1
+    world.deliver(upgrade)  # no dead letter: a payment that grants nothing new
+    entitlement = world.only()
+    assert entitlement.period_end == T0 + timedelta(seconds=MONTH)
+    world.deliver(
+        se.dispute("charge.dispute.created", dispute_id="dp_up", payment_intent="pi_upgrade")
+    )
+    assert (entitlement.status, entitlement.reason) == (Status.SUSPENDED, "disputed")
+
+
+def test_a_truncated_invoice_pays_the_period_its_subscription_stated() -> None:
+    world = World()
+    world.deliver(paid(0))
+    world.at(MONTH - 3600).deliver(snapshot(1, "active", at=-3600))
+    renewal = paid(1)
+    lines = renewal["data"]["object"]["lines"]
+    proration = dict(lines["data"][0], id="il_proration")
+    if SHAPE[0] == se.BASIL:
+        proration["parent"] = {
+            **proration["parent"],
+            "subscription_item_details": {
+                **proration["parent"]["subscription_item_details"],
+                "proration": True,
+            },
+        }
+    else:
+        proration["proration"] = True
+    lines["data"], lines["has_more"] = [proration] * 10, True  # the renewal line is on page 2
+    world.at(MONTH + 60).deliver(renewal)
+    entitlement = world.only()
+    assert entitlement.period_end == T0 + timedelta(seconds=2 * MONTH)
+    refund = se.charge_refunded(
+        payment_intent="pi_1", invoice="in_1", created=ts(MONTH + DAY), shape=SHAPE[0]
+    )
+    world.deliver(refund)
+    assert (entitlement.status, entitlement.reason) == (Status.CANCELED, "refunded")
+
+
+def test_an_item_of_quantity_0_grants_nothing_and_the_rest_of_the_event_applies() -> None:
+    world = World()
+    event = se.invoice_paid(
+        subscription=SUB,
+        lines=[
+            {"price": PRICES["basic"], "item": "si_main", "start": ts(0), "end": ts(MONTH)},
+            {
+                "price": PRICES["addon"],
+                "item": "si_seats",
+                "quantity": 0,
+                "start": ts(0),
+                "end": ts(MONTH),
+            },
+        ],
+        shape=SHAPE[0],
+        created=ts(60),
+    )
+    world.deliver(event)
+    world.deliver(
+        snapshot(
+            0,
+            extra=[{"price": PRICES["addon"], "item": "si_seats", "quantity": 0}],
+            cancel_at_period_end=True,
+        )
+    )
+    entitlement = world.only()
+    assert entitlement.slot == "si_main"
+    assert entitlement.cancel_at == entitlement.period_end == T0 + timedelta(seconds=MONTH)
+
+
+def test_a_one_off_invoice_grants_one_period_of_its_offering_from_the_payment() -> None:
+    world = World()
+    event = se.invoice_paid(
+        subscription="unused",
+        lines=[{"price": PRICES["pro"], "start": ts(DAY), "end": ts(DAY)}],
+        invoice_id="in_once",
+        payment_intent="pi_once",
+        shape=SHAPE[0],
+        created=ts(DAY),
+    )
+    invoice = event["data"]["object"]
+    invoice.pop("subscription", None)
+    invoice.pop("parent", None)
+    for line in invoice["lines"]["data"]:
+        line.pop("parent", None)
+        line.pop("subscription", None)
+        line.pop("subscription_item", None)
+    world.at(DAY).deliver(event)
+    entitlement = world.only()
+    assert (entitlement.order_ref, entitlement.status) == ("in_once", Status.ACTIVE)
+    assert entitlement.period_start == T0 + timedelta(days=1)
+    assert entitlement.period_end == T0 + timedelta(days=1) + timedelta(days=31)  # P1M from Jan 2
+    world.deliver(se.charge_refunded(payment_intent="pi_once", invoice="in_once", shape=SHAPE[0]))
+    assert (entitlement.status, entitlement.reason) == (Status.CANCELED, "refunded")
+
+
+def session(mode: str, **fields: Any) -> dict[str, Any]:
+    obj = {
+        "id": "cs_1",
+        "object": "checkout.session",
+        "mode": mode,
+        "payment_status": "paid",
+        "payment_intent": "pi_cs",
+        "invoice": None,
+        "customer": "cus_1",
+        "customer_details": {"email": "buyer@example.com"},
+        "amount_total": 9900,
+        "metadata": {},
+        **fields,
+    }
+    return se._event("checkout.session.completed", obj, SHAPE[0], None, ts(60))
+
+
+def test_a_paid_checkout_in_payment_mode_is_a_one_off_purchase() -> None:
+    world = World()
+    world.deliver(session("payment", metadata={"offering_sku": "pro"}))
+    entitlement = world.only()
+    assert (entitlement.sku, entitlement.status) == ("pro", Status.ACTIVE)
+    assert entitlement.customer_email == "buyer@example.com"
+    # Not paid yet (a delayed payment method), or granted by its own invoice:
+    # nothing here. Naming no offering is a dead letter that says what to set.
+    assert (
+        World().normalize("s", session("payment", payment_status="unpaid"), world.rules.catalog, T0)
+        == []
+    )
+    assert (
+        World().normalize("s", session("payment", invoice="in_cs"), world.rules.catalog, T0) == []
+    )
+    with pytest.raises(Unmappable, match=r"metadata\.offering_sku"):
+        World().normalize("s", session("payment"), world.rules.catalog, T0)
+
+
+def test_basil_refund_events_are_judged_by_amount_and_a_failed_refund_refunds_nothing() -> None:
+    world = World()
+    world.deliver(paid(0))
+    entitlement = world.only()
+    world.deliver(
+        se.refund_event("refund.created", payment_intent="pi_0", amount=100, refund_id="re_p")
+    )
+    assert entitlement.status is Status.ACTIVE  # partial
+    world.deliver(se.refund_event("refund.created", payment_intent="pi_0", refund_id="re_f"))
+    assert (entitlement.status, entitlement.reason) == (Status.CANCELED, "refunded")
+    world.deliver(
+        se.refund_event("refund.updated", payment_intent="pi_0", refund_id="re_f", status="failed")
+    )
+    assert entitlement.status is Status.ACTIVE
+
+
+def test_updates_in_the_same_second_are_ordered_by_what_they_changed() -> None:
+    """Two updates with the same `created`: the one whose previous_attributes
+    match the other's state came second, whatever their ids say."""
+    first = snapshot(0, "active", at=100, event_id="evt_z")
+    first["data"]["previous_attributes"] = {"status": "incomplete"}
+    second = snapshot(0, "past_due", at=100, event_id="evt_a")
+    second["data"]["previous_attributes"] = {"status": "active"}
+    results = set()
+    for order in ([first, second], [second, first]):
+        world = World()
+        world.deliver(paid(0))
+        for event in order:
+            world.deliver(event)
+        results.add(world.only().overdue)
+    assert results == {True}
+    # Had the ids decided, evt_z (the active one) would have won.
 
 
 # -- order independence ----------------------------------------------------------
