@@ -41,8 +41,8 @@ def paid(k: int, plan: str = "basic", quantity: int = 1, **kw: Any) -> dict[str,
                 "end": ts((k + 1) * MONTH),
             }
         ],
-        invoice_id=f"in_{k}",
-        payment_intent=f"pi_{k}",
+        invoice_id=kw.pop("invoice_id", f"in_{k}"),
+        payment_intent=kw.pop("payment_intent", f"pi_{k}"),
         shape=kw.pop("shape", SHAPE[0]),
         created=ts(k * MONTH + 60),
         **kw,
@@ -609,20 +609,59 @@ def test_updates_in_the_same_second_are_ordered_by_what_they_changed() -> None:
 
 
 def history(script: dict[str, Any]) -> list[dict[str, Any]]:
-    """A realistic, in-order Stripe history of one subscription."""
+    """A realistic, in-order Stripe history of one subscription (and, maybe,
+    a one-off purchase), in the shape the test runs on."""
     plan = "pro" if script["thresholds"] else "basic"
     periods = script["periods"]
-    events = [snapshot(0, "incomplete", plan, kind="customer.subscription.created", at=10)]
+    zero = [{"price": "price_addon", "item": "si_zero", "quantity": 0}] if script["zero"] else []
+    events = [
+        snapshot(0, "incomplete", plan, kind="customer.subscription.created", at=10, extra=zero)
+    ]
+
+    def pay(k: int) -> dict[str, Any]:
+        invoice = paid(k, plan)
+        if script["zero"]:
+            line = dict(invoice["data"]["object"]["lines"]["data"][0], id=f"il_zero_{k}")
+            invoice["data"]["object"]["lines"]["data"].append({**line, "quantity": 0})
+        if k == script["truncated"]:
+            lines = invoice["data"]["object"]["lines"]
+            lines["data"], lines["has_more"] = [], True  # the renewal line is on page 2
+        return invoice
+
     for k in range(periods):
+        if k > 0 and (script["advance"] or k == script["truncated"]):
+            # Stripe moves the period forward an hour before it charges.
+            events.append(snapshot(k, "active", plan, at=-3600, extra=zero))
         if k == script["fail_at"]:
-            events += [failed(k, plan), snapshot(k, "past_due", plan, at=200)]
+            events += [failed(k, plan), snapshot(k, "past_due", plan, at=200, extra=zero)]
             if not script["recovers"]:
+                if script["written_off"]:
+                    written_off = failed(k, plan)
+                    written_off["type"] = "invoice.marked_uncollectible"
+                    written_off["created"] += 3 * DAY
+                    events += [written_off, snapshot(k, "active", plan, at=3 * DAY + 1)]
                 break
-        events += [paid(k, plan), snapshot(k, "active", plan)]
+        events += [pay(k), snapshot(k, "active", plan, extra=zero)]
         if k == script["change_at"]:
             plan = "basic" if plan == "pro" else "pro"
-            extra = [{"price": "price_addon", "item": "si_addon"}] if script["addon"] else None
-            events.append(snapshot(k, "active", plan, quantity=2, at=DAY, extra=extra))
+            extra = [{"price": "price_addon", "item": "si_addon"}] if script["addon"] else []
+            events.append(snapshot(k, "active", plan, quantity=2, at=DAY, extra=extra + zero))
+            # The upgrade's own invoice: prorations only.
+            upgrade = paid(k, plan, invoice_id=f"in_up{k}", payment_intent="pi_up")
+            upgrade["created"] += DAY
+            for line in upgrade["data"]["object"]["lines"]["data"]:
+                if SHAPE[0] == se.BASIL:
+                    line["parent"]["subscription_item_details"]["proration"] = True
+                else:
+                    line["proration"] = True
+            events.append(upgrade)
+        if script["same_second"] and k == 0:
+            # Two updates Stripe made in one second; previous_attributes order them.
+            first = snapshot(0, "active", plan, at=500, extra=zero)
+            first["data"]["previous_attributes"] = {"status": "incomplete"}
+            second = snapshot(0, "past_due", plan, at=500, extra=zero)
+            second["data"]["previous_attributes"] = {"status": "active"}
+            events += [first, second]
     last = periods - 1
     if script["refund"] is not None:
         k = min(script["refund"], last)
@@ -632,14 +671,18 @@ def history(script: dict[str, Any]) -> list[dict[str, Any]]:
                 invoice=f"in_{k}",
                 refunded=9900 if script["full_refund"] else 100,
                 created=ts(k * MONTH + 2 * DAY),
+                shape=SHAPE[0],
             )
         )
     if script["dispute"] is not None:
+        disputed = (
+            "pi_up" if script["change_at"] is not None and script["dispute_upgrade"] else "pi_0"
+        )
         events.append(
             se.dispute(
                 "charge.dispute.created",
                 dispute_id="dp_1",
-                payment_intent="pi_0",
+                payment_intent=disputed,
                 created=ts(3 * DAY),
             )
         )
@@ -648,7 +691,7 @@ def history(script: dict[str, Any]) -> list[dict[str, Any]]:
                 se.dispute(
                     "charge.dispute.closed",
                     dispute_id="dp_1",
-                    payment_intent="pi_0",
+                    payment_intent=disputed,
                     status=script["dispute"],
                     created=ts(9 * DAY),
                 )
@@ -657,13 +700,41 @@ def history(script: dict[str, Any]) -> list[dict[str, Any]]:
         events.append(snapshot(last, "active", plan, at=2 * DAY, cancel_at_period_end=True))
     if script["deleted"]:
         events.append(se.subscription_deleted(subscription=SUB, created=ts(periods * MONTH)))
-    return events
+    if script["one_off"]:
+        once = se.invoice_paid(
+            subscription="unused",
+            lines=[{"price": "price_addon", "start": ts(DAY), "end": ts(DAY)}],
+            invoice_id="in_once",
+            payment_intent="pi_once",
+            shape=SHAPE[0],
+            created=ts(DAY),
+        )
+        invoice = once["data"]["object"]
+        invoice.pop("subscription", None)
+        invoice.pop("parent", None)
+        for line in invoice["lines"]["data"]:
+            for key in ("parent", "subscription", "subscription_item"):
+                line.pop(key, None)
+        events.append(once)
+    # What Stripe sends with an event (basil's invoice_payment.paid) is an
+    # event of its own: it may arrive in any order too.
+    flat = []
+    for event in events:
+        flat += [{k: v for k, v in event.items() if k != "_then"}, *event.get("_then", ())]
+    return flat
 
 
 SCRIPTS = st.fixed_dictionaries(
     {
         "thresholds": st.booleans(),
         "periods": st.integers(1, 4),
+        "advance": st.booleans(),
+        "written_off": st.booleans(),
+        "truncated": st.one_of(st.none(), st.integers(1, 3)),
+        "zero": st.booleans(),
+        "one_off": st.booleans(),
+        "same_second": st.booleans(),
+        "dispute_upgrade": st.booleans(),
         "fail_at": st.one_of(st.none(), st.integers(1, 3)),
         "recovers": st.booleans(),
         "change_at": st.one_of(st.none(), st.integers(0, 3)),
