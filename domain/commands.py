@@ -225,12 +225,24 @@ def _deliver_parked(
     entitlements = _entitlements(order, aggregates)
     for parked in payment.parked:
         cause = Cause(**parked["cause"])
+        if not entitlements and parked["fact"]["kind"] != "payment_link":
+            # Its first item takes it (and its receipt is applied then).
+            _park_on_order(parked["fact"], payment, cause, parked["occurred_at"], order, at)
+            continue
         delivered = _Watch(entitlements, cause)
         _deliver(
             parked["fact"], payment, cause, parked["occurred_at"], order, aggregates, rules, at
         )
         reached = delivered.effect(_entitlements(order, aggregates)).events
         order.payment_fact_delivered(parked["fact"], cause, reached, at)
+
+
+def _park_on_order(
+    fact: Fact, payment: Payment, cause: Cause, occurred_at: datetime, order: Order, at: datetime
+) -> bool:
+    """Keep a payment's fact on its order until the order has an item."""
+    invoice = fact.get("invoice") or payment.invoice
+    return order.park({**fact, "invoice": invoice, "key": cause.key, "at": occurred_at}, at)
 
 
 def _deliver(
@@ -279,6 +291,16 @@ def _apply_payment_event(
             order = aggregates.find(order_id(command.source, payment.order_ref), Order)
             if order is not None:
                 entitlements = _entitlements(order, aggregates)
+                if not entitlements and command.fact["kind"] != "payment_link":
+                    # The order has no item yet: its first one takes the fact.
+                    newly = _park_on_order(
+                        command.fact, payment, command.cause, command.occurred_at, order, at
+                    )
+                    return Effect(
+                        waits_for=f"an item of order {order.order_ref}",
+                        newly_parked=newly,
+                        waits_on=(f"order:{order.id}",),
+                    )
                 watch = _Watch(entitlements, command.cause)
                 linked = _deliver(
                     command.fact,
@@ -317,7 +339,8 @@ def still_waits(aggregates: Aggregates, waits_on: list[str]) -> bool:
         if kind == "payment":
             payment = aggregates.find(UUID(raw), Payment)
             if payment is not None and payment.order_ref is not None:
-                return False
+                order = aggregates.find(order_id(payment.source, payment.order_ref), Order)
+                return order is not None and not order.entitlements
         elif kind == "order":
             order = aggregates.find(UUID(raw), Order)
             if order is not None and order.entitlements:

@@ -605,6 +605,23 @@ def test_updates_in_the_same_second_are_ordered_by_what_they_changed() -> None:
     # Had the ids decided, evt_z (the active one) would have won.
 
 
+def test_a_dispute_of_a_payment_whose_order_has_no_item_yet_waits_for_the_item() -> None:
+    """A proration-only invoice may be the first thing seen of an order: a
+    dispute of it then reaches the order's first item when it appears."""
+    world = World()
+    upgrade = paid(0, invoice_id="in_up", payment_intent="pi_up")
+    for line in upgrade["data"]["object"]["lines"]["data"]:
+        if SHAPE[0] == se.BASIL:
+            line["parent"]["subscription_item_details"]["proration"] = True
+        else:
+            line["proration"] = True
+    world.deliver(upgrade)
+    world.deliver(se.dispute("charge.dispute.created", dispute_id="dp", payment_intent="pi_up"))
+    assert world.entitlements() == []
+    world.deliver(paid(0))
+    assert (world.only().status, world.only().reason) == (Status.SUSPENDED, "disputed")
+
+
 # -- order independence ----------------------------------------------------------
 
 
