@@ -304,3 +304,74 @@ def test_every_value_an_adapter_passes_on_is_checked(
     )
     with pytest.raises(Unmappable, match=message):
         check([command])
+
+
+def _events_with_ids() -> dict[str, tuple[str, dict[str, Any], str]]:
+    """provider -> (its id field, a real-shaped event of it, source kind)."""
+    from tests import chargebee_events as cb
+    from tests import paddle_events as pe
+    from tests import paypal_events as pp
+    from tests import zenofy_events as ze
+
+    return {
+        "stripe": (
+            "id",
+            se.subscription_event(
+                "customer.subscription.updated",
+                subscription="s",
+                items=[{"price": "p"}],
+                start=NOW,
+                end=NOW + YEAR,
+            ),
+            "",
+        ),
+        "chargebee": (
+            "id",
+            cb.subscription("subscription_changed", "s", "active", NOW, NOW + YEAR, NOW * 1000),
+            "",
+        ),
+        "paddle": (
+            "event_id",
+            pe.subscription("subscription.updated", "s", "active", NOW, NOW + YEAR, NOW),
+            "",
+        ),
+        "paypal": (
+            "id",
+            pp.subscription("BILLING.SUBSCRIPTION.UPDATED", "s", "ACTIVE", NOW + YEAR, NOW),
+            "",
+        ),
+        "zenofy": ("id", ze.event("subscription.updated", "s", "active", NOW, NOW + YEAR, NOW), ""),
+    }
+
+
+@pytest.mark.parametrize("provider", ["stripe", "chargebee", "paddle", "paypal", "zenofy"])
+@pytest.mark.parametrize("bad", [None, {"a": 1}, 12345, ["evt"]])
+def test_an_event_id_that_is_not_a_string_makes_the_event_unmappable(
+    provider: str, bad: Any
+) -> None:
+    """Event ids deduplicate: "None" or "{'a': 1}" would make every such event
+    a duplicate of the first."""
+    from services.providers import PROVIDERS
+
+    field, event, _ = _events_with_ids()[provider]
+    event[field] = bad
+    adapter = PROVIDERS[provider]
+    assert adapter.event_id(event) == ""
+    with pytest.raises(Unmappable):
+        adapter.normalize("s", event, CONFIG.catalog, datetime.now(UTC))
+
+
+@pytest.mark.parametrize("field", ["order_id", "subscription_id", "id"])
+def test_a_lemon_squeezy_id_that_is_an_object_is_no_order(field: str) -> None:
+    from services.providers import PROVIDERS
+    from tests import lemonsqueezy_events as ls
+
+    if field == "subscription_id":
+        event = ls.invoice("subscription_payment_success", "1", "2", NOW)
+        event["data"]["attributes"][field] = {"a": 1}
+    else:
+        event = ls.subscription("subscription_created", "9", "7", "active", NOW + YEAR, NOW)
+        target = event["data"] if field == "id" else event["data"]["attributes"]
+        target[field] = {"a": 1}
+    with pytest.raises(Unmappable, match="is not a string"):
+        PROVIDERS["lemonsqueezy"].normalize("s", event, CONFIG.catalog, datetime.now(UTC))

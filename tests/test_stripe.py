@@ -160,7 +160,7 @@ def test_an_unknown_offering_sku_in_metadata_is_unmappable() -> None:
     [
         (["price_basic"], r"Stripe price \['price_basic'\] is not a string"),
         (None, "an item names no price"),
-        ({"id": None}, "an item names no price"),
+        ({"id": None}, "Stripe price .* is an object without an id"),
     ],
 )
 def test_a_line_price_that_is_no_id_is_named_as_such(price: object, message: str) -> None:

@@ -52,6 +52,13 @@ def ref(value: Any, what: str, numbers: bool = False) -> str | None:
     raise Unmappable(f"{what} {value!r:.80} is not a string")
 
 
+def text_id(value: Any) -> str:
+    """A provider event's id, or "" unless it is a string: an id that is
+    null, a number or an object identifies nothing (the event is then
+    unmappable, as one without an id)."""
+    return value if isinstance(value, str) else ""
+
+
 def parse_time(value: Any, what: str) -> datetime | None:
     """An RFC 3339 time from a payload ("Z" allowed), None if absent. It
     must carry a UTC offset and fall in 1970-2200; otherwise the event is

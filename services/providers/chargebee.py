@@ -28,6 +28,7 @@ from services.providers import (
     Unmappable,
     from_unix,
     ref,
+    text_id,
 )
 
 NAME = "chargebee"
@@ -89,11 +90,11 @@ def routing_key(payload: Mapping[str, Any]) -> str:
     invoice = _obj(payload, "invoice")
     if invoice is not None:
         return str(invoice.get("subscription_id") or invoice.get("id") or "")
-    return str(payload.get("id", ""))
+    return text_id(payload.get("id"))
 
 
 def event_id(payload: Mapping[str, Any]) -> str:
-    return str(payload.get("id", ""))
+    return text_id(payload.get("id"))
 
 
 def _time(value: Any, what: str, scale: int = 1) -> datetime | None:

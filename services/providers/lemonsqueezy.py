@@ -79,7 +79,8 @@ def _data(payload: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
     data = payload.get("data")
     if not isinstance(data, Mapping) or not isinstance(data.get("attributes"), Mapping):
         raise Unmappable("Lemon Squeezy payload has no data.attributes")
-    return str(data.get("id", "")), data["attributes"]
+    object_id = ref(data.get("id"), "Lemon Squeezy data.id", numbers=True)
+    return object_id or "", data["attributes"]
 
 
 def _event_name(payload: Mapping[str, Any]) -> str:
@@ -138,7 +139,7 @@ def normalize(
         email=ref(attributes.get("user_email"), "Lemon Squeezy user_email") or None,
     )
     if name in SUBSCRIPTION_EVENTS:
-        order = attributes.get("order_id")
+        order = ref(attributes.get("order_id"), "Lemon Squeezy order_id", numbers=True)
         if order is None or not object_id:
             raise Unmappable("Lemon Squeezy subscription has no id or order_id")
         item = attributes.get("first_subscription_item")
@@ -174,7 +175,9 @@ def normalize(
             )
         ]
     if name in INVOICE_EVENTS:
-        subscription = attributes.get("subscription_id")
+        subscription = ref(
+            attributes.get("subscription_id"), "Lemon Squeezy subscription_id", numbers=True
+        )
         if subscription is None or not object_id:
             raise Unmappable("Lemon Squeezy subscription invoice has no id or subscription_id")
         invoice = f"invoice/{object_id}"

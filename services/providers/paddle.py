@@ -28,6 +28,7 @@ from services.providers import (
     Unmappable,
     parse_time,
     ref,
+    text_id,
 )
 
 NAME = "paddle"
@@ -93,11 +94,11 @@ def routing_key(payload: Mapping[str, Any]) -> str:
         if str(payload.get("event_type", "")).startswith("subscription."):
             return str(data.get("id") or "")
         return str(data.get("subscription_id") or data.get("id") or "")
-    return str(payload.get("event_id", ""))
+    return text_id(payload.get("event_id"))
 
 
 def event_id(payload: Mapping[str, Any]) -> str:
-    return str(payload.get("event_id", ""))
+    return text_id(payload.get("event_id"))
 
 
 def _time(value: Any, what: str) -> datetime | None:

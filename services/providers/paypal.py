@@ -46,6 +46,7 @@ from services.providers import (
     Unmappable,
     parse_time,
     ref,
+    text_id,
 )
 
 NAME = "paypal"
@@ -227,11 +228,11 @@ def routing_key(payload: Mapping[str, Any]) -> str:
         if kind == "PAYMENT.SALE.REFUNDED":
             return f"sale/{resource.get('sale_id')}"
         return str(resource.get("billing_agreement_id") or resource.get("id", ""))
-    return str(payload.get("id", ""))
+    return text_id(payload.get("id"))
 
 
 def event_id(payload: Mapping[str, Any]) -> str:
-    return str(payload.get("id", ""))
+    return text_id(payload.get("id"))
 
 
 def _time(value: Any, what: str) -> datetime | None:

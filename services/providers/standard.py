@@ -26,7 +26,7 @@ from domain.catalog import Catalog
 from domain.commands import Command, Customer, OrderEvent, PaymentEvent
 from domain.entitlement import Cause
 from domain.lifecycle import Line
-from services.providers import Credentials, Provider, SignatureError, Unmappable
+from services.providers import Credentials, Provider, SignatureError, Unmappable, text_id
 
 NAME = "standard"
 TOLERANCE_SECONDS = 300
@@ -75,11 +75,11 @@ def routing_key(payload: Mapping[str, Any]) -> str:
         obj = data.get(part)
         if isinstance(obj, Mapping) and obj.get(field):
             return str(obj[field])
-    return str(payload.get("id", ""))
+    return text_id(payload.get("id"))
 
 
 def event_id(payload: Mapping[str, Any]) -> str:
-    return str(payload.get("id", ""))
+    return text_id(payload.get("id"))
 
 
 def _lines(

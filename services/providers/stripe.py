@@ -26,6 +26,7 @@ from services.providers import (
     Unmappable,
     from_unix,
     ref,
+    text_id,
 )
 
 TOLERANCE_SECONDS = 300
@@ -81,7 +82,9 @@ def _id(value: Any, what: str = "Stripe reference") -> str | None:
     """A Stripe reference, whether left as an id or expanded into an object;
     anything else makes the event unmappable (see `providers.ref`)."""
     if isinstance(value, Mapping):
-        value = value.get("id")
+        if not isinstance(value.get("id"), str):
+            raise Unmappable(f"{what} {dict(value)!r:.80} is an object without an id")
+        value = value["id"]
     return ref(value, what)
 
 
@@ -110,11 +113,11 @@ def routing_key(payload: Mapping[str, Any]) -> str:
             key = _id(obj.get("subscription")) or _id(obj.get("id"))
         if key:
             return key
-    return str(payload.get("id", ""))
+    return text_id(payload.get("id"))
 
 
 def event_id(payload: Mapping[str, Any]) -> str:
-    return str(payload.get("id", ""))
+    return text_id(payload.get("id"))
 
 
 def _line_price(line: Mapping[str, Any]) -> Any:

@@ -37,6 +37,7 @@ from services.providers import (
     SignatureError,
     Unmappable,
     parse_time,
+    text_id,
 )
 
 NAME = "zenofy"
@@ -88,11 +89,11 @@ def routing_key(payload: Mapping[str, Any]) -> str:
         email, plan = subscription.get("customer_email"), subscription.get("plan")
         if isinstance(email, str) and plan:
             return order_ref(email, str(plan))
-    return str(payload.get("id", ""))
+    return text_id(payload.get("id"))
 
 
 def event_id(payload: Mapping[str, Any]) -> str:
-    return str(payload.get("id", ""))
+    return text_id(payload.get("id"))
 
 
 def _time(value: Any, what: str) -> datetime | None:
