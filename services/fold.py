@@ -38,7 +38,7 @@ from services.codes import CodeBook
 from services.config import Config
 from services.health import Backoff, Health, describe, sleep_unless, transient
 from services.kafka import end_offsets, incarnation, is_marker
-from services.providers import Unmappable, check, event_type
+from services.providers import Unmappable, check, event_type, has_control_character
 from services.readmodel import ReadModel
 from services.store import AggregateCache, Batch, EntitlementStore
 
@@ -271,7 +271,8 @@ class DomainService:
             provider=webhook.provider,
             provider_event_id=item.event_id,
             event_type=item.event_type,
-            order_ref=webhook.routing_key,
+            # Shown and stored as text: a key the ingress did not vet is left out.
+            order_ref="" if has_control_character(webhook.routing_key) else webhook.routing_key,
             received_at=webhook.received_at,
             outcome=outcome,
             detail=detail,
@@ -382,7 +383,7 @@ class DomainService:
         source = self.config.sources.get(webhook.source)
         if source is not None and isinstance(payload, dict):
             event_id = source.provider.event_id(payload)
-            if event_id:
+            if event_id and not has_control_character(event_id) and len(event_id) <= 255:
                 return event_id
         return webhook.receipt_id
 

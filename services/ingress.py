@@ -22,7 +22,7 @@ from contracts.api import Accepted
 from contracts.webhooks import RawWebhookV1
 from services.config import Config
 from services.http import HTTPError
-from services.providers import SignatureError
+from services.providers import SignatureError, has_control_character
 
 log = logging.getLogger("entitle.ingress")
 
@@ -95,6 +95,8 @@ class Ingress:
             # An odd payload is the domain service's to judge (a dead letter
             # naming the field); here it only needs some key.
             routing_key = receipt_id
+        if has_control_character(routing_key) or len(routing_key) > 255:
+            routing_key = receipt_id  # it is shown and stored as the receipt's order reference
         envelope = RawWebhookV1(
             receipt_id=receipt_id,
             source=name,

@@ -193,3 +193,15 @@ def test_a_refund_or_dispute_naming_only_its_charge_waits_like_any_other(world: 
     assert got["refund"].outcome == got["dispute"].outcome == "parked"
     assert got["refund"].waits_for == f"payment {refund['data']['object']['id']}"
     assert got["dispute"].waits_for == "payment ch_only"
+
+
+def test_a_nul_in_an_order_reference_is_a_dead_letter_with_its_receipt(world: World) -> None:
+    """PostgreSQL text cannot hold NUL: the receipt still appears, and no
+    projection fails on it (one receipt event holds a whole batch's)."""
+    bad = paid("sub_\x00nul")
+    world.send(bad, "nul")
+    world.send(paid("sub_fine"), "fine")
+    got = world.receipts()
+    assert got["nul"].outcome == "dead_letter" and "control character" in (got["nul"].detail or "")
+    assert got["fine"].outcome == "applied"
+    assert world.read_model.count_projection_errors() == 0
