@@ -84,6 +84,9 @@ class EmbeddedBroker:
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
+            # Not in our process group: Ctrl-C reaches us, and we stop it in
+            # order, rather than both at once (which looks like its crash).
+            process_group=0,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -53,6 +53,7 @@ class Entitle:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, as a terminal gives it
         )
         threading.Thread(target=self._drain, daemon=True).start()
         deadline = time.monotonic() + timeout
@@ -82,10 +83,15 @@ class Entitle:
         assert match, f"{pattern!r} not in output:\n{self.text}"
         return match.group(1)
 
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> int:
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0, group: bool = False) -> int:
+        """Signal the process (or, like Ctrl-C in a terminal, its whole
+        process group) and wait for its exit code."""
         assert self.process is not None
         if self.process.poll() is None:
-            self.process.send_signal(sig)
+            if group:
+                os.killpg(self.process.pid, sig)
+            else:
+                self.process.send_signal(sig)
             self.process.wait(timeout)
         return int(self.process.returncode)
 
