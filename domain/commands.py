@@ -118,6 +118,8 @@ class Effect:
     #: Payment ids it linked to their order (`payment_link`), newly or not.
     linked: tuple[str, ...] = ()
     newly_linked: bool = False
+    #: Provider facts that had waited and reached their entitlements with it.
+    delivered: tuple[Cause, ...] = ()
 
     def merge(self, other: Effect) -> None:
         for key, names in other.events.items():
@@ -127,6 +129,7 @@ class Effect:
         self.newly_parked = self.newly_parked or other.newly_parked
         self.waits_on += other.waits_on
         self.linked += other.linked
+        self.delivered += other.delivered
         self.newly_linked = self.newly_linked or other.newly_linked
 
 
@@ -170,6 +173,10 @@ def _apply_order_event(
         fact["customer"] = {"id": command.customer.id, "email": command.customer.email}
     entitlements = _entitlements(order, aggregates)
     watch = _Watch(entitlements, command.cause)
+    delivered: list[Cause] = []
+    if order.parked and not entitlements and command.lines:
+        # The order's first item takes the facts that waited for one.
+        delivered += [c for c in map(_cause_of, order.parked) if c is not None]
     for line in command.lines:
         if line.slot in order.entitlements:
             continue
@@ -209,19 +216,33 @@ def _apply_order_event(
             invoice = command.invoice or ref
             aggregates.add(Payment.open(command.source, ref, at, command.order_ref, invoice))
         elif payment.link(command.order_ref, command.invoice or ref, at):
-            _deliver_parked(payment, order, aggregates, rules, at)
+            _deliver_parked(payment, order, aggregates, rules, at, delivered)
     effect = watch.effect(entitlements)
+    effect.delivered = tuple(delivered)
     effect.waits_for, effect.newly_parked = waits_for, newly_parked
     if waits_for is not None:
         effect.waits_on = (f"order:{order.id}",)
     return effect
 
 
+def _cause_of(fact: Fact) -> Cause | None:
+    """The provider event behind a fact kept on an order (its key)."""
+    kind, _, rest = str(fact.get("key", "")).partition(":")
+    source, _, event_id = rest.partition(":")
+    return Cause(kind, source, event_id) if kind == "provider" else None
+
+
 def _deliver_parked(
-    payment: Payment, order: Order, aggregates: Aggregates, rules: Rules, at: datetime
+    payment: Payment,
+    order: Order,
+    aggregates: Aggregates,
+    rules: Rules,
+    at: datetime,
+    delivered: list[Cause],
 ) -> None:
     """The facts that waited for `payment`, now linked to `order`, reach
-    its entitlements (each recorded on the order with what it did)."""
+    its entitlements (each recorded on the order with what it did, and
+    listed in `delivered`)."""
     entitlements = _entitlements(order, aggregates)
     for parked in payment.parked:
         cause = Cause(**parked["cause"])
@@ -229,12 +250,21 @@ def _deliver_parked(
             # Its first item takes it (and its receipt is applied then).
             _park_on_order(parked["fact"], payment, cause, parked["occurred_at"], order, at)
             continue
-        delivered = _Watch(entitlements, cause)
+        watch = _Watch(entitlements, cause)
         _deliver(
-            parked["fact"], payment, cause, parked["occurred_at"], order, aggregates, rules, at
+            parked["fact"],
+            payment,
+            cause,
+            parked["occurred_at"],
+            order,
+            aggregates,
+            rules,
+            at,
+            delivered,
         )
-        reached = delivered.effect(_entitlements(order, aggregates)).events
+        reached = watch.effect(_entitlements(order, aggregates)).events
         order.payment_fact_delivered(parked["fact"], cause, reached, at)
+        delivered.append(cause)
 
 
 def _park_on_order(
@@ -254,6 +284,7 @@ def _deliver(
     aggregates: Aggregates,
     rules: Rules,
     at: datetime,
+    delivered: list[Cause],
 ) -> bool:
     """A payment fact reaches the order `payment` is linked to. A
     `payment_link` names more ids of the same payment (Stripe's
@@ -270,7 +301,7 @@ def _deliver(
                 aggregates.add(Payment.open(source, alias, at, order_ref, invoice))
                 linked = True
             elif other.link(order_ref, invoice, at):
-                _deliver_parked(other, order, aggregates, rules, at)
+                _deliver_parked(other, order, aggregates, rules, at, delivered)
                 linked = True
         return linked
     fact = {**fact, "invoice": fact.get("invoice") or payment.invoice}
@@ -302,6 +333,7 @@ def _apply_payment_event(
                         waits_on=(f"order:{order.id}",),
                     )
                 watch = _Watch(entitlements, command.cause)
+                delivered: list[Cause] = []
                 linked = _deliver(
                     command.fact,
                     payment,
@@ -311,8 +343,10 @@ def _apply_payment_event(
                     aggregates,
                     rules,
                     at,
+                    delivered,
                 )
                 effect = watch.effect(_entitlements(order, aggregates))
+                effect.delivered = tuple(delivered)
                 if command.fact["kind"] == "payment_link":
                     effect.linked, effect.newly_linked = tuple(command.fact["aliases"]), linked
                 order.payment_fact_delivered(command.fact, command.cause, effect.events, at)

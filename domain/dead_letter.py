@@ -75,6 +75,18 @@ class DeadLetter(Aggregate):
             if self.resolved:
                 aggregate.resolved_at = self.timestamp
 
+    class Resolved(Aggregate.Event):
+        """What it waited for arrived after all, and it was applied then."""
+
+        detail: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.resolved_at = self.timestamp
+
+    def resolved(self, detail: str, at: datetime) -> None:
+        if self.resolved_at is None:
+            self.trigger_event(self.Resolved, timestamp=at, detail=detail)
+
     def redriven(self, reason: str | None, at: datetime) -> None:
         if self.resolved_at is not None:
             return

@@ -259,6 +259,11 @@ class DomainService:
         effect = Effect()
         for command in item.commands:
             effect.merge(apply(command, batch, self.rules, now))
+        for cause in effect.delivered:
+            # A fact dead-lettered after waiting parked_days, applied at last.
+            letter = batch.find(dead_letter_id(cause.source, cause.event_id), DeadLetter)
+            if letter is not None:
+                letter.resolved("applied when what it waited for arrived", now)
         webhook = item.webhook
         if item.reason is not None:
             result.dead_letters += self._dead_letter(

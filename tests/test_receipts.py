@@ -176,9 +176,14 @@ def test_a_refund_that_waits_too_long_becomes_a_dead_letter(world: World) -> Non
     assert letter is not None and letter.reason == "waited 7 days for payment pi_gone"
     assert [d.provider_event_id for d in world.read_model.dead_letters()] == [refund["id"]]
 
-    # Its payment arrives after all: the refund still reaches the entitlement.
+    # Its payment arrives after all: the refund still reaches the entitlement,
+    # and its dead letter is resolved.
     world.send(paid("sub_gone", payment_intent="pi_gone"), "payment")
     assert world.receipts()["refund"].outcome == "applied"
+    [view] = world.read_model.dead_letters()
+    assert view.resolved_at is not None
+    letter = world.store.find(dead_letter_id("stripe-main", refund["id"]), DeadLetter)
+    assert letter is not None and letter.resolved_at is not None
 
 
 def test_a_refund_or_dispute_naming_only_its_charge_waits_like_any_other(world: World) -> None:
