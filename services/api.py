@@ -78,6 +78,18 @@ def _time_param(raw: str | None, name: str) -> datetime | None:
     return value
 
 
+def _only(request: Request, allowed: set[str]) -> None:
+    """422 for a query parameter the route does not take."""
+    unknown = set(request.query_params) - allowed
+    if unknown:
+        raise HTTPError(
+            422,
+            "invalid_query",
+            f"unknown query parameter(s): {', '.join(sorted(unknown))};"
+            f" this list takes {', '.join(sorted(allowed))}",
+        )
+
+
 def _encode_cursor(after: tuple[str, str]) -> str:
     return base64.urlsafe_b64encode(json.dumps(list(after)).encode()).decode()
 
@@ -135,14 +147,7 @@ class API:
     async def list_entitlements(self, request: Request) -> JSONResponse:
         authenticate(request, self.keys)
         _no_control_characters(request)
-        unknown = set(request.query_params) - set(FILTERS) - {"limit"}
-        if unknown:
-            raise HTTPError(
-                422,
-                "invalid_query",
-                f"unknown query parameter(s): {', '.join(sorted(unknown))}; "
-                f"filters are {', '.join(FILTERS)}",
-            )
+        _only(request, {*FILTERS, "limit"})
         filters = {key: request.query_params.get(key) for key in FILTERS}
         status = filters.get("status")
         if status is not None and status not in _STATUSES:
@@ -175,6 +180,7 @@ class API:
 
     async def list_dead_letters(self, request: Request) -> JSONResponse:
         authenticate(request, self.keys)
+        _only(request, {"limit"})
         limit = _limit(request)
         items = await anyio.to_thread.run_sync(self.read_model.dead_letters, limit)
         return JSONResponse(DeadLetterList(items=items).model_dump(mode="json"))
@@ -184,15 +190,7 @@ class API:
         authenticate(request, self.keys)
         _no_control_characters(request)
         query = request.query_params
-        allowed = {*RECEIPT_FILTERS, "since", "limit", "cursor"}
-        unknown = set(query) - allowed
-        if unknown:
-            raise HTTPError(
-                422,
-                "invalid_query",
-                f"unknown query parameter(s): {', '.join(sorted(unknown))}; "
-                f"use {', '.join(sorted(allowed))}",
-            )
+        _only(request, {*RECEIPT_FILTERS, "since", "limit", "cursor"})
         filters = {key: query.get(key) for key in RECEIPT_FILTERS}
         outcome = filters.get("outcome")
         if outcome is not None and outcome not in OUTCOMES:
@@ -223,6 +221,7 @@ class API:
 
     async def list_projection_errors(self, request: Request) -> JSONResponse:
         authenticate(request, self.keys)
+        _only(request, {"limit"})
         limit = _limit(request)
         items = await anyio.to_thread.run_sync(self.read_model.projection_errors, limit)
         return JSONResponse(ProjectionErrorList(items=items).model_dump(mode="json"))
