@@ -116,6 +116,9 @@ class ReceiptView(BaseModel):
     event_type: str = Field(description="The provider's event type, e.g. invoice.paid")
     order_ref: str = Field(description="The order (subscription) reference it was routed by")
     received_at: datetime
+    via: Literal["webhook", "backfill"] = Field(
+        default="webhook", description="A webhook, or fetched from the provider's API"
+    )
     recorded_at: datetime = Field(description="When the domain service folded it")
     outcome: Literal["applied", "duplicate", "ignored", "parked", "dead_letter"]
     detail: str | None = Field(

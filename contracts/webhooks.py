@@ -26,6 +26,11 @@ class RawWebhookV1(BaseModel):
     received_at: datetime
     headers: dict[str, str] = Field(description="Request headers, lower-cased names")
     body: str = Field(description="The raw request body (UTF-8 JSON text)")
+    via: Literal["webhook", "backfill"] = Field(
+        default="webhook",
+        description="How it came: a signed webhook, or fetched from the provider's API"
+        " by a backfill (authenticated by the API key; no signature headers)",
+    )
 
 
 class RawLogMarkerV1(BaseModel):

@@ -36,6 +36,7 @@ def receipt(
     outcome: Outcome,
     detail: str | None,
     effect: Effect,
+    via: str = "webhook",
 ) -> dict[str, Any]:
     """One webhook's receipt, as `Receipts` keeps it. `receipt` is the id
     the ingress answered with; `effect` what folding it did."""
@@ -50,6 +51,7 @@ def receipt(
         "event_type": event_type,
         "order_ref": order_ref,
         "received_at": received_at,
+        "via": via,
         "outcome": outcome,
         "detail": detail,
         "entitlement_ids": [str(i) for i in effect.events],

@@ -9,6 +9,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import anyio
 from faststream.kafka import KafkaBroker
@@ -23,9 +24,9 @@ from contracts.api import Readiness
 from contracts.webhooks import RAW_TOPIC
 from services import api, ingress, licensing
 from services.codes import CodeBook
-from services.config import AdminKey, Config, Settings
+from services.config import AdminKey, Config, Settings, Source
 from services.fold import DomainService, RawLog, Scheduler, subscribe
-from services.health import Health, describe, supervise
+from services.health import Health, describe, sleep_unless, supervise
 from services.http import (
     HTTPError,
     handle_http_error,
@@ -43,6 +44,7 @@ from services.projector import (
 )
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
+from services.stripe_api import StripeAPI, backfill
 
 log = logging.getLogger("entitle")
 
@@ -71,6 +73,31 @@ class Roles:
 
     def names(self) -> list[str]:
         return [name for name in ROLES if getattr(self, name)]
+
+
+async def backfill_every(
+    source: Source,
+    api: StripeAPI,
+    read_model: ReadModel,
+    broker: KafkaBroker,
+    stop: asyncio.Event,
+    working: Callable[[], None],
+) -> None:
+    """Every `source.backfill_every`, send what Stripe has of the last two
+    intervals that never reached us (an endpoint disabled, a long outage)."""
+    assert source.backfill_every is not None
+    every = source.backfill_every
+
+    async def seen(ids: list[str]) -> set[str]:
+        return await anyio.to_thread.run_sync(read_model.seen_events, source.name, ids)
+
+    async def publish(value: bytes, key: bytes) -> object:
+        return await broker.publish(value, RAW_TOPIC, key=key)
+
+    while not stop.is_set():
+        await backfill(source, api, datetime.now(UTC) - 2 * every, seen, publish)
+        working()
+        await sleep_unless(stop, every.total_seconds())
 
 
 def build_app(
@@ -109,10 +136,17 @@ def build_app(
         codes = CodeBook(settings.code_secret)
     scheduler: Scheduler | None = None
     raw_log: RawLog | None = None
+    apis = {
+        name: StripeAPI(source.api_key.get_secret_value(), settings.stripe_api_base)
+        for name, source in config.sources.items()
+        if source.api_key is not None
+    }
     if roles.domain:
         assert store is not None and broker is not None and read_model is not None
         assert codes is not None and settings.kafka_bootstrap is not None
-        service = DomainService(store, config, codes, cache_size=settings.aggregate_cache)
+        service = DomainService(
+            store, config, codes, cache_size=settings.aggregate_cache, apis=apis
+        )
         raw_log = RawLog(settings.kafka_bootstrap, store, settings.kafka_topic_ids)
         subscribe(broker, service, raw_log, health, settings.domain_batch)
         scheduler = Scheduler(service, read_model)
@@ -212,6 +246,13 @@ def build_app(
                 keep(f"projection:{projection.name}", loop)
         if raw_log is not None:
             keep("raw-log", functools.partial(raw_log.watch, stop))
+            assert read_model is not None and broker is not None
+            for name, source in config.sources.items():
+                if source.backfill_every is not None:
+                    loop = functools.partial(
+                        backfill_every, source, apis[name], read_model, broker, stop
+                    )
+                    keep(f"backfill:{name}", loop)
         if scheduler is not None:
             keep(
                 "scheduler",

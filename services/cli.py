@@ -13,7 +13,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import uvicorn
@@ -85,6 +85,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(
             settings, kafka_bootstrap=broker.bootstrap, kafka_idempotence=False
         )
+    broker_file = Path(".entitle") / "broker"
+    if broker is not None:
+        # So `entitle stripe backfill` run here finds the embedded broker.
+        broker_file.parent.mkdir(parents=True, exist_ok=True)
+        broker_file.write_text(broker.bootstrap)
     base = f"http://{args.host}:{args.port}"
     lines = [
         "entitle dev",
@@ -131,6 +136,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     finally:
         if broker is not None:
             broker.stop()
+            broker_file.unlink(missing_ok=True)
     return 1 if died else 0
 
 
@@ -234,6 +240,80 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stripe_backfill(args: argparse.Namespace) -> int:
+    """List Stripe's events since --since and send the ones without a
+    receipt through the raw topic (`via: backfill`), with a progress bar."""
+    import asyncio
+
+    from aiokafka import AIOKafkaProducer
+
+    from contracts.webhooks import RAW_TOPIC
+    from services.config import duration
+    from services.readmodel import ReadModel
+    from services.stripe_api import StripeAPI, backfill
+
+    config = load_config(Path(args.config))
+    source = config.sources.get(args.source)
+    if source is None or source.provider.name != "stripe":
+        raise ConfigError(f"no stripe source named {args.source!r} in {args.config}")
+    if source.api_key is None:
+        raise ConfigError(f"source {args.source!r} has no api_key (or api_key_env)")
+    try:
+        since = datetime.now(UTC) - duration(args.since)
+    except ValueError as exc:
+        raise ConfigError(f"--since: {exc}") from None
+    settings = Settings.from_env()
+    bootstrap = settings.kafka_bootstrap or _dev_broker()
+    if bootstrap is None:
+        raise ConfigError(
+            "no broker: set ENTITLE_KAFKA_BOOTSTRAP, or run this beside a running `entitle dev`"
+        )
+    api = StripeAPI(source.api_key.get_secret_value(), settings.stripe_api_base)
+    read_model = ReadModel(settings.database_url)
+
+    def progress(done: int, total: int) -> None:
+        width = 30
+        filled = width * done // total
+        bar = "#" * filled + "." * (width - filled)
+        end = "\n" if done == total else ""
+        print(f"\rbackfill {source.name} [{bar}] {done}/{total}", end=end, file=sys.stderr)
+
+    async def run() -> tuple[int, int]:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await producer.start()
+        try:
+
+            async def seen(ids: list[str]) -> set[str]:
+                return await asyncio.to_thread(read_model.seen_events, source.name, ids)
+
+            async def publish(value: bytes, key: bytes) -> object:
+                return await producer.send_and_wait(RAW_TOPIC, value, key=key)
+
+            result = await backfill(source, api, since, seen, publish, progress)
+            return result.listed, result.sent
+        finally:
+            await producer.stop()
+
+    try:
+        listed, sent = asyncio.run(run())
+    finally:
+        read_model.close()
+    print(
+        json.dumps(
+            {"source": source.name, "since": since.isoformat(), "listed": listed, "sent": sent}
+        )
+    )
+    return 0
+
+
+def _dev_broker() -> str | None:
+    """The embedded broker of an `entitle dev` running in this directory."""
+    path = Path(".entitle") / "broker"
+    with contextlib.suppress(OSError):
+        return path.read_text().strip() or None
+    return None
+
+
 def _since(raw: str | None) -> datetime | None:
     if raw is None:
         return None
@@ -326,6 +406,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=10_000)
     p.add_argument("ids", nargs="*", help="dead letter ids (default: every unresolved one)")
     p.set_defaults(run=cmd_redrive)
+    stripe_cmd = sub.add_parser("stripe", help="Stripe's API, with a source's api_key")
+    stripe_sub = stripe_cmd.add_subparsers(dest="stripe_command", required=True)
+    p = stripe_sub.add_parser(
+        "backfill", help="send Stripe's events that never reached us through the raw topic"
+    )
+    p.add_argument("--config", default="entitle.yaml", help="configuration file (YAML)")
+    p.add_argument("--source", required=True, help="a stripe source with an api_key")
+    p.add_argument("--since", default="72h", help="how far back: 90m, 72h, 30d (Stripe keeps 30d)")
+    p.set_defaults(run=cmd_stripe_backfill)
     return top
 
 

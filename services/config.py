@@ -31,11 +31,18 @@ class _SourceFile(BaseModel):
     username: str | None = None
     tolerance_seconds: float | None = Field(default=None, gt=0)
     webhook_id: str | None = None
+    api_key: SecretStr | None = None
+    api_key_env: str | None = None
+    backfill_every: str | None = Field(default=None, pattern=r"^\d+(\.\d+)?[smhd]$")
 
     @model_validator(mode="after")
     def _one_secret(self) -> _SourceFile:
         if self.secret is not None and self.secret_env is not None:
             raise ValueError("give only one of 'secret' or 'secret_env'")
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("give only one of 'api_key' or 'api_key_env'")
+        if self.backfill_every is not None and self.api_key is None and self.api_key_env is None:
+            raise ValueError("backfill_every needs an api_key (or api_key_env)")
         return self
 
 
@@ -94,6 +101,10 @@ class Source:
     username: str | None = None
     tolerance_seconds: float | None = None
     webhook_id: str | None = None
+    #: A (restricted, read-only is enough) key for the provider's API:
+    #: backfills and fetching what a webhook left out. Stripe only.
+    api_key: SecretStr | None = None
+    backfill_every: timedelta | None = None
 
     def __repr__(self) -> str:  # never show the secret
         return f"Source(name={self.name!r}, provider={self.provider.name!r})"
@@ -156,6 +167,17 @@ def parse_config(
             secret = SecretStr(value)
         else:
             secret = source.secret if source.secret is not None else SecretStr("")
+        api_key = source.api_key
+        if source.api_key_env is not None:
+            value = env.get(source.api_key_env)
+            if not value:
+                raise ConfigError(
+                    f"{origin}: source {name!r} reads its api_key from ${source.api_key_env}, "
+                    "which is not set"
+                )
+            api_key = SecretStr(value)
+        if api_key is not None and source.provider != "stripe":
+            raise ConfigError(f"{origin}: source {name!r}: api_key is for stripe sources only")
         sources[name] = Source(
             name=name,
             provider=provider,
@@ -163,6 +185,8 @@ def parse_config(
             username=source.username,
             tolerance_seconds=source.tolerance_seconds,
             webhook_id=source.webhook_id,
+            api_key=api_key,
+            backfill_every=duration(source.backfill_every) if source.backfill_every else None,
         )
     try:
         catalog = Catalog(
@@ -200,6 +224,21 @@ def parse_config(
             parsed.licensing.per_address_burst,
         ),
     )
+
+
+def duration(text: str) -> timedelta:
+    """`90s`, `15m`, `72h`, `30d` as a timedelta; ValueError otherwise."""
+    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+    number, unit = text[:-1], text[-1:]
+    if unit not in units:
+        raise ValueError(f"{text!r} is not a duration such as 15m, 72h or 30d")
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration such as 15m, 72h or 30d") from None
+    if not value > 0:
+        raise ValueError(f"{text!r} is not a positive duration")
+    return timedelta(**{units[unit]: value})
 
 
 def load_config(path: Path) -> Config:
@@ -253,6 +292,8 @@ class Settings:
     #: Tell a recreated raw topic by the broker's topic id; off, by a marker
     #: record (for brokers whose ids are missing or not to be trusted).
     kafka_topic_ids: bool = True
+    #: Stripe's API address, to point backfills at a test double (stripe-mock).
+    stripe_api_base: str | None = None
 
     def __repr__(self) -> str:  # never show the code secret
         return f"Settings(kafka_bootstrap={self.kafka_bootstrap!r})"
@@ -274,4 +315,5 @@ class Settings:
             license_key=load_secret(data_dir, env="ENTITLE_LICENSE_KEY", file_name="license-key"),
             trusted_proxies=os.environ.get("ENTITLE_TRUSTED_PROXIES", "127.0.0.1"),
             kafka_topic_ids=_flag(os.environ.get("ENTITLE_KAFKA_TOPIC_IDS", "true")),
+            stripe_api_base=os.environ.get("ENTITLE_STRIPE_API_BASE") or None,
         )

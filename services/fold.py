@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -41,6 +41,7 @@ from services.kafka import end_offsets, incarnation, is_marker
 from services.providers import Unmappable, check, event_type, has_control_character
 from services.readmodel import ReadModel
 from services.store import AggregateCache, Batch, EntitlementStore
+from services.stripe_api import StripeAPI, complete_invoice
 
 log = logging.getLogger("entitle.domain")
 
@@ -100,7 +101,10 @@ class DomainService:
         codes: CodeBook,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         cache_size: int = 10_000,
+        apis: Mapping[str, StripeAPI] | None = None,
     ) -> None:
+        #: Sources whose provider API can fill in what a webhook left out.
+        self.apis = dict(apis or {})
         self.store = store
         self.config = config
         self.clock = clock
@@ -282,6 +286,7 @@ class DomainService:
             outcome=outcome,
             detail=detail,
             effect=effect,
+            via=webhook.via,
         )
 
     def _normalize(
@@ -296,6 +301,9 @@ class DomainService:
                 raise Unmappable("webhook body is not a JSON object")
             if source is None:
                 raise Unmappable(f"source {webhook.source!r} is not configured")
+            api = self.apis.get(webhook.source)
+            if api is not None:
+                payload = complete_invoice(payload, api)
             commands = source.provider.normalize(webhook.source, payload, self.config.catalog, now)
             check(commands)
         except Unmappable as exc:

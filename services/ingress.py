@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any, Literal
 
 import anyio
 from starlette.requests import ClientDisconnect, Request
@@ -20,7 +21,7 @@ from starlette.routing import Route
 
 from contracts.api import Accepted
 from contracts.webhooks import RawWebhookV1
-from services.config import Config
+from services.config import Config, Source
 from services.http import HTTPError
 from services.providers import SignatureError, has_control_character
 
@@ -51,6 +52,37 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
             400, "client_disconnected", "the request body was not fully received"
         ) from None
     return b"".join(chunks)
+
+
+def make_envelope(
+    source: Source,
+    payload: dict[str, Any],
+    body: str,
+    headers: dict[str, str],
+    via: Literal["webhook", "backfill"] = "webhook",
+) -> RawWebhookV1:
+    """A verified webhook (or one fetched from the provider's API), as it
+    goes on the raw topic: with a new receipt id, and routed by the
+    provider's order reference so one order's webhooks keep their order."""
+    receipt_id = str(uuid.uuid4())
+    try:
+        routing_key = source.provider.routing_key(payload) or receipt_id
+    except Exception:
+        # An odd payload is the domain service's to judge (a dead letter
+        # naming the field); here it only needs some key.
+        routing_key = receipt_id
+    if has_control_character(routing_key) or len(routing_key) > 255:
+        routing_key = receipt_id  # it is shown and stored as the receipt's order reference
+    return RawWebhookV1(
+        receipt_id=receipt_id,
+        source=source.name,
+        provider=source.provider.name,
+        routing_key=routing_key,
+        received_at=datetime.now(UTC),
+        headers={k: v for k, v in headers.items() if k not in _DROPPED_HEADERS},
+        body=body,
+        via=via,
+    )
 
 
 class Ingress:
@@ -88,24 +120,8 @@ class Ingress:
             raise HTTPError(400, "invalid_json", "the webhook body is nested too deeply") from None
         if not isinstance(payload, dict):
             raise HTTPError(400, "invalid_json", "the webhook body is not a JSON object")
-        receipt_id = str(uuid.uuid4())
-        try:
-            routing_key = source.provider.routing_key(payload) or receipt_id
-        except Exception:
-            # An odd payload is the domain service's to judge (a dead letter
-            # naming the field); here it only needs some key.
-            routing_key = receipt_id
-        if has_control_character(routing_key) or len(routing_key) > 255:
-            routing_key = receipt_id  # it is shown and stored as the receipt's order reference
-        envelope = RawWebhookV1(
-            receipt_id=receipt_id,
-            source=name,
-            provider=source.provider.name,
-            routing_key=routing_key,
-            received_at=datetime.now(UTC),
-            headers={k: v for k, v in headers.items() if k not in _DROPPED_HEADERS},
-            body=body.decode(),
-        )
+        envelope = make_envelope(source, payload, body.decode(), headers)
+        receipt_id, routing_key = envelope.receipt_id, envelope.routing_key
         try:
             await asyncio.wait_for(
                 self.publish(envelope.model_dump_json().encode(), routing_key.encode()),

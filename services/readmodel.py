@@ -451,6 +451,18 @@ class ReadModel:
         more = len(rows) > limit
         return views, ((rows[limit - 1][0], rows[limit - 1][1]) if more and limit else None)
 
+    def seen_events(self, source: str, event_ids: Sequence[str]) -> set[str]:
+        """Which of `event_ids` (a few hundred at most) have a receipt from `source`."""
+        if not event_ids:
+            return set()
+        marks = ", ".join("?" for _ in event_ids)
+        rows = self._query(
+            "SELECT provider_event_id FROM entitle_v3_receipts"
+            f" WHERE source = ? AND provider_event_id IN ({marks})",
+            [source, *event_ids],
+        )
+        return {row[0] for row in rows}
+
     def receipt(self, receipt_id: str) -> ReceiptView | None:
         rows = self._query("SELECT body FROM entitle_v3_receipts WHERE id = ?", (receipt_id,))
         return ReceiptView.model_validate_json(rows[0][0]) if rows else None

@@ -37,11 +37,13 @@ CODES = CodeBook("test-code-secret-0123456789")
 class World:
     """A domain service, its read model projection, and a held clock."""
 
-    def __init__(self, database_url: str, config: Config = CONFIG) -> None:
+    def __init__(
+        self, database_url: str, config: Config = CONFIG, apis: dict[str, Any] | None = None
+    ) -> None:
         self.now = datetime.now(UTC)
         self.store = EntitlementStore(database_url)
         self.read_model = ReadModel(database_url)
-        self.service = DomainService(self.store, config, CODES, clock=lambda: self.now)
+        self.service = DomainService(self.store, config, CODES, clock=lambda: self.now, apis=apis)
         self.offset = 0
         self.position = 0
 

@@ -1,0 +1,120 @@
+"""Stripe's API, for what webhooks cannot give: events never delivered
+(an endpoint disabled, an outage longer than Stripe retries) and the lines a
+webhook leaves out of a long invoice. Through the official `stripe` package,
+with a source's `api_key` (a restricted key with read access to events and
+invoices is enough)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import stripe
+
+from services.config import Source
+from services.ingress import make_envelope
+
+log = logging.getLogger("entitle.stripe")
+
+#: Stripe keeps events for 30 days (https://docs.stripe.com/api/events/list).
+EVENTS_KEPT = timedelta(days=30)
+
+
+class StripeAPI:
+    """One source's view of Stripe's API. `base` replaces
+    https://api.stripe.com (a test double, stripe-mock)."""
+
+    def __init__(self, api_key: str, base: str | None = None) -> None:
+        self.client = stripe.StripeClient(
+            api_key,
+            base_addresses={"api": base} if base else {},
+            max_network_retries=2,
+        )
+
+    def events(self, since: datetime) -> Iterator[dict[str, Any]]:
+        """Every event created at or after `since` (at most 30 days back),
+        newest first, as the JSON a webhook would carry."""
+        since = max(since, datetime.now(UTC) - EVENTS_KEPT)
+        page = self.client.v1.events.list(
+            {"created": {"gte": int(since.timestamp())}, "limit": 100}
+        )
+        for event in page.auto_paging_iter():
+            yield json.loads(str(event))
+
+    def invoice_lines(self, invoice_id: str) -> list[dict[str, Any]]:
+        """All lines of an invoice (a webhook embeds the first 10)."""
+        page = self.client.v1.invoices.line_items.list(invoice_id, {"limit": 100})
+        return [json.loads(str(line)) for line in page.auto_paging_iter()]
+
+
+def complete_invoice(payload: dict[str, Any], api: StripeAPI) -> dict[str, Any]:
+    """The event with its invoice's lines fetched in full when the webhook
+    carried only the first page (`lines.has_more`); unchanged otherwise, or
+    when Stripe cannot be reached (the adapter then takes the rest from the
+    subscription, see `services.providers.stripe`)."""
+    data = payload.get("data")
+    if not isinstance(data, dict):
+        return payload
+    invoice = data.get("object")
+    if not isinstance(invoice, dict) or invoice.get("object") != "invoice":
+        return payload
+    lines = invoice.get("lines")
+    if not isinstance(lines, dict) or lines.get("has_more") is not True:
+        return payload
+    invoice_id = invoice.get("id")
+    if not isinstance(invoice_id, str):
+        return payload
+    try:
+        every = api.invoice_lines(invoice_id)
+    except stripe.StripeError as exc:
+        log.warning("could not fetch the lines of invoice %s: %s", invoice_id, exc)
+        return payload
+    whole = {**invoice, "lines": {**lines, "data": every, "has_more": False}}
+    return {**payload, "data": {**data, "object": whole}}
+
+
+@dataclass
+class BackfillResult:
+    listed: int = 0
+    sent: int = 0
+
+
+async def backfill(
+    source: Source,
+    api: StripeAPI,
+    since: datetime,
+    seen: Callable[[list[str]], Awaitable[set[str]]],
+    publish: Callable[[bytes, bytes], Awaitable[object]],
+    progress: Callable[[int, int], None] = lambda done, total: None,
+) -> BackfillResult:
+    """Send Stripe's events since `since` that never reached us (by event id:
+    `seen` answers which of a list have a receipt) through the raw topic,
+    oldest first, each marked `via: backfill`. Blocking calls to Stripe run
+    in a worker thread."""
+    import anyio
+
+    events = await anyio.to_thread.run_sync(lambda: list(api.events(since)))
+    events.sort(key=lambda e: (e.get("created") or 0, str(e.get("id"))))
+    result = BackfillResult(listed=len(events))
+    known: set[str] = set()
+    ids = [str(e.get("id")) for e in events]
+    for start in range(0, len(ids), 500):
+        known |= await seen(ids[start : start + 500])
+    missing = [e for e in events if str(e.get("id")) not in known]
+    for done, event in enumerate(missing, 1):
+        envelope = make_envelope(source, event, json.dumps(event), {}, via="backfill")
+        await publish(envelope.model_dump_json().encode(), envelope.routing_key.encode())
+        result.sent += 1
+        progress(done, len(missing))
+    if missing:
+        log.info(
+            "backfill of %s: %d of %d events were missing; sent",
+            source.name,
+            result.sent,
+            result.listed,
+        )
+    return result
