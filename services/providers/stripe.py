@@ -279,7 +279,10 @@ def _invoice_event(
             raise Unmappable("; ".join(unmapped))
         if not paid:
             return []  # a failure to pay for nothing that grants anything
-        raise Unmappable("Stripe one-off invoice has no item with a price")
+        raise Unmappable(
+            "Stripe one-off invoice has no item that grants anything"
+            " (only prorations or quantity 0)"
+        )
     amount = invoice.get("amount_paid")
     if paid:
         paid_at = _paid_at(invoice) or _created(payload)
