@@ -323,17 +323,19 @@ def _paid_at(invoice: Mapping[str, Any]) -> datetime | None:
 
 
 def _payment_refs(invoice: Mapping[str, Any], invoice_id: str) -> tuple[str, ...]:
-    """Every id a refund or dispute may name this payment by: the invoice,
-    and its payment intent and charge (on the invoice before
-    2025-03-31.basil; since then in `payments`, when expanded, or sent
-    later by `invoice_payment.paid`)."""
-    refs = [invoice_id, *_refs(invoice, "payment_intent", "charge")]
+    """The id refunds and disputes will name this payment by: its payment
+    intent (or, without one, its charge), on the invoice before
+    2025-03-31.basil and since then in `payments` when expanded; else the
+    invoice itself, which `invoice_payment.paid` links to its payment
+    intent later. One id each: every id is an aggregate to store."""
+    refs = list(_refs(invoice, "payment_intent") or _refs(invoice, "charge"))
     payments = invoice.get("payments")
     data = payments.get("data") if isinstance(payments, Mapping) else None
     for entry in data if isinstance(data, list) else []:
         if isinstance(entry, Mapping) and isinstance(entry.get("payment"), Mapping):
-            refs += _refs(entry["payment"], "payment_intent", "charge")
-    return tuple(dict.fromkeys(refs))
+            payment = entry["payment"]
+            refs += _refs(payment, "payment_intent") or _refs(payment, "charge")
+    return tuple(dict.fromkeys(refs)) or (invoice_id,)
 
 
 def _written_off(source: str, kind: str, payload: Mapping[str, Any]) -> list[Command]:
@@ -374,7 +376,8 @@ def _invoice_payment(source: str, payload: Mapping[str, Any]) -> list[Command]:
     return [
         PaymentEvent(
             source=source,
-            payment_refs=(invoice,),
+            # Whichever of them the invoice's own event was recorded under.
+            payment_refs=(invoice, *aliases),
             fact=lifecycle.payment_link(aliases),
             cause=_cause(source, payload),
             occurred_at=_created(payload),
