@@ -425,6 +425,21 @@ class Facts:
             return None, None, None
         return best[1], best[0], best[2]
 
+    def undecided_tie(self) -> bool:
+        """Whether the newest snapshot shares its second with another that
+        neither says it changed from (`previous`): only their content
+        orders them, which a fetch of the provider's current state can
+        settle."""
+        latest = self.latest_snapshot
+        if latest is None:
+            return False
+        return any(
+            other is not latest
+            and other["at"] == latest["at"]
+            and _follows(latest, other) == _follows(other, latest)
+            for other in self.snapshots
+        )
+
     def _stated_before(self, fact: Fact, slot: str) -> tuple[datetime | None, datetime] | None:
         """(start, end) of `slot`'s period in the newest snapshot before `fact`."""
         best: Fact | None = None

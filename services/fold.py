@@ -30,7 +30,16 @@ from pydantic import ValidationError
 
 from contracts.api import ReceiptView
 from contracts.webhooks import RAW_TOPIC, RawWebhookV1
-from domain.commands import Command, Effect, Rules, apply, settle_due, still_waits, touches
+from domain.commands import (
+    Command,
+    Effect,
+    OrderEvent,
+    Rules,
+    apply,
+    settle_due,
+    still_waits,
+    touches,
+)
 from domain.dead_letter import DeadLetter, dead_letter_id
 from domain.entitlement import Entitlement, Order, Payment, order_id
 from domain.receipt import ReceiptResolution, Receipts, classify, receipt, resolution_id
@@ -41,7 +50,7 @@ from services.kafka import end_offsets, incarnation, is_marker
 from services.providers import Unmappable, check, event_type, has_control_character
 from services.readmodel import ReadModel
 from services.store import AggregateCache, Batch, EntitlementStore
-from services.stripe_api import StripeAPI, complete_invoice
+from services.stripe_api import StripeAPI, complete_invoice, current_subscription
 
 log = logging.getLogger("entitle.domain")
 
@@ -263,6 +272,8 @@ class DomainService:
         effect = Effect()
         for command in item.commands:
             effect.merge(apply(command, batch, self.rules, now))
+        for command in self._settle_ties(item, batch, now):
+            effect.merge(apply(command, batch, self.rules, now))
         for cause in effect.delivered:
             # A fact dead-lettered after waiting parked_days, applied at last.
             letter = batch.find(dead_letter_id(cause.source, cause.event_id), DeadLetter)
@@ -288,6 +299,42 @@ class DomainService:
             effect=effect,
             via=webhook.via,
         )
+
+    def _settle_ties(self, item: Decoded, batch: Batch, now: datetime) -> list[Command]:
+        """With a provider API: when a subscription update leaves its order's
+        newest snapshot tied in the same second with one it cannot be ordered
+        against, the subscription as the provider has it now, to apply too."""
+        api = self.apis.get(item.webhook.source)
+        if api is None:
+            return []
+        for command in item.commands:
+            if not isinstance(command, OrderEvent) or command.fact["kind"] != "subscription":
+                continue
+            order = batch.find(order_id(command.source, command.order_ref), Order)
+            if order is None:
+                continue
+            tied = [
+                e
+                for e in (batch.find(i, Entitlement) for i in order.entitlements.values())
+                if e is not None and e.facts.undecided_tie()
+            ]
+            if not tied:
+                continue
+            fetched = current_subscription(command.order_ref, item.event_id, api, now)
+            source = self.config.sources.get(item.webhook.source)
+            if fetched is None or source is None:
+                return []
+            log.info("subscription %s: two updates in one second; fetched it", command.order_ref)
+            try:
+                commands = source.provider.normalize(
+                    item.webhook.source, fetched, self.config.catalog, now
+                )
+                check(commands)
+            except Unmappable as exc:
+                log.warning("fetched subscription %s: %s", command.order_ref, exc.reason)
+                return []
+            return commands
+        return []
 
     def _normalize(
         self, webhook: RawWebhookV1, now: datetime

@@ -45,6 +45,11 @@ class StripeAPI:
         for event in page.auto_paging_iter():
             yield json.loads(str(event))
 
+    def subscription(self, subscription_id: str) -> dict[str, Any]:
+        """The subscription as Stripe has it now."""
+        found = self.client.v1.subscriptions.retrieve(subscription_id)
+        return dict(json.loads(str(found)))
+
     def invoice_lines(self, invoice_id: str) -> list[dict[str, Any]]:
         """All lines of an invoice (a webhook embeds the first 10)."""
         page = self.client.v1.invoices.line_items.list(invoice_id, {"limit": 100})
@@ -118,3 +123,24 @@ async def backfill(
             result.listed,
         )
     return result
+
+
+def current_subscription(
+    subscription_id: str, event_id: str, api: StripeAPI, now: datetime
+) -> dict[str, Any] | None:
+    """A `customer.subscription.updated` event made of the subscription as
+    Stripe has it at `now` (id `<event_id>/fetched`, created `now`), to
+    settle two updates in one second that their payloads cannot order;
+    None when Stripe cannot be reached."""
+    try:
+        subscription = api.subscription(subscription_id)
+    except stripe.StripeError as exc:
+        log.warning("could not fetch subscription %s: %s", subscription_id, exc)
+        return None
+    return {
+        "id": f"{event_id}/fetched",
+        "object": "event",
+        "type": "customer.subscription.updated",
+        "created": int(now.timestamp()),
+        "data": {"object": subscription},
+    }

@@ -23,6 +23,7 @@ class FakeStripe:
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
         self.lines: dict[str, list[dict[str, Any]]] = {}
+        self.subscriptions: dict[str, dict[str, Any]] = {}
         self.requests: list[str] = []
         self.api_keys: set[str] = set()
 
@@ -57,10 +58,21 @@ class FakeStripe:
             )
         return self._page(request, self.lines[invoice], f"/v1/invoices/{invoice}/lines")
 
+    async def subscription(self, request: Request) -> JSONResponse:
+        self.requests.append(str(request.url))
+        found = self.subscriptions.get(request.path_params["subscription"])
+        if found is None:
+            return JSONResponse(
+                {"error": {"type": "invalid_request_error", "message": "No such subscription"}},
+                status_code=404,
+            )
+        return JSONResponse(found)
+
     def app(self) -> Starlette:
         return Starlette(
             routes=[
                 Route("/v1/events", self.list_events),
+                Route("/v1/subscriptions/{subscription}", self.subscription),
                 Route("/v1/invoices/{invoice}/lines", self.invoice_lines),
             ]
         )

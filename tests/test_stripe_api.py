@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,40 @@ def test_a_truncated_invoice_fetches_its_remaining_lines(database_url: str) -> N
             other, _ = renewal_in_two_pages("sub_unknown_to_api")
             world.send(other, "other")
             assert world.receipts()["other"].outcome in ("applied", "parked")
+        finally:
+            world.close()
+
+
+@pytest.mark.integration
+def test_two_updates_in_one_second_that_payloads_cannot_order_fetch_the_subscription(
+    database_url: str,
+) -> None:
+    with fake_stripe() as (fake, base):
+        world = World(database_url, CONFIG, apis={"stripe-main": StripeAPI("rk_test", base)})
+        try:
+            world.send(paid("sub_tie"), "paid")
+
+            def update(cancel: bool) -> dict[str, Any]:
+                return se.subscription_event(
+                    "customer.subscription.updated",
+                    subscription="sub_tie",
+                    items=[{"price": "p", "sku": "better_annual"}],
+                    start=NOW,
+                    end=NOW + YEAR,
+                    cancel_at_period_end=cancel,
+                    shape=se.LEGACY,
+                    created=NOW + 100,
+                )
+
+            # Scheduled and unscheduled in one second, no previous_attributes:
+            # by content the scheduled one would win. Stripe says it is not.
+            fake.subscriptions["sub_tie"] = update(False)["data"]["object"]
+            world.now = datetime.fromtimestamp(NOW + 200, UTC)  # received after both
+            world.send(update(True), "scheduled")
+            world.send(update(False), "unscheduled")
+            [entitlement] = world.read_model.entitlements(order_ref="sub_tie")
+            assert entitlement.cancel_at is None
+            assert any("/v1/subscriptions/sub_tie" in url for url in fake.requests)
         finally:
             world.close()
 
