@@ -178,8 +178,8 @@ def _apply_order_event(
         # The order's first item takes the facts that waited for one.
         delivered += [c for c in map(_cause_of, order.parked) if c is not None]
     for line in command.lines:
-        if line.slot in order.entitlements:
-            continue
+        if line.slot in order.entitlements or line.quantity == 0:
+            continue  # known, or an emptied item, which grants nothing
         # A new item learns what its order already knows (a cancellation, a
         # failed payment), so its state does not depend on when it appeared.
         inherited = list(order.parked)

@@ -471,6 +471,9 @@ class Facts:
                 found.append((Status.CANCELED, "subscription_canceled", snapshot["key"]))
             elif slot not in snapshot["lines"] and snapshot["lines"]:
                 found.append((Status.CANCELED, "removed_from_subscription", snapshot["key"]))
+            elif snapshot["lines"].get(slot, {}).get("quantity") == 0:
+                # The item is still there, emptied: it grants nothing for now.
+                found.append((Status.SUSPENDED, "quantity_zero", snapshot["key"]))
         _, _, current_invoice = self._paid_through(slot, offering)
         for key, fact in sorted(self.refunds.items()):
             if (

@@ -785,3 +785,33 @@ def test_any_order_and_any_duplication_gives_the_in_order_result(
     duplicated = events + data.draw(st.lists(st.sampled_from(events), max_size=len(events)))
     shuffled = data.draw(st.permutations(duplicated))
     assert run(list(shuffled), end).state() == expected
+
+
+def test_an_emptied_item_suspends_its_entitlement_until_it_has_a_quantity_again() -> None:
+    world = World()
+    world.deliver(paid(0, quantity=2))
+    entitlement = world.only()
+    # The only item emptied, with a cancellation scheduled: both apply.
+    world.deliver(snapshot(0, quantity=0, cancel_at_period_end=True, at=300))
+    assert (entitlement.status, entitlement.reason) == (Status.SUSPENDED, "quantity_zero")
+    assert entitlement.cancel_at == T0 + timedelta(seconds=MONTH)
+    assert entitlement.seats == 0
+    world.deliver(snapshot(0, quantity=3, at=400))
+    assert (entitlement.status, entitlement.seats) == (Status.ACTIVE, 3)
+
+
+def test_a_truncated_update_invoice_pays_no_period() -> None:
+    """Only an invoice that bills a period pays for the lines it leaves out:
+    a seat change's prorations, invoiced at once, pay for no renewal."""
+    world = World()  # pro: suspend 3 days after the period end
+    world.deliver(paid(0, "pro"))
+    world.at(MONTH - 3600).deliver(snapshot(1, "active", "pro", at=-3600))
+    world.at(MONTH + 60).deliver(failed(1, "pro"))
+    update = paid(1, "pro", invoice_id="in_update", payment_intent="pi_update")
+    update["data"]["object"]["billing_reason"] = "subscription_update"
+    lines = update["data"]["object"]["lines"]
+    lines["data"], lines["has_more"] = [], True
+    world.at(MONTH + DAY).deliver(update)
+    entitlement = world.only()
+    assert entitlement.period_end == T0 + timedelta(seconds=MONTH)
+    assert entitlement.overdue

@@ -121,9 +121,9 @@ def _subscription_lines(
         if offering is None:
             unmapped.append(f"item price {price_id!r} maps to no offering in the catalog")
             continue
+        # An emptied item (quantity 0) stays in the snapshot and grants nothing.
         quantity = _quantity(item.get("quantity"), price_id)
-        if quantity:  # an emptied item grants nothing; the others still apply
-            lines.append(Line(_slot(item.get("item_type"), price_id), offering, quantity))
+        lines.append(Line(_slot(item.get("item_type"), price_id), offering, quantity))
     return lines
 
 

@@ -31,6 +31,8 @@ from services.providers import (
 
 TOLERANCE_SECONDS = 300
 PAYMENT_EVENTS = frozenset({"invoice.paid", "invoice.payment_succeeded"})
+#: Invoices that bill a subscription period (https://docs.stripe.com/api/invoices/object#invoice_object-billing_reason).
+PERIOD_BILLING_REASONS = frozenset({"subscription_create", "subscription_cycle", "subscription"})
 SUBSCRIPTION_EVENTS = frozenset(
     {
         "customer.subscription.created",
@@ -273,7 +275,13 @@ def _invoice_event(
     unmapped: list[str] = []
     one_off = subscription is None
     lines = _invoice_lines(invoice, catalog, unmapped, one_off)
-    truncated = _truncated(invoice) and not one_off
+    # Only an invoice that bills a period pays for what it leaves out; an
+    # update's invoice (prorations of a seat change) pays for no period.
+    truncated = (
+        _truncated(invoice)
+        and not one_off
+        and invoice.get("billing_reason") in PERIOD_BILLING_REASONS
+    )
     if not lines and (one_off or not paid) and not truncated:
         if unmapped:
             raise Unmappable("; ".join(unmapped))
@@ -396,9 +404,9 @@ def _subscription_lines(
     for item in data:
         if not isinstance(item, Mapping):
             continue
+        # An emptied item (quantity 0) stays in the snapshot: it grants
+        # nothing (no entitlement is made for it; one it had is suspended).
         quantity = _quantity(item.get("quantity"), f"subscription item {item.get('id')!r}")
-        if quantity == 0:
-            continue  # an emptied item grants nothing; the others still apply
         offering = _offering(item.get("price") or item.get("plan"), catalog, unmapped)
         if offering is None:
             continue
