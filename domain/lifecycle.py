@@ -16,6 +16,7 @@ events. The constructors below are the only way adapters build them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -131,8 +132,9 @@ def subscription(
         "cancel_at": cancel_at,
         "vouches": vouches,
     }
+    if state:
+        fact["state"] = dict(state)
     if previous:
-        fact["state"] = dict(state or {})
         fact["previous"] = dict(previous)
     return fact
 
@@ -272,6 +274,7 @@ class Facts:
         self.written_off: set[str] = set()
         self.latest_snapshot: Fact | None = None
         self.snapshots: list[Fact] = []
+        self._tie_undecided = False
         self.snapshot_paid_through: tuple[datetime, datetime | None] | None = None
         self.latest_lines: Fact | None = None  # newest payment/failure/ended with lines
         self.ended: dict[str, str] = {}  # fact key -> reason
@@ -320,8 +323,8 @@ class Facts:
             self.written_off.add(fact["invoice"])
         elif kind == "subscription":
             self.snapshots.append(fact)
-            if self.latest_snapshot is None or _snapshot_later(fact, self.latest_snapshot):
-                self.latest_snapshot = fact
+            # An older one can still decide a tie of the newest second.
+            self.latest_snapshot, self._tie_undecided = _newest(self.snapshots)
             through = _snapshot_paid_through(fact)
             if through is not None and (
                 self.snapshot_paid_through is None or through[0] > self.snapshot_paid_through[0]
@@ -426,19 +429,10 @@ class Facts:
         return best[1], best[0], best[2]
 
     def undecided_tie(self) -> bool:
-        """Whether the newest snapshot shares its second with another that
-        neither says it changed from (`previous`): only their content
-        orders them, which a fetch of the provider's current state can
-        settle."""
-        latest = self.latest_snapshot
-        if latest is None:
-            return False
-        return any(
-            other is not latest
-            and other["at"] == latest["at"]
-            and _follows(latest, other) == _follows(other, latest)
-            for other in self.snapshots
-        )
+        """Whether the newest snapshot shares its second with another and
+        only their content ordered them (nothing they say they changed
+        from): a fetch of the provider's current state can settle it."""
+        return self._tie_undecided
 
     def _stated_before(self, fact: Fact, slot: str) -> tuple[datetime | None, datetime] | None:
         """(start, end) of `slot`'s period in the newest snapshot before `fact`."""
@@ -644,6 +638,40 @@ def _follows(later: Fact, earlier: Fact) -> bool:
     if not previous or state is None:
         return False
     return all(field in state and state[field] == value for field, value in previous.items())
+
+
+def _newest(snapshots: list[Fact]) -> tuple[Fact, bool]:
+    """The newest snapshot, and whether a same-second tie had to be broken
+    by content alone. Snapshots made in the newest second are put in the
+    order their `previous` fields chain in, starting from the newest one
+    before that second (so a change and its undoing in one second end
+    right); where the chain does not decide, `_snapshot_later` does."""
+    top = max(s["at"] for s in snapshots)
+    remaining = [s for s in snapshots if s["at"] == top]
+    if len(remaining) == 1:
+        return remaining[0], False
+    earlier = [s for s in snapshots if s["at"] < top]
+    current = max(earlier, key=functools.cmp_to_key(_compare)) if earlier else None
+    undecided = False
+    while len(remaining) > 1:
+        followers = [s for s in remaining if current is not None and _follows(s, current)]
+        if len(followers) == 1:
+            current = followers[0]
+        else:
+            pool = followers or remaining
+            # The first of them is the one every other says it changed from.
+            firsts = [s for s in pool if all(_follows(o, s) for o in remaining if o is not s)]
+            if len(firsts) == 1:
+                current = firsts[0]
+            else:
+                undecided = True
+                current = min(pool, key=functools.cmp_to_key(_compare))
+        remaining.remove(current)
+    return remaining[0], undecided
+
+
+def _compare(a: Fact, b: Fact) -> int:
+    return 0 if a is b else (1 if _snapshot_later(a, b) else -1)
 
 
 def _snapshot_later(fact: Fact, other: Fact) -> bool:

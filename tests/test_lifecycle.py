@@ -815,3 +815,39 @@ def test_a_truncated_update_invoice_pays_no_period() -> None:
     entitlement = world.only()
     assert entitlement.period_end == T0 + timedelta(seconds=MONTH)
     assert entitlement.overdue
+
+
+def test_same_second_updates_follow_their_item_quantities_and_the_state_before() -> None:
+    """On basil an update's previous_attributes name items; and a change
+    undone in the same second is ordered from the snapshot before it."""
+
+    def update(quantity: int, was: int | None, event_id: str, at: int = 100) -> dict[str, Any]:
+        event = snapshot(0, quantity=quantity, at=at, event_id=event_id)
+        if was is not None:
+            item = dict(event["data"]["object"]["items"]["data"][0], quantity=was)
+            event["data"]["previous_attributes"] = {"items": {"object": "list", "data": [item]}}
+        return event
+
+    base = update(1, None, "evt_base", at=50)
+    up, down = update(3, 1, "evt_b"), update(2, 3, "evt_a")  # ids sort against the order
+    for order in ([base, up, down], [down, up, base], [up, base, down]):
+        world = World()
+        world.deliver(paid(0))
+        for event in order:
+            world.deliver(event)
+        assert world.only().quantity == 2
+
+    def cancel(flag: bool, was: bool | None, event_id: str, at: int = 100) -> dict[str, Any]:
+        event = snapshot(0, at=at, event_id=event_id, cancel_at_period_end=flag)
+        if was is not None:
+            event["data"]["previous_attributes"] = {"cancel_at_period_end": was}
+        return event
+
+    before = cancel(False, None, "evt_before", at=50)
+    scheduled, undone = cancel(True, False, "evt_z"), cancel(False, True, "evt_y")
+    for order in ([before, scheduled, undone], [undone, scheduled, before]):
+        world = World()
+        world.deliver(paid(0))
+        for event in order:
+            world.deliver(event)
+        assert world.only().cancel_at is None

@@ -453,8 +453,10 @@ def _previous(payload: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _ordering(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """The ordering fields `obj` has, where they are plain values."""
-    return {
+    """The ordering fields `obj` has, where they are plain values, and its
+    items' quantities (on basil, where the subscription itself carries no
+    quantity or period, the items are what an update changes)."""
+    found = {
         field: obj[field]
         for field in ORDERING_FIELDS
         if field in obj
@@ -465,6 +467,16 @@ def _ordering(obj: Mapping[str, Any]) -> dict[str, Any]:
             or (isinstance(obj[field], str) and len(obj[field]) <= 100)
         )
     }
+    items = obj.get("items")
+    data = items.get("data") if isinstance(items, Mapping) else None
+    if isinstance(data, list):
+        quantities = {
+            str(item.get("id")): item.get("quantity")
+            for item in data
+            if isinstance(item, Mapping) and isinstance(item.get("quantity"), int)
+        }
+        found["items"] = dict(sorted(quantities.items()))
+    return found
 
 
 def _subscription_event(
