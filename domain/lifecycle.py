@@ -279,7 +279,7 @@ class Facts:
         self.latest_lines: Fact | None = None  # newest payment/failure/ended with lines
         self.ended: dict[str, str] = {}  # fact key -> reason
         self.refunds: dict[str, Fact] = {}  # fact key -> refund fact
-        self.failed_refunds: set[str] = set()  # refund ids the provider says failed
+        self.failed_refunds: dict[str, Fact] = {}  # refund id -> its failure
         self.disputes: dict[str, Fact] = {}  # dispute id -> newest fact
         self.latest_customer: Fact | None = None
         self.admin: list[Fact] = []
@@ -334,7 +334,7 @@ class Facts:
             self.ended[key] = fact["reason"]
         elif kind == "refund":
             if fact.get("failed"):
-                self.failed_refunds.add(fact["refund"])
+                self.failed_refunds[fact["refund"]] = fact
             else:
                 self.refunds[key] = fact
         elif kind == "dispute":
@@ -469,15 +469,9 @@ class Facts:
                 # The item is still there, emptied: it grants nothing for now.
                 found.append((Status.SUSPENDED, "quantity_zero", snapshot["key"]))
         _, _, current_invoice = self._paid_through(slot, offering)
-        for key, fact in sorted(self.refunds.items()):
-            if (
-                self._full_refund(fact)
-                and fact.get("refund") not in self.failed_refunds
-                and fact["invoice"] is not None
-                and fact["invoice"] == current_invoice
-                and key not in waived
-            ):
-                found.append((Status.CANCELED, "refunded", key))
+        refund_key = self._refunded_in_full(current_invoice)
+        if refund_key is not None and refund_key not in waived:
+            found.append((Status.CANCELED, "refunded", refund_key))
         for dispute_id, fact in sorted(self.disputes.items()):
             if dispute_id in waived:
                 continue
@@ -505,6 +499,39 @@ class Facts:
                 found.append((Status.EXPIRED, "expired", snapshot["key"]))
         found.sort(key=lambda item: _SEVERITY[item[0]])
         return found
+
+    def _refunded_in_full(self, invoice: str | None) -> str | None:
+        """The key of a refund that returns all of `invoice`, or None. A
+        refund the provider reports failed refunds nothing, and makes the
+        charge totals it sent before (which counted it) count for nothing
+        too; refunds it names one by one add up."""
+        if invoice is None:
+            return None
+        failures = [
+            f for f in self.failed_refunds.values() if f.get("invoice") in (None, invoice)
+        ]
+        standing: list[tuple[str, Fact]] = []
+        for key, fact in sorted(self.refunds.items()):
+            if fact["invoice"] != invoice or fact.get("refund") in self.failed_refunds:
+                continue
+            if fact.get("refund") is None and any(
+                _order_key(f) > _order_key(fact) for f in failures
+            ):
+                continue  # a charge total that counted a refund since failed
+            standing.append((key, fact))
+        for key, fact in standing:
+            if self._full_refund(fact):
+                return key
+        by_id = {fact["refund"]: (key, fact) for key, fact in standing if fact.get("refund")}
+        paid = self.paid.get(invoice)
+        if by_id and paid is not None and paid.get("amount") is not None:
+            try:
+                total = sum(abs(Decimal(str(f.get("amount") or 0))) for _, f in by_id.values())
+                if total >= Decimal(str(paid["amount"])):
+                    return max(key for key, _ in by_id.values())
+            except InvalidOperation:
+                return None
+        return None
 
     def _full_refund(self, fact: Fact) -> bool:
         if fact["full"] is not None:

@@ -851,3 +851,49 @@ def test_same_second_updates_follow_their_item_quantities_and_the_state_before()
         for event in order:
             world.deliver(event)
         assert world.only().cancel_at is None
+
+
+def test_refunds_add_up_and_a_failed_one_undoes_the_charge_total_that_counted_it() -> None:
+    world = World()
+    world.deliver(paid(0))
+    entitlement = world.only()
+    for n in (1, 2):  # two halves, named one by one
+        world.deliver(
+            se.refund_event(
+                "refund.created",
+                payment_intent="pi_0",
+                amount=4950,
+                refund_id=f"re_half{n}",
+                created=ts(DAY + n),
+            )
+        )
+    assert (entitlement.status, entitlement.reason) == (Status.CANCELED, "refunded")
+
+    world = World()
+    world.deliver(paid(0))
+    entitlement = world.only()
+    world.deliver(
+        se.refund_event(
+            "refund.created",
+            payment_intent="pi_0",
+            refund_id="re_1",
+            status="pending",
+            created=ts(DAY),
+        )
+    )
+    world.deliver(
+        se.charge_refunded(
+            payment_intent="pi_0", invoice="in_0", created=ts(DAY + 1), shape=SHAPE[0]
+        )
+    )
+    assert entitlement.status is Status.CANCELED
+    world.deliver(
+        se.refund_event(
+            "refund.updated",
+            payment_intent="pi_0",
+            refund_id="re_1",
+            status="failed",
+            created=ts(2 * DAY),
+        )
+    )
+    assert (entitlement.status, entitlement.reason) == (Status.ACTIVE, None)
