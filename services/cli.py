@@ -258,8 +258,10 @@ def cmd_stripe_backfill(args: argparse.Namespace) -> int:
         raise ConfigError(f"no stripe source named {args.source!r} in {args.config}")
     if source.api_key is None:
         raise ConfigError(f"source {args.source!r} has no api_key (or api_key_env)")
+    from services.stripe_api import EVENTS_KEPT
+
     try:
-        since = datetime.now(UTC) - duration(args.since)
+        since = datetime.now(UTC) - min(duration(args.since), EVENTS_KEPT)
     except ValueError as exc:
         raise ConfigError(f"--since: {exc}") from None
     settings = Settings.from_env()
@@ -294,8 +296,13 @@ def cmd_stripe_backfill(args: argparse.Namespace) -> int:
         finally:
             await producer.stop()
 
+    import stripe
+
     try:
         listed, sent = asyncio.run(run())
+    except stripe.StripeError as exc:
+        print(file=sys.stderr)
+        raise ConfigError(f"Stripe answered: {exc.user_message or exc}") from None
     finally:
         read_model.close()
     print(
@@ -413,7 +420,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", default="entitle.yaml", help="configuration file (YAML)")
     p.add_argument("--source", required=True, help="a stripe source with an api_key")
-    p.add_argument("--since", default="72h", help="how far back: 90m, 72h, 30d (Stripe keeps 30d)")
+    p.add_argument(
+        "--since", default="72h", help="how far back: 90m, 72h, 30d (Stripe keeps 30 days)"
+    )
     p.set_defaults(run=cmd_stripe_backfill)
     return top
 

@@ -22,6 +22,7 @@ log = logging.getLogger("entitle.stripe")
 
 #: Stripe keeps events for 30 days (https://docs.stripe.com/api/events/list).
 EVENTS_KEPT = timedelta(days=30)
+TIMEOUT_SECONDS = 10.0
 
 
 class StripeAPI:
@@ -29,10 +30,13 @@ class StripeAPI:
     https://api.stripe.com (a test double, stripe-mock)."""
 
     def __init__(self, api_key: str, base: str | None = None) -> None:
+        # The fold waits for a fetch (a truncated invoice, a tie): a short
+        # timeout and one retry bound that wait to ~20 s, not 80 s x 3.
         self.client = stripe.StripeClient(
             api_key,
             base_addresses={"api": base} if base else {},
-            max_network_retries=2,
+            max_network_retries=1,
+            http_client=stripe.new_default_http_client(timeout=TIMEOUT_SECONDS),
         )
 
     def events(self, since: datetime) -> Iterator[dict[str, Any]]:

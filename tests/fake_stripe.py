@@ -26,6 +26,8 @@ class FakeStripe:
         self.subscriptions: dict[str, dict[str, Any]] = {}
         self.requests: list[str] = []
         self.api_keys: set[str] = set()
+        #: When set, other keys get Stripe's 401.
+        self.valid_keys: set[str] | None = None
 
     def _page(self, request: Request, items: list[dict[str, Any]], url: str) -> JSONResponse:
         limit = int(request.query_params.get("limit", "10"))
@@ -39,7 +41,13 @@ class FakeStripe:
 
     async def list_events(self, request: Request) -> JSONResponse:
         self.requests.append(str(request.url))
-        self.api_keys.add(request.headers.get("authorization", ""))
+        key = request.headers.get("authorization", "").removeprefix("Bearer ")
+        self.api_keys.add(f"Bearer {key}")
+        if self.valid_keys is not None and key not in self.valid_keys:
+            return JSONResponse(
+                {"error": {"type": "invalid_request_error", "message": "Invalid API Key provided"}},
+                status_code=401,
+            )
         since = int(request.query_params.get("created[gte]", "0"))
         newest_first = sorted(
             (e for e in self.events if e["created"] >= since),

@@ -897,3 +897,18 @@ def test_refunds_add_up_and_a_failed_one_undoes_the_charge_total_that_counted_it
         )
     )
     assert (entitlement.status, entitlement.reason) == (Status.ACTIVE, None)
+
+
+def test_a_free_checkout_in_payment_mode_grants_too() -> None:
+    world = World()
+    free = session(
+        "payment",
+        payment_status="no_payment_required",
+        amount_total=0,
+        metadata={"offering_sku": "basic"},
+    )
+    world.deliver(free)
+    assert world.only().status is Status.ACTIVE
+    from services.providers.stripe import routing_key
+
+    assert routing_key(free) == "pi_cs"  # the order the receipt and entitlement share

@@ -143,15 +143,18 @@ def test_backfill_sends_the_events_that_never_reached_us(tmp_path: Path) -> None
         assert post(entitle, delivered).status_code == 202
         eventually(lambda: len(receipts(entitle)) == 1)
 
-        def backfill() -> dict[str, Any]:
-            done = subprocess.run(
+        def run(**env: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
                 [ENTITLE, "stripe", "backfill", "--source", "stripe-main", "--since", "72h"],
                 cwd=tmp_path,
-                env=entitle.env,
+                env={**entitle.env, **env},
                 capture_output=True,
                 text=True,
                 timeout=60,
             )
+
+        def backfill() -> dict[str, Any]:
+            done = run()
             assert done.returncode == 0, done.stderr
             assert "backfill stripe-main [" in done.stderr or '"sent": 0' in done.stdout
             return dict(json.loads(done.stdout.splitlines()[-1]))
@@ -174,6 +177,11 @@ def test_backfill_sends_the_events_that_never_reached_us(tmp_path: Path) -> None
         # Again: nothing is missing now.
         assert backfill()["sent"] == 0
         assert "rk_test_backfill" not in entitle.text  # the key is never logged
+        # A key Stripe refuses: one line saying so, no traceback.
+        fake.valid_keys = {"rk_test_backfill"}
+        refused = run(STRIPE_API_KEY="rk_test_wrong")
+        assert refused.returncode == 2
+        assert "Stripe answered" in refused.stderr and "Traceback" not in refused.stderr
 
 
 @pytest.mark.e2e

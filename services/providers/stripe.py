@@ -109,6 +109,13 @@ def routing_key(payload: Mapping[str, Any]) -> str:
             key = _id(obj.get("id"))
         elif obj.get("object") == "charge":
             key = _id(obj.get("invoice")) or _id(obj.get("payment_intent")) or _id(obj.get("id"))
+        elif obj.get("object") == "checkout.session":
+            key = (
+                _id(obj.get("subscription"))
+                or _id(obj.get("invoice"))
+                or _id(obj.get("payment_intent"))
+                or _id(obj.get("id"))
+            )
         elif obj.get("object") == "dispute":
             key = _id(obj.get("payment_intent")) or _id(obj.get("charge"))
         else:
@@ -538,7 +545,8 @@ def _checkout_completed(source: str, payload: Mapping[str, Any], catalog: Catalo
     email = details.get("email") if isinstance(details, Mapping) else None
     customer = Customer(id=_id(session.get("customer")), email=email or None)
     if session.get("mode") == "payment":
-        if session.get("payment_status") != "paid" or _id(session.get("invoice")):
+        paid = session.get("payment_status") in ("paid", "no_payment_required")
+        if not paid or _id(session.get("invoice")):
             return []  # not paid yet (async_payment_succeeded follows), or its invoice grants
         metadata = session.get("metadata")
         sku = metadata.get("offering_sku") if isinstance(metadata, Mapping) else None
