@@ -507,9 +507,7 @@ class Facts:
         too; refunds it names one by one add up."""
         if invoice is None:
             return None
-        failures = [
-            f for f in self.failed_refunds.values() if f.get("invoice") in (None, invoice)
-        ]
+        failures = [f for f in self.failed_refunds.values() if f.get("invoice") in (None, invoice)]
         standing: list[tuple[str, Fact]] = []
         for key, fact in sorted(self.refunds.items()):
             if fact["invoice"] != invoice or fact.get("refund") in self.failed_refunds:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -157,31 +158,15 @@ def parse_config(
             raise ConfigError(
                 f"{origin}: source {name!r} ({source.provider}) needs {', '.join(missing)}"
             )
-        if source.secret_env is not None:
-            value = env.get(source.secret_env)
-            if not value:
-                raise ConfigError(
-                    f"{origin}: source {name!r} reads its secret from ${source.secret_env}, "
-                    "which is not set"
-                )
-            secret = SecretStr(value)
-        else:
-            secret = source.secret if source.secret is not None else SecretStr("")
-        api_key = source.api_key
-        if source.api_key_env is not None:
-            value = env.get(source.api_key_env)
-            if not value:
-                raise ConfigError(
-                    f"{origin}: source {name!r} reads its api_key from ${source.api_key_env}, "
-                    "which is not set"
-                )
-            api_key = SecretStr(value)
+        where = f"{origin}: source {name!r}"
+        secret = _from_env(env, source.secret_env, where, "secret") or source.secret
+        api_key = _from_env(env, source.api_key_env, where, "api_key") or source.api_key
         if api_key is not None and source.provider != "stripe":
             raise ConfigError(f"{origin}: source {name!r}: api_key is for stripe sources only")
         sources[name] = Source(
             name=name,
             provider=provider,
-            secret=secret,
+            secret=secret or SecretStr(""),
             username=source.username,
             tolerance_seconds=source.tolerance_seconds,
             webhook_id=source.webhook_id,
@@ -224,6 +209,18 @@ def parse_config(
             parsed.licensing.per_address_burst,
         ),
     )
+
+
+def _from_env(
+    env: Mapping[str, str], variable: str | None, where: str, what: str
+) -> SecretStr | None:
+    """The secret in environment variable `variable`, if one is named."""
+    if variable is None:
+        return None
+    value = env.get(variable)
+    if not value:
+        raise ConfigError(f"{where} reads its {what} from ${variable}, which is not set")
+    return SecretStr(value)
 
 
 def duration(text: str) -> timedelta:

@@ -342,13 +342,7 @@ async def marker(bootstrap: str, topic: str, timeout_ms: int = 5000) -> str | No
     anything else. Two processes that write one at once agree: the first
     record is the marker."""
     partition = TopicPartition(topic, 0)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        request_timeout_ms=timeout_ms,
-    )
-    await consumer.start()
+    consumer = await _reader(bootstrap, timeout_ms)
     try:
         consumer.assign([partition])
         start = (await consumer.beginning_offsets([partition]))[partition]
@@ -367,13 +361,7 @@ async def marker(bootstrap: str, topic: str, timeout_ms: int = 5000) -> str | No
 
 async def end_offsets(bootstrap: str, topic: str, timeout_ms: int = 5000) -> dict[int, int]:
     """Each partition of `topic` -> the offset its next record will get."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        request_timeout_ms=timeout_ms,
-    )
-    await consumer.start()
+    consumer = await _reader(bootstrap, timeout_ms)
     try:
         await consumer.topics()  # fetches the metadata partitions_for_topic reads
         partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
@@ -381,6 +369,18 @@ async def end_offsets(bootstrap: str, topic: str, timeout_ms: int = 5000) -> dic
         return {partition.partition: offset for partition, offset in ends.items()}
     finally:
         await consumer.stop()
+
+
+async def _reader(bootstrap: str, timeout_ms: int) -> AIOKafkaConsumer:
+    """A started consumer outside any group, that commits nothing."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        request_timeout_ms=timeout_ms,
+    )
+    await consumer.start()
+    return consumer
 
 
 def is_marker(value: bytes | None) -> bool:
