@@ -133,7 +133,8 @@ def subscription(
         "vouches": vouches,
     }
     if state:
-        fact["state"] = dict(state)
+        # What is unset is left out (read back as None): snapshots are many.
+        fact["state"] = {k: v for k, v in state.items() if v is not None}
     if previous:
         fact["previous"] = dict(previous)
     return fact
@@ -275,6 +276,7 @@ class Facts:
         self.latest_snapshot: Fact | None = None
         self.snapshots: list[Fact] = []
         self._tie_undecided = False
+        self._top_count = 0  # snapshots in the newest second
         self.snapshot_paid_through: tuple[datetime, datetime | None] | None = None
         self.latest_lines: Fact | None = None  # newest payment/failure/ended with lines
         self.ended: dict[str, str] = {}  # fact key -> reason
@@ -323,8 +325,14 @@ class Facts:
             self.written_off.add(fact["invoice"])
         elif kind == "subscription":
             self.snapshots.append(fact)
-            # An older one can still decide a tie of the newest second.
-            self.latest_snapshot, self._tie_undecided = _newest(self.snapshots)
+            top = self.latest_snapshot
+            if top is None or fact["at"] > top["at"]:
+                self.latest_snapshot, self._tie_undecided, self._top_count = fact, False, 1
+            elif fact["at"] == top["at"] or self._top_count > 1:
+                # A tie in the newest second: ordered among the snapshots
+                # (an older one may decide it), only then.
+                self._top_count += fact["at"] == top["at"]
+                self.latest_snapshot, self._tie_undecided = _newest(self.snapshots)
             through = _snapshot_paid_through(fact)
             if through is not None and (
                 self.snapshot_paid_through is None or through[0] > self.snapshot_paid_through[0]
@@ -662,7 +670,7 @@ def _follows(later: Fact, earlier: Fact) -> bool:
     state = earlier.get("state")
     if not previous or state is None:
         return False
-    return all(field in state and state[field] == value for field, value in previous.items())
+    return all(state.get(field) == value for field, value in previous.items())
 
 
 def _newest(snapshots: list[Fact]) -> tuple[Fact, bool]:
