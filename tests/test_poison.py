@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -375,3 +376,25 @@ def test_a_lemon_squeezy_id_that_is_an_object_is_no_order(field: str) -> None:
         target[field] = {"a": 1}
     with pytest.raises(Unmappable, match="is not a string"):
         PROVIDERS["lemonsqueezy"].normalize("s", event, CONFIG.catalog, datetime.now(UTC))
+
+
+@pytest.mark.parametrize(
+    ("provider", "header", "value"),
+    [
+        ("stripe", "stripe-signature", "t={now},v1=\u00e9"),
+        ("paddle", "paddle-signature", "ts={now};h1=\u00e9"),
+        ("lemonsqueezy", "x-signature", "\u00e9"),
+        ("zenofy", "x-zenofy-signature", "sha256=\u00e9"),
+    ],
+)
+def test_a_non_ascii_signature_is_a_bad_signature_not_a_crash(
+    provider: str, header: str, value: str
+) -> None:
+    """Headers arrive as latin-1 text: a non-ASCII byte must be a 401, where
+    hmac.compare_digest on a non-ASCII str would raise (a 500)."""
+    from services.providers import PROVIDERS, Credentials, SignatureError
+
+    now = time.time()
+    headers = {header: value.format(now=int(now))}
+    with pytest.raises(SignatureError):
+        PROVIDERS[provider].verify(headers, b"{}", Credentials("s3cret"), now)

@@ -5,6 +5,7 @@ A provider is one module exposing `PROVIDER`, plus one line in `PROVIDERS`.
 
 from __future__ import annotations
 
+import hmac
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -50,6 +51,13 @@ def ref(value: Any, what: str, numbers: bool = False) -> str | None:
     if numbers and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     raise Unmappable(f"{what} {value!r:.80} is not a string")
+
+
+def same_signature(expected: str, given: str) -> bool:
+    """Constant-time comparison of two signatures as text. Compared as
+    UTF-8 bytes: `hmac.compare_digest` raises on a str that is not ASCII,
+    and a header may hold any byte (a bad signature, not a server error)."""
+    return hmac.compare_digest(expected.encode(), given.encode())
 
 
 def text_id(value: Any) -> str:

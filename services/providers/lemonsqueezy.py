@@ -33,6 +33,7 @@ from services.providers import (
     Unmappable,
     parse_time,
     ref,
+    same_signature,
 )
 
 NAME = "lemonsqueezy"
@@ -71,7 +72,7 @@ def verify(headers: Mapping[str, str], body: bytes, credentials: Credentials, no
     if not given:
         raise SignatureError("missing X-Signature header")
     expected = hmac.new(credentials.secret.encode(), body, hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, given.strip()):
+    if not same_signature(expected, given.strip()):
         raise SignatureError("X-Signature does not match the payload")
 
 

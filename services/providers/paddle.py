@@ -28,6 +28,7 @@ from services.providers import (
     Unmappable,
     parse_time,
     ref,
+    same_signature,
     text_id,
 )
 
@@ -77,7 +78,7 @@ def verify(headers: Mapping[str, str], body: bytes, credentials: Credentials, no
         raise SignatureError(f"Paddle-Signature ts is outside the {tolerance:g} s tolerance")
     signed = f"{timestamp}:".encode() + body
     expected = hmac.new(credentials.secret.encode(), signed, hashlib.sha256).hexdigest()
-    if not any(hmac.compare_digest(expected, h) for h in hashes):
+    if not any(same_signature(expected, h) for h in hashes):
         raise SignatureError("no h1 signature in Paddle-Signature matches the payload")
 
 

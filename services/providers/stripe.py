@@ -26,6 +26,7 @@ from services.providers import (
     Unmappable,
     from_unix,
     ref,
+    same_signature,
     text_id,
 )
 
@@ -68,7 +69,7 @@ def verify(headers: Mapping[str, str], body: bytes, credentials: Credentials, no
     # Stripe keys the HMAC with the literal `whsec_…` string, not its decoding.
     signed = str(timestamp).encode() + b"." + body
     expected = hmac.new(credentials.secret.encode(), signed, hashlib.sha256).hexdigest()
-    if not any(hmac.compare_digest(expected, candidate) for candidate in candidates):
+    if not any(same_signature(expected, candidate) for candidate in candidates):
         raise SignatureError("no v1 signature in Stripe-Signature matches the payload")
 
 

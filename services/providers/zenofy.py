@@ -37,6 +37,7 @@ from services.providers import (
     SignatureError,
     Unmappable,
     parse_time,
+    same_signature,
     text_id,
 )
 
@@ -68,7 +69,7 @@ def verify(headers: Mapping[str, str], body: bytes, credentials: Credentials, no
     if scheme != "sha256" or not given:
         raise SignatureError("needs 'X-Zenofy-Signature: sha256=<hex>'")
     expected = hmac.new(credentials.secret.encode(), body, hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, given.strip()):
+    if not same_signature(expected, given.strip()):
         raise SignatureError("X-Zenofy-Signature does not match the payload")
 
 
