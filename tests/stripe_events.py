@@ -301,3 +301,23 @@ def _event(
 
 def body(event: dict[str, Any]) -> bytes:
     return json.dumps(event).encode()
+
+
+def one_off(event: dict[str, Any]) -> dict[str, Any]:
+    """An invoice event made a one-off purchase: no subscription anywhere."""
+    invoice = event["data"]["object"]
+    invoice.pop("subscription", None)
+    invoice.pop("parent", None)
+    for line in invoice["lines"]["data"]:
+        for key in ("parent", "subscription", "subscription_item"):
+            line.pop(key, None)
+    return event
+
+
+def prorated(line: dict[str, Any]) -> dict[str, Any]:
+    """An invoice line (either shape) made a proration: the difference a
+    mid-period change costs, which pays for no period."""
+    if "parent" in line:
+        details = {**line["parent"]["subscription_item_details"], "proration": True}
+        return {**line, "parent": {**line["parent"], "subscription_item_details": details}}
+    return {**line, "proration": True}

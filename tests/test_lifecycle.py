@@ -457,17 +457,7 @@ def test_a_truncated_invoice_pays_the_period_its_subscription_stated() -> None:
     world.at(MONTH - 3600).deliver(snapshot(1, "active", at=-3600))
     renewal = paid(1)
     lines = renewal["data"]["object"]["lines"]
-    proration = dict(lines["data"][0], id="il_proration")
-    if SHAPE[0] == se.BASIL:
-        proration["parent"] = {
-            **proration["parent"],
-            "subscription_item_details": {
-                **proration["parent"]["subscription_item_details"],
-                "proration": True,
-            },
-        }
-    else:
-        proration["proration"] = True
+    proration = se.prorated(dict(lines["data"][0], id="il_proration"))
     lines["data"], lines["has_more"] = [proration] * 10, True  # the renewal line is on page 2
     world.at(MONTH + 60).deliver(renewal)
     entitlement = world.only()
@@ -519,14 +509,7 @@ def test_a_one_off_invoice_grants_one_period_of_its_offering_from_the_payment() 
         shape=SHAPE[0],
         created=ts(DAY),
     )
-    invoice = event["data"]["object"]
-    invoice.pop("subscription", None)
-    invoice.pop("parent", None)
-    for line in invoice["lines"]["data"]:
-        line.pop("parent", None)
-        line.pop("subscription", None)
-        line.pop("subscription_item", None)
-    world.at(DAY).deliver(event)
+    world.at(DAY).deliver(se.one_off(event))
     entitlement = world.only()
     assert (entitlement.order_ref, entitlement.status) == ("in_once", Status.ACTIVE)
     assert entitlement.period_start == T0 + timedelta(days=1)
@@ -610,11 +593,8 @@ def test_a_dispute_of_a_payment_whose_order_has_no_item_yet_waits_for_the_item()
     dispute of it then reaches the order's first item when it appears."""
     world = World()
     upgrade = paid(0, invoice_id="in_up", payment_intent="pi_up")
-    for line in upgrade["data"]["object"]["lines"]["data"]:
-        if SHAPE[0] == se.BASIL:
-            line["parent"]["subscription_item_details"]["proration"] = True
-        else:
-            line["proration"] = True
+    lines = upgrade["data"]["object"]["lines"]
+    lines["data"] = [se.prorated(line) for line in lines["data"]]
     world.deliver(upgrade)
     world.deliver(se.dispute("charge.dispute.created", dispute_id="dp", payment_intent="pi_up"))
     assert world.entitlements() == []
@@ -666,11 +646,8 @@ def history(script: dict[str, Any]) -> list[dict[str, Any]]:
             # The upgrade's own invoice: prorations only.
             upgrade = paid(k, plan, invoice_id=f"in_up{k}", payment_intent="pi_up")
             upgrade["created"] += DAY
-            for line in upgrade["data"]["object"]["lines"]["data"]:
-                if SHAPE[0] == se.BASIL:
-                    line["parent"]["subscription_item_details"]["proration"] = True
-                else:
-                    line["proration"] = True
+            lines = upgrade["data"]["object"]["lines"]
+            lines["data"] = [se.prorated(line) for line in lines["data"]]
             events.append(upgrade)
         if script["same_second"] and k == 0:
             # Two updates Stripe made in one second; previous_attributes order them.
@@ -726,13 +703,7 @@ def history(script: dict[str, Any]) -> list[dict[str, Any]]:
             shape=SHAPE[0],
             created=ts(DAY),
         )
-        invoice = once["data"]["object"]
-        invoice.pop("subscription", None)
-        invoice.pop("parent", None)
-        for line in invoice["lines"]["data"]:
-            for key in ("parent", "subscription", "subscription_item"):
-                line.pop(key, None)
-        events.append(once)
+        events.append(se.one_off(once))
     # What Stripe sends with an event (basil's invoice_payment.paid) is an
     # event of its own: it may arrive in any order too.
     flat = []

@@ -31,7 +31,7 @@ def renewal_in_two_pages(subscription: str) -> tuple[dict[str, Any], list[dict[s
         payment_intent="pi_renewal",
     )
     renewal_line = full["data"]["object"]["lines"]["data"][0]
-    proration = {**renewal_line, "id": "il_proration", "proration": True}
+    proration = se.prorated({**renewal_line, "id": "il_proration"})
     prorations = [{**proration, "id": f"il_proration_{n}"} for n in range(10)]
     event = json.loads(json.dumps(full))
     event["data"]["object"]["lines"] = {
