@@ -236,8 +236,11 @@ def build_app(
             bell: LogBell | None = None
             if store.notify_channel is not None:
                 bell = LogBell()
-                listener = listen(settings.database_url, store.notify_channel, bell, stop)
-                tasks.append(asyncio.create_task(listener))
+                channel = store.notify_channel
+                keep(
+                    "listener",
+                    functools.partial(listen, settings.database_url, channel, bell, stop),
+                )
             for projection in (
                 ReadModelProjection(read_model),
                 PublicEventsProjection(read_model, broker),

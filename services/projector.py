@@ -52,7 +52,7 @@ from contracts.events import (
 from contracts.webhooks import DEAD_LETTER_TOPIC, DeadLetterV1, RawWebhookV1
 from domain.dead_letter import DeadLetter
 from domain.entitlement import NAMESPACE, Entitlement, Status, event_type
-from services.health import Backoff, describe, sleep_unless, transient
+from services.health import describe, transient
 from services.readmodel import Delivered, ReadModel, Resolution
 from services.store import EntitlementStore
 
@@ -461,39 +461,29 @@ class LogBell:
         self._rung = asyncio.Event()
 
 
-async def listen(database_url: str, channel: str, bell: LogBell, stop: asyncio.Event) -> None:
+async def listen(
+    database_url: str,
+    channel: str,
+    bell: LogBell,
+    stop: asyncio.Event,
+    working: Callable[[], None] = lambda: None,
+) -> None:
     """Ring `bell` at every NOTIFY on `channel` (one per transaction that
-    inserts events) until `stop` is set; reconnects after a lost connection,
-    with capped backoff and one log line per attempt."""
-    backoff = Backoff(first=1.0, cap=30.0)
-    while not stop.is_set():
-        try:
-            connection = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
-            async with connection:
-                await connection.execute(SQL("LISTEN {}").format(Identifier(channel)))
-                if backoff.attempts:
-                    log.info("listening on %s again", channel)
-                backoff.reset()
-                bell.ring()  # whatever was committed before LISTEN took effect
-                while not stop.is_set():
-                    # Notifications that arrive together wake the followers once.
-                    rung = False
-                    async for _ in connection.notifies(timeout=0.5, stop_after=1):
-                        rung = True
-                    if rung:
-                        bell.ring()
-        except Exception as exc:
-            if stop.is_set():
-                return
-            delay = backoff.next()
-            log.warning(
-                "listening on %s failed (%s); followers poll, next try in %.0f s",
-                channel,
-                describe(exc),
-                delay,
-                exc_info=None if transient(exc) or backoff.attempts > 1 else exc,
-            )
-            await sleep_unless(stop, delay)
+    inserts events) until `stop` is set. A lost connection raises: run it
+    under `supervise`, which reconnects with backoff; followers poll
+    meanwhile."""
+    connection = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
+    async with connection:
+        await connection.execute(SQL("LISTEN {}").format(Identifier(channel)))
+        working()
+        bell.ring()  # whatever was committed before LISTEN took effect
+        while not stop.is_set():
+            # Notifications that arrive together wake the followers once.
+            rung = False
+            async for _ in connection.notifies(timeout=0.5, stop_after=1):
+                rung = True
+            if rung:
+                bell.ring()
 
 
 async def _idle(stop: asyncio.Event, rung: asyncio.Event | None, timeout: float) -> None:
