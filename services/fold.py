@@ -321,17 +321,13 @@ class DomainService:
             if not tied:
                 continue
             fetched = current_subscription(command.order_ref, item.event_id, api, now)
-            source = self.config.sources.get(item.webhook.source)
-            if fetched is None or source is None:
+            if fetched is None:
                 return []
             log.info("subscription %s: two updates in one second; fetched it", command.order_ref)
-            try:
-                commands = source.provider.normalize(
-                    item.webhook.source, fetched, self.config.catalog, now
-                )
-                check(commands)
-            except Unmappable as exc:
-                log.warning("fetched subscription %s: %s", command.order_ref, exc.reason)
+            webhook = item.webhook.model_copy(update={"body": json.dumps(fetched)})
+            commands, reason, _ = self._normalize(webhook, now)
+            if reason is not None:
+                log.warning("fetched subscription %s: %s", command.order_ref, reason)
                 return []
             return commands
         return []
