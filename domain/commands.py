@@ -176,7 +176,7 @@ def _apply_order_event(
     delivered: list[Cause] = []
     if order.parked and not entitlements and command.lines:
         # The order's first item takes the facts that waited for one.
-        delivered += [c for c in map(_cause_of, order.parked) if c is not None]
+        delivered += [c for c in map(Cause.of_fact, order.parked) if c is not None]
     for line in command.lines:
         if line.slot in order.entitlements or line.quantity == 0:
             continue  # known, or an emptied item, which grants nothing
@@ -223,13 +223,6 @@ def _apply_order_event(
     if waits_for is not None:
         effect.waits_on = (f"order:{order.id}",)
     return effect
-
-
-def _cause_of(fact: Fact) -> Cause | None:
-    """The provider event behind a fact kept on an order (its key)."""
-    kind, _, rest = str(fact.get("key", "")).partition(":")
-    source, _, event_id = rest.partition(":")
-    return Cause(kind, source, event_id) if kind == "provider" else None
 
 
 def _deliver_parked(

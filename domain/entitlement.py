@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -129,6 +129,14 @@ class Cause:
     @property
     def key(self) -> str:
         return f"{self.kind}:{self.source}:{self.event_id}"
+
+    @classmethod
+    def of_fact(cls, fact: Mapping[str, Any]) -> Cause | None:
+        """The provider event behind a fact, from its `key`; None for a
+        fact no provider event caused (an admin's, the schedule's)."""
+        kind, _, rest = str(fact.get("key", "")).partition(":")
+        source, _, event_id = rest.partition(":")
+        return cls(kind, source, event_id) if kind == "provider" else None
 
     def as_dict(self) -> dict[str, str]:
         return {"kind": self.kind, "source": self.source, "event_id": self.event_id}

@@ -51,7 +51,7 @@ from contracts.events import (
 )
 from contracts.webhooks import DEAD_LETTER_TOPIC, DeadLetterV1, RawWebhookV1
 from domain.dead_letter import DeadLetter
-from domain.entitlement import NAMESPACE, Entitlement, Status, event_type
+from domain.entitlement import NAMESPACE, Cause, Entitlement, Status, event_type
 from services.health import describe, transient
 from services.readmodel import Delivered, ReadModel, Resolution
 from services.store import EntitlementStore
@@ -179,21 +179,11 @@ def _inherited(event: Any) -> tuple[Delivered, ...]:
     they waited for it (and from its siblings, which changes nothing)."""
     if not isinstance(event, Entitlement.Created):
         return ()
-    delivered = []
-    for fact in event.inherited:
-        kind, _, rest = str(fact.get("key", "")).partition(":")
-        source, _, event_id = rest.partition(":")
-        if kind == "provider":
-            delivered.append(
-                Delivered(
-                    source,
-                    event_id,
-                    event.timestamp,
-                    (str(event.originator_id),),
-                    (event_type(event),),
-                )
-            )
-    return tuple(delivered)
+    reached, types = (str(event.originator_id),), (event_type(event),)
+    causes = (Cause.of_fact(fact) for fact in event.inherited)
+    return tuple(
+        Delivered(c.source, c.event_id, event.timestamp, reached, types) for c in causes if c
+    )
 
 
 @dataclass(frozen=True)
