@@ -29,10 +29,10 @@ from services.fold import DomainService, RawLog, Scheduler, subscribe
 from services.health import Health, describe, sleep_unless, supervise
 from services.http import (
     HTTPError,
+    Shortcut,
     handle_http_error,
     handle_internal_error,
     handle_starlette_error,
-    shortcut,
 )
 from services.kafka import NoTopicIds, ensure_topics, make_broker, topic_id
 from services.projector import (
@@ -286,5 +286,5 @@ def build_app(
         },
     )
     if validation is not None:
-        return shortcut(app, "POST", "/v1/validate", validation.validate)
+        return Shortcut(app, "POST", "/v1/validate", validation.validate)
     return app

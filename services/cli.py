@@ -23,6 +23,7 @@ from services.codes import load_secret
 from services.config import ConfigError, Settings, admin_keys, generate_admin_key, load_config
 from services.http import MaskCodes, aware_time
 from services.kafka import EmbeddedBroker
+from services.server import HttpLimits, guarded
 
 log = logging.getLogger("entitle")
 
@@ -37,10 +38,12 @@ def _serve(
     logging.getLogger("entitle").setLevel(args.log_level.upper())
     logging.getLogger("uvicorn.access").addFilter(MaskCodes())
     config = load_config(Path(args.config))
+    limits = HttpLimits.from_env()
     app = build_app(config, settings, roles, admin_keys(keys_env))
     server = uvicorn.Server(
         uvicorn.Config(
             app,
+            http=guarded(limits),
             host=args.host,
             port=args.port,
             log_level=args.log_level,

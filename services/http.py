@@ -9,7 +9,8 @@ from datetime import datetime
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -66,9 +67,39 @@ def aware_time(raw: str) -> datetime | None:
     return value if value.tzinfo is not None else None
 
 
-async def read_json(request: Request, model: type[M]) -> M:
-    """The request's JSON body as `model`, or a 422 saying what is wrong."""
-    return parse_json(await request.body(), model)
+#: The most an API request's JSON body may take (a code, a fingerprint, a
+#: label, a reason: a few hundred bytes), so no client makes us hold more.
+MAX_JSON_BYTES = 64 * 1024
+
+
+def too_large(limit: int) -> HTTPError:
+    return HTTPError(413, "payload_too_large", f"the body exceeds {limit} bytes")
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The request body, or a 413 as soon as it exceeds `limit` bytes (by
+    its Content-Length or as it arrives); a 400 if the client went away."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise HTTPError(
+            400, "client_disconnected", "the request body was not fully received"
+        ) from None
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, model: type[M], limit: int = MAX_JSON_BYTES) -> M:
+    """The request's JSON body as `model`, or a 422 saying what is wrong
+    (a 413 past `limit` bytes)."""
+    return parse_json(await read_limited(request, limit), model)
 
 
 def parse_json(body: bytes, model: type[M]) -> M:
@@ -78,12 +109,19 @@ def parse_json(body: bytes, model: type[M]) -> M:
         raise HTTPError(422, "invalid_body", describe(exc)) from None
 
 
-async def read_body(receive: Receive) -> bytes:
-    """A bare ASGI app's request body."""
-    chunks = []
+async def read_body(receive: Receive, limit: int = MAX_JSON_BYTES) -> bytes:
+    """A bare ASGI app's request body; a 413 past `limit` bytes, a 400 if
+    the client went away."""
+    chunks, size = [], 0
     while True:
         message = await receive()
-        chunks.append(message.get("body", b""))
+        if message["type"] == "http.disconnect":
+            raise HTTPError(400, "client_disconnected", "the request body was not fully received")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
 
@@ -103,22 +141,23 @@ async def send_json(send: Send, status: int, payload: bytes) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-def shortcut(app: ASGIApp, method: str, path: str, endpoint: ASGIApp) -> ASGIApp:
+class Shortcut:
     """`app`, except that requests for `path` go straight to `endpoint`,
     without `app`'s middleware and routing (a few tens of microseconds a
     request). Other methods on `path` get a 405."""
 
-    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != path:
-            await app(scope, receive, send)
-        elif scope["method"] == method:
-            await endpoint(scope, receive, send)
+    def __init__(self, app: Starlette, method: str, path: str, endpoint: ASGIApp) -> None:
+        self.app, self.method, self.path, self.endpoint = app, method, path, endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+        elif scope["method"] == self.method:
+            await self.endpoint(scope, receive, send)
         else:
             response = error_response(405, "method_not_allowed", "Method Not Allowed")
-            response.headers["Allow"] = method
+            response.headers["Allow"] = self.method
             await response(scope, receive, send)
-
-    return asgi
 
 
 def busy() -> HTTPError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -15,43 +16,32 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import anyio
-from starlette.requests import ClientDisconnect, Request
+from aiokafka.errors import MessageSizeTooLargeError
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from contracts.api import Accepted
 from contracts.webhooks import RawWebhookV1
 from services.config import Config, Source
-from services.http import HTTPError
+from services.http import HTTPError, read_limited
+from services.kafka import MAX_MESSAGE_BYTES
 from services.providers import SignatureError, has_control_character
 
 log = logging.getLogger("entitle.ingress")
 
 MAX_BODY_BYTES = 1024 * 1024
 PUBLISH_TIMEOUT_SECONDS = 10.0
-# Credentials and cookies are not kept with the stored webhook.
-_DROPPED_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+#: Kept with every stored webhook besides what its provider names
+#: (`Provider.headers`): enough to tell who sent it, nothing a client can
+#: bloat the log with. Credentials are never kept.
+KEPT_HEADERS = ("content-type", "user-agent")
+# An escaped UTF-16 surrogate: JSON lets "\ud800" through, but a lone one
+# is no text (no database or broker can store it).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 #: publish(envelope bytes, routing key bytes); returns once the broker acknowledged.
 Publish = Callable[[bytes, bytes], Awaitable[object]]
-
-
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPError(413, "payload_too_large", f"the body exceeds {limit} bytes")
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPError(413, "payload_too_large", f"the body exceeds {limit} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise HTTPError(
-            400, "client_disconnected", "the request body was not fully received"
-        ) from None
-    return b"".join(chunks)
 
 
 def make_envelope(
@@ -79,10 +69,74 @@ def make_envelope(
         provider=source.provider.name,
         routing_key=routing_key,
         received_at=datetime.now(UTC),
-        headers={k: v for k, v in headers.items() if k not in _DROPPED_HEADERS},
+        headers={
+            name: headers[name]
+            for name in (*KEPT_HEADERS, *source.provider.headers)
+            if name in headers
+        },
         body=body,
         via=via,
     )
+
+
+#: The most a stored webhook may take on the raw topic, leaving room for the
+#: record's key and framing within the broker's message size.
+MAX_ENVELOPE_BYTES = MAX_MESSAGE_BYTES - 16 * 1024
+
+
+def too_large(size: int) -> HTTPError:
+    return HTTPError(
+        413,
+        "payload_too_large",
+        f"the webhook takes {size} bytes once stored (JSON-escaped, with its headers); "
+        f"the raw topic takes at most {MAX_ENVELOPE_BYTES}",
+    )
+
+
+def parse_body(body: bytes) -> tuple[dict[str, Any], str]:
+    """(the JSON object, the body as text) of a verified webhook, or a 400
+    naming what is wrong: empty, not UTF-8 (an encoded surrogate included),
+    not JSON, nested deeper than the parser goes, a lone escaped surrogate,
+    or not an object."""
+    if not body.strip():
+        raise HTTPError(400, "empty_body", "the webhook body is empty")
+    try:
+        text = body.decode()
+    except UnicodeDecodeError as exc:
+        raise HTTPError(
+            400, "invalid_json", f"the webhook body is not UTF-8 (byte {exc.start})"
+        ) from None
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        raise HTTPError(400, "invalid_json", "the webhook body is not JSON") from None
+    except RecursionError:
+        raise HTTPError(400, "invalid_json", "the webhook body is nested too deeply") from None
+    if not isinstance(payload, dict):
+        raise HTTPError(400, "invalid_json", "the webhook body is not a JSON object")
+    if _SURROGATE_ESCAPE.search(text) and _lone_surrogate(payload):
+        raise HTTPError(
+            400, "invalid_json", "the webhook body has a lone UTF-16 surrogate (\\ud800-\\udfff)"
+        )
+    return payload, text
+
+
+def _lone_surrogate(payload: Any) -> bool:
+    # Iterative: the payload may be nested as deep as the parser allows.
+    stack = [payload]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return True
+    return False
 
 
 class Ingress:
@@ -98,7 +152,7 @@ class Ingress:
             raise HTTPError(
                 404, "unknown_source", f"no webhook source named {name!r} is configured"
             )
-        body = await read_body(request)
+        body = await read_limited(request, MAX_BODY_BYTES)
         headers = {k.lower(): v for k, v in request.headers.items()}
         try:
             if source.provider.blocking_verify:
@@ -110,23 +164,21 @@ class Ingress:
         except SignatureError as exc:
             log.info("rejected webhook for %s: %s", name, exc)
             raise HTTPError(401, "invalid_signature", str(exc)) from None
-        if not body.strip():
-            raise HTTPError(400, "empty_body", "the webhook body is empty")
-        try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise HTTPError(400, "invalid_json", "the webhook body is not JSON") from None
-        except RecursionError:
-            raise HTTPError(400, "invalid_json", "the webhook body is nested too deeply") from None
-        if not isinstance(payload, dict):
-            raise HTTPError(400, "invalid_json", "the webhook body is not a JSON object")
-        envelope = make_envelope(source, payload, body.decode(), headers)
+        payload, text = parse_body(body)
+        envelope = make_envelope(source, payload, text, headers)
         receipt_id, routing_key = envelope.receipt_id, envelope.routing_key
+        value = envelope.model_dump_json().encode()
+        if len(value) > MAX_ENVELOPE_BYTES:
+            raise too_large(len(value))
         try:
             await asyncio.wait_for(
-                self.publish(envelope.model_dump_json().encode(), routing_key.encode()),
-                PUBLISH_TIMEOUT_SECONDS,
+                self.publish(value, routing_key.encode()), PUBLISH_TIMEOUT_SECONDS
             )
+        except MessageSizeTooLargeError:
+            # The topic takes less than we assumed (created by hand with a
+            # smaller max.message.bytes): a retry would fail the same way.
+            log.error("broker refused webhook %s for %s as too large", receipt_id, name)
+            raise too_large(len(value)) from None
         except Exception as exc:
             log.error("broker did not accept webhook %s for %s: %r", receipt_id, name, exc)
             raise HTTPError(

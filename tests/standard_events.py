@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import itertools
 import json
 import time
@@ -72,7 +74,16 @@ def signed_headers(
 ) -> dict[str, str]:
     ts = int(time.time()) if timestamp is None else timestamp
     msg = msg_id or f"msg_{next(_ids)}"
-    signature = Webhook(secret).sign(msg, datetime.fromtimestamp(ts, UTC), body.decode())
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        # The SDK signs text only; a body that is not UTF-8 is signed by the
+        # spec's rule itself: HMAC-SHA256 of "<id>.<timestamp>.<body bytes>".
+        key = base64.b64decode(secret.removeprefix("whsec_"))
+        mac = hmac.new(key, f"{msg}.{ts}.".encode() + body, hashlib.sha256).digest()
+        signature = "v1," + base64.b64encode(mac).decode()
+    else:
+        signature = Webhook(secret).sign(msg, datetime.fromtimestamp(ts, UTC), text)
     return {
         "webhook-id": msg,
         "webhook-timestamp": str(ts),

@@ -260,6 +260,9 @@ class Provider:
     needs: tuple[str, ...] = ()
     #: verify may block (a certificate fetch): ingress runs it in a worker thread.
     blocking_verify: bool = False
+    #: The request headers (lower-case) kept with a stored webhook: what
+    #: verify reads and the provider's delivery metadata. Others are dropped.
+    headers: tuple[str, ...] = ()
 
 
 def _registry() -> dict[str, Provider]:

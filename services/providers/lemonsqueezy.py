@@ -224,4 +224,5 @@ PROVIDER = Provider(
     routing_key=routing_key,
     event_id=event_id,
     normalize=normalize,
+    headers=("x-signature", "x-event-name"),
 )

@@ -335,4 +335,11 @@ PROVIDER = Provider(
     secret_required=False,
     needs=("webhook_id",),
     blocking_verify=True,
+    headers=(
+        "paypal-transmission-id",
+        "paypal-transmission-time",
+        "paypal-transmission-sig",
+        "paypal-cert-url",
+        "paypal-auth-algo",
+    ),
 )

@@ -176,4 +176,5 @@ PROVIDER = Provider(
     routing_key=routing_key,
     event_id=event_id,
     normalize=normalize,
+    headers=("webhook-id", "webhook-timestamp", "webhook-signature"),
 )

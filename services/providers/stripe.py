@@ -705,4 +705,5 @@ PROVIDER = Provider(
     routing_key=routing_key,
     event_id=event_id,
     normalize=normalize,
+    headers=("stripe-signature",),
 )

@@ -158,4 +158,5 @@ PROVIDER = Provider(
     event_id=event_id,
     normalize=normalize,
     secret_required=False,
+    headers=("x-zenofy-signature",),
 )

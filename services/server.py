@@ -1,0 +1,210 @@
+"""The HTTP server: uvicorn's httptools protocol with the guards a public
+webhook endpoint needs and uvicorn lacks.
+
+uvicorn (0.54) has no timeout for a request's head or body (a client that
+sends one byte a minute holds its connection for ever: slowloris), no limit
+on the size or number of header lines with httptools, and its connection
+cap still answers each request past it in plain text. `GuardedProtocol`
+adds them; `HttpLimits` holds the settings (ENTITLE_HTTP_* variables, see
+the README's *Limits*).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from services.config import ConfigError
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    #: Seconds a client has to send a request's head (request line and
+    #: headers), counted from its first byte or from the connection's start.
+    header_timeout: float = 10.0
+    #: Seconds a client has to send a request's body once its head is in.
+    body_timeout: float = 30.0
+    #: Open connections at most; one more is answered 503 and closed.
+    max_connections: int = 1000
+    #: Header lines a request may have, and bytes its head may take.
+    max_headers: int = 100
+    max_header_bytes: int = 32 * 1024
+
+    @classmethod
+    def from_env(cls) -> HttpLimits:
+        """The limits from ENTITLE_HTTP_HEADER_TIMEOUT, _BODY_TIMEOUT (seconds),
+        _MAX_CONNECTIONS, _MAX_HEADERS and _MAX_HEADER_BYTES; ConfigError
+        naming the variable if one is not a positive number."""
+        default = cls()
+
+        def number(name: str, value: float) -> float:
+            raw = os.environ.get(f"ENTITLE_HTTP_{name}")
+            if raw is None:
+                return value
+            try:
+                parsed = float(raw)
+            except ValueError:
+                parsed = 0
+            if not parsed > 0:
+                raise ConfigError(f"ENTITLE_HTTP_{name} must be a positive number, not {raw!r}")
+            return parsed
+
+        return cls(
+            header_timeout=number("HEADER_TIMEOUT", default.header_timeout),
+            body_timeout=number("BODY_TIMEOUT", default.body_timeout),
+            max_connections=int(number("MAX_CONNECTIONS", default.max_connections)),
+            max_headers=int(number("MAX_HEADERS", default.max_headers)),
+            max_header_bytes=int(number("MAX_HEADER_BYTES", default.max_header_bytes)),
+        )
+
+
+def guarded(limits: HttpLimits) -> type[GuardedProtocol]:
+    """The protocol class to give uvicorn (`uvicorn.Config(http=...)`)."""
+    return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits})
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    limits = HttpLimits()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._in_head = False
+        self._head_bytes = 0  # as received, while a head is incomplete
+        self._header_lines = 0
+        self._header_bytes = 0  # as parsed: target, names and values
+        self._refused = False
+
+    # -- the connection ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            self._refuse(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "too_many_connections",
+                f"the server holds its most connections ({self.limits.max_connections}); retry",
+                retry_after=True,
+            )
+            return
+        self._start_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if not self._in_head and (self.cycle is None or self.cycle.response_complete):
+            self._start_head()  # the next request on a kept-alive connection
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        # Checked after parsing: the chunk that ends a head may hold a body.
+        if self._in_head and not self._refused and self._head_bytes > self.limits.max_header_bytes:
+            self._too_large()
+
+    # -- parser callbacks ------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._header_lines = self._header_bytes = 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._header_bytes += len(url)
+        if self._header_bytes <= self.limits.max_header_bytes:
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_lines += 1
+        self._header_bytes += len(name) + len(value)
+        if self._header_lines <= self.limits.max_headers:
+            super().on_header(name, value)  # beyond the limit, not even kept
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._disarm()
+        if (
+            self._header_lines > self.limits.max_headers
+            or self._header_bytes > self.limits.max_header_bytes
+        ):
+            self._too_large()
+            return
+        super().on_headers_complete()
+        self._arm(
+            self.limits.body_timeout,
+            f"the request body was not received within {self.limits.body_timeout:g} s",
+        )
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        if not self._refused:
+            super().on_message_complete()
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _start_head(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._arm(
+            self.limits.header_timeout,
+            f"the request head was not received within {self.limits.header_timeout:g} s",
+        )
+
+    def _arm(self, seconds: float, detail: str) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, self._timed_out, detail)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _timed_out(self, detail: str) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.close()  # the app already answered; only stop waiting
+            return
+        if self.cycle is not None:
+            self.cycle.disconnected = True  # the app's answer would come too late
+        self._refuse(HTTPStatus.REQUEST_TIMEOUT, "request_timeout", detail)
+
+    def _too_large(self) -> None:
+        self._refuse(
+            HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            f"a request may have at most {self.limits.max_headers} header lines "
+            f"and {self.limits.max_header_bytes} bytes of head",
+        )
+
+    def _refuse(
+        self, status: HTTPStatus, code: str, detail: str, retry_after: bool = False
+    ) -> None:
+        """Answer with the JSON error body every route uses, and close."""
+        self._refused = True
+        self._disarm()
+        body = json.dumps({"error": code, "detail": detail, "status": int(status)}).encode()
+        head = [f"HTTP/1.1 {int(status)} {status.phrase}".encode()]
+        head += [name + b": " + value for name, value in self.server_state.default_headers]
+        head += [
+            b"content-type: application/json",
+            b"content-length: " + str(len(body)).encode(),
+            b"connection: close",
+        ]
+        if retry_after:
+            head.append(b"retry-after: 1")
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self.transport.close()

@@ -1,0 +1,235 @@
+"""The edges a public endpoint is attacked at, through `entitle dev`: bad
+input of every kind to every source and every route is a 4xx with a JSON
+body (never a 5xx), oversized requests are refused, slow clients are cut
+off, and a stored webhook keeps only the headers its adapter needs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from contracts.webhooks import RAW_TOPIC, RawWebhookV1
+from tests import stripe_events as se
+from tests.harness import Entitle, eventually
+from tests.test_dev import ADMIN
+from tests.test_dev_providers import AUTHORITY, CONFIG, SIGN
+
+pytestmark = pytest.mark.e2e
+
+HEADER_TIMEOUT = 2.0
+MAX_CONNECTIONS = 40
+SOURCES = sorted(SIGN)
+DEEP = b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}"
+ENCODED_SURROGATE = b'{"id": "evt_\xed\xa0\x80"}'
+ESCAPED_SURROGATE = b'{"id": "evt_\\ud800"}'
+#: Bad bodies and what each one is.
+BAD_BODIES = {
+    "deep": DEEP,
+    "encoded surrogate": ENCODED_SURROGATE,
+    "escaped surrogate": ESCAPED_SURROGATE,
+    "not UTF-8": b'{"id": "\xff\xfe"}',
+    "not JSON": b"{'id': 1",
+    "array": b"[1, 2]",
+    "empty": b"",
+    "wrong types": b'{"activation_code": {"a": 1}, "fingerprint": 5, "reason": [1]}',
+}
+
+
+UNLIMITED = """
+licensing:
+  per_code_per_second: 100000
+  per_code_burst: 100000
+  per_address_per_second: 100000
+  per_address_burst: 100000
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Entitle]:
+    workdir = tmp_path_factory.mktemp("edges")
+    # Rate limits high enough that no bad request is answered 429 unread.
+    (workdir / "entitle.yaml").write_text(CONFIG + UNLIMITED)
+    (workdir / "paypal-root.pem").write_bytes(AUTHORITY.root_pem())
+    AUTHORITY.seed(workdir / "paypal-certs")
+    env = {
+        "ENTITLE_ADMIN_KEYS": ADMIN,
+        "ENTITLE_PAYPAL_TRUST_ROOTS": str(workdir / "paypal-root.pem"),
+        "ENTITLE_PAYPAL_CERT_CACHE": str(workdir / "paypal-certs"),
+        "ENTITLE_HTTP_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
+        "ENTITLE_HTTP_BODY_TIMEOUT": str(HEADER_TIMEOUT),
+        "ENTITLE_HTTP_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+    }
+    with Entitle(["dev"], Path(workdir), env) as entitle:
+        yield entitle
+
+
+def post(entitle: Entitle, source: str, body: bytes, **headers: str) -> httpx.Response:
+    return httpx.post(
+        f"{entitle.url}/webhooks/{source}",
+        content=body,
+        headers={**SIGN[source](body), **headers},
+        timeout=30,
+    )
+
+
+def assert_client_error(response: httpx.Response, *statuses: int) -> None:
+    assert response.status_code in statuses, (response.status_code, response.text)
+    body = response.json()
+    assert body["error"] and body["detail"] and body["status"] == response.status_code
+
+
+# -- bodies of every kind, to every source ----------------------------------
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("kind", ["deep", "encoded surrogate", "escaped surrogate", "not UTF-8"])
+def test_a_signed_body_that_is_no_json_text_is_a_400(
+    stack: Entitle, source: str, kind: str
+) -> None:
+    response = post(stack, source, BAD_BODIES[kind])
+    assert_client_error(response, 400)
+    assert response.json()["error"] == "invalid_json"
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_a_surrogate_pair_is_text_and_accepted(stack: Entitle, source: str) -> None:
+    # An emoji escaped as UTF-16 (as JavaScript serializers write it) is fine.
+    response = post(stack, source, b'{"id": "evt_pair", "note": "\\ud83d\\ude00"}')
+    assert response.status_code == 202, response.text
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_a_body_too_large_to_store_is_a_413_not_a_retry(stack: Entitle, source: str) -> None:
+    # Under the 1 MB body limit, but each \" doubles once JSON-escaped into
+    # the envelope: past the broker's message size. A 503 would have the
+    # provider retry for days; a 413 says it will never fit.
+    body = b'{"id": "evt_big", "note": "' + b'\\"' * 523_000 + b'"}'
+    response = post(stack, source, body)
+    assert_client_error(response, 413)
+    assert "once stored" in response.json()["detail"]
+
+
+def test_only_the_headers_the_adapter_needs_are_stored(stack: Entitle) -> None:
+    body = se.body(se.subscription_deleted(subscription="sub_headers"))
+    extra = {f"x-junk-{n}": "j" * 50 for n in range(90)}
+    response = post(stack, "stripe", body, **extra, **{"User-Agent": "Stripe/1.0"})
+    assert response.status_code == 202, response.text
+    receipt = response.json()["receipt_id"]
+    bootstrap = (Path(stack.cwd) / ".entitle" / "broker").read_text().strip()
+    envelope = eventually(lambda: stored(bootstrap).get(receipt), timeout=20)
+    assert set(envelope.headers) == {"content-type", "user-agent", "stripe-signature"}
+
+
+def stored(bootstrap: str) -> dict[str, RawWebhookV1]:
+    async def run() -> dict[str, RawWebhookV1]:
+        consumer = AIOKafkaConsumer(
+            RAW_TOPIC,
+            bootstrap_servers=bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        try:
+            batch = await consumer.getmany(timeout_ms=3000, max_records=10_000)
+        finally:
+            await consumer.stop()
+        found = {}
+        for records in batch.values():
+            for record in records:
+                if record.value and b"receipt_id" in record.value:
+                    envelope = RawWebhookV1.model_validate_json(record.value)
+                    found[envelope.receipt_id] = envelope
+        return found
+
+    return asyncio.run(run())
+
+
+# -- heads too large, and slow clients ---------------------------------------
+
+
+def test_too_many_headers_are_a_431(stack: Entitle) -> None:
+    headers = {f"x-h-{n}": "1" for n in range(150)}
+    response = httpx.get(f"{stack.url}/healthz", headers=headers)
+    assert_client_error(response, 431)
+
+
+def test_a_header_too_large_is_a_431(stack: Entitle) -> None:
+    response = httpx.get(f"{stack.url}/healthz", headers={"x-big": "b" * 40_000})
+    assert_client_error(response, 431)
+
+
+def test_an_endless_header_is_cut_off_before_it_ends(stack: Entitle) -> None:
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as client:
+        client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+        answer = b""
+        with pytest.raises(OSError):  # the server closes while we still send
+            for _ in range(1000):
+                client.sendall(b"a" * 4096)
+                time.sleep(0.001)
+        answer = _read_all(client)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
+
+
+def _read_all(client: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = client.recv(65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _slow(port: int, head: bytes) -> socket.socket:
+    client = socket.create_connection(("127.0.0.1", port), timeout=HEADER_TIMEOUT + 10)
+    client.sendall(head)
+    return client
+
+
+def test_slow_clients_are_answered_408_and_closed(stack: Entitle) -> None:
+    started = time.monotonic()
+    clients = [
+        _slow(stack.port, b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\n") for _ in range(10)
+    ]
+    # A slowloris sends a header line now and then, never the end of the head.
+    for _ in range(3):
+        time.sleep(0.4)
+        for client in clients:
+            client.sendall(b"X-A: b\r\n")
+    idle = _slow(stack.port, b"")  # connects and sends nothing
+    body = _slow(
+        stack.port,
+        b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{",
+    )
+    answers = [_read_all(c) for c in [*clients, idle, body]]
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "request_timeout"
+    assert time.monotonic() - started < HEADER_TIMEOUT * 3 + 5
+    for client in [*clients, idle, body]:
+        client.close()
+    assert httpx.get(f"{stack.url}/healthz").status_code == 200
+
+
+def test_connections_past_the_cap_are_refused_and_the_server_recovers(stack: Entitle) -> None:
+    held = [_slow(stack.port, b"") for _ in range(MAX_CONNECTIONS + 5)]
+    answers = []
+    for client in held[-5:]:
+        client.settimeout(5)
+        answers.append(_read_all(client))
+    assert all(a.startswith(b"HTTP/1.1 503") for a in answers), answers
+    # The held ones time out; then the server takes connections again.
+    eventually(lambda: httpx.get(f"{stack.url}/healthz").status_code == 200 or None, timeout=20)
+    for client in held:
+        client.close()
