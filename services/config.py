@@ -35,11 +35,16 @@ class _SourceFile(BaseModel):
     api_key: SecretStr | None = None
     api_key_env: str | None = None
     backfill_every: str | None = Field(default=None, pattern=r"^\d+(\.\d+)?[smhd]$")
+    allow_unsigned: bool = False
 
     @model_validator(mode="after")
     def _one_secret(self) -> _SourceFile:
         if self.secret is not None and self.secret_env is not None:
             raise ValueError("give only one of 'secret' or 'secret_env'")
+        if self.allow_unsigned and (self.secret is not None or self.secret_env is not None):
+            raise ValueError(
+                "allow_unsigned is for a source without a secret; give one or the other"
+            )
         if self.api_key is not None and self.api_key_env is not None:
             raise ValueError("give only one of 'api_key' or 'api_key_env'")
         if self.backfill_every is not None and self.api_key is None and self.api_key_env is None:
@@ -106,6 +111,9 @@ class Source:
     #: backfills and fetching what a webhook left out. Stripe only.
     api_key: SecretStr | None = None
     backfill_every: timedelta | None = None
+    #: No signature is checked (`allow_unsigned: true`): its webhooks may
+    #: grant, never end, suspend or refund (services.providers.unsigned_refusal).
+    unsigned: bool = False
 
     def __repr__(self) -> str:  # never show the secret
         return f"Source(name={self.name!r}, provider={self.provider.name!r})"
@@ -152,8 +160,10 @@ def parse_config(
                 f"{origin}: source {name!r} names provider {source.provider!r}; known: {known}"
             )
         missing = [need for need in provider.needs if getattr(source, need) is None]
-        if source.secret is None and source.secret_env is None and provider.secret_required:
-            missing.insert(0, "secret (or secret_env)")
+        unsigned = source.allow_unsigned
+        no_secret = source.secret is None and source.secret_env is None
+        if not unsigned and no_secret and provider.secret_required:
+            missing.insert(0, "secret (or secret_env, or allow_unsigned: true)")
         if missing:
             raise ConfigError(
                 f"{origin}: source {name!r} ({source.provider}) needs {', '.join(missing)}"
@@ -172,6 +182,7 @@ def parse_config(
             webhook_id=source.webhook_id,
             api_key=api_key,
             backfill_every=duration(source.backfill_every) if source.backfill_every else None,
+            unsigned=unsigned,
         )
     try:
         catalog = Catalog(

@@ -47,7 +47,13 @@ from services.codes import CodeBook
 from services.config import Config
 from services.health import Backoff, Health, describe, sleep_unless, transient
 from services.kafka import end_offsets, incarnation, is_marker
-from services.providers import Unmappable, check, event_type, has_control_character
+from services.providers import (
+    Unmappable,
+    check,
+    event_type,
+    has_control_character,
+    unsigned_refusal,
+)
 from services.readmodel import ReadModel
 from services.store import AggregateCache, Batch, EntitlementStore
 from services.stripe_api import StripeAPI, complete_invoice, current_subscription
@@ -349,6 +355,9 @@ class DomainService:
                 payload = complete_invoice(payload, api)
             commands = source.provider.normalize(webhook.source, payload, self.config.catalog, now)
             check(commands)
+            refusal = unsigned_refusal(commands, now) if source.unsigned else None
+            if refusal is not None:
+                raise Unmappable(refusal)
         except Unmappable as exc:
             try:
                 check(exc.commands)

@@ -41,6 +41,8 @@ def test_secrets_do_not_show_in_reprs() -> None:
         ("offerings: [{sku: a}]", "product"),
         ("surprise: 1", "surprise"),
         ("sources: [", "not valid YAML"),
+        ("sources: {z: {provider: zenofy}}", "allow_unsigned: true"),
+        ("sources: {z: {provider: zenofy, secret: x, allow_unsigned: true}}", "one or the other"),
     ],
 )
 def test_mistakes_are_reported_clearly(text: str, message: str) -> None:

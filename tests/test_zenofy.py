@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from domain.catalog import Catalog, Offering
@@ -13,7 +16,9 @@ from domain.entitlement import Status
 from services.providers import Credentials, SignatureError
 from services.providers.zenofy import routing_key, verify
 from tests import zenofy_events as ze
+from tests.harness import Entitle, eventually
 from tests.lifecycle_world import DAY, MONTH, T0, World, ts
+from tests.test_dev import ADMIN, AUTH, entitlements
 
 NOW = int(time.time())
 CATALOG = Catalog(
@@ -41,8 +46,41 @@ def test_with_a_secret_the_signature_is_required_and_checked() -> None:
             verify(headers, body, key, NOW)
 
 
-def test_without_a_secret_unsigned_webhooks_are_accepted() -> None:
-    verify({}, b"{}", Credentials(""), NOW)
+def test_an_unsigned_source_grants_but_cannot_end_anyone_s_license(tmp_path: Path) -> None:
+    """`allow_unsigned: true`: the webhook is taken without a signature, so
+    anyone who knows the URL could send one naming a customer's e-mail. It
+    may grant; a cancellation, suspension or period already over is a dead
+    letter saying why, and the license stays as it was."""
+    (tmp_path / "entitle.yaml").write_text(
+        "sources: {zenofy: {provider: zenofy, allow_unsigned: true}}\n"
+        "offerings: [{sku: basic, product: acme}]\n"
+    )
+    with Entitle(["dev"], tmp_path, {"ENTITLE_ADMIN_KEYS": ADMIN}) as stack:
+
+        def send(kind: str, status: str, start: int, end: int) -> dict[str, Any]:
+            event = ze.event(kind, "z1", status, start, end, NOW, email="victim@example.com")
+            response = httpx.post(f"{stack.url}/webhooks/zenofy", content=ze.body(event))
+            assert response.status_code == 202, response.text
+            return event
+
+        send("subscription.activated", "ACTIVE", NOW - DAY, NOW + MONTH)
+        eventually(lambda: [e for e in entitlements(stack) if e["status"] == "ACTIVE"] or None)
+        attacks = [
+            send("subscription.canceled", "CANCELED", NOW - DAY, NOW + MONTH),
+            send("subscription.suspended", "SUSPENDED", NOW - DAY, NOW + MONTH),
+            send("subscription.activated", "ACTIVE", NOW - MONTH, NOW - DAY),
+        ]
+
+        def letters() -> list[dict[str, Any]] | None:
+            items = httpx.get(f"{stack.url}/v1/dead-letters", headers=AUTH).json()["items"]
+            return items if len(items) == len(attacks) else None
+
+        reasons = {d["provider_event_id"]: d["reason"] for d in eventually(letters, timeout=20)}
+        assert set(reasons) == {a["id"] for a in attacks}
+        assert all("unsigned source" in reason for reason in reasons.values()), reasons
+        [entitlement] = entitlements(stack)
+        assert entitlement["status"] == "ACTIVE"
+        assert entitlement["period_end"].startswith(ze.iso(NOW + MONTH)[:10])
 
 
 def test_a_renewal_with_the_same_email_extends_the_same_entitlement() -> None:

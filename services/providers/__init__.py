@@ -214,6 +214,39 @@ def _problem(value: Any) -> tuple[list[str], str] | None:
     return [], f"{value!r:.80} is not a JSON value"
 
 
+#: What an unsigned source may tell: a subscription in good standing (or
+#: beginning), and payments. Anyone who knows its URL can send anything
+#: naming any customer's e-mail, so nothing that ends, suspends, refunds or
+#: writes off access is taken from it.
+_UNSIGNED_STATUSES = frozenset({"pending", "trialing", "active"})
+
+
+def unsigned_refusal(commands: list[Command], now: datetime) -> str | None:
+    """Why an unsigned source's webhook may not be applied (it would end,
+    suspend or refund access, or set a period already over), or None."""
+    for command in commands:
+        fact = command.fact
+        kind = fact["kind"]
+        if kind == "payment":
+            continue
+        if kind == "subscription":
+            if fact["status"] not in _UNSIGNED_STATUSES:
+                what = f"a subscription that is {fact['status']!r}"
+            elif fact.get("cancel_at") is not None:
+                what = "a cancellation date"
+            elif fact.get("end") is not None and fact["end"] <= now:
+                what = "a period that is over"
+            else:
+                continue
+        else:
+            what = f"a {kind.replace('_', ' ')!r} fact"
+        return (
+            f"an unsigned source (allow_unsigned) may not send {what}: anyone could, naming "
+            "any customer; an admin can act on the entitlement through the API"
+        )
+    return None
+
+
 def event_type(payload: Mapping[str, Any]) -> str:
     """The provider's name for an event's type, wherever it puts it: `type`
     (Stripe, Standard Webhooks), `event_type` (Paddle, Chargebee, PayPal),
@@ -254,7 +287,9 @@ class Provider:
     event_id: Callable[[Mapping[str, Any]], str]
     #: normalize(source, payload, catalog, received_at) -> commands; raises Unmappable.
     normalize: Callable[[str, Mapping[str, Any], Catalog, datetime], list[Command]]
-    #: Whether a source of this provider must have a secret.
+    #: Whether a source of this provider needs a secret to verify its
+    #: webhooks (PayPal's are verified by certificate: no). Without one, a
+    #: source must say `allow_unsigned: true`.
     secret_required: bool = True
     #: Other source settings it cannot work without (e.g. "username").
     needs: tuple[str, ...] = ()

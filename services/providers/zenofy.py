@@ -62,8 +62,6 @@ STATUSES = {
 
 
 def verify(headers: Mapping[str, str], body: bytes, credentials: Credentials, now: float) -> None:
-    if not credentials.secret:
-        return  # the source chose no shared secret
     header = headers.get("x-zenofy-signature", "")
     scheme, _, given = header.partition("=")
     if scheme != "sha256" or not given:
@@ -157,6 +155,5 @@ PROVIDER = Provider(
     routing_key=routing_key,
     event_id=event_id,
     normalize=normalize,
-    secret_required=False,
     headers=("x-zenofy-signature",),
 )
