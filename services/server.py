@@ -66,19 +66,24 @@ class HttpLimits:
 
 def guarded(limits: HttpLimits) -> type[GuardedProtocol]:
     """The protocol class to give uvicorn (`uvicorn.Config(http=...)`)."""
-    return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits})
+    return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits, "_sweeping": None})
+
+
+#: How often deadlines are looked at: a slow client is cut off at most this
+#: much after its deadline.
+SWEEP_SECONDS = 0.25
 
 
 class GuardedProtocol(HttpToolsProtocol):
     limits = HttpLimits()
+    _sweeping: asyncio.TimerHandle | None = None  # per server: `guarded` makes a class each
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._deadline: asyncio.TimerHandle | None = None
+        self._due: float | None = None  # loop time by which the head or body must be in
+        self._phase = "head"
         self._in_head = False
         self._head_bytes = 0  # as received, while a head is incomplete
-        self._header_lines = 0
-        self._header_bytes = 0  # as parsed: target, names and values
         self._refused = False
 
     # -- the connection ------------------------------------------------------
@@ -94,6 +99,8 @@ class GuardedProtocol(HttpToolsProtocol):
             )
             return
         self._start_head()
+        if type(self)._sweeping is None:
+            type(self)._sweeping = self.loop.call_later(SWEEP_SECONDS, self._sweep)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -113,35 +120,21 @@ class GuardedProtocol(HttpToolsProtocol):
 
     # -- parser callbacks ------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self._header_lines = self._header_bytes = 0
-        super().on_message_begin()
-
-    def on_url(self, url: bytes) -> None:
-        self._header_bytes += len(url)
-        if self._header_bytes <= self.limits.max_header_bytes:
-            super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_lines += 1
-        self._header_bytes += len(name) + len(value)
-        if self._header_lines <= self.limits.max_headers:
-            super().on_header(name, value)  # beyond the limit, not even kept
-
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._disarm()
-        if (
-            self._header_lines > self.limits.max_headers
-            or self._header_bytes > self.limits.max_header_bytes
+        # Counted here rather than per header line: a callback each costs
+        # more than the sum, and the bytes received bound what is held.
+        # (A head received in fewer bytes than the limit is within it.)
+        headers, limits = self.headers, self.limits
+        if len(headers) > limits.max_headers or (
+            self._head_bytes > limits.max_header_bytes
+            and len(self.url) + sum(len(n) + len(v) for n, v in headers) > limits.max_header_bytes
         ):
             self._too_large()
             return
         super().on_headers_complete()
-        self._arm(
-            self.limits.body_timeout,
-            f"the request body was not received within {self.limits.body_timeout:g} s",
-        )
+        self._due, self._phase = self.loop.time() + limits.body_timeout, "body"
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
@@ -157,22 +150,30 @@ class GuardedProtocol(HttpToolsProtocol):
     def _start_head(self) -> None:
         self._in_head = True
         self._head_bytes = 0
-        self._arm(
-            self.limits.header_timeout,
-            f"the request head was not received within {self.limits.header_timeout:g} s",
-        )
-
-    def _arm(self, seconds: float, detail: str) -> None:
-        self._disarm()
-        self._deadline = self.loop.call_later(seconds, self._timed_out, detail)
+        # A deadline is a number a sweep looks at, not a timer of its own:
+        # a timer or two per request is most of what these guards would cost.
+        self._due, self._phase = self.loop.time() + self.limits.header_timeout, "head"
 
     def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._due = None
 
-    def _timed_out(self, detail: str) -> None:
-        self._deadline = None
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for protocol in list(self.connections):
+            if not isinstance(protocol, GuardedProtocol):
+                continue
+            if protocol._due is not None and protocol._due <= now:
+                protocol._timed_out()
+        # Sweeps go on while anything is connected; the next connection
+        # starts them again.
+        type(self)._sweeping = (
+            self.loop.call_later(SWEEP_SECONDS, self._sweep) if self.connections else None
+        )
+
+    def _timed_out(self) -> None:
+        self._due = None
+        seconds = self.limits.header_timeout if self._phase == "head" else self.limits.body_timeout
+        detail = f"the request {self._phase} was not received within {seconds:g} s"
         if self.transport.is_closing():
             return
         if self.cycle is not None and self.cycle.response_started:
