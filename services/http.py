@@ -1,10 +1,13 @@
-"""What every HTTP endpoint shares: JSON errors and admin authentication."""
+"""What every HTTP endpoint shares: JSON errors, admin authentication and
+rate limits per client."""
 
 from __future__ import annotations
 
 import hmac
 import logging
+import math
 import re
+import threading
 from datetime import datetime
 from typing import TypeVar
 
@@ -35,6 +38,44 @@ class MaskCodes(logging.Filter):
         elif isinstance(record.msg, str):
             record.msg = _CODE_IN_QUERY.sub(r"\1\2…", record.msg)
         return True
+
+
+class Buckets:
+    """Token buckets by key (a code hash, a client address): `rate` tokens a
+    second up to `burst`. Idle keys are forgotten oldest first."""
+
+    def __init__(self, rate: float, burst: int, keys: int = 100_000) -> None:
+        self.rate, self.burst, self.keys = rate, burst, keys
+        # A plain dict keeps insertion order: re-inserting a key on each take
+        # makes the first key the least recently used.
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str, now: float) -> float:
+        """0 if the request may go ahead, else the seconds until it may."""
+        with self._lock:
+            tokens, last = self._buckets.pop(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens >= 1:
+                self._buckets[key] = (tokens - 1, now)
+                wait = 0.0
+            else:
+                self._buckets[key] = (tokens, now)
+                wait = (1 - tokens) / self.rate
+            if len(self._buckets) > self.keys:
+                del self._buckets[next(iter(self._buckets))]
+            return wait
+
+
+def rate_limited(wait: float, detail: str = "too many requests; slow down") -> HTTPError:
+    """429 with `Retry-After`: the whole seconds until `wait` has passed."""
+    return HTTPError(429, "rate_limited", detail, {"Retry-After": str(max(1, math.ceil(wait)))})
+
+
+def client_address(scope: Scope) -> str:
+    """The client's address (behind a trusted proxy, the one it forwarded)."""
+    client = scope.get("client")
+    return str(client[0]) if client else "?"
 
 
 class HTTPError(Exception):

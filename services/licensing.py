@@ -14,7 +14,6 @@ import base64
 import binascii
 import hashlib
 import logging
-import math
 import secrets
 import threading
 import time
@@ -61,11 +60,14 @@ from domain.entitlement import (
 )
 from services.health import sleep_unless
 from services.http import (
+    Buckets,
     HTTPError,
     busy,
+    client_address,
     http_error_response,
     internal_error_response,
     parse_json,
+    rate_limited,
     read_body,
     read_json,
     send_json,
@@ -102,33 +104,6 @@ class Signer:
         return LicenseFileV1(license=license, signature=base64.b64encode(signature).decode())
 
 
-class Buckets:
-    """Token buckets by key (a code hash, a client address): `rate` tokens a
-    second up to `burst`. Idle keys are forgotten oldest first."""
-
-    def __init__(self, rate: float, burst: int, keys: int = 100_000) -> None:
-        self.rate, self.burst, self.keys = rate, burst, keys
-        # A plain dict keeps insertion order: re-inserting a key on each take
-        # makes the first key the least recently used.
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._lock = threading.Lock()
-
-    def take(self, key: str, now: float) -> float:
-        """0 if the request may go ahead, else the seconds until it may."""
-        with self._lock:
-            tokens, last = self._buckets.pop(key, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - last) * self.rate)
-            if tokens >= 1:
-                self._buckets[key] = (tokens - 1, now)
-                wait = 0.0
-            else:
-                self._buckets[key] = (tokens, now)
-                wait = (1 - tokens) / self.rate
-            if len(self._buckets) > self.keys:
-                del self._buckets[next(iter(self._buckets))]
-            return wait
-
-
 @dataclass
 class Limits:
     per_code: Buckets
@@ -143,12 +118,7 @@ class Limits:
         if code is not None:
             wait = max(wait, self.per_code.take(code, now))
         if wait > 0:
-            raise HTTPError(
-                429,
-                "rate_limited",
-                "too many requests; slow down",
-                {"Retry-After": str(max(1, math.ceil(wait)))},
-            )
+            raise rate_limited(wait)
 
 
 class Licensing:
@@ -177,7 +147,7 @@ class Licensing:
     async def _opened_by(self, request: Request, code: str) -> tuple[str, EntitlementView]:
         """(code hash, the entitlement the code opens), after the rate limits; 404 if none."""
         hashed = code_hash(code)
-        self.limits.check(_address(request.scope), hashed, time.monotonic())
+        self.limits.check(client_address(request.scope), hashed, time.monotonic())
         view = await anyio.to_thread.run_sync(self.read_model.by_code, hashed)
         if view is None:
             raise HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
@@ -375,7 +345,7 @@ class Licensing:
         try:
             body = parse_json(await read_body(receive), ValidationRequest)
             hashed = code_hash(body.activation_code)
-            self.limits.check(_address(scope), hashed, time.monotonic())
+            self.limits.check(client_address(scope), hashed, time.monotonic())
             payload = self._answer(body, hashed)
             if payload is None:
                 payload = await anyio.to_thread.run_sync(self._answer_from_store, body)
@@ -541,12 +511,6 @@ class ValidationIndex:
                 await asyncio.sleep(0)
             working()
             await sleep_unless(stop, interval)
-
-
-def _address(scope: Scope) -> str:
-    """The client's address (behind a trusted proxy, the one it forwarded)."""
-    client = scope.get("client")
-    return str(client[0]) if client else "?"
 
 
 def _code_param(request: Request) -> str:

@@ -18,8 +18,7 @@ import pytest
 from contracts.license_file import InvalidLicense, verify_license
 from domain.entitlement import NotActive, OverLimit, Refused, TooManySeats, UnknownMetric
 from services.codes import CodeBook
-from services.http import MaskCodes
-from services.licensing import Buckets
+from services.http import Buckets, MaskCodes
 from tests import stripe_events as se
 from tests.harness import Entitle, eventually
 from tests.lifecycle_world import DAY, T0, World
