@@ -148,7 +148,7 @@ class Licensing:
         """(code hash, the entitlement the code opens), after the rate limits; 404 if none."""
         hashed = code_hash(code)
         self.limits.check(client_address(request.scope), hashed, time.monotonic())
-        view = await anyio.to_thread.run_sync(self.read_model.by_code, hashed)
+        view = self._latest(await anyio.to_thread.run_sync(self.read_model.by_code, hashed), hashed)
         if view is None:
             raise HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
         return hashed, view
@@ -376,10 +376,22 @@ class Licensing:
     def _answer_from_store(self, body: ValidationRequest) -> bytes:
         return self.check(body).model_dump_json().encode()
 
+    def _latest(self, view: EntitlementView | None, hashed: str) -> EntitlementView | None:
+        """`view` from the read model, or the later state this process saved:
+        a code issued a moment ago opens its entitlement at once, and one
+        revoked a moment ago (None) no longer does."""
+        if self.index is None:
+            return view
+        if view is None:
+            held = self.index.get(hashed)
+            return held.view if held is not None else None
+        return self.index.latest(view, hashed)
+
     def check(self, body: ValidationRequest) -> ValidationResult:
-        """The answer from the read model, and the store where a seat is in
-        question."""
-        view = self.read_model.by_code(code_hash(body.activation_code))
+        """The answer from the read model (or this process's later save), and
+        the store where a seat is in question."""
+        hashed = code_hash(body.activation_code)
+        view = self._latest(self.read_model.by_code(hashed), hashed)
         if view is None:
             return ValidationResult(valid=False, code="NOT_FOUND", status=None)
         return validation_result(view, self.outcome(body, view))
@@ -456,7 +468,8 @@ class ValidationIndex:
     def __init__(self, read_model: ReadModel) -> None:
         self.read_model = read_model
         self._entries: dict[str, IndexedEntitlement] = {}
-        self._held: dict[uuid.UUID, tuple[int, list[str]]] = {}  # id -> (sequence, codes)
+        # id -> (sequence, codes, entry) of the state held
+        self._held: dict[uuid.UUID, tuple[int, list[str], IndexedEntitlement]] = {}
         self._position = 0
         self._lock = threading.Lock()  # writers only: refresh and saves run in threads
 
@@ -486,7 +499,7 @@ class ValidationIndex:
         """Hold `view` unless a later state of the entitlement is held: the
         read model may still be behind a state this process saved."""
         with self._lock:
-            sequence, before = self._held.get(view.id, (0, []))
+            sequence, before, _ = self._held.get(view.id, (0, [], None))
             if view.sequence < sequence:
                 return
             entry = IndexedEntitlement(view)
@@ -495,7 +508,18 @@ class ValidationIndex:
                 self._entries[code] = entry
             for code in set(before) - set(codes):
                 self._entries.pop(code, None)
-            self._held[view.id] = (view.sequence, codes)
+            self._held[view.id] = (view.sequence, codes, entry)
+
+    def latest(self, view: EntitlementView, code_hash: str) -> EntitlementView | None:
+        """The later of `view` (read from the read model just now) and the
+        state held of its entitlement; None if the held state is later and
+        no longer has `code_hash`. The read model can be behind what this
+        process saved (a release, a revocation) for a moment."""
+        held = self._held.get(view.id)
+        if held is None or held[0] <= view.sequence:
+            return view
+        _, codes, entry = held
+        return entry.view if code_hash in codes else None
 
     async def follow(
         self, stop: asyncio.Event, working: Callable[[], None], interval: float = 0.1

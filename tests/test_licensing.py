@@ -276,6 +276,28 @@ def test_an_offline_license_file_verifies_and_tampering_is_detected(stack: Entit
     assert call(stack, "/v1/activations/nope/license-file", None).status_code == 404
 
 
+@pytest.mark.e2e
+def test_this_process_sees_its_own_changes_before_the_read_model_does(stack: Entitle) -> None:
+    """Validation and code lookups prefer what the API process saved over a
+    read model a moment behind: a release, an issued code, a revoked one."""
+    item = new_entitlement(stack, "sub_lic_fresh")
+    code = item["activation_code"]
+    seat = call(stack, "/v1/activations", {"activation_code": code, "fingerprint": "pc"}).json()
+    assert validated(stack, code, "VALID")
+    body = {"activation_code": code, "fingerprint": "pc"}
+    assert call(stack, "/v1/validate", body).json()["code"] == "VALID"
+    assert httpx.delete(f"{stack.url}/v1/activations/{seat['id']}").status_code == 204
+    assert call(stack, "/v1/validate", body).json()["code"] == "NO_SEAT"
+    issued = httpx.post(f"{stack.url}/v1/entitlements/{item['id']}/codes", headers=AUTH).json()
+    second = {"activation_code": issued["code"], "fingerprint": "laptop"}
+    assert call(stack, "/v1/activations", second).status_code == 201
+    revoked = httpx.delete(f"{stack.url}/v1/entitlements/{item['id']}/codes/1", headers=AUTH)
+    assert revoked.status_code == 200
+    assert call(stack, "/v1/validate", second).json()["code"] == "NOT_FOUND"
+    portal = httpx.get(f"{stack.url}/v1/portal", params={"activation_code": issued["code"]})
+    assert portal.status_code == 404
+
+
 # -- the customer's view, abuse limits, logs -----------------------------------------
 
 
