@@ -9,6 +9,7 @@ events. Methods take the recording time (`at`) and the provider's time
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -53,6 +54,12 @@ def code_hash(code: str) -> str:
     """What is stored of an activation code. The codes carry 125 random bits,
     so a plain SHA-256 cannot be reversed by guessing."""
     return hashlib.sha256(b"entitle-code\x1f" + normalize_code(code).encode()).hexdigest()
+
+
+def seat_secret_hash(secret: str) -> str:
+    """What is stored of a seat's secret. Secrets carry 256 random bits, so a
+    plain SHA-256 cannot be reversed by guessing."""
+    return hashlib.sha256(b"entitle-seat\x1f" + secret.encode()).hexdigest()
 
 
 def event_type(event: Any) -> str:
@@ -558,8 +565,16 @@ class Entitlement(Aggregate):
         seat_id: str
         fingerprint: str
         label: str | None
-        code_hash: str
+        code_hash: str  # the activation code that opened the seat
         lease_until: datetime | None  # floating seats only
+        secret_hash: str | None  # the seat's own secret; None before seats had one
+
+        # Version 1 had no seat secret: such a seat opens with its code only.
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["secret_hash"] = None
 
         def change(self, aggregate: Any) -> None:
             aggregate.activations[self.seat_id] = {
@@ -568,6 +583,7 @@ class Entitlement(Aggregate):
                 "activated_at": self.timestamp,
                 "code_hash": self.code_hash,
                 "lease_until": self.lease_until,
+                "secret_hash": self.secret_hash,
             }
 
     class SeatRenewed(Event):
@@ -587,6 +603,18 @@ class Entitlement(Aggregate):
     def holds_seat(self, fingerprint: str, now: datetime) -> bool:
         seat_id = self.seat_for(fingerprint)
         return seat_id is not None and not _lapsed(self.activations[seat_id], now)
+
+    def opens_seat(self, seat_id: str, code_hash: str, secret_hash: str) -> bool:
+        """Whether a credential, given as both of its possible hashes, opens
+        seat `seat_id`: the seat's own secret, or the activation code that
+        opened the seat (another code of the entitlement does not)."""
+        seat = self.activations.get(seat_id)
+        if seat is None:
+            return False
+        own = seat.get("secret_hash")
+        if own is not None and hmac.compare_digest(own, secret_hash):
+            return True
+        return hmac.compare_digest(seat["code_hash"], code_hash)
 
     def heartbeat(
         self, seat_id: str, lease: timedelta, request_id: str, at: datetime
@@ -626,9 +654,11 @@ class Entitlement(Aggregate):
         request_id: str,
         at: datetime,
         lease: timedelta | None = None,
+        secret_hash: str | None = None,
     ) -> tuple[str, bool]:
         """Take a seat for a device; returns (seat id, whether it is new). The
-        same fingerprint again gets its existing seat. With a `lease`
+        same fingerprint again gets its existing seat (and keeps its secret:
+        `secret_hash` is only recorded for a new seat). With a `lease`
         (floating seats), lapsed leases are freed first."""
         if code_hash not in self.codes:
             raise Refused("the activation code is not active")
@@ -659,6 +689,7 @@ class Entitlement(Aggregate):
             label=label,
             code_hash=code_hash,
             lease_until=at + lease if lease is not None else None,
+            secret_hash=secret_hash,
         )
         return seat_id, True
 

@@ -207,18 +207,23 @@ def internal_error_response(exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "the server failed; the error is logged")
 
 
+def bearer_token(request: Request) -> str | None:
+    """The token of `Authorization: Bearer <token>`, or None without one."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
 def authenticate(request: Request, keys: list[AdminKey]) -> AdminKey:
     """The admin key named by `Authorization: Bearer <key>`, or a 401."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = bearer_token(request)
+    if token is None:
         raise HTTPError(
             401,
             "unauthorized",
             "this route needs 'Authorization: Bearer <admin key>'",
             {"WWW-Authenticate": "Bearer"},
         )
-    token = token.strip()
     for key in keys:
         if hmac.compare_digest(key.secret.encode(), token.encode()):
             return key

@@ -1,6 +1,8 @@
 """The licensing API: what the vendor's application calls with a customer's
 activation code. No admin key: the code is the credential, and it reaches
-only its own entitlement.
+only its own entitlement. A seat's own routes (release, heartbeat, license
+file) take the seat's secret, given once at activation, or the code that
+opened the seat.
 
 Lookups go to the read model (indexed by code hash); seat changes are
 domain events saved to the store, with optimistic concurrency, so two
@@ -57,11 +59,14 @@ from domain.entitlement import (
     TooManySeats,
     UnknownMetric,
     code_hash,
+    seat_secret_hash,
 )
+from services.codes import new_seat_secret
 from services.health import sleep_unless
 from services.http import (
     Buckets,
     HTTPError,
+    bearer_token,
     busy,
     client_address,
     http_error_response,
@@ -179,12 +184,12 @@ class Licensing:
     async def license_file(self, request: Request) -> JSONResponse:
         if self.signer is None:
             raise HTTPError(503, "not_configured", "license files need ENTITLE_LICENSE_KEY")
-        seat_id = request.path_params["id"]
+        seat_id, credential = self._seat_request(request)
         entitlement = await anyio.to_thread.run_sync(
             self.store.find, _seat_owner(seat_id), Entitlement
         )
-        if entitlement is None or seat_id not in entitlement.activations:
-            raise HTTPError(404, "NOT_FOUND", f"no seat {seat_id} is in use")
+        if entitlement is None or not entitlement.opens_seat(seat_id, *credential):
+            raise _no_seat(seat_id)
         if entitlement.status is not Status.ACTIVE:
             raise HTTPError(
                 403,
@@ -222,6 +227,7 @@ class Licensing:
         hashed, view = await self._opened_by(request, body.activation_code)
         request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
         seat: dict[str, Any] = {}
+        secret = new_seat_secret()  # only its hash is kept, and only for a new seat
 
         def change(entitlement: Entitlement, at: datetime) -> None:
             seat_id, new = entitlement.activate(
@@ -232,6 +238,7 @@ class Licensing:
                 request_id,
                 at,
                 self._lease(entitlement),
+                seat_secret_hash(secret),
             )
             seat.update(id=seat_id, new=new)
 
@@ -244,6 +251,7 @@ class Licensing:
             label=held["label"],
             activated_at=held["activated_at"],
             lease_until=held.get("lease_until"),
+            secret=secret if seat["new"] else None,
         )
         return JSONResponse(
             activation.model_dump(mode="json"), status_code=201 if seat["new"] else 200
@@ -257,35 +265,60 @@ class Licensing:
 
     async def heartbeat(self, request: Request) -> JSONResponse:
         """Keep a floating seat: 200 {id, lease_until}; 404 once it lapsed."""
-        seat_id = request.path_params["id"]
+        seat_id, credential = self._seat_request(request)
         entitlement_id = _seat_owner(seat_id)
         request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
         until: list[datetime | None] = []
 
         def change(entitlement: Entitlement, at: datetime) -> None:
+            if not entitlement.opens_seat(seat_id, *credential):
+                raise _no_seat(seat_id)
             lease = self._lease(entitlement)
             until.append(entitlement.heartbeat(seat_id, lease, request_id, at) if lease else None)
 
-        entitlement = await anyio.to_thread.run_sync(self._change, entitlement_id, change)
+        entitlement = await anyio.to_thread.run_sync(
+            self._change, entitlement_id, change, _no_seat(seat_id)
+        )
         seat = entitlement.activations.get(seat_id, {})
         return JSONResponse({"id": seat_id, "lease_until": _iso(seat.get("lease_until"))})
 
     async def deactivate(self, request: Request) -> Response:
-        seat_id = request.path_params["id"]
+        seat_id, credential = self._seat_request(request)
         entitlement_id = _seat_owner(seat_id)
         request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
 
         def change(entitlement: Entitlement, at: datetime) -> None:
-            entitlement.release(seat_id, "released", request_id, at)  # 404 if not in use
+            if not entitlement.opens_seat(seat_id, *credential):
+                raise _no_seat(seat_id)
+            entitlement.release(seat_id, "released", request_id, at)
 
-        await anyio.to_thread.run_sync(self._change, entitlement_id, change)
+        await anyio.to_thread.run_sync(self._change, entitlement_id, change, _no_seat(seat_id))
         return Response(status_code=204)
 
+    def _seat_request(self, request: Request) -> tuple[str, tuple[str, str]]:
+        """(seat id, the credential as (code hash, secret hash)) of a request
+        to a seat's route; 401 without a credential. Which of the two the
+        credential is, `Entitlement.opens_seat` finds."""
+        token = bearer_token(request)
+        if token is None:
+            raise HTTPError(
+                401,
+                "unauthorized",
+                "a seat's routes need 'Authorization: Bearer <seat secret>' (the secret "
+                "its activation answered) or the activation code that opened the seat",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        return request.path_params["id"], (code_hash(token), seat_secret_hash(token))
+
     def _change(
-        self, entitlement_id: uuid.UUID, change: Callable[[Entitlement, datetime], None]
+        self,
+        entitlement_id: uuid.UUID,
+        change: Callable[[Entitlement, datetime], None],
+        missing: HTTPError | None = None,
     ) -> Entitlement:
         """A seat or usage change, saved; another device or a webhook saving
-        first makes it decide again on the new state."""
+        first makes it decide again on the new state. `missing` is the error
+        when no entitlement has the id (default: a 404 about the code)."""
         try:
             entitlement = self.store.change(entitlement_id, lambda e: change(e, self.clock()))
         except NotActive as exc:
@@ -303,7 +336,7 @@ class Licensing:
         except StillChanging:
             raise busy() from None
         if entitlement is None:
-            raise HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
+            raise missing or HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
         if self.index is not None:
             self.index.saved(entitlement)
         return entitlement
@@ -557,7 +590,13 @@ def _seat_owner(seat_id: str) -> uuid.UUID:
             raise ValueError
         return uuid.UUID(owner)
     except ValueError:
-        raise HTTPError(404, "NOT_FOUND", f"no seat {seat_id} is in use") from None
+        raise _no_seat(seat_id) from None
+
+
+def _no_seat(seat_id: str) -> HTTPError:
+    """The one answer for a seat that is not there, not in use, or not
+    opened by the credential given: which of them, a client cannot tell."""
+    return HTTPError(404, "NOT_FOUND", f"no seat {seat_id} is in use")
 
 
 def _iso(value: datetime | None) -> str | None:

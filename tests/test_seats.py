@@ -1,0 +1,232 @@
+"""A seat's own routes (release, heartbeat, license file) need its credential."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from domain.entitlement import (
+    Entitlement,
+    code_hash,
+    seat_secret_hash,
+)
+from services.codes import SEAT_SECRET, new_seat_secret
+from services.store import EntitlementStore
+from tests import stripe_events as se
+from tests.harness import Entitle
+from tests.lifecycle_world import T0, World
+from tests.test_dev import ADMIN, AUTH
+from tests.test_licensing import CONFIG as LICENSING_CONFIG
+from tests.test_licensing import bearer, new_entitlement
+from tests.test_lifecycle import paid
+from tests.test_store import CODES, record, service
+
+CONFIG = LICENSING_CONFIG
+
+
+# -- the domain -------------------------------------------------------------------
+
+
+def two_codes() -> tuple[Entitlement, str, str]:
+    world = World()
+    world.deliver(paid(0, "pro"))  # 5 seats
+    entitlement = world.only()
+    [first] = entitlement.codes
+    entitlement.issue_code(lambda e, n: f"second-{e}-{n}", "ops", "issue", T0)
+    [second] = [h for h in entitlement.codes if h != first]
+    return entitlement, first, second
+
+
+def test_a_seat_opens_with_its_own_secret_or_the_code_that_opened_it_only() -> None:
+    entitlement, first, second = two_codes()
+    secret = new_seat_secret()
+    at = T0 + timedelta(minutes=1)
+    entitlement.activate(first, "dev-a", None, "seat-a", "r1", at, None, seat_secret_hash(secret))
+    other = seat_secret_hash(new_seat_secret())
+    assert entitlement.opens_seat("seat-a", code_hash(secret), seat_secret_hash(secret))
+    assert entitlement.opens_seat("seat-a", first, other)
+    assert not entitlement.opens_seat("seat-a", second, other)  # the entitlement's other code
+    assert not entitlement.opens_seat("seat-b", first, seat_secret_hash(secret))
+    # The same device again keeps its seat and its secret.
+    again = entitlement.activate(first, "dev-a", None, "seat-x", "r2", at, None, other)
+    assert again == ("seat-a", False)
+    assert entitlement.opens_seat("seat-a", first, seat_secret_hash(secret))
+    assert not entitlement.opens_seat("seat-a", second, other)
+
+
+def test_a_seat_stored_before_seats_had_secrets_loads_and_opens_with_its_code(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    store = EntitlementStore(url)
+    event = se.invoice_paid(
+        subscription="sub_old_seat",
+        shape=se.LEGACY,
+        lines=[
+            {"price": "p", "sku": "better_annual", "start": 1_800_000_000, "end": 1_830_000_000}
+        ],
+    )
+    service(store).process([record(0, event)])
+    [entitlement_id] = [
+        n.originator_id
+        for n in store.process_recorder.select_notifications(1, 100)
+        if n.topic.endswith("Entitlement.Created")
+    ]
+    code = CODES.hash(entitlement_id, 0)
+    store.change(
+        entitlement_id,
+        lambda e: e.activate(code, "dev", None, "seat-old", "r1", e.modified_on, None, "x" * 64),
+    )
+    store.close()
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        [(rowid, state)] = db.execute(
+            "SELECT rowid, state FROM stored_events WHERE topic LIKE '%Entitlement.SeatActivated'"
+        ).fetchall()
+        data = json.loads(state)
+        del data["secret_hash"]  # as version 1 stored it
+        data.pop("class_version")
+        db.execute(
+            "UPDATE stored_events SET state = ? WHERE rowid = ?", (json.dumps(data).encode(), rowid)
+        )
+    entitlement = EntitlementStore(url).find(entitlement_id, Entitlement)
+    assert entitlement is not None
+    assert entitlement.activations["seat-old"]["secret_hash"] is None
+    assert entitlement.opens_seat("seat-old", code, seat_secret_hash("anything"))
+    assert not entitlement.opens_seat("seat-old", "other", seat_secret_hash("x" * 64))
+
+
+# -- the HTTP API on a real store ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def stack(request: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Entitle]:
+    workdir = tmp_path_factory.mktemp("seats")
+    (workdir / "entitle.yaml").write_text(CONFIG)
+    env = {"ENTITLE_ADMIN_KEYS": ADMIN}
+    with Database(request) as url:
+        if url is not None:
+            env["ENTITLE_DATABASE_URL"] = url
+        with Entitle(["dev"], workdir, env) as entitle:
+            yield entitle
+
+
+class Database:
+    """A fresh PostgreSQL database for the module's stack (none for SQLite)."""
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self.name = f"entitle_test_{uuid.uuid4().hex[:12]}"
+        self.server: str | None = None
+
+    def __enter__(self) -> str | None:
+        if self.request.param != "postgres":
+            return None
+        self.server = self.request.getfixturevalue("postgres_server")
+        with psycopg.connect(self.server, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{self.name}"')
+        return f"{self.server.rpartition('/')[0]}/{self.name}"
+
+    def __exit__(self, *_: object) -> None:
+        if self.server is not None:
+            with psycopg.connect(self.server, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+def client(stack: Entitle) -> httpx.Client:
+    """A client at an address of its own (so its rate limits are its own)."""
+    address = f"2001:db8::{secrets.token_hex(2)}:{secrets.token_hex(2)}"
+    return httpx.Client(base_url=stack.url, headers={"X-Forwarded-For": address})
+
+
+def activate(http: httpx.Client, code: str, fingerprint: str) -> dict[str, Any]:
+    answer = http.post(
+        "/v1/activations", json={"activation_code": code, "fingerprint": fingerprint}
+    )
+    assert answer.status_code == 201, answer.text
+    seat: dict[str, Any] = answer.json()
+    return seat
+
+
+def assert_no_seat(response: httpx.Response, seat_id: str) -> None:
+    """The one 404 for a seat that is not there or not opened by the credential."""
+    assert response.status_code == 404, response.text
+    assert response.json() == {
+        "error": "NOT_FOUND",
+        "detail": f"no seat {seat_id} is in use",
+        "status": 404,
+    }
+
+
+@pytest.mark.e2e
+def test_a_seats_routes_need_its_secret_or_the_code_that_opened_it(stack: Entitle) -> None:
+    item = new_entitlement(stack, "sub_seat_cred")
+    code = item["activation_code"]
+    other = new_entitlement(stack, "sub_seat_cred_other")["activation_code"]
+    with client(stack) as http:
+        seat = activate(http, code, "laptop")
+        secret = seat["secret"]
+        assert SEAT_SECRET.fullmatch(secret), secret
+        # The secret is answered once: the same device again gets its seat without it.
+        again = http.post(
+            "/v1/activations", json={"activation_code": code, "fingerprint": "laptop"}
+        )
+        assert (again.status_code, again.json()["id"], again.json()["secret"]) == (
+            200,
+            seat["id"],
+            None,
+        )
+        second = http.post(f"/v1/entitlements/{item['id']}/codes", headers=AUTH).json()["code"]
+        seat_routes = [
+            ("POST", f"/v1/activations/{seat['id']}/license-file"),
+            ("POST", f"/v1/activations/{seat['id']}/heartbeat"),
+            ("DELETE", f"/v1/activations/{seat['id']}"),
+        ]
+        for method, path in seat_routes:
+            missing = http.request(method, path)
+            assert missing.status_code == 401, (path, missing.text)
+            assert missing.json()["error"] == "unauthorized"
+            assert "Bearer" in missing.json()["detail"]
+            assert missing.headers["WWW-Authenticate"] == "Bearer"
+            for wrong in (new_seat_secret(), other, second, "Bearer", secret[:-1]):
+                assert_no_seat(http.request(method, path, headers=bearer(wrong)), seat["id"])
+        # A wrong credential answers as a seat that does not exist.
+        unknown = f"{item['id']}.{secrets.token_hex(8)}"
+        assert_no_seat(
+            http.post(f"/v1/activations/{unknown}/heartbeat", headers=bearer(code)), unknown
+        )
+        assert (
+            http.delete(f"/v1/activations/{seat['id']}", headers=bearer(other)).status_code == 404
+        )
+        # Still held: the wrong credentials changed nothing.
+        assert stack_holds(http, code, "laptop")
+        typed = code.lower().replace("-", " ")  # the code however it is typed
+        for credential in (secret, typed):
+            issued = http.post(
+                f"/v1/activations/{seat['id']}/license-file", headers=bearer(credential)
+            )
+            assert issued.status_code == 200, issued.text
+            assert issued.json()["license"]["activation_id"] == seat["id"]
+            beat = http.post(f"/v1/activations/{seat['id']}/heartbeat", headers=bearer(credential))
+            assert beat.json() == {"id": seat["id"], "lease_until": None}
+        released = http.delete(f"/v1/activations/{seat['id']}", headers=bearer(secret))
+        assert released.status_code == 204
+        assert_no_seat(
+            http.delete(f"/v1/activations/{seat['id']}", headers=bearer(secret)), seat["id"]
+        )
+        assert not stack_holds(http, code, "laptop")
+    assert secret not in stack.text  # not in any log line
+
+
+def stack_holds(http: httpx.Client, code: str, fingerprint: str) -> bool:
+    answer = http.post("/v1/validate", json={"activation_code": code, "fingerprint": fingerprint})
+    return bool(answer.json()["code"] == "VALID")
