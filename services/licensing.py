@@ -188,7 +188,12 @@ class Licensing:
         entitlement = await anyio.to_thread.run_sync(
             self.store.find, _seat_owner(seat_id), Entitlement
         )
-        if entitlement is None or not entitlement.opens_seat(seat_id, *credential):
+        now = self.clock()
+        if (
+            entitlement is None
+            or not entitlement.opens_seat(seat_id, *credential)
+            or entitlement.seat_in_force(seat_id, now) is None  # a lapsed lease, a revoked code
+        ):
             raise _no_seat(seat_id)
         if entitlement.status is not Status.ACTIVE:
             raise HTTPError(
@@ -197,7 +202,6 @@ class Licensing:
                 f"the entitlement is {entitlement.status.value}",
                 entitlement_status=entitlement.status.value,
             )
-        now = self.clock()
         expires = now + self.license_ttl
         if entitlement.period_end is not None and now < entitlement.period_end < expires:
             expires = entitlement.period_end  # no further than what is paid for
@@ -273,14 +277,10 @@ class Licensing:
         def change(entitlement: Entitlement, at: datetime) -> None:
             if not entitlement.opens_seat(seat_id, *credential):
                 raise _no_seat(seat_id)
-            lease = self._lease(entitlement)
-            until.append(entitlement.heartbeat(seat_id, lease, request_id, at) if lease else None)
+            until.append(entitlement.heartbeat(seat_id, self._lease(entitlement), request_id, at))
 
-        entitlement = await anyio.to_thread.run_sync(
-            self._change, entitlement_id, change, _no_seat(seat_id)
-        )
-        seat = entitlement.activations.get(seat_id, {})
-        return JSONResponse({"id": seat_id, "lease_until": _iso(seat.get("lease_until"))})
+        await anyio.to_thread.run_sync(self._change, entitlement_id, change, _no_seat(seat_id))
+        return JSONResponse({"id": seat_id, "lease_until": _iso(until[-1])})
 
     async def deactivate(self, request: Request) -> Response:
         seat_id, credential = self._seat_request(request)

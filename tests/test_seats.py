@@ -1,4 +1,5 @@
-"""A seat's own routes (release, heartbeat, license file) need its credential."""
+"""A seat's own routes (release, heartbeat, license file) need its credential;
+revoking a code takes its seats."""
 
 from __future__ import annotations
 
@@ -16,14 +17,17 @@ import psycopg
 import pytest
 
 from domain.entitlement import (
+    Cause,
     Entitlement,
+    Refused,
     code_hash,
     seat_secret_hash,
 )
 from services.codes import SEAT_SECRET, new_seat_secret
+from services.projector import entitlement_view
 from services.store import EntitlementStore
 from tests import stripe_events as se
-from tests.harness import Entitle
+from tests.harness import Entitle, eventually
 from tests.lifecycle_world import T0, World
 from tests.test_dev import ADMIN, AUTH
 from tests.test_licensing import CONFIG as LICENSING_CONFIG
@@ -62,6 +66,46 @@ def test_a_seat_opens_with_its_own_secret_or_the_code_that_opened_it_only() -> N
     assert again == ("seat-a", False)
     assert entitlement.opens_seat("seat-a", first, seat_secret_hash(secret))
     assert not entitlement.opens_seat("seat-a", second, other)
+
+
+def test_revoking_a_code_releases_the_seats_it_opened_and_says_why() -> None:
+    entitlement, first, second = two_codes()
+    at = T0 + timedelta(minutes=1)
+    entitlement.activate(first, "dev-a", None, "seat-a", "r1", at)
+    entitlement.activate(second, "dev-b", None, "seat-b", "r2", at)
+    entitlement.collect_events()
+    entitlement.revoke_code(0, "ops", "revoke", at)
+    events = entitlement.collect_events()
+    assert [type(e).__name__ for e in events] == ["CodeRevoked", "SeatReleased"]
+    released = events[1]
+    assert (released.seat_id, released.reason) == ("seat-a", "code_revoked")  # type: ignore[attr-defined]
+    assert released.cause == {"kind": "admin", "source": "ops", "event_id": "revoke"}  # type: ignore[attr-defined]
+    assert list(entitlement.activations) == ["seat-b"]
+    assert not entitlement.holds_seat("dev-a", at) and entitlement.holds_seat("dev-b", at)
+
+
+def test_a_seat_kept_when_its_code_was_revoked_before_no_longer_counts() -> None:
+    """A store written before revoking released seats: the seat is still
+    there, its code is not. It validates nowhere and frees itself when a
+    device needs a seat."""
+    entitlement, first, second = two_codes()
+    at = T0 + timedelta(minutes=1)
+    entitlement.activate(first, "dev-a", None, "seat-a", "r1", at)
+    # What revoke_code recorded before it released seats: the revocation alone.
+    entitlement._record(
+        Entitlement.CodeRevoked, Cause.admin("ops", "old"), at, code_hash=first, index=0
+    )
+    assert "seat-a" in entitlement.activations
+    assert entitlement.seat_in_force("seat-a", at) is None
+    assert not entitlement.holds_seat("dev-a", at)
+    assert entitlement_view(entitlement).activations == []
+    with pytest.raises(Refused):
+        entitlement.heartbeat("seat-a", None, "h1", at)
+    entitlement.collect_events()
+    assert entitlement.activate(second, "dev-b", None, "seat-b", "r2", at) == ("seat-b", True)
+    released = [e for e in entitlement.collect_events() if type(e).__name__ == "SeatReleased"]
+    assert [(e.seat_id, e.reason) for e in released] == [("seat-a", "code_revoked")]  # type: ignore[attr-defined]
+    assert list(entitlement.activations) == ["seat-b"]
 
 
 def test_a_seat_stored_before_seats_had_secrets_loads_and_opens_with_its_code(
@@ -230,3 +274,56 @@ def test_a_seats_routes_need_its_secret_or_the_code_that_opened_it(stack: Entitl
 def stack_holds(http: httpx.Client, code: str, fingerprint: str) -> bool:
     answer = http.post("/v1/validate", json={"activation_code": code, "fingerprint": fingerprint})
     return bool(answer.json()["code"] == "VALID")
+
+
+@pytest.mark.e2e
+def test_revoking_a_code_releases_its_seats_everywhere(stack: Entitle) -> None:
+    item = new_entitlement(stack, "sub_seat_revoke")  # team: 2 seats
+    first = item["activation_code"]
+    with client(stack) as http:
+        issued = http.post(f"/v1/entitlements/{item['id']}/codes", headers=AUTH)
+        second = issued.json()["code"]
+        a = activate(http, first, "dept-a-pc")
+        b = activate(http, second, "dept-b-pc")
+        revoked = http.delete(f"/v1/entitlements/{item['id']}/codes/0", headers=AUTH)
+        assert revoked.status_code == 200, revoked.text
+        assert [s["id"] for s in revoked.json()["activations"]] == [b["id"]]
+        # The revoked code's seat is gone, whichever credential is used.
+        for credential in (a["secret"], first):
+            for path in ("license-file", "heartbeat"):
+                response = http.post(
+                    f"/v1/activations/{a['id']}/{path}", headers=bearer(credential)
+                )
+                assert_no_seat(response, a["id"])
+            response = http.delete(f"/v1/activations/{a['id']}", headers=bearer(credential))
+            assert_no_seat(response, a["id"])
+
+        def validated(code: str, fingerprint: str) -> str:
+            body = {"activation_code": code, "fingerprint": fingerprint}
+            return str(http.post("/v1/validate", json=body).json()["code"])
+
+        assert validated(first, "dept-a-pc") == "NOT_FOUND"
+        assert validated(second, "dept-a-pc") == "NO_SEAT"
+        assert validated(second, "dept-b-pc") == "VALID"
+        ok = http.post(f"/v1/activations/{b['id']}/license-file", headers=bearer(b["secret"]))
+        assert ok.status_code == 200
+        # The seat is free for another device of the code that remains.
+        activate(http, second, "dept-b-laptop")
+        # The read model (what a restarted API process would load) agrees.
+        view = eventually(
+            lambda: (
+                (v := http.get(f"/v1/entitlements/{item['id']}", headers=AUTH).json())
+                and len(v["activations"]) == 2
+                and v
+            ),
+            timeout=5,
+        )
+        assert {s["fingerprint"] for s in view["activations"]} == {"dept-b-pc", "dept-b-laptop"}
+        assert [c["index"] for c in view["activation_codes"]] == [1]
+        portal = http.get("/v1/portal", params={"activation_code": second}).json()
+        assert len(portal["seats"]) == 2
+        history = http.get(f"/v1/entitlements/{item['id']}/history", headers=AUTH).json()
+        releases = [e for e in history["events"] if e["type"] == "entitlement.seat_released"]
+        assert [
+            (e["data"]["seat_id"], e["data"]["reason"], e["cause"]["kind"]) for e in releases
+        ] == [(a["id"], "code_revoked", "admin")]
