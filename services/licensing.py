@@ -185,9 +185,7 @@ class Licensing:
         if self.signer is None:
             raise HTTPError(503, "not_configured", "license files need ENTITLE_LICENSE_KEY")
         seat_id, credential = self._seat_request(request)
-        entitlement = await anyio.to_thread.run_sync(
-            self.store.find, _seat_owner(seat_id), Entitlement
-        )
+        entitlement = await anyio.to_thread.run_sync(self.store.entitlement, _seat_owner(seat_id))
         now = self.clock()
         if (
             entitlement is None

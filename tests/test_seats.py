@@ -1,5 +1,6 @@
 """A seat's own routes (release, heartbeat, license file) need its credential;
-revoking a code takes its seats."""
+revoking a code takes its seats; ids of other aggregates are no seat or
+entitlement."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from domain.entitlement import (
     Entitlement,
     Refused,
     code_hash,
+    order_id,
     seat_secret_hash,
 )
 from services.codes import SEAT_SECRET, new_seat_secret
@@ -327,3 +329,36 @@ def test_revoking_a_code_releases_its_seats_everywhere(stack: Entitle) -> None:
         assert [
             (e["data"]["seat_id"], e["data"]["reason"], e["cause"]["kind"]) for e in releases
         ] == [(a["id"], "code_revoked", "admin")]
+
+
+ADMIN_ROUTES = [
+    ("GET", "/v1/entitlements/{id}", None),
+    ("GET", "/v1/entitlements/{id}/history", None),
+    ("POST", "/v1/entitlements/{id}/codes", None),
+    ("DELETE", "/v1/entitlements/{id}/codes/0", None),
+    ("POST", "/v1/entitlements/{id}/suspend", {"reason": "check"}),
+    ("POST", "/v1/entitlements/{id}/reinstate", {"reason": "check"}),
+    ("POST", "/v1/entitlements/{id}/cancel", {"reason": "check"}),
+    ("POST", "/v1/entitlements/{id}/extend", {"reason": "check", "days": 3}),
+]
+
+
+@pytest.mark.e2e
+def test_an_orders_id_is_no_entitlement_and_no_seat(stack: Entitle) -> None:
+    item = new_entitlement(stack, "sub_seat_order")
+    order = order_id("stripe-main", "sub_seat_order")  # the order holding the entitlement
+    with client(stack) as http:
+        for method, path, body in ADMIN_ROUTES:
+            response = http.request(method, path.format(id=order), json=body, headers=AUTH)
+            assert response.status_code == 404, (path, response.text)
+            assert response.json()["error"] == "not_found", path
+            assert str(order) in response.json()["detail"]
+        seat = f"{order}.{secrets.token_hex(8)}"
+        code = bearer(item["activation_code"])
+        for method, path in [
+            ("POST", f"/v1/activations/{seat}/license-file"),
+            ("POST", f"/v1/activations/{seat}/heartbeat"),
+            ("DELETE", f"/v1/activations/{seat}"),
+        ]:
+            assert_no_seat(http.request(method, path, headers=code), seat)
+    assert "Traceback" not in stack.text
