@@ -8,6 +8,7 @@ import logging
 import math
 import re
 import threading
+import time
 from datetime import datetime
 from typing import TypeVar
 
@@ -65,6 +66,13 @@ class Buckets:
             if len(self._buckets) > self.keys:
                 del self._buckets[next(iter(self._buckets))]
             return wait
+
+    def wait(self, key: str, now: float) -> float:
+        """What `take` would answer, without taking a token."""
+        with self._lock:
+            tokens, last = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
 
 
 def rate_limited(wait: float, detail: str = "too many requests; slow down") -> HTTPError:
@@ -214,8 +222,18 @@ def bearer_token(request: Request) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def authenticate(request: Request, keys: list[AdminKey]) -> AdminKey:
-    """The admin key named by `Authorization: Bearer <key>`, or a 401."""
+def authenticate(
+    request: Request, keys: list[AdminKey], failures: Buckets | None = None
+) -> AdminKey:
+    """The admin key named by `Authorization: Bearer <key>`, or a 401.
+
+    With `failures`, each wrong key takes a token from the client address's
+    bucket; while it is empty every admin request from that address is a 429
+    with Retry-After, the right key included, so that guessing learns nothing.
+    A request without a key is not counted."""
+    address, now = client_address(request.scope), time.monotonic()
+    if failures is not None and (wait := failures.wait(address, now)) > 0:
+        raise rate_limited(wait, "too many wrong admin keys from this address; retry later")
     token = bearer_token(request)
     if token is None:
         raise HTTPError(
@@ -227,6 +245,8 @@ def authenticate(request: Request, keys: list[AdminKey]) -> AdminKey:
     for key in keys:
         if hmac.compare_digest(key.secret.encode(), token.encode()):
             return key
+    if failures is not None:
+        failures.take(address, now)
     raise HTTPError(
         401,
         "unauthorized",

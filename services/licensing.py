@@ -62,6 +62,7 @@ from domain.entitlement import (
     seat_secret_hash,
 )
 from services.codes import new_seat_secret
+from services.config import RateLimits
 from services.health import sleep_unless
 from services.http import (
     Buckets,
@@ -113,15 +114,27 @@ class Signer:
 class Limits:
     per_code: Buckets
     per_address: Buckets
+    seat_per_address: Buckets
 
     @classmethod
-    def from_config(cls, limits: tuple[float, int, float, int]) -> Limits:
-        return cls(Buckets(limits[0], limits[1]), Buckets(limits[2], limits[3]))
+    def from_config(cls, limits: RateLimits) -> Limits:
+        return cls(
+            Buckets(*limits.per_code),
+            Buckets(*limits.per_address),
+            Buckets(*limits.seat_per_address),
+        )
 
     def check(self, address: str, code: str | None, now: float) -> None:
         wait = self.per_address.take(address, now)
         if code is not None:
             wait = max(wait, self.per_code.take(code, now))
+        if wait > 0:
+            raise rate_limited(wait)
+
+    def check_seat(self, address: str, now: float) -> None:
+        """A seat route (release, heartbeat, license file): its own bucket,
+        so a fleet's heartbeats do not crowd out its validations."""
+        wait = self.seat_per_address.take(address, now)
         if wait > 0:
             raise rate_limited(wait)
 
@@ -144,7 +157,7 @@ class Licensing:
         self.index = index
         self.signer = signer
         self.license_ttl = license_ttl
-        self.limits = limits or Limits.from_config((10, 20, 100, 200))
+        self.limits = limits or Limits.from_config(RateLimits())
         self.clock = clock
 
     # -- the customer's view ---------------------------------------------------
@@ -295,8 +308,9 @@ class Licensing:
 
     def _seat_request(self, request: Request) -> tuple[str, tuple[str, str]]:
         """(seat id, the credential as (code hash, secret hash)) of a request
-        to a seat's route; 401 without a credential. Which of the two the
-        credential is, `Entitlement.opens_seat` finds."""
+        to a seat's route, after its rate limit; 401 without a credential.
+        Which of the two the credential is, `Entitlement.opens_seat` finds."""
+        self.limits.check_seat(client_address(request.scope), time.monotonic())
         token = bearer_token(request)
         if token is None:
             raise HTTPError(

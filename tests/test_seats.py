@@ -1,12 +1,13 @@
 """A seat's own routes (release, heartbeat, license file) need its credential;
 revoking a code takes its seats; ids of other aggregates are no seat or
-entitlement."""
+entitlement; seat routes and wrong admin keys are rate-limited per client."""
 
 from __future__ import annotations
 
 import json
 import secrets
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -37,7 +38,15 @@ from tests.test_licensing import bearer, new_entitlement
 from tests.test_lifecycle import paid
 from tests.test_store import CODES, record, service
 
-CONFIG = LICENSING_CONFIG
+# Small limits, so that a test reaches them quickly; each test sends from
+# addresses of its own (X-Forwarded-For: the stack trusts 127.0.0.1).
+CONFIG = (
+    LICENSING_CONFIG
+    + """
+licensing: {seat_per_address_per_second: 0.5, seat_per_address_burst: 30}
+admin: {failed_auth_per_second: 0.5, failed_auth_burst: 3}
+"""
+)
 
 
 # -- the domain -------------------------------------------------------------------
@@ -362,3 +371,50 @@ def test_an_orders_id_is_no_entitlement_and_no_seat(stack: Entitle) -> None:
         ]:
             assert_no_seat(http.request(method, path, headers=code), seat)
     assert "Traceback" not in stack.text
+
+
+@pytest.mark.e2e
+def test_seat_routes_are_rate_limited_per_client_address(stack: Entitle) -> None:
+    item = new_entitlement(stack, "sub_seat_limit")
+    with client(stack) as http:
+        seat = activate(http, item["activation_code"], "busy-device")
+        path = f"/v1/activations/{seat['id']}/license-file"
+        answers = [http.post(path, headers=bearer(seat["secret"])) for _ in range(45)]
+        statuses = [a.status_code for a in answers]
+        assert statuses[:25] == [200] * 25  # the burst of 30
+        limited = [a for a in answers if a.status_code == 429]
+        assert limited, statuses
+        assert limited[0].json()["error"] == "rate_limited"
+        assert int(limited[0].headers["Retry-After"]) >= 1
+        # Heartbeats and releases share the bucket, credentials or not.
+        assert http.post(f"/v1/activations/{seat['id']}/heartbeat").status_code == 429
+        assert http.delete(f"/v1/activations/{seat['id']}").status_code == 429
+        # Validation has a bucket of its own.
+        body = {"activation_code": item["activation_code"], "fingerprint": "busy-device"}
+        assert http.post("/v1/validate", json=body).json()["code"] == "VALID"
+    with client(stack) as other:  # another client is not held back
+        assert other.post(path, headers=bearer(seat["secret"])).status_code == 200
+
+
+@pytest.mark.e2e
+def test_wrong_admin_keys_lock_the_address_out_for_a_while(stack: Entitle) -> None:
+    wrong = {"Authorization": "Bearer ek_guess"}
+    with client(stack) as http:
+        answers = []
+        for _ in range(20):  # a burst of 3, then one more every 2 s
+            answers.append(http.get("/v1/entitlements", headers=wrong))
+            if answers[-1].status_code == 429:
+                break
+        assert [a.status_code for a in answers[:3]] == [401] * 3
+        locked = answers[-1]
+        assert locked.status_code == 429, [a.status_code for a in answers]
+        assert locked.json()["error"] == "rate_limited"
+        # Locked out: the right key too, so that a guess cannot be confirmed.
+        right = http.get("/v1/entitlements", headers=AUTH)
+        assert right.status_code == 429
+        time.sleep(int(right.headers["Retry-After"]))
+        assert http.get("/v1/entitlements", headers=AUTH).status_code == 200
+    with client(stack) as other:
+        # Requests without a key are not guesses: they are not counted.
+        assert [other.get("/v1/entitlements").status_code for _ in range(6)] == [401] * 6
+        assert other.get("/v1/entitlements", headers=AUTH).status_code == 200
