@@ -1,5 +1,5 @@
-"""What every HTTP endpoint shares: JSON errors, admin authentication and
-rate limits per client."""
+"""What every HTTP endpoint shares: JSON errors, admin authentication,
+rate limits per client, and access logs without credentials."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import threading
 import time
 from datetime import datetime
 from typing import TypeVar
+from urllib.parse import quote, unquote_plus
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -19,26 +20,62 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from contracts import describe
 from contracts.api import Error
+from services.codes import SEAT_SECRET
 from services.config import AdminKey
 from services.health import transient
 
 log = logging.getLogger("entitle.http")
 M = TypeVar("M", bound=BaseModel)
-_CODE_IN_QUERY = re.compile(r"(activation_code=)([^&\s]{0,5})[^&\s]*", re.IGNORECASE)
+_QUERY = re.compile(r"\?([^\s\"#]*)")
+# A path segment, query parameter name or value: what a secret could hide in.
+_PART = re.compile(r"[^\s\"/?&=#]+")
 
 
 class MaskCodes(logging.Filter):
-    """Access logs show a request's query string: keep only the first five
-    characters of an activation code there, never the whole code."""
+    """Access logs show a request's path and query string: keep only the
+    first five characters of an activation code there, and nothing of a
+    seat secret, however either is percent-encoded."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
-            record.args = tuple(
-                _CODE_IN_QUERY.sub(r"\1\2…", a) if isinstance(a, str) else a for a in record.args
-            )
+            record.args = tuple(mask(a) if isinstance(a, str) else a for a in record.args)
         elif isinstance(record.msg, str):
-            record.msg = _CODE_IN_QUERY.sub(r"\1\2…", record.msg)
+            record.msg = mask(record.msg)
         return True
+
+
+def mask(text: str) -> str:
+    """`text` (a path, a query string, a log line) with activation codes cut
+    to five characters and seat secrets to their prefix."""
+    return _PART.sub(_mask_secret, _QUERY.sub(_mask_query, text))
+
+
+def _decoded(raw: str) -> str:
+    """`raw` percent-decoded until it no longer changes (a few rounds at
+    most), so a double-encoded name is recognised too."""
+    for _ in range(3):
+        decoded = unquote_plus(raw)
+        if decoded == raw:
+            break
+        raw = decoded
+    return raw
+
+
+def _mask_query(match: re.Match[str]) -> str:
+    parts = []
+    for part in match.group(1).split("&"):
+        name, equals, value = part.partition("=")
+        # However the name is written (activation%5Fcode, ACTIVATION_CODE,
+        # activation+code), the value may be a code: over-masking costs nothing.
+        if equals and re.sub(r"[^a-z]", "", _decoded(name).lower()) == "activationcode":
+            part = f"{name}={quote(_decoded(value)[:5], safe='')}…"
+        parts.append(part)
+    return "?" + "&".join(parts)
+
+
+def _mask_secret(match: re.Match[str]) -> str:
+    part = match.group(0)
+    return "es_…" if SEAT_SECRET.search(_decoded(part)) else part
 
 
 class Buckets:

@@ -1,10 +1,13 @@
 """A seat's own routes (release, heartbeat, license file) need its credential;
 revoking a code takes its seats; ids of other aggregates are no seat or
-entitlement; seat routes and wrong admin keys are rate-limited per client."""
+entitlement; seat routes and wrong admin keys are rate-limited per client;
+access logs never show a code or a seat secret."""
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import secrets
 import sqlite3
 import time
@@ -13,6 +16,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import psycopg
@@ -27,6 +31,7 @@ from domain.entitlement import (
     seat_secret_hash,
 )
 from services.codes import SEAT_SECRET, new_seat_secret
+from services.http import MaskCodes
 from services.projector import entitlement_view
 from services.store import EntitlementStore
 from tests import stripe_events as se
@@ -171,7 +176,8 @@ def stack(request: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
     with Database(request) as url:
         if url is not None:
             env["ENTITLE_DATABASE_URL"] = url
-        with Entitle(["dev"], workdir, env) as entitle:
+        # Debug: the access log is on, and the tests read it.
+        with Entitle(["dev", "--log-level", "debug"], workdir, env) as entitle:
             yield entitle
 
 
@@ -418,3 +424,78 @@ def test_wrong_admin_keys_lock_the_address_out_for_a_while(stack: Entitle) -> No
         # Requests without a key are not guesses: they are not counted.
         assert [other.get("/v1/entitlements").status_code for _ in range(6)] == [401] * 6
         assert other.get("/v1/entitlements", headers=AUTH).status_code == 200
+
+
+@pytest.mark.e2e
+def test_the_access_log_shows_neither_codes_nor_seat_secrets(stack: Entitle) -> None:
+    item = new_entitlement(stack, "sub_seat_log")
+    code = item["activation_code"]
+    with client(stack) as http:
+        seat = activate(http, code, "logged-device")
+        secret = seat["secret"]
+        names = [
+            "activation_code",
+            "activation%5Fcode",
+            "%61ctivation_code",
+            "ACTIVATION_CODE",
+            "Activation%5fCode",
+            "activation%255Fcode",  # encoded twice
+            "activation+code",
+        ]
+        for name in names:
+            http.get(f"/v1/portal?{name}={quote(code)}")
+            http.get(f"/v1/usage?x=1&{name}={code.lower().replace('-', '+')}")
+        http.get(f"/v1/portal?token={secret}")
+        http.get(f"/v1/portal?token={quote(secret, safe='')}&a=%65s%5F{secret[3:]}")
+        http.post(f"/v1/activations/{secret}/heartbeat")
+        http.get(f"/v1/portal/%65s_{secret[3:]}")
+        marker = "/v1/portal?marker=done"
+        http.get(marker)
+    eventually(lambda: marker in stack.text, timeout=5)
+    lines = [line for line in stack.output if '"GET /v1/' in line or '"POST /v1/' in line]
+    assert any("activation%5Fcode=" + code[:5] + "…" in line for line in lines), lines
+    text = stack.text
+    plain = code.replace("-", "")
+    for whole in (code, plain, plain.lower(), code.lower(), quote(code)):
+        assert whole not in text
+    assert not re.search("-".join([re.escape(g) for g in code.split("-")[1:3]]), text)
+    for leaked in (secret, secret[3:], secret[3:30]):
+        assert leaked not in text
+
+
+def test_masking_uses_the_real_access_logger() -> None:
+    """uvicorn's access logger, with the filter `entitle` installs on it."""
+    logger = logging.getLogger("uvicorn.access")
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler, masking = Collect(), MaskCodes()
+    logger.addFilter(masking)
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    code, secret = "7K3QD-ABCDE-FGHJK-MNPQR-STVWX", new_seat_secret()
+    paths = [
+        f"/v1/portal?activation%5Fcode={code}",
+        f"/v1/portal?%61ctivation_code={code}",
+        f"/v1/portal?AcTiVaTiOn_CoDe={code.lower()}",
+        "/v1/portal?activation_code=7K3QD+ABCDE+FGHJK&x=1",
+        f"/v1/activations/{secret}/heartbeat",
+        f"/v1/activations/x/heartbeat?secret={quote(secret, safe='')}",
+        f"/v1/x?s=%65%73%5F{secret[3:]}",
+    ]
+    try:
+        for path in paths:
+            logger.info('%s - "%s %s HTTP/%s" %d', "1.2.3.4:5", "GET", path, "1.1", 200)
+    finally:
+        logger.removeHandler(handler)
+        logger.removeFilter(masking)
+        logger.setLevel(level)
+    assert len(lines) == len(paths)
+    for line in lines:
+        assert "ABCDE" not in line and "abcde" not in line and secret[3:12] not in line, line
+    assert lines[0] == '1.2.3.4:5 - "GET /v1/portal?activation%5Fcode=7K3QD… HTTP/1.1" 200'
+    assert lines[4] == '1.2.3.4:5 - "GET /v1/activations/es_…/heartbeat HTTP/1.1" 200'
