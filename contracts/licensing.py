@@ -45,6 +45,13 @@ class Activation(BaseModel):
     lease_until: datetime | None = Field(
         default=None, description="Floating seats: heartbeat before this"
     )
+    secret: str | None = Field(
+        default=None,
+        description="The seat's own credential (es_…), answered once, when the seat is new "
+        "(201); null when the device already held the seat (200). Send it as "
+        "'Authorization: Bearer <secret>' to the seat's routes; the activation code that "
+        "opened the seat works there too. Only its hash is stored",
+    )
 
 
 class ValidationRequest(BaseModel):

@@ -9,6 +9,7 @@ events. Methods take the recording time (`at`) and the provider's time
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -53,6 +54,12 @@ def code_hash(code: str) -> str:
     """What is stored of an activation code. The codes carry 125 random bits,
     so a plain SHA-256 cannot be reversed by guessing."""
     return hashlib.sha256(b"entitle-code\x1f" + normalize_code(code).encode()).hexdigest()
+
+
+def seat_secret_hash(secret: str) -> str:
+    """What is stored of a seat's secret. Secrets carry 256 random bits, so a
+    plain SHA-256 cannot be reversed by guessing."""
+    return hashlib.sha256(b"entitle-seat\x1f" + secret.encode()).hexdigest()
 
 
 def event_type(event: Any) -> str:
@@ -551,6 +558,28 @@ class Entitlement(Aggregate):
             code_hash=hashes[0],
             index=index,
         )
+        self._release_revoked(cause, at)
+
+    def _release_revoked(self, cause: Cause, at: datetime) -> None:
+        """Release the seats whose activation code is no longer active: a
+        revoked code takes its devices with it (and the history says so)."""
+        for seat_id in [s for s, seat in self.activations.items() if not self._code_active(seat)]:
+            self._record(
+                self.SeatReleased,
+                cause,
+                at,
+                seat_id=seat_id,
+                reason="code_revoked",
+            )
+
+    def _code_active(self, seat: dict[str, Any]) -> bool:
+        return seat.get("code_hash") in self.codes
+
+    def held_seats(self) -> dict[str, dict[str, Any]]:
+        """Seats by id, without those whose code was revoked while they were
+        held (before revoking released seats): what the entitlement shows.
+        Lapsed leases are included; whether one counts depends on the time."""
+        return {s: seat for s, seat in self.activations.items() if self._code_active(seat)}
 
     # -- seats ---------------------------------------------------------------
 
@@ -558,8 +587,16 @@ class Entitlement(Aggregate):
         seat_id: str
         fingerprint: str
         label: str | None
-        code_hash: str
+        code_hash: str  # the activation code that opened the seat
         lease_until: datetime | None  # floating seats only
+        secret_hash: str | None  # the seat's own secret; None before seats had one
+
+        # Version 1 had no seat secret: such a seat opens with its code only.
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["secret_hash"] = None
 
         def change(self, aggregate: Any) -> None:
             aggregate.activations[self.seat_id] = {
@@ -568,6 +605,7 @@ class Entitlement(Aggregate):
                 "activated_at": self.timestamp,
                 "code_hash": self.code_hash,
                 "lease_until": self.lease_until,
+                "secret_hash": self.secret_hash,
             }
 
     class SeatRenewed(Event):
@@ -586,20 +624,44 @@ class Entitlement(Aggregate):
 
     def holds_seat(self, fingerprint: str, now: datetime) -> bool:
         seat_id = self.seat_for(fingerprint)
-        return seat_id is not None and not _lapsed(self.activations[seat_id], now)
+        return seat_id is not None and self.seat_in_force(seat_id, now) is not None
+
+    def seat_in_force(self, seat_id: str, now: datetime) -> dict[str, Any] | None:
+        """The seat, if it counts at `now`: its lease (if any) has not lapsed
+        and the code that opened it is still active. A seat held when its
+        code was revoked, before revoking released seats, does not count."""
+        seat = self.activations.get(seat_id)
+        if seat is None or _lapsed(seat, now) or not self._code_active(seat):
+            return None
+        return seat
+
+    def opens_seat(self, seat_id: str, code_hash: str, secret_hash: str) -> bool:
+        """Whether a credential, given as both of its possible hashes, opens
+        seat `seat_id`: the seat's own secret, or the activation code that
+        opened the seat (another code of the entitlement does not)."""
+        seat = self.activations.get(seat_id)
+        if seat is None:
+            return False
+        own = seat.get("secret_hash")
+        if own is not None and hmac.compare_digest(own, secret_hash):
+            return True
+        return hmac.compare_digest(seat["code_hash"], code_hash)
 
     def heartbeat(
-        self, seat_id: str, lease: timedelta, request_id: str, at: datetime
+        self, seat_id: str, lease: timedelta | None, request_id: str, at: datetime
     ) -> datetime | None:
         """Keep a floating seat's lease; returns when it now ends (None for a
         seat that is not leased). Recorded only when less than half of the
-        lease is left, so heartbeats do not flood the history."""
-        seat = self.activations.get(seat_id)
-        if seat is None or _lapsed(seat, at):
+        lease is left, so heartbeats do not flood the history. Refused for a
+        seat not in force (`seat_in_force`)."""
+        seat = self.seat_in_force(seat_id, at)
+        if seat is None:
             raise Refused(f"no seat {seat_id} is in use (a lapsed lease must activate again)")
-        if seat["lease_until"] is None:
-            return None
-        if seat["lease_until"] - at < lease / 2:
+        if (
+            lease is not None
+            and seat["lease_until"] is not None
+            and (seat["lease_until"] - at < lease / 2)
+        ):
             cause = Cause.client(request_id)
             self._record(
                 self.SeatRenewed,
@@ -608,7 +670,7 @@ class Entitlement(Aggregate):
                 seat_id=seat_id,
                 lease_until=at + lease,
             )
-        lease_until: datetime = seat["lease_until"]
+        lease_until: datetime | None = seat["lease_until"]  # renewed in place
         return lease_until
 
     def seat_for(self, fingerprint: str) -> str | None:
@@ -626,12 +688,15 @@ class Entitlement(Aggregate):
         request_id: str,
         at: datetime,
         lease: timedelta | None = None,
+        secret_hash: str | None = None,
     ) -> tuple[str, bool]:
         """Take a seat for a device; returns (seat id, whether it is new). The
-        same fingerprint again gets its existing seat. With a `lease`
-        (floating seats), lapsed leases are freed first."""
+        same fingerprint again gets its existing seat (and keeps its secret:
+        `secret_hash` is only recorded for a new seat). Seats of revoked
+        codes and, with a `lease` (floating seats), lapsed leases are freed first."""
         if code_hash not in self.codes:
             raise Refused("the activation code is not active")
+        self._release_revoked(Cause.client(request_id), at)
         for lapsed_id in [s for s, seat in self.activations.items() if _lapsed(seat, at)]:
             self._record(
                 self.SeatReleased,
@@ -659,6 +724,7 @@ class Entitlement(Aggregate):
             label=label,
             code_hash=code_hash,
             lease_until=at + lease if lease is not None else None,
+            secret_hash=secret_hash,
         )
         return seat_id, True
 

@@ -30,7 +30,7 @@ from domain.entitlement import Entitlement, Refused
 from domain.receipt import OUTCOMES
 from services.codes import CodeBook
 from services.config import AdminKey, Config
-from services.http import HTTPError, authenticate, aware_time, busy, read_json
+from services.http import Buckets, HTTPError, authenticate, aware_time, busy, read_json
 from services.licensing import ValidationIndex
 from services.projector import entitlement_view, history_entry
 from services.providers import has_control_character
@@ -130,6 +130,11 @@ class API:
         self.config = config
         self.codes = codes
         self.clock = clock
+        # Wrong admin keys per client address (see `authenticate`).
+        self.failures = Buckets(*config.rate_limits.admin_failures_per_address)
+
+    def authenticate(self, request: Request) -> AdminKey:
+        return authenticate(request, self.keys, self.failures)
 
     def with_codes(self, view: EntitlementView) -> EntitlementView:
         """The view with its activation codes derived again (never stored)."""
@@ -145,7 +150,7 @@ class API:
         )
 
     async def list_entitlements(self, request: Request) -> JSONResponse:
-        authenticate(request, self.keys)
+        self.authenticate(request)
         _no_control_characters(request)
         _only(request, {*FILTERS, "limit"})
         filters = {key: request.query_params.get(key) for key in FILTERS}
@@ -162,7 +167,7 @@ class API:
         return JSONResponse(EntitlementList(items=items).model_dump(mode="json"))
 
     async def get_entitlement(self, request: Request) -> JSONResponse:
-        authenticate(request, self.keys)
+        self.authenticate(request)
         entitlement_id = _entitlement_id(request)
         view = await anyio.to_thread.run_sync(self.read_model.entitlement, entitlement_id)
         if view is None:
@@ -170,7 +175,7 @@ class API:
         return JSONResponse(self.with_codes(view).model_dump(mode="json"))
 
     async def get_history(self, request: Request) -> JSONResponse:
-        authenticate(request, self.keys)
+        self.authenticate(request)
         entitlement_id = uuid.UUID(_entitlement_id(request))
         events = await anyio.to_thread.run_sync(self.store.history, entitlement_id)
         if not events or type(events[0]).__qualname__.split(".")[0] != "Entitlement":
@@ -179,7 +184,7 @@ class API:
         return JSONResponse(history.model_dump(mode="json"))
 
     async def list_dead_letters(self, request: Request) -> JSONResponse:
-        authenticate(request, self.keys)
+        self.authenticate(request)
         _only(request, {"limit"})
         limit = _limit(request)
         items = await anyio.to_thread.run_sync(self.read_model.dead_letters, limit)
@@ -187,7 +192,7 @@ class API:
 
     async def list_webhooks(self, request: Request) -> JSONResponse:
         """Receipts of accepted webhooks, newest first, with cursor paging."""
-        authenticate(request, self.keys)
+        self.authenticate(request)
         _no_control_characters(request)
         query = request.query_params
         _only(request, {*RECEIPT_FILTERS, "since", "limit", "cursor"})
@@ -206,7 +211,7 @@ class API:
 
     async def get_webhook(self, request: Request) -> JSONResponse:
         """One receipt, with the webhook as it was received."""
-        authenticate(request, self.keys)
+        self.authenticate(request)
         _no_control_characters(request)
         receipt = request.path_params["receipt_id"]
         view = await anyio.to_thread.run_sync(self.read_model.receipt, receipt)
@@ -220,7 +225,7 @@ class API:
         return JSONResponse(view.model_dump(mode="json"))
 
     async def list_projection_errors(self, request: Request) -> JSONResponse:
-        authenticate(request, self.keys)
+        self.authenticate(request)
         _only(request, {"limit"})
         limit = _limit(request)
         items = await anyio.to_thread.run_sync(self.read_model.projection_errors, limit)
@@ -230,7 +235,7 @@ class API:
         """suspend, reinstate, cancel or extend, recorded with the key's name.
 
         An `Idempotency-Key` header makes a retried request a no-op."""
-        key = authenticate(request, self.keys)
+        key = self.authenticate(request)
         entitlement_id = uuid.UUID(_entitlement_id(request))
         action = request.path_params["action"]
         if action not in ADMIN_ACTIONS:
@@ -259,7 +264,7 @@ class API:
 
     async def issue_code(self, request: Request) -> JSONResponse:
         """Another activation code for the entitlement (201 with the code)."""
-        key = authenticate(request, self.keys)
+        key = self.authenticate(request)
         entitlement_id = uuid.UUID(_entitlement_id(request))
         request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
 
@@ -274,7 +279,7 @@ class API:
         )
 
     async def revoke_code(self, request: Request) -> JSONResponse:
-        key = authenticate(request, self.keys)
+        key = self.authenticate(request)
         entitlement_id = uuid.UUID(_entitlement_id(request))
         raw = request.path_params["index"]
         if not raw.isdigit():

@@ -1,5 +1,7 @@
-"""Activation codes: derived from a server secret, shown to admins and
-customers, never stored (events keep only `domain.entitlement.code_hash`).
+"""Customers' credentials. Activation codes: derived from a server secret,
+shown to admins and customers, never stored (events keep only
+`domain.entitlement.code_hash`). Seat secrets: random, shown once to the
+device that took the seat, stored only as `domain.entitlement.seat_secret_hash`.
 
 code n of an entitlement = the first 125 bits of
 HMAC-SHA256(ENTITLE_CODE_SECRET, entitlement id | n), written as 25
@@ -13,6 +15,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import secrets
 from pathlib import Path
 from uuid import UUID
@@ -20,6 +23,14 @@ from uuid import UUID
 from domain.entitlement import code_hash
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+#: A seat secret, or enough of one to matter, wherever it appears: the prefix
+#: makes them recognisable, so logs can mask them (and scanners find leaks).
+SEAT_SECRET = re.compile(r"es_[A-Za-z0-9_-]{16,}")
+
+
+def new_seat_secret() -> str:
+    """`es_` and 256 random bits in URL-safe base64 (46 characters)."""
+    return "es_" + secrets.token_urlsafe(32)
 
 
 class CodeBook:

@@ -81,11 +81,23 @@ class _LicensingFile(BaseModel):
 
     license_file_days: float = Field(default=7, gt=0)
     # Token buckets: requests per second (and burst) per activation code and
-    # per client address, on activation, validation and the portal.
+    # per client address, on activation, validation, usage and the portal.
     per_code_per_second: float = Field(default=10, gt=0)
     per_code_burst: int = Field(default=20, ge=1)
     per_address_per_second: float = Field(default=100, gt=0)
     per_address_burst: int = Field(default=200, ge=1)
+    # Per client address on the seat routes (release, heartbeat, license file).
+    seat_per_address_per_second: float = Field(default=10, gt=0)
+    seat_per_address_burst: int = Field(default=50, ge=1)
+
+
+class _AdminFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Wrong admin keys per client address, as a token bucket: past the burst,
+    # the address waits (every admin request a 429) until a token is back.
+    failed_auth_per_second: float = Field(default=0.1, gt=0)
+    failed_auth_burst: int = Field(default=10, ge=1)
 
 
 class _ConfigFile(BaseModel):
@@ -95,6 +107,7 @@ class _ConfigFile(BaseModel):
     offerings: list[_OfferingFile] = Field(default_factory=list)
     lifecycle: _LifecycleFile = Field(default_factory=_LifecycleFile)
     licensing: _LicensingFile = Field(default_factory=_LicensingFile)
+    admin: _AdminFile = Field(default_factory=_AdminFile)
 
 
 @dataclass(frozen=True)
@@ -127,13 +140,27 @@ class Source:
         )
 
 
+#: A token bucket's rate (tokens a second) and burst.
+Rate = tuple[float, int]
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    """Every rate limit, per API process (`licensing:` and `admin:` in the file)."""
+
+    per_code: Rate = (10, 20)
+    per_address: Rate = (100, 200)
+    seat_per_address: Rate = (10, 50)
+    admin_failures_per_address: Rate = (0.1, 10)
+
+
 @dataclass(frozen=True)
 class Config:
     sources: dict[str, Source]
     catalog: Catalog
     policy: Policy = field(default_factory=Policy)
     license_file_ttl: timedelta = timedelta(days=7)
-    rate_limits: tuple[float, int, float, int] = (10, 20, 100, 200)
+    rate_limits: RateLimits = field(default_factory=RateLimits)
 
 
 def parse_config(
@@ -208,16 +235,23 @@ def parse_config(
         expiry_leeway=timedelta(hours=parsed.lifecycle.expiry_leeway_hours),
         parked_for=timedelta(days=parsed.lifecycle.parked_days),
     )
+    licensing = parsed.licensing
     return Config(
         sources=sources,
         catalog=catalog,
         policy=policy,
         license_file_ttl=timedelta(days=parsed.licensing.license_file_days),
-        rate_limits=(
-            parsed.licensing.per_code_per_second,
-            parsed.licensing.per_code_burst,
-            parsed.licensing.per_address_per_second,
-            parsed.licensing.per_address_burst,
+        rate_limits=RateLimits(
+            per_code=(licensing.per_code_per_second, licensing.per_code_burst),
+            per_address=(licensing.per_address_per_second, licensing.per_address_burst),
+            seat_per_address=(
+                licensing.seat_per_address_per_second,
+                licensing.seat_per_address_burst,
+            ),
+            admin_failures_per_address=(
+                parsed.admin.failed_auth_per_second,
+                parsed.admin.failed_auth_burst,
+            ),
         ),
     )
 

@@ -1,12 +1,17 @@
-"""What every HTTP endpoint shares: JSON errors and admin authentication."""
+"""What every HTTP endpoint shares: JSON errors, admin authentication,
+rate limits per client, and access logs without credentials."""
 
 from __future__ import annotations
 
 import hmac
 import logging
+import math
 import re
+import threading
+import time
 from datetime import datetime
 from typing import TypeVar
+from urllib.parse import quote, unquote_plus
 
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
@@ -16,26 +21,107 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from contracts import describe
 from contracts.api import Error
+from services.codes import SEAT_SECRET
 from services.config import AdminKey
 from services.health import transient
 
 log = logging.getLogger("entitle.http")
 M = TypeVar("M", bound=BaseModel)
-_CODE_IN_QUERY = re.compile(r"(activation_code=)([^&\s]{0,5})[^&\s]*", re.IGNORECASE)
+_QUERY = re.compile(r"\?([^\s\"#]*)")
+# A path segment, query parameter name or value: what a secret could hide in.
+_PART = re.compile(r"[^\s\"/?&=#]+")
 
 
 class MaskCodes(logging.Filter):
-    """Access logs show a request's query string: keep only the first five
-    characters of an activation code there, never the whole code."""
+    """Access logs show a request's path and query string: keep only the
+    first five characters of an activation code there, and nothing of a
+    seat secret, however either is percent-encoded."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
-            record.args = tuple(
-                _CODE_IN_QUERY.sub(r"\1\2…", a) if isinstance(a, str) else a for a in record.args
-            )
+            record.args = tuple(mask(a) if isinstance(a, str) else a for a in record.args)
         elif isinstance(record.msg, str):
-            record.msg = _CODE_IN_QUERY.sub(r"\1\2…", record.msg)
+            record.msg = mask(record.msg)
         return True
+
+
+def mask(text: str) -> str:
+    """`text` (a path, a query string, a log line) with activation codes cut
+    to five characters and seat secrets to their prefix."""
+    return _PART.sub(_mask_secret, _QUERY.sub(_mask_query, text))
+
+
+def _decoded(raw: str) -> str:
+    """`raw` percent-decoded until it no longer changes (a few rounds at
+    most), so a double-encoded name is recognised too."""
+    for _ in range(3):
+        decoded = unquote_plus(raw)
+        if decoded == raw:
+            break
+        raw = decoded
+    return raw
+
+
+def _mask_query(match: re.Match[str]) -> str:
+    parts = []
+    for part in match.group(1).split("&"):
+        name, equals, value = part.partition("=")
+        # However the name is written (activation%5Fcode, ACTIVATION_CODE,
+        # activation+code), the value may be a code: over-masking costs nothing.
+        if equals and re.sub(r"[^a-z]", "", _decoded(name).lower()) == "activationcode":
+            part = f"{name}={quote(_decoded(value)[:5], safe='')}…"
+        parts.append(part)
+    return "?" + "&".join(parts)
+
+
+def _mask_secret(match: re.Match[str]) -> str:
+    part = match.group(0)
+    return "es_…" if SEAT_SECRET.search(_decoded(part)) else part
+
+
+class Buckets:
+    """Token buckets by key (a code hash, a client address): `rate` tokens a
+    second up to `burst`. Idle keys are forgotten oldest first."""
+
+    def __init__(self, rate: float, burst: int, keys: int = 100_000) -> None:
+        self.rate, self.burst, self.keys = rate, burst, keys
+        # A plain dict keeps insertion order: re-inserting a key on each take
+        # makes the first key the least recently used.
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str, now: float) -> float:
+        """0 if the request may go ahead, else the seconds until it may."""
+        with self._lock:
+            tokens, last = self._buckets.pop(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens >= 1:
+                self._buckets[key] = (tokens - 1, now)
+                wait = 0.0
+            else:
+                self._buckets[key] = (tokens, now)
+                wait = (1 - tokens) / self.rate
+            if len(self._buckets) > self.keys:
+                del self._buckets[next(iter(self._buckets))]
+            return wait
+
+    def wait(self, key: str, now: float) -> float:
+        """What `take` would answer, without taking a token."""
+        with self._lock:
+            tokens, last = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
+
+def rate_limited(wait: float, detail: str = "too many requests; slow down") -> HTTPError:
+    """429 with `Retry-After`: the whole seconds until `wait` has passed."""
+    return HTTPError(429, "rate_limited", detail, {"Retry-After": str(max(1, math.ceil(wait)))})
+
+
+def client_address(scope: Scope) -> str:
+    """The client's address (behind a trusted proxy, the one it forwarded)."""
+    client = scope.get("client")
+    return str(client[0]) if client else "?"
 
 
 class HTTPError(Exception):
@@ -205,21 +291,38 @@ def internal_error_response(exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "the server failed; the error is logged")
 
 
-def authenticate(request: Request, keys: list[AdminKey]) -> AdminKey:
-    """The admin key named by `Authorization: Bearer <key>`, or a 401."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+def bearer_token(request: Request) -> str | None:
+    """The token of `Authorization: Bearer <token>`, or None without one."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def authenticate(
+    request: Request, keys: list[AdminKey], failures: Buckets | None = None
+) -> AdminKey:
+    """The admin key named by `Authorization: Bearer <key>`, or a 401.
+
+    With `failures`, each wrong key takes a token from the client address's
+    bucket; while it is empty every admin request from that address is a 429
+    with Retry-After, the right key included, so that guessing learns nothing.
+    A request without a key is not counted."""
+    address, now = client_address(request.scope), time.monotonic()
+    if failures is not None and (wait := failures.wait(address, now)) > 0:
+        raise rate_limited(wait, "too many wrong admin keys from this address; retry later")
+    token = bearer_token(request)
+    if token is None:
         raise HTTPError(
             401,
             "unauthorized",
             "this route needs 'Authorization: Bearer <admin key>'",
             {"WWW-Authenticate": "Bearer"},
         )
-    token = token.strip()
     for key in keys:
         if hmac.compare_digest(key.secret.encode(), token.encode()):
             return key
+    if failures is not None:
+        failures.take(address, now)
     raise HTTPError(
         401,
         "unauthorized",

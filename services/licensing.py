@@ -1,6 +1,8 @@
 """The licensing API: what the vendor's application calls with a customer's
 activation code. No admin key: the code is the credential, and it reaches
-only its own entitlement.
+only its own entitlement. A seat's own routes (release, heartbeat, license
+file) take the seat's secret, given once at activation, or the code that
+opened the seat.
 
 Lookups go to the read model (indexed by code hash); seat changes are
 domain events saved to the store, with optimistic concurrency, so two
@@ -14,7 +16,6 @@ import base64
 import binascii
 import hashlib
 import logging
-import math
 import secrets
 import threading
 import time
@@ -58,14 +59,21 @@ from domain.entitlement import (
     TooManySeats,
     UnknownMetric,
     code_hash,
+    seat_secret_hash,
 )
+from services.codes import new_seat_secret
+from services.config import RateLimits
 from services.health import sleep_unless
 from services.http import (
+    Buckets,
     HTTPError,
+    bearer_token,
     busy,
+    client_address,
     http_error_response,
     internal_error_response,
     parse_json,
+    rate_limited,
     read_body,
     read_json,
     send_json,
@@ -102,53 +110,33 @@ class Signer:
         return LicenseFileV1(license=license, signature=base64.b64encode(signature).decode())
 
 
-class Buckets:
-    """Token buckets by key (a code hash, a client address): `rate` tokens a
-    second up to `burst`. Idle keys are forgotten oldest first."""
-
-    def __init__(self, rate: float, burst: int, keys: int = 100_000) -> None:
-        self.rate, self.burst, self.keys = rate, burst, keys
-        # A plain dict keeps insertion order: re-inserting a key on each take
-        # makes the first key the least recently used.
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._lock = threading.Lock()
-
-    def take(self, key: str, now: float) -> float:
-        """0 if the request may go ahead, else the seconds until it may."""
-        with self._lock:
-            tokens, last = self._buckets.pop(key, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - last) * self.rate)
-            if tokens >= 1:
-                self._buckets[key] = (tokens - 1, now)
-                wait = 0.0
-            else:
-                self._buckets[key] = (tokens, now)
-                wait = (1 - tokens) / self.rate
-            if len(self._buckets) > self.keys:
-                del self._buckets[next(iter(self._buckets))]
-            return wait
-
-
 @dataclass
 class Limits:
     per_code: Buckets
     per_address: Buckets
+    seat_per_address: Buckets
 
     @classmethod
-    def from_config(cls, limits: tuple[float, int, float, int]) -> Limits:
-        return cls(Buckets(limits[0], limits[1]), Buckets(limits[2], limits[3]))
+    def from_config(cls, limits: RateLimits) -> Limits:
+        return cls(
+            Buckets(*limits.per_code),
+            Buckets(*limits.per_address),
+            Buckets(*limits.seat_per_address),
+        )
 
     def check(self, address: str, code: str | None, now: float) -> None:
         wait = self.per_address.take(address, now)
         if code is not None:
             wait = max(wait, self.per_code.take(code, now))
         if wait > 0:
-            raise HTTPError(
-                429,
-                "rate_limited",
-                "too many requests; slow down",
-                {"Retry-After": str(max(1, math.ceil(wait)))},
-            )
+            raise rate_limited(wait)
+
+    def check_seat(self, address: str, now: float) -> None:
+        """A seat route (release, heartbeat, license file): its own bucket,
+        so a fleet's heartbeats do not crowd out its validations."""
+        wait = self.seat_per_address.take(address, now)
+        if wait > 0:
+            raise rate_limited(wait)
 
 
 class Licensing:
@@ -169,7 +157,7 @@ class Licensing:
         self.index = index
         self.signer = signer
         self.license_ttl = license_ttl
-        self.limits = limits or Limits.from_config((10, 20, 100, 200))
+        self.limits = limits or Limits.from_config(RateLimits())
         self.clock = clock
 
     # -- the customer's view ---------------------------------------------------
@@ -177,8 +165,8 @@ class Licensing:
     async def _opened_by(self, request: Request, code: str) -> tuple[str, EntitlementView]:
         """(code hash, the entitlement the code opens), after the rate limits; 404 if none."""
         hashed = code_hash(code)
-        self.limits.check(_address(request.scope), hashed, time.monotonic())
-        view = await anyio.to_thread.run_sync(self.read_model.by_code, hashed)
+        self.limits.check(client_address(request.scope), hashed, time.monotonic())
+        view = self._latest(await anyio.to_thread.run_sync(self.read_model.by_code, hashed), hashed)
         if view is None:
             raise HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
         return hashed, view
@@ -209,12 +197,15 @@ class Licensing:
     async def license_file(self, request: Request) -> JSONResponse:
         if self.signer is None:
             raise HTTPError(503, "not_configured", "license files need ENTITLE_LICENSE_KEY")
-        seat_id = request.path_params["id"]
-        entitlement = await anyio.to_thread.run_sync(
-            self.store.find, _seat_owner(seat_id), Entitlement
-        )
-        if entitlement is None or seat_id not in entitlement.activations:
-            raise HTTPError(404, "NOT_FOUND", f"no seat {seat_id} is in use")
+        seat_id, credential = self._seat_request(request)
+        entitlement = await anyio.to_thread.run_sync(self.store.entitlement, _seat_owner(seat_id))
+        now = self.clock()
+        if (
+            entitlement is None
+            or not entitlement.opens_seat(seat_id, *credential)
+            or entitlement.seat_in_force(seat_id, now) is None  # a lapsed lease, a revoked code
+        ):
+            raise _no_seat(seat_id)
         if entitlement.status is not Status.ACTIVE:
             raise HTTPError(
                 403,
@@ -222,7 +213,6 @@ class Licensing:
                 f"the entitlement is {entitlement.status.value}",
                 entitlement_status=entitlement.status.value,
             )
-        now = self.clock()
         expires = now + self.license_ttl
         if entitlement.period_end is not None and now < entitlement.period_end < expires:
             expires = entitlement.period_end  # no further than what is paid for
@@ -252,6 +242,7 @@ class Licensing:
         hashed, view = await self._opened_by(request, body.activation_code)
         request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
         seat: dict[str, Any] = {}
+        secret = new_seat_secret()  # only its hash is kept, and only for a new seat
 
         def change(entitlement: Entitlement, at: datetime) -> None:
             seat_id, new = entitlement.activate(
@@ -262,6 +253,7 @@ class Licensing:
                 request_id,
                 at,
                 self._lease(entitlement),
+                seat_secret_hash(secret),
             )
             seat.update(id=seat_id, new=new)
 
@@ -274,6 +266,7 @@ class Licensing:
             label=held["label"],
             activated_at=held["activated_at"],
             lease_until=held.get("lease_until"),
+            secret=secret if seat["new"] else None,
         )
         return JSONResponse(
             activation.model_dump(mode="json"), status_code=201 if seat["new"] else 200
@@ -287,35 +280,57 @@ class Licensing:
 
     async def heartbeat(self, request: Request) -> JSONResponse:
         """Keep a floating seat: 200 {id, lease_until}; 404 once it lapsed."""
-        seat_id = request.path_params["id"]
+        seat_id, credential = self._seat_request(request)
         entitlement_id = _seat_owner(seat_id)
         request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
         until: list[datetime | None] = []
 
         def change(entitlement: Entitlement, at: datetime) -> None:
-            lease = self._lease(entitlement)
-            until.append(entitlement.heartbeat(seat_id, lease, request_id, at) if lease else None)
+            if not entitlement.opens_seat(seat_id, *credential):
+                raise _no_seat(seat_id)
+            until.append(entitlement.heartbeat(seat_id, self._lease(entitlement), request_id, at))
 
-        entitlement = await anyio.to_thread.run_sync(self._change, entitlement_id, change)
-        seat = entitlement.activations.get(seat_id, {})
-        return JSONResponse({"id": seat_id, "lease_until": _iso(seat.get("lease_until"))})
+        await anyio.to_thread.run_sync(self._change, entitlement_id, change, _no_seat(seat_id))
+        return JSONResponse({"id": seat_id, "lease_until": _iso(until[-1])})
 
     async def deactivate(self, request: Request) -> Response:
-        seat_id = request.path_params["id"]
+        seat_id, credential = self._seat_request(request)
         entitlement_id = _seat_owner(seat_id)
         request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
 
         def change(entitlement: Entitlement, at: datetime) -> None:
-            entitlement.release(seat_id, "released", request_id, at)  # 404 if not in use
+            if not entitlement.opens_seat(seat_id, *credential):
+                raise _no_seat(seat_id)
+            entitlement.release(seat_id, "released", request_id, at)
 
-        await anyio.to_thread.run_sync(self._change, entitlement_id, change)
+        await anyio.to_thread.run_sync(self._change, entitlement_id, change, _no_seat(seat_id))
         return Response(status_code=204)
 
+    def _seat_request(self, request: Request) -> tuple[str, tuple[str, str]]:
+        """(seat id, the credential as (code hash, secret hash)) of a request
+        to a seat's route, after its rate limit; 401 without a credential.
+        Which of the two the credential is, `Entitlement.opens_seat` finds."""
+        self.limits.check_seat(client_address(request.scope), time.monotonic())
+        token = bearer_token(request)
+        if token is None:
+            raise HTTPError(
+                401,
+                "unauthorized",
+                "a seat's routes need 'Authorization: Bearer <seat secret>' (the secret "
+                "its activation answered) or the activation code that opened the seat",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        return request.path_params["id"], (code_hash(token), seat_secret_hash(token))
+
     def _change(
-        self, entitlement_id: uuid.UUID, change: Callable[[Entitlement, datetime], None]
+        self,
+        entitlement_id: uuid.UUID,
+        change: Callable[[Entitlement, datetime], None],
+        missing: HTTPError | None = None,
     ) -> Entitlement:
         """A seat or usage change, saved; another device or a webhook saving
-        first makes it decide again on the new state."""
+        first makes it decide again on the new state. `missing` is the error
+        when no entitlement has the id (default: a 404 about the code)."""
         try:
             entitlement = self.store.change(entitlement_id, lambda e: change(e, self.clock()))
         except NotActive as exc:
@@ -333,7 +348,7 @@ class Licensing:
         except StillChanging:
             raise busy() from None
         if entitlement is None:
-            raise HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
+            raise missing or HTTPError(404, "NOT_FOUND", "no entitlement has this activation code")
         if self.index is not None:
             self.index.saved(entitlement)
         return entitlement
@@ -375,7 +390,7 @@ class Licensing:
         try:
             body = parse_json(await read_body(receive), ValidationRequest)
             hashed = code_hash(body.activation_code)
-            self.limits.check(_address(scope), hashed, time.monotonic())
+            self.limits.check(client_address(scope), hashed, time.monotonic())
             payload = self._answer(body, hashed)
             if payload is None:
                 payload = await anyio.to_thread.run_sync(self._answer_from_store, body)
@@ -406,10 +421,22 @@ class Licensing:
     def _answer_from_store(self, body: ValidationRequest) -> bytes:
         return self.check(body).model_dump_json().encode()
 
+    def _latest(self, view: EntitlementView | None, hashed: str) -> EntitlementView | None:
+        """`view` from the read model, or the later state this process saved:
+        a code issued a moment ago opens its entitlement at once, and one
+        revoked a moment ago (None) no longer does."""
+        if self.index is None:
+            return view
+        if view is None:
+            held = self.index.get(hashed)
+            return held.view if held is not None else None
+        return self.index.latest(view, hashed)
+
     def check(self, body: ValidationRequest) -> ValidationResult:
-        """The answer from the read model, and the store where a seat is in
-        question."""
-        view = self.read_model.by_code(code_hash(body.activation_code))
+        """The answer from the read model (or this process's later save), and
+        the store where a seat is in question."""
+        hashed = code_hash(body.activation_code)
+        view = self._latest(self.read_model.by_code(hashed), hashed)
         if view is None:
             return ValidationResult(valid=False, code="NOT_FOUND", status=None)
         return validation_result(view, self.outcome(body, view))
@@ -486,7 +513,8 @@ class ValidationIndex:
     def __init__(self, read_model: ReadModel) -> None:
         self.read_model = read_model
         self._entries: dict[str, IndexedEntitlement] = {}
-        self._held: dict[uuid.UUID, tuple[int, list[str]]] = {}  # id -> (sequence, codes)
+        # id -> (sequence, codes, entry) of the state held
+        self._held: dict[uuid.UUID, tuple[int, list[str], IndexedEntitlement]] = {}
         self._position = 0
         self._lock = threading.Lock()  # writers only: refresh and saves run in threads
 
@@ -516,7 +544,7 @@ class ValidationIndex:
         """Hold `view` unless a later state of the entitlement is held: the
         read model may still be behind a state this process saved."""
         with self._lock:
-            sequence, before = self._held.get(view.id, (0, []))
+            sequence, before, _ = self._held.get(view.id, (0, [], None))
             if view.sequence < sequence:
                 return
             entry = IndexedEntitlement(view)
@@ -525,7 +553,18 @@ class ValidationIndex:
                 self._entries[code] = entry
             for code in set(before) - set(codes):
                 self._entries.pop(code, None)
-            self._held[view.id] = (view.sequence, codes)
+            self._held[view.id] = (view.sequence, codes, entry)
+
+    def latest(self, view: EntitlementView, code_hash: str) -> EntitlementView | None:
+        """The later of `view` (read from the read model just now) and the
+        state held of its entitlement; None if the held state is later and
+        no longer has `code_hash`. The read model can be behind what this
+        process saved (a release, a revocation) for a moment."""
+        held = self._held.get(view.id)
+        if held is None or held[0] <= view.sequence:
+            return view
+        _, codes, entry = held
+        return entry.view if code_hash in codes else None
 
     async def follow(
         self, stop: asyncio.Event, working: Callable[[], None], interval: float = 0.1
@@ -541,12 +580,6 @@ class ValidationIndex:
                 await asyncio.sleep(0)
             working()
             await sleep_unless(stop, interval)
-
-
-def _address(scope: Scope) -> str:
-    """The client's address (behind a trusted proxy, the one it forwarded)."""
-    client = scope.get("client")
-    return str(client[0]) if client else "?"
 
 
 def _code_param(request: Request) -> str:
@@ -569,7 +602,13 @@ def _seat_owner(seat_id: str) -> uuid.UUID:
             raise ValueError
         return uuid.UUID(owner)
     except ValueError:
-        raise HTTPError(404, "NOT_FOUND", f"no seat {seat_id} is in use") from None
+        raise _no_seat(seat_id) from None
+
+
+def _no_seat(seat_id: str) -> HTTPError:
+    """The one answer for a seat that is not there, not in use, or not
+    opened by the credential given: which of them, a client cannot tell."""
+    return HTTPError(404, "NOT_FOUND", f"no seat {seat_id} is in use")
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -59,7 +59,8 @@ from services.store import EntitlementStore
 log = logging.getLogger("entitle.projector")
 
 # Versioned with the read model's tables: a new schema rebuilds from zero.
-READ_MODEL = "read-model-v4"
+# v5: seats whose code was revoked before revoking released them are not shown.
+READ_MODEL = "read-model-v5"
 PUBLIC_EVENTS = "public-events"
 _ENTITLEMENT_TOPIC = "domain.entitlement:Entitlement"
 _DEAD_LETTER_TOPIC = "domain.dead_letter:DeadLetter"
@@ -141,7 +142,7 @@ def entitlement_view(entitlement: Entitlement) -> EntitlementView:
                     activated_at=seat["activated_at"],
                     lease_until=seat.get("lease_until"),
                 )
-                for seat_id, seat in entitlement.activations.items()
+                for seat_id, seat in entitlement.held_seats().items()
             ),
             key=lambda seat: seat.activated_at,
         ),

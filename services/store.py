@@ -212,9 +212,9 @@ class EntitlementStore(Application[UUID]):
     ) -> Entitlement | None:
         """Load, change and save one entitlement; if another writer saved it
         first (optimistic concurrency), do it again on the new state. None if
-        it does not exist; what `change` raises propagates, nothing saved."""
+        no entitlement has this id; what `change` raises propagates, nothing saved."""
         for _ in range(attempts):
-            entitlement = self.find(entitlement_id, Entitlement)
+            entitlement = self.entitlement(entitlement_id)
             if entitlement is None:
                 return None
             change(entitlement)
@@ -294,6 +294,17 @@ class EntitlementStore(Application[UUID]):
         if not isinstance(aggregate, kind):
             raise TypeError(f"{aggregate_id} is a {type(aggregate).__name__}, not {kind.__name__}")
         return aggregate
+
+    def entitlement(self, aggregate_id: UUID) -> Entitlement | None:
+        """The entitlement with this id; None if there is none, also when the
+        id is another aggregate's (an order's, from a URL): unlike `find`,
+        for ids a client chose."""
+        aggregate: Any
+        try:
+            aggregate = self.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            return None
+        return aggregate if isinstance(aggregate, Entitlement) else None
 
     def load_many(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, Aggregate]:
         """Current state of many aggregates in one query (those that exist),

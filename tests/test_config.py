@@ -53,3 +53,18 @@ def test_mistakes_are_reported_clearly(text: str, message: str) -> None:
 def test_admin_keys_may_be_named() -> None:
     keys = admin_keys("ops:ek_1, ek_2,")
     assert [(k.name, k.secret) for k in keys] == [("ops", "ek_1"), ("key2", "ek_2")]
+
+
+def test_rate_limits_have_defaults_and_can_be_set() -> None:
+    default = parse_config(GOOD, {"STRIPE_EU_SECRET": "x"}).rate_limits
+    assert (default.seat_per_address, default.admin_failures_per_address) == ((10, 50), (0.1, 10))
+    limits = parse_config(
+        GOOD
+        + "licensing: {seat_per_address_per_second: 2, seat_per_address_burst: 5}\n"
+        + "admin: {failed_auth_per_second: 0.5, failed_auth_burst: 3}\n",
+        {"STRIPE_EU_SECRET": "x"},
+    ).rate_limits
+    assert (limits.seat_per_address, limits.admin_failures_per_address) == ((2, 5), (0.5, 3))
+    assert limits.per_code == default.per_code == (10, 20)
+    with pytest.raises(ConfigError, match="failed_auth_burst"):
+        parse_config("admin: {failed_auth_burst: 0}", {})

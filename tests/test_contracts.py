@@ -38,3 +38,21 @@ def test_every_entitlement_event_has_a_published_type() -> None:
     types = {event_type(cls.__new__(cls)) for cls in concrete}
     assert types - PUBLIC_TYPES == {"entitlement.noted"}
     assert PUBLIC_TYPES - types == set()
+
+
+def test_an_activation_without_a_seat_secret_is_still_a_v1_activation() -> None:
+    """`secret` was added to the v1 activation body: clients that never read
+    it, and bodies answered before it existed, stay valid."""
+    from contracts.licensing import Activation
+
+    before = {
+        "id": "5f0c6a3e-3a41-4b55-9a3c-8f7a9a9d3c11.0123456789abcdef",
+        "entitlement_id": "5f0c6a3e-3a41-4b55-9a3c-8f7a9a9d3c11",
+        "fingerprint": "laptop",
+        "label": None,
+        "activated_at": "2026-11-30T00:00:00Z",
+        "lease_until": None,
+    }
+    assert Activation.model_validate(before).secret is None
+    schema = Activation.model_json_schema()
+    assert "secret" in schema["properties"] and "secret" not in schema["required"]

@@ -18,8 +18,7 @@ import pytest
 from contracts.license_file import InvalidLicense, verify_license
 from domain.entitlement import NotActive, OverLimit, Refused, TooManySeats, UnknownMetric
 from services.codes import CodeBook
-from services.http import MaskCodes
-from services.licensing import Buckets
+from services.http import Buckets, MaskCodes
 from tests import stripe_events as se
 from tests.harness import Entitle, eventually
 from tests.lifecycle_world import DAY, T0, World
@@ -104,8 +103,15 @@ def new_entitlement(stack: Entitle, sub: str) -> dict[str, Any]:
     return item
 
 
-def call(stack: Entitle, path: str, body: Any) -> httpx.Response:
-    return httpx.post(f"{stack.url}{path}", json=body)
+def call(
+    stack: Entitle, path: str, body: Any, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    return httpx.post(f"{stack.url}{path}", json=body, headers=headers)
+
+
+def bearer(credential: str) -> dict[str, str]:
+    """What a seat's routes take: its secret, or the code that opened it."""
+    return {"Authorization": f"Bearer {credential}"}
 
 
 def validated(stack: Entitle, code: str, expected: str) -> dict[str, Any]:
@@ -161,7 +167,8 @@ def test_activate_validate_and_release_with_the_code_alone(stack: Entitle) -> No
     )
     full = call(stack, "/v1/activations", {"activation_code": code, "fingerprint": "tablet"})
     assert (full.status_code, full.json()["error"]) == (409, "TOO_MANY_SEATS")
-    assert httpx.delete(f"{stack.url}/v1/activations/{seat['id']}").status_code == 204
+    released = httpx.delete(f"{stack.url}/v1/activations/{seat['id']}", headers=bearer(code))
+    assert released.status_code == 204
     eventually(
         lambda: (
             call(
@@ -189,7 +196,7 @@ def test_activate_validate_and_release_with_the_code_alone(stack: Entitle) -> No
     wrong_method = httpx.get(f"{stack.url}/v1/validate")
     assert (wrong_method.status_code, wrong_method.json()["error"]) == (405, "method_not_allowed")
     assert wrong_method.headers["allow"] == "POST"
-    assert httpx.delete(f"{stack.url}/v1/activations/nope").status_code == 404
+    assert httpx.delete(f"{stack.url}/v1/activations/nope", headers=bearer(code)).status_code == 404
     unknown = call(
         stack,
         "/v1/activations",
@@ -250,7 +257,9 @@ def test_an_offline_license_file_verifies_and_tampering_is_detected(stack: Entit
         "/v1/activations",
         {"activation_code": item["activation_code"], "fingerprint": "workstation-7"},
     ).json()
-    response = call(stack, f"/v1/activations/{seat['id']}/license-file", None)
+    response = call(
+        stack, f"/v1/activations/{seat['id']}/license-file", None, bearer(seat["secret"])
+    )
     assert response.status_code == 200, response.text
     document = response.json()
     [key] = httpx.get(f"{stack.url}/v1/keys").json()["keys"]
@@ -274,7 +283,31 @@ def test_an_offline_license_file_verifies_and_tampering_is_detected(stack: Entit
         verify_license(document, key["public_key"], now=license.expires_at)
     with pytest.raises(InvalidLicense):
         verify_license(document, base64.b64encode(b"\x01" * 32).decode())
-    assert call(stack, "/v1/activations/nope/license-file", None).status_code == 404
+    missing = call(stack, "/v1/activations/nope/license-file", None, bearer(seat["secret"]))
+    assert missing.status_code == 404
+
+
+@pytest.mark.e2e
+def test_this_process_sees_its_own_changes_before_the_read_model_does(stack: Entitle) -> None:
+    """Validation and code lookups prefer what the API process saved over a
+    read model a moment behind: a release, an issued code, a revoked one."""
+    item = new_entitlement(stack, "sub_lic_fresh")
+    code = item["activation_code"]
+    seat = call(stack, "/v1/activations", {"activation_code": code, "fingerprint": "pc"}).json()
+    assert validated(stack, code, "VALID")
+    body = {"activation_code": code, "fingerprint": "pc"}
+    assert call(stack, "/v1/validate", body).json()["code"] == "VALID"
+    released = httpx.delete(f"{stack.url}/v1/activations/{seat['id']}", headers=bearer(code))
+    assert released.status_code == 204
+    assert call(stack, "/v1/validate", body).json()["code"] == "NO_SEAT"
+    issued = httpx.post(f"{stack.url}/v1/entitlements/{item['id']}/codes", headers=AUTH).json()
+    second = {"activation_code": issued["code"], "fingerprint": "laptop"}
+    assert call(stack, "/v1/activations", second).status_code == 201
+    revoked = httpx.delete(f"{stack.url}/v1/entitlements/{item['id']}/codes/1", headers=AUTH)
+    assert revoked.status_code == 200
+    assert call(stack, "/v1/validate", second).json()["code"] == "NOT_FOUND"
+    portal = httpx.get(f"{stack.url}/v1/portal", params={"activation_code": issued["code"]})
+    assert portal.status_code == 404
 
 
 # -- the customer's view, abuse limits, logs -----------------------------------------
@@ -507,7 +540,7 @@ def test_a_floating_seat_reports_its_lease_and_takes_heartbeats(stack: Entitle) 
         {"activation_code": item["activation_code"], "fingerprint": "render-node-1"},
     ).json()
     assert seat["lease_until"] is not None
-    beat = call(stack, f"/v1/activations/{seat['id']}/heartbeat", None)
+    beat = call(stack, f"/v1/activations/{seat['id']}/heartbeat", None, bearer(seat["secret"]))
     assert beat.status_code == 200, beat.text
     assert beat.json()["id"] == seat["id"] and beat.json()["lease_until"]
     taken = call(
@@ -516,4 +549,7 @@ def test_a_floating_seat_reports_its_lease_and_takes_heartbeats(stack: Entitle) 
         {"activation_code": item["activation_code"], "fingerprint": "render-node-2"},
     )
     assert taken.status_code == 409  # the lease is alive
-    assert call(stack, "/v1/activations/nope/heartbeat", None).status_code == 404
+    assert (
+        call(stack, "/v1/activations/nope/heartbeat", None, bearer(seat["secret"])).status_code
+        == 404
+    )
