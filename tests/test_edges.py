@@ -50,6 +50,11 @@ licensing:
   per_code_burst: 100000
   per_address_per_second: 100000
   per_address_burst: 100000
+  seat_per_address_per_second: 100000
+  seat_per_address_burst: 100000
+admin:
+  failed_auth_per_second: 100000
+  failed_auth_burst: 100000
 """
 
 
