@@ -173,12 +173,15 @@ class DomainService:
                         break
                 if poison is None:
                     first, offset = todo[0][0]
-                    batch.add(Receipts.record(receipts, f"{first}/{offset}", now))
+                    recorded = Receipts.record(receipts, f"{first}/{offset}", now)
                     positions = [
                         Tracking(name, group[-1].offset) for name, group in pending.items()
                     ]
                     webhooks = [(item.webhook.receipt_id, item.envelope) for _, item in todo]
-                    result.events = self.store.record(batch, positions, webhooks)
+                    # The receipts first in the log: a projector that reads this
+                    # transaction in several batches then has a parked receipt
+                    # before the event that applies its fact after all.
+                    result.events = self.store.record([recorded, *batch], positions, webhooks)
                     saved = True
             except IntegrityError:
                 # Another consumer saved these offsets or aggregates first (a
