@@ -3,7 +3,7 @@ embedded broker, each reached through a TCP proxy this script cuts, while
 webhooks arrive; then every acknowledged webhook is accounted for.
 
     python bench/soak.py                  # 6,000 webhooks for 1,000 subscriptions
-    python bench/soak.py --short          # 1,000 webhooks, 5 s cuts: about 2 minutes
+    python bench/soak.py --short          # 1,000 webhooks, 5 s cuts: about a minute
 
 The webhooks are `bench/lifecycle.py`'s Stripe mix (10 % duplicates, each
 subscription's events shuffled and interleaved with the others'), sent at
@@ -23,7 +23,7 @@ the database directly. The same webhooks, without duplicates and each
 subscription's in the order they happened, are folded beforehand without
 faults into a second database on a broker of their own: the result to match.
 
-Prints, and exits 1 unless each of the first four is 0 and every service
+Prints, and exits 1 unless each of the first five is 0 and every service
 recovered:
 - lost: acknowledged (202 with a receipt id) but without a receipt in
   `GET /v1/webhooks` once the stack settled;
@@ -33,6 +33,8 @@ recovered:
   `entitle.entitlements.events`;
 - entitlements differing from the in-order run, in the read model (all but
   `sequence`, `created_at` and `updated_at`);
+- outcomes differing from the in-order run: provider events whose receipts
+  say otherwise (one applied, else parked, dead letter, ignored, duplicate);
 - recovery: seconds from each restart, or restore, to the next fold (domain),
   commit of its projections (projector; for a broker cut, of the public
   events), 202 (ingress) or answered `GET /v1/webhooks` (api).
@@ -93,6 +95,8 @@ ADMIN_KEY = "ek_soak"
 TRICKLE = 2.0
 #: Read-model fields that record when and how often, not what.
 BOOKKEEPING = {"sequence", "created_at", "updated_at"}
+#: A provider event's outcome is its deliveries' first in this order.
+PRECEDENCE = ("applied", "parked", "dead_letter", "ignored", "duplicate")
 POSITIONS = """
 SELECT
   (SELECT coalesce(sum(last + 1), 0) FROM (
@@ -127,6 +131,15 @@ class Options:
 
 
 @dataclass
+class Result:
+    """What a run left in the read model: the entitlements (but their
+    bookkeeping), and each provider event's outcome."""
+
+    entitlements: dict[str, dict[str, Any]]
+    outcomes: dict[str, str]
+
+
+@dataclass
 class Recovery:
     fault: str
     service: str
@@ -149,6 +162,8 @@ class Report:
     public_repeated: int = 0
     entitlements: int = 0
     differing: list[str] = field(default_factory=list)
+    #: Provider events whose outcome (applied, parked …) is not the in-order run's.
+    outcomes_differing: list[str] = field(default_factory=list)
     recoveries: list[Recovery] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
     dead_letters: int = 0
@@ -163,6 +178,7 @@ class Report:
             or self.double_applied
             or self.public_missing
             or self.differing
+            or self.outcomes_differing
             or any(r.seconds is None for r in self.recoveries)
         )
 
@@ -512,13 +528,25 @@ async def published(bootstrap: str, expected: set[tuple[str, int]]) -> tuple[set
     return seen, repeated
 
 
-def entitlements(url: str) -> dict[str, dict[str, Any]]:
+def result(url: str, receipts: list[dict[str, Any]] | None = None) -> Result:
+    """The read model's entitlements and outcomes (of `receipts`, or those
+    it lists)."""
     read_model = ReadModel(url)
     try:
         views = read_model.entitlements(10**7)
+        if receipts is None:
+            receipts = [r.model_dump(mode="json") for r in read_model.receipts(10**7)[0]]
     finally:
         read_model.close()
-    return {str(view.id): view.model_dump(mode="json", exclude=BOOKKEEPING) for view in views}
+    outcomes: dict[str, str] = {}
+    for receipt in receipts:
+        event = f"{receipt['source']}/{receipt['provider_event_id']}"
+        ranks = [PRECEDENCE.index(o) for o in (receipt["outcome"], outcomes.get(event)) if o]
+        outcomes[event] = PRECEDENCE[min(ranks)]
+    return Result(
+        {str(view.id): view.model_dump(mode="json", exclude=BOOKKEEPING) for view in views},
+        outcomes,
+    )
 
 
 async def settle(stack: Stack, sender: Sender, deadline: float) -> None:
@@ -553,7 +581,7 @@ async def soak(
     workdir: Path,
     name: str,
     report: Report,
-) -> dict[str, dict[str, Any]]:
+) -> Result:
     stack = Stack(options, workdir, name)
     try:
         await stack.start()
@@ -570,11 +598,11 @@ async def soak(
         applied = Counter(
             f"{r['source']}/{r['provider_event_id']}" for r in listed if r["outcome"] == "applied"
         )
-        found = entitlements(stack.database)
+        found = result(stack.database, listed)
         store = EntitlementStore(stack.database)
         try:
             report.lost_in_store = len(set(report.lost) & stored_receipts(store))
-            expected, twice = histories(store, sorted(found))
+            expected, twice = histories(store, sorted(found.entitlements))
         finally:
             store.close()
         report.double_applied = sorted(twice | {key for key, n in applied.items() if n > 1})
@@ -595,9 +623,8 @@ async def soak(
 
 async def in_order(
     options: Options, events: list[dict[str, Any]], workdir: Path, name: str
-) -> dict[str, dict[str, Any]]:
-    """The same webhooks folded in order without faults: the read model's
-    entitlements."""
+) -> Result:
+    """The same webhooks folded in order without faults."""
     url = fresh_database(options.postgres, name)
     with EmbeddedBroker() as broker:
         await produce(broker.bootstrap, events)
@@ -617,7 +644,7 @@ async def in_order(
             await positions.close()
             for process in processes.values():
                 stop(process)
-    return entitlements(url)
+    return result(url)
 
 
 def run(options: Options) -> Report:
@@ -642,10 +669,13 @@ def run(options: Options) -> Report:
         if not options.keep:
             for name in names:
                 drop_database(options.postgres, name)
-    report.entitlements = len(expected)
-    report.differing = sorted(
-        key for key in expected.keys() | found.keys() if expected.get(key) != found.get(key)
-    )
+    report.entitlements = len(expected.entitlements)
+    for what, want, got in (
+        ("differing", expected.entitlements, found.entitlements),
+        ("outcomes_differing", expected.outcomes, found.outcomes),
+    ):
+        keys = want.keys() | got.keys()
+        setattr(report, what, sorted(k for k in keys if want.get(k) != got.get(k)))
     report.seconds = time.monotonic() - began
     if report.failed or options.keep:
         print(f"logs and configuration: {workdir}", file=sys.stderr)
@@ -680,11 +710,12 @@ def show(report: Report, options: Options) -> None:
         f"({report.public_repeated} published more than once)"
     )
     print(f"entitlements differing: {len(report.differing)} of {report.entitlements}")
+    print(f"outcomes differing:     {len(report.outcomes_differing)} of {report.distinct}")
     print("recovery (s):")
     for recovery in report.recoveries:
         seconds = "not recovered" if recovery.seconds is None else f"{recovery.seconds:.1f}"
         print(f"  {recovery.fault:<22} {recovery.service:<10} {seconds}")
-    for what in ("lost", "double_applied", "public_missing", "differing"):
+    for what in ("lost", "double_applied", "public_missing", "differing", "outcomes_differing"):
         items = getattr(report, what)
         if items:
             print(f"{what}: {', '.join(items[:10])}" + (" ..." if len(items) > 10 else ""))
