@@ -23,7 +23,8 @@ the database directly. The same webhooks, without duplicates and each
 subscription's in the order they happened, are folded beforehand without
 faults into a second database on a broker of their own: the result to match.
 
-Prints, and exits 1 unless each of the first five is 0 and every service
+Prints, and exits 1 unless each of the first five is 0, every webhook was
+acknowledged within --deadline seconds of retries, and every service
 recovered:
 - lost: acknowledged (202 with a receipt id) but without a receipt in
   `GET /v1/webhooks` once the stack settled;
@@ -118,7 +119,8 @@ class Options:
     cut: float = 10.0
     faults: tuple[str, ...] = FAULTS
     postgres: str = "postgresql://postgres@127.0.0.1:5432/postgres"
-    #: The longest wait for a recovery, and for the stack to settle.
+    #: The longest wait for a recovery, for the stack to settle, and the
+    #: longest a webhook is sent again.
     deadline: float = 120.0
     #: Extra environment for the services (e.g. the Kafka session timeout).
     env: tuple[tuple[str, str], ...] = ()
@@ -153,6 +155,8 @@ class Report:
     distinct: int = 0
     acknowledged: int = 0
     attempts: int = 0
+    #: Webhooks still not acknowledged after retrying for the deadline.
+    given_up: int = 0
     refused: Counter[str] = field(default_factory=Counter)
     lost: list[str] = field(default_factory=list)
     lost_in_store: int = 0
@@ -174,7 +178,8 @@ class Report:
     @property
     def failed(self) -> bool:
         return bool(
-            self.lost
+            self.given_up
+            or self.lost
             or self.double_applied
             or self.public_missing
             or self.differing
@@ -276,6 +281,7 @@ class Sender:
         self.acked: dict[str, str] = {}  # receipt id -> provider event id
         self.last_ack = 0.0
         self.attempts = 0
+        self.given_up = 0
         self.refused: Counter[str] = Counter()
 
     async def run(self) -> None:
@@ -304,7 +310,8 @@ class Sender:
     async def deliver(self, client: Connection, event: dict[str, Any]) -> None:
         body = json.dumps(event).encode()
         delay = 0.1
-        while True:
+        first = time.monotonic()
+        while time.monotonic() - first < self.options.deadline:
             self.attempts += 1
             headers = {"Stripe-Signature": sign(body, SECRET), "Content-Type": "application/json"}
             try:
@@ -322,6 +329,7 @@ class Sender:
                 self.refused[str(status)] += 1
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(1.0, delay * 2)
+        self.given_up += 1  # a provider would go on for days; a run must end
 
 
 # -- the faults ----------------------------------------------------------------------
@@ -592,6 +600,7 @@ async def soak(
         await settle(stack, sender, options.deadline)
         report.acknowledged = len(sender.acked)
         report.attempts, report.refused = sender.attempts, sender.refused
+        report.given_up = sender.given_up
         listed = await receipts(stack)
         report.outcomes = Counter(r["outcome"] for r in listed)
         report.lost = sorted(set(sender.acked) - {r["id"] for r in listed})
@@ -694,6 +703,7 @@ def show(report: Report, options: Options) -> None:
     print(
         f"acknowledged:           {report.acknowledged} ({report.attempts} attempts"
         + (f"; sent again after: {refused}" if refused else "")
+        + (f"; {report.given_up} given up" if report.given_up else "")
         + ")"
     )
     print(
