@@ -691,7 +691,7 @@ def subscribe(
     broker, Tansu, makes it wait in steps of 3 s until the dead member is
     gone). Apache Kafka accepts 6 s at least (group.min.session.timeout.ms).
     Static membership (group_instance_id) is not used: Tansu 0.6 pauses
-    every static member's join and sync for 3 s each (8 s a join here)."""
+    every static member's join and sync for 3 s each."""
     backoff = Backoff()
     health.ok(FOLD)
 
