@@ -247,6 +247,16 @@ class Positions:
         assert row is not None
         return int(row[0]), int(row[1]), int(row[2]), int(row[3])
 
+    async def settled(self, which: slice, quiet: float = 0.25) -> tuple[int, int, int, int]:
+        """The positions once `which` of them stayed the same for `quiet` seconds."""
+        last = await self.read()
+        while True:
+            await asyncio.sleep(quiet)
+            now = await self.read()
+            if now[which] == last[which]:
+                return now
+            last = now
+
     async def close(self) -> None:
         if self._conn is not None:
             await self._conn.close()
@@ -407,10 +417,13 @@ class Stack:
         if fault in ("domain", "projector"):
             self.processes[fault].kill()
             self.processes[fault].wait()
-            # What it committed up to its death: nothing commits until the new one.
-            folded, read_model, public, _ = await self.positions.read()
             began = time.monotonic()
-            restart = asyncio.to_thread(start, fault, self.workdir, self.env)
+            restart = asyncio.ensure_future(asyncio.to_thread(start, fault, self.workdir, self.env))
+            # What the dead process committed: a commit it sent just before
+            # dying still lands (through the proxy), well before the new
+            # process has even imported its modules.
+            mine = slice(0, 1) if fault == "domain" else slice(1, 3)
+            folded, read_model, public, _ = await self.positions.settled(mine)
             waits = {fault: fold() if fault == "domain" else project()}
             label = f"{fault} killed"
         else:
