@@ -223,8 +223,20 @@ async def start_all(
     others side by side."""
     first = {"domain": await asyncio.to_thread(start, "domain", workdir, env)}
     others = [role for role in roles if role != "domain"]
-    started = await asyncio.gather(*(asyncio.to_thread(start, r, workdir, env) for r in others))
-    return first | dict(zip(others, started, strict=True))
+    started = await asyncio.gather(
+        *(asyncio.to_thread(start, r, workdir, env) for r in others), return_exceptions=True
+    )
+    processes, errors = first, []
+    for role, outcome in zip(others, started, strict=True):
+        if isinstance(outcome, BaseException):
+            errors.append(outcome)
+        else:
+            processes[role] = outcome
+    if errors:  # none left running behind us
+        for process in processes.values():
+            stop(process)
+        raise errors[0]
+    return processes
 
 
 class Positions:
