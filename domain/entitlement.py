@@ -261,9 +261,12 @@ class Entitlement(Aggregate):
         self.due_at: datetime | None = None
         # Every fact given (also those inherited from the order's other
         # entitlements), and every cause applied, so redelivery changes nothing:
-        # an inherited fact's event is applied, here too.
+        # an inherited fact's event is applied, here too. Except the event
+        # that creates this one, which `settle` applies next: re-driven, it
+        # may now map this item where the inherited copy did not.
         self.facts = Facts(inherited)
-        self.applied: set[str] = {fact["key"] for fact in inherited}
+        creating = _cause_key(cause)
+        self.applied: set[str] = {f["key"] for f in inherited if f["key"] != creating}
         if fact is not None:
             self.facts.add(fact)
 
