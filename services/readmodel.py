@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from uuid import UUID
 
 from contracts.api import DeadLetterView, EntitlementView, ProjectionErrorView, ReceiptView
+from services.store import CREATE_LOCK
 
 _TABLES = [
     """CREATE TABLE IF NOT EXISTS entitle_v3_entitlements (
@@ -198,6 +199,8 @@ class ReadModel:
 
     def create(self) -> None:
         with self._transaction() as cur:
+            if self._postgres:  # as the store's tables: one process at a time
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (CREATE_LOCK,))
             for statement in _TABLES:
                 cur.execute(statement)
 

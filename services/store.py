@@ -37,6 +37,11 @@ class StillChanging(Exception):
     """Other writers kept saving the entitlement first; the caller may retry later."""
 
 
+#: The PostgreSQL advisory lock held while tables are created (the store's
+#: and the read model's), so processes starting together take turns.
+CREATE_LOCK = 0x656E7469746C65  # "entitle"
+
+
 class PostgresRecorder(PostgresProcessRecorder):
     """eventsourcing's PostgreSQL process recorder, with two changes:
 
@@ -60,14 +65,25 @@ class PostgresRecorder(PostgresProcessRecorder):
         )
 
     def create_table(self) -> None:
-        super().create_table()
-        with self.datastore.transaction(commit=True) as curs:
-            curs.execute(
-                SQL(
-                    "CREATE TABLE IF NOT EXISTS {schema}.{table}"
-                    " (receipt TEXT PRIMARY KEY, webhook BYTEA NOT NULL)"
-                ).format(schema=Identifier(self.datastore.schema), table=Identifier(WEBHOOKS))
-            )
+        # Processes started together on an empty database would create the
+        # same tables at once and collide in the catalog (pg_type): one at a
+        # time, under a lock held on a connection of its own.
+        with self.datastore.get_connection() as lock:
+            lock.execute("SELECT pg_advisory_lock(%s)", (CREATE_LOCK,))
+            try:
+                super().create_table()
+                with self.datastore.transaction(commit=True) as curs:
+                    curs.execute(
+                        SQL(
+                            "CREATE TABLE IF NOT EXISTS {schema}.{table}"
+                            " (receipt TEXT PRIMARY KEY, webhook BYTEA NOT NULL)"
+                        ).format(
+                            schema=Identifier(self.datastore.schema), table=Identifier(WEBHOOKS)
+                        )
+                    )
+            finally:
+                lock.execute("SELECT pg_advisory_unlock(%s)", (CREATE_LOCK,))
+                lock.commit()
 
     def _insert_events(self, curs: Any, stored_events: Any, **kwargs: Any) -> Any:
         for tracking in kwargs.get("more_tracking", ()):

@@ -363,3 +363,25 @@ def test_followers_are_woken_by_each_write_to_the_postgres_log(postgres_url: str
 
     asyncio.run(scenario())
     store.close()
+
+
+def test_processes_starting_together_on_an_empty_database_create_its_tables_once(
+    postgres_url: str,
+) -> None:
+    """compose.yaml starts every service at once against a fresh database:
+    concurrent CREATE TABLE IF NOT EXISTS collide in PostgreSQL's catalog
+    (IntegrityError on pg_type) unless creation is serialised."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(6) as pool:
+        errors = pool.map(_open_stores, [postgres_url] * 6)
+    assert errors == [None] * 6
+
+
+def _open_stores(url: str) -> str | None:
+    try:
+        EntitlementStore(url).close()
+        ReadModel(url).close()
+    except Exception as exc:
+        return repr(exc)
+    return None
