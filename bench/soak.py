@@ -208,9 +208,6 @@ def service_env(bootstrap: str, database: str, options: Options) -> dict[str, st
         "ENTITLE_DATABASE_URL": database,
         "ENTITLE_ADMIN_KEYS": f"soak:{ADMIN_KEY}",
         "ENTITLE_CODE_SECRET": "bench-code-secret-0123456789",
-        # On Tansu a restarted domain service waits for the killed one's
-        # session to expire: 1.5 s has it fold within about 3 s (10 s: 20 s).
-        "ENTITLE_KAFKA_SESSION_TIMEOUT": "1.5",
         **dict(options.env),
     }
 

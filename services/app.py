@@ -25,7 +25,7 @@ from contracts.webhooks import RAW_TOPIC
 from services import api, ingress, licensing
 from services.codes import CodeBook
 from services.config import AdminKey, Config, Settings, Source
-from services.fold import DomainService, RawLog, Scheduler, subscribe
+from services.fold import CONSUMER_GROUP, DomainService, RawLog, Scheduler, subscribe
 from services.health import Health, describe, sleep_unless, supervise
 from services.http import (
     HTTPError,
@@ -34,7 +34,14 @@ from services.http import (
     handle_internal_error,
     handle_starlette_error,
 )
-from services.kafka import NoTopicIds, ensure_topics, make_broker, topic_id
+from services.kafka import (
+    NoTopicIds,
+    ensure_topics,
+    evict_predecessor,
+    instance_client_id,
+    make_broker,
+    topic_id,
+)
 from services.projector import (
     LogBell,
     PublicEventsProjection,
@@ -119,6 +126,9 @@ def build_app(
         ReadModel(settings.database_url) if (roles.projector or roles.api or roles.domain) else None
     )
     broker: KafkaBroker | None = None
+    # Named per host (or ENTITLE_INSTANCE): a restarted domain service
+    # finds what its killed predecessor left in the consumer group.
+    client_id = instance_client_id("domain" if roles.domain else "service", settings.instance)
     if needs_broker:
         assert settings.kafka_bootstrap
         broker = make_broker(
@@ -126,6 +136,7 @@ def build_app(
             settings.kafka_idempotence,
             # Only the ingress sends one message at a time.
             linger_ms=20 if roles.ingress else 0,
+            client_id=client_id,
         )
     codes: CodeBook | None = None
     if roles.domain or roles.api:
@@ -237,6 +248,8 @@ def build_app(
                 settings.raw_partitions,
                 topic_ids=settings.kafka_topic_ids,
             )
+            if roles.domain:
+                await evict_predecessor(settings.kafka_bootstrap, CONSUMER_GROUP, client_id)
             await broker.start()
         if roles.projector:
             assert store is not None and read_model is not None and broker is not None

@@ -337,8 +337,14 @@ class Settings:
     #: Stripe's API address, to point backfills at a test double (stripe-mock).
     stripe_api_base: str | None = None
     #: Seconds the broker waits for a silent domain service before its
-    #: partitions go to another; a restarted one waits about as long.
-    kafka_session_timeout: float = 10.0
+    #: partitions go to another. A restarted one takes its killed
+    #: predecessor's out of the group at once (`evict_predecessor`); Tansu
+    #: then still holds a new member's join about half this long. Apache
+    #: Kafka refuses less than 6 s (group.min.session.timeout.ms).
+    kafka_session_timeout: float = 6.0
+    #: This process's name among its peers (default: the host name); two
+    #: domain services on one host need different ones.
+    instance: str | None = None
 
     def __repr__(self) -> str:  # never show the code secret
         return f"Settings(kafka_bootstrap={self.kafka_bootstrap!r})"
@@ -361,5 +367,6 @@ class Settings:
             trusted_proxies=os.environ.get("ENTITLE_TRUSTED_PROXIES", "127.0.0.1"),
             kafka_topic_ids=_flag(os.environ.get("ENTITLE_KAFKA_TOPIC_IDS", "true")),
             stripe_api_base=os.environ.get("ENTITLE_STRIPE_API_BASE") or None,
-            kafka_session_timeout=float(os.environ.get("ENTITLE_KAFKA_SESSION_TIMEOUT", "10")),
+            kafka_session_timeout=float(os.environ.get("ENTITLE_KAFKA_SESSION_TIMEOUT", "6")),
+            instance=os.environ.get("ENTITLE_INSTANCE") or None,
         )

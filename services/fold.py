@@ -690,17 +690,16 @@ def subscribe(
     raw_log: RawLog,
     health: Health,
     max_records: int = 500,
-    session_timeout: float = 10.0,
+    session_timeout: float = 6.0,
 ) -> None:
     """Register the raw-webhook consumer on a FastStream broker.
 
     A member killed without leaving the group (SIGKILL, a lost host) holds
     its partitions until `session_timeout` seconds pass without its
-    heartbeat; a restarted service waits that long for them (the embedded
-    broker, Tansu, makes it wait in steps of 3 s until the dead member is
-    gone). Apache Kafka accepts 6 s at least (group.min.session.timeout.ms).
-    Static membership (group_instance_id) is not used: Tansu 0.6 pauses
-    every static member's join and sync for 3 s each."""
+    heartbeat, unless its restarted successor takes it out first (app.py
+    calls `evict_predecessor` before joining). Apache Kafka accepts 6 s at
+    least (group.min.session.timeout.ms); the embedded broker, Tansu, holds
+    a new member's join for about half the session."""
     backoff = Backoff()
     health.ok(FOLD)
 

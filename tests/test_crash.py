@@ -129,3 +129,74 @@ def test_sigkill_mid_stream_then_restart_applies_every_webhook_once(
     assert len(positions) == 4  # one per partition, all of one incarnation of the topic
     assert sum(offset + 1 for offset in positions.values()) == len(messages)
     store.close()
+
+
+_MEMBER = """
+import asyncio, sys
+from aiokafka import AIOKafkaConsumer
+
+async def main() -> None:
+    consumer = AIOKafkaConsumer(
+        "crash-topic", bootstrap_servers=sys.argv[1], group_id="crash-group",
+        client_id=sys.argv[2], session_timeout_ms=30000, heartbeat_interval_ms=10000,
+    )
+    await consumer.start()
+    while not consumer.assignment():
+        await asyncio.sleep(0.05)
+    print("joined", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_a_restarted_process_takes_its_killed_predecessor_out_of_the_group(
+    kafka_bootstrap: str,
+) -> None:
+    """A SIGKILLed member sends no LeaveGroup and would hold its partitions
+    for its whole session (30 s here). Its successor, with the same client
+    id, sends it away at start; another process's member is left alone."""
+    import subprocess
+    import sys
+
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from services.kafka import evict_predecessor
+
+    async def members() -> list[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            [described] = await admin.describe_consumer_groups(["crash-group"])
+            groups = described.to_object()["groups"]
+            return [m["member_id"] for g in groups for m in g["members"]]
+        finally:
+            await admin.close()
+
+    async def create() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic("crash-topic", 2, 1)])
+        finally:
+            await admin.close()
+
+    asyncio.run(create())
+    member = subprocess.Popen(
+        [sys.executable, "-c", _MEMBER, kafka_bootstrap, "entitle-domain@host-a"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert member.stdout is not None and member.stdout.readline().strip() == "joined"
+    finally:
+        member.kill()
+        member.wait()
+    [dead] = asyncio.run(members())
+    assert dead.startswith("entitle-domain@host-a-")
+
+    other = asyncio.run(evict_predecessor(kafka_bootstrap, "crash-group", "entitle-domain@host-b"))
+    assert other == [] and asyncio.run(members()) == [dead]
+    gone = asyncio.run(evict_predecessor(kafka_bootstrap, "crash-group", "entitle-domain@host-a"))
+    assert gone == [dead]
+    assert asyncio.run(members()) == []
