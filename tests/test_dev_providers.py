@@ -5,6 +5,7 @@ expired signatures are refused with 401 and nothing is written."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -184,18 +185,28 @@ def lifecycle(provider: str, now: int) -> tuple[str, list[list[dict[str, Any]]]]
     ]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Entitle]:
-    workdir = tmp_path_factory.mktemp("providers")
-    (workdir / "entitle.yaml").write_text(CONFIG)
+@contextlib.contextmanager
+def every_source(
+    workdir: Path, config: str = CONFIG, env: dict[str, str] | None = None
+) -> Iterator[Entitle]:
+    """`entitle dev` in `workdir` with a source of every provider (`config`),
+    PayPal's certificates trusted."""
+    (workdir / "entitle.yaml").write_text(config)
     (workdir / "paypal-root.pem").write_bytes(AUTHORITY.root_pem())
     AUTHORITY.seed(workdir / "paypal-certs")
     env = {
         "ENTITLE_ADMIN_KEYS": ADMIN,
         "ENTITLE_PAYPAL_TRUST_ROOTS": str(workdir / "paypal-root.pem"),
         "ENTITLE_PAYPAL_CERT_CACHE": str(workdir / "paypal-certs"),
+        **(env or {}),
     }
-    with Entitle(["dev"], Path(workdir), env) as entitle:
+    with Entitle(["dev"], workdir, env) as entitle:
+        yield entitle
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Entitle]:
+    with every_source(tmp_path_factory.mktemp("providers")) as entitle:
         yield entitle
 
 

@@ -5,7 +5,6 @@ off, and a stored webhook keeps only the headers its adapter needs."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import time
@@ -15,13 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from contracts.webhooks import RAW_TOPIC, RawWebhookV1
 from tests import stripe_events as se
 from tests.harness import Entitle, eventually
-from tests.test_dev import ADMIN
-from tests.test_dev_providers import AUTHORITY, CONFIG, SIGN
+from tests.test_dev import consume
+from tests.test_dev_providers import CONFIG, SIGN, every_source
 
 pytestmark = pytest.mark.e2e
 
@@ -60,20 +58,13 @@ admin:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Entitle]:
-    workdir = tmp_path_factory.mktemp("edges")
-    # Rate limits high enough that no bad request is answered 429 unread.
-    (workdir / "entitle.yaml").write_text(CONFIG + UNLIMITED)
-    (workdir / "paypal-root.pem").write_bytes(AUTHORITY.root_pem())
-    AUTHORITY.seed(workdir / "paypal-certs")
     env = {
-        "ENTITLE_ADMIN_KEYS": ADMIN,
-        "ENTITLE_PAYPAL_TRUST_ROOTS": str(workdir / "paypal-root.pem"),
-        "ENTITLE_PAYPAL_CERT_CACHE": str(workdir / "paypal-certs"),
         "ENTITLE_HTTP_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
         "ENTITLE_HTTP_BODY_TIMEOUT": str(HEADER_TIMEOUT),
         "ENTITLE_HTTP_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
     }
-    with Entitle(["dev"], Path(workdir), env) as entitle:
+    # Rate limits high enough that no bad request is answered 429 unread.
+    with every_source(tmp_path_factory.mktemp("edges"), CONFIG + UNLIMITED, env) as entitle:
         yield entitle
 
 
@@ -147,27 +138,12 @@ def test_only_the_headers_the_adapter_needs_are_stored(stack: Entitle) -> None:
 
 
 def stored(bootstrap: str) -> dict[str, RawWebhookV1]:
-    async def run() -> dict[str, RawWebhookV1]:
-        consumer = AIOKafkaConsumer(
-            RAW_TOPIC,
-            bootstrap_servers=bootstrap,
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-        )
-        await consumer.start()
-        try:
-            batch = await consumer.getmany(timeout_ms=3000, max_records=10_000)
-        finally:
-            await consumer.stop()
-        found = {}
-        for records in batch.values():
-            for record in records:
-                if record.value and b"receipt_id" in record.value:
-                    envelope = RawWebhookV1.model_validate_json(record.value)
-                    found[envelope.receipt_id] = envelope
-        return found
-
-    return asyncio.run(run())
+    envelopes = (
+        RawWebhookV1.model_validate_json(record.value)
+        for record in consume(bootstrap, RAW_TOPIC, 10_000, timeout=3)
+        if record.value and b"receipt_id" in record.value
+    )
+    return {envelope.receipt_id: envelope for envelope in envelopes}
 
 
 # -- heads too large, and slow clients ---------------------------------------
