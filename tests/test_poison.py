@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -398,3 +398,59 @@ def test_a_non_ascii_signature_is_a_bad_signature_not_a_crash(
     headers = {header: value.format(now=int(now))}
     with pytest.raises(SignatureError):
         PROVIDERS[provider].verify(headers, b"{}", Credentials("s3cret"), now)
+
+
+def _paths(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    yield path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _paths(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _paths(item, (*path, index))
+
+
+def _replaced(event: Any, path: tuple[Any, ...], value: Any) -> Any:
+    if not path:
+        return value
+    copy = json.loads(json.dumps(event))
+    target = copy
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = value
+    return copy
+
+
+@pytest.mark.parametrize(
+    "provider", ["stripe", "paddle", "lemonsqueezy", "chargebee", "paypal", "zenofy", "standard"]
+)
+def test_any_field_of_the_wrong_type_is_unmappable_never_an_adapter_crash(provider: str) -> None:
+    """Every field of every sample event, replaced by a value of another
+    JSON type: the adapter answers commands or Unmappable (a dead letter
+    naming the field), never another exception (a traceback in the log,
+    "normalizing failed")."""
+    from services.config import parse_config
+    from services.providers import PROVIDERS
+    from tests.test_dev_providers import CONFIG as EVERY_SOURCE
+    from tests.test_dev_providers import lifecycle
+
+    config = parse_config(EVERY_SOURCE)
+    adapter = PROVIDERS[provider]
+    now = int(time.time())
+    _, steps = lifecycle(provider, now)
+    crashes = []
+    for event in (e for step in steps for e in step):
+        for path in _paths(event):
+            for value in ([], {}, 12345, None, "x", True, 1.5):
+                mutated = _replaced(event, path, value)
+                if not isinstance(mutated, dict):
+                    continue
+                try:
+                    check(adapter.normalize(provider, mutated, config.catalog, datetime.now(UTC)))
+                    adapter.routing_key(mutated)
+                    adapter.event_id(mutated)
+                except Unmappable:
+                    pass
+                except Exception as exc:
+                    crashes.append(f"{'.'.join(map(str, path))} = {value!r}: {exc!r}")
+    assert not crashes, "\n".join(sorted(set(crashes))[:30])

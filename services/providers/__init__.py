@@ -53,6 +53,16 @@ def ref(value: Any, what: str, numbers: bool = False) -> str | None:
     raise Unmappable(f"{what} {value!r:.80} is not a string")
 
 
+def listed(value: Any, what: str) -> list[Any]:
+    """A provider's list from a payload, [] if absent; any other value
+    makes the event unmappable, naming the field."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise Unmappable(f"{what} {value!r:.80} is not a list")
+    return value
+
+
 def same_signature(expected: str, given: str) -> bool:
     """Constant-time comparison of two signatures as text. Compared as
     UTF-8 bytes: `hmac.compare_digest` raises on a str that is not ASCII,

@@ -27,6 +27,7 @@ from services.providers import (
     SignatureError,
     Unmappable,
     from_unix,
+    listed,
     ref,
     text_id,
 )
@@ -113,7 +114,7 @@ def _subscription_lines(
     subscription: Mapping[str, Any], catalog: Catalog, unmapped: list[str]
 ) -> list[Line]:
     lines = []
-    for item in subscription.get("subscription_items") or []:
+    for item in listed(subscription.get("subscription_items"), "Chargebee subscription_items"):
         if not isinstance(item, Mapping) or item.get("item_type") == "charge":
             continue
         price_id = str(ref(item.get("item_price_id"), "Chargebee item_price_id"))
@@ -136,7 +137,7 @@ def _quantity(value: Any, price_id: str) -> int:
 
 def _invoice_lines(invoice: Mapping[str, Any], catalog: Catalog, unmapped: list[str]) -> list[Line]:
     lines: dict[str, Line] = {}
-    for item in invoice.get("line_items") or []:
+    for item in listed(invoice.get("line_items"), "Chargebee invoice line_items"):
         if not isinstance(item, Mapping) or item.get("entity_type") not in (
             "plan_item_price",
             "addon_item_price",
@@ -191,7 +192,7 @@ def normalize(
     invoice_cause = (
         Cause.provider(source, f"{event_id(payload)}/invoice") if subscription else cause
     )
-    status = invoice.get("status") if invoice is not None else None
+    status = ref(invoice.get("status"), "Chargebee invoice status") if invoice is not None else None
     if invoice is not None and invoice.get("subscription_id") and kind != "payment_refunded":
         invoice_id = _ref(invoice, "id")
         order = _ref(invoice, "subscription_id")

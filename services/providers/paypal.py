@@ -40,6 +40,7 @@ from domain.commands import Command, Customer, OrderEvent, PaymentEvent
 from domain.entitlement import Cause
 from domain.lifecycle import Line
 from services.providers import (
+    MAX_QUANTITY,
     Credentials,
     Provider,
     SignatureError,
@@ -269,7 +270,7 @@ def normalize(
         offering = catalog.for_price(NAME, None if plan is None else str(plan), None)
         if offering is None:
             raise Unmappable(f"plan {plan!r} maps to no offering in the catalog")
-        quantity = int(resource.get("quantity") or 1)
+        quantity = _quantity(resource.get("quantity"))
         line = Line(SLOT, offering, quantity)
         billing = resource.get("billing_info")
         next_billing = billing.get("next_billing_time") if isinstance(billing, Mapping) else None
@@ -324,6 +325,19 @@ def normalize(
         fact = lifecycle.refund(None, f"sale/{sale}", _amount(resource))
         return [PaymentEvent(source, (f"sale/{sale}",), fact, cause, created)]
     return []
+
+
+def _quantity(value: Any) -> int:
+    """PayPal's subscription quantity: a string of digits ("1") in its API
+    (https://developer.paypal.com/docs/api/subscriptions/v1/#subscriptions_get),
+    an integer accepted too; 1 if absent."""
+    if value is None or value == "":
+        return 1
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_QUANTITY:
+        raise Unmappable(f"PayPal subscription quantity {value!r:.40} is not a number of seats")
+    return value
 
 
 PROVIDER = Provider(

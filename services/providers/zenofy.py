@@ -103,7 +103,7 @@ def normalize(
     source: str, payload: Mapping[str, Any], catalog: Catalog, received_at: datetime
 ) -> list[Command]:
     kind = payload.get("event")
-    if kind not in EVENTS or not event_id(payload):
+    if not isinstance(kind, str) or kind not in EVENTS or not event_id(payload):
         raise Unmappable(
             f"not a Zenofy subscription event: event {kind!r}, id {payload.get('id')!r}"
         )
