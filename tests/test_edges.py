@@ -108,6 +108,26 @@ def test_a_non_ascii_byte_in_any_signature_header_is_a_401(stack: Entitle, sourc
         assert_client_error(response, 401)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://api.paypal.com:99999/x",
+        "https://api.paypal.com:abc/x",
+        "https://api.paypal.com:-1/x",
+        "https://[::1/x",
+        "https://api.paypal.com:443/x",
+        "http://api.paypal.com/x",
+        "https://evil.example/x",
+        "\u00e9",
+    ],
+)
+def test_a_paypal_certificate_url_not_on_paypal_is_a_401(stack: Entitle, url: str) -> None:
+    body = b'{"id": "WH-1"}'
+    headers: dict[str, Any] = {**SIGN["paypal"](body), "PAYPAL-CERT-URL": url.encode()}
+    response = httpx.post(f"{stack.url}/webhooks/paypal", content=body, headers=headers)
+    assert_client_error(response, 401)
+
+
 @pytest.mark.parametrize("source", SOURCES)
 def test_a_surrogate_pair_is_text_and_accepted(stack: Entitle, source: str) -> None:
     # An emoji escaped as UTF-16 (as JavaScript serializers write it) is fine.

@@ -110,8 +110,12 @@ class Certificates:
         self._lock = threading.Lock()
 
     def signing_key(self, url: str, now: datetime) -> rsa.RSAPublicKey:
-        parts = urlsplit(url)
-        if parts.scheme != "https" or parts.hostname not in CERT_HOSTS or parts.port:
+        try:
+            parts = urlsplit(url)  # raises on "https://[::1/x"; .port on ":99999"
+            fits = parts.scheme == "https" and parts.hostname in CERT_HOSTS and not parts.port
+        except ValueError:
+            fits = False
+        if not fits:
             raise SignatureError("PAYPAL-CERT-URL is not an https URL on a PayPal API host")
         chain = self._chain(url)
         self._check(chain, now)
