@@ -366,6 +366,10 @@ class DomainService:
                 check(exc.commands)
             except Unmappable as bad:
                 return [], f"{bad.reason}; {exc.reason}", payload
+            # What did map is held to the same rule as a whole event.
+            refusal = unsigned_refusal(exc.commands, now) if source and source.unsigned else None
+            if refusal is not None:
+                return [], f"{refusal}; {exc.reason}", payload
             return exc.commands, exc.reason, payload
         except Exception as exc:  # a provider adapter bug must not block the partition
             log.exception("cannot normalize webhook %s", webhook.receipt_id)

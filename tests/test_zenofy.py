@@ -15,6 +15,7 @@ from domain.catalog import Catalog, Offering
 from domain.entitlement import Status
 from services.providers import Credentials, SignatureError
 from services.providers.zenofy import routing_key, verify
+from tests import standard_events as sw
 from tests import zenofy_events as ze
 from tests.harness import Entitle, eventually
 from tests.lifecycle_world import DAY, MONTH, T0, World, ts
@@ -48,39 +49,61 @@ def test_with_a_secret_the_signature_is_required_and_checked() -> None:
 
 def test_an_unsigned_source_grants_but_cannot_end_anyone_s_license(tmp_path: Path) -> None:
     """`allow_unsigned: true`: the webhook is taken without a signature, so
-    anyone who knows the URL could send one naming a customer's e-mail. It
-    may grant; a cancellation, suspension or period already over is a dead
-    letter saying why, and the license stays as it was."""
+    anyone who knows the URL could send one naming a customer. It may
+    grant; a cancellation, suspension, expiry or period already over is a
+    dead letter saying why (also when part of the event maps to nothing, or
+    when it comes before the grant), and the license stays as it was."""
     (tmp_path / "entitle.yaml").write_text(
-        "sources: {zenofy: {provider: zenofy, allow_unsigned: true}}\n"
+        "sources:\n"
+        "  zenofy: {provider: zenofy, allow_unsigned: true}\n"
+        "  open: {provider: standard, allow_unsigned: true}\n"
         "offerings: [{sku: basic, product: acme}]\n"
     )
     with Entitle(["dev"], tmp_path, {"ENTITLE_ADMIN_KEYS": ADMIN}) as stack:
 
-        def send(kind: str, status: str, start: int, end: int) -> dict[str, Any]:
-            event = ze.event(kind, "z1", status, start, end, NOW, email="victim@example.com")
-            response = httpx.post(f"{stack.url}/webhooks/zenofy", content=ze.body(event))
+        def send(source: str, event: dict[str, Any]) -> dict[str, Any]:
+            response = httpx.post(f"{stack.url}/webhooks/{source}", content=ze.body(event))
             assert response.status_code == 202, response.text
             return event
 
-        send("subscription.activated", "ACTIVE", NOW - DAY, NOW + MONTH)
-        eventually(lambda: [e for e in entitlements(stack) if e["status"] == "ACTIVE"] or None)
+        def zenofy(kind: str, status: str, start: int, end: int) -> dict[str, Any]:
+            event = ze.event(kind, "z1", status, start, end, NOW, email="victim@example.com")
+            return send("zenofy", event)
+
+        def unmapped(event: dict[str, Any]) -> dict[str, Any]:
+            event["data"]["subscription"]["items"].append({"id": "zzz", "sku": "nope"})
+            return send("open", event)
+
+        zenofy("subscription.activated", "ACTIVE", NOW - DAY, NOW + MONTH)
+        # Before the grant: it would wait on the order and cancel what comes.
+        early = unmapped(sw.subscription("sub_v", "canceled", NOW - DAY, NOW + MONTH, NOW))
+        send("open", sw.payment("sub_v", "pay_v", NOW - DAY, NOW + MONTH, NOW + 1))
         attacks = [
-            send("subscription.canceled", "CANCELED", NOW - DAY, NOW + MONTH),
-            send("subscription.suspended", "SUSPENDED", NOW - DAY, NOW + MONTH),
-            send("subscription.activated", "ACTIVE", NOW - MONTH, NOW - DAY),
+            early,
+            zenofy("subscription.canceled", "CANCELED", NOW - DAY, NOW + MONTH),
+            zenofy("subscription.suspended", "SUSPENDED", NOW - DAY, NOW + MONTH),
+            zenofy("subscription.activated", "ACTIVE", NOW - MONTH, NOW - DAY),
+            zenofy("subscription.renewed", "ACTIVE", NOW - MONTH, NOW - DAY),
+            unmapped(sw.subscription("sub_v", "canceled", NOW - DAY, NOW + MONTH, NOW + 2)),
+            *(
+                unmapped(sw.subscription("sub_v", status, NOW - DAY, NOW + MONTH, NOW + 3))
+                for status in ("paused", "suspended", "expired")
+            ),
         ]
 
         def letters() -> list[dict[str, Any]] | None:
             items = httpx.get(f"{stack.url}/v1/dead-letters", headers=AUTH).json()["items"]
-            return items if len(items) == len(attacks) else None
+            return items if len(items) >= len(attacks) else None
 
         reasons = {d["provider_event_id"]: d["reason"] for d in eventually(letters, timeout=20)}
         assert set(reasons) == {a["id"] for a in attacks}
         assert all("unsigned source" in reason for reason in reasons.values()), reasons
-        [entitlement] = entitlements(stack)
-        assert entitlement["status"] == "ACTIVE"
-        assert entitlement["period_end"].startswith(ze.iso(NOW + MONTH)[:10])
+        granted = {e["order_ref"]: e for e in entitlements(stack)}
+        assert {ref: e["status"] for ref, e in granted.items()} == {
+            "victim@example.com/basic": "ACTIVE",
+            "sub_v": "ACTIVE",
+        }
+        assert granted["victim@example.com/basic"]["period_end"][:10] == ze.iso(NOW + MONTH)[:10]
 
 
 def test_a_renewal_with_the_same_email_extends_the_same_entitlement() -> None:

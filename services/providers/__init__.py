@@ -237,19 +237,17 @@ def unsigned_refusal(commands: list[Command], now: datetime) -> str | None:
     for command in commands:
         fact = command.fact
         kind = fact["kind"]
-        if kind == "payment":
-            continue
-        if kind == "subscription":
-            if fact["status"] not in _UNSIGNED_STATUSES:
-                what = f"a subscription that is {fact['status']!r}"
-            elif fact.get("cancel_at") is not None:
-                what = "a cancellation date"
-            elif fact.get("end") is not None and fact["end"] <= now:
-                what = "a period that is over"
-            else:
-                continue
-        else:
+        ends = [fact.get("end"), *(line.get("end") for line in fact.get("lines", {}).values())]
+        if kind not in ("payment", "subscription"):
             what = f"a {kind.replace('_', ' ')!r} fact"
+        elif kind == "subscription" and fact["status"] not in _UNSIGNED_STATUSES:
+            what = f"a subscription that is {fact['status']!r}"
+        elif fact.get("cancel_at") is not None:
+            what = "a cancellation date"
+        elif any(end is not None and end <= now for end in ends):
+            what = "a period that is over"
+        else:
+            continue
         return (
             f"an unsigned source (allow_unsigned) may not send {what}: anyone could, naming "
             "any customer; an admin can act on the entitlement through the API"
