@@ -197,6 +197,12 @@ def parse_config(
             )
         where = f"{origin}: source {name!r}"
         secret = _from_env(env, source.secret_env, where, "secret") or source.secret
+        if secret is not None:
+            # An empty key would "verify" what anyone signs with it.
+            value = secret.get_secret_value()
+            problem = "the secret is empty" if not value.strip() else provider.secret_problem(value)
+            if problem is not None:
+                raise ConfigError(f"{where}: {problem}; give a secret, or allow_unsigned: true")
         api_key = _from_env(env, source.api_key_env, where, "api_key") or source.api_key
         if api_key is not None and source.provider != "stripe":
             raise ConfigError(f"{origin}: source {name!r}: api_key is for stripe sources only")

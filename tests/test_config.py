@@ -42,6 +42,10 @@ def test_secrets_do_not_show_in_reprs() -> None:
         ("surprise: 1", "surprise"),
         ("sources: [", "not valid YAML"),
         ("sources: {z: {provider: zenofy}}", "allow_unsigned: true"),
+        ("sources: {z: {provider: zenofy, secret: ''}}", "the secret is empty"),
+        ("sources: {s: {provider: stripe, secret: '  '}}", "the secret is empty"),
+        ("sources: {s: {provider: standard, secret: whsec_}}", "key is empty"),
+        ("sources: {s: {provider: standard, secret: 'whsec_#!'}}", "not a base64"),
         ("sources: {z: {provider: zenofy, secret: x, allow_unsigned: true}}", "one or the other"),
     ],
 )

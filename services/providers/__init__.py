@@ -303,6 +303,9 @@ class Provider:
     needs: tuple[str, ...] = ()
     #: verify may block (a certificate fetch): ingress runs it in a worker thread.
     blocking_verify: bool = False
+    #: Why a configured secret can verify nothing (a Standard Webhooks key
+    #: that decodes to no bytes), or None; checked at start-up.
+    secret_problem: Callable[[str], str | None] = lambda secret: None
     #: The request headers (lower-case) kept with a stored webhook: what
     #: verify reads and the provider's delivery metadata. Others are dropped.
     headers: tuple[str, ...] = ()

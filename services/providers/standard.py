@@ -40,6 +40,14 @@ def signing_key(secret: str) -> bytes:
         raise SignatureError("the source's secret is not a base64 whsec_ key") from None
 
 
+def secret_problem(secret: str) -> str | None:
+    try:
+        key = signing_key(secret)
+    except SignatureError as exc:
+        return str(exc)
+    return None if key else "the source's whsec_ key is empty"
+
+
 def verify(headers: Mapping[str, str], body: bytes, credentials: Credentials, now: float) -> None:
     msg_id = headers.get("webhook-id")
     timestamp = headers.get("webhook-timestamp")
@@ -177,4 +185,5 @@ PROVIDER = Provider(
     event_id=event_id,
     normalize=normalize,
     headers=("webhook-id", "webhook-timestamp", "webhook-signature"),
+    secret_problem=secret_problem,
 )
