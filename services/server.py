@@ -176,12 +176,17 @@ class GuardedProtocol(HttpToolsProtocol):
         detail = f"the request {self._phase} was not received within {seconds:g} s"
         if self.transport.is_closing():
             return
-        if self.cycle is not None and self.cycle.response_started:
-            self.transport.close()  # the app already answered; only stop waiting
-            return
-        if self.cycle is not None:
-            self.cycle.disconnected = True  # the app's answer would come too late
+        cycle = self.cycle  # in the head phase, the previous request's (if any)
+        if self._phase == "body" and cycle is not None and not cycle.response_complete:
+            if cycle.response_started:
+                self.transport.close()  # the app already answered; only stop waiting
+                return
+            cycle.disconnected = True  # the app's answer would come too late
         self._refuse(HTTPStatus.REQUEST_TIMEOUT, "request_timeout", detail)
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to what httptools cannot parse, as JSON like every error.
+        self._refuse(HTTPStatus.BAD_REQUEST, "invalid_request", msg)
 
     def _too_large(self) -> None:
         self._refuse(

@@ -236,6 +236,39 @@ def test_slow_clients_are_answered_408_and_closed(stack: Entitle) -> None:
         client.close()
 
 
+def test_a_slow_second_request_on_a_kept_alive_connection_is_answered_408(
+    stack: Entitle,
+) -> None:
+    client = _slow(stack.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = client.recv(65536)
+    assert first.startswith(b"HTTP/1.1 200"), first[:100]
+    client.sendall(b"GET /healthz HTTP/1.1\r\n")
+    for _ in range(3):
+        time.sleep(0.5)
+        client.sendall(b"X-A: b\r\n")
+    answer = _read_all(client)
+    client.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nabc",
+        b"GET /v1/\xe9 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+        b"NOT-HTTP\r\n\r\n",
+    ],
+)
+def test_a_request_that_is_not_http_is_a_json_400(stack: Entitle, request_bytes: bytes) -> None:
+    client = _slow(stack.port, request_bytes)
+    answer = _read_all(client)
+    client.close()
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "invalid_request"
+
+
 def test_connections_past_the_cap_are_refused_and_the_server_recovers(stack: Entitle) -> None:
     held = [_slow(stack.port, b"") for _ in range(MAX_CONNECTIONS + 5)]
     answers = []
