@@ -42,3 +42,58 @@ def test_the_dockerfile_installs_the_project_and_runs_entitle() -> None:
     for package in ("contracts", "domain", "services"):
         assert f"COPY {package} ./{package}" in dockerfile
     assert 'ENTRYPOINT ["entitle"]' in dockerfile
+
+
+def test_every_library_the_services_import_is_installed_without_the_test_extras() -> None:
+    """`pip install -e .` (the README's first command) must bring every
+    library `entitle` imports: a module only the `[test]` extras install
+    (stripe, once) makes `entitle dev` fail at its first line on a fresh
+    machine while every test still passes."""
+    import ast
+    import sys
+    import tomllib
+    from importlib.metadata import packages_distributions, requires
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    installed: set[str] = set()
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo = [Requirement(line) for line in project["dependencies"]]
+    while todo:
+        requirement = todo.pop()
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        name = canonicalize_name(requirement.name)
+        if (name, frozenset(requirement.extras)) in seen:
+            continue
+        seen.add((name, frozenset(requirement.extras)))
+        installed.add(name)
+        for line in requires(requirement.name) or []:
+            needed = Requirement(line)
+            wanted = [{"extra": extra} for extra in requirement.extras] or [{"extra": ""}]
+            if needed.marker is None or any(needed.marker.evaluate(e) for e in wanted):
+                needed.marker = None  # judged here, for the extras asked of its parent
+                todo.append(needed)
+    ours = {"contracts", "domain", "services"}
+    imported: dict[str, str] = {}
+    for package in ours:
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                for name in names:
+                    top = name.split(".")[0]
+                    if top not in sys.stdlib_module_names and top not in ours:
+                        imported.setdefault(top, str(path.relative_to(ROOT)))
+    distributions = packages_distributions()
+    missing = {
+        module: where
+        for module, where in imported.items()
+        if not {canonicalize_name(d) for d in distributions.get(module, [])} & installed
+    }
+    assert not missing, f"imported but not in [project.dependencies]: {missing}"
