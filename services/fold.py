@@ -52,6 +52,7 @@ from services.providers import (
     check,
     event_type,
     has_control_character,
+    unsigned_effect_refusal,
     unsigned_refusal,
 )
 from services.readmodel import ReadModel
@@ -97,6 +98,11 @@ class Decoded:
     event_type: str = ""
     #: The envelope's JSON, kept with the receipt.
     envelope: bytes = b""
+
+
+class Refused(Exception):
+    """A webhook that folded, but may not be kept (an unsigned source's that
+    would take access away): it is dead-lettered with this reason."""
 
 
 def position_name(topic: str, partition: int, incarnation: str = "") -> str:
@@ -214,8 +220,14 @@ class DomainService:
                 return result
             key, error = poison
             item = decoded[key]
-            reason = f"folding failed: {describe(error)}"
-            log.error("webhook %s (%s) cannot be folded: %s", item.webhook.receipt_id, key, reason)
+            if isinstance(error, Refused):
+                reason = str(error)
+                log.warning("webhook %s (%s) refused: %s", item.webhook.receipt_id, key, reason)
+            else:
+                reason = f"folding failed: {describe(error)}"
+                log.error(
+                    "webhook %s (%s) cannot be folded: %s", item.webhook.receipt_id, key, reason
+                )
             decoded[key] = replace(item, commands=[], reason=reason)
 
     def _one_by_one(self, by_partition: dict[str, list[Record]], incarnation: str) -> FoldResult:
@@ -283,6 +295,11 @@ class DomainService:
             effect.merge(apply(command, batch, self.rules, now))
         for command in self._settle_ties(item, batch, now):
             effect.merge(apply(command, batch, self.rules, now))
+        source = self.config.sources.get(item.webhook.source)
+        if source is not None and source.unsigned and item.commands:
+            refusal = unsigned_effect_refusal(effect)
+            if refusal is not None:
+                raise Refused(refusal)  # the batch is folded again without it
         for cause in effect.delivered:
             # A fact dead-lettered after waiting parked_days, applied at last.
             letter = batch.find(dead_letter_id(cause.source, cause.event_id), DeadLetter)

@@ -57,7 +57,7 @@ def test_an_unsigned_source_grants_but_cannot_end_anyone_s_license(tmp_path: Pat
         "sources:\n"
         "  zenofy: {provider: zenofy, allow_unsigned: true}\n"
         "  open: {provider: standard, allow_unsigned: true}\n"
-        "offerings: [{sku: basic, product: acme}]\n"
+        "offerings: [{sku: basic, product: acme}, {sku: pro, product: acme}]\n"
     )
     with Entitle(["dev"], tmp_path, {"ENTITLE_ADMIN_KEYS": ADMIN}) as stack:
 
@@ -89,6 +89,22 @@ def test_an_unsigned_source_grants_but_cannot_end_anyone_s_license(tmp_path: Pat
                 unmapped(sw.subscription("sub_v", status, NOW - DAY, NOW + MONTH, NOW + 3))
                 for status in ("paused", "suspended", "expired")
             ),
+            # Snapshots that take away without saying so: another plan in
+            # place of this one, someone else as the customer.
+            send(
+                "open", sw.subscription("sub_v", "active", NOW - DAY, NOW + MONTH, NOW + 4, "pro")
+            ),
+            send(
+                "open",
+                sw.subscription(
+                    "sub_v",
+                    "active",
+                    NOW - DAY,
+                    NOW + MONTH,
+                    NOW + 6,
+                    customer={"id": "cus_evil", "email": "attacker@evil.example"},
+                ),
+            ),
         ]
 
         def letters() -> list[dict[str, Any]] | None:
@@ -97,12 +113,16 @@ def test_an_unsigned_source_grants_but_cannot_end_anyone_s_license(tmp_path: Pat
 
         reasons = {d["provider_event_id"]: d["reason"] for d in eventually(letters, timeout=20)}
         assert set(reasons) == {a["id"] for a in attacks}
-        assert all("unsigned source" in reason for reason in reasons.values()), reasons
+        assert [r for r in reasons.values() if "unsigned source" not in r] == []
         granted = {e["order_ref"]: e for e in entitlements(stack)}
-        assert {ref: e["status"] for ref, e in granted.items()} == {
-            "victim@example.com/basic": "ACTIVE",
-            "sub_v": "ACTIVE",
+        assert {ref: (e["status"], e["offering"]) for ref, e in granted.items()} == {
+            "victim@example.com/basic": ("ACTIVE", "basic"),
+            "sub_v": ("ACTIVE", "basic"),
         }
+        assert (granted["sub_v"]["seats"], granted["sub_v"]["customer"]["email"]) == (
+            1,
+            "std@example.com",
+        )
         assert granted["victim@example.com/basic"]["period_end"][:10] == ze.iso(NOW + MONTH)[:10]
 
 

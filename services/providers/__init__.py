@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from domain.catalog import Catalog
-from domain.commands import Command, Customer, OrderEvent
+from domain.commands import Command, Customer, Effect, OrderEvent
 from domain.lifecycle import Line
 
 
@@ -253,6 +253,39 @@ def unsigned_refusal(commands: list[Command], now: datetime) -> str | None:
             "any customer; an admin can act on the entitlement through the API"
         )
     return None
+
+
+#: What an unsigned source's webhook may do to entitlements once applied:
+#: create, activate, renew, extend, or note a fact. Not change an offering,
+#: seats or customer, nor suspend, cancel, expire or revise a period (a
+#: snapshot that leaves an item out cancels it, one with a lower quantity
+#: takes seats away), nor wait on an order to act on a later grant.
+_UNSIGNED_EFFECTS = frozenset(
+    {
+        "entitlement.created",
+        "entitlement.activated",
+        "entitlement.renewed",
+        "entitlement.extended",
+        "entitlement.recovered",
+        "entitlement.noted",
+    }
+)
+
+
+def unsigned_effect_refusal(effect: Effect) -> str | None:
+    """Why what an unsigned source's webhook did may not be kept, or None."""
+    done = {name for names in effect.events.values() for name in names}
+    taken = sorted(done - _UNSIGNED_EFFECTS)
+    if taken:
+        what = ", ".join(taken)
+    elif effect.newly_parked:
+        what = f"a fact that waits for {effect.waits_for}"
+    else:
+        return None
+    return (
+        f"an unsigned source (allow_unsigned) may not cause {what}: anyone could, naming "
+        "any customer; an admin can act on the entitlement through the API"
+    )
 
 
 def event_type(payload: Mapping[str, Any]) -> str:
