@@ -159,7 +159,10 @@ MAX_JSON_BYTES = 64 * 1024
 
 
 def too_large(limit: int) -> HTTPError:
-    return HTTPError(413, "payload_too_large", f"the body exceeds {limit} bytes")
+    # The rest of the body is not read: the connection cannot carry another request.
+    return HTTPError(
+        413, "payload_too_large", f"the body exceeds {limit} bytes", {"Connection": "close"}
+    )
 
 
 async def read_limited(request: Request, limit: int) -> bytes:

@@ -84,6 +84,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._phase = "head"
         self._in_head = False
         self._head_bytes = 0  # as received, while a head is incomplete
+        self._chunk = 0  # the chunk being parsed
         self._refused = False
 
     # -- the connection ------------------------------------------------------
@@ -109,16 +110,23 @@ class GuardedProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        if not self._in_head and (self.cycle is None or self.cycle.response_complete):
-            self._start_head()  # the next request on a kept-alive connection
+        self._chunk = len(data)
+        super().data_received(data)
+        # A head begins with its first byte (on_message_begin), not when the
+        # previous answer is out: the rest of a body the app did not read
+        # is still that request's. A chunk that began a head counts whole.
         if self._in_head:
             self._head_bytes += len(data)
-        super().data_received(data)
         # Checked after parsing: the chunk that ends a head may hold a body.
         if self._in_head and not self._refused and self._head_bytes > self.limits.max_header_bytes:
             self._too_large()
 
     # -- parser callbacks ------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if not self._in_head:
+            self._start_head()  # the next request on a kept-alive connection
+        super().on_message_begin()
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -128,7 +136,7 @@ class GuardedProtocol(HttpToolsProtocol):
         # (A head received in fewer bytes than the limit is within it.)
         headers, limits = self.headers, self.limits
         if len(headers) > limits.max_headers or (
-            self._head_bytes > limits.max_header_bytes
+            self._head_bytes + self._chunk > limits.max_header_bytes
             and len(self.url) + sum(len(n) + len(v) for n, v in headers) > limits.max_header_bytes
         ):
             self._too_large()
