@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -121,12 +123,21 @@ class SQLiteRecorder(SQLiteProcessRecorder):
     """As PostgresRecorder, on SQLite."""
 
     def create_table(self) -> None:
-        super().create_table()
-        with self.datastore.transaction(commit=True) as c:
-            c.execute(
-                f"CREATE TABLE IF NOT EXISTS {WEBHOOKS}"
-                " (receipt TEXT PRIMARY KEY, webhook BLOB NOT NULL)"
-            )
+        # As on PostgreSQL, processes started together take turns: a lock
+        # on a file beside the database (the tables' tracking of their own
+        # migration collides otherwise).
+        name = self.datastore.pool.db_name
+        memory = ":memory:" in name or "mode=memory" in name
+        with contextlib.ExitStack() as held:
+            if not memory:
+                lock = held.enter_context(open(f"{name}.create-lock", "a"))
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            super().create_table()
+            with self.datastore.transaction(commit=True) as c:
+                c.execute(
+                    f"CREATE TABLE IF NOT EXISTS {WEBHOOKS}"
+                    " (receipt TEXT PRIMARY KEY, webhook BLOB NOT NULL)"
+                )
 
     def _insert_events(self, c: Any, stored_events: Any, **kwargs: Any) -> Any:
         for tracking in kwargs.get("more_tracking", ()):
