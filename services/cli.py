@@ -21,7 +21,7 @@ import uvicorn
 from services.app import ROLES, Roles, build_app
 from services.codes import load_secret
 from services.config import ConfigError, Settings, admin_keys, generate_admin_key, load_config
-from services.http import MaskCodes, aware_time
+from services.http import BODIES, MaskCodes, aware_time
 from services.kafka import EmbeddedBroker
 from services.server import HttpLimits, guarded
 
@@ -39,6 +39,7 @@ def _serve(
     logging.getLogger("uvicorn.access").addFilter(MaskCodes())
     config = load_config(Path(args.config))
     limits = HttpLimits.from_env()
+    BODIES.limit = limits.max_body_buffer
     app = build_app(config, settings, roles, admin_keys(keys_env))
     server = uvicorn.Server(
         uvicorn.Config(

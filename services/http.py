@@ -165,9 +165,33 @@ def too_large(limit: int) -> HTTPError:
     )
 
 
+class BodyBudget:
+    """The request body bytes all of a process's requests may hold at once
+    while they are read (ENTITLE_HTTP_MAX_BODY_BUFFER): a thousand clients
+    each sending 1 MiB slowly would otherwise hold a gigabyte."""
+
+    def __init__(self, limit: int = 64 * 1024 * 1024) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> None:
+        if self.held + size > self.limit:
+            raise HTTPError(
+                503,
+                "busy",
+                "the server holds as many request bodies as it may; retry",
+                {"Retry-After": "1", "Connection": "close"},
+            )
+        self.held += size
+
+
+BODIES = BodyBudget()
+
+
 async def read_limited(request: Request, limit: int) -> bytes:
     """The request body, or a 413 as soon as it exceeds `limit` bytes (by
-    its Content-Length or as it arrives); a 400 if the client went away."""
+    its Content-Length or as it arrives); a 400 if the client went away; a
+    503 while the process holds its most body bytes (`BODIES`)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large(limit)
@@ -177,11 +201,14 @@ async def read_limited(request: Request, limit: int) -> bytes:
             size += len(chunk)
             if size > limit:
                 raise too_large(limit)
+            BODIES.take(len(chunk))
             chunks.append(chunk)
     except ClientDisconnect:
         raise HTTPError(
             400, "client_disconnected", "the request body was not fully received"
         ) from None
+    finally:
+        BODIES.held -= sum(map(len, chunks))
     return b"".join(chunks)
 
 

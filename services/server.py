@@ -35,11 +35,14 @@ class HttpLimits:
     #: Header lines a request may have, and bytes its head may take.
     max_headers: int = 100
     max_header_bytes: int = 32 * 1024
+    #: Request body bytes held at once by all requests being read.
+    max_body_buffer: int = 64 * 1024 * 1024
 
     @classmethod
     def from_env(cls) -> HttpLimits:
         """The limits from ENTITLE_HTTP_HEADER_TIMEOUT, _BODY_TIMEOUT (seconds),
-        _MAX_CONNECTIONS, _MAX_HEADERS and _MAX_HEADER_BYTES; ConfigError
+        _MAX_CONNECTIONS, _MAX_HEADERS, _MAX_HEADER_BYTES and _MAX_BODY_BUFFER
+        (bytes); ConfigError
         naming the variable if one is not a positive number."""
         default = cls()
 
@@ -61,6 +64,7 @@ class HttpLimits:
             max_connections=int(number("MAX_CONNECTIONS", default.max_connections)),
             max_headers=int(number("MAX_HEADERS", default.max_headers)),
             max_header_bytes=int(number("MAX_HEADER_BYTES", default.max_header_bytes)),
+            max_body_buffer=int(number("MAX_BODY_BUFFER", default.max_body_buffer)),
         )
 
 

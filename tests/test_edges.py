@@ -26,6 +26,7 @@ pytestmark = pytest.mark.e2e
 
 HEADER_TIMEOUT = 2.0
 MAX_CONNECTIONS = 40
+BODY_BUFFER = 3 * 1024 * 1024
 SOURCES = sorted(SIGN)
 DEEP = b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}"
 ENCODED_SURROGATE = b'{"id": "evt_\xed\xa0\x80"}'
@@ -63,6 +64,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Entitle]:
         "ENTITLE_HTTP_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
         "ENTITLE_HTTP_BODY_TIMEOUT": str(HEADER_TIMEOUT),
         "ENTITLE_HTTP_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+        "ENTITLE_HTTP_MAX_BODY_BUFFER": str(BODY_BUFFER),
     }
     # Rate limits high enough that no bad request is answered 429 unread.
     with every_source(tmp_path_factory.mktemp("edges"), CONFIG + UNLIMITED, env) as entitle:
@@ -287,6 +289,29 @@ def test_a_body_the_server_does_not_read_is_not_taken_for_a_second_request(
     statuses = [line for line in answer.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
     assert statuses and b"431" not in b"".join(statuses), statuses
     assert statuses[0][9:12] in (b"404", b"405", b"413"), statuses
+
+
+def test_bodies_read_at_once_are_held_to_a_budget(stack: Entitle) -> None:
+    """Clients that send most of a large body and stall hold memory until
+    their body timeout: past the process's budget the next one is a 503."""
+    head = b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+    stalled = []
+    for _ in range(3):
+        client = _slow(stack.port, head)
+        client.sendall(b"{" + b" " * 899_999)
+        stalled.append(client)
+        time.sleep(0.3)  # read by the server before the next one
+    refused = _slow(stack.port, head)
+    refused.sendall(b"{" + b" " * 899_999)
+    answer = _read_all(refused)
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:100]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "busy"
+    for client in [*stalled, refused]:
+        client.close()
+    # Their bodies let go, others are read again.
+    body = se.body(se.subscription_deleted(subscription="sub_budget"))
+    response = eventually(lambda: post(stack, "stripe", body).status_code == 202 or None)
+    assert response
 
 
 def test_connections_past_the_cap_are_refused_and_the_server_recovers(stack: Entitle) -> None:
