@@ -287,6 +287,9 @@ def build_app(
         try:
             yield
         finally:
+            if roles.ingress and raw_log is not None:
+                # The requests are answered; fold what they stored first.
+                await raw_log.drain(timeout=10.0)
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
             if broker is not None:

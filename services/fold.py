@@ -689,6 +689,37 @@ class RawLog:
             self.current = found
             self._next.clear()
 
+    async def drain(self, timeout: float) -> int:
+        """Wait up to `timeout` seconds until the fold has committed every
+        record on the raw topic; the number left. A process that is also
+        the ingress calls it before it stops: what it acknowledged is then
+        folded, where the embedded broker (which keeps nothing) would lose
+        it."""
+        deadline = time.monotonic() + timeout
+        left = -1
+        while True:
+            try:
+                left = await self._unfolded()
+            except Exception as exc:
+                log.warning("could not tell what is left to fold: %s", describe(exc))
+                return left
+            if left == 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        if left:
+            log.warning("stopping with %d webhook(s) on %s not yet folded", left, RAW_TOPIC)
+        return left
+
+    async def _unfolded(self) -> int:
+        consumer = self.consumer
+        if consumer is None:
+            return 0
+        left = 0
+        for partition, end in (await end_offsets(self.bootstrap, RAW_TOPIC)).items():
+            committed = await consumer.committed(TopicPartition(RAW_TOPIC, partition))
+            left += max(0, end - (committed or 0))
+        return left
+
     async def _start_again(self) -> None:
         self._new_log = True
         self._started = set()

@@ -117,6 +117,50 @@ def test_webhooks_sent_after_a_restart_are_all_applied(tmp_path: Path, how: int)
         assert "is a new log" in again.text
 
 
+def test_ctrl_c_under_load_folds_every_webhook_it_acknowledged(tmp_path: Path) -> None:
+    """Ctrl-C while webhooks keep arriving: every one answered 202 is folded
+    before the stack stops (the embedded broker keeps nothing, so one still
+    unfolded would be lost), and is there after a restart."""
+    entitle = stack(tmp_path).start()
+    acknowledged: list[str] = []
+    stopping = threading.Event()
+
+    def sender(n: int) -> None:
+        with httpx.Client(timeout=10) as client:
+            k = 0
+            while not stopping.is_set():
+                body = se.body(paid(f"sub_load_{n}_{k}"))
+                k += 1
+                try:
+                    response = client.post(
+                        f"{entitle.url}/webhooks/stripe-main",
+                        content=body,
+                        headers=se.signed_headers(body),
+                    )
+                except httpx.HTTPError:
+                    return  # the server went away
+                if response.status_code == 202:
+                    acknowledged.append(response.json()["receipt_id"])
+
+    senders = [threading.Thread(target=sender, args=(n,)) for n in range(8)]
+    for thread in senders:
+        thread.start()
+    eventually(lambda: len(acknowledged) > 100 or None, timeout=30)
+    try:
+        assert entitle.stop(signal.SIGINT, group=True) == 0, entitle.text
+    finally:
+        stopping.set()
+        for thread in senders:
+            thread.join()
+    with stack(tmp_path) as again:
+        missing = [
+            receipt
+            for receipt in acknowledged
+            if httpx.get(f"{again.url}/v1/webhooks/{receipt}", headers=AUTH).status_code != 200
+        ]
+        assert missing == [], f"{len(missing)} of {len(acknowledged)} lost"
+
+
 def test_case_08_a_poison_webhook_is_a_dead_letter_and_its_partition_goes_on(
     tmp_path: Path,
 ) -> None:
