@@ -180,9 +180,16 @@ def cmd_history(args: argparse.Namespace) -> int:
     from services.projector import history_entry
     from services.store import EntitlementStore
 
+    try:
+        entitlement_id = uuid.UUID(args.entitlement_id)
+    except ValueError:
+        print(f"entitle: {args.entitlement_id!r} is not an entitlement id", file=sys.stderr)
+        return 2
     store = EntitlementStore(Settings.from_env().database_url)
     try:
-        events = store.history(uuid.UUID(args.entitlement_id))
+        # An order's id has a history too, but is no entitlement.
+        found = store.entitlement(entitlement_id) is not None
+        events = store.history(entitlement_id) if found else []
     finally:
         store.close()
     if not events:

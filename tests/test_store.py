@@ -389,3 +389,32 @@ def _open_stores(args: tuple[str, float]) -> str | None:
     except Exception as exc:
         return repr(exc)
     return None
+
+
+def test_entitle_history_names_what_is_no_entitlement(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from domain.entitlement import order_id
+    from tests.harness import ENTITLE
+
+    url = f"sqlite:///{tmp_path / 'entitle.db'}"
+    store = EntitlementStore(url)
+    service(store).process([record(0, paid("sub_hist"))])
+    slot = entitlement_id("stripe-main", "sub_hist", se.item_id("sub_hist", "p"))
+    entitlement = store.find(slot, Entitlement)
+    assert entitlement is not None
+    store.close()
+
+    def history(what: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "ENTITLE_DATABASE_URL": url}
+        return subprocess.run(
+            [ENTITLE, "history", what], capture_output=True, text=True, env=env, cwd=tmp_path
+        )
+
+    shown = history(str(entitlement.id))
+    assert shown.returncode == 0 and '"entitlement.created"' in shown.stdout
+    for what, code in (("not-a-uuid", 2), (str(order_id("stripe-main", "sub_hist")), 1)):
+        refused = history(what)
+        assert refused.returncode == code, refused.stderr
+        assert "Traceback" not in refused.stderr and refused.stdout == ""
