@@ -40,7 +40,10 @@ def _serve(
     config = load_config(Path(args.config))
     limits = HttpLimits.from_env()
     BODIES.limit = limits.max_body_buffer
-    app = build_app(config, settings, roles, admin_keys(keys_env))
+    try:
+        app = build_app(config, settings, roles, admin_keys(keys_env))
+    except ValueError as exc:  # a setting it cannot use (a code secret too short)
+        raise ConfigError(str(exc)) from None
     server = uvicorn.Server(
         uvicorn.Config(
             app,

@@ -318,6 +318,23 @@ def generate_admin_key() -> str:
     return "ek_" + secrets.token_urlsafe(24)
 
 
+def _number(variable: str, default: float, least: float) -> float:
+    """The number in environment `variable` (an integer where `default` is
+    one), `default` if unset; ConfigError naming it if it is not a number
+    of at least `least`."""
+    raw = os.environ.get(variable)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw) if isinstance(default, int) else float(raw)
+    except ValueError:
+        value = None
+    if value is None or not value >= least:
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise ConfigError(f"{variable} must be {kind} of at least {least:g}, not {raw!r}")
+    return value
+
+
 def _flag(value: str) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "y", "on")
 
@@ -364,15 +381,15 @@ class Settings:
             database_url=os.environ.get("ENTITLE_DATABASE_URL")
             or f"sqlite:///{data_dir / 'entitle.db'}",
             kafka_idempotence=_flag(idempotence),
-            raw_partitions=int(os.environ.get("ENTITLE_RAW_PARTITIONS", "8")),
-            domain_batch=int(os.environ.get("ENTITLE_DOMAIN_BATCH", "500")),
-            schedule_interval=float(os.environ.get("ENTITLE_SCHEDULE_INTERVAL", "1")),
-            aggregate_cache=int(os.environ.get("ENTITLE_AGGREGATE_CACHE", "10000")),
+            raw_partitions=int(_number("ENTITLE_RAW_PARTITIONS", 8, least=1)),
+            domain_batch=int(_number("ENTITLE_DOMAIN_BATCH", 500, least=1)),
+            schedule_interval=_number("ENTITLE_SCHEDULE_INTERVAL", 1.0, least=0.01),
+            aggregate_cache=int(_number("ENTITLE_AGGREGATE_CACHE", 10_000, least=0)),
             code_secret=load_secret(data_dir),
             license_key=load_secret(data_dir, env="ENTITLE_LICENSE_KEY", file_name="license-key"),
             trusted_proxies=os.environ.get("ENTITLE_TRUSTED_PROXIES", "127.0.0.1"),
             kafka_topic_ids=_flag(os.environ.get("ENTITLE_KAFKA_TOPIC_IDS", "true")),
             stripe_api_base=os.environ.get("ENTITLE_STRIPE_API_BASE") or None,
-            kafka_session_timeout=float(os.environ.get("ENTITLE_KAFKA_SESSION_TIMEOUT", "6")),
+            kafka_session_timeout=_number("ENTITLE_KAFKA_SESSION_TIMEOUT", 6.0, least=0.1),
             instance=os.environ.get("ENTITLE_INSTANCE") or None,
         )

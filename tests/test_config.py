@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from services.config import ConfigError, admin_keys, parse_config
@@ -72,3 +74,23 @@ def test_rate_limits_have_defaults_and_can_be_set() -> None:
     assert limits.per_code == default.per_code == (10, 20)
     with pytest.raises(ConfigError, match="failed_auth_burst"):
         parse_config("admin: {failed_auth_burst: 0}", {})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("ENTITLE_RAW_PARTITIONS", "0"),
+        ("ENTITLE_DOMAIN_BATCH", "many"),
+        ("ENTITLE_SCHEDULE_INTERVAL", "-1"),
+        ("ENTITLE_AGGREGATE_CACHE", "1.5"),
+        ("ENTITLE_KAFKA_SESSION_TIMEOUT", "abc"),
+    ],
+)
+def test_a_setting_that_is_no_usable_number_is_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str, value: str
+) -> None:
+    from services.config import Settings
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env(tmp_path)
