@@ -74,9 +74,20 @@ def _mask_query(match: re.Match[str]) -> str:
     return "?" + "&".join(parts)
 
 
+#: An activation code anywhere (a path segment, any parameter): 25 Crockford
+#: characters, any case, in groups of five with or without hyphens.
+_CODE = re.compile(r"(?<![0-9A-Za-z])[0-9A-HJKMNP-TV-Z]{5}(?:-?[0-9A-HJKMNP-TV-Z]{5}){4}", re.I)
+_ANY_SEAT_SECRET = re.compile(SEAT_SECRET.pattern, re.IGNORECASE)
+
+
 def _mask_secret(match: re.Match[str]) -> str:
     part = match.group(0)
-    return "es_…" if SEAT_SECRET.search(_decoded(part)) else part
+    decoded = _decoded(part)
+    if _ANY_SEAT_SECRET.search(decoded):
+        return "es_…"
+    if _CODE.search(decoded):
+        return _CODE.sub(lambda code: code.group(0)[:5] + "…", decoded)
+    return part
 
 
 class Buckets:

@@ -486,6 +486,12 @@ def test_masking_uses_the_real_access_logger() -> None:
         f"/v1/activations/{secret}/heartbeat",
         f"/v1/activations/x/heartbeat?secret={quote(secret, safe='')}",
         f"/v1/x?s=%65%73%5F{secret[3:]}",
+        # Codes and secrets under any name, in a path, after other separators.
+        f"/webhooks/{code}",
+        f"/v1/portal?code={code.replace('-', '').lower()}",
+        f"/v1/portal?x=1;activation_code={code}",
+        f"/v1/portal?activation_code%3D{code}",
+        f"/v1/activations/ES_{secret[3:]}/heartbeat",
     ]
     try:
         for path in paths:
