@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import faulthandler
 import json
 import logging
 import os
@@ -144,7 +145,15 @@ def cmd_dev(args: argparse.Namespace) -> int:
         if broker is not None:
             broker.stop()
             broker_file.unlink(missing_ok=True)
-    return 1 if died else 0
+    if died:
+        # Stopped at once: worker threads may still be inside a database
+        # call, and finalising the interpreter under them has crashed it
+        # (SIGSEGV) instead of exiting 1. Nothing is left to clean up.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    return 0
 
 
 def _redact(url: str) -> str:
@@ -442,6 +451,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    faulthandler.enable()  # a crash in a C extension prints every thread's stack
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

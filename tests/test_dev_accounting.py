@@ -260,7 +260,7 @@ def test_the_stack_stops_with_an_error_when_its_embedded_broker_dies(tmp_path: P
     os.kill(int(children[0]), signal.SIGKILL)
     killed = time.monotonic()
     try:
-        assert entitle.process.wait(20) == 1
+        assert entitle.process.wait(20) == 1, entitle.text[-3000:]
     finally:
         sending.clear()
     assert time.monotonic() - killed < 10
