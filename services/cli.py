@@ -355,9 +355,16 @@ def _since(raw: str | None) -> datetime | None:
 
 def _positive(raw: str) -> int:
     value = int(raw)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+    if not 1 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError("must be from 1 to 1000000")
     return value
+
+
+def _uuid(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not an id (a UUID)") from None
 
 
 def cmd_redrive(args: argparse.Namespace) -> int:
@@ -375,7 +382,7 @@ def cmd_redrive(args: argparse.Namespace) -> int:
     store = EntitlementStore(settings.database_url)
     try:
         if args.ids:
-            ids = [uuid.UUID(raw) for raw in args.ids]
+            ids = list(args.ids)
         else:
             ids = [letter.id for letter in read_model.dead_letters(args.limit, unresolved=True)]
         codes = CodeBook(settings.code_secret)
@@ -417,7 +424,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("entitlement_id")
     p.set_defaults(run=cmd_history)
     p = sub.add_parser("dead-letters", help="list webhooks that could not be mapped")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=_positive, default=100)
     p.set_defaults(run=cmd_dead_letters)
     p = sub.add_parser("webhooks", help="what became of accepted webhooks (receipts)")
     p.add_argument("receipt_id", nargs="?", help="show one, with the webhook as received")
@@ -433,8 +440,10 @@ def parser() -> argparse.ArgumentParser:
         "redrive", help="re-process dead letters after fixing the catalog (all unresolved, or ids)"
     )
     p.add_argument("--config", default="entitle.yaml", help="configuration file (YAML)")
-    p.add_argument("--limit", type=int, default=10_000)
-    p.add_argument("ids", nargs="*", help="dead letter ids (default: every unresolved one)")
+    p.add_argument("--limit", type=_positive, default=10_000)
+    p.add_argument(
+        "ids", nargs="*", type=_uuid, help="dead letter ids (default: every unresolved one)"
+    )
     p.set_defaults(run=cmd_redrive)
     stripe_cmd = sub.add_parser("stripe", help="Stripe's API, with a source's api_key")
     stripe_sub = stripe_cmd.add_subparsers(dest="stripe_command", required=True)

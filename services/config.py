@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from collections.abc import Mapping
@@ -30,7 +31,7 @@ class _SourceFile(BaseModel):
     secret: SecretStr | None = None
     secret_env: str | None = None
     username: str | None = None
-    tolerance_seconds: float | None = Field(default=None, gt=0)
+    tolerance_seconds: float | None = Field(default=None, gt=0, le=86400)
     webhook_id: str | None = None
     api_key: SecretStr | None = None
     api_key_env: str | None = None
@@ -186,7 +187,7 @@ def parse_config(
             raise ConfigError(
                 f"{origin}: source {name!r} names provider {source.provider!r}; known: {known}"
             )
-        missing = [need for need in provider.needs if getattr(source, need) is None]
+        missing = [need for need in provider.needs if not getattr(source, need)]  # "" too
         unsigned = source.allow_unsigned
         no_secret = source.secret is None and source.secret_env is None
         if not unsigned and no_secret and provider.secret_required:
@@ -329,14 +330,30 @@ def _number(variable: str, default: float, least: float) -> float:
         value = int(raw) if isinstance(default, int) else float(raw)
     except ValueError:
         value = None
-    if value is None or not value >= least:
+    if value is None or not least <= value <= 10**9:  # inf and nan too
         kind = "an integer" if isinstance(default, int) else "a number"
-        raise ConfigError(f"{variable} must be {kind} of at least {least:g}, not {raw!r}")
+        raise ConfigError(f"{variable} must be {kind} from {least:g} to 1e9, not {raw!r}")
     return value
 
 
-def _flag(value: str) -> bool:
-    return value.strip().lower() in ("1", "true", "yes", "y", "on")
+def _flag(value: str, variable: str) -> bool:
+    word = value.strip().lower()
+    if word not in ("1", "true", "yes", "y", "on", "0", "false", "no", "n", "off", ""):
+        raise ConfigError(f"{variable} must be true or false, not {value!r}")
+    return word in ("1", "true", "yes", "y", "on")
+
+
+def _proxies(value: str) -> str:
+    """ENTITLE_TRUSTED_PROXIES: "*", or addresses and networks, comma-separated."""
+    for entry in (e.strip() for e in value.split(",")):
+        if entry and entry != "*":
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"ENTITLE_TRUSTED_PROXIES: {entry!r} is no address or network"
+                ) from None
+    return value
 
 
 @dataclass(frozen=True)
@@ -380,15 +397,17 @@ class Settings:
             kafka_bootstrap=bootstrap,
             database_url=os.environ.get("ENTITLE_DATABASE_URL")
             or f"sqlite:///{data_dir / 'entitle.db'}",
-            kafka_idempotence=_flag(idempotence),
+            kafka_idempotence=_flag(idempotence, "ENTITLE_KAFKA_IDEMPOTENCE"),
             raw_partitions=int(_number("ENTITLE_RAW_PARTITIONS", 8, least=1)),
             domain_batch=int(_number("ENTITLE_DOMAIN_BATCH", 500, least=1)),
             schedule_interval=_number("ENTITLE_SCHEDULE_INTERVAL", 1.0, least=0.01),
             aggregate_cache=int(_number("ENTITLE_AGGREGATE_CACHE", 10_000, least=0)),
             code_secret=load_secret(data_dir),
             license_key=load_secret(data_dir, env="ENTITLE_LICENSE_KEY", file_name="license-key"),
-            trusted_proxies=os.environ.get("ENTITLE_TRUSTED_PROXIES", "127.0.0.1"),
-            kafka_topic_ids=_flag(os.environ.get("ENTITLE_KAFKA_TOPIC_IDS", "true")),
+            trusted_proxies=_proxies(os.environ.get("ENTITLE_TRUSTED_PROXIES", "127.0.0.1")),
+            kafka_topic_ids=_flag(
+                os.environ.get("ENTITLE_KAFKA_TOPIC_IDS", "true"), "ENTITLE_KAFKA_TOPIC_IDS"
+            ),
             stripe_api_base=os.environ.get("ENTITLE_STRIPE_API_BASE") or None,
             kafka_session_timeout=_number("ENTITLE_KAFKA_SESSION_TIMEOUT", 6.0, least=0.1),
             instance=os.environ.get("ENTITLE_INSTANCE") or None,

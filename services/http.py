@@ -4,12 +4,13 @@ rate limits per client, and access logs without credentials."""
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import math
 import re
 import threading
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TypeVar
 from urllib.parse import quote, unquote_plus
 
@@ -130,9 +131,23 @@ def rate_limited(wait: float, detail: str = "too many requests; slow down") -> H
 
 
 def client_address(scope: Scope) -> str:
-    """The client's address (behind a trusted proxy, the one it forwarded)."""
+    """Who the client is, as the rate limits count it: its address (behind
+    a trusted proxy, the one it forwarded) written one way ("2001:DB8::7",
+    "2001:db8:0:0:0:0:0:7" and "::ffff:6.6.6.9" are not new clients), and
+    for IPv6 its /64, the least a site is given (RFC 6177): a client
+    choosing addresses in its own network is still one client."""
     client = scope.get("client")
-    return str(client[0]) if client else "?"
+    if not client:
+        return "?"
+    try:
+        address = ipaddress.ip_address(str(client[0]))
+    except ValueError:
+        return str(client[0])
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 class HTTPError(Exception):
@@ -159,9 +174,12 @@ def aware_time(raw: str) -> datetime | None:
     is not one (a time without offset included)."""
     try:
         value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
+        if value.tzinfo is None:
+            return None
+        # In UTC it must still be a date ("0001-01-01T00:00:00+14:00" is not).
+        return value.astimezone(UTC)
+    except (ValueError, OverflowError):
         return None
-    return value if value.tzinfo is not None else None
 
 
 #: The most an API request's JSON body may take (a code, a fingerprint, a

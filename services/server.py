@@ -51,11 +51,12 @@ class HttpLimits:
             if raw is None:
                 return value
             try:
-                parsed = float(raw)
+                parsed = int(raw) if isinstance(value, int) else float(raw)
             except ValueError:
                 parsed = 0
-            if not parsed > 0:
-                raise ConfigError(f"ENTITLE_HTTP_{name} must be a positive number, not {raw!r}")
+            if not 0 < parsed <= 10**12:  # inf and nan too
+                kind = "an integer" if isinstance(value, int) else "a number"
+                raise ConfigError(f"ENTITLE_HTTP_{name} must be {kind} above 0, not {raw!r}")
             return parsed
 
         return cls(

@@ -44,6 +44,8 @@ def test_secrets_do_not_show_in_reprs() -> None:
         ("surprise: 1", "surprise"),
         ("sources: [", "not valid YAML"),
         ("sources: {z: {provider: zenofy}}", "allow_unsigned: true"),
+        ("sources: {p: {provider: paypal, webhook_id: ''}}", "needs webhook_id"),
+        ("sources: {s: {provider: stripe, secret: x, tolerance_seconds: 1e400}}", "tolerance"),
         ("sources: {z: {provider: zenofy, secret: ''}}", "the secret is empty"),
         ("sources: {s: {provider: stripe, secret: '  '}}", "the secret is empty"),
         ("sources: {s: {provider: standard, secret: whsec_}}", "key is empty"),
@@ -84,6 +86,11 @@ def test_rate_limits_have_defaults_and_can_be_set() -> None:
         ("ENTITLE_SCHEDULE_INTERVAL", "-1"),
         ("ENTITLE_AGGREGATE_CACHE", "1.5"),
         ("ENTITLE_KAFKA_SESSION_TIMEOUT", "abc"),
+        ("ENTITLE_KAFKA_SESSION_TIMEOUT", "inf"),
+        ("ENTITLE_SCHEDULE_INTERVAL", "nan"),
+        ("ENTITLE_KAFKA_TOPIC_IDS", "maybe"),
+        ("ENTITLE_TRUSTED_PROXIES", "10.0.0.0/33"),
+        ("ENTITLE_TRUSTED_PROXIES", "127.0.0.1,garbage"),
     ],
 )
 def test_a_setting_that_is_no_usable_number_is_named(
@@ -94,3 +101,23 @@ def test_a_setting_that_is_no_usable_number_is_named(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError, match=variable):
         Settings.from_env(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("ENTITLE_HTTP_MAX_HEADER_BYTES", "inf"),
+        ("ENTITLE_HTTP_MAX_CONNECTIONS", "1e400"),
+        ("ENTITLE_HTTP_MAX_CONNECTIONS", "1.5"),
+        ("ENTITLE_HTTP_HEADER_TIMEOUT", "1e400"),
+        ("ENTITLE_HTTP_BODY_TIMEOUT", "0"),
+    ],
+)
+def test_an_http_limit_that_is_no_usable_number_is_named(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    from services.server import HttpLimits
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=variable):
+        HttpLimits.from_env()

@@ -95,6 +95,9 @@ def test_no_bad_input_to_any_route_is_a_server_error(stack: Entitle, tmp_path: P
         "?unknown=1",
         "?activation_code=%00",
         "?as_of=9999-99-99",
+        "?since=0001-01-01T00:00:00%2B14:00",
+        "?since=9999-12-31T23:59:59-14:00",
+        "?limit=9223372036854775808",
     ]
     auths: list[dict[str, Any]] = [{}, {"Authorization": b"Bearer \xe9\xff"}]
     failures = []

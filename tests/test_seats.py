@@ -206,7 +206,7 @@ class Database:
 
 def client(stack: Entitle) -> httpx.Client:
     """A client at an address of its own (so its rate limits are its own)."""
-    address = f"2001:db8::{secrets.token_hex(2)}:{secrets.token_hex(2)}"
+    address = f"2001:db8:{secrets.token_hex(2)}:{secrets.token_hex(2)}::1"  # a /64 of its own
     return httpx.Client(base_url=stack.url, headers={"X-Forwarded-For": address})
 
 
@@ -505,3 +505,22 @@ def test_masking_uses_the_real_access_logger() -> None:
         assert "ABCDE" not in line and "abcde" not in line and secret[3:12] not in line, line
     assert lines[0] == '1.2.3.4:5 - "GET /v1/portal?activation%5Fcode=7K3QD… HTTP/1.1" 200'
     assert lines[4] == '1.2.3.4:5 - "GET /v1/activations/es_…/heartbeat HTTP/1.1" 200'
+
+
+@pytest.mark.parametrize(
+    ("spellings", "same"),
+    [
+        (["2001:db8::7", "2001:DB8::7", "2001:db8:0:0:0:0:0:7"], True),
+        (["2001:db8::7", "2001:db8::ffff:1"], True),  # one /64: one client
+        (["6.6.6.9", "::ffff:6.6.6.9"], True),
+        (["2001:db8::7", "2001:db8:0:1::7"], False),
+        (["6.6.6.9", "6.6.6.10"], False),
+    ],
+)
+def test_rate_limits_count_a_client_however_its_address_is_written(
+    spellings: list[str], same: bool
+) -> None:
+    from services.http import client_address
+
+    keys = {client_address({"client": (address, 1)}) for address in spellings}
+    assert (len(keys) == 1) is same, keys

@@ -84,6 +84,19 @@ def test_an_unsigned_source_grants_but_cannot_end_anyone_s_license(tmp_path: Pat
             zenofy("subscription.suspended", "SUSPENDED", NOW - DAY, NOW + MONTH),
             zenofy("subscription.activated", "ACTIVE", NOW - MONTH, NOW - DAY),
             zenofy("subscription.renewed", "ACTIVE", NOW - MONTH, NOW - DAY),
+            # Dated years ahead, it would outrank every real update to come.
+            send(
+                "zenofy",
+                ze.event(
+                    "subscription.activated",
+                    "z1",
+                    "ACTIVE",
+                    NOW - DAY,
+                    NOW + MONTH,
+                    NOW + 5 * 365 * DAY,
+                    email="victim@example.com",
+                ),
+            ),
             unmapped(sw.subscription("sub_v", "canceled", NOW - DAY, NOW + MONTH, NOW + 2)),
             *(
                 unmapped(sw.subscription("sub_v", status, NOW - DAY, NOW + MONTH, NOW + 3))

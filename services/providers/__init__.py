@@ -9,7 +9,7 @@ import hmac
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from domain.catalog import Catalog
@@ -229,6 +229,8 @@ def _problem(value: Any) -> tuple[list[str], str] | None:
 #: naming any customer's e-mail, so nothing that ends, suspends, refunds or
 #: writes off access is taken from it.
 _UNSIGNED_STATUSES = frozenset({"pending", "trialing", "active"})
+#: How far ahead of our clock an unsigned source's event time may be.
+UNSIGNED_CLOCK_SKEW = timedelta(minutes=10)
 
 
 def unsigned_refusal(commands: list[Command], now: datetime) -> str | None:
@@ -238,7 +240,10 @@ def unsigned_refusal(commands: list[Command], now: datetime) -> str | None:
         fact = command.fact
         kind = fact["kind"]
         ends = [fact.get("end"), *(line.get("end") for line in fact.get("lines", {}).values())]
-        if kind not in ("payment", "subscription"):
+        if command.occurred_at > now + UNSIGNED_CLOCK_SKEW:
+            # Dated ahead, it would rank above every real snapshot to come.
+            what = f"an event dated {command.occurred_at.isoformat()}, in the future"
+        elif kind not in ("payment", "subscription"):
             what = f"a {kind.replace('_', ' ')!r} fact"
         elif kind == "subscription" and fact["status"] not in _UNSIGNED_STATUSES:
             what = f"a subscription that is {fact['status']!r}"
