@@ -32,7 +32,7 @@ from services.codes import CodeBook
 from services.config import AdminKey, Config
 from services.http import Buckets, HTTPError, authenticate, aware_time, busy, read_json
 from services.licensing import ValidationIndex
-from services.projector import entitlement_view, history_entry
+from services.projections import entitlement_view, history_entry
 from services.providers import has_control_character
 from services.readmodel import FILTERS, RECEIPT_FILTERS, ReadModel
 from services.store import EntitlementStore, StillChanging

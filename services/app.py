@@ -42,13 +42,7 @@ from services.kafka import (
     make_broker,
     topic_id,
 )
-from services.projector import (
-    LogBell,
-    PublicEventsProjection,
-    ReadModelProjection,
-    follow,
-    listen,
-)
+from services.projections import LogBell, follow, listen, projections
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
 from services.stripe_api import StripeAPI, backfill
@@ -261,10 +255,7 @@ def build_app(
                     "listener",
                     functools.partial(listen, settings.database_url, channel, bell, stop),
                 )
-            for projection in (
-                ReadModelProjection(read_model),
-                PublicEventsProjection(read_model, broker),
-            ):
+            for projection in projections(read_model, broker):
                 loop = functools.partial(follow, store, projection, stop, bell=bell)
                 keep(f"projection:{projection.name}", loop)
         if raw_log is not None:

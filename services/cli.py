@@ -172,7 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from services.projector import replay
+    from services.projections import replay
     from services.readmodel import ReadModel
     from services.store import EntitlementStore
 
@@ -189,7 +189,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from services.projector import history_entry
+    from services.projections import history_entry
     from services.store import EntitlementStore
 
     try:

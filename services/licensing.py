@@ -78,7 +78,7 @@ from services.http import (
     read_json,
     send_json,
 )
-from services.projector import entitlement_view
+from services.projections import entitlement_view
 from services.readmodel import ReadModel
 from services.store import EntitlementStore, StillChanging
 

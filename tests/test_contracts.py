@@ -23,8 +23,8 @@ def test_every_schema_file_is_published() -> None:
 def test_every_entitlement_event_has_a_published_type() -> None:
     """A new domain event must be added to `EventType` (or be `noted`, which
     stays in the history), or the public topic would silently lack it."""
-    from domain.entitlement import Entitlement
-    from services.projector import PUBLIC_TYPES, event_type
+    from domain.entitlement import Entitlement, event_type
+    from services.projections import PUBLIC_TYPES
 
     abstract = {Entitlement.Event, Entitlement.TermsChanged, Entitlement.StandingChanged}
     concrete = [

@@ -27,7 +27,7 @@ from services.codes import CodeBook
 from services.config import parse_config
 from services.fold import DomainService
 from services.kafka import ensure_topics, make_broker
-from services.projector import (
+from services.projections import (
     READ_MODEL,
     Follower,
     PublicEventsProjection,

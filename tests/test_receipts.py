@@ -17,7 +17,7 @@ from domain.dead_letter import DeadLetter, dead_letter_id
 from services.codes import CodeBook
 from services.config import Config, parse_config
 from services.fold import DomainService, Scheduler
-from services.projector import Follower, ReadModelProjection, project_batch, replay
+from services.projections import Follower, ReadModelProjection, project_batch, replay
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
 from tests import stripe_events as se

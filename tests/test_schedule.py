@@ -10,7 +10,7 @@ import pytest
 from domain.entitlement import Entitlement, Status, entitlement_id
 from services.config import parse_config
 from services.fold import DomainService, Scheduler
-from services.projector import Follower, ReadModelProjection
+from services.projections import Follower, ReadModelProjection
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
 from tests import stripe_events as se

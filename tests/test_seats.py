@@ -32,7 +32,7 @@ from domain.entitlement import (
 )
 from services.codes import SEAT_SECRET, new_seat_secret
 from services.http import MaskCodes
-from services.projector import entitlement_view
+from services.projections import entitlement_view
 from services.store import EntitlementStore
 from tests import stripe_events as se
 from tests.harness import Entitle, eventually

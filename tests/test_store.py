@@ -19,7 +19,7 @@ from services.codes import CodeBook
 from services.config import Config, parse_config
 from services.fold import DomainService
 from services.licensing import ValidationIndex
-from services.projector import (
+from services.projections import (
     READ_MODEL,
     Follower,
     LogBell,

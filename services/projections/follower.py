@@ -1,17 +1,13 @@
-"""Projectors: follow the event store's notification log, in order, each with
-its own position, and keep something else up to date from it.
+"""The one follower every projection shares: it reads the event store's
+notification log in order, folds each event onto its aggregate (a
+`Change`), and hands batches to a projection, which keeps its own position.
 
-- `ReadModelProjection` keeps the API's tables (position saved in the same
-  transaction, so exactly once; `entitle replay` rebuilds it from zero).
-- `PublicEventsProjection` publishes `entitle.entitlements.events` and
-  dead letters (position saved after the broker acknowledged, so at least
-  once; `event_id` lets consumers drop the rare duplicate).
-
-Both read the log by position: eventsourcing cannot subscribe to an SQLite
-store, and one code path for both stores is easier to trust. PostgreSQL's
-table lock on insert makes notification ids commit in order, so reading after
-a position never skips one. On PostgreSQL a `LogBell` rung by the NOTIFY that
-comes with every insert wakes them at once; on SQLite they poll.
+Projections read the log by position: eventsourcing cannot subscribe to an
+SQLite store, and one code path for both stores is easier to trust.
+PostgreSQL's table lock on insert makes notification ids commit in order,
+so reading after a position never skips one. On PostgreSQL a `LogBell` rung
+by the NOTIFY that comes with every insert wakes them at once; on SQLite
+they poll.
 """
 
 from __future__ import annotations
@@ -23,45 +19,30 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, get_args
-from uuid import UUID, uuid5
+from uuid import UUID
 
 import anyio
 import psycopg
 from eventsourcing.persistence import Notification
-from faststream.kafka import KafkaBroker
 from psycopg.sql import SQL, Identifier
 
 from contracts.api import (
-    ActivationCodeView,
-    DeadLetterView,
     EntitlementView,
-    HistoryEntry,
     ProjectionErrorView,
     ReceiptView,
-    SeatView,
-    UsagePeriodView,
 )
 from contracts.events import (
-    EVENTS_TOPIC,
-    CauseV1,
-    CustomerV1,
-    EntitlementEventV1,
-    EntitlementV1,
     EventType,
 )
-from contracts.webhooks import DEAD_LETTER_TOPIC, DeadLetterV1, RawWebhookV1
 from domain.dead_letter import DeadLetter
-from domain.entitlement import NAMESPACE, Cause, Entitlement, Status, event_type
+from domain.entitlement import Cause, Entitlement, event_type
 from services.health import describe, transient
+from services.projections.views import entitlement_view, receipt_view
 from services.readmodel import Delivered, ReadModel, Resolution
 from services.store import EntitlementStore
 
 log = logging.getLogger("entitle.projector")
 
-# Versioned with the read model's tables: a new schema rebuilds from zero.
-# v5: seats whose code was revoked before revoking released them are not shown.
-READ_MODEL = "read-model-v5"
-PUBLIC_EVENTS = "public-events"
 _ENTITLEMENT_TOPIC = "domain.entitlement:Entitlement"
 _DEAD_LETTER_TOPIC = "domain.dead_letter:DeadLetter"
 _RECEIPTS_TOPIC = "domain.receipt:Receipts.Recorded"
@@ -74,105 +55,8 @@ _PROJECTED = (
     _RESOLVED_TOPIC,
     _DELIVERED_TOPIC,
 )
-# The public topic carries the entitlement without its activation code.
-_PUBLIC_FIELDS = set(EntitlementV1.model_fields)
+#: The event types that go on the public topic (the contract's list).
 PUBLIC_TYPES = frozenset(get_args(EventType))
-_BASE_FIELDS = {
-    "originator_id",
-    "originator_version",
-    "timestamp",
-    "originator_topic",
-    "cause",
-    "occurred_at",
-}
-
-
-def history_entry(event: Any) -> HistoryEntry:
-    data = {k: v for k, v in vars(event).items() if k not in _BASE_FIELDS}
-    cause = getattr(event, "cause", None)
-    return HistoryEntry(
-        version=event.originator_version,
-        type=event_type(event),
-        recorded_at=event.timestamp,
-        occurred_at=getattr(event, "occurred_at", None),
-        cause=CauseV1(**cause) if cause else None,
-        data={k: (str(v) if isinstance(v, UUID) else v) for k, v in data.items()},
-    )
-
-
-def entitlement_view(entitlement: Entitlement) -> EntitlementView:
-    return EntitlementView(
-        id=entitlement.id,
-        source=entitlement.source,
-        order_ref=entitlement.order_ref,
-        offering=entitlement.sku,
-        product=entitlement.product,
-        status=entitlement.status.value,
-        features=entitlement.features,
-        limits=entitlement.limits,
-        seats=entitlement.seats,
-        quantity=entitlement.quantity,
-        period_start=entitlement.period_start,
-        period_end=entitlement.period_end,
-        customer=CustomerV1(id=entitlement.customer_id, email=entitlement.customer_email),
-        status_reason=entitlement.reason,
-        canceled_reason=entitlement.reason if entitlement.status is Status.CANCELED else None,
-        trial=entitlement.trial,
-        overdue=entitlement.overdue,
-        cancel_at=entitlement.cancel_at,
-        # Only which codes exist: the codes themselves are never stored.
-        activation_codes=[ActivationCodeView(index=i) for i in sorted(entitlement.codes.values())],
-        usage=sorted(
-            (
-                UsagePeriodView(
-                    period_start=period["period_start"],
-                    period_end=period["period_end"],
-                    metrics=dict(period["metrics"]),
-                )
-                for period in entitlement.usage.values()
-            ),
-            key=lambda p: (p.period_start is not None, p.period_start),
-        ),
-        activations=sorted(
-            (
-                SeatView(
-                    id=seat_id,
-                    fingerprint=seat["fingerprint"],
-                    label=seat["label"],
-                    activated_at=seat["activated_at"],
-                    lease_until=seat.get("lease_until"),
-                )
-                for seat_id, seat in entitlement.held_seats().items()
-            ),
-            key=lambda seat: seat.activated_at,
-        ),
-        sequence=entitlement.version,
-        due_at=entitlement.due_at,
-        created_at=entitlement.created_on,
-        updated_at=entitlement.modified_on,
-    )
-
-
-def dead_letter_view(letter: DeadLetter) -> DeadLetterView:
-    return DeadLetterView(
-        id=letter.id,
-        source=letter.source,
-        provider=letter.provider,
-        provider_event_id=letter.provider_event_id,
-        reason=letter.reason,
-        recorded_at=letter.created_on,
-        receipt_id=str(letter.webhook.get("receipt_id", "")),
-        resolved_at=letter.resolved_at,
-    )
-
-
-def receipt_view(item: dict[str, Any], recorded_at: datetime) -> ReceiptView:
-    """A receipt as `domain.receipt.receipt()` made it, for the API."""
-    return ReceiptView(
-        id=item["receipt"],
-        recorded_at=recorded_at,
-        **{k: v for k, v in item.items() if k not in ("receipt", "waits_on")},
-    )
 
 
 def _inherited(event: Any) -> tuple[Delivered, ...]:
@@ -324,117 +208,6 @@ class Projection(Protocol):
     async def project(self, changes: list[Change], position: int) -> None: ...
 
 
-class ReadModelProjection:
-    name = READ_MODEL
-
-    def __init__(self, read_model: ReadModel) -> None:
-        self.read_model = read_model
-
-    def position(self) -> int:
-        return self.read_model.position(self.name)
-
-    def apply(self, changes: list[Change], position: int) -> None:
-        latest: dict[UUID, EntitlementView] = {}
-        codes: dict[UUID, tuple[str, ...]] = {}
-        letters: dict[UUID, DeadLetterView] = {}
-        receipts: list[tuple[ReceiptView, tuple[str, ...]]] = []
-        resolutions: list[Resolution] = []
-        delivered: list[Delivered] = []
-        for change in changes:
-            receipts += change.receipts
-            if change.resolution is not None:
-                resolutions.append(change.resolution)
-            delivered += change.delivered
-            if change.entitlement is not None:
-                latest[change.entitlement.id] = change.entitlement
-                codes[change.entitlement.id] = change.code_hashes
-            if change.dead_letter is not None:
-                letters[change.dead_letter.id] = dead_letter_view(change.dead_letter)
-        self.read_model.apply(
-            self.name,
-            position,
-            list(latest.values()),
-            list(letters.values()),
-            codes,
-            receipts,
-            delivered,
-            resolutions,
-        )
-
-    async def project(self, changes: list[Change], position: int) -> None:
-        await anyio.to_thread.run_sync(self.apply, changes, position)
-
-
-def public_event(change: Change) -> EntitlementEventV1:
-    event = change.event
-    view = change.entitlement
-    assert view is not None
-    return EntitlementEventV1(
-        event_id=uuid5(NAMESPACE, f"event\x1f{event.originator_id}\x1f{event.originator_version}"),
-        type=event_type(event),  # type: ignore[arg-type]
-        entitlement_id=event.originator_id,
-        sequence=event.originator_version,
-        occurred_at=event.occurred_at,
-        recorded_at=event.timestamp,
-        previous_status=change.previous_status,  # type: ignore[arg-type]
-        status=view.status,
-        cause=CauseV1(**event.cause),
-        entitlement=EntitlementV1.model_validate(view.model_dump(include=_PUBLIC_FIELDS)),
-    )
-
-
-def dead_letter_message(letter: DeadLetter) -> DeadLetterV1:
-    return DeadLetterV1(
-        id=str(letter.id),
-        source=letter.source,
-        provider=letter.provider,
-        provider_event_id=letter.provider_event_id,
-        reason=letter.reason,
-        recorded_at=letter.created_on,
-        webhook=RawWebhookV1.model_validate(letter.webhook),
-    )
-
-
-class PublicEventsProjection:
-    name = PUBLIC_EVENTS
-
-    def __init__(self, read_model: ReadModel, broker: KafkaBroker) -> None:
-        self.read_model = read_model
-        self.broker = broker
-
-    def position(self) -> int:
-        return self.read_model.position(self.name)
-
-    async def project(self, changes: list[Change], position: int) -> None:
-        sends = []
-        for change in changes:
-            if change.entitlement is not None and not change.public:
-                continue
-            if change.entitlement is not None:
-                message = public_event(change)
-                sends.append(
-                    self.broker.publish(
-                        message.model_dump_json().encode(),
-                        EVENTS_TOPIC,
-                        key=str(message.entitlement_id).encode(),
-                        headers={"content-type": "application/json", "ce-type": message.type},
-                    )
-                )
-            elif change.dead_letter is not None and change.event.originator_version == 1:
-                letter = dead_letter_message(change.dead_letter)
-                sends.append(
-                    self.broker.publish(
-                        letter.model_dump_json().encode(),
-                        DEAD_LETTER_TOPIC,
-                        key=letter.webhook.routing_key.encode() or None,
-                        headers={"content-type": "application/json"},
-                    )
-                )
-        # Every send must be acknowledged before the position moves past it.
-        await asyncio.gather(*sends)
-        await anyio.to_thread.run_sync(self.read_model.set_position, self.name, position)
-
-
 class LogBell:
     """Rung when the event log may have grown, so its followers read it at
     once instead of at their next poll."""
@@ -574,22 +347,3 @@ async def _one_by_one(projection: Projection, changes: list[Change], last: int) 
         )
         await anyio.to_thread.run_sync(projection.read_model.skip, projection.name, view)
     await projection.project([], last)
-
-
-def replay(store: EntitlementStore, read_model: ReadModel, batch_size: int = 1000) -> int:
-    """Rebuild the read model from the first event; returns events read."""
-    read_model.reset(READ_MODEL)
-    projection = ReadModelProjection(read_model)
-    follower = Follower(store)
-
-    async def run() -> int:
-        position, count = 0, 0
-        while True:
-            changes, last = follower.read(position, batch_size)
-            if last is None:
-                return count
-            await project_batch(projection, changes, last)
-            count += len(changes)
-            position = last
-
-    return asyncio.run(run())
