@@ -84,7 +84,7 @@ from contracts.events import EVENTS_TOPIC  # noqa: E402
 from contracts.webhooks import RAW_TOPIC  # noqa: E402
 from domain.entitlement import event_type  # noqa: E402
 from services.kafka import EmbeddedBroker, ensure_topics, free_port  # noqa: E402
-from services.projector import PUBLIC_EVENTS, PUBLIC_TYPES, READ_MODEL  # noqa: E402
+from services.projections import PUBLIC_EVENTS, PUBLIC_TYPES, READ_MODEL  # noqa: E402
 from services.readmodel import ReadModel  # noqa: E402
 from services.store import EntitlementStore  # noqa: E402
 from tests.harness import Proxy  # noqa: E402

@@ -51,7 +51,7 @@ from lifecycle import (  # noqa: E402
 )
 
 from services.kafka import EmbeddedBroker, ensure_topics  # noqa: E402
-from services.projector import READ_MODEL  # noqa: E402
+from services.projections import READ_MODEL  # noqa: E402
 
 ROLES = ("ingress", "domain", "projector", "api")
 LIMITS = """
