@@ -375,23 +375,21 @@ class DomainService:
                 payload = complete_invoice(payload, api)
             commands = source.provider.normalize(webhook.source, payload, self.config.catalog, now)
             check(commands)
-            refusal = unsigned_refusal(commands, now) if source.unsigned else None
-            if refusal is not None:
-                raise Unmappable(refusal)
+            reason: str | None = None
         except Unmappable as exc:
             try:
                 check(exc.commands)
             except Unmappable as bad:
                 return [], f"{bad.reason}; {exc.reason}", payload
-            # What did map is held to the same rule as a whole event.
-            refusal = unsigned_refusal(exc.commands, now) if source and source.unsigned else None
-            if refusal is not None:
-                return [], f"{refusal}; {exc.reason}", payload
-            return exc.commands, exc.reason, payload
+            commands, reason = exc.commands, exc.reason
         except Exception as exc:  # a provider adapter bug must not block the partition
             log.exception("cannot normalize webhook %s", webhook.receipt_id)
             return [], f"normalizing failed: {describe(exc)}", payload
-        return commands, None, payload
+        # What did map of a partly unmappable event is held to the same rule.
+        refusal = unsigned_refusal(commands, now) if source and source.unsigned else None
+        if refusal is not None:
+            return [], "; ".join(r for r in (refusal, reason) if r), payload
+        return commands, reason, payload
 
     def redrive(self, letter_ids: Sequence[UUID]) -> tuple[int, int]:
         """Re-process dead letters with today's catalog, exactly as if they
