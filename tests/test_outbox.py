@@ -149,8 +149,7 @@ def test_the_cli_lists_resends_and_recovers(
 ) -> None:
     endpoint = "5f0c6a3e-3a41-4b55-9a3c-8f7a9a9d3c11"
     webhooks = [
-        Job.of(endpoint, "webhook", f"m{n}", "t", "k", n, {"n": n}, ordered=False)
-        for n in range(3)
+        Job.of(endpoint, "webhook", f"m{n}", "t", "k", n, {"n": n}, ordered=False) for n in range(3)
     ]
     outbox.commit("p", webhooks, 1)
     records = outbox.jobs(channel=endpoint)
