@@ -137,7 +137,7 @@ def _equal(
     return clauses, params
 
 
-def _moment(value: datetime | None) -> str | None:
+def moment(value: datetime | None) -> str | None:
     """A fixed-width UTC timestamp, so text comparison is time comparison on
     both databases."""
     if value is None:
@@ -191,6 +191,19 @@ class ReadModel:
             local.execute("ROLLBACK")
             raise
         local.execute("COMMIT")
+
+    # Other tables in the same database (the outbox) share the plumbing.
+    def sql(self, statement: str) -> str:
+        """`statement` with `?` placeholders turned into the database's."""
+        return self._sql(statement)
+
+    def transaction(self, write: bool = True) -> Any:
+        """A cursor in one transaction (a context manager)."""
+        return self._transaction(write)
+
+    @property
+    def postgres(self) -> bool:
+        return self._postgres
 
     def _query(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._transaction(write=False) as cur:
@@ -266,7 +279,7 @@ class ReadModel:
                             view.provider_event_id,
                             view.order_ref,
                             view.outcome,
-                            _moment(view.received_at),
+                            moment(view.received_at),
                             int(view.waits_for is not None),
                             ",".join(waits_on) or None,
                             view.model_dump_json(exclude={"webhook"}),
@@ -312,7 +325,7 @@ class ReadModel:
                         view.status,
                         view.customer.email,
                         view.sequence,
-                        _moment(view.due_at),
+                        moment(view.due_at),
                         view.model_dump_json(),
                         position,
                     ),
@@ -401,7 +414,7 @@ class ReadModel:
                     error.version,
                     error.event_type,
                     error.error,
-                    _moment(error.recorded_at),
+                    moment(error.recorded_at),
                 ),
             )
             self.save_position(cur, name, error.position)
@@ -440,7 +453,7 @@ class ReadModel:
         clauses, params = _equal(filters, RECEIPT_FILTERS)
         if since is not None:
             clauses.append("received_at >= ?")
-            params.append(_moment(since))
+            params.append(moment(since))
         if cursor is not None:
             clauses.append("(received_at < ? OR (received_at = ? AND id < ?))")
             params += [cursor[0], cursor[0], cursor[1]]
@@ -479,7 +492,7 @@ class ReadModel:
             "SELECT body, waits_on FROM entitle_v3_receipts WHERE waiting = 1"
             " AND outcome = 'parked'"
             f" AND received_at < ? ORDER BY received_at LIMIT {int(limit)}",
-            (_moment(before),),
+            (moment(before),),
         )
         return [
             (ReceiptView.model_validate_json(body), waits_on.split(",") if waits_on else [])
@@ -540,7 +553,7 @@ class ReadModel:
         rows = self._query(
             "SELECT id FROM entitle_v3_entitlements WHERE due_at <= ?"
             f" ORDER BY due_at LIMIT {int(limit)}",
-            (_moment(now),),
+            (moment(now),),
         )
         return [row[0] for row in rows]
 

@@ -1,0 +1,686 @@
+"""The outbox: every outbound notification as a job, and the dispatcher
+that sends them.
+
+A projection saves its jobs in the same transaction as its position in the
+event log, and a job's id is derived from (channel, message), so a replayed
+or rebuilt log never enqueues a job twice. The dispatcher sends due jobs
+through the `Sender` of their kind, at least once: a send whose success was
+not recorded before a crash is sent again, with the same message id, which
+the receiver deduplicates on.
+
+A *channel* is one receiver (a webhook endpoint's id, ``mail``,
+``stripe:<source>``). Each channel has its own worker and its own limit of
+sends in flight, so a slow or failing receiver never slows another. A job
+marked `ordered` waits until every earlier job (by log position) of its
+channel with the same ordering key (an entitlement) succeeded or was given
+up: the wait is per entitlement, not per channel.
+
+Retries follow `RETRY_SCHEDULE` (seconds after each failed attempt, ±20 %
+jitter, a receiver's Retry-After honoured up to `RETRY_AFTER_CAP`); after
+the last one the job is `failed`. A channel that has done nothing but fail
+for `DISABLE_AFTER` is paused and its sender told (`Sender.disabled`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, Protocol
+from uuid import uuid5
+
+import anyio
+
+from domain.entitlement import NAMESPACE
+from services.health import sleep_unless
+from services.readmodel import ReadModel, moment
+from services.store import CREATE_LOCK
+
+log = logging.getLogger("entitle.outbound")
+
+#: Seconds to wait after the 1st, 2nd, … failed attempt (Standard Webhooks'
+#: and Svix's schedule); after the last, the job is given up (`failed`).
+RETRY_SCHEDULE: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
+JITTER = 0.2
+#: A receiver's Retry-After is honoured up to this many seconds.
+RETRY_AFTER_CAP = 36000.0
+#: A channel failing every attempt for this long is paused.
+DISABLE_AFTER = timedelta(days=5)
+#: Sends in flight per channel.
+CONCURRENCY = 64
+
+JobStatus = Literal["pending", "succeeded", "failed"]
+
+_TABLES = [
+    """CREATE TABLE IF NOT EXISTS entitle_outbox_jobs (
+        id TEXT PRIMARY KEY,
+        channel TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        ordering_key TEXT NOT NULL,
+        ordered INTEGER NOT NULL,
+        seq BIGINT NOT NULL,
+        payload TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        last_status_code INTEGER,
+        last_error TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS entitle_outbox_due ON entitle_outbox_jobs (status, next_at)",
+    "CREATE INDEX IF NOT EXISTS entitle_outbox_chan"
+    " ON entitle_outbox_jobs (channel, status, next_at)",
+    "CREATE INDEX IF NOT EXISTS entitle_outbox_order"
+    " ON entitle_outbox_jobs (channel, ordering_key, status, seq)",
+    "CREATE INDEX IF NOT EXISTS entitle_outbox_list ON entitle_outbox_jobs (channel, seq, id)",
+    """CREATE TABLE IF NOT EXISTS entitle_outbox_attempts (
+        job_id TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        at TEXT NOT NULL,
+        status_code INTEGER,
+        latency_ms DOUBLE PRECISION NOT NULL,
+        answer TEXT NOT NULL,
+        error TEXT,
+        PRIMARY KEY (job_id, n)
+    )""",
+    # Per channel: paused (a disabled endpoint) and since when it fails.
+    """CREATE TABLE IF NOT EXISTS entitle_outbox_channels (
+        channel TEXT PRIMARY KEY,
+        paused INTEGER NOT NULL DEFAULT 0,
+        failing_since TEXT,
+        last_success_at TEXT
+    )""",
+]
+
+
+def job_id(channel: str, message_id: str) -> str:
+    """The job's id: the same for the same message to the same channel."""
+    return str(uuid5(NAMESPACE, f"job\x1f{channel}\x1f{message_id}"))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One message to one channel. `payload` is JSON-able and never holds
+    an activation code or a secret: senders derive those at send time."""
+
+    id: str
+    channel: str
+    kind: str
+    message_id: str
+    type: str
+    ordering_key: str
+    ordered: bool
+    seq: int
+    payload: dict[str, Any]
+    attempts: int = 0
+    created_at: datetime | None = None
+
+    @classmethod
+    def of(
+        cls,
+        channel: str,
+        kind: str,
+        message_id: str,
+        type: str,
+        ordering_key: str,
+        seq: int,
+        payload: dict[str, Any],
+        ordered: bool = True,
+    ) -> Job:
+        return cls(
+            job_id(channel, message_id),
+            channel,
+            kind,
+            message_id,
+            type,
+            ordering_key,
+            ordered,
+            seq,
+            payload,
+        )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt came to."""
+
+    ok: bool
+    #: HTTP status or SMTP reply code, when the receiver answered.
+    status_code: int | None = None
+    #: The first 1 KB of the receiver's answer.
+    answer: str = ""
+    #: Why it failed, without secrets.
+    error: str | None = None
+    #: Seconds the receiver asked us to wait (Retry-After).
+    retry_after: float | None = None
+    #: The receiver said never again (HTTP 410): pause the channel.
+    disable: bool = False
+    #: Retrying cannot help: give the job up now.
+    permanent: bool = False
+
+
+class Sender(Protocol):
+    kind: str
+
+    async def send(self, job: Job) -> Outcome:
+        """Attempt `job` once; a receiver's fault is an `Outcome`, not an exception."""
+        ...
+
+
+@dataclass(frozen=True)
+class Attempt:
+    n: int
+    at: datetime
+    status_code: int | None
+    latency_ms: float
+    answer: str
+    error: str | None
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job as the operations API shows it, with its attempts."""
+
+    job: Job
+    status: JobStatus
+    next_at: datetime | None
+    updated_at: datetime
+    last_status_code: int | None
+    last_error: str | None
+    attempts: list[Attempt] = field(default_factory=list)
+
+
+def next_delay(
+    attempts: int,
+    retry_after: float | None,
+    schedule: Sequence[float] = RETRY_SCHEDULE,
+    rand: Callable[[], float] = random.random,
+) -> float | None:
+    """Seconds until the next attempt after `attempts` failed ones, or None
+    when the schedule is spent: the scheduled wait ±`JITTER`, at least the
+    receiver's Retry-After (capped at `RETRY_AFTER_CAP`)."""
+    if attempts > len(schedule):
+        return None
+    delay = schedule[attempts - 1] * (1 + JITTER * (2 * rand() - 1))
+    if retry_after is not None and retry_after > 0:
+        delay = max(delay, min(retry_after, RETRY_AFTER_CAP))
+    return delay
+
+
+def _time(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+
+
+_JOB_COLUMNS = (
+    "id, channel, kind, message_id, type, ordering_key, ordered, seq, payload, attempts, created_at"
+)
+
+
+def _job(row: Sequence[Any]) -> Job:
+    return Job(
+        row[0],
+        row[1],
+        row[2],
+        row[3],
+        row[4],
+        row[5],
+        bool(row[6]),
+        int(row[7]),
+        json.loads(row[8]),
+        int(row[9]),
+        _time(row[10]),
+    )
+
+
+class Outbox:
+    """The jobs, their attempts and the channels' state, in the read
+    model's database."""
+
+    def __init__(self, read_model: ReadModel) -> None:
+        self.read_model = read_model
+        self._sql = read_model.sql
+        with read_model.transaction() as cur:
+            if read_model.postgres:
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (CREATE_LOCK,))
+            for statement in _TABLES:
+                cur.execute(statement)
+
+    # -- what projections write -------------------------------------------
+
+    def commit(
+        self,
+        projection: str,
+        jobs: Sequence[Job],
+        position: int,
+        also: Callable[[Any], None] | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        """In one transaction: add `jobs` (a job id already there is left as
+        it is), run `also(cursor)` for the projection's own tables, and save
+        the projection's position."""
+        at = moment(now or datetime.now(UTC))
+        with self.read_model.transaction() as cur:
+            if jobs:
+                cur.executemany(
+                    self._sql(
+                        "INSERT INTO entitle_outbox_jobs (id, channel, kind, message_id, type,"
+                        " ordering_key, ordered, seq, payload, status, attempts, next_at,"
+                        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending',"
+                        " 0, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+                    ),
+                    [
+                        (
+                            job.id,
+                            job.channel,
+                            job.kind,
+                            job.message_id,
+                            job.type,
+                            job.ordering_key,
+                            int(job.ordered),
+                            job.seq,
+                            json.dumps(job.payload, default=str),
+                            at,
+                            at,
+                            at,
+                        )
+                        for job in jobs
+                    ],
+                )
+            if also is not None:
+                also(cur)
+            self.read_model.save_position(cur, projection, position)
+
+    def pause(self, cur: Any, channel: str, paused: bool) -> None:
+        """Pause (or resume) a channel, in the caller's transaction."""
+        cur.execute(
+            self._sql(
+                "INSERT INTO entitle_outbox_channels (channel, paused) VALUES (?, ?)"
+                " ON CONFLICT (channel) DO UPDATE SET paused = excluded.paused,"
+                " failing_since = CASE WHEN excluded.paused = 0 THEN NULL"
+                " ELSE entitle_outbox_channels.failing_since END"
+            ),
+            (channel, int(paused)),
+        )
+
+    def add(self, jobs: Sequence[Job], now: datetime | None = None) -> None:
+        """Add jobs outside any projection (a test ping)."""
+        at = moment(now or datetime.now(UTC))
+        with self.read_model.transaction() as cur:
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO entitle_outbox_jobs (id, channel, kind, message_id, type,"
+                    " ordering_key, ordered, seq, payload, status, attempts, next_at,"
+                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending',"
+                    " 0, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+                ),
+                [
+                    (
+                        job.id,
+                        job.channel,
+                        job.kind,
+                        job.message_id,
+                        job.type,
+                        job.ordering_key,
+                        int(job.ordered),
+                        job.seq,
+                        json.dumps(job.payload, default=str),
+                        at,
+                        at,
+                        at,
+                    )
+                    for job in jobs
+                ],
+            )
+
+    # -- what the dispatcher reads and writes ---------------------------------
+
+    def due_channels(self, now: datetime) -> list[tuple[str, str]]:
+        """(channel, kind) of every unpaused channel with a job due."""
+        with self.read_model.transaction(write=False) as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT DISTINCT j.channel, j.kind FROM entitle_outbox_jobs j"
+                    " LEFT JOIN entitle_outbox_channels c ON c.channel = j.channel"
+                    " WHERE j.status = 'pending' AND j.next_at <= ?"
+                    " AND (c.paused IS NULL OR c.paused = 0)"
+                ),
+                (moment(now),),
+            )
+            return [(row[0], row[1]) for row in cur.fetchall()]
+
+    def due(self, channel: str, now: datetime, limit: int, busy: Sequence[str] = ()) -> list[Job]:
+        """Up to `limit` jobs of `channel` due at `now`, oldest first, none in
+        `busy` and none ordered behind an unfinished job of its key."""
+        skip = f" AND j.id NOT IN ({', '.join('?' * len(busy))})" if busy else ""
+        with self.read_model.transaction(write=False) as cur:
+            cur.execute(
+                self._sql(
+                    f"SELECT {', '.join('j.' + c for c in _JOB_COLUMNS.split(', '))}"
+                    " FROM entitle_outbox_jobs j"
+                    " WHERE j.channel = ? AND j.status = 'pending' AND j.next_at <= ?" + skip + ""
+                    " AND (j.ordered = 0 OR NOT EXISTS (SELECT 1 FROM entitle_outbox_jobs p"
+                    " WHERE p.channel = j.channel AND p.ordering_key = j.ordering_key"
+                    " AND p.status = 'pending'"
+                    " AND (p.seq < j.seq OR (p.seq = j.seq AND p.id < j.id))))"
+                    f" ORDER BY j.seq, j.id LIMIT {int(limit)}"
+                ),
+                (channel, moment(now), *busy),
+            )
+            return [_job(row) for row in cur.fetchall()]
+
+    def record(
+        self,
+        results: Sequence[tuple[Job, Outcome, datetime, float]],
+        schedule: Sequence[float] = RETRY_SCHEDULE,
+        disable_after: timedelta = DISABLE_AFTER,
+    ) -> list[tuple[str, str]]:
+        """Record attempts (job, outcome, when, latency in ms) in one
+        transaction: each job succeeded, given up, or due again later.
+        Returns the channels to disable, each with the reason."""
+        disable: dict[str, str] = {}
+        with self.read_model.transaction() as cur:
+            for job, outcome, at, latency in results:
+                n = job.attempts + 1
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO entitle_outbox_attempts (job_id, n, at, status_code,"
+                        " latency_ms, answer, error) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                        " ON CONFLICT (job_id, n) DO NOTHING"
+                    ),
+                    (
+                        job.id,
+                        n,
+                        moment(at),
+                        outcome.status_code,
+                        latency,
+                        outcome.answer[:1024],
+                        outcome.error,
+                    ),
+                )
+                status: JobStatus = "succeeded"
+                next_at = at
+                if not outcome.ok:
+                    delay = (
+                        None if outcome.permanent else next_delay(n, outcome.retry_after, schedule)
+                    )
+                    status = "pending" if delay is not None else "failed"
+                    next_at = at + timedelta(seconds=delay or 0)
+                cur.execute(
+                    self._sql(
+                        "UPDATE entitle_outbox_jobs SET status = ?, attempts = ?, next_at = ?,"
+                        " updated_at = ?, last_status_code = ?, last_error = ? WHERE id = ?"
+                    ),
+                    (
+                        status,
+                        n,
+                        moment(next_at),
+                        moment(at),
+                        outcome.status_code,
+                        outcome.error,
+                        job.id,
+                    ),
+                )
+                if outcome.ok:
+                    cur.execute(
+                        self._sql(
+                            "INSERT INTO entitle_outbox_channels (channel, last_success_at)"
+                            " VALUES (?, ?) ON CONFLICT (channel) DO UPDATE SET"
+                            " failing_since = NULL, last_success_at = excluded.last_success_at"
+                        ),
+                        (job.channel, moment(at)),
+                    )
+                    continue
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO entitle_outbox_channels (channel, failing_since)"
+                        " VALUES (?, ?) ON CONFLICT (channel) DO UPDATE SET failing_since ="
+                        " COALESCE(entitle_outbox_channels.failing_since, excluded.failing_since)"
+                    ),
+                    (job.channel, moment(at)),
+                )
+                if outcome.disable:
+                    disable[job.channel] = f"the receiver answered {outcome.status_code} (gone)"
+                    continue
+                cur.execute(
+                    self._sql(
+                        "SELECT failing_since FROM entitle_outbox_channels WHERE channel = ?"
+                    ),
+                    (job.channel,),
+                )
+                since = _time(cur.fetchone()[0])
+                if since is not None and at - since >= disable_after:
+                    days = disable_after.total_seconds() / 86400
+                    disable[job.channel] = f"every attempt failed for {days:g} days"
+            for channel in disable:
+                self.pause(cur, channel, True)
+        return sorted(disable.items())
+
+    # -- what operators read and do ----------------------------------------
+
+    def jobs(
+        self,
+        channel: str | None = None,
+        kind: str | None = None,
+        status: str | None = None,
+        after: tuple[int, str] | None = None,
+        limit: int = 100,
+    ) -> list[JobRecord]:
+        """Jobs, oldest first (by log position, then id), after the cursor
+        `after` = (seq, id), with their attempts."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (("channel", channel), ("kind", kind), ("status", status)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if after is not None:
+            clauses.append("(seq > ? OR (seq = ? AND id > ?))")
+            params += [after[0], after[0], after[1]]
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self.read_model.transaction(write=False) as cur:
+            cur.execute(
+                self._sql(
+                    f"SELECT {_JOB_COLUMNS}, status, next_at, updated_at, last_status_code,"
+                    f" last_error FROM entitle_outbox_jobs{where}"
+                    f" ORDER BY seq, id LIMIT {int(limit)}"
+                ),
+                params,
+            )
+            rows = cur.fetchall()
+            records = [
+                JobRecord(
+                    _job(row),
+                    row[11],
+                    _time(row[12]) if row[11] == "pending" else None,
+                    _time(row[13]) or datetime.now(UTC),
+                    row[14],
+                    row[15],
+                )
+                for row in rows
+            ]
+            if records:
+                cur.execute(
+                    self._sql(
+                        "SELECT job_id, n, at, status_code, latency_ms, answer, error"
+                        " FROM entitle_outbox_attempts WHERE job_id IN"
+                        f" ({', '.join('?' * len(records))}) ORDER BY job_id, n"
+                    ),
+                    [r.job.id for r in records],
+                )
+                by_job: dict[str, list[Attempt]] = {}
+                for a in cur.fetchall():
+                    by_job.setdefault(a[0], []).append(
+                        Attempt(a[1], _time(a[2]) or datetime.now(UTC), a[3], a[4], a[5], a[6])
+                    )
+                for record in records:
+                    record.attempts.extend(by_job.get(record.job.id, []))
+        return records
+
+    def job(self, job_id: str) -> JobRecord | None:
+        with self.read_model.transaction(write=False) as cur:
+            cur.execute(
+                self._sql("SELECT seq, channel FROM entitle_outbox_jobs WHERE id = ?"), (job_id,)
+            )
+            row = cur.fetchone()
+        if row is None:
+            return None
+        found = self.jobs(channel=row[1], after=(int(row[0]), ""), limit=1000)
+        return next((r for r in found if r.job.id == job_id), None)
+
+    def resend(self, job_ids: Sequence[str], now: datetime | None = None) -> int:
+        """Send these jobs again, whatever came of them, with a fresh retry
+        schedule; returns how many there were."""
+        if not job_ids:
+            return 0
+        with self.read_model.transaction() as cur:
+            cur.execute(
+                self._sql(
+                    "UPDATE entitle_outbox_jobs SET status = 'pending', attempts = 0,"
+                    f" next_at = ? WHERE id IN ({', '.join('?' * len(job_ids))})"
+                ),
+                (moment(now or datetime.now(UTC)), *job_ids),
+            )
+            return int(cur.rowcount)
+
+    def failed_since(self, channel: str, since: datetime) -> list[str]:
+        """Ids of the channel's failed jobs created at or after `since`."""
+        with self.read_model.transaction(write=False) as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT id FROM entitle_outbox_jobs WHERE channel = ? AND status = 'failed'"
+                    " AND created_at >= ? ORDER BY seq, id"
+                ),
+                (channel, moment(since)),
+            )
+            return [row[0] for row in cur.fetchall()]
+
+    def counts(self, channel: str) -> dict[str, int]:
+        with self.read_model.transaction(write=False) as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT status, COUNT(*) FROM entitle_outbox_jobs WHERE channel = ?"
+                    " GROUP BY status"
+                ),
+                (channel,),
+            )
+            return {row[0]: int(row[1]) for row in cur.fetchall()}
+
+
+class Dispatcher:
+    """Sends due jobs: one worker per channel with due jobs, each with at
+    most `concurrency` sends in flight. `wake()` after adding jobs sends
+    them at once instead of at the next poll."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        senders: Sequence[Sender],
+        schedule: Sequence[float] = RETRY_SCHEDULE,
+        concurrency: int = CONCURRENCY,
+        poll_interval: float = 0.5,
+        disable_after: timedelta = DISABLE_AFTER,
+        on_disable: Callable[[str, str, str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.outbox = outbox
+        self.senders = {sender.kind: sender for sender in senders}
+        self.schedule = tuple(schedule)
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self.disable_after = disable_after
+        #: Called with (kind, channel, reason) when a channel is paused.
+        self.on_disable = on_disable
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event, working: Callable[[], None] = lambda: None) -> None:
+        """Until `stop`: start a worker for each channel with due jobs."""
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                now = datetime.now(UTC)
+                channels = await anyio.to_thread.run_sync(self.outbox.due_channels, now)
+                working()
+                for channel, kind in channels:
+                    worker = self._workers.get(channel)
+                    if worker is not None and not worker.done():
+                        continue
+                    sender = self.senders.get(kind)
+                    if sender is None:
+                        continue
+                    self._workers[channel] = asyncio.create_task(
+                        self._channel(channel, sender, stop)
+                    )
+                for channel in [c for c, w in self._workers.items() if w.done()]:
+                    task = self._workers.pop(channel)
+                    if not task.cancelled() and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+        finally:
+            for task in self._workers.values():
+                task.cancel()
+            await asyncio.gather(*self._workers.values(), return_exceptions=True)
+            self._workers.clear()
+
+    async def _channel(self, channel: str, sender: Sender, stop: asyncio.Event) -> None:
+        """Send the channel's due jobs until it has none (then the worker
+        ends; `run` starts another when there are)."""
+        flying: dict[str, asyncio.Task[tuple[Job, Outcome, datetime, float]]] = {}
+        idle = 0
+        while not stop.is_set():
+            free = self.concurrency - len(flying)
+            if free > 0:
+                jobs = await anyio.to_thread.run_sync(
+                    self.outbox.due, channel, datetime.now(UTC), free, list(flying)
+                )
+                for job in jobs:
+                    flying[job.id] = asyncio.create_task(_attempt(sender, job))
+            if not flying:
+                idle += 1
+                if idle > 3:
+                    return
+                await sleep_unless(stop, 0.1)
+                continue
+            idle = 0
+            await asyncio.wait(flying.values(), timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            # Everything finished by now is recorded in one transaction.
+            done = [task for task in flying.values() if task.done()]
+            if not done:
+                continue
+            results = [task.result() for task in done]
+            disabled = await anyio.to_thread.run_sync(
+                self.outbox.record, results, self.schedule, self.disable_after
+            )
+            for job, *_ in results:
+                flying.pop(job.id, None)
+            for disabled_channel, reason in disabled:
+                log.warning("outbound channel %s disabled: %s", disabled_channel, reason)
+                if self.on_disable is not None:
+                    await self.on_disable(sender.kind, disabled_channel, reason)
+                if disabled_channel == channel:
+                    for task in flying.values():
+                        task.cancel()
+                    return
+
+
+async def _attempt(sender: Sender, job: Job) -> tuple[Job, Outcome, datetime, float]:
+    at = datetime.now(UTC)
+    started = time.perf_counter()
+    try:
+        outcome = await sender.send(job)
+    except Exception as exc:  # a sender's bug must not stop the channel
+        log.exception("sender %s failed on job %s", sender.kind, job.id)
+        outcome = Outcome(ok=False, error=f"internal error: {type(exc).__name__}")
+    return job, outcome, at, (time.perf_counter() - started) * 1000
