@@ -5,13 +5,17 @@ subscription update (the official SDK pointed at it)."""
 
 from __future__ import annotations
 
+from typing import Any
 from uuid import UUID
 
+import anyio
 import pytest
 import stripe
 
 from services.codes import CodeBook
 from services.config import ConfigError, parse_config
+from services.outbound.outbox import Job, Outcome
+from services.outbound.stripe_codes import StripeCodes, channel, payload
 from services.stripe_api import CODES_KEY, METADATA_VALUE_LIMIT, StripeAPI, codes_metadata
 from tests import stripe_events as se
 from tests.fake_stripe import FakeStripe, fake_stripe
@@ -132,3 +136,120 @@ def test_write_codes_raises_what_stripe_answered_without_retrying() -> None:
         assert fake.writes == []  # one request, no retry by the SDK
         api.write_codes("sub_x", codes(1))
         assert len(fake.writes) == 1
+
+
+# -- the sender -----------------------------------------------------------
+
+
+def job(subscription: str, entitlements: list[tuple[str, list[int]]], source: str = "s") -> Job:
+    return Job.of(
+        channel(source),
+        "stripe",
+        f"{entitlements[0][0] if entitlements else 'none'}/1",
+        "stripe.codes",
+        subscription,
+        1,
+        payload(source, subscription, entitlements),
+    )
+
+
+def send(sender: StripeCodes, one: Job) -> Outcome:
+    return anyio.run(sender.send, one)
+
+
+def test_the_sender_writes_the_codes_codebook_derives() -> None:
+    first, second = UUID(int=1), UUID(int=2)
+    with fake_stripe() as (fake, base):
+        subscription(fake, "sub_send")
+        sender = StripeCodes({"s": StripeAPI("rk_test_w", base)}, BOOK)
+        one = job("sub_send", [(str(first), [0, 2]), (str(second), [0])])
+        assert "code" not in str(one.payload).replace("code_indexes", "")
+        outcome = send(sender, one)
+        assert outcome.ok and outcome.status_code == 200 and outcome.error is None
+        expected = [BOOK.code(first, 0), BOOK.code(first, 2), BOOK.code(second, 0)]
+        assert fake.codes_written("sub_send") == [expected]
+        assert BOOK.code(first, 0) not in outcome.answer
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "permanent", "error"),
+    [
+        (500, None, False, "Stripe answered 500"),
+        (503, None, False, "Stripe answered 503"),
+        (429, "7", False, "Stripe answered 429"),
+        (409, None, False, "Stripe answered 409"),
+        (400, None, True, "Stripe answered 400"),
+    ],
+)
+def test_a_failed_write_is_an_outcome(
+    status: int, retry_after: str | None, permanent: bool, error: str
+) -> None:
+    with fake_stripe() as (fake, base):
+        subscription(fake, "sub_f")
+        sender = StripeCodes({"s": StripeAPI("rk_test_w", base)}, BOOK)
+        fake.fail_writes(status, retry_after=retry_after)
+        outcome = send(sender, job("sub_f", [(str(UUID(int=3)), [0])]))
+        assert not outcome.ok and outcome.status_code == status
+        assert outcome.permanent is permanent and error in (outcome.error or "")
+        assert outcome.retry_after == (float(retry_after) if retry_after else None)
+        assert fake.writes == []
+        # The next attempt goes through.
+        assert send(sender, job("sub_f", [(str(UUID(int=3)), [0])])).ok
+        assert len(fake.writes) == 1
+
+
+def test_what_retrying_cannot_mend_is_permanent_and_never_shows_the_key() -> None:
+    key = "rk_test_secretkey123"
+    with fake_stripe() as (fake, base):
+        sender = StripeCodes({"s": StripeAPI(key, base)}, BOOK)
+        one = job("sub_nowhere", [(str(UUID(int=4)), [0])])
+        missing = send(sender, one)
+        assert (missing.ok, missing.permanent, missing.status_code) == (False, True, 404)
+        assert missing.error == "Stripe has no subscription sub_nowhere (404)"
+        subscription(fake, "sub_nowhere")
+        fake.valid_keys = {"rk_test_other"}
+        refused = send(sender, one)
+        assert (refused.permanent, refused.status_code) == (True, 401)
+        assert "api_key" in (refused.error or "")
+        fake.valid_keys = None
+        fake.read_only_keys = {key}
+        read_only = send(sender, one)
+        assert (read_only.permanent, read_only.status_code) == (True, 403)
+        assert "Subscriptions: Write" in (read_only.error or "")
+        for outcome in (missing, refused, read_only):
+            assert key[:12] not in f"{outcome.error} {outcome.answer}"
+        assert fake.writes == []
+
+
+def test_stripe_out_of_reach_is_retried() -> None:
+    with fake_stripe() as (_, base):
+        pass  # stopped: nothing answers there now
+    sender = StripeCodes({"s": StripeAPI("rk_test_w", base)}, BOOK)
+    outcome = send(sender, job("sub_x", [(str(UUID(int=5)), [0])]))
+    assert not outcome.ok and not outcome.permanent and outcome.status_code is None
+    assert "could not be reached" in (outcome.error or "")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"source": "s", "subscription": "sub_x", "entitlements": [{"id": "not-a-uuid"}]},
+        {
+            "source": "s",
+            "subscription": "sub_x",
+            "entitlements": [{"id": str(UUID(int=1)), "code_indexes": [-1]}],
+        },
+        {"source": "s", "subscription": 7, "entitlements": []},
+    ],
+)
+def test_a_malformed_payload_is_permanent(body: dict[str, Any]) -> None:
+    sender = StripeCodes({"s": StripeAPI("rk_test_w", "http://127.0.0.1:9")}, BOOK)
+    malformed = Job.of("stripe:s", "stripe", "m", "stripe.codes", "sub_x", 1, body)
+    outcome = send(sender, malformed)
+    assert not outcome.ok and outcome.permanent and "payload" in (outcome.error or "")
+
+
+def test_a_source_without_an_api_now_is_permanent() -> None:
+    outcome = send(StripeCodes({}, BOOK), job("sub_x", [], source="gone"))
+    assert outcome.permanent and "'gone' has no api_key" in (outcome.error or "")
