@@ -5,6 +5,10 @@ subscription update (the official SDK pointed at it)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
@@ -12,13 +16,18 @@ import anyio
 import pytest
 import stripe
 
+from domain.entitlement import Entitlement, code_hash
 from services.codes import CodeBook
 from services.config import ConfigError, parse_config
-from services.outbound.outbox import Job, Outcome
+from services.outbound.outbox import Dispatcher, Job, Outbox, Outcome
 from services.outbound.stripe_codes import StripeCodes, channel, payload
+from services.projections.follower import Follower, project_batch
+from services.projections.stripe_codes import StripeCodesProjection
 from services.stripe_api import CODES_KEY, METADATA_VALUE_LIMIT, StripeAPI, codes_metadata
 from tests import stripe_events as se
 from tests.fake_stripe import FakeStripe, fake_stripe
+from tests.test_receipts import CODES, World, paid
+from tests.test_store import NOW, YEAR
 
 CODE_SECRET = "a-code-secret-of-enough-length"
 BOOK = CodeBook(CODE_SECRET)
@@ -253,3 +262,167 @@ def test_a_malformed_payload_is_permanent(body: dict[str, Any]) -> None:
 def test_a_source_without_an_api_now_is_permanent() -> None:
     outcome = send(StripeCodes({}, BOOK), job("sub_x", [], source="gone"))
     assert outcome.permanent and "'gone' has no api_key" in (outcome.error or "")
+
+
+# -- the projection, the outbox and the dispatcher, on a real store ------------
+
+WRITE_BACK = parse_config(
+    f"""
+sources:
+  stripe-main: {{provider: stripe, secret: {se.SECRET}, api_key: rk_test_wb,
+                 write_back_codes: true}}
+offerings:
+  - {{sku: better_annual, product: acme, period: P1Y, seats: 3}}
+"""
+)
+FAST = (0.05, 0.05, 0.05)
+
+
+class WriteBack:
+    """A World (domain service, read model) with the stripe-codes projection
+    following its log and a dispatcher sending to a fake Stripe."""
+
+    def __init__(self, database_url: str, base: str) -> None:
+        self.world = World(database_url, WRITE_BACK)
+        self.outbox = Outbox(self.world.read_model)
+        self.projection = StripeCodesProjection(self.world.read_model, self.outbox, ["stripe-main"])
+        self.api = StripeAPI("rk_test_wb", base)
+        self.jobs_made = 0
+
+    def send(self, event: dict[str, Any], receipt: str) -> None:
+        self.world.send(event, receipt)
+        self.project()
+
+    def project(self) -> None:
+        position = self.projection.position()
+        changes, last = Follower(self.world.store).read(position, 10_000)
+        if last is not None:
+            before = len(self.outbox.jobs(kind="stripe", limit=1000))
+            asyncio.run(project_batch(self.projection, changes, last))
+            self.jobs_made += len(self.outbox.jobs(kind="stripe", limit=1000)) - before
+
+    def deliver(self, until: Callable[[], bool], seconds: float = 15) -> None:
+        """Run a dispatcher until `until()` and no stripe job is pending."""
+
+        async def run() -> None:
+            sender = StripeCodes({"stripe-main": self.api}, CODES)
+            dispatcher = Dispatcher(self.outbox, [sender], schedule=FAST, poll_interval=0.05)
+            stop = asyncio.Event()
+            task = asyncio.create_task(dispatcher.run(stop))
+            deadline = time.monotonic() + seconds
+            try:
+                while not (until() and not self.pending()):
+                    assert time.monotonic() < deadline, "not delivered in time"
+                    await asyncio.sleep(0.05)
+            finally:
+                stop.set()
+                await task
+
+        asyncio.run(run())
+
+    def pending(self) -> int:
+        return self.outbox.counts(channel("stripe-main")).get("pending", 0)
+
+    def change(self, entitlement: UUID, change: Callable[[Entitlement], object]) -> None:
+        def apply(e: Entitlement) -> None:
+            change(e)
+
+        self.world.store.change(entitlement, apply)
+        self.world.project()
+        self.project()
+
+
+def validates(world: World, code: str) -> bool:
+    return world.read_model.by_code(code_hash(code)) is not None
+
+
+@pytest.mark.integration
+def test_a_paid_invoice_writes_its_codes_into_stripe_once_per_change(database_url: str) -> None:
+    with fake_stripe() as (fake, base):
+        wb = WriteBack(database_url, base)
+        try:
+            subscription(fake, "sub_wb", vendor="kept")
+            event = paid("sub_wb")
+            wb.send(event, "paid")
+            [entitlement] = wb.world.read_model.entitlements(order_ref="sub_wb")
+            first = CODES.code(entitlement.id, 0)
+            wb.deliver(lambda: len(fake.writes) == 1)
+            assert fake.codes_written("sub_wb") == [[first]]
+            assert validates(wb.world, first)
+            assert fake.subscriptions["sub_wb"]["metadata"] == {
+                "vendor": "kept",
+                "activation_codes": first,
+            }
+
+            # The provider retries the webhook, and a renewal's status
+            # change: no codes changed, no job, nothing written.
+            wb.send(event, "replayed")
+            wb.world.settle(wb.world.now + timedelta(days=400))
+            wb.project()
+            [lapsed] = wb.world.read_model.entitlements(order_ref="sub_wb")
+            assert lapsed.status != "ACTIVE"
+            assert wb.jobs_made == 1
+            wb.deliver(lambda: True)
+            assert len(fake.writes) == 1
+
+            # Rebuilt from the start: the same jobs, already there; none sent again.
+            wb.projection.reset()
+            wb.project()
+            assert wb.jobs_made == 1 and wb.pending() == 0
+
+            # A second code, then the first revoked, Stripe failing once on the way.
+            fake.fail_writes(500)
+
+            def issue(e: Entitlement) -> object:
+                return e.issue_code(CODES.hash, "admin", "issue-1", wb.world.now)
+
+            wb.change(entitlement.id, issue)
+            second = CODES.code(entitlement.id, 1)
+            wb.deliver(lambda: len(fake.writes) == 2)
+            wb.change(entitlement.id, lambda e: e.revoke_code(0, "admin", "revoke-0", wb.world.now))
+            wb.deliver(lambda: len(fake.writes) == 3)
+            assert fake.codes_written("sub_wb") == [[first], [first, second], [second]]
+            assert not validates(wb.world, first) and validates(wb.world, second)
+            assert fake.subscriptions["sub_wb"]["metadata"]["activation_codes"] == second
+            [failed, *_] = [
+                r for r in wb.outbox.jobs(kind="stripe", limit=100) if len(r.attempts) > 1
+            ]
+            assert failed.status == "succeeded"
+            assert [a.status_code for a in failed.attempts] == [500, 200]
+            assert all(first not in a.answer and second not in a.answer for a in failed.attempts)
+        finally:
+            wb.world.close()
+
+
+@pytest.mark.integration
+def test_several_entitlements_of_one_subscription_are_written_together(
+    database_url: str,
+) -> None:
+    with fake_stripe() as (fake, base):
+        wb = WriteBack(database_url, base)
+        try:
+            subscription(fake, "sub_two")
+            two_lines = se.invoice_paid(
+                subscription="sub_two",
+                shape=se.LEGACY,
+                lines=[
+                    {"price": "p", "sku": "better_annual", "start": NOW, "end": NOW + YEAR},
+                    {"price": "q", "sku": "better_annual", "start": NOW, "end": NOW + YEAR},
+                ],
+            )
+            wb.send(two_lines, "paid")
+            entitlements = wb.world.read_model.entitlements(order_ref="sub_two")
+            assert len(entitlements) == 2
+            wb.deliver(lambda: len(fake.writes) == wb.jobs_made)
+            last = fake.codes_written("sub_two")[-1]
+            assert sorted(last) == sorted(CODES.code(e.id, 0) for e in entitlements)
+            assert all(validates(wb.world, code) for code in last)
+            # A one-off payment has no subscription to write to: no job.
+            made = wb.jobs_made
+            wb.send(se.one_off(paid("sub_none")), "one-off")
+            [one_off] = [e for e in wb.world.read_model.entitlements() if e.order_ref != "sub_two"]
+            assert one_off.order_ref.startswith("in_")
+            assert wb.jobs_made == made
+            assert {r.job.ordering_key for r in wb.outbox.jobs(limit=100)} == {"sub_two"}
+        finally:
+            wb.world.close()
