@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import secrets
@@ -108,6 +109,37 @@ class _AdminFile(BaseModel):
     failed_auth_burst: int = Field(default=10, ge=1)
 
 
+class _EndpointFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    # A Standard Webhooks secret (whsec_ + base64) from the environment.
+    secret_env: str
+    events: list[str] = Field(default_factory=list)
+    description: str | None = None
+    include_codes: bool = False
+    ordered: bool = True
+
+
+class _OutboundFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Unset: http to loopback in `entitle dev`, https only elsewhere.
+    allow_http: bool | None = None
+    allow_private_networks: bool = False
+    # Seconds after each failed attempt (the last given up after the last).
+    retry_schedule: list[float] | None = Field(default=None, min_length=1, max_length=20)
+    endpoints: dict[str, _EndpointFile] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _positive(self) -> _OutboundFile:
+        if self.retry_schedule is not None and not all(
+            0 < s <= 7 * 86400 for s in self.retry_schedule
+        ):
+            raise ValueError("retry_schedule: every wait must be over 0 and at most 7 days")
+        return self
+
+
 class _ConfigFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -116,6 +148,7 @@ class _ConfigFile(BaseModel):
     lifecycle: _LifecycleFile = Field(default_factory=_LifecycleFile)
     licensing: _LicensingFile = Field(default_factory=_LicensingFile)
     admin: _AdminFile = Field(default_factory=_AdminFile)
+    outbound: _OutboundFile = Field(default_factory=_OutboundFile)
 
 
 @dataclass(frozen=True)
@@ -167,12 +200,36 @@ class RateLimits:
 
 
 @dataclass(frozen=True)
+class DeclaredEndpoint:
+    """A webhook endpoint declared in the file (`outbound.endpoints.<name>`)."""
+
+    name: str
+    url: str
+    secret: SecretStr
+    events: list[str]
+    description: str | None
+    include_codes: bool
+    ordered: bool
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """`outbound:` in the file: where webhooks may go, and how often to retry."""
+
+    allow_http: bool | None = None
+    allow_private_networks: bool = False
+    retry_schedule: tuple[float, ...] | None = None
+    endpoints: tuple[DeclaredEndpoint, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     sources: dict[str, Source]
     catalog: Catalog
     policy: Policy = field(default_factory=Policy)
     license_file_ttl: timedelta = timedelta(days=7)
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    outbound: Outbound = field(default_factory=Outbound)
 
 
 def parse_config(
@@ -257,7 +314,34 @@ def parse_config(
         parked_for=timedelta(days=parsed.lifecycle.parked_days),
     )
     licensing = parsed.licensing
+    endpoints = []
+    for name, declared in parsed.outbound.endpoints.items():
+        where = f"{origin}: outbound endpoint {name!r}"
+        secret = _from_env(env, declared.secret_env, where, "secret")
+        assert secret is not None
+        if not _webhook_secret(secret.get_secret_value()):
+            raise ConfigError(f"{where}: ${declared.secret_env} is not whsec_ and base64")
+        endpoints.append(
+            DeclaredEndpoint(
+                name,
+                declared.url,
+                secret,
+                declared.events,
+                declared.description,
+                declared.include_codes,
+                declared.ordered,
+            )
+        )
+    outbound = Outbound(
+        allow_http=parsed.outbound.allow_http,
+        allow_private_networks=parsed.outbound.allow_private_networks,
+        retry_schedule=tuple(parsed.outbound.retry_schedule)
+        if parsed.outbound.retry_schedule
+        else None,
+        endpoints=tuple(endpoints),
+    )
     return Config(
+        outbound=outbound,
         sources=sources,
         catalog=catalog,
         policy=policy,
@@ -275,6 +359,15 @@ def parse_config(
             ),
         ),
     )
+
+
+def _webhook_secret(value: str) -> bool:
+    """A Standard Webhooks secret: whsec_ and base64 of 24 to 64 bytes."""
+    try:
+        key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+    except ValueError:
+        return False
+    return value.startswith("whsec_") and 24 <= len(key) <= 64
 
 
 def _from_env(
@@ -399,6 +492,8 @@ class Settings:
     #: This process's name among its peers (default: the host name); two
     #: domain services on one host need different ones.
     instance: str | None = None
+    #: `entitle dev`: development defaults (http webhooks to loopback).
+    dev: bool = False
 
     def __repr__(self) -> str:  # never show the code secret
         return f"Settings(kafka_bootstrap={self.kafka_bootstrap!r})"
