@@ -9,10 +9,12 @@ import asyncio
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import anyio
+import httpx
 import pytest
 import stripe
 
@@ -26,8 +28,11 @@ from services.projections.stripe_codes import StripeCodesProjection
 from services.stripe_api import CODES_KEY, METADATA_VALUE_LIMIT, StripeAPI, codes_metadata
 from tests import stripe_events as se
 from tests.fake_stripe import FakeStripe, fake_stripe
+from tests.harness import Entitle, eventually
+from tests.test_dev import ADMIN, AUTH, entitlements, post
 from tests.test_receipts import CODES, World, paid
 from tests.test_store import NOW, YEAR
+from tests.test_stripe_api import receipts
 
 CODE_SECRET = "a-code-secret-of-enough-length"
 BOOK = CodeBook(CODE_SECRET)
@@ -426,3 +431,60 @@ def test_several_entitlements_of_one_subscription_are_written_together(
             assert {r.job.ordering_key for r in wb.outbox.jobs(limit=100)} == {"sub_two"}
         finally:
             wb.world.close()
+
+
+# -- end to end through `entitle dev` -------------------------------------------
+
+DEV_CONFIG = """
+sources:
+  stripe-main: {{provider: stripe, secret: {secret}, api_key_env: STRIPE_API_KEY,
+                 write_back_codes: true}}
+offerings:
+  - {{sku: better_annual, product: acme, period: P1Y, seats: 3}}
+"""
+
+
+@pytest.mark.e2e
+def test_entitle_dev_writes_a_paid_subscriptions_codes_into_stripe(tmp_path: Path) -> None:
+    (tmp_path / "entitle.yaml").write_text(DEV_CONFIG.format(secret=se.SECRET))
+    with fake_stripe() as (fake, base):
+        env = {
+            "ENTITLE_ADMIN_KEYS": ADMIN,
+            "STRIPE_API_KEY": "rk_test_write_back",
+            "ENTITLE_STRIPE_API_BASE": base,
+        }
+        with Entitle(["dev"], tmp_path, env) as entitle:
+            subscription(fake, "sub_dev", vendor="kept")
+            event = paid("sub_dev")
+            assert post(entitle, event).status_code == 202
+            [[first]] = eventually(lambda: fake.codes_written("sub_dev"), 20)
+            [item] = entitlements(entitle, order_ref="sub_dev")
+            assert item["activation_code"] == first
+            assert validate(entitle, first) == "VALID"
+
+            # The provider sends the same webhook again: no codes changed.
+            assert post(entitle, event).status_code == 202
+            eventually(lambda: len(receipts(entitle)) == 2)
+            # Then a second code (a later event: once it is written, the
+            # replay is projected too), then the first revoked.
+            url = f"{entitle.url}/v1/entitlements/{item['id']}"
+            issued = httpx.post(f"{url}/codes", headers=AUTH)
+            assert issued.status_code == 201, issued.text
+            second = issued.json()["code"]
+            eventually(lambda: len(fake.writes) == 2, 20)
+            assert httpx.delete(f"{url}/codes/0", headers=AUTH).status_code == 200
+            eventually(lambda: len(fake.writes) == 3, 20)
+            assert fake.codes_written("sub_dev") == [[first], [first, second], [second]]
+            assert fake.subscriptions["sub_dev"]["metadata"] == {
+                "vendor": "kept",
+                "activation_codes": second,
+            }
+            assert validate(entitle, second) == "VALID"
+            assert eventually(lambda: validate(entitle, first) == "NOT_FOUND", 10)
+            assert fake.api_keys == {"Bearer rk_test_write_back"}
+            assert "rk_test_write_back" not in entitle.text
+
+
+def validate(entitle: Entitle, code: str) -> str:
+    answer = httpx.post(f"{entitle.url}/v1/validate", json={"activation_code": code})
+    return str(answer.json()["code"])

@@ -15,8 +15,11 @@ codes, enqueues nothing.
 
 Only entitlements whose `order_ref` is a subscription id (`sub_…`) are
 written: one-off payments have no subscription to write to. The projection
-runs only while a source has `write_back_codes`; codes that changed while
-none had are written at their next change.
+runs only while a source has `write_back_codes`: the first time, from the
+start of the log (every existing subscription gets its codes); turned off
+and on again, it catches up from where it stopped. A source that gets
+`write_back_codes` while another already has it is written from then on
+(its older subscriptions at their next change of codes).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 import anyio
 
 from domain.entitlement import event_type
+from services.config import Config
 from services.outbound.outbox import Job, Outbox
 from services.outbound.stripe_codes import KIND, channel, payload
 from services.projections.follower import Change
@@ -58,6 +62,20 @@ class _Member:
 
     seq: int
     indexes: tuple[int, ...]
+
+
+def write_back_sources(config: Config) -> list[str]:
+    """The sources whose codes go back into Stripe (`write_back_codes: true`)."""
+    return [name for name, source in config.sources.items() if source.write_back_codes]
+
+
+def stripe_codes_projection(
+    read_model: ReadModel, outbox: Outbox, config: Config, wake: Callable[[], None]
+) -> list[StripeCodesProjection]:
+    """The projection, if a source has `write_back_codes` (else none: its
+    position stays where it was, to catch up from when turned on again)."""
+    sources = write_back_sources(config)
+    return [StripeCodesProjection(read_model, outbox, sources, wake)] if sources else []
 
 
 class StripeCodesProjection:
