@@ -46,11 +46,13 @@ from services.kafka import (
     topic_id,
 )
 from services.outbound.outbox import RETRY_SCHEDULE, Dispatcher, Outbox, Sender
+from services.outbound.stripe_codes import StripeCodes
 from services.outbound.webhooks import KIND as WEBHOOK_KIND
 from services.outbound.webhooks import EndpointInfo, Endpoints, WebhookSender
 from services.outbound_api import OutboundAPI
 from services.outbound_api import routes as outbound_routes
 from services.projections import LogBell, Needs, follow, listen, projections
+from services.projections.stripe_codes import write_back_sources
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
 from services.stripe_api import StripeAPI, backfill
@@ -313,6 +315,7 @@ def build_app(
                     functools.partial(listen, settings.database_url, channel, bell, stop),
                 )
             assert outbox is not None and endpoints is not None and settings.code_secret
+            assert codes is not None
             senders += [
                 WebhookSender(
                     endpoints,
@@ -321,6 +324,7 @@ def build_app(
                     allow_http,
                     outbound.allow_private_networks,
                 ),
+                StripeCodes({name: apis[name] for name in write_back_sources(config)}, codes),
             ]
             dispatcher = Dispatcher(
                 outbox,

@@ -37,6 +37,7 @@ class _SourceFile(BaseModel):
     api_key: SecretStr | None = None
     api_key_env: str | None = None
     backfill_every: str | None = Field(default=None, pattern=r"^\d+(\.\d+)?[smhd]$")
+    write_back_codes: bool = False
     allow_unsigned: bool = False
 
     @model_validator(mode="after")
@@ -51,6 +52,12 @@ class _SourceFile(BaseModel):
             raise ValueError("give only one of 'api_key' or 'api_key_env'")
         if self.backfill_every is not None and self.api_key is None and self.api_key_env is None:
             raise ValueError("backfill_every needs an api_key (or api_key_env)")
+        if self.write_back_codes and self.provider != "stripe":
+            raise ValueError("write_back_codes is for stripe sources only")
+        if self.write_back_codes and self.api_key is None and self.api_key_env is None:
+            raise ValueError(
+                "write_back_codes needs an api_key (or api_key_env) that may write subscriptions"
+            )
         return self
 
 
@@ -158,6 +165,10 @@ class Source:
     #: backfills and fetching what a webhook left out. Stripe only.
     api_key: SecretStr | None = None
     backfill_every: timedelta | None = None
+    #: Write each subscription's activation codes into its Stripe metadata
+    #: (`activation_codes`, see `services.stripe_api.StripeAPI.write_codes`);
+    #: needs an `api_key` allowed to write subscriptions. Stripe only.
+    write_back_codes: bool = False
     #: No signature is checked (`allow_unsigned: true`): its webhooks may
     #: grant, never end, suspend or refund (services.providers.unsigned_refusal).
     unsigned: bool = False
@@ -264,6 +275,8 @@ def parse_config(
         api_key = _from_env(env, source.api_key_env, where, "api_key") or source.api_key
         if api_key is not None and source.provider != "stripe":
             raise ConfigError(f"{origin}: source {name!r}: api_key is for stripe sources only")
+        if source.write_back_codes and (api_key is None or not api_key.get_secret_value().strip()):
+            raise ConfigError(f"{where}: write_back_codes needs an api_key, and it is empty")
         sources[name] = Source(
             name=name,
             provider=provider,
@@ -273,6 +286,7 @@ def parse_config(
             webhook_id=source.webhook_id,
             api_key=api_key,
             backfill_every=duration(source.backfill_every) if source.backfill_every else None,
+            write_back_codes=source.write_back_codes,
             unsigned=unsigned,
         )
     try:

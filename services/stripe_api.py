@@ -1,8 +1,10 @@
 """Stripe's API, for what webhooks cannot give: events never delivered
 (an endpoint disabled, an outage longer than Stripe retries) and the lines a
-webhook leaves out of a long invoice. Through the official `stripe` package,
-with a source's `api_key` (a restricted key with read access to events and
-invoices is enough)."""
+webhook leaves out of a long invoice; and, with `write_back_codes`, to write
+each subscription's activation codes into its metadata. Through the official
+`stripe` package, with a source's `api_key` (a restricted key with read
+access to events and invoices is enough; write-back also needs write access
+to subscriptions)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,42 @@ log = logging.getLogger("entitle.stripe")
 #: Stripe keeps events for 30 days (https://docs.stripe.com/api/events/list).
 EVENTS_KEPT = timedelta(days=30)
 TIMEOUT_SECONDS = 10.0
+
+#: The metadata key the codes go to, comma-separated, as the Zentitle seed has it.
+CODES_KEY = "activation_codes"
+#: Stripe's limit on one metadata value, in characters; a subscription has
+#: at most 50 keys of at most 40 characters (https://docs.stripe.com/metadata).
+METADATA_VALUE_LIMIT = 500
+#: Keys for codes: `activation_codes`, then `activation_codes_2` ... `_5`.
+CODES_KEYS = 5
+
+
+def codes_metadata(codes: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The metadata that holds `codes`, and the codes left out.
+
+    `activation_codes` holds as many whole codes, comma-separated, as fit in
+    Stripe's 500 characters (16 of ours, 29 characters each); the next go to
+    `activation_codes_2`, and so on to `activation_codes_5` (80 codes in
+    all); codes past that are left out (the admin API and the portal still
+    show them). Every key is always given, the unused ones empty, which
+    Stripe takes as "delete" (https://docs.stripe.com/metadata): a set that
+    shrank leaves no stale codes behind. No codes empties every key.
+    ValueError if one code alone is longer than a metadata value."""
+    values: list[list[str]] = [[] for _ in range(CODES_KEYS)]
+    key, length = 0, 0
+    left_out: list[str] = []
+    for code in codes:
+        if len(code) > METADATA_VALUE_LIMIT:
+            raise ValueError(f"a code of {len(code)} characters fits no metadata value")
+        if key < CODES_KEYS and values[key] and length + 1 + len(code) > METADATA_VALUE_LIMIT:
+            key, length = key + 1, 0
+        if key >= CODES_KEYS:
+            left_out.append(code)
+            continue
+        length += len(code) + (1 if values[key] else 0)  # and its comma
+        values[key].append(code)
+    names = [CODES_KEY, *(f"{CODES_KEY}_{n}" for n in range(2, CODES_KEYS + 1))]
+    return {name: ",".join(value) for name, value in zip(names, values, strict=True)}, left_out
 
 
 class StripeAPI:
@@ -53,6 +91,30 @@ class StripeAPI:
         """The subscription as Stripe has it now."""
         found = self.client.v1.subscriptions.retrieve(subscription_id)
         return dict(json.loads(str(found)))
+
+    def write_codes(self, subscription_id: str, codes: list[str]) -> None:
+        """Set the subscription's metadata `activation_codes` to `codes`,
+        comma-separated, in that order (see `codes_metadata` for more than
+        fit in one value); other metadata keys are left alone.
+
+        Raises `stripe.StripeError` as Stripe answered (a 404 for an unknown
+        subscription, a 403 for a key without write access to subscriptions,
+        `APIConnectionError` when it cannot be reached). Not retried here:
+        the outbox that calls it retries with backoff and logs each try."""
+        metadata, left_out = codes_metadata(codes)
+        if left_out:
+            log.warning(
+                "subscription %s has %d codes; the %d past %d keys are not written to Stripe",
+                subscription_id,
+                len(codes),
+                len(left_out),
+                CODES_KEYS,
+            )
+        self.client.v1.subscriptions.update(
+            subscription_id,
+            {"metadata": metadata},
+            {"max_network_retries": 0},
+        )
 
     def invoice_lines(self, invoice_id: str) -> list[dict[str, Any]]:
         """All lines of an invoice (a webhook embeds the first 10)."""

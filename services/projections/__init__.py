@@ -3,7 +3,8 @@ all fed by one follower (`follower`):
 
 - `read_model`: the API's tables (exactly once);
 - `public_events`: the public Kafka topics (at least once);
-- `webhooks`: signed webhooks to the vendor's endpoints, as outbox jobs.
+- `webhooks`: signed webhooks to the vendor's endpoints, as outbox jobs;
+- `stripe_codes`: activation codes back into Stripe subscriptions, as outbox jobs.
 
 A new projection is one module and one line in `projections` below;
 what projections may need is in `Needs`.
@@ -31,6 +32,7 @@ from services.projections.follower import (
 )
 from services.projections.public_events import PUBLIC_EVENTS, PublicEventsProjection
 from services.projections.read_model import READ_MODEL, ReadModelProjection, replay
+from services.projections.stripe_codes import stripe_codes_projection
 from services.projections.views import (
     dead_letter_view,
     entitlement_view,
@@ -85,4 +87,5 @@ def projections(needs: Needs) -> list[Projection]:
         ReadModelProjection(needs.read_model),
         PublicEventsProjection(needs.read_model, needs.broker),
         WebhooksProjection(needs.outbox, needs.endpoints, needs.wake),
+        *stripe_codes_projection(needs.read_model, needs.outbox, needs.config, needs.wake),
     ]
