@@ -8,7 +8,8 @@ import datetime as dt
 import email
 import ipaddress
 import ssl
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from email.message import EmailMessage
 from email.policy import default as default_policy
@@ -25,12 +26,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pydantic import SecretStr
 
+from domain.entitlement import code_hash, event_type
 from services.codes import CodeBook
 from services.config import ConfigError, EmailSettings, parse_config
 from services.kafka import free_port
 from services.outbound.mail import Mailer
-from services.outbound.outbox import Job, Outcome
+from services.outbound.outbox import Dispatcher, Job, Outbox, Outcome
 from services.outbound.templates import TEMPLATE_TYPES, shipped
+from services.projections import Follower, project_batch
+from services.projections.mail import MailProjection
 
 SECRET = "a-code-secret-for-the-mail-tests"
 CODES = CodeBook(SECRET)
@@ -427,3 +431,140 @@ def test_every_shipped_template_renders(tmp_path: Path) -> None:
         message = mailer.message(job(template=template, product=f"P-{uuid4().hex[:6]}"))
         product = message["Subject"].split("P-")[1][:6]
         assert product in body(message, "plain") and product in body(message, "html")
+
+
+# -- the projection, with the real store, outbox and dispatcher -----------------
+
+
+class MailWorld:
+    """A domain service on SQLite, with the mail projection and a dispatcher
+    whose mailer talks to `port`."""
+
+    def __init__(self, tmp_path: Path, port: int, templates: tuple[str, ...]) -> None:
+        from tests.test_receipts import CODES as SERVICE_CODES
+        from tests.test_receipts import World
+
+        self.world = World(f"sqlite:///{tmp_path / 'entitle.db'}")
+        self.codes = SERVICE_CODES
+        self.outbox = Outbox(self.world.read_model)
+        self.templates = templates
+        self.mailer = Mailer(
+            settings(port, templates={t: shipped(t) for t in templates}), self.codes
+        )
+        self.position = 0
+
+    def projection(self) -> MailProjection:
+        store = self.world.store
+        return MailProjection(
+            self.outbox, self.templates, lambda: store.process_recorder.max_notification_id() or 0
+        )
+
+    def send(self, event: dict[str, Any], receipt: str) -> None:
+        self.world.send(event, receipt)
+
+    def project(self, projection: MailProjection) -> None:
+        position = projection.position()
+        changes, last = Follower(self.world.store).read(position, 10_000)
+        if last is not None:
+            asyncio.run(project_batch(projection, changes, last))
+
+    def dispatch(self, until: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Run the dispatcher until `until()` (checked between its polls)."""
+
+        async def run() -> None:
+            stop = asyncio.Event()
+            dispatcher = Dispatcher(self.outbox, [self.mailer], poll_interval=0.05)
+            task = asyncio.create_task(dispatcher.run(stop))
+            deadline = time.monotonic() + timeout
+            while not until() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            stop.set()
+            await task
+
+        asyncio.run(run())
+
+    def mail_jobs(self) -> list[Any]:
+        return self.outbox.jobs(channel="mail")
+
+    def close(self) -> None:
+        self.world.close()
+
+
+def paid_invoice(
+    subscription: str, email_address: str = "ada@example.com", period: int = 0, **kw: Any
+) -> Any:
+    """The invoice of the subscription's `period`th year (0: the first)."""
+    from tests import stripe_events as se
+    from tests.test_store import NOW, YEAR
+
+    start = NOW + period * YEAR
+    return se.invoice_paid(
+        subscription=subscription,
+        email=email_address,
+        shape=se.LEGACY,
+        lines=[{"price": "p", "sku": "better_annual", "start": start, "end": start + YEAR}],
+        **kw,
+    )
+
+
+def test_a_paid_invoice_mails_its_code_once(smtp: tuple[Inbox, int], tmp_path: Path) -> None:
+    inbox, port = smtp
+    mail = MailWorld(tmp_path, port, ("entitlement.created", "entitlement.overdue"))
+    try:
+        projection = mail.projection()
+        mail.send(paid_invoice("sub_mail"), "r1")
+        mail.send(paid_invoice("sub_quiet", email_address=""), "r2")  # no address: no mail
+        mail.project(projection)
+        [record] = mail.mail_jobs()
+        the_job = record.job
+        entitlement = UUID(the_job.ordering_key)
+        assert the_job.message_id == f"{entitlement}/entitlement.created"
+        assert (the_job.channel, the_job.kind, the_job.ordered) == ("mail", "mail", False)
+
+        mail.dispatch(lambda: mail.mail_jobs()[0].status == "succeeded")
+        [(envelope, message)] = inbox.messages
+        assert envelope.rcpt_tos == ["ada@example.com"]
+        code = mail.codes.code(entitlement, 0)
+        assert code in body(message, "plain")
+        # The code in the mail is one the engine knows as the entitlement's.
+        found = mail.world.read_model.by_code(code_hash(code))
+        assert found is not None and found.id == entitlement
+
+        # The renewal fails, is paid, fails again: one overdue mail.
+        failed = paid_invoice("sub_mail", period=1, kind="invoice.payment_failed")
+        mail.send(failed, "f1")
+        mail.send(paid_invoice("sub_mail", period=1), "p1")
+        mail.send(paid_invoice("sub_mail", period=2, kind="invoice.payment_failed"), "f2")
+        events = [event_type(e) for e in mail.world.store.history(entitlement)]
+        assert events.count("entitlement.overdue") == 2, events
+        # A rebuild from zero and a restart (a new projection): nothing twice.
+        with mail.world.read_model.transaction() as cur:
+            cur.execute("DELETE FROM entitle_read_positions WHERE name = 'mail'")
+        mail.project(MailProjection(mail.outbox, mail.templates, lambda: 0))
+        mail.project(mail.projection())
+        types = sorted(r.job.type for r in mail.mail_jobs())
+        assert types == ["entitlement.created", "entitlement.overdue"]
+        mail.dispatch(lambda: all(r.status == "succeeded" for r in mail.mail_jobs()))
+        assert [m["Subject"] for _, m in inbox.messages][1:] == ["Payment for acme failed"]
+    finally:
+        mail.close()
+
+
+def test_a_new_mail_projection_starts_at_the_end_of_the_log(
+    smtp: tuple[Inbox, int], tmp_path: Path
+) -> None:
+    _, port = smtp
+    mail = MailWorld(tmp_path, port, ("entitlement.created",))
+    try:
+        mail.send(paid_invoice("sub_before"), "r1")  # before mail was turned on
+        projection = mail.projection()
+        assert projection.position() > 0
+        mail.send(paid_invoice("sub_after"), "r2")
+        mail.project(projection)
+        assert [r.job.payload["entitlement"]["seats"] for r in mail.mail_jobs()] == [3]
+        [record] = mail.mail_jobs()
+        assert mail.projection().position() == projection.position()  # saved: kept
+        found = mail.world.read_model.entitlements(order_ref="sub_after")
+        assert [str(e.id) for e in found] == [record.job.ordering_key]
+    finally:
+        mail.close()
