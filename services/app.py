@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from uuid import UUID, uuid5
 
 import anyio
 from faststream.kafka import KafkaBroker
@@ -22,6 +23,8 @@ from starlette.types import ASGIApp
 
 from contracts.api import Readiness
 from contracts.webhooks import RAW_TOPIC
+from domain.endpoint import Endpoint
+from domain.entitlement import NAMESPACE
 from services import api, ingress, licensing
 from services.codes import CodeBook
 from services.config import AdminKey, Config, Settings, Source
@@ -42,7 +45,12 @@ from services.kafka import (
     make_broker,
     topic_id,
 )
-from services.projections import LogBell, follow, listen, projections
+from services.outbound.outbox import RETRY_SCHEDULE, Dispatcher, Outbox, Sender
+from services.outbound.webhooks import KIND as WEBHOOK_KIND
+from services.outbound.webhooks import EndpointInfo, Endpoints, WebhookSender
+from services.outbound_api import OutboundAPI
+from services.outbound_api import routes as outbound_routes
+from services.projections import LogBell, Needs, follow, listen, projections
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
 from services.stripe_api import StripeAPI, backfill
@@ -101,6 +109,33 @@ async def backfill_every(
         await sleep_unless(stop, every.total_seconds())
 
 
+def declared_endpoints(config: Config) -> list[EndpointInfo]:
+    """The webhook endpoints the configuration declares, each with a fixed
+    id derived from its name."""
+    return [
+        EndpointInfo(
+            uuid5(NAMESPACE, f"endpoint\x1f{e.name}"),
+            e.url,
+            list(e.events),
+            e.description or e.name,
+            e.include_codes,
+            e.ordered,
+            secret=e.secret.get_secret_value(),
+        )
+        for e in config.outbound.endpoints
+    ]
+
+
+async def disable_channel(store: EntitlementStore, kind: str, channel: str, reason: str) -> None:
+    """An endpoint the dispatcher gave up on is disabled, as an event."""
+    if kind != WEBHOOK_KIND:
+        return
+    at = datetime.now(UTC)
+    await anyio.to_thread.run_sync(
+        lambda: store.update(UUID(channel), Endpoint, lambda e: e.disable(reason, "dispatcher", at))
+    )
+
+
 def build_app(
     config: Config,
     settings: Settings,
@@ -133,12 +168,21 @@ def build_app(
             client_id=client_id,
         )
     codes: CodeBook | None = None
-    if roles.domain or roles.api:
+    if roles.domain or roles.api or roles.projector:
         if not settings.code_secret:
             raise ValueError(
-                "roles domain and api need ENTITLE_CODE_SECRET (the same in every process)"
+                "roles domain, projector and api need ENTITLE_CODE_SECRET"
+                " (the same in every process)"
             )
         codes = CodeBook(settings.code_secret)
+    outbound = config.outbound
+    allow_http = outbound.allow_http if outbound.allow_http is not None else settings.dev
+    outbox = (
+        Outbox(read_model) if read_model is not None and (roles.projector or roles.api) else None
+    )
+    endpoints: Endpoints | None = None
+    if outbox is not None:
+        endpoints = Endpoints(outbox, declared_endpoints(config))
     scheduler: Scheduler | None = None
     raw_log: RawLog | None = None
     apis = {
@@ -181,7 +225,19 @@ def build_app(
             licensing.Signer.from_secret(settings.license_key) if settings.license_key else None
         )
         index = licensing.ValidationIndex(read_model)
-        routes += api.routes(api.API(store, read_model, admin_keys, config, codes, index=index))
+        admin = api.API(store, read_model, admin_keys, config, codes, index=index)
+        routes += api.routes(admin)
+        assert outbox is not None and endpoints is not None and settings.code_secret
+        routes += outbound_routes(
+            OutboundAPI(
+                admin,
+                outbox,
+                endpoints,
+                settings.code_secret,
+                allow_http,
+                outbound.allow_private_networks,
+            )
+        )
         validation = licensing.Licensing(
             store,
             read_model,
@@ -229,6 +285,7 @@ def build_app(
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         stop = asyncio.Event()
         tasks: list[asyncio.Task[None]] = []
+        senders: list[Sender] = []
 
         def keep(name: str, loop: Callable[[Callable[[], None]], Awaitable[None]]) -> None:
             """Run `loop(working)` under `supervise`, for as long as the process."""
@@ -255,9 +312,29 @@ def build_app(
                     "listener",
                     functools.partial(listen, settings.database_url, channel, bell, stop),
                 )
-            for projection in projections(read_model, broker):
+            assert outbox is not None and endpoints is not None and settings.code_secret
+            senders += [
+                WebhookSender(
+                    endpoints,
+                    settings.code_secret,
+                    codes,
+                    allow_http,
+                    outbound.allow_private_networks,
+                ),
+            ]
+            dispatcher = Dispatcher(
+                outbox,
+                senders,
+                schedule=outbound.retry_schedule or RETRY_SCHEDULE,
+                on_disable=functools.partial(disable_channel, store),
+            )
+            needs = Needs(
+                read_model, broker, outbox, config, declared_endpoints(config), dispatcher.wake
+            )
+            for projection in projections(needs):
                 loop = functools.partial(follow, store, projection, stop, bell=bell)
                 keep(f"projection:{projection.name}", loop)
+            keep("dispatcher", functools.partial(dispatcher.run, stop))
         if raw_log is not None:
             keep("raw-log", functools.partial(raw_log.watch, stop))
             assert read_model is not None and broker is not None
@@ -283,6 +360,9 @@ def build_app(
                 await raw_log.drain(timeout=10.0)
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for sender in senders:
+                with contextlib.suppress(Exception):
+                    await sender.aclose()  # type: ignore[attr-defined]
             if broker is not None:
                 await broker.stop()
             if read_model is not None:

@@ -73,7 +73,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
+    settings = dataclasses.replace(Settings.from_env(), dev=True)
     # One process: secrets kept in .entitle/ are enough (see services/codes.py).
     if not settings.code_secret:
         settings = dataclasses.replace(settings, code_secret=load_secret(generate=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import secrets
@@ -156,6 +157,37 @@ class _NotificationsFile(BaseModel):
     email: _EmailFile | None = None
 
 
+class _EndpointFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    # A Standard Webhooks secret (whsec_ + base64) from the environment.
+    secret_env: str
+    events: list[str] = Field(default_factory=list)
+    description: str | None = None
+    include_codes: bool = False
+    ordered: bool = True
+
+
+class _OutboundFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Unset: http to loopback in `entitle dev`, https only elsewhere.
+    allow_http: bool | None = None
+    allow_private_networks: bool = False
+    # Seconds after each failed attempt (the last given up after the last).
+    retry_schedule: list[float] | None = Field(default=None, min_length=1, max_length=20)
+    endpoints: dict[str, _EndpointFile] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _positive(self) -> _OutboundFile:
+        if self.retry_schedule is not None and not all(
+            0 < s <= 7 * 86400 for s in self.retry_schedule
+        ):
+            raise ValueError("retry_schedule: every wait must be over 0 and at most 7 days")
+        return self
+
+
 class _ConfigFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -165,6 +197,7 @@ class _ConfigFile(BaseModel):
     licensing: _LicensingFile = Field(default_factory=_LicensingFile)
     admin: _AdminFile = Field(default_factory=_AdminFile)
     notifications: _NotificationsFile = Field(default_factory=_NotificationsFile)
+    outbound: _OutboundFile = Field(default_factory=_OutboundFile)
 
 
 @dataclass(frozen=True)
@@ -249,6 +282,29 @@ class EmailSettings:
 
 
 @dataclass(frozen=True)
+class DeclaredEndpoint:
+    """A webhook endpoint declared in the file (`outbound.endpoints.<name>`)."""
+
+    name: str
+    url: str
+    secret: SecretStr
+    events: list[str]
+    description: str | None
+    include_codes: bool
+    ordered: bool
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """`outbound:` in the file: where webhooks may go, and how often to retry."""
+
+    allow_http: bool | None = None
+    allow_private_networks: bool = False
+    retry_schedule: tuple[float, ...] | None = None
+    endpoints: tuple[DeclaredEndpoint, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     sources: dict[str, Source]
     catalog: Catalog
@@ -258,6 +314,7 @@ class Config:
     #: None when the file has no `notifications.email`: no mail (except in
     #: `entitle dev`, which writes the default mails to its outbox).
     email: EmailSettings | None = None
+    outbound: Outbound = field(default_factory=Outbound)
 
 
 def parse_config(
@@ -340,7 +397,34 @@ def parse_config(
     )
     licensing = parsed.licensing
     email = parsed.notifications.email
+    endpoints = []
+    for name, declared in parsed.outbound.endpoints.items():
+        where = f"{origin}: outbound endpoint {name!r}"
+        secret = _from_env(env, declared.secret_env, where, "secret")
+        assert secret is not None
+        if not _webhook_secret(secret.get_secret_value()):
+            raise ConfigError(f"{where}: ${declared.secret_env} is not whsec_ and base64")
+        endpoints.append(
+            DeclaredEndpoint(
+                name,
+                declared.url,
+                secret,
+                declared.events,
+                declared.description,
+                declared.include_codes,
+                declared.ordered,
+            )
+        )
+    outbound = Outbound(
+        allow_http=parsed.outbound.allow_http,
+        allow_private_networks=parsed.outbound.allow_private_networks,
+        retry_schedule=tuple(parsed.outbound.retry_schedule)
+        if parsed.outbound.retry_schedule
+        else None,
+        endpoints=tuple(endpoints),
+    )
     return Config(
+        outbound=outbound,
         sources=sources,
         catalog=catalog,
         policy=policy,
@@ -439,6 +523,15 @@ def address_problem(value: str) -> str | None:
     if not addresses[0].username or not addresses[0].domain:
         return "has no user or no domain"
     return None
+
+
+def _webhook_secret(value: str) -> bool:
+    """A Standard Webhooks secret: whsec_ and base64 of 24 to 64 bytes."""
+    try:
+        key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+    except ValueError:
+        return False
+    return value.startswith("whsec_") and 24 <= len(key) <= 64
 
 
 def _from_env(
@@ -563,6 +656,8 @@ class Settings:
     #: This process's name among its peers (default: the host name); two
     #: domain services on one host need different ones.
     instance: str | None = None
+    #: `entitle dev`: development defaults (http webhooks to loopback).
+    dev: bool = False
 
     def __repr__(self) -> str:  # never show the code secret
         return f"Settings(kafka_bootstrap={self.kafka_bootstrap!r})"

@@ -19,10 +19,11 @@ from eventsourcing.sqlite import SQLiteProcessRecorder
 from psycopg.sql import SQL, Identifier
 
 from domain.dead_letter import DeadLetter
+from domain.endpoint import Endpoint
 from domain.entitlement import Entitlement, Order, Payment
 from domain.receipt import ReceiptResolution
 
-A = TypeVar("A", Entitlement, Order, Payment, DeadLetter, ReceiptResolution)
+A = TypeVar("A", Entitlement, Order, Payment, DeadLetter, ReceiptResolution, Endpoint)
 
 
 #: The webhooks as received (their RawWebhookV1 JSON) by receipt id, written
@@ -251,6 +252,26 @@ class EntitlementStore(Application[UUID]):
                 continue
             return entitlement
         raise StillChanging(f"entitlement {entitlement_id} kept changing")
+
+    def update(
+        self, aggregate_id: UUID, kind: type[A], change: Callable[[A], None], attempts: int = 5
+    ) -> A | None:
+        """`change` for any kind of aggregate (see `change`); None if there
+        is no `kind` with this id."""
+        for _ in range(attempts):
+            try:
+                aggregate = self.find(aggregate_id, kind)
+            except TypeError:
+                return None
+            if aggregate is None:
+                return None
+            change(aggregate)
+            try:
+                self.record([aggregate], None)
+            except IntegrityError:
+                continue
+            return aggregate
+        raise StillChanging(f"{kind.__name__} {aggregate_id} kept changing")
 
     def position(self, name: str) -> int | None:
         return self.process_recorder.max_tracking_id(name)

@@ -248,10 +248,14 @@ class Outbox:
     def __init__(self, read_model: ReadModel) -> None:
         self.read_model = read_model
         self._sql = read_model.sql
-        with read_model.transaction() as cur:
-            if read_model.postgres:
+        self.create(_TABLES)
+
+    def create(self, statements: Sequence[str]) -> None:
+        """Create tables (a channel's own), one process at a time."""
+        with self.read_model.transaction() as cur:
+            if self.read_model.postgres:
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (CREATE_LOCK,))
-            for statement in _TABLES:
+            for statement in statements:
                 cur.execute(statement)
 
     # -- what projections write -------------------------------------------

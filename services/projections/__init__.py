@@ -2,15 +2,23 @@
 all fed by one follower (`follower`):
 
 - `read_model`: the API's tables (exactly once);
-- `public_events`: the public Kafka topics (at least once).
+- `public_events`: the public Kafka topics (at least once);
+- `webhooks`: signed webhooks to the vendor's endpoints, as outbox jobs.
 
-A new projection is one module and one line in `projections` below.
+A new projection is one module and one line in `projections` below;
+what projections may need is in `Needs`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from faststream.kafka import KafkaBroker
 
+from services.config import Config
+from services.outbound.outbox import Outbox
+from services.outbound.webhooks import EndpointInfo
 from services.projections.follower import (
     PUBLIC_TYPES,
     Change,
@@ -29,18 +37,22 @@ from services.projections.views import (
     history_entry,
     receipt_view,
 )
+from services.projections.webhooks import WEBHOOKS, WebhooksProjection
 from services.readmodel import ReadModel
 
 __all__ = [
     "PUBLIC_EVENTS",
     "PUBLIC_TYPES",
     "READ_MODEL",
+    "WEBHOOKS",
     "Change",
     "Follower",
     "LogBell",
+    "Needs",
     "Projection",
     "PublicEventsProjection",
     "ReadModelProjection",
+    "WebhooksProjection",
     "dead_letter_view",
     "entitlement_view",
     "follow",
@@ -53,9 +65,24 @@ __all__ = [
 ]
 
 
-def projections(read_model: ReadModel, broker: KafkaBroker) -> list[Projection]:
+@dataclass(frozen=True)
+class Needs:
+    """What the projections of a projector process are built from."""
+
+    read_model: ReadModel
+    broker: KafkaBroker
+    outbox: Outbox
+    config: Config
+    #: The webhook endpoints declared in the configuration.
+    endpoints: list[EndpointInfo]
+    #: Tells the outbox's dispatcher that jobs were added.
+    wake: Callable[[], None]
+
+
+def projections(needs: Needs) -> list[Projection]:
     """Every projection a projector process runs, each following the log."""
     return [
-        ReadModelProjection(read_model),
-        PublicEventsProjection(read_model, broker),
+        ReadModelProjection(needs.read_model),
+        PublicEventsProjection(needs.read_model, needs.broker),
+        WebhooksProjection(needs.outbox, needs.endpoints, needs.wake),
     ]

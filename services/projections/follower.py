@@ -48,7 +48,9 @@ _DEAD_LETTER_TOPIC = "domain.dead_letter:DeadLetter"
 _RECEIPTS_TOPIC = "domain.receipt:Receipts.Recorded"
 _RESOLVED_TOPIC = "domain.receipt:ReceiptResolution.Resolved"
 _DELIVERED_TOPIC = "domain.entitlement:Order.PaymentFactDelivered"
+_ENDPOINT_TOPIC = "domain.endpoint:Endpoint"
 _PROJECTED = (
+    _ENDPOINT_TOPIC + ".",
     _ENTITLEMENT_TOPIC + ".",
     _DEAD_LETTER_TOPIC + ".",
     _RECEIPTS_TOPIC,
@@ -91,6 +93,8 @@ class Change:
     error: str | None = None
     aggregate_id: str | None = None
     topic: str = ""
+    #: A webhook endpoint after the event (`domain.endpoint`).
+    endpoint: Any = None
 
     @property
     def public(self) -> bool:
@@ -153,6 +157,10 @@ class Follower:
             letter = event.mutate(self._state_before(event))
             self._remember(letter)
             return Change(event, None, notification.id, dead_letter=letter)
+        if notification.topic.startswith(_ENDPOINT_TOPIC):
+            endpoint = event.mutate(self._state_before(event))
+            self._remember(endpoint)
+            return Change(event, None, notification.id, endpoint=endpoint)
         if notification.topic == _RECEIPTS_TOPIC:
             receipts = tuple(
                 (receipt_view(item, event.timestamp), tuple(item["waits_on"]))

@@ -1,0 +1,154 @@
+"""The outbound webhooks projection: every public entitlement event, and
+`order.created`, becomes one job per endpoint that subscribes to it, saved
+with this projection's position (`services.outbound.outbox`). It also keeps
+the endpoints table the sender and the API read, from the endpoints' own
+events, so an endpoint gets exactly the events recorded after it was, on a
+rebuild as the first time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from uuid import UUID, uuid5
+
+import anyio
+
+from contracts.events import CustomerV1
+from contracts.outbound import OrderCreatedV1
+from domain.entitlement import NAMESPACE, event_type
+from services.outbound.outbox import Job, Outbox
+from services.outbound.webhooks import ENDPOINTS_TABLE, KIND, EndpointInfo
+from services.projections.follower import Change
+from services.projections.public_events import public_event
+
+WEBHOOKS = "webhooks"
+
+
+def order_created_id(source: str, order_ref: str) -> str:
+    return str(uuid5(NAMESPACE, f"order-created\x1f{source}\x1f{order_ref}"))
+
+
+class WebhooksProjection:
+    name = WEBHOOKS
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        configured: list[EndpointInfo],
+        wake: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.outbox = outbox
+        self.read_model = outbox.read_model
+        self.configured = configured
+        self.wake = wake
+        outbox.create([ENDPOINTS_TABLE])
+        self.endpoints: dict[UUID, EndpointInfo] = {}
+
+    def position(self) -> int:
+        def load() -> int:
+            with self.read_model.transaction() as cur:
+                cur.execute("SELECT body FROM entitle_webhook_endpoints")
+                stored = [EndpointInfo.from_json(row[0]) for row in cur.fetchall()]
+                # The configuration is the truth about configured endpoints.
+                for endpoint in self.configured:
+                    self.outbox.pause(cur, str(endpoint.id), False)
+            self.endpoints = {e.id: e for e in stored} | {e.id: e for e in self.configured}
+            return self.read_model.position(self.name)
+
+        return load()
+
+    async def project(self, changes: list[Change], position: int) -> None:
+        jobs: list[Job] = []
+        changed: dict[UUID, EndpointInfo] = {}
+        orders: dict[tuple[str, str], list[Change]] = {}
+        for change in changes:
+            if change.endpoint is not None:
+                endpoint = EndpointInfo.of(change.endpoint)
+                self.endpoints[endpoint.id] = endpoint
+                changed[endpoint.id] = endpoint
+                continue
+            if change.entitlement is None or not change.public:
+                continue
+            jobs += self._jobs(change)
+            if event_type(change.event) == "entitlement.created":
+                key = (change.entitlement.source, change.entitlement.order_ref)
+                orders.setdefault(key, []).append(change)
+        for (source, order_ref), created in orders.items():
+            jobs += self._order_jobs(source, order_ref, created)
+
+        def also(cur: Any) -> None:
+            sql = self.read_model.sql
+            for endpoint in changed.values():
+                cur.execute(
+                    sql(
+                        "INSERT INTO entitle_webhook_endpoints (id, body) VALUES (?, ?)"
+                        " ON CONFLICT (id) DO UPDATE SET body = excluded.body"
+                    ),
+                    (str(endpoint.id), endpoint.to_json()),
+                )
+                self.outbox.pause(cur, str(endpoint.id), endpoint.disabled or endpoint.deleted)
+
+        await anyio.to_thread.run_sync(self.outbox.commit, self.name, jobs, position, also)
+        if jobs or changed:
+            self.wake()
+
+    def _jobs(self, change: Change) -> list[Job]:
+        message = public_event(change)
+        view = change.entitlement
+        assert view is not None
+        payload = {
+            "type": message.type,
+            "timestamp": message.recorded_at.isoformat(),
+            "data": message.model_dump(mode="json"),
+            "code_indexes": {str(view.id): [c.index for c in view.activation_codes]},
+        }
+        return [
+            Job.of(
+                str(endpoint.id),
+                KIND,
+                str(message.event_id),
+                message.type,
+                str(view.id),
+                change.position,
+                payload,
+                ordered=endpoint.ordered,
+            )
+            for endpoint in self.endpoints.values()
+            if endpoint.wants(message.type)
+        ]
+
+    def _order_jobs(self, source: str, order_ref: str, created: list[Change]) -> list[Job]:
+        """`order.created` for an order's first entitlements (those created
+        in one batch: one webhook's, normally all of them)."""
+        views = [change.entitlement for change in created if change.entitlement is not None]
+        first = views[0]
+        data = OrderCreatedV1(
+            source=source,
+            order_ref=order_ref,
+            customer=CustomerV1(id=first.customer.id, email=first.customer.email),
+            entitlement_ids=[view.id for view in views],
+        )
+        payload = {
+            "type": "order.created",
+            "timestamp": created[0].event.timestamp.isoformat(),
+            "data": data.model_dump(mode="json", exclude_none=True),
+            "code_indexes": {
+                str(view.id): [c.index for c in view.activation_codes] for view in views
+            },
+        }
+        message_id = order_created_id(source, order_ref)
+        return [
+            Job.of(
+                str(endpoint.id),
+                KIND,
+                message_id,
+                "order.created",
+                f"order\x1f{source}\x1f{order_ref}",
+                created[0].position,
+                payload,
+                ordered=False,
+            )
+            for endpoint in self.endpoints.values()
+            if endpoint.wants("order.created")
+        ]
