@@ -36,6 +36,7 @@ import os
 import re
 import ssl
 import tempfile
+from dataclasses import replace
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.policy import SMTPUTF8
@@ -103,6 +104,22 @@ def payload(to: str, template: str, entitlement: EntitlementView) -> dict[str, A
         },
         "code_indexes": [code.index for code in entitlement.activation_codes],
     }
+
+
+#: Where `entitle dev` writes mails when no SMTP host is configured.
+DEV_OUTBOX = Path(".entitle") / "outbox"
+
+
+def mail_settings(email: EmailSettings | None, dev: bool) -> EmailSettings | None:
+    """The mail settings a process uses: the file's (None: no mail), but in
+    `entitle dev` always some, and without an SMTP host or outbox_dir, .eml
+    files under `DEV_OUTBOX`."""
+    if email is None and not dev:
+        return None
+    email = email or EmailSettings()
+    if dev and email.host is None and email.outbox_dir is None:
+        email = replace(email, outbox_dir=DEV_OUTBOX)
+    return email
 
 
 class Mailer:
