@@ -210,6 +210,7 @@ def test_a_job_that_cannot_make_a_mail_fails_at_once(smtp: tuple[Inbox, int]) ->
         job(to="buyer@example.com\r\nBcc: everyone@example.com"),
         job(template="entitlement.suspended"),  # not configured
         replace(job(), payload={"to": "buyer@example.com"}),
+        job(indexes=(-1,)),
     ):
         outcome = send(mailer, bad)
         assert not outcome.ok and outcome.permanent, (bad.payload, outcome)
@@ -437,14 +438,14 @@ def test_every_shipped_template_renders(tmp_path: Path) -> None:
 
 
 class MailWorld:
-    """A domain service on SQLite, with the mail projection and a dispatcher
+    """A domain service on a real store, with the mail projection and a dispatcher
     whose mailer talks to `port`."""
 
-    def __init__(self, tmp_path: Path, port: int, templates: tuple[str, ...]) -> None:
+    def __init__(self, database_url: str, port: int, templates: tuple[str, ...]) -> None:
         from tests.test_receipts import CODES as SERVICE_CODES
         from tests.test_receipts import World
 
-        self.world = World(f"sqlite:///{tmp_path / 'entitle.db'}")
+        self.world = World(database_url)
         self.codes = SERVICE_CODES
         self.outbox = Outbox(self.world.read_model)
         self.templates = templates
@@ -507,9 +508,9 @@ def paid_invoice(
     )
 
 
-def test_a_paid_invoice_mails_its_code_once(smtp: tuple[Inbox, int], tmp_path: Path) -> None:
+def test_a_paid_invoice_mails_its_code_once(smtp: tuple[Inbox, int], database_url: str) -> None:
     inbox, port = smtp
-    mail = MailWorld(tmp_path, port, ("entitlement.created", "entitlement.overdue"))
+    mail = MailWorld(database_url, port, ("entitlement.created", "entitlement.overdue"))
     try:
         projection = mail.projection()
         mail.send(paid_invoice("sub_mail"), "r1")
@@ -551,10 +552,10 @@ def test_a_paid_invoice_mails_its_code_once(smtp: tuple[Inbox, int], tmp_path: P
 
 
 def test_a_new_mail_projection_starts_at_the_end_of_the_log(
-    smtp: tuple[Inbox, int], tmp_path: Path
+    smtp: tuple[Inbox, int], database_url: str
 ) -> None:
     _, port = smtp
-    mail = MailWorld(tmp_path, port, ("entitlement.created",))
+    mail = MailWorld(database_url, port, ("entitlement.created",))
     try:
         mail.send(paid_invoice("sub_before"), "r1")  # before mail was turned on
         projection = mail.projection()

@@ -42,12 +42,12 @@ from email.message import EmailMessage
 from email.policy import SMTPUTF8
 from email.utils import format_datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from uuid import UUID
 
 import aiosmtplib
 import anyio
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.codes import CodeBook
 from services.config import EmailSettings, address_problem
@@ -84,7 +84,7 @@ class _Payload(BaseModel):
     to: str
     template: str
     entitlement: _Entitlement
-    code_indexes: list[int]
+    code_indexes: list[Annotated[int, Field(ge=0, lt=2**32)]]  # as CodeBook takes them
 
 
 def payload(to: str, template: str, entitlement: EntitlementView) -> dict[str, Any]:
@@ -100,7 +100,7 @@ def payload(to: str, template: str, entitlement: EntitlementView) -> dict[str, A
             "seats": entitlement.seats,
             "status": entitlement.status,
             "reason": entitlement.status_reason,
-            "period_end": (entitlement.period_end.isoformat() if entitlement.period_end else None),
+            "period_end": entitlement.period_end.isoformat() if entitlement.period_end else None,
         },
         "code_indexes": [code.index for code in entitlement.activation_codes],
     }
