@@ -35,6 +35,15 @@ from contracts.licensing import (
     ValidationRequest,
     ValidationResult,
 )
+from contracts.outbound import (
+    DeliveryList,
+    EndpointCreate,
+    EndpointPatch,
+    EndpointView,
+    OrderCreatedV1,
+    OutboundMessageV1,
+    PingV1,
+)
 from contracts.webhooks import DeadLetterV1, RawLogMarkerV1, RawWebhookV1
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
@@ -64,6 +73,13 @@ PUBLISHED: dict[str, type[BaseModel]] = {
     "license-file.v1.json": LicenseFileV1,
     "license-keys.v1.json": KeysV1,
     "licensing-portal.v1.json": Portal,
+    "outbound-message.v1.json": OutboundMessageV1,
+    "outbound-order-created.v1.json": OrderCreatedV1,
+    "outbound-ping.v1.json": PingV1,
+    "api-webhook-endpoint.v1.json": EndpointView,
+    "api-webhook-endpoint-create.v1.json": EndpointCreate,
+    "api-webhook-endpoint-patch.v1.json": EndpointPatch,
+    "api-delivery-list.v1.json": DeliveryList,
 }
 
 

@@ -404,6 +404,59 @@ def cmd_redrive(args: argparse.Namespace) -> int:
     return 0 if failed == 0 else 1
 
 
+def cmd_outbound(args: argparse.Namespace) -> int:
+    """Outbound notifications from the database (the API's equivalents):
+    endpoints, deliveries (JSON lines), resend, recover (with progress)."""
+    from services.outbound.outbox import Outbox
+    from services.outbound.webhooks import Endpoints
+    from services.outbound_api import delivery_view
+    from services.readmodel import ReadModel
+
+    read_model = ReadModel(Settings.from_env().database_url)
+    try:
+        outbox = Outbox(read_model)
+        command = args.outbound_command
+        if command == "endpoints":
+            for endpoint in Endpoints(outbox, []).load().values():
+                if not endpoint.deleted:
+                    line = json.loads(endpoint.to_json())
+                    line["deliveries"] = outbox.counts(str(endpoint.id))
+                    print(json.dumps(line))
+            return 0
+        if command in ("deliveries", "mails"):
+            after = None
+            shown = 0
+            filters = (
+                {"channel": str(args.endpoint_id), "kind": "webhook"}
+                if command == "deliveries"
+                else {"kind": "mail"}
+            )
+            while shown < args.limit:
+                want = min(500, args.limit - shown)
+                page = outbox.jobs(status=args.status, after=after, limit=want, **filters)
+                for record in page:
+                    print(delivery_view(record).model_dump_json())
+                shown += len(page)
+                if len(page) < want:
+                    break
+                after = (page[-1].job.seq, page[-1].job.id)
+            return 0
+        if command == "resend":
+            ids = [str(i) for i in args.ids]
+        else:  # recover
+            since = _since(args.since) or datetime.now(UTC)
+            ids = outbox.failed_since(str(args.endpoint_id), since)
+        done = 0
+        for start in range(0, len(ids), 100):
+            done += outbox.resend(ids[start : start + 100])
+            print(f"\rresent {done} of {len(ids)}", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        print(f"{done} deliver{'y' if done == 1 else 'ies'} will be sent again")
+        return 0 if done == len(ids) else 1
+    finally:
+        read_model.close()
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="entitle", description="Event-sourced entitlement engine")
     sub = top.add_subparsers(dest="command", required=True)
@@ -452,6 +505,24 @@ def parser() -> argparse.ArgumentParser:
         "ids", nargs="*", type=_uuid, help="dead letter ids (default: every unresolved one)"
     )
     p.set_defaults(run=cmd_redrive)
+    out = sub.add_parser("outbound", help="outbound webhooks and mails: list, resend, recover")
+    out_sub = out.add_subparsers(dest="outbound_command", required=True)
+    p = out_sub.add_parser("endpoints", help="the webhook endpoints (JSON lines)")
+    p.set_defaults(run=cmd_outbound)
+    for name, what in (("deliveries", "an endpoint's deliveries"), ("mails", "mails to buyers")):
+        p = out_sub.add_parser(name, help=f"{what}, oldest first, with attempts (JSON lines)")
+        if name == "deliveries":
+            p.add_argument("endpoint_id", type=_uuid)
+        p.add_argument("--status", choices=["pending", "succeeded", "failed"])
+        p.add_argument("--limit", type=_positive, default=1000)
+        p.set_defaults(run=cmd_outbound)
+    p = out_sub.add_parser("resend", help="send deliveries (or mails) again, by id")
+    p.add_argument("ids", nargs="+", type=_uuid)
+    p.set_defaults(run=cmd_outbound)
+    p = out_sub.add_parser("recover", help="send again what failed to an endpoint since a time")
+    p.add_argument("endpoint_id", type=_uuid)
+    p.add_argument("--since", required=True, help="RFC 3339 time, e.g. 2026-11-30T00:00:00Z")
+    p.set_defaults(run=cmd_outbound)
     stripe_cmd = sub.add_parser("stripe", help="Stripe's API, with a source's api_key")
     stripe_sub = stripe_cmd.add_subparsers(dest="stripe_command", required=True)
     p = stripe_sub.add_parser(

@@ -36,6 +36,7 @@ from services.http import HTTPError, busy, read_json
 from services.outbound.outbox import Job, JobRecord, Outbox
 from services.outbound.webhooks import KIND, EndpointInfo, Endpoints, Resolver, url_problem
 from services.outbound.webhooks import endpoint_secret as derive_secret
+from services.projections import history_entry
 from services.store import StillChanging
 
 STATUSES = ("pending", "succeeded", "failed")
@@ -282,6 +283,17 @@ class OutboundAPI:
         await anyio.to_thread.run_sync(self.outbox.add, [job])
         return JSONResponse({"delivery_id": job.id, "message_id": message_id}, status_code=202)
 
+    async def history(self, request: Request) -> JSONResponse:
+        """The endpoint's audit trail: every change, who made it and when."""
+        self.admin.authenticate(request)
+        endpoint_id = _endpoint_id(request)
+        self._declared(endpoint_id)
+        if await anyio.to_thread.run_sync(self._stored, endpoint_id) is None:
+            raise HTTPError(404, "not_found", f"no webhook endpoint {endpoint_id}")
+        events = await anyio.to_thread.run_sync(self.store.history, endpoint_id)
+        entries = [history_entry(event).model_dump(mode="json") for event in events]
+        return JSONResponse({"endpoint_id": str(endpoint_id), "events": entries})
+
     # -- deliveries ------------------------------------------------------------
 
     async def deliveries(self, request: Request) -> JSONResponse:
@@ -366,6 +378,7 @@ def routes(api: OutboundAPI) -> list[Route]:
         Route(base + "/{id}/rotate-secret", api.rotate, methods=["POST"]),
         Route(base + "/{id}/test", api.test, methods=["POST"]),
         Route(base + "/{id}/deliveries", api.deliveries, methods=["GET"]),
+        Route(base + "/{id}/history", api.history, methods=["GET"]),
         Route(base + "/{id}/recover", api.recover, methods=["POST"]),
         Route("/v1/deliveries/{id}/resend", api.resend, methods=["POST"]),
         Route("/v1/mails", api.mails, methods=["GET"]),

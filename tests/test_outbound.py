@@ -218,6 +218,13 @@ def test_a_ping_410_disables_and_the_history_shows_who(stack: Entitle, local: Re
         timeout=10,
     )
     assert "410" in shown["disabled_reason"]
+    trail = httpx.get(
+        f"{stack.url}/v1/webhook-endpoints/{endpoint['id']}/history", headers=AUTH
+    ).json()["events"]
+    assert [(e["type"], e["data"]["by"]) for e in trail] == [
+        ("endpoint.registered", "ops"),
+        ("endpoint.disabled", "dispatcher"),
+    ]
     # Nothing more goes to it while disabled; re-enabled, a resend goes.
     post(stack, paid("sub_gone"))
     time.sleep(1)

@@ -1,0 +1,170 @@
+"""The outbox and its dispatcher on a real SQLite database, with senders
+that answer what each test needs."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.cli import main
+from services.outbound.outbox import (
+    RETRY_AFTER_CAP,
+    RETRY_SCHEDULE,
+    Dispatcher,
+    Job,
+    Outbox,
+    Outcome,
+    next_delay,
+)
+from services.readmodel import ReadModel
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Any:
+    read_model = ReadModel(f"sqlite:///{tmp_path}/outbox.db")
+    yield Outbox(read_model)
+    read_model.close()
+
+
+class Scripted:
+    """Answers per channel from a list of outcomes (then success)."""
+
+    kind = "test"
+
+    def __init__(self, script: dict[str, list[Outcome]] | None = None) -> None:
+        self.script = script or {}
+        self.sent: list[tuple[str, int]] = []
+
+    async def send(self, job: Job) -> Outcome:
+        self.sent.append((job.channel, job.payload["n"]))
+        queue = self.script.get(job.channel, [])
+        return queue.pop(0) if queue else Outcome(ok=True, status_code=200)
+
+
+def jobs(channel: str, key: str, count: int, ordered: bool = True, start: int = 0) -> list[Job]:
+    return [
+        Job.of(channel, "test", f"{channel}-{key}-{n}", "t", key, n, {"n": n}, ordered=ordered)
+        for n in range(start, start + count)
+    ]
+
+
+def run(dispatcher: Dispatcher, seconds: float) -> None:
+    async def go() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(dispatcher.run(stop))
+        await asyncio.sleep(seconds)
+        stop.set()
+        await task
+
+    asyncio.run(go())
+
+
+def test_the_retry_schedule_jitters_within_a_fifth_and_honours_retry_after_up_to_a_cap() -> None:
+    for attempt, base in enumerate(RETRY_SCHEDULE, 1):
+        low = next_delay(attempt, None, rand=lambda: 0.0)
+        high = next_delay(attempt, None, rand=lambda: 1.0)
+        assert low == pytest.approx(base * 0.8) and high == pytest.approx(base * 1.2)
+    assert next_delay(len(RETRY_SCHEDULE) + 1, None) is None
+    assert next_delay(1, 120, rand=lambda: 0.5) == 120
+    assert next_delay(1, 10**9, rand=lambda: 0.5) == RETRY_AFTER_CAP
+    assert next_delay(3, 1, rand=lambda: 0.5) == 1800  # never sooner than the schedule
+
+
+def test_a_replayed_projection_never_enqueues_twice(outbox: Outbox) -> None:
+    outbox.commit("p", jobs("a", "k", 3), 10)
+    outbox.commit("p", jobs("a", "k", 3), 10)
+    assert outbox.counts("a") == {"pending": 3}
+    assert outbox.read_model.position("p") == 10
+
+
+def test_ordered_jobs_wait_per_key_and_unordered_ones_do_not(outbox: Outbox) -> None:
+    outbox.commit("p", jobs("a", "k1", 3) + jobs("a", "k2", 2, start=10), 1)
+    outbox.commit("p", jobs("b", "k1", 3, ordered=False), 2)
+    now = datetime.now(UTC) + timedelta(seconds=1)
+    assert [j.payload["n"] for j in outbox.due("a", now, 100)] == [0, 10]
+    assert [j.payload["n"] for j in outbox.due("b", now, 100)] == [0, 1, 2]
+    assert outbox.due("a", now, 100, busy=[outbox.due("a", now, 1)[0].id])[0].payload["n"] == 10
+
+
+def test_a_failing_key_holds_back_only_its_own_jobs_then_all_arrive_in_order(
+    outbox: Outbox,
+) -> None:
+    failing = [Outcome(ok=False, status_code=500)] * 2
+    sender = Scripted({"a": list(failing)})
+    outbox.commit("p", jobs("a", "k1", 3) + jobs("b", "k1", 3), 1)
+    run(Dispatcher(outbox, [sender], schedule=(0.1, 0.1, 0.1), poll_interval=0.05), 1.5)
+    assert [n for c, n in sender.sent if c == "b"] == [0, 1, 2]
+    assert [n for c, n in sender.sent if c == "a"] == [0, 0, 0, 1, 2]
+    [first] = [r for r in outbox.jobs(channel="a") if r.job.payload["n"] == 0]
+    assert [a.status_code for a in first.attempts] == [500, 500, 200]
+    assert first.status == "succeeded"
+
+
+def test_exhausted_and_permanent_failures_are_failed_and_release_the_next(outbox: Outbox) -> None:
+    sender = Scripted(
+        {"a": [Outcome(ok=False, error="boom")] * 3, "b": [Outcome(ok=False, permanent=True)]}
+    )
+    outbox.commit("p", jobs("a", "k", 2) + jobs("b", "k", 2), 1)
+    run(Dispatcher(outbox, [sender], schedule=(0.05, 0.05), poll_interval=0.05), 1.0)
+    statuses = {(r.job.channel, r.job.payload["n"]): r.status for r in outbox.jobs()}
+    assert statuses == {
+        ("a", 0): "failed",
+        ("a", 1): "succeeded",
+        ("b", 0): "failed",
+        ("b", 1): "succeeded",
+    }
+    assert sender.sent.count(("a", 0)) == 3 and sender.sent.count(("b", 0)) == 1
+
+
+def test_a_channel_failing_for_the_whole_window_is_paused_and_reported(outbox: Outbox) -> None:
+    disabled: list[tuple[str, str, str]] = []
+
+    async def on_disable(kind: str, channel: str, reason: str) -> None:
+        disabled.append((kind, channel, reason))
+
+    sender = Scripted({"a": [Outcome(ok=False, status_code=500)] * 100})
+    outbox.commit("p", jobs("a", "k", 1, ordered=False) + jobs("a", "j", 1, ordered=False), 1)
+    dispatcher = Dispatcher(
+        outbox,
+        [sender],
+        schedule=(0.05,) * 50,
+        poll_interval=0.05,
+        disable_after=timedelta(seconds=0.4),
+        on_disable=on_disable,
+    )
+    run(dispatcher, 1.5)
+    assert [(k, c) for k, c, _ in disabled] == [("test", "a")]
+    assert "failed for" in disabled[0][2]
+    tried = len(sender.sent)
+    run(Dispatcher(outbox, [sender], poll_interval=0.05), 0.5)
+    assert len(sender.sent) == tried  # paused: nothing more is sent
+
+
+def test_the_cli_lists_resends_and_recovers(
+    outbox: Outbox, tmp_path: Path, monkeypatch: Any, capfd: Any
+) -> None:
+    endpoint = "5f0c6a3e-3a41-4b55-9a3c-8f7a9a9d3c11"
+    webhooks = [
+        Job.of(endpoint, "webhook", f"m{n}", "t", "k", n, {"n": n}, ordered=False) for n in range(3)
+    ]
+    outbox.commit("p", webhooks, 1)
+    records = outbox.jobs(channel=endpoint)
+    at = datetime.now(UTC)
+    outbox.record(
+        [(r.job, Outcome(ok=False, permanent=True, status_code=400), at, 5.0) for r in records]
+    )
+    monkeypatch.setenv("ENTITLE_DATABASE_URL", f"sqlite:///{tmp_path}/outbox.db")
+    assert main(["outbound", "deliveries", endpoint, "--status", "failed"]) == 0
+    lines = capfd.readouterr().out.splitlines()
+    assert len(lines) == 3 and '"status_code":400' in lines[0]
+    assert main(["outbound", "resend", records[0].job.id]) == 0
+    assert outbox.counts(endpoint) == {"pending": 1, "failed": 2}
+    since = (at - timedelta(minutes=1)).isoformat()
+    assert main(["outbound", "recover", endpoint, "--since", since]) == 0
+    captured = capfd.readouterr()
+    assert "resent 2 of 2" in captured.err
+    assert outbox.counts(endpoint) == {"pending": 3}
