@@ -219,7 +219,7 @@ def phase_dispatch(count: int) -> None:
         for base, alone, both in rounds:
             print(
                 f"   bare aiohttp {base:7.0f}/s | entitle {alone:7.0f}/s ({alone / base:.2f}x)"
-                f" | beside an endpoint failing everything {both:7.0f}/s ({both / alone:.2f}x alone)"
+                f" | beside a failing endpoint {both:7.0f}/s ({both / alone:.2f}x alone)"
             )
 
 
@@ -329,7 +329,8 @@ def latency_run(url: str, rate: float, seconds: float, fail_too: bool) -> tuple[
 
 def phase_latency(rate: float, seconds: float) -> None:
     print(
-        f"\n2. latency: `entitle dev`, paid invoices at {rate:g}/s for {seconds:g} s (2 events each)"
+        f"\n2. latency: `entitle dev`, paid invoices at {rate:g}/s for {seconds:g} s"
+        " (2 events each)"
     )
     with receiver() as url:
         for fail_too in (False, True, False, True):
@@ -338,7 +339,8 @@ def phase_latency(rate: float, seconds: float) -> None:
                 "beside an always-failing endpoint" if fail_too else "one endpoint alone          "
             )
             print(
-                f"   {what}: {count} delivered, committed -> delivered p50 {p50:5.0f} ms, p99 {p99:5.0f} ms"
+                f"   {what}: {count} delivered, committed -> delivered"
+                f" p50 {p50:5.0f} ms, p99 {p99:5.0f} ms"
             )
 
 

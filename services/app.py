@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -45,6 +46,8 @@ from services.kafka import (
     make_broker,
     topic_id,
 )
+from services.outbound.mail import CHANNEL as MAIL_CHANNEL
+from services.outbound.mail import Mailer, mail_settings
 from services.outbound.outbox import RETRY_SCHEDULE, Dispatcher, Outbox, Sender
 from services.outbound.stripe_codes import StripeCodes
 from services.outbound.webhooks import KIND as WEBHOOK_KIND
@@ -145,6 +148,8 @@ def build_app(
     admin_keys: list[AdminKey],
 ) -> ASGIApp:
     health = Health()
+    # `entitle dev` mails (to files) even with no `notifications.email`.
+    config = dataclasses.replace(config, email=mail_settings(config.email, settings.dev))
     needs_broker = roles.ingress or roles.domain or roles.projector
     if needs_broker and not settings.kafka_bootstrap:
         raise ValueError("roles ingress, domain and projector need ENTITLE_KAFKA_BOOTSTRAP")
@@ -185,6 +190,16 @@ def build_app(
     endpoints: Endpoints | None = None
     if outbox is not None:
         endpoints = Endpoints(outbox, declared_endpoints(config))
+    mailer: Mailer | None = None
+    if roles.projector and config.email is not None:
+        assert codes is not None and outbox is not None
+        if config.email.host is None and config.email.outbox_dir is None:
+            raise ValueError("notifications.email needs a host (or an outbox_dir for .eml files)")
+        mailer = Mailer(config.email, codes)
+        # Paused after days of nothing but failures; a restart (with the
+        # settings fixed) is the way to resume it: mail has no admin switch.
+        with outbox.read_model.transaction() as cur:
+            outbox.pause(cur, MAIL_CHANNEL, False)
     scheduler: Scheduler | None = None
     raw_log: RawLog | None = None
     apis = {
@@ -326,14 +341,23 @@ def build_app(
                 ),
                 StripeCodes({name: apis[name] for name in write_back_sources(config)}, codes),
             ]
+            if mailer is not None:
+                senders.append(mailer)
             dispatcher = Dispatcher(
                 outbox,
                 senders,
                 schedule=outbound.retry_schedule or RETRY_SCHEDULE,
                 on_disable=functools.partial(disable_channel, store),
             )
+            recorder = store.process_recorder
             needs = Needs(
-                read_model, broker, outbox, config, declared_endpoints(config), dispatcher.wake
+                read_model,
+                broker,
+                outbox,
+                config,
+                declared_endpoints(config),
+                dispatcher.wake,
+                head=lambda: recorder.max_notification_id() or 0,
             )
             for projection in projections(needs):
                 loop = functools.partial(follow, store, projection, stop, bell=bell)

@@ -24,6 +24,7 @@ from services.codes import load_secret
 from services.config import ConfigError, Settings, admin_keys, generate_admin_key, load_config
 from services.http import BODIES, MaskCodes, aware_time
 from services.kafka import EmbeddedBroker
+from services.outbound.mail import mail_settings
 from services.server import HttpLimits, guarded
 
 log = logging.getLogger("entitle")
@@ -86,6 +87,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
         generated = generate_admin_key()
         keys_env = f"dev:{generated}"
     config = load_config(Path(args.config))  # fail before starting anything
+    email = mail_settings(config.email, dev=True)
+    assert email is not None
     broker: EmbeddedBroker | None = None
     if settings.kafka_bootstrap is None:
         broker = EmbeddedBroker()
@@ -109,6 +112,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
         f"  webhook:  {base}/webhooks/{name}  ({s.provider.name})"
         for name, s in config.sources.items()
     ]
+    if email.host is None:
+        lines.append(f"  mail:     {email.outbox_dir}/  (an .eml file each; no SMTP host set)")
+    else:
+        lines.append(f"  mail:     smtp://{email.host}:{email.port}  ({email.security})")
     if generated:
         lines.append(f"  admin key (generated; set ENTITLE_ADMIN_KEYS to choose one): {generated}")
     print("\n".join(lines), flush=True)

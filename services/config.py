@@ -9,8 +9,12 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from email.errors import NonASCIILocalPartDefect
+from email.headerregistry import Address
+from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -18,6 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from domain.catalog import Catalog, Offering
 from domain.lifecycle import Policy
 from services.codes import load_secret
+from services.outbound.templates import (
+    DEFAULT_ON,
+    TEMPLATE_TYPES,
+    MailTemplate,
+    MailTemplateError,
+    check,
+    shipped,
+)
 from services.providers import PROVIDERS, Credentials, Provider
 
 
@@ -109,6 +121,49 @@ class _AdminFile(BaseModel):
     failed_auth_burst: int = Field(default=10, ge=1)
 
 
+class _MailTemplateFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # jinja2 sources; a part not given is the shipped template's.
+    subject: str | None = None
+    text: str | None = None
+    html: str | None = None
+
+
+class _EmailFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    user: str | None = None
+    password_env: str | None = None
+    from_address: str | None = None
+    portal_url: str | None = None
+    timeout_seconds: float = Field(default=30, gt=0, le=600)
+    max_connections: int = Field(default=4, ge=1, le=100)
+    outbox_dir: str | None = None
+    # Per event type: true or empty (the shipped template), false (no
+    # mail), or a mapping of the parts to replace.
+    templates: dict[str, _MailTemplateFile | bool | None] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_password(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "password" in data:
+            raise ValueError(
+                "never the password in the file: name the environment variable "
+                "holding it with password_env"
+            )
+        return data
+
+
+class _NotificationsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: _EmailFile | None = None
+
+
 class _EndpointFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -148,6 +203,7 @@ class _ConfigFile(BaseModel):
     lifecycle: _LifecycleFile = Field(default_factory=_LifecycleFile)
     licensing: _LicensingFile = Field(default_factory=_LicensingFile)
     admin: _AdminFile = Field(default_factory=_AdminFile)
+    notifications: _NotificationsFile = Field(default_factory=_NotificationsFile)
     outbound: _OutboundFile = Field(default_factory=_OutboundFile)
 
 
@@ -199,6 +255,43 @@ class RateLimits:
     admin_failures_per_address: Rate = (0.1, 10)
 
 
+_DEFAULT_PORTS = {"starttls": 587, "tls": 465, "none": 25}
+
+
+@dataclass(frozen=True)
+class EmailSettings:
+    """`notifications.email`: how the buyer gets mail (services.outbound.mail).
+
+    With a `host`, mail goes by SMTP; without one, each mail is written as
+    `<outbox_dir>/<job id>.eml` (`entitle dev` uses `.entitle/outbox`)."""
+
+    host: str | None = None
+    port: int = 587
+    #: starttls: upgrade a plain connection (and fail if the server cannot);
+    #: tls: TLS from the start (SMTPS); none: plain, for a relay on this host.
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    user: str | None = None
+    password: SecretStr | None = None
+    #: The From header: an address, or `Name <address>`.
+    from_address: str = "entitle@localhost"
+    #: Shown to the buyer as the address of their license, if set.
+    portal_url: str | None = None
+    timeout_seconds: float = 30.0
+    #: SMTP connections open at once (each mail is one connection).
+    max_connections: int = 4
+    outbox_dir: Path | None = None
+    #: The templates of the event types that send mail.
+    templates: Mapping[str, MailTemplate] = field(
+        default_factory=lambda: {t: shipped(t) for t in DEFAULT_ON}
+    )
+
+    def __repr__(self) -> str:  # never show the password
+        return (
+            f"EmailSettings(host={self.host!r}, port={self.port}, "
+            f"security={self.security!r}, templates={sorted(self.templates)})"
+        )
+
+
 @dataclass(frozen=True)
 class DeclaredEndpoint:
     """A webhook endpoint declared in the file (`outbound.endpoints.<name>`)."""
@@ -229,6 +322,9 @@ class Config:
     policy: Policy = field(default_factory=Policy)
     license_file_ttl: timedelta = timedelta(days=7)
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    #: None when the file has no `notifications.email`: no mail (except in
+    #: `entitle dev`, which writes the default mails to its outbox).
+    email: EmailSettings | None = None
     outbound: Outbound = field(default_factory=Outbound)
 
 
@@ -314,6 +410,7 @@ def parse_config(
         parked_for=timedelta(days=parsed.lifecycle.parked_days),
     )
     licensing = parsed.licensing
+    email = parsed.notifications.email
     endpoints = []
     for name, declared in parsed.outbound.endpoints.items():
         where = f"{origin}: outbound endpoint {name!r}"
@@ -358,7 +455,88 @@ def parse_config(
                 parsed.admin.failed_auth_burst,
             ),
         ),
+        email=_email(email, env, f"{origin}: notifications.email") if email else None,
     )
+
+
+def _email(email: _EmailFile, env: Mapping[str, str], where: str) -> EmailSettings:
+    if email.host is not None and not email.host.strip():
+        raise ConfigError(f"{where}: host is empty; leave it out to write mails to outbox_dir")
+    if email.host is not None and email.from_address is None:
+        raise ConfigError(f"{where}: from_address is needed to send mail")
+    if (email.user is None) != (email.password_env is None):
+        raise ConfigError(f"{where}: give both user and password_env, or neither")
+    if email.user is not None and email.security == "none":
+        raise ConfigError(
+            f"{where}: with security: none the password would travel in the clear; "
+            "use starttls or tls"
+        )
+    password = _from_env(env, email.password_env, where, "password")
+    from_address = email.from_address or EmailSettings.from_address
+    problem = address_problem(from_address)
+    if problem:
+        raise ConfigError(f"{where}: from_address {from_address!r} {problem}")
+    if email.portal_url is not None:
+        url = urlsplit(email.portal_url)
+        if url.scheme not in ("https", "http") or not url.hostname:
+            raise ConfigError(f"{where}: portal_url {email.portal_url!r} is no http(s) address")
+    templates: dict[str, MailTemplate] = {t: shipped(t) for t in DEFAULT_ON}
+    for event_type, given in email.templates.items():
+        if event_type not in TEMPLATE_TYPES:
+            known = ", ".join(TEMPLATE_TYPES)
+            raise ConfigError(f"{where}: no mail for {event_type!r}; known: {known}")
+        if given is False:
+            templates.pop(event_type, None)
+            continue
+        template = shipped(event_type)
+        if isinstance(given, _MailTemplateFile):
+            template = MailTemplate(
+                subject=template.subject if given.subject is None else given.subject,
+                text=template.text if given.text is None else given.text,
+                html=template.html if given.html is None else given.html,
+            )
+        try:
+            check(template, email.portal_url)
+        except MailTemplateError as exc:
+            raise ConfigError(f"{where}: template {event_type} {exc}") from None
+        templates[event_type] = template
+    return EmailSettings(
+        host=email.host,
+        port=email.port or _DEFAULT_PORTS[email.security],
+        security=email.security,
+        user=email.user,
+        password=password,
+        from_address=from_address,
+        portal_url=email.portal_url,
+        timeout_seconds=email.timeout_seconds,
+        max_connections=email.max_connections,
+        outbox_dir=Path(email.outbox_dir) if email.outbox_dir else None,
+        templates=templates,
+    )
+
+
+def address_problem(value: str) -> str | None:
+    """Why `value` is no usable From or To header (one address with a user
+    and a domain, optionally with a name), or None."""
+    message = EmailMessage()
+    try:
+        message["To"] = value
+        header = message["To"]
+        addresses: tuple[Address, ...] = header.addresses
+    except Exception:  # the header parser's IndexError, ValueError, ...
+        addresses = ()
+        header = None
+    # A non-ASCII user name is fine where the server speaks SMTPUTF8.
+    defects = (
+        [d for d in header.defects if not isinstance(d, NonASCIILocalPartDefect)]
+        if header
+        else [None]
+    )
+    if defects or len(addresses) != 1:
+        return "is not one address such as 'Acme <licenses@acme.example>'"
+    if not addresses[0].username or not addresses[0].domain:
+        return "has no user or no domain"
+    return None
 
 
 def _webhook_secret(value: str) -> bool:

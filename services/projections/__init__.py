@@ -4,7 +4,8 @@ all fed by one follower (`follower`):
 - `read_model`: the API's tables (exactly once);
 - `public_events`: the public Kafka topics (at least once);
 - `webhooks`: signed webhooks to the vendor's endpoints, as outbox jobs;
-- `stripe_codes`: activation codes back into Stripe subscriptions, as outbox jobs.
+- `stripe_codes`: activation codes back into Stripe subscriptions, as outbox jobs;
+- `mail`: the buyer's mails (the activation code), as outbox jobs.
 
 A new projection is one module and one line in `projections` below;
 what projections may need is in `Needs`.
@@ -30,6 +31,7 @@ from services.projections.follower import (
     listen,
     project_batch,
 )
+from services.projections.mail import MAIL, MailProjection
 from services.projections.public_events import PUBLIC_EVENTS, PublicEventsProjection
 from services.projections.read_model import READ_MODEL, ReadModelProjection, replay
 from services.projections.stripe_codes import stripe_codes_projection
@@ -43,6 +45,7 @@ from services.projections.webhooks import WEBHOOKS, WebhooksProjection
 from services.readmodel import ReadModel
 
 __all__ = [
+    "MAIL",
     "PUBLIC_EVENTS",
     "PUBLIC_TYPES",
     "READ_MODEL",
@@ -50,6 +53,7 @@ __all__ = [
     "Change",
     "Follower",
     "LogBell",
+    "MailProjection",
     "Needs",
     "Projection",
     "PublicEventsProjection",
@@ -79,6 +83,9 @@ class Needs:
     endpoints: list[EndpointInfo]
     #: Tells the outbox's dispatcher that jobs were added.
     wake: Callable[[], None]
+    #: The log's last position now: where a projection that must not act on
+    #: history (mail) starts when it has no position yet.
+    head: Callable[[], int]
 
 
 def projections(needs: Needs) -> list[Projection]:
@@ -88,4 +95,13 @@ def projections(needs: Needs) -> list[Projection]:
         PublicEventsProjection(needs.read_model, needs.broker),
         WebhooksProjection(needs.outbox, needs.endpoints, needs.wake),
         *stripe_codes_projection(needs.read_model, needs.outbox, needs.config, needs.wake),
+        *mail_projections(needs),
     ]
+
+
+def mail_projections(needs: Needs) -> list[Projection]:
+    """The mail projection, if mail is configured."""
+    email = needs.config.email
+    if email is None:
+        return []
+    return [MailProjection(needs.outbox, email.templates, needs.head, needs.wake)]

@@ -1,0 +1,287 @@
+"""The mail channel: sends a buyer one templated mail per job, by SMTP
+(`aiosmtplib`) or, with no SMTP host configured, as an `.eml` file.
+
+A job's payload (built by `payload`, JSON-able, never holding a code):
+
+    {
+      "to": "buyer@example.com",             # the recipient
+      "template": "entitlement.created",     # which configured template
+      "entitlement": {
+        "id": "<uuid>", "product": str, "offering": str (the SKU),
+        "seats": int, "status": str, "reason": str | null,
+        "period_end": "<ISO 8601>" | null
+      },
+      "code_indexes": [0, ...]               # which activation codes to show
+    }
+
+The codes are derived when the mail is sent (`CodeBook.code(id, index)`),
+so the outbox holds nothing a reader could activate with. The mail's
+`Message-ID` is derived from the job id, so a mail sent twice (a crash
+between the server's 250 and its record) is recognisably the same mail.
+
+Outcomes (never an exception for the server's fault):
+- 250 → ok;
+- a recipient refused with 5xx, or the message refused after DATA with 5xx
+  → permanent (retrying sends the same mail to the same refusal);
+- anything else (4xx, a refused sender or login, which a fixed
+  configuration cures, no STARTTLS, connection errors, timeouts) → retry;
+- a payload or template that cannot make a mail → permanent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import ssl
+import tempfile
+from dataclasses import replace
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.policy import SMTPUTF8
+from email.utils import format_datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+from uuid import UUID
+
+import aiosmtplib
+import anyio
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.codes import CodeBook
+from services.config import EmailSettings, address_problem
+from services.outbound.outbox import Job, Outcome
+from services.outbound.templates import MailTemplateError, context, render
+
+if TYPE_CHECKING:
+    from contracts.api import EntitlementView
+
+log = logging.getLogger("entitle.mail")
+
+KIND = "mail"
+CHANNEL = "mail"
+_ANSWER_LIMIT = 1024
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+class _Entitlement(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: UUID
+    product: str
+    offering: str
+    seats: int
+    status: str
+    reason: str | None = None
+    period_end: datetime | None = None
+
+
+class _Payload(BaseModel):
+    # Jobs outlive the code that wrote them: ignore what a newer version adds.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    to: str
+    template: str
+    entitlement: _Entitlement
+    code_indexes: list[Annotated[int, Field(ge=0, lt=2**32)]]  # as CodeBook takes them
+
+
+def payload(to: str, template: str, entitlement: EntitlementView) -> dict[str, Any]:
+    """A mail job's payload (shape in the module docstring) for `entitlement`
+    as it is after the event that causes the mail."""
+    return {
+        "to": to,
+        "template": template,
+        "entitlement": {
+            "id": str(entitlement.id),
+            "product": entitlement.product,
+            "offering": entitlement.offering,
+            "seats": entitlement.seats,
+            "status": entitlement.status,
+            "reason": entitlement.status_reason,
+            "period_end": entitlement.period_end.isoformat() if entitlement.period_end else None,
+        },
+        "code_indexes": [code.index for code in entitlement.activation_codes],
+    }
+
+
+#: Where `entitle dev` writes mails when no SMTP host is configured.
+DEV_OUTBOX = Path(".entitle") / "outbox"
+
+
+def mail_settings(email: EmailSettings | None, dev: bool) -> EmailSettings | None:
+    """The mail settings a process uses: the file's (None: no mail), but in
+    `entitle dev` always some, and without an SMTP host or outbox_dir, .eml
+    files under `DEV_OUTBOX`."""
+    if email is None and not dev:
+        return None
+    email = email or EmailSettings()
+    if dev and email.host is None and email.outbox_dir is None:
+        email = replace(email, outbox_dir=DEV_OUTBOX)
+    return email
+
+
+class Mailer:
+    """The `Sender` of kind "mail" (services.outbound.outbox.Sender)."""
+
+    kind = KIND
+
+    def __init__(
+        self,
+        settings: EmailSettings,
+        codes: CodeBook,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """`tls_context`: whom to trust for starttls/tls (default: the
+        system's roots, with host names checked)."""
+        self.settings = settings
+        self._codes = codes
+        self._tls = tls_context
+        # The dispatcher runs many sends at once; mail servers limit connections.
+        self._connections = asyncio.Semaphore(settings.max_connections)
+        if settings.host is None and settings.outbox_dir is None:
+            raise ValueError("mail needs an SMTP host or an outbox directory")
+
+    @property
+    def outbox_dir(self) -> Path | None:
+        """Where mails are written as files (no SMTP host), else None."""
+        return self.settings.outbox_dir if self.settings.host is None else None
+
+    async def send(self, job: Job) -> Outcome:
+        try:
+            message = self.message(job)
+        except _Unsendable as exc:
+            return Outcome(ok=False, error=str(exc), permanent=True)
+        if self.settings.host is None:
+            return await self._write(job, message)
+        return await self._smtp(message)
+
+    def message(self, job: Job) -> EmailMessage:
+        """The mail `job` stands for, codes included; _Unsendable if its
+        payload or template cannot make one."""
+        try:
+            data = _Payload.model_validate(job.payload)
+        except ValidationError as exc:
+            raise _Unsendable(f"not a mail payload: {exc.error_count()} problem(s)") from None
+        template = self.settings.templates.get(data.template)
+        if template is None:
+            raise _Unsendable(f"no template for {data.template!r} is configured")
+        if address_problem(data.to):
+            # Not shown: the buyer's address is theirs, and the log is ours.
+            raise _Unsendable("the recipient's address is unusable")
+        entitlement = data.entitlement
+        variables = context(
+            to=data.to,
+            entitlement_id=str(entitlement.id),
+            product=entitlement.product,
+            offering=entitlement.offering,
+            seats=entitlement.seats,
+            status=entitlement.status,
+            reason=entitlement.reason,
+            period_end=entitlement.period_end,
+            codes=[self._codes.code(entitlement.id, i) for i in data.code_indexes],
+            portal_url=self.settings.portal_url,
+        )
+        try:
+            rendered = render(template, variables)
+        except MailTemplateError as exc:
+            raise _Unsendable(f"template {data.template}: {exc}") from None
+        message = EmailMessage()
+        message["Subject"] = rendered.subject
+        message["From"] = self.settings.from_address
+        message["To"] = data.to
+        message["Date"] = format_datetime(datetime.now(UTC))
+        message["Message-ID"] = f"<{job.id}@{self._domain()}>"
+        # RFC 3834: no out-of-office answers to a machine's mail.
+        message["Auto-Submitted"] = "auto-generated"
+        message.set_content(rendered.text)
+        message.add_alternative(rendered.html, subtype="html")
+        return message
+
+    def _domain(self) -> str:
+        _, _, domain = self.settings.from_address.rstrip(">").rpartition("@")
+        return domain or "entitle.invalid"
+
+    async def _smtp(self, message: EmailMessage) -> Outcome:
+        settings = self.settings
+        try:
+            async with self._connections:
+                _, answer = await aiosmtplib.send(
+                    message,
+                    hostname=settings.host,
+                    port=settings.port,
+                    username=settings.user,
+                    password=settings.password.get_secret_value() if settings.password else None,
+                    timeout=settings.timeout_seconds,
+                    use_tls=settings.security == "tls",
+                    # True: refuse to go on in the clear if the server cannot upgrade.
+                    start_tls=settings.security == "starttls",
+                    tls_context=self._tls,
+                )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            refused = exc.recipients[0] if exc.recipients else None
+            code = refused.code if refused else None
+            return Outcome(
+                ok=False,
+                status_code=code,
+                answer=(refused.message if refused else "")[:_ANSWER_LIMIT],
+                error="the recipient was refused",
+                permanent=code is not None and 500 <= code < 600,
+            )
+        except aiosmtplib.SMTPResponseException as exc:
+            return Outcome(
+                ok=False,
+                status_code=exc.code,
+                answer=exc.message[:_ANSWER_LIMIT],
+                error=_what(exc),
+                permanent=(
+                    isinstance(exc, aiosmtplib.SMTPDataError | aiosmtplib.SMTPRecipientRefused)
+                    and 500 <= exc.code < 600
+                ),
+            )
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            # OSError: refused, unreachable, TLS handshake or certificate.
+            return Outcome(ok=False, error=_what(exc))
+        return Outcome(ok=True, status_code=250, answer=answer[:_ANSWER_LIMIT])
+
+    async def _write(self, job: Job, message: EmailMessage) -> Outcome:
+        folder = self.settings.outbox_dir
+        assert folder is not None  # checked in __init__
+        if not _SAFE_NAME.fullmatch(job.id):
+            return Outcome(ok=False, error="the job id is no file name", permanent=True)
+        path = folder / f"{job.id}.eml"
+        try:
+            data = message.as_bytes(policy=SMTPUTF8)
+            await anyio.to_thread.run_sync(_write_atomically, path, data)
+        except OSError as exc:
+            return Outcome(ok=False, error=f"cannot write {path}: {exc.strerror or exc}")
+        log.info("mail %s written to %s", job.id, path)
+        return Outcome(ok=True, answer=str(path))
+
+
+class _Unsendable(Exception):
+    """A job no retry can turn into a mail; the message says why (no code, no address)."""
+
+
+def _what(exc: BaseException) -> str:
+    """What went wrong, for the attempt log: aiosmtplib's messages name the
+    server's answer, never our password."""
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:_ANSWER_LIMIT]
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """`data` as `path`, whole or not at all; readable by its owner only
+    (the mail holds activation codes)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,571 @@
+"""The mail channel against a real SMTP server (aiosmtpd, in-process), its
+.eml outbox, and the `notifications.email` configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import email
+import ipaddress
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from email.message import EmailMessage
+from email.policy import default as default_policy
+from pathlib import Path
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from pydantic import SecretStr
+
+from domain.entitlement import code_hash, event_type
+from services.codes import CodeBook
+from services.config import ConfigError, EmailSettings, parse_config
+from services.kafka import free_port
+from services.outbound.mail import Mailer
+from services.outbound.outbox import Dispatcher, Job, Outbox, Outcome
+from services.outbound.templates import TEMPLATE_TYPES, shipped
+from services.projections import Follower, project_batch
+from services.projections.mail import MailProjection
+
+SECRET = "a-code-secret-for-the-mail-tests"
+CODES = CodeBook(SECRET)
+ENTITLEMENT = UUID("7d1b7a8e-52a4-4a3c-9f53-1d6b1c1a2b3c")
+
+
+def job(
+    to: str = "buyer@example.com",
+    product: str = "Acme Studio",
+    template: str = "entitlement.created",
+    indexes: tuple[int, ...] = (0,),
+) -> Job:
+    payload = {
+        "to": to,
+        "template": template,
+        "entitlement": {
+            "id": str(ENTITLEMENT),
+            "product": product,
+            "offering": "studio_annual",
+            "seats": 3,
+            "status": "ACTIVE",
+            "reason": None,
+            "period_end": "2031-05-01T00:00:00+00:00",
+        },
+        "code_indexes": list(indexes),
+    }
+    return Job.of(
+        "mail", "mail", f"{ENTITLEMENT}/{template}", template, str(ENTITLEMENT), 7, payload
+    )
+
+
+class Inbox:
+    """An aiosmtpd handler that keeps what it receives, or refuses as told."""
+
+    def __init__(self, rcpt_answer: str | None = None) -> None:
+        self.messages: list[tuple[Envelope, EmailMessage]] = []
+        self.rcpt_answer = rcpt_answer
+
+    async def handle_RCPT(
+        self, server: Any, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.rcpt_answer:
+            return self.rcpt_answer
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content or b""
+        message = email.message_from_bytes(raw, policy=default_policy)
+        assert isinstance(message, EmailMessage)
+        self.messages.append((envelope, message))
+        return "250 2.0.0 queued as 1234"
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[Inbox, int]]:
+    inbox = Inbox()
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield inbox, port
+    finally:
+        controller.stop()
+
+
+def settings(port: int, **changes: Any) -> EmailSettings:
+    base = EmailSettings(
+        host="127.0.0.1",
+        port=port,
+        security="none",
+        from_address="Acme Licenses <licenses@acme.example>",
+        portal_url="https://acme.example/license",
+        timeout_seconds=5,
+    )
+    return replace(base, **changes)
+
+
+def send(mailer: Mailer, the_job: Job) -> Outcome:
+    return asyncio.run(mailer.send(the_job))
+
+
+def body(message: EmailMessage, kind: str) -> str:
+    part = message.get_body(preferencelist=(kind,))
+    assert part is not None and part.get_content_type() == f"text/{kind}"
+    content = part.get_content()
+    assert isinstance(content, str)
+    return content
+
+
+# -- SMTP --------------------------------------------------------------------
+
+
+def test_a_mail_arrives_with_the_code_the_code_book_derives(smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    the_job = job(product="<script>alert(1)</script> Studio", indexes=(0, 1))
+    outcome = send(Mailer(settings(port), CODES), the_job)
+    assert outcome.ok and outcome.status_code == 250, outcome
+    assert "queued as 1234" in outcome.answer
+
+    [(envelope, message)] = inbox.messages
+    assert envelope.rcpt_tos == ["buyer@example.com"]
+    assert envelope.mail_from == "licenses@acme.example"
+    assert message["To"] == "buyer@example.com"
+    assert message["Message-ID"] == f"<{the_job.id}@acme.example>"
+    assert message["Auto-Submitted"] == "auto-generated"
+    assert message.get_content_type() == "multipart/alternative"
+    assert "<script>alert(1)</script> Studio" in message["Subject"]
+
+    codes = [CODES.code(ENTITLEMENT, 0), CODES.code(ENTITLEMENT, 1)]
+    text, html = body(message, "plain"), body(message, "html")
+    for code in codes:
+        assert code in text and code in html
+    assert "studio_annual" in text and "studio_annual" in html
+    assert "2031-05-01" in text and "https://acme.example/license" in html
+    # The product name is the vendor's, but HTML is escaped whatever it holds.
+    assert "<script>" in text
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt; Studio" in html
+    # Nothing of the codes is in the job: they are derived as the mail is made.
+    assert not any(code in str(the_job.payload) for code in codes)
+
+
+def test_the_same_job_makes_the_same_message_id(smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    templates = {t: shipped(t) for t in ("entitlement.created", "entitlement.canceled")}
+    mailer = Mailer(settings(port, templates=templates), CODES)
+    assert send(mailer, job()).ok and send(mailer, job()).ok
+    assert send(mailer, job(template="entitlement.canceled")).ok
+    first, again, other = (message["Message-ID"] for _, message in inbox.messages)
+    assert first == again != other
+
+
+def test_starttls_to_a_server_without_it_is_retried(smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    outcome = send(Mailer(settings(port, security="starttls"), CODES), job())
+    assert not outcome.ok and not outcome.permanent
+    assert outcome.error is not None and "STARTTLS" in outcome.error
+    assert inbox.messages == []  # nothing went out in the clear
+
+
+def test_tls_to_a_plain_server_is_retried(smtp: tuple[Inbox, int]) -> None:
+    _, port = smtp
+    outcome = send(Mailer(settings(port, security="tls", timeout_seconds=2), CODES), job())
+    assert not outcome.ok and not outcome.permanent and outcome.error
+
+
+def test_a_recipient_refused_with_5xx_is_permanent(smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    inbox.rcpt_answer = "550 5.1.1 no such mailbox"
+    outcome = send(Mailer(settings(port), CODES), job())
+    assert not outcome.ok and outcome.permanent
+    assert outcome.status_code == 550 and "no such mailbox" in outcome.answer
+    assert inbox.messages == []
+
+
+def test_a_recipient_refused_with_4xx_is_retried(smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    inbox.rcpt_answer = "451 4.7.1 greylisted, try again later"
+    outcome = send(Mailer(settings(port), CODES), job())
+    assert not outcome.ok and not outcome.permanent and outcome.status_code == 451
+
+
+def test_no_server_is_retried() -> None:
+    outcome = send(Mailer(settings(free_port()), CODES), job())
+    assert not outcome.ok and not outcome.permanent and outcome.error
+
+
+def test_a_job_that_cannot_make_a_mail_fails_at_once(smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    mailer = Mailer(settings(port), CODES)
+    for bad in (
+        job(to="not an address"),
+        job(to="buyer@example.com\r\nBcc: everyone@example.com"),
+        job(template="entitlement.suspended"),  # not configured
+        replace(job(), payload={"to": "buyer@example.com"}),
+        job(indexes=(-1,)),
+    ):
+        outcome = send(mailer, bad)
+        assert not outcome.ok and outcome.permanent, (bad.payload, outcome)
+        assert "everyone@" not in (outcome.error or "")
+    assert inbox.messages == []
+
+
+def _certificate(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_starttls_with_a_login_delivers(tmp_path: Path) -> None:
+    cert, key = _certificate(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    logins: list[tuple[bytes, bytes]] = []
+
+    def authenticator(
+        server: Any, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        assert isinstance(data, LoginPassword)
+        logins.append((data.login, data.password))
+        return AuthResult(success=data.password == b"s3cret", handled=False)
+
+    inbox, port = Inbox(), free_port()
+    controller = Controller(
+        inbox,
+        hostname="127.0.0.1",
+        port=port,
+        tls_context=server_tls,
+        require_starttls=True,
+        authenticator=authenticator,
+        auth_require_tls=True,
+    )
+    controller.start()
+    try:
+        client_tls = ssl.create_default_context(cafile=str(cert))
+        good = settings(port, security="starttls", user="mailer", password=SecretStr("s3cret"))
+        assert send(Mailer(good, CODES, tls_context=client_tls), job()).ok
+        assert len(inbox.messages) == 1 and logins == [(b"mailer", b"s3cret")]
+
+        wrong = replace(good, password=SecretStr("wrong"))
+        outcome = send(Mailer(wrong, CODES, tls_context=client_tls), job())
+        # A refused login is ours to fix: retried, so a fixed config sends it.
+        assert not outcome.ok and not outcome.permanent and outcome.status_code == 535
+        assert "wrong" not in (outcome.error or "") + outcome.answer
+
+        untrusted = send(Mailer(good, CODES), job())  # the system's roots: no
+        assert not untrusted.ok and not untrusted.permanent
+        assert len(inbox.messages) == 1
+    finally:
+        controller.stop()
+
+
+# -- the .eml outbox ---------------------------------------------------------------
+
+
+def test_without_a_host_the_mail_is_written_as_an_eml_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    outbox = tmp_path / "outbox"
+    mailer = Mailer(EmailSettings(outbox_dir=outbox), CODES)
+    assert mailer.outbox_dir == outbox
+    the_job = job()
+    with caplog.at_level("INFO", logger="entitle.mail"):
+        outcome = send(mailer, the_job)
+    path = outbox / f"{the_job.id}.eml"
+    assert outcome.ok and outcome.answer == str(path)
+    assert [p.name for p in outbox.iterdir()] == [path.name]  # no temporary left
+    assert path.stat().st_mode & 0o077 == 0  # it holds a code: the owner's only
+
+    message = email.message_from_bytes(path.read_bytes(), policy=default_policy)
+    assert isinstance(message, EmailMessage)
+    assert message["To"] == "buyer@example.com"
+    assert message["Message-ID"] == f"<{the_job.id}@localhost>"
+    code = CODES.code(ENTITLEMENT, 0)
+    assert code in body(message, "plain") and code in body(message, "html")
+
+    logged = [r.getMessage() for r in caplog.records if r.name == "entitle.mail"]
+    assert len(logged) == 1 and str(path) in logged[0]
+    assert code not in caplog.text
+
+    # Sent again (a crash before its success was recorded): the same file.
+    assert send(mailer, the_job).ok
+    assert [p.name for p in outbox.iterdir()] == [path.name]
+
+
+def test_a_mailer_needs_somewhere_to_send() -> None:
+    with pytest.raises(ValueError, match="outbox"):
+        Mailer(EmailSettings(), CODES)
+
+
+# -- configuration -------------------------------------------------------------
+
+
+def test_the_email_section_is_read() -> None:
+    config = parse_config(
+        """
+notifications:
+  email:
+    host: smtp.acme.example
+    user: mailer
+    password_env: ACME_SMTP_PASSWORD
+    from_address: "Acme Licenses <licenses@acme.example>"
+    portal_url: https://acme.example/license
+    templates:
+      entitlement.overdue:
+      entitlement.canceled: {subject: "{{ product }} is over"}
+""",
+        {"ACME_SMTP_PASSWORD": "s3cret"},
+    )
+    mail = config.email
+    assert mail is not None
+    assert (mail.host, mail.port, mail.security, mail.user) == (
+        "smtp.acme.example",
+        587,
+        "starttls",
+        "mailer",
+    )
+    assert mail.password is not None and mail.password.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(mail) and "s3cret" not in repr(config)
+    assert sorted(mail.templates) == [
+        "entitlement.canceled",
+        "entitlement.created",
+        "entitlement.overdue",
+    ]
+    canceled = mail.templates["entitlement.canceled"]
+    assert canceled.subject == "{{ product }} is over"
+    assert canceled.text == shipped("entitlement.canceled").text
+
+
+def test_ports_default_by_security_and_no_section_means_no_mail() -> None:
+    assert parse_config("{}", {}).email is None
+    for security, port in (("starttls", 587), ("tls", 465), ("none", 25)):
+        section = f"{{host: h, from_address: a@b.example, security: {security}}}"
+        mail = parse_config(f"notifications: {{email: {section}}}", {}).email
+        assert mail is not None and mail.port == port
+    outbox = parse_config("notifications: {email: {outbox_dir: /tmp/x}}", {}).email
+    assert outbox is not None and outbox.host is None and outbox.outbox_dir == Path("/tmp/x")
+    assert list(outbox.templates) == ["entitlement.created"]
+    off = parse_config(
+        "notifications: {email: {outbox_dir: x, templates: {entitlement.created: false}}}", {}
+    ).email
+    assert off is not None and dict(off.templates) == {}
+
+
+@pytest.mark.parametrize(
+    ("email_section", "message"),
+    [
+        ("{host: h, from_address: a@b.example, security: ssl}", "security"),
+        ("{host: h, from_address: a@b.example, port: 0}", "port"),
+        ("{host: h}", "from_address is needed"),
+        ("{host: '', from_address: a@b.example}", "host is empty"),
+        ("{host: h, from_address: nobody}", "from_address 'nobody'"),
+        ("{host: h, from_address: 'a@b.example, c@d.example'}", "one address"),
+        ("{host: h, from_address: a@b.example, password: x}", "never the password in the file"),
+        ("{host: h, from_address: a@b.example, user: u}", "both user and password_env"),
+        ("{host: h, from_address: a@b.example, password_env: P}", "both user and password_env"),
+        ("{host: h, from_address: a@b.example, user: u, password_env: UNSET}", r"\$UNSET"),
+        (
+            "{host: h, from_address: a@b.example, user: u, password_env: P, security: none}",
+            "in the clear",
+        ),
+        ("{outbox_dir: x, portal_url: 'javascript:alert(1)'}", "portal_url"),
+        ("{outbox_dir: x, templates: {entitlement.renewed: true}}", "no mail for"),
+        (
+            "{outbox_dir: x, templates: {entitlement.created: {subject: '{{ prodcut }}'}}}",
+            "prodcut",
+        ),
+        ("{outbox_dir: x, templates: {entitlement.created: {html: '{% if %}'}}}", "html, line 1"),
+        ("{outbox_dir: x, templates: {entitlement.created: {subject: '  '}}}", "renders empty"),
+        (
+            "{outbox_dir: x, templates: {entitlement.created: {text: '{{ period_end.year }}'}}}",
+            "no period end",
+        ),
+        ("{outbox_dir: x, templates: {entitlement.created: {body: x}}}", "body"),
+        ("{outbox_dir: x, timeout_seconds: 0}", "timeout_seconds"),
+        ("{outbox_dir: x, surprise: 1}", "surprise"),
+    ],
+)
+def test_email_mistakes_are_reported_clearly(email_section: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(f"notifications: {{email: {email_section}}}", {"P": "pw"})
+
+
+def test_every_shipped_template_renders(tmp_path: Path) -> None:
+    mailer = Mailer(
+        EmailSettings(outbox_dir=tmp_path, templates={t: shipped(t) for t in TEMPLATE_TYPES}),
+        CODES,
+    )
+    for template in TEMPLATE_TYPES:
+        message = mailer.message(job(template=template, product=f"P-{uuid4().hex[:6]}"))
+        product = message["Subject"].split("P-")[1][:6]
+        assert product in body(message, "plain") and product in body(message, "html")
+
+
+# -- the projection, with the real store, outbox and dispatcher -----------------
+
+
+class MailWorld:
+    """A domain service on a real store, with the mail projection and a dispatcher
+    whose mailer talks to `port`."""
+
+    def __init__(self, database_url: str, port: int, templates: tuple[str, ...]) -> None:
+        from tests.test_receipts import CODES as SERVICE_CODES
+        from tests.test_receipts import World
+
+        self.world = World(database_url)
+        self.codes = SERVICE_CODES
+        self.outbox = Outbox(self.world.read_model)
+        self.templates = templates
+        self.mailer = Mailer(
+            settings(port, templates={t: shipped(t) for t in templates}), self.codes
+        )
+        self.position = 0
+
+    def projection(self) -> MailProjection:
+        store = self.world.store
+        return MailProjection(
+            self.outbox, self.templates, lambda: store.process_recorder.max_notification_id() or 0
+        )
+
+    def send(self, event: dict[str, Any], receipt: str) -> None:
+        self.world.send(event, receipt)
+
+    def project(self, projection: MailProjection) -> None:
+        position = projection.position()
+        changes, last = Follower(self.world.store).read(position, 10_000)
+        if last is not None:
+            asyncio.run(project_batch(projection, changes, last))
+
+    def dispatch(self, until: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Run the dispatcher until `until()` (checked between its polls)."""
+
+        async def run() -> None:
+            stop = asyncio.Event()
+            dispatcher = Dispatcher(self.outbox, [self.mailer], poll_interval=0.05)
+            task = asyncio.create_task(dispatcher.run(stop))
+            deadline = time.monotonic() + timeout
+            while not until() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            stop.set()
+            await task
+
+        asyncio.run(run())
+
+    def mail_jobs(self) -> list[Any]:
+        return self.outbox.jobs(channel="mail")
+
+    def close(self) -> None:
+        self.world.close()
+
+
+def paid_invoice(
+    subscription: str, email_address: str = "ada@example.com", period: int = 0, **kw: Any
+) -> Any:
+    """The invoice of the subscription's `period`th year (0: the first)."""
+    from tests import stripe_events as se
+    from tests.test_store import NOW, YEAR
+
+    start = NOW + period * YEAR
+    return se.invoice_paid(
+        subscription=subscription,
+        email=email_address,
+        shape=se.LEGACY,
+        lines=[{"price": "p", "sku": "better_annual", "start": start, "end": start + YEAR}],
+        **kw,
+    )
+
+
+def test_a_paid_invoice_mails_its_code_once(smtp: tuple[Inbox, int], database_url: str) -> None:
+    inbox, port = smtp
+    mail = MailWorld(database_url, port, ("entitlement.created", "entitlement.overdue"))
+    try:
+        projection = mail.projection()
+        mail.send(paid_invoice("sub_mail"), "r1")
+        mail.send(paid_invoice("sub_quiet", email_address=""), "r2")  # no address: no mail
+        mail.project(projection)
+        [record] = mail.mail_jobs()
+        the_job = record.job
+        entitlement = UUID(the_job.ordering_key)
+        assert the_job.message_id == f"{entitlement}/entitlement.created"
+        assert (the_job.channel, the_job.kind, the_job.ordered) == ("mail", "mail", False)
+
+        mail.dispatch(lambda: mail.mail_jobs()[0].status == "succeeded")
+        [(envelope, message)] = inbox.messages
+        assert envelope.rcpt_tos == ["ada@example.com"]
+        code = mail.codes.code(entitlement, 0)
+        assert code in body(message, "plain")
+        # The code in the mail is one the engine knows as the entitlement's.
+        found = mail.world.read_model.by_code(code_hash(code))
+        assert found is not None and found.id == entitlement
+
+        # The renewal fails, is paid, fails again: one overdue mail.
+        failed = paid_invoice("sub_mail", period=1, kind="invoice.payment_failed")
+        mail.send(failed, "f1")
+        mail.send(paid_invoice("sub_mail", period=1), "p1")
+        mail.send(paid_invoice("sub_mail", period=2, kind="invoice.payment_failed"), "f2")
+        events = [event_type(e) for e in mail.world.store.history(entitlement)]
+        assert events.count("entitlement.overdue") == 2, events
+        # A rebuild from zero and a restart (a new projection): nothing twice.
+        with mail.world.read_model.transaction() as cur:
+            cur.execute("DELETE FROM entitle_read_positions WHERE name = 'mail'")
+        mail.project(MailProjection(mail.outbox, mail.templates, lambda: 0))
+        mail.project(mail.projection())
+        types = sorted(r.job.type for r in mail.mail_jobs())
+        assert types == ["entitlement.created", "entitlement.overdue"]
+        mail.dispatch(lambda: all(r.status == "succeeded" for r in mail.mail_jobs()))
+        assert [m["Subject"] for _, m in inbox.messages][1:] == ["Payment for acme failed"]
+    finally:
+        mail.close()
+
+
+def test_a_new_mail_projection_starts_at_the_end_of_the_log(
+    smtp: tuple[Inbox, int], database_url: str
+) -> None:
+    _, port = smtp
+    mail = MailWorld(database_url, port, ("entitlement.created",))
+    try:
+        mail.send(paid_invoice("sub_before"), "r1")  # before mail was turned on
+        projection = mail.projection()
+        assert projection.position() > 0
+        mail.send(paid_invoice("sub_after"), "r2")
+        mail.project(projection)
+        assert [r.job.payload["entitlement"]["seats"] for r in mail.mail_jobs()] == [3]
+        [record] = mail.mail_jobs()
+        assert mail.projection().position() == projection.position()  # saved: kept
+        found = mail.world.read_model.entitlements(order_ref="sub_after")
+        assert [str(e.id) for e in found] == [record.job.ordering_key]
+    finally:
+        mail.close()
