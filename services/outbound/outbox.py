@@ -54,6 +54,11 @@ RETRY_AFTER_CAP = 36000.0
 DISABLE_AFTER = timedelta(days=5)
 #: Sends in flight per channel.
 CONCURRENCY = 64
+#: After this many failed attempts in a row, a channel sends one job at a
+#: time, `PROBE_INTERVAL` seconds apart, until one succeeds (a circuit
+#: breaker): a dead receiver costs the others almost nothing.
+FAILING_STREAK = 16
+PROBE_INTERVAL = 1.0
 
 JobStatus = Literal["pending", "succeeded", "failed"]
 
@@ -76,9 +81,12 @@ _TABLES = [
         last_status_code INTEGER,
         last_error TEXT
     )""",
-    "CREATE INDEX IF NOT EXISTS entitle_outbox_due ON entitle_outbox_jobs (status, next_at)",
+    # Whether a channel has a job due: one probe.
     "CREATE INDEX IF NOT EXISTS entitle_outbox_chan"
     " ON entitle_outbox_jobs (channel, status, next_at)",
+    # Due jobs of a channel in log order: the scan stops at the limit.
+    "CREATE INDEX IF NOT EXISTS entitle_outbox_next"
+    " ON entitle_outbox_jobs (channel, status, seq, id)",
     "CREATE INDEX IF NOT EXISTS entitle_outbox_order"
     " ON entitle_outbox_jobs (channel, ordering_key, status, seq)",
     "CREATE INDEX IF NOT EXISTS entitle_outbox_list ON entitle_outbox_jobs (channel, seq, id)",
@@ -92,9 +100,10 @@ _TABLES = [
         error TEXT,
         PRIMARY KEY (job_id, n)
     )""",
-    # Per channel: paused (a disabled endpoint) and since when it fails.
+    # Per channel: its kind, paused (a disabled endpoint), since when it fails.
     """CREATE TABLE IF NOT EXISTS entitle_outbox_channels (
         channel TEXT PRIMARY KEY,
+        kind TEXT,
         paused INTEGER NOT NULL DEFAULT 0,
         failing_since TEXT,
         last_success_at TEXT
@@ -271,37 +280,53 @@ class Outbox:
         """In one transaction: add `jobs` (a job id already there is left as
         it is), run `also(cursor)` for the projection's own tables, and save
         the projection's position."""
-        at = moment(now or datetime.now(UTC))
         with self.read_model.transaction() as cur:
-            if jobs:
-                cur.executemany(
-                    self._sql(
-                        "INSERT INTO entitle_outbox_jobs (id, channel, kind, message_id, type,"
-                        " ordering_key, ordered, seq, payload, status, attempts, next_at,"
-                        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending',"
-                        " 0, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
-                    ),
-                    [
-                        (
-                            job.id,
-                            job.channel,
-                            job.kind,
-                            job.message_id,
-                            job.type,
-                            job.ordering_key,
-                            int(job.ordered),
-                            job.seq,
-                            json.dumps(job.payload, default=str),
-                            at,
-                            at,
-                            at,
-                        )
-                        for job in jobs
-                    ],
-                )
+            self._insert(cur, jobs, now)
             if also is not None:
                 also(cur)
             self.read_model.save_position(cur, projection, position)
+
+    def add(self, jobs: Sequence[Job], now: datetime | None = None) -> None:
+        """Add jobs outside any projection (a test ping)."""
+        with self.read_model.transaction() as cur:
+            self._insert(cur, jobs, now)
+
+    def _insert(self, cur: Any, jobs: Sequence[Job], now: datetime | None) -> None:
+        if not jobs:
+            return
+        at = moment(now or datetime.now(UTC))
+        cur.executemany(
+            self._sql(
+                "INSERT INTO entitle_outbox_jobs (id, channel, kind, message_id, type,"
+                " ordering_key, ordered, seq, payload, status, attempts, next_at,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending',"
+                " 0, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+            ),
+            [
+                (
+                    job.id,
+                    job.channel,
+                    job.kind,
+                    job.message_id,
+                    job.type,
+                    job.ordering_key,
+                    int(job.ordered),
+                    job.seq,
+                    json.dumps(job.payload, default=str),
+                    at,
+                    at,
+                    at,
+                )
+                for job in jobs
+            ],
+        )
+        cur.executemany(
+            self._sql(
+                "INSERT INTO entitle_outbox_channels (channel, kind) VALUES (?, ?)"
+                " ON CONFLICT (channel) DO UPDATE SET kind = excluded.kind"
+            ),
+            sorted({(job.channel, job.kind) for job in jobs}),
+        )
 
     def pause(self, cur: Any, channel: str, paused: bool) -> None:
         """Pause (or resume) a channel, in the caller's transaction."""
@@ -315,36 +340,6 @@ class Outbox:
             (channel, int(paused)),
         )
 
-    def add(self, jobs: Sequence[Job], now: datetime | None = None) -> None:
-        """Add jobs outside any projection (a test ping)."""
-        at = moment(now or datetime.now(UTC))
-        with self.read_model.transaction() as cur:
-            cur.executemany(
-                self._sql(
-                    "INSERT INTO entitle_outbox_jobs (id, channel, kind, message_id, type,"
-                    " ordering_key, ordered, seq, payload, status, attempts, next_at,"
-                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending',"
-                    " 0, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
-                ),
-                [
-                    (
-                        job.id,
-                        job.channel,
-                        job.kind,
-                        job.message_id,
-                        job.type,
-                        job.ordering_key,
-                        int(job.ordered),
-                        job.seq,
-                        json.dumps(job.payload, default=str),
-                        at,
-                        at,
-                        at,
-                    )
-                    for job in jobs
-                ],
-            )
-
     # -- what the dispatcher reads and writes ---------------------------------
 
     def due_channels(self, now: datetime) -> list[tuple[str, str]]:
@@ -352,10 +347,10 @@ class Outbox:
         with self.read_model.transaction(write=False) as cur:
             cur.execute(
                 self._sql(
-                    "SELECT DISTINCT j.channel, j.kind FROM entitle_outbox_jobs j"
-                    " LEFT JOIN entitle_outbox_channels c ON c.channel = j.channel"
-                    " WHERE j.status = 'pending' AND j.next_at <= ?"
-                    " AND (c.paused IS NULL OR c.paused = 0)"
+                    "SELECT c.channel, c.kind FROM entitle_outbox_channels c"
+                    " WHERE c.paused = 0 AND c.kind IS NOT NULL AND EXISTS (SELECT 1"
+                    " FROM entitle_outbox_jobs j WHERE j.channel = c.channel"
+                    " AND j.status = 'pending' AND j.next_at <= ?)"
                 ),
                 (moment(now),),
             )
@@ -363,18 +358,24 @@ class Outbox:
 
     def due(self, channel: str, now: datetime, limit: int, busy: Sequence[str] = ()) -> list[Job]:
         """Up to `limit` jobs of `channel` due at `now`, oldest first, none in
-        `busy` and none ordered behind an unfinished job of its key."""
+        `busy` and none ordered behind an unfinished job of its key (one
+        with a lower `seq`: a projection gives one key's jobs distinct ones).
+
+        The scan must follow the (channel, status, seq) index and stop at
+        the limit; `COALESCE` keeps both databases' planners off the
+        (status, next_at) index, which made them sort every pending job of
+        the channel (80 ms at 20,000 instead of 1-2 ms, measured on SQLite)."""
         skip = f" AND j.id NOT IN ({', '.join('?' * len(busy))})" if busy else ""
         with self.read_model.transaction(write=False) as cur:
             cur.execute(
                 self._sql(
                     f"SELECT {', '.join('j.' + c for c in _JOB_COLUMNS.split(', '))}"
                     " FROM entitle_outbox_jobs j"
-                    " WHERE j.channel = ? AND j.status = 'pending' AND j.next_at <= ?" + skip + ""
+                    " WHERE j.channel = ? AND j.status = 'pending'"
+                    " AND COALESCE(j.next_at, '') <= ?" + skip + ""
                     " AND (j.ordered = 0 OR NOT EXISTS (SELECT 1 FROM entitle_outbox_jobs p"
                     " WHERE p.channel = j.channel AND p.ordering_key = j.ordering_key"
-                    " AND p.status = 'pending'"
-                    " AND (p.seq < j.seq OR (p.seq = j.seq AND p.id < j.id))))"
+                    " AND p.status = 'pending' AND p.seq < j.seq))"
                     f" ORDER BY j.seq, j.id LIMIT {int(limit)}"
                 ),
                 (channel, moment(now), *busy),
@@ -391,57 +392,72 @@ class Outbox:
         transaction: each job succeeded, given up, or due again later.
         Returns the channels to disable, each with the reason."""
         disable: dict[str, str] = {}
+        attempts, updates = [], []
+        succeeded: dict[str, datetime] = {}
+        failing: dict[str, datetime] = {}
+        for job, outcome, at, latency in results:
+            n = job.attempts + 1
+            attempts.append(
+                (
+                    job.id,
+                    n,
+                    moment(at),
+                    outcome.status_code,
+                    latency,
+                    outcome.answer[:1024],
+                    outcome.error,
+                )
+            )
+            status: JobStatus = "succeeded"
+            next_at = at
+            if outcome.ok:
+                succeeded[job.channel] = max(at, succeeded.get(job.channel, at))
+            else:
+                delay = None if outcome.permanent else next_delay(n, outcome.retry_after, schedule)
+                status = "pending" if delay is not None else "failed"
+                next_at = at + timedelta(seconds=delay or 0)
+                failing[job.channel] = min(at, failing.get(job.channel, at))
+                if outcome.disable:
+                    disable[job.channel] = f"the receiver answered {outcome.status_code} (gone)"
+            updates.append(
+                (
+                    status,
+                    n,
+                    moment(next_at),
+                    moment(at),
+                    outcome.status_code,
+                    outcome.error,
+                    job.id,
+                )
+            )
         with self.read_model.transaction() as cur:
-            for job, outcome, at, latency in results:
-                n = job.attempts + 1
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO entitle_outbox_attempts (job_id, n, at, status_code,"
+                    " latency_ms, answer, error) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (job_id, n) DO NOTHING"
+                ),
+                attempts,
+            )
+            cur.executemany(
+                self._sql(
+                    "UPDATE entitle_outbox_jobs SET status = ?, attempts = ?, next_at = ?,"
+                    " updated_at = ?, last_status_code = ?, last_error = ? WHERE id = ?"
+                ),
+                updates,
+            )
+            # A success ends a channel's failing spell; failures start one.
+            for channel, at in succeeded.items():
                 cur.execute(
                     self._sql(
-                        "INSERT INTO entitle_outbox_attempts (job_id, n, at, status_code,"
-                        " latency_ms, answer, error) VALUES (?, ?, ?, ?, ?, ?, ?)"
-                        " ON CONFLICT (job_id, n) DO NOTHING"
+                        "INSERT INTO entitle_outbox_channels (channel, last_success_at)"
+                        " VALUES (?, ?) ON CONFLICT (channel) DO UPDATE SET"
+                        " failing_since = NULL, last_success_at = excluded.last_success_at"
                     ),
-                    (
-                        job.id,
-                        n,
-                        moment(at),
-                        outcome.status_code,
-                        latency,
-                        outcome.answer[:1024],
-                        outcome.error,
-                    ),
+                    (channel, moment(at)),
                 )
-                status: JobStatus = "succeeded"
-                next_at = at
-                if not outcome.ok:
-                    delay = (
-                        None if outcome.permanent else next_delay(n, outcome.retry_after, schedule)
-                    )
-                    status = "pending" if delay is not None else "failed"
-                    next_at = at + timedelta(seconds=delay or 0)
-                cur.execute(
-                    self._sql(
-                        "UPDATE entitle_outbox_jobs SET status = ?, attempts = ?, next_at = ?,"
-                        " updated_at = ?, last_status_code = ?, last_error = ? WHERE id = ?"
-                    ),
-                    (
-                        status,
-                        n,
-                        moment(next_at),
-                        moment(at),
-                        outcome.status_code,
-                        outcome.error,
-                        job.id,
-                    ),
-                )
-                if outcome.ok:
-                    cur.execute(
-                        self._sql(
-                            "INSERT INTO entitle_outbox_channels (channel, last_success_at)"
-                            " VALUES (?, ?) ON CONFLICT (channel) DO UPDATE SET"
-                            " failing_since = NULL, last_success_at = excluded.last_success_at"
-                        ),
-                        (job.channel, moment(at)),
-                    )
+            for channel, at in failing.items():
+                if channel in succeeded:
                     continue
                 cur.execute(
                     self._sql(
@@ -449,21 +465,19 @@ class Outbox:
                         " VALUES (?, ?) ON CONFLICT (channel) DO UPDATE SET failing_since ="
                         " COALESCE(entitle_outbox_channels.failing_since, excluded.failing_since)"
                     ),
-                    (job.channel, moment(at)),
+                    (channel, moment(at)),
                 )
-                if outcome.disable:
-                    disable[job.channel] = f"the receiver answered {outcome.status_code} (gone)"
-                    continue
                 cur.execute(
                     self._sql(
                         "SELECT failing_since FROM entitle_outbox_channels WHERE channel = ?"
                     ),
-                    (job.channel,),
+                    (channel,),
                 )
                 since = _time(cur.fetchone()[0])
-                if since is not None and at - since >= disable_after:
+                latest = max(r[2] for r in results if r[0].channel == channel)
+                if channel not in disable and since is not None and latest - since >= disable_after:
                     days = disable_after.total_seconds() / 86400
-                    disable[job.channel] = f"every attempt failed for {days:g} days"
+                    disable[channel] = f"every attempt failed for {days:g} days"
             for channel in disable:
                 self.pause(cur, channel, True)
         return sorted(disable.items())
@@ -640,43 +654,86 @@ class Dispatcher:
 
     async def _channel(self, channel: str, sender: Sender, stop: asyncio.Event) -> None:
         """Send the channel's due jobs until it has none (then the worker
-        ends; `run` starts another when there are)."""
+        ends; `run` starts another when there are).
+
+        Sends go on while the last outcomes are being saved; what finishes
+        meanwhile is saved together next, so the database sees few, larger
+        transactions. A job stays "in flight" (never picked again) until its
+        outcome is saved. A channel whose last `FAILING_STREAK` attempts all
+        failed sends one job at a time, `PROBE_INTERVAL` apart, until one
+        succeeds."""
         flying: dict[str, asyncio.Task[tuple[Job, Outcome, datetime, float]]] = {}
-        idle = 0
-        while not stop.is_set():
-            free = self.concurrency - len(flying)
-            if free > 0:
-                jobs = await anyio.to_thread.run_sync(
-                    self.outbox.due, channel, datetime.now(UTC), free, list(flying)
-                )
-                for job in jobs:
-                    flying[job.id] = asyncio.create_task(_attempt(sender, job))
-            if not flying:
-                idle += 1
-                if idle > 3:
-                    return
-                await sleep_unless(stop, 0.1)
-                continue
-            idle = 0
-            await asyncio.wait(flying.values(), timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-            # Everything finished by now is recorded in one transaction.
-            done = [task for task in flying.values() if task.done()]
-            if not done:
-                continue
-            results = [task.result() for task in done]
-            disabled = await anyio.to_thread.run_sync(
-                self.outbox.record, results, self.schedule, self.disable_after
-            )
-            for job, *_ in results:
-                flying.pop(job.id, None)
-            for disabled_channel, reason in disabled:
-                log.warning("outbound channel %s disabled: %s", disabled_channel, reason)
-                if self.on_disable is not None:
-                    await self.on_disable(sender.kind, disabled_channel, reason)
-                if disabled_channel == channel:
-                    for task in flying.values():
-                        task.cancel()
-                    return
+        saving: asyncio.Future[list[tuple[str, str]]] | None = None
+        saving_ids: list[str] = []
+        idle = failed_in_a_row = 0
+        probe_at = 0.0
+        try:
+            while not stop.is_set():
+                breaking = failed_in_a_row >= FAILING_STREAK
+                if breaking and not flying and (wait := probe_at - time.monotonic()) > 0:
+                    await sleep_unless(stop, wait)
+                    continue
+                limit = 1 if breaking else self.concurrency
+                free = limit - len(flying)
+                if free > 0 and (free >= min(8, limit) or len(flying) == len(saving_ids)):
+                    jobs = await anyio.to_thread.run_sync(
+                        self.outbox.due, channel, datetime.now(UTC), free, list(flying)
+                    )
+                    for job in jobs:
+                        flying[job.id] = asyncio.create_task(_attempt(sender, job))
+                if not flying:
+                    idle += 1
+                    if idle > 3:
+                        return
+                    await sleep_unless(stop, 0.1)
+                    continue
+                idle = 0
+                waits: list[asyncio.Future[Any]] = [t for t in flying.values() if not t.done()]
+                if saving is not None:
+                    waits.append(saving)
+                if waits:
+                    await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                if saving is not None and saving.done():
+                    disabled = saving.result()
+                    for job_id in saving_ids:
+                        flying.pop(job_id, None)
+                    saving, saving_ids = None, []
+                    if await self._disabled(sender, channel, disabled):
+                        return
+                if saving is None:
+                    results = [
+                        task.result()
+                        for job_id, task in flying.items()
+                        if task.done() and job_id not in saving_ids
+                    ]
+                    if results:
+                        for _, outcome, _, _ in results:
+                            failed_in_a_row = 0 if outcome.ok else failed_in_a_row + 1
+                        probe_at = time.monotonic() + PROBE_INTERVAL
+                        saving_ids = [job.id for job, *_ in results]
+                        saving = asyncio.ensure_future(
+                            anyio.to_thread.run_sync(
+                                self.outbox.record, results, self.schedule, self.disable_after
+                            )
+                        )
+        finally:
+            for task in flying.values():
+                task.cancel()
+            if saving is not None:
+                # What was sent is saved before the worker goes (a crash
+                # instead only means those are sent again).
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(saving)
+
+    async def _disabled(
+        self, sender: Sender, channel: str, disabled: list[tuple[str, str]]
+    ) -> bool:
+        """Report channels the last save paused; True if `channel` was one."""
+        for disabled_channel, reason in disabled:
+            log.warning("outbound channel %s disabled: %s", disabled_channel, reason)
+            if self.on_disable is not None:
+                await self.on_disable(sender.kind, disabled_channel, reason)
+        return any(name == channel for name, _ in disabled)
 
 
 async def _attempt(sender: Sender, job: Job) -> tuple[Job, Outcome, datetime, float]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -145,6 +146,7 @@ def _public(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
+@functools.lru_cache(maxsize=1024)
 def url_problem(url: str, allow_http: bool) -> str | None:
     """Why `url` cannot be an endpoint's address, or None: only absolute
     https URLs (http to a loopback host with `allow_http`), no credentials
