@@ -10,7 +10,8 @@
    same run: aiohttp posting the same signed bodies at the same concurrency
    with no database. Then again with a second endpoint whose every answer
    is 500 (on the default retry schedule), to show the healthy one's rate.
-2. latency: `entitle dev` with one endpoint; paid invoices for new
+2. latency: the production shape on PostgreSQL (`entitle serve ingress
+   domain api` and `entitle projector`) with one endpoint; paid invoices for new
    subscriptions are posted at --rate per second for --seconds, and each
    delivered message's latency is its arrival at the receiver minus the
    event's `recorded_at` (the fold's commit). Then again with a second,
@@ -23,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,9 +39,11 @@ import aiohttp
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from services.kafka import free_port  # noqa: E402
+from lifecycle import fresh_database  # noqa: E402
+
+from services.kafka import EmbeddedBroker, free_port  # noqa: E402
 from services.outbound.outbox import Dispatcher, Job, Outbox  # noqa: E402
 from services.outbound.webhooks import (  # noqa: E402
     EndpointInfo,
@@ -232,8 +236,8 @@ offerings:
     period: P1Y
     stripe_price_ids: [price_annual]
 outbound:
+  allow_http: true
   allow_private_networks: true
-  retry_schedule: [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
 """
 
 
@@ -246,100 +250,126 @@ async def post_at(rate: float, seconds: float, base: str, tag: str) -> int:
     """Paid invoices for new subscriptions at `rate` per second."""
     now = int(time.time())
     total = int(rate * seconds)
-    sent = 0
-    async with httpx.AsyncClient(timeout=10) as client:
-        started = time.perf_counter()
-        pending = set()
-        for n in range(total):
+    async with aiohttp.ClientSession() as session:
+
+        async def one(n: int) -> None:
             event = se.invoice_paid(
                 subscription=f"sub_{tag}_{n}",
                 lines=[{"price": "price_annual", "start": now, "end": now + 365 * 86400}],
             )
             body = se.body(event)
-            pending.add(
-                asyncio.create_task(
-                    client.post(
-                        f"{base}/webhooks/stripe-main",
-                        content=body,
-                        headers=se.signed_headers(body),
-                    )
-                )
-            )
-            sent += 1
+            async with session.post(
+                f"{base}/webhooks/stripe-main", data=body, headers=se.signed_headers(body)
+            ) as response:
+                assert response.status == 202, await response.text()
+
+        started = time.perf_counter()
+        pending = []
+        for n in range(total):
+            pending.append(asyncio.create_task(one(n)))
             delay = started + (n + 1) / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-        for response in await asyncio.gather(*pending):
-            assert response.status_code == 202, response.text
-    return sent
+        await asyncio.gather(*pending)
+    return total
 
 
-def latency_run(url: str, rate: float, seconds: float, fail_too: bool) -> tuple[float, float, int]:
-    with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, "entitle.yaml").write_text(CONFIG)
-        port = free_port()
-        env = {**os.environ, "ENTITLE_ADMIN_KEYS": "bench:ek_bench"}
-        process = subprocess.Popen(
-            [ENTITLE, "dev", "--port", str(port)],
-            cwd=tmp,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(600):
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                        break
-                time.sleep(0.1)
-            auth = {"Authorization": "Bearer ek_bench"}
-            tag = uuid4().hex[:8]
-            path = f"ok-{tag}"
-            httpx.post(
-                f"{base}/v1/webhook-endpoints",
-                json={"url": f"{url}/hook/{path}", "events": ["entitlement.*"]},
-                headers=auth,
-            ).raise_for_status()
-            if fail_too:
-                httpx.post(
-                    f"{base}/v1/webhook-endpoints",
-                    json={"url": f"{url}/hook/fail-{tag}"},
-                    headers=auth,
-                ).raise_for_status()
-            sent = asyncio.run(post_at(rate, seconds, base, tag))
-            expected = 2 * sent  # created and activated for each
-            deadline = time.monotonic() + 60
-            seen: list[Any] = []
-            while time.monotonic() < deadline:
-                seen = httpx.get(f"{url}/stats/{path}").json()
-                if len(seen) >= expected:
-                    break
-                time.sleep(0.2)
-            latencies = [
-                (arrived - datetime.fromisoformat(recorded).timestamp()) * 1000
-                for arrived, recorded in seen
-                if recorded
-            ]
-            return percentile(latencies, 50), percentile(latencies, 99), len(seen)
-        finally:
-            process.terminate()
-            process.wait(30)
+def role(
+    args: list[str], workdir: Path, env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            ENTITLE,
+            *args,
+            "--config",
+            str(workdir / "entitle.yaml"),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env={**os.environ, **env},
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=open(workdir / f"{args[-1]}.log", "ab"),  # noqa: SIM115
+    )
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return process, base
+        time.sleep(0.1)
+    raise RuntimeError(f"entitle {' '.join(args)} did not start; see {workdir}")
 
 
-def phase_latency(rate: float, seconds: float) -> None:
+def latency_run(
+    url: str, rate: float, seconds: float, fail_too: bool, postgres: str
+) -> tuple[float, float, int]:
+    """The production shape on PostgreSQL: ingress, domain and API in one
+    process, the projector (projections and dispatcher) in another."""
+    workdir = Path(tempfile.mkdtemp(prefix="entitle-bench-outbound-"))
+    (workdir / "entitle.yaml").write_text(CONFIG)
+    broker = EmbeddedBroker()
+    broker.start()
+    env = {
+        "ENTITLE_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "ENTITLE_KAFKA_IDEMPOTENCE": "false",
+        "ENTITLE_DATABASE_URL": fresh_database(postgres, "entitle_bench_outbound"),
+        "ENTITLE_CODE_SECRET": "bench-code-secret-0123456789",
+        "ENTITLE_ADMIN_KEYS": "bench:ek_bench",
+    }
+    processes = []
+    try:
+        front, base = role(["serve", "ingress", "domain", "api"], workdir, env)
+        processes.append(front)
+        processes.append(role(["projector"], workdir, env)[0])
+        auth = {"Authorization": "Bearer ek_bench"}
+        tag = uuid4().hex[:8]
+        path = f"ok-{tag}"
+        endpoints = [(f"{url}/hook/{path}", ["entitlement.*"])]
+        if fail_too:
+            endpoints.append((f"{url}/hook/fail-{tag}", []))
+        for target, events in endpoints:
+            body = {"url": target, "events": events}
+            httpx.post(f"{base}/v1/webhook-endpoints", json=body, headers=auth).raise_for_status()
+        time.sleep(1)  # the projector has seen the endpoints
+        sent = asyncio.run(post_at(rate, seconds, base, tag))
+        expected = 2 * sent  # created and activated for each
+        deadline = time.monotonic() + 60
+        seen: list[Any] = []
+        while time.monotonic() < deadline:
+            seen = httpx.get(f"{url}/stats/{path}").json()
+            if len(seen) >= expected:
+                break
+            time.sleep(0.2)
+        latencies = [
+            (arrived - datetime.fromisoformat(recorded).timestamp()) * 1000
+            for arrived, recorded in seen
+            if recorded
+        ]
+        return percentile(latencies, 50), percentile(latencies, 99), len(seen)
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        broker.stop()
+
+
+def phase_latency(rate: float, seconds: float, postgres: str) -> None:
     print(
-        f"\n2. latency: `entitle dev`, paid invoices at {rate:g}/s for {seconds:g} s"
-        " (2 events each)"
+        f"\n2. latency: ingress+domain+api and projector processes on PostgreSQL,"
+        f" paid invoices at {rate:g}/s for {seconds:g} s ({2 * rate:g} entitlement events/s)"
     )
     with receiver() as url:
         for fail_too in (False, True, False, True):
-            p50, p99, count = latency_run(url, rate, seconds, fail_too)
-            what = (
-                "beside an always-failing endpoint" if fail_too else "one endpoint alone          "
-            )
+            p50, p99, count = latency_run(url, rate, seconds, fail_too, postgres)
+            what = "beside an always-failing endpoint" if fail_too else "one endpoint alone"
             print(
-                f"   {what}: {count} delivered, committed -> delivered"
+                f"   {what:33}: {count} delivered, committed -> delivered"
                 f" p50 {p50:5.0f} ms, p99 {p99:5.0f} ms"
             )
 
@@ -352,11 +382,12 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100)
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--phase", choices=["dispatch", "latency", "both"], default="both")
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
     args = parser.parse_args()
     if args.phase in ("dispatch", "both"):
         phase_dispatch(args.jobs)
     if args.phase in ("latency", "both"):
-        phase_latency(args.rate, args.seconds)
+        phase_latency(args.rate, args.seconds, args.postgres)
 
 
 if __name__ == "__main__":
