@@ -50,6 +50,7 @@ from services.outbound.mail import CHANNEL as MAIL_CHANNEL
 from services.outbound.mail import Mailer, mail_settings
 from services.outbound.outbox import RETRY_SCHEDULE, Dispatcher, Outbox, Sender
 from services.outbound.stripe_codes import StripeCodes
+from services.outbound.stripe_codes import channel as stripe_channel
 from services.outbound.webhooks import KIND as WEBHOOK_KIND
 from services.outbound.webhooks import EndpointInfo, Endpoints, WebhookSender
 from services.outbound_api import OutboundAPI
@@ -196,10 +197,13 @@ def build_app(
         if config.email.host is None and config.email.outbox_dir is None:
             raise ValueError("notifications.email needs a host (or an outbox_dir for .eml files)")
         mailer = Mailer(config.email, codes)
-        # Paused after days of nothing but failures; a restart (with the
-        # settings fixed) is the way to resume it: mail has no admin switch.
+    if roles.projector and outbox is not None:
+        # Mail and Stripe are paused after days of nothing but failures; a
+        # restart (with the settings fixed) resumes them: they have no admin
+        # switch, unlike a webhook endpoint.
         with outbox.read_model.transaction() as cur:
-            outbox.pause(cur, MAIL_CHANNEL, False)
+            for channel in [MAIL_CHANNEL, *map(stripe_channel, write_back_sources(config))]:
+                outbox.pause(cur, channel, False)
     scheduler: Scheduler | None = None
     raw_log: RawLog | None = None
     apis = {

@@ -40,6 +40,7 @@ from services.projections import history_entry
 from services.store import StillChanging
 
 STATUSES = ("pending", "succeeded", "failed")
+KINDS = ("webhook", "mail", "stripe")
 
 
 def _endpoint_id(request: Request) -> uuid.UUID:
@@ -344,6 +345,16 @@ class OutboundAPI:
         count = await anyio.to_thread.run_sync(run)
         return JSONResponse(Resent(resent=count).model_dump(), status_code=202)
 
+    async def outbox_jobs(self, request: Request) -> JSONResponse:
+        """Every outbound job of a kind (webhook, mail, stripe), oldest first."""
+        self.admin.authenticate(request)
+        _no_control_characters(request)
+        _only(request, {"kind", "status", "cursor", "limit"})
+        kind = request.query_params.get("kind")
+        if kind not in KINDS:
+            raise HTTPError(422, "invalid_query", f"kind must be one of {', '.join(KINDS)}")
+        return await self._list(request, kind=kind)
+
     async def mails(self, request: Request) -> JSONResponse:
         """Mails to buyers, oldest first, with every attempt."""
         self.admin.authenticate(request)
@@ -382,4 +393,5 @@ def routes(api: OutboundAPI) -> list[Route]:
         Route(base + "/{id}/recover", api.recover, methods=["POST"]),
         Route("/v1/deliveries/{id}/resend", api.resend, methods=["POST"]),
         Route("/v1/mails", api.mails, methods=["GET"]),
+        Route("/v1/outbox", api.outbox_jobs, methods=["GET"]),
     ]
