@@ -241,23 +241,13 @@ class EntitlementStore(Application[UUID]):
         """Load, change and save one entitlement; if another writer saved it
         first (optimistic concurrency), do it again on the new state. None if
         no entitlement has this id; what `change` raises propagates, nothing saved."""
-        for _ in range(attempts):
-            entitlement = self.entitlement(entitlement_id)
-            if entitlement is None:
-                return None
-            change(entitlement)
-            try:
-                self.record([entitlement], None)
-            except IntegrityError:
-                continue
-            return entitlement
-        raise StillChanging(f"entitlement {entitlement_id} kept changing")
+        return self.update(entitlement_id, Entitlement, change, attempts)
 
     def update(
         self, aggregate_id: UUID, kind: type[A], change: Callable[[A], None], attempts: int = 5
     ) -> A | None:
-        """`change` for any kind of aggregate (see `change`); None if there
-        is no `kind` with this id."""
+        """`change` for any kind of aggregate; None if there is no `kind`
+        with this id (also when the id is another kind's)."""
         for _ in range(attempts):
             try:
                 aggregate = self.find(aggregate_id, kind)
