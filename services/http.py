@@ -305,8 +305,8 @@ class Shortcut:
             await response(scope, receive, send)
 
 
-def busy() -> HTTPError:
-    return HTTPError(503, "busy", "the entitlement kept changing; retry", {"Retry-After": "1"})
+def busy(what: str = "the entitlement") -> HTTPError:
+    return HTTPError(503, "busy", f"{what} kept changing; retry", {"Retry-After": "1"})
 
 
 def error_response(

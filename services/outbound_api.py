@@ -212,7 +212,7 @@ class OutboundAPI:
                 lambda: self.store.update(endpoint_id, Endpoint, apply)
             )
         except StillChanging:
-            raise busy() from None
+            raise busy("the endpoint") from None
         if found is None:
             raise HTTPError(404, "not_found", f"no webhook endpoint {endpoint_id}")
         return found
