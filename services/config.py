@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from domain.catalog import Catalog, Offering
 from domain.lifecycle import Policy
 from services.codes import load_secret
-from services.outbound.templates import (
+from services.mail_templates import (
     DEFAULT_ON,
     TEMPLATE_TYPES,
     MailTemplate,

@@ -30,9 +30,9 @@ from domain.entitlement import code_hash, event_type
 from services.codes import CodeBook
 from services.config import ConfigError, EmailSettings, parse_config
 from services.kafka import free_port
+from services.mail_templates import TEMPLATE_TYPES, shipped
 from services.outbound.mail import Mailer
 from services.outbound.outbox import Dispatcher, Job, Outbox, Outcome
-from services.outbound.templates import TEMPLATE_TYPES, shipped
 from services.projections import Follower, project_batch
 from services.projections.mail import MailProjection
 

@@ -51,8 +51,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.codes import CodeBook
 from services.config import EmailSettings, address_problem
+from services.mail_templates import MailTemplateError, context, render
 from services.outbound.outbox import Job, Outcome
-from services.outbound.templates import MailTemplateError, context, render
 
 if TYPE_CHECKING:
     from contracts.api import EntitlementView
