@@ -31,7 +31,7 @@ from services.projections.follower import (
     listen,
     project_batch,
 )
-from services.projections.mail import MAIL, MailProjection
+from services.projections.mail import MAIL, MailProjection, mail_projection
 from services.projections.public_events import PUBLIC_EVENTS, PublicEventsProjection
 from services.projections.read_model import READ_MODEL, ReadModelProjection, replay
 from services.projections.stripe_codes import stripe_codes_projection
@@ -95,13 +95,5 @@ def projections(needs: Needs) -> list[Projection]:
         PublicEventsProjection(needs.read_model, needs.broker),
         WebhooksProjection(needs.outbox, needs.endpoints, needs.wake),
         *stripe_codes_projection(needs.read_model, needs.outbox, needs.config, needs.wake),
-        *mail_projections(needs),
+        *mail_projection(needs.outbox, needs.config.email, needs.head, needs.wake),
     ]
-
-
-def mail_projections(needs: Needs) -> list[Projection]:
-    """The mail projection, if mail is configured."""
-    email = needs.config.email
-    if email is None:
-        return []
-    return [MailProjection(needs.outbox, email.templates, needs.head, needs.wake)]

@@ -20,11 +20,19 @@ from collections.abc import Callable, Collection
 import anyio
 
 from domain.entitlement import event_type
+from services.config import EmailSettings
 from services.outbound.mail import CHANNEL, KIND, payload
 from services.outbound.outbox import Job, Outbox
 from services.projections.follower import Change
 
 MAIL = "mail"
+
+
+def mail_projection(
+    outbox: Outbox, email: EmailSettings | None, head: Callable[[], int], wake: Callable[[], None]
+) -> list[MailProjection]:
+    """The mail projection, if mail is configured."""
+    return [] if email is None else [MailProjection(outbox, email.templates, head, wake)]
 
 
 class MailProjection:
