@@ -63,7 +63,8 @@ def receiver() -> Iterator[Receiver]:
             headers["_answer"] = "ok" if 200 <= status < 300 else str(status)
             with state.lock:
                 state.requests.append(Received(path, headers, body, time.monotonic()))
-            answer = json.dumps({"received": True, "status": status}).encode()
+            # 204 and 304 carry no body (RFC 9110).
+            answer = b"" if status in (204, 304) else json.dumps({"received": True}).encode()
             self.send_response(status)
             if path in state.retry_after:
                 self.send_header("Retry-After", state.retry_after[path])
