@@ -48,7 +48,7 @@ from services.kafka import (
 )
 from services.outbound.mail import CHANNEL as MAIL_CHANNEL
 from services.outbound.mail import Mailer, mail_settings
-from services.outbound.outbox import RETRY_SCHEDULE, Dispatcher, Outbox, Sender
+from services.outbound.outbox import RETRY_SCHEDULE, Dispatcher, Lease, Outbox, Sender
 from services.outbound.stripe_codes import StripeCodes
 from services.outbound.stripe_codes import channel as stripe_channel
 from services.outbound.webhooks import KIND as WEBHOOK_KIND
@@ -184,7 +184,13 @@ def build_app(
             )
         codes = CodeBook(settings.code_secret)
     outbound = config.outbound
+    # `entitle dev` sends to the developer's own machine unless told not to.
     allow_http = outbound.allow_http if outbound.allow_http is not None else settings.dev
+    allow_private = (
+        outbound.allow_private_networks
+        if outbound.allow_private_networks is not None
+        else settings.dev
+    )
     outbox = (
         Outbox(read_model) if read_model is not None and (roles.projector or roles.api) else None
     )
@@ -256,7 +262,7 @@ def build_app(
                 endpoints,
                 settings.code_secret,
                 allow_http,
-                outbound.allow_private_networks,
+                allow_private,
             )
         )
         validation = licensing.Licensing(
@@ -341,7 +347,7 @@ def build_app(
                     settings.code_secret,
                     codes,
                     allow_http,
-                    outbound.allow_private_networks,
+                    allow_private,
                 ),
                 StripeCodes({name: apis[name] for name in write_back_sources(config)}, codes),
             ]
@@ -352,6 +358,7 @@ def build_app(
                 senders,
                 schedule=outbound.retry_schedule or RETRY_SCHEDULE,
                 on_disable=functools.partial(disable_channel, store),
+                lease=Lease(read_model),
             )
             recorder = store.process_recorder
             needs = Needs(

@@ -179,9 +179,9 @@ class _EndpointFile(BaseModel):
 class _OutboundFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # Unset: http to loopback in `entitle dev`, https only elsewhere.
+    # Unset: true in `entitle dev`, false elsewhere.
     allow_http: bool | None = None
-    allow_private_networks: bool = False
+    allow_private_networks: bool | None = None
     # Seconds after each failed attempt (the last given up after the last).
     retry_schedule: list[float] | None = Field(default=None, min_length=1, max_length=20)
     endpoints: dict[str, _EndpointFile] = Field(default_factory=dict)
@@ -310,7 +310,7 @@ class Outbound:
     """`outbound:` in the file: where webhooks may go, and how often to retry."""
 
     allow_http: bool | None = None
-    allow_private_networks: bool = False
+    allow_private_networks: bool | None = None
     retry_schedule: tuple[float, ...] | None = None
     endpoints: tuple[DeclaredEndpoint, ...] = ()
 

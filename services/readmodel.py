@@ -205,6 +205,15 @@ class ReadModel:
     def postgres(self) -> bool:
         return self._postgres
 
+    @property
+    def url(self) -> str:
+        return self._url
+
+    @property
+    def sqlite_path(self) -> str:
+        """The SQLite database's file (SQLite only)."""
+        return self._sqlite_path
+
     def _query(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._transaction(write=False) as cur:
             cur.execute(self._sql(statement), params)

@@ -16,6 +16,7 @@ from services.outbound.outbox import (
     RETRY_SCHEDULE,
     Dispatcher,
     Job,
+    Lease,
     Outbox,
     Outcome,
     next_delay,
@@ -168,3 +169,57 @@ def test_the_cli_lists_resends_and_recovers(
     captured = capfd.readouterr()
     assert "resent 2 of 2" in captured.err
     assert outbox.counts(endpoint) == {"pending": 3}
+
+
+def test_two_dispatchers_on_one_database_send_each_job_once_and_a_standby_takes_over(
+    database_url: str,
+) -> None:
+    """Two projector processes (a rolling deploy) share an outbox: one holds
+    the lease and sends, the other stands by until the first is gone."""
+    read_model = ReadModel(database_url)
+    outbox = Outbox(read_model)
+    first, second = Scripted(), Scripted()
+    outbox.commit("p", jobs("a", "k", 20, ordered=False), 1)
+
+    async def go() -> None:
+        stop_first, stop_second = asyncio.Event(), asyncio.Event()
+        one = Dispatcher(outbox, [first], poll_interval=0.05, lease=Lease(read_model))
+        two = Dispatcher(outbox, [second], poll_interval=0.05, lease=Lease(read_model))
+        running = [asyncio.create_task(one.run(stop_first))]
+        await asyncio.sleep(0.3)
+        running.append(asyncio.create_task(two.run(stop_second)))
+        await asyncio.sleep(1.0)
+        assert len(first.sent) == 20 and second.sent == []
+        outbox.commit("p", jobs("a", "k", 5, ordered=False, start=20), 2)
+        stop_first.set()
+        await running[0]
+        await asyncio.sleep(2.5)  # the standby tries once a second
+        stop_second.set()
+        await running[1]
+
+    asyncio.run(go())
+    sent = [n for _, n in first.sent + second.sent]
+    assert sorted(sent) == list(range(25))  # each once
+    assert len(second.sent) == 5
+    read_model.close()
+
+
+def test_a_resent_job_keeps_its_attempts_and_starts_the_schedule_again(outbox: Outbox) -> None:
+    [job] = jobs("a", "k", 1)
+    outbox.commit("p", [job], 1)
+    at = datetime.now(UTC)
+    for n in range(3):
+        [due] = outbox.due("a", at + timedelta(days=n + 1), 1)
+        outbox.record([(due, Outcome(ok=False, status_code=500), at, 15_000.0)], schedule=(5, 5))
+    [record] = outbox.jobs(channel="a")
+    assert record.status == "failed" and [a.n for a in record.attempts] == [1, 2, 3]
+    outbox.resend([job.id])
+    [due] = outbox.due("a", datetime.now(UTC) + timedelta(seconds=1), 1)
+    outbox.record([(due, Outcome(ok=False, status_code=503), at, 15_000.0)], schedule=(5, 5))
+    [record] = outbox.jobs(channel="a")
+    # The fourth attempt is listed, and the job is retried, not given up.
+    assert [a.status_code for a in record.attempts] == [500, 500, 500, 503]
+    assert record.status == "pending"
+    # The wait counts from the attempt's end (15 s after it started).
+    assert record.next_at is not None
+    assert record.next_at - at >= timedelta(seconds=15 + 4)

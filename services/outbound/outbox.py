@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -36,6 +38,7 @@ from typing import Any, Literal, Protocol
 from uuid import uuid5
 
 import anyio
+import psycopg
 
 from domain.entitlement import NAMESPACE
 from services.health import sleep_unless
@@ -75,6 +78,8 @@ _TABLES = [
         payload TEXT NOT NULL,
         status TEXT NOT NULL,
         attempts INTEGER NOT NULL DEFAULT 0,
+        -- Attempts made before the last resend: the schedule starts again there.
+        retry_base INTEGER NOT NULL DEFAULT 0,
         next_at TEXT NOT NULL,
         created_at TEXT NOT NULL,
         updated_at TEXT NOT NULL,
@@ -132,6 +137,8 @@ class Job:
     payload: dict[str, Any]
     attempts: int = 0
     created_at: datetime | None = None
+    #: Attempts before the last resend (the retry schedule restarts there).
+    retry_base: int = 0
 
     @classmethod
     def of(
@@ -230,7 +237,8 @@ def _time(text: str | None) -> datetime | None:
 
 
 _JOB_COLUMNS = (
-    "id, channel, kind, message_id, type, ordering_key, ordered, seq, payload, attempts, created_at"
+    "id, channel, kind, message_id, type, ordering_key, ordered, seq, payload, attempts,"
+    " created_at, retry_base"
 )
 
 
@@ -247,6 +255,7 @@ def _job(row: Sequence[Any]) -> Job:
         json.loads(row[8]),
         int(row[9]),
         _time(row[10]),
+        int(row[11]),
     )
 
 
@@ -413,9 +422,15 @@ class Outbox:
             if outcome.ok:
                 succeeded[job.channel] = max(at, succeeded.get(job.channel, at))
             else:
-                delay = None if outcome.permanent else next_delay(n, outcome.retry_after, schedule)
+                delay = (
+                    None
+                    if outcome.permanent
+                    else next_delay(n - job.retry_base, outcome.retry_after, schedule)
+                )
                 status = "pending" if delay is not None else "failed"
-                next_at = at + timedelta(seconds=delay or 0)
+                # Counted from the attempt's end: after a 15 s timeout, the
+                # first retry still waits its 5 s.
+                next_at = at + timedelta(milliseconds=latency, seconds=delay or 0)
                 failing[job.channel] = min(at, failing.get(job.channel, at))
                 if outcome.disable:
                     disable[job.channel] = f"the receiver answered {outcome.status_code} (gone)"
@@ -517,11 +532,11 @@ class Outbox:
             records = [
                 JobRecord(
                     _job(row),
-                    row[11],
-                    _time(row[12]) if row[11] == "pending" else None,
-                    _time(row[13]) or datetime.now(UTC),
-                    row[14],
+                    row[12],
+                    _time(row[13]) if row[12] == "pending" else None,
+                    _time(row[14]) or datetime.now(UTC),
                     row[15],
+                    row[16],
                 )
                 for row in rows
             ]
@@ -562,7 +577,7 @@ class Outbox:
         with self.read_model.transaction() as cur:
             cur.execute(
                 self._sql(
-                    "UPDATE entitle_outbox_jobs SET status = 'pending', attempts = 0,"
+                    "UPDATE entitle_outbox_jobs SET status = 'pending', retry_base = attempts,"
                     f" next_at = ? WHERE id IN ({', '.join('?' * len(job_ids))})"
                 ),
                 (moment(now or datetime.now(UTC)), *job_ids),
@@ -593,6 +608,66 @@ class Outbox:
             return {row[0]: int(row[1]) for row in cur.fetchall()}
 
 
+class Lease:
+    """At most one dispatcher sends from a database's outbox at a time: two
+    projector processes (a rolling deploy) would otherwise both send every
+    due job. On PostgreSQL a session advisory lock, on SQLite an `flock` on
+    a file beside the database; either is released when its holder dies, and
+    a standby takes over at its next try."""
+
+    KEY = 0x656E7469746C65  # "entitle", distinct from the store's CREATE_LOCK
+
+    def __init__(self, read_model: ReadModel) -> None:
+        self.read_model = read_model
+        self._connection: Any = None
+        self._fd: int | None = None
+
+    def hold(self) -> bool:
+        """Take the lease if free, or check it is still ours; False while
+        another dispatcher holds it (or the database cannot be reached)."""
+        if not self.read_model.postgres:
+            return self._hold_file()
+        if self._connection is not None:
+            try:
+                self._connection.execute("SELECT 1")
+                return True
+            except Exception:  # the session, and with it the lock, is gone
+                self.release()
+        try:
+            connection = psycopg.connect(self.read_model.url, autocommit=True, connect_timeout=5)
+            row = connection.execute("SELECT pg_try_advisory_lock(%s)", (self.KEY,)).fetchone()
+        except Exception:
+            return False
+        if row and row[0]:
+            self._connection = connection
+            return True
+        connection.close()
+        return False
+
+    def _hold_file(self) -> bool:
+        if self._fd is not None:
+            return True
+        fd = os.open(
+            self.read_model.sqlite_path + ".dispatcher.lock", os.O_RDWR | os.O_CREAT, 0o600
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.close()
+            self._connection = None
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+
+
 class Dispatcher:
     """Sends due jobs: one worker per channel with due jobs, each with at
     most `concurrency` sends in flight. `wake()` after adding jobs sends
@@ -607,6 +682,7 @@ class Dispatcher:
         poll_interval: float = 0.5,
         disable_after: timedelta = DISABLE_AFTER,
         on_disable: Callable[[str, str, str], Awaitable[None]] | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self.outbox = outbox
         self.senders = {sender.kind: sender for sender in senders}
@@ -616,6 +692,8 @@ class Dispatcher:
         self.disable_after = disable_after
         #: Called with (kind, channel, reason) when a channel is paused.
         self.on_disable = on_disable
+        #: None: this is the only dispatcher (tests).
+        self.lease = lease
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
 
@@ -623,10 +701,30 @@ class Dispatcher:
         self._wake.set()
 
     async def run(self, stop: asyncio.Event, working: Callable[[], None] = lambda: None) -> None:
-        """Until `stop`: start a worker for each channel with due jobs."""
+        """Until `stop`: start a worker for each channel with due jobs, while
+        this dispatcher holds the lease (else stand by, trying each second)."""
+        standing_by = False
+        checked = 0.0
         try:
             while not stop.is_set():
                 self._wake.clear()
+                # Checked at most every second: wakes come with every commit.
+                if self.lease is not None and (standing_by or time.monotonic() - checked >= 1):
+                    checked = time.monotonic()
+                    held = await anyio.to_thread.run_sync(self.lease.hold)
+                else:
+                    held = True
+                if not held:
+                    if not standing_by:
+                        log.info("another dispatcher sends from this outbox; standing by")
+                    standing_by = True
+                    await self._stop_workers()
+                    working()
+                    await sleep_unless(stop, 1.0)
+                    continue
+                if standing_by:
+                    log.info("this dispatcher now sends from the outbox")
+                standing_by = False
                 now = datetime.now(UTC)
                 channels = await anyio.to_thread.run_sync(self.outbox.due_channels, now)
                 working()
@@ -647,10 +745,15 @@ class Dispatcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_interval)
         finally:
-            for task in self._workers.values():
-                task.cancel()
-            await asyncio.gather(*self._workers.values(), return_exceptions=True)
-            self._workers.clear()
+            await self._stop_workers()
+            if self.lease is not None:
+                self.lease.release()
+
+    async def _stop_workers(self) -> None:
+        for task in self._workers.values():
+            task.cancel()
+        await asyncio.gather(*self._workers.values(), return_exceptions=True)
+        self._workers.clear()
 
     async def _channel(self, channel: str, sender: Sender, stop: asyncio.Event) -> None:
         """Send the channel's due jobs until it has none (then the worker
