@@ -157,6 +157,18 @@ def test_a_mail_arrives_with_the_code_the_code_book_derives(smtp: tuple[Inbox, i
     assert not any(code in str(the_job.payload) for code in codes)
 
 
+def test_a_trial_is_not_called_paid(tmp_path: Path) -> None:
+    mailer = Mailer(EmailSettings(outbox_dir=tmp_path), CODES)
+    paid, trial = job(), job()
+    trial.payload["entitlement"]["trial"] = True
+    for the_job, line in (
+        (paid, "Paid through: 2031-05-01"),
+        (trial, "Free trial through: 2031-05-01"),
+    ):
+        message = mailer.message(the_job)
+        assert line in body(message, "plain") and line in body(message, "html")
+
+
 def test_the_same_job_makes_the_same_message_id(smtp: tuple[Inbox, int]) -> None:
     inbox, port = smtp
     templates = {t: shipped(t) for t in ("entitlement.created", "entitlement.canceled")}

@@ -9,7 +9,8 @@ A job's payload (built by `payload`, JSON-able, never holding a code):
       "entitlement": {
         "id": "<uuid>", "product": str, "offering": str (the SKU),
         "seats": int, "status": str, "reason": str | null,
-        "period_end": "<ISO 8601>" | null
+        "period_end": "<ISO 8601>" | null,
+        "trial": bool                        # the period is a free trial
       },
       "code_indexes": [0, ...]               # which activation codes to show
     }
@@ -75,6 +76,7 @@ class _Entitlement(BaseModel):
     status: str
     reason: str | None = None
     period_end: datetime | None = None
+    trial: bool = False  # not in jobs written before it was
 
 
 class _Payload(BaseModel):
@@ -101,6 +103,7 @@ def payload(to: str, template: str, entitlement: EntitlementView) -> dict[str, A
             "status": entitlement.status,
             "reason": entitlement.status_reason,
             "period_end": entitlement.period_end.isoformat() if entitlement.period_end else None,
+            "trial": entitlement.trial,
         },
         "code_indexes": [code.index for code in entitlement.activation_codes],
     }
@@ -180,6 +183,7 @@ class Mailer:
             status=entitlement.status,
             reason=entitlement.reason,
             period_end=entitlement.period_end,
+            trial=entitlement.trial,
             codes=[self._codes.code(entitlement.id, i) for i in data.code_indexes],
             portal_url=self.settings.portal_url,
         )
