@@ -475,10 +475,13 @@ class MailWorld:
     def send(self, event: dict[str, Any], receipt: str) -> None:
         self.world.send(event, receipt)
 
-    def project(self, projection: MailProjection) -> None:
-        position = projection.position()
-        changes, last = Follower(self.world.store).read(position, 10_000)
-        if last is not None:
+    def project(self, projection: MailProjection, batch: int = 10_000) -> None:
+        """Project the log up to its end, `batch` notifications at a time."""
+        follower = Follower(self.world.store)
+        while True:
+            changes, last = follower.read(projection.position(), batch)
+            if last is None:
+                return
             asyncio.run(project_batch(projection, changes, last))
 
     def dispatch(self, until: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -579,5 +582,133 @@ def test_a_new_mail_projection_starts_at_the_end_of_the_log(
         assert mail.projection().position() == projection.position()  # saved: kept
         found = mail.world.read_model.entitlements(order_ref="sub_after")
         assert [str(e.id) for e in found] == [record.job.ordering_key]
+    finally:
+        mail.close()
+
+
+# -- what a mail says: the entitlement once its change is complete ---------------
+
+
+def _day(timestamp: int) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).date().isoformat()
+
+
+def _described(record: Any) -> tuple[str, dt.datetime | None]:
+    """(status, period end) of the entitlement a mail job describes."""
+    entitlement = record.job.payload["entitlement"]
+    end = entitlement["period_end"]
+    return entitlement["status"], dt.datetime.fromisoformat(end) if end else None
+
+
+@pytest.mark.parametrize("batch", [10_000, 1], ids=["one-batch", "event-by-event"])
+def test_the_purchase_mail_says_how_long_the_license_is_paid_for(
+    smtp: tuple[Inbox, int], database_url: str, batch: int
+) -> None:
+    """One invoice creates and activates the entitlement (two events): the
+    mail describes it as the invoice left it, whether the projection reads
+    both events in one batch or each in its own."""
+    from tests.test_store import NOW, YEAR
+
+    inbox, port = smtp
+    mail = MailWorld(database_url, port, ("entitlement.created",))
+    try:
+        projection = mail.projection()
+        mail.send(paid_invoice("sub_paid"), "r1")
+        mail.project(projection, batch)
+        [record] = mail.mail_jobs()
+        assert _described(record) == ("ACTIVE", dt.datetime.fromtimestamp(NOW + YEAR, dt.UTC))
+        entitlement = record.job.ordering_key
+        assert record.job.message_id == f"{entitlement}/entitlement.created"
+        shown = mail.world.read_model.entitlement(entitlement)
+        assert shown is not None and shown.period_end == _described(record)[1]
+
+        mail.dispatch(lambda: mail.mail_jobs()[0].status == "succeeded")
+        [(_, message)] = inbox.messages
+        paid_through = f"Paid through: {_day(NOW + YEAR)}"
+        assert paid_through in body(message, "plain") and paid_through in body(message, "html")
+    finally:
+        mail.close()
+
+
+def test_a_license_is_mailed_when_it_is_first_paid_and_never_if_it_is_not(
+    smtp: tuple[Inbox, int], database_url: str
+) -> None:
+    """A PENDING entitlement (its first payment failed) gets no "your
+    license" mail, nor an "it has ended" one when it is canceled unpaid;
+    paid later, it gets the license mail then, with its period end."""
+    from tests import stripe_events as se
+    from tests.test_store import NOW, YEAR
+
+    _, port = smtp
+    mail = MailWorld(database_url, port, ("entitlement.created", "entitlement.canceled"))
+    try:
+        projection = mail.projection()
+        mail.send(paid_invoice("sub_late", kind="invoice.payment_failed"), "f1")
+        mail.send(paid_invoice("sub_never", kind="invoice.payment_failed"), "f2")
+        mail.send(se.subscription_deleted(subscription="sub_never", shape=se.LEGACY), "d2")
+        mail.project(projection)
+        read_model = mail.world.read_model
+        statuses = {e.order_ref: e.status for e in read_model.entitlements()}
+        assert statuses == {"sub_late": "PENDING", "sub_never": "CANCELED"}
+        assert mail.mail_jobs() == []
+
+        mail.send(paid_invoice("sub_late"), "p1")
+        mail.project(projection)
+        [record] = mail.mail_jobs()
+        assert record.job.type == "entitlement.created"
+        assert _described(record) == ("ACTIVE", dt.datetime.fromtimestamp(NOW + YEAR, dt.UTC))
+        [late] = read_model.entitlements(order_ref="sub_late")
+        assert record.job.message_id == f"{late.id}/entitlement.created"
+    finally:
+        mail.close()
+
+
+@pytest.mark.parametrize("status", ["active", "trialing"])
+def test_a_subscription_seen_before_its_invoice_is_mailed_when_the_address_arrives(
+    smtp: tuple[Inbox, int], database_url: str, status: str
+) -> None:
+    """Stripe usually says `customer.subscription.created` (no e-mail
+    address) before `invoice.paid`. Active, it vouches for nothing: the
+    entitlement waits PENDING. Trialing, it is ACTIVE (in trial) before
+    anyone can be mailed. Either way the license mail goes out when the
+    invoice brings the address, and says what the period is."""
+    from tests import stripe_events as se
+    from tests.test_store import NOW, YEAR
+
+    inbox, port = smtp
+    mail = MailWorld(database_url, port, ("entitlement.created",))
+    try:
+        projection = mail.projection()
+        trial = status == "trialing"
+        created = se.subscription_event(
+            "customer.subscription.created",
+            subscription="sub_first",
+            items=[{"price": "p", "sku": "better_annual"}],
+            status=status,
+            start=NOW,
+            end=NOW + YEAR,
+            trial_end=NOW + YEAR if trial else None,
+            shape=se.LEGACY,
+        )
+        mail.send(created, "s1")
+        mail.project(projection)
+        [view] = mail.world.read_model.entitlements(order_ref="sub_first")
+        assert view.customer.email is None
+        assert (view.status, view.trial) == (("ACTIVE", True) if trial else ("PENDING", False))
+        assert mail.mail_jobs() == []
+
+        mail.send(paid_invoice("sub_first"), "p1")
+        mail.project(projection)
+        [record] = mail.mail_jobs()
+        assert record.job.message_id == f"{view.id}/entitlement.created"
+        assert _described(record) == ("ACTIVE", dt.datetime.fromtimestamp(NOW + YEAR, dt.UTC))
+        assert record.job.payload["entitlement"]["trial"] is trial
+
+        mail.dispatch(lambda: mail.mail_jobs()[0].status == "succeeded")
+        [(envelope, message)] = inbox.messages
+        assert envelope.rcpt_tos == ["ada@example.com"]
+        through = "Free trial through" if trial else "Paid through"
+        line = f"{through}: {_day(NOW + YEAR)}"
+        assert line in body(message, "plain") and line in body(message, "html")
     finally:
         mail.close()
