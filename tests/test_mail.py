@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import email
 import ipaddress
@@ -35,6 +36,7 @@ from services.outbound.mail import Mailer
 from services.outbound.outbox import Dispatcher, Job, Outbox, Outcome
 from services.projections import Follower, project_batch
 from services.projections.mail import MailProjection
+from services.readmodel import ReadModel
 
 SECRET = "a-code-secret-for-the-mail-tests"
 CODES = CodeBook(SECRET)
@@ -67,11 +69,23 @@ def job(
 
 
 class Inbox:
-    """An aiosmtpd handler that keeps what it receives, or refuses as told."""
+    """An aiosmtpd handler that keeps what it receives, or refuses as told
+    (the sender, a recipient, or the message after DATA)."""
 
     def __init__(self, rcpt_answer: str | None = None) -> None:
         self.messages: list[tuple[Envelope, EmailMessage]] = []
         self.rcpt_answer = rcpt_answer
+        self.mail_answer: str | None = None
+        self.data_answer: str | None = None
+
+    async def handle_MAIL(
+        self, server: Any, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.mail_answer:
+            return self.mail_answer
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, server: Any, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -82,6 +96,8 @@ class Inbox:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        if self.data_answer:
+            return self.data_answer
         raw = envelope.original_content or b""
         message = email.message_from_bytes(raw, policy=default_policy)
         assert isinstance(message, EmailMessage)
@@ -209,6 +225,90 @@ def test_a_recipient_refused_with_4xx_is_retried(smtp: tuple[Inbox, int]) -> Non
     assert not outcome.ok and not outcome.permanent and outcome.status_code == 451
 
 
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [("451 4.7.1 greylisted, try again later", "pending"), ("550 5.1.1 no such mailbox", "failed")],
+)
+def test_the_attempt_log_tells_a_451_from_a_550(
+    smtp: tuple[Inbox, int], tmp_path: Path, answer: str, status: str
+) -> None:
+    """Each attempt records the server's reply code as its status code, and
+    the code and the server's words in its error."""
+    inbox, port = smtp
+    inbox.rcpt_answer = answer
+    outbox = Outbox(ReadModel(f"sqlite:///{tmp_path / 'outbox.db'}"))
+    outbox.add([job()])
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        dispatcher = Dispatcher(outbox, [Mailer(settings(port), CODES)], poll_interval=0.05)
+        task = asyncio.create_task(dispatcher.run(stop))
+        deadline = time.monotonic() + 10
+        while not outbox.jobs(channel="mail")[0].attempts and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+
+    asyncio.run(run())
+    [record] = outbox.jobs(channel="mail")
+    [attempt] = record.attempts
+    code = int(answer[:3])
+    assert (attempt.status_code, record.last_status_code, record.status) == (code, code, status)
+    assert attempt.error == record.last_error == f"the recipient was refused: SMTP {answer}"
+
+
+@pytest.mark.parametrize(
+    ("where", "answer", "what", "permanent"),
+    [
+        ("mail", "421 4.3.2 shutting down, come back later", "the sender was refused", False),
+        ("mail", "553 5.7.1 sender not allowed", "the sender was refused", False),
+        ("data", "452 4.3.1 insufficient system storage", "the message was refused", False),
+        ("data", "554 5.7.1 message rejected as spam", "the message was refused", True),
+    ],
+)
+def test_every_refusal_names_its_reply_code_and_text(
+    smtp: tuple[Inbox, int], where: str, answer: str, what: str, permanent: bool
+) -> None:
+    """Whatever step the server refuses (a refused sender is ours to fix, so
+    retried): the error says which, with the reply code and the server's text."""
+    inbox, port = smtp
+    setattr(inbox, f"{where}_answer", answer)
+    outcome = send(Mailer(settings(port), CODES), job())
+    code = int(answer[:3])
+    assert (outcome.ok, outcome.permanent, outcome.status_code) == (False, permanent, code)
+    assert outcome.error == f"{what}: SMTP {answer}"
+    assert answer[4:] in outcome.answer
+    assert inbox.messages == []
+
+
+def test_a_refusal_keeps_the_first_200_characters_of_the_servers_text(
+    smtp: tuple[Inbox, int],
+) -> None:
+    inbox, port = smtp
+    text = "4.7.1 " + "very long explanation " * 20
+    inbox.rcpt_answer = f"451 {text}"
+    outcome = send(Mailer(settings(port), CODES), job())
+    assert outcome.error == f"the recipient was refused: SMTP 451 {text[:200]}"
+    assert outcome.status_code == 451
+
+
+def test_a_server_that_refuses_the_connection_is_retried_with_its_reply() -> None:
+    async def run() -> Outcome:
+        async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"421 4.3.2 too busy, try later\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(greet, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            return await Mailer(settings(port), CODES).send(job())
+
+    outcome = asyncio.run(run())
+    assert (outcome.ok, outcome.permanent, outcome.status_code) == (False, False, 421)
+    assert outcome.error == "the server refused the connection: SMTP 421 4.3.2 too busy, try later"
+
+
 def test_no_server_is_retried() -> None:
     outcome = send(Mailer(settings(free_port()), CODES), job())
     assert not outcome.ok and not outcome.permanent and outcome.error
@@ -272,7 +372,12 @@ def test_starttls_with_a_login_delivers(tmp_path: Path) -> None:
     ) -> AuthResult:
         assert isinstance(data, LoginPassword)
         logins.append((data.login, data.password))
-        return AuthResult(success=data.password == b"s3cret", handled=False)
+        if data.password == b"s3cret":
+            return AuthResult(success=True, handled=False)
+        # A careless server that repeats what it was sent, in plain and in base64.
+        echoed = f"{data.password.decode()} {base64.b64encode(data.password).decode()}"
+        plain = base64.b64encode(b"\0" + data.login + b"\0" + data.password).decode()
+        return AuthResult(success=False, handled=False, message=f"535 5.7.8 no: {echoed} {plain}")
 
     inbox, port = Inbox(), free_port()
     controller = Controller(
@@ -295,7 +400,10 @@ def test_starttls_with_a_login_delivers(tmp_path: Path) -> None:
         outcome = send(Mailer(wrong, CODES, tls_context=client_tls), job())
         # A refused login is ours to fix: retried, so a fixed config sends it.
         assert not outcome.ok and not outcome.permanent and outcome.status_code == 535
-        assert "wrong" not in (outcome.error or "") + outcome.answer
+        assert (outcome.error or "").startswith("the login was refused: SMTP 535 5.7.8 no: ")
+        told = (outcome.error or "") + outcome.answer
+        assert "wrong" not in told and base64.b64encode(b"wrong").decode() not in told
+        assert base64.b64encode(b"\0mailer\0wrong").decode() not in told
 
         untrusted = send(Mailer(good, CODES), job())  # the system's roots: no
         assert not untrusted.ok and not untrusted.permanent
