@@ -9,6 +9,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.policy import default as default_policy
 from pathlib import Path
@@ -57,7 +58,8 @@ def smtp() -> Iterator[tuple[Inbox, int]]:
         controller.stop()
 
 
-def pay(entitle: Entitle, subscription: str, buyer: str) -> None:
+def pay(entitle: Entitle, subscription: str, buyer: str) -> int:
+    """Send a paid invoice for a year from now; returns its period end."""
     now = int(time.time())
     event = se.invoice_paid(
         subscription=subscription,
@@ -72,6 +74,7 @@ def pay(entitle: Entitle, subscription: str, buyer: str) -> None:
         headers=se.signed_headers(body_bytes),
     )
     assert response.status_code == 202, response.text
+    return now + YEAR
 
 
 def mails_sent(entitle: Entitle) -> list[dict[str, Any]]:
@@ -95,15 +98,19 @@ def test_a_paid_invoice_mails_a_code_that_validates_once(
     (tmp_path / "entitle.yaml").write_text(CONFIG + MAIL.format(port=port))
     with Entitle(["dev"], tmp_path, ENV) as entitle:
         assert f"smtp://127.0.0.1:{port}" in entitle.text
-        pay(entitle, "sub_mail_1", "ada@example.com")
+        end = pay(entitle, "sub_mail_1", "ada@example.com")
         eventually(lambda: inbox.messages, timeout=20)
         [(envelope, message)] = inbox.messages
         assert envelope.rcpt_tos == ["ada@example.com"]
         assert "Acme Studio" in message["Subject"]
-        text = body(message, "plain")
+        text, html = body(message, "plain"), body(message, "html")
         assert "Acme Studio" in text and "better_annual" in text
         [code] = CODE.findall(text)
-        assert code in body(message, "html")
+        assert code in html
+        # The invoice that created the license also paid for it: the mail says until when.
+        paid_through = f"Paid through: {datetime.fromtimestamp(end, UTC).date().isoformat()}"
+        assert paid_through in text and paid_through in html
+        assert "Seats: 3" in text and "Your license: https://acme.example/license" in text
         result = validate(entitle, code)
         assert (result["valid"], result["status"]) == (True, "ACTIVE"), result
         # Operators see the mail, its status and its attempts (no code).

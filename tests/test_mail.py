@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import email
 import ipaddress
@@ -35,6 +36,7 @@ from services.outbound.mail import Mailer
 from services.outbound.outbox import Dispatcher, Job, Outbox, Outcome
 from services.projections import Follower, project_batch
 from services.projections.mail import MailProjection
+from services.readmodel import ReadModel
 
 SECRET = "a-code-secret-for-the-mail-tests"
 CODES = CodeBook(SECRET)
@@ -67,11 +69,23 @@ def job(
 
 
 class Inbox:
-    """An aiosmtpd handler that keeps what it receives, or refuses as told."""
+    """An aiosmtpd handler that keeps what it receives, or refuses as told
+    (the sender, a recipient, or the message after DATA)."""
 
     def __init__(self, rcpt_answer: str | None = None) -> None:
         self.messages: list[tuple[Envelope, EmailMessage]] = []
         self.rcpt_answer = rcpt_answer
+        self.mail_answer: str | None = None
+        self.data_answer: str | None = None
+
+    async def handle_MAIL(
+        self, server: Any, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.mail_answer:
+            return self.mail_answer
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, server: Any, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -82,6 +96,8 @@ class Inbox:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        if self.data_answer:
+            return self.data_answer
         raw = envelope.original_content or b""
         message = email.message_from_bytes(raw, policy=default_policy)
         assert isinstance(message, EmailMessage)
@@ -157,6 +173,18 @@ def test_a_mail_arrives_with_the_code_the_code_book_derives(smtp: tuple[Inbox, i
     assert not any(code in str(the_job.payload) for code in codes)
 
 
+def test_a_trial_is_not_called_paid(tmp_path: Path) -> None:
+    mailer = Mailer(EmailSettings(outbox_dir=tmp_path), CODES)
+    paid, trial = job(), job()
+    trial.payload["entitlement"]["trial"] = True
+    for the_job, line in (
+        (paid, "Paid through: 2031-05-01"),
+        (trial, "Free trial through: 2031-05-01"),
+    ):
+        message = mailer.message(the_job)
+        assert line in body(message, "plain") and line in body(message, "html")
+
+
 def test_the_same_job_makes_the_same_message_id(smtp: tuple[Inbox, int]) -> None:
     inbox, port = smtp
     templates = {t: shipped(t) for t in ("entitlement.created", "entitlement.canceled")}
@@ -195,6 +223,90 @@ def test_a_recipient_refused_with_4xx_is_retried(smtp: tuple[Inbox, int]) -> Non
     inbox.rcpt_answer = "451 4.7.1 greylisted, try again later"
     outcome = send(Mailer(settings(port), CODES), job())
     assert not outcome.ok and not outcome.permanent and outcome.status_code == 451
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [("451 4.7.1 greylisted, try again later", "pending"), ("550 5.1.1 no such mailbox", "failed")],
+)
+def test_the_attempt_log_tells_a_451_from_a_550(
+    smtp: tuple[Inbox, int], tmp_path: Path, answer: str, status: str
+) -> None:
+    """Each attempt records the server's reply code as its status code, and
+    the code and the server's words in its error."""
+    inbox, port = smtp
+    inbox.rcpt_answer = answer
+    outbox = Outbox(ReadModel(f"sqlite:///{tmp_path / 'outbox.db'}"))
+    outbox.add([job()])
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        dispatcher = Dispatcher(outbox, [Mailer(settings(port), CODES)], poll_interval=0.05)
+        task = asyncio.create_task(dispatcher.run(stop))
+        deadline = time.monotonic() + 10
+        while not outbox.jobs(channel="mail")[0].attempts and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+
+    asyncio.run(run())
+    [record] = outbox.jobs(channel="mail")
+    [attempt] = record.attempts
+    code = int(answer[:3])
+    assert (attempt.status_code, record.last_status_code, record.status) == (code, code, status)
+    assert attempt.error == record.last_error == f"the recipient was refused: SMTP {answer}"
+
+
+@pytest.mark.parametrize(
+    ("where", "answer", "what", "permanent"),
+    [
+        ("mail", "421 4.3.2 shutting down, come back later", "the sender was refused", False),
+        ("mail", "553 5.7.1 sender not allowed", "the sender was refused", False),
+        ("data", "452 4.3.1 insufficient system storage", "the message was refused", False),
+        ("data", "554 5.7.1 message rejected as spam", "the message was refused", True),
+    ],
+)
+def test_every_refusal_names_its_reply_code_and_text(
+    smtp: tuple[Inbox, int], where: str, answer: str, what: str, permanent: bool
+) -> None:
+    """Whatever step the server refuses (a refused sender is ours to fix, so
+    retried): the error says which, with the reply code and the server's text."""
+    inbox, port = smtp
+    setattr(inbox, f"{where}_answer", answer)
+    outcome = send(Mailer(settings(port), CODES), job())
+    code = int(answer[:3])
+    assert (outcome.ok, outcome.permanent, outcome.status_code) == (False, permanent, code)
+    assert outcome.error == f"{what}: SMTP {answer}"
+    assert answer[4:] in outcome.answer
+    assert inbox.messages == []
+
+
+def test_a_refusal_keeps_the_first_200_characters_of_the_servers_text(
+    smtp: tuple[Inbox, int],
+) -> None:
+    inbox, port = smtp
+    text = "4.7.1 " + "very long explanation " * 20
+    inbox.rcpt_answer = f"451 {text}"
+    outcome = send(Mailer(settings(port), CODES), job())
+    assert outcome.error == f"the recipient was refused: SMTP 451 {text[:200]}"
+    assert outcome.status_code == 451
+
+
+def test_a_server_that_refuses_the_connection_is_retried_with_its_reply() -> None:
+    async def run() -> Outcome:
+        async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"421 4.3.2 too busy, try later\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(greet, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            return await Mailer(settings(port), CODES).send(job())
+
+    outcome = asyncio.run(run())
+    assert (outcome.ok, outcome.permanent, outcome.status_code) == (False, False, 421)
+    assert outcome.error == "the server refused the connection: SMTP 421 4.3.2 too busy, try later"
 
 
 def test_no_server_is_retried() -> None:
@@ -260,7 +372,12 @@ def test_starttls_with_a_login_delivers(tmp_path: Path) -> None:
     ) -> AuthResult:
         assert isinstance(data, LoginPassword)
         logins.append((data.login, data.password))
-        return AuthResult(success=data.password == b"s3cret", handled=False)
+        if data.password == b"s3cret":
+            return AuthResult(success=True, handled=False)
+        # A careless server that repeats what it was sent, in plain and in base64.
+        echoed = f"{data.password.decode()} {base64.b64encode(data.password).decode()}"
+        plain = base64.b64encode(b"\0" + data.login + b"\0" + data.password).decode()
+        return AuthResult(success=False, handled=False, message=f"535 5.7.8 no: {echoed} {plain}")
 
     inbox, port = Inbox(), free_port()
     controller = Controller(
@@ -283,7 +400,10 @@ def test_starttls_with_a_login_delivers(tmp_path: Path) -> None:
         outcome = send(Mailer(wrong, CODES, tls_context=client_tls), job())
         # A refused login is ours to fix: retried, so a fixed config sends it.
         assert not outcome.ok and not outcome.permanent and outcome.status_code == 535
-        assert "wrong" not in (outcome.error or "") + outcome.answer
+        assert (outcome.error or "").startswith("the login was refused: SMTP 535 5.7.8 no: ")
+        told = (outcome.error or "") + outcome.answer
+        assert "wrong" not in told and base64.b64encode(b"wrong").decode() not in told
+        assert base64.b64encode(b"\0mailer\0wrong").decode() not in told
 
         untrusted = send(Mailer(good, CODES), job())  # the system's roots: no
         assert not untrusted.ok and not untrusted.permanent
@@ -463,10 +583,13 @@ class MailWorld:
     def send(self, event: dict[str, Any], receipt: str) -> None:
         self.world.send(event, receipt)
 
-    def project(self, projection: MailProjection) -> None:
-        position = projection.position()
-        changes, last = Follower(self.world.store).read(position, 10_000)
-        if last is not None:
+    def project(self, projection: MailProjection, batch: int = 10_000) -> None:
+        """Project the log up to its end, `batch` notifications at a time."""
+        follower = Follower(self.world.store)
+        while True:
+            changes, last = follower.read(projection.position(), batch)
+            if last is None:
+                return
             asyncio.run(project_batch(projection, changes, last))
 
     def dispatch(self, until: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -567,5 +690,133 @@ def test_a_new_mail_projection_starts_at_the_end_of_the_log(
         assert mail.projection().position() == projection.position()  # saved: kept
         found = mail.world.read_model.entitlements(order_ref="sub_after")
         assert [str(e.id) for e in found] == [record.job.ordering_key]
+    finally:
+        mail.close()
+
+
+# -- what a mail says: the entitlement once its change is complete ---------------
+
+
+def _day(timestamp: int) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).date().isoformat()
+
+
+def _described(record: Any) -> tuple[str, dt.datetime | None]:
+    """(status, period end) of the entitlement a mail job describes."""
+    entitlement = record.job.payload["entitlement"]
+    end = entitlement["period_end"]
+    return entitlement["status"], dt.datetime.fromisoformat(end) if end else None
+
+
+@pytest.mark.parametrize("batch", [10_000, 1], ids=["one-batch", "event-by-event"])
+def test_the_purchase_mail_says_how_long_the_license_is_paid_for(
+    smtp: tuple[Inbox, int], database_url: str, batch: int
+) -> None:
+    """One invoice creates and activates the entitlement (two events): the
+    mail describes it as the invoice left it, whether the projection reads
+    both events in one batch or each in its own."""
+    from tests.test_store import NOW, YEAR
+
+    inbox, port = smtp
+    mail = MailWorld(database_url, port, ("entitlement.created",))
+    try:
+        projection = mail.projection()
+        mail.send(paid_invoice("sub_paid"), "r1")
+        mail.project(projection, batch)
+        [record] = mail.mail_jobs()
+        assert _described(record) == ("ACTIVE", dt.datetime.fromtimestamp(NOW + YEAR, dt.UTC))
+        entitlement = record.job.ordering_key
+        assert record.job.message_id == f"{entitlement}/entitlement.created"
+        shown = mail.world.read_model.entitlement(entitlement)
+        assert shown is not None and shown.period_end == _described(record)[1]
+
+        mail.dispatch(lambda: mail.mail_jobs()[0].status == "succeeded")
+        [(_, message)] = inbox.messages
+        paid_through = f"Paid through: {_day(NOW + YEAR)}"
+        assert paid_through in body(message, "plain") and paid_through in body(message, "html")
+    finally:
+        mail.close()
+
+
+def test_a_license_is_mailed_when_it_is_first_paid_and_never_if_it_is_not(
+    smtp: tuple[Inbox, int], database_url: str
+) -> None:
+    """A PENDING entitlement (its first payment failed) gets no "your
+    license" mail, nor an "it has ended" one when it is canceled unpaid;
+    paid later, it gets the license mail then, with its period end."""
+    from tests import stripe_events as se
+    from tests.test_store import NOW, YEAR
+
+    _, port = smtp
+    mail = MailWorld(database_url, port, ("entitlement.created", "entitlement.canceled"))
+    try:
+        projection = mail.projection()
+        mail.send(paid_invoice("sub_late", kind="invoice.payment_failed"), "f1")
+        mail.send(paid_invoice("sub_never", kind="invoice.payment_failed"), "f2")
+        mail.send(se.subscription_deleted(subscription="sub_never", shape=se.LEGACY), "d2")
+        mail.project(projection)
+        read_model = mail.world.read_model
+        statuses = {e.order_ref: e.status for e in read_model.entitlements()}
+        assert statuses == {"sub_late": "PENDING", "sub_never": "CANCELED"}
+        assert mail.mail_jobs() == []
+
+        mail.send(paid_invoice("sub_late"), "p1")
+        mail.project(projection)
+        [record] = mail.mail_jobs()
+        assert record.job.type == "entitlement.created"
+        assert _described(record) == ("ACTIVE", dt.datetime.fromtimestamp(NOW + YEAR, dt.UTC))
+        [late] = read_model.entitlements(order_ref="sub_late")
+        assert record.job.message_id == f"{late.id}/entitlement.created"
+    finally:
+        mail.close()
+
+
+@pytest.mark.parametrize("status", ["active", "trialing"])
+def test_a_subscription_seen_before_its_invoice_is_mailed_when_the_address_arrives(
+    smtp: tuple[Inbox, int], database_url: str, status: str
+) -> None:
+    """Stripe usually says `customer.subscription.created` (no e-mail
+    address) before `invoice.paid`. Active, it vouches for nothing: the
+    entitlement waits PENDING. Trialing, it is ACTIVE (in trial) before
+    anyone can be mailed. Either way the license mail goes out when the
+    invoice brings the address, and says what the period is."""
+    from tests import stripe_events as se
+    from tests.test_store import NOW, YEAR
+
+    inbox, port = smtp
+    mail = MailWorld(database_url, port, ("entitlement.created",))
+    try:
+        projection = mail.projection()
+        trial = status == "trialing"
+        created = se.subscription_event(
+            "customer.subscription.created",
+            subscription="sub_first",
+            items=[{"price": "p", "sku": "better_annual"}],
+            status=status,
+            start=NOW,
+            end=NOW + YEAR,
+            trial_end=NOW + YEAR if trial else None,
+            shape=se.LEGACY,
+        )
+        mail.send(created, "s1")
+        mail.project(projection)
+        [view] = mail.world.read_model.entitlements(order_ref="sub_first")
+        assert view.customer.email is None
+        assert (view.status, view.trial) == (("ACTIVE", True) if trial else ("PENDING", False))
+        assert mail.mail_jobs() == []
+
+        mail.send(paid_invoice("sub_first"), "p1")
+        mail.project(projection)
+        [record] = mail.mail_jobs()
+        assert record.job.message_id == f"{view.id}/entitlement.created"
+        assert _described(record) == ("ACTIVE", dt.datetime.fromtimestamp(NOW + YEAR, dt.UTC))
+        assert record.job.payload["entitlement"]["trial"] is trial
+
+        mail.dispatch(lambda: mail.mail_jobs()[0].status == "succeeded")
+        [(envelope, message)] = inbox.messages
+        assert envelope.rcpt_tos == ["ada@example.com"]
+        through = "Free trial through" if trial else "Paid through"
+        line = f"{through}: {_day(NOW + YEAR)}"
+        assert line in body(message, "plain") and line in body(message, "html")
     finally:
         mail.close()

@@ -14,6 +14,7 @@ Every template sees these variables (`context` builds them):
 - `reason`: why the status is not ACTIVE/PENDING (e.g. "refunded"), or None
 - `period_end`: paid through, an aware UTC datetime, or None
 - `period_end_date`: the same as "YYYY-MM-DD", or None
+- `trial`: bool, whether that period is a free trial (not paid for)
 - `codes`: the activation codes, list[str] (may be empty)
 - `code`: the first of them, or None
 - `portal_url`: the configured portal address, or None
@@ -106,6 +107,7 @@ def context(
     period_end: datetime | None,
     codes: Sequence[str],
     portal_url: str | None,
+    trial: bool = False,
 ) -> dict[str, Any]:
     """The variables a template sees (listed in the module's docstring)."""
     end = period_end.astimezone(UTC) if period_end is not None else None
@@ -119,6 +121,7 @@ def context(
         "reason": reason,
         "period_end": end,
         "period_end_date": end.date().isoformat() if end is not None else None,
+        "trial": trial,
         "codes": list(codes),
         "code": codes[0] if codes else None,
         "portal_url": portal_url,
@@ -150,7 +153,7 @@ def render(template: MailTemplate, variables: Mapping[str, Any]) -> Rendered:
 
 def check(template: MailTemplate, portal_url: str | None) -> None:
     """Render `template` for a sample entitlement, with and without a
-    period end and a reason; MailTemplateError if either fails."""
+    period end (paid for, or a trial) and a reason; MailTemplateError if either fails."""
     sample = partial(
         context,
         to="buyer@example.com",
@@ -162,10 +165,9 @@ def check(template: MailTemplate, portal_url: str | None) -> None:
         portal_url=portal_url,
     )
     codes = ["ABCDE-FGHJK-MNPQR-STVWX-YZ012"]
-    render(
-        template,
-        sample(reason="refunded", period_end=datetime(2030, 1, 31, tzinfo=UTC), codes=codes),
-    )
+    end = datetime(2030, 1, 31, tzinfo=UTC)
+    for trial in (False, True):
+        render(template, sample(reason="refunded", period_end=end, codes=codes, trial=trial))
     try:
         render(template, sample(reason=None, period_end=None, codes=[]))
     except MailTemplateError as exc:

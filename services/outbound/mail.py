@@ -9,7 +9,8 @@ A job's payload (built by `payload`, JSON-able, never holding a code):
       "entitlement": {
         "id": "<uuid>", "product": str, "offering": str (the SKU),
         "seats": int, "status": str, "reason": str | null,
-        "period_end": "<ISO 8601>" | null
+        "period_end": "<ISO 8601>" | null,
+        "trial": bool                        # the period is a free trial
       },
       "code_indexes": [0, ...]               # which activation codes to show
     }
@@ -26,11 +27,18 @@ Outcomes (never an exception for the server's fault):
 - anything else (4xx, a refused sender or login, which a fixed
   configuration cures, no STARTTLS, connection errors, timeouts) → retry;
 - a payload or template that cannot make a mail → permanent.
+
+A refusal's status code is the server's reply code, and its error names
+the step, the code and the server's text (its first 200 characters), e.g.
+"the recipient was refused: SMTP 451 4.7.1 greylisted", so a 451 and a
+550 read differently in the attempt log. The configured password is
+removed from anything recorded, as typed or as AUTH sent it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import re
@@ -62,6 +70,8 @@ log = logging.getLogger("entitle.mail")
 KIND = "mail"
 CHANNEL = "mail"
 _ANSWER_LIMIT = 1024
+#: How much of the server's text a failed attempt's error keeps.
+_TEXT_LIMIT = 200
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
@@ -75,6 +85,7 @@ class _Entitlement(BaseModel):
     status: str
     reason: str | None = None
     period_end: datetime | None = None
+    trial: bool = False  # not in jobs written before it was
 
 
 class _Payload(BaseModel):
@@ -101,6 +112,7 @@ def payload(to: str, template: str, entitlement: EntitlementView) -> dict[str, A
             "status": entitlement.status,
             "reason": entitlement.status_reason,
             "period_end": entitlement.period_end.isoformat() if entitlement.period_end else None,
+            "trial": entitlement.trial,
         },
         "code_indexes": [code.index for code in entitlement.activation_codes],
     }
@@ -180,6 +192,7 @@ class Mailer:
             status=entitlement.status,
             reason=entitlement.reason,
             period_end=entitlement.period_end,
+            trial=entitlement.trial,
             codes=[self._codes.code(entitlement.id, i) for i in data.code_indexes],
             portal_url=self.settings.portal_url,
         )
@@ -220,30 +233,49 @@ class Mailer:
                     tls_context=self._tls,
                 )
         except aiosmtplib.SMTPRecipientsRefused as exc:
-            refused = exc.recipients[0] if exc.recipients else None
-            code = refused.code if refused else None
-            return Outcome(
-                ok=False,
-                status_code=code,
-                answer=(refused.message if refused else "")[:_ANSWER_LIMIT],
-                error="the recipient was refused",
-                permanent=code is not None and 500 <= code < 600,
-            )
+            # A mail goes to one recipient: the refused one is that.
+            if not exc.recipients:
+                return Outcome(ok=False, error="the recipient was refused")
+            return self._refused(exc.recipients[0])
         except aiosmtplib.SMTPResponseException as exc:
-            return Outcome(
-                ok=False,
-                status_code=exc.code,
-                answer=exc.message[:_ANSWER_LIMIT],
-                error=_what(exc),
-                permanent=(
-                    isinstance(exc, aiosmtplib.SMTPDataError | aiosmtplib.SMTPRecipientRefused)
-                    and 500 <= exc.code < 600
-                ),
-            )
+            return self._refused(exc)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             # OSError: refused, unreachable, TLS handshake or certificate.
-            return Outcome(ok=False, error=_what(exc))
-        return Outcome(ok=True, status_code=250, answer=answer[:_ANSWER_LIMIT])
+            return Outcome(ok=False, error=self._scrub(_what(exc)))
+        return Outcome(ok=True, status_code=250, answer=self._scrub(answer)[:_ANSWER_LIMIT])
+
+    def _refused(self, exc: aiosmtplib.SMTPResponseException) -> Outcome:
+        """The outcome of a reply that refused a step: its code as the
+        status code, and in the error which step, the code and the
+        server's text (the first `_TEXT_LIMIT` characters)."""
+        text = self._scrub(" ".join(exc.message.split()))
+        # The recipient or the message refused for good: the same mail gets
+        # the same refusal. Anything else (a sender or login refused) a
+        # fixed configuration cures, and a 4xx is for now.
+        permanent = isinstance(exc, _FINAL) and 500 <= exc.code < 600
+        return Outcome(
+            ok=False,
+            status_code=exc.code,
+            answer=text[:_ANSWER_LIMIT],
+            error=f"{_step(exc)}: SMTP {exc.code} {text[:_TEXT_LIMIT]}".rstrip(),
+            permanent=permanent,
+        )
+
+    def _scrub(self, text: str) -> str:
+        """`text` without the password, as typed or as AUTH sent it
+        (base64, alone or in PLAIN's user-and-password)."""
+        settings = self.settings
+        if settings.password is None:
+            return text
+        password = settings.password.get_secret_value()
+        if not password:
+            return text
+        forms = {password, _b64(password)}
+        if settings.user is not None:
+            forms.add(_b64(f"\0{settings.user}\0{password}"))
+        for form in sorted(forms, key=len, reverse=True):
+            text = text.replace(form, "***")
+        return text
 
     async def _write(self, job: Job, message: EmailMessage) -> Outcome:
         folder = self.settings.outbox_dir
@@ -260,13 +292,35 @@ class Mailer:
         return Outcome(ok=True, answer=str(path))
 
 
+#: Refusals that a retry of the same mail meets again, when 5xx.
+_FINAL = (aiosmtplib.SMTPRecipientRefused, aiosmtplib.SMTPDataError)
+_STEPS: tuple[tuple[type[aiosmtplib.SMTPResponseException], str], ...] = (
+    (aiosmtplib.SMTPConnectResponseError, "the server refused the connection"),
+    (aiosmtplib.SMTPHeloError, "the server refused EHLO"),
+    (aiosmtplib.SMTPAuthenticationError, "the login was refused"),
+    (aiosmtplib.SMTPSenderRefused, "the sender was refused"),
+    (aiosmtplib.SMTPRecipientRefused, "the recipient was refused"),
+    (aiosmtplib.SMTPDataError, "the message was refused"),
+)
+
+
+def _step(exc: aiosmtplib.SMTPResponseException) -> str:
+    """Which step of sending the server refused."""
+    return next((step for kind, step in _STEPS if isinstance(exc, kind)), "the server refused")
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
 class _Unsendable(Exception):
     """A job no retry can turn into a mail; the message says why (no code, no address)."""
 
 
 def _what(exc: BaseException) -> str:
-    """What went wrong, for the attempt log: aiosmtplib's messages name the
-    server's answer, never our password."""
+    """What went wrong, for the attempt log, when the server gave no reply
+    code (a lost connection, a timeout, no STARTTLS): the exception's own
+    words (the caller removes the password, should they hold it)."""
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:_ANSWER_LIMIT]
 

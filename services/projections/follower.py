@@ -80,6 +80,8 @@ class Change:
     event: Any
     previous_status: str | None
     position: int = 0
+    #: The customer's e-mail address before the event (entitlement events).
+    previous_email: str | None = None
     entitlement: EntitlementView | None = None
     dead_letter: DeadLetter | None = None
     #: The entitlement's active code hashes, for the read model's code index.
@@ -180,12 +182,14 @@ class Follower:
             return Change(event, None, notification.id, resolution=resolution)
         before = self._state_before(event)
         previous = before.status.value if before is not None else None
-        after_state = event.mutate(before)
+        previous_email = before.customer_email if before is not None else None
+        after_state = event.mutate(before)  # (`before` itself, changed)
         self._remember(after_state)
         return Change(
             event,
             previous,
             notification.id,
+            previous_email=previous_email,
             entitlement=entitlement_view(after_state),
             code_hashes=tuple(after_state.codes),
             delivered=_inherited(event),
