@@ -9,7 +9,6 @@ import json
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import get_args
 from urllib.parse import urlsplit
 
 import anyio
@@ -17,7 +16,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from contracts.events import EventType
 from contracts.outbound import (
     AttemptView,
     DeliveryList,
@@ -34,7 +32,8 @@ from domain.endpoint import CHANGEABLE, Endpoint
 from services.api import API, _limit, _no_control_characters, _only
 from services.http import HTTPError, busy, read_json
 from services.outbound.outbox import Job, JobRecord, Outbox
-from services.outbound.webhooks import KIND, EndpointInfo, Endpoints, Resolver, url_problem
+from services.outbound.rules import events_problem, url_problem
+from services.outbound.webhooks import KIND, EndpointInfo, Endpoints, Resolver
 from services.outbound.webhooks import endpoint_secret as derive_secret
 from services.projections import history_entry
 from services.store import StillChanging
@@ -364,18 +363,9 @@ class OutboundAPI:
 
 
 def _check_events(events: list[str] | None) -> None:
-    known = {*get_args(EventType), "order.created", "ping"}
-    for name in events or []:
-        if name in ("*",) or name in known:
-            continue
-        if name.endswith(".*") and any(k.startswith(name[:-1]) for k in known):
-            continue
-        raise HTTPError(
-            422,
-            "invalid_body",
-            f"events: {name!r} is no message type; types are {', '.join(sorted(known))},"
-            " or a prefix such as entitlement.*",
-        )
+    problem = events_problem(events)
+    if problem is not None:
+        raise HTTPError(422, "invalid_body", problem)
 
 
 def routes(api: OutboundAPI) -> list[Route]:
