@@ -76,9 +76,9 @@ def sign(secrets: list[str], message_id: str, timestamp: int, body: bytes) -> st
 
 @dataclass(frozen=True)
 class EndpointInfo:
-    """What the sender needs of an endpoint. `secrets`: None means derived
-    (`endpoint_secret`) from the generations; a configured endpoint gives
-    its own."""
+    """What the sender needs of an endpoint. `secret`: None means derived
+    (`endpoint_secret`) from the generations; a declared endpoint gives its
+    own (never written to the database)."""
 
     id: UUID
     url: str
@@ -93,6 +93,8 @@ class EndpointInfo:
     rotated_at: datetime | None = None
     created_at: datetime | None = None
     secret: str | None = None
+    #: Declared in the configuration file (not made through the API).
+    declared: bool = False
 
     @classmethod
     def of(cls, endpoint: Endpoint) -> EndpointInfo:
