@@ -411,7 +411,13 @@ def cmd_outbound(args: argparse.Namespace) -> int:
     one that cannot be sent to now."""
     from services.outbound.outbox import Outbox
     from services.outbound.webhooks import Endpoints
-    from services.outbound_api import delivery_view, endpoint_view, unsendable, unsendable_job
+    from services.outbound_api import (
+        delivery_view,
+        endpoint_view,
+        job_endpoint,
+        unsendable,
+        unsendable_job,
+    )
     from services.readmodel import ReadModel
 
     def refuse(why: str) -> int:
@@ -458,7 +464,11 @@ def cmd_outbound(args: argparse.Namespace) -> int:
         if command == "resend":
             for job_id in dict.fromkeys(str(i) for i in args.ids):
                 found = outbox.job(job_id)
-                refusal = None if found is None else unsendable_job(found, outbox, endpoints)
+                refusal = None
+                if found is not None:
+                    target = job_endpoint(found)
+                    endpoint = endpoints.get(target) if target is not None else None
+                    refusal = unsendable_job(found, outbox, endpoint)
                 if found is None or refusal is not None:
                     problems += 1
                     refuse(f"{job_id}: " + (refusal[1] if refusal else "no such delivery"))

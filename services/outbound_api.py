@@ -4,6 +4,7 @@ every attempt, resending and recovering, and the mails sent to buyers."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -139,15 +140,12 @@ def unsendable(endpoint: EndpointInfo | None, outbox: Outbox) -> tuple[str, str]
 
 
 def unsendable_job(
-    record: JobRecord, outbox: Outbox, endpoints: dict[uuid.UUID, EndpointInfo]
+    record: JobRecord, outbox: Outbox, endpoint: EndpointInfo | None
 ) -> tuple[str, str] | None:
     """(error code, why) if sending the job again would do nothing now: its
-    endpoint deleted or disabled, its channel (mail, Stripe) paused."""
+    endpoint (`endpoint`, for a webhook) deleted or disabled, its channel
+    (mail, Stripe) paused."""
     if record.job.kind == KIND:
-        try:
-            endpoint = endpoints.get(uuid.UUID(record.job.channel))
-        except ValueError:
-            endpoint = None
         return unsendable(endpoint, outbox)
     paused = outbox.paused(record.job.channel)
     if paused is None:
@@ -156,6 +154,16 @@ def unsendable_job(
         f"{record.job.channel} is {_paused_reason(paused)};"
         " fix its settings and restart entitle to resume"
     )
+
+
+def job_endpoint(record: JobRecord) -> uuid.UUID | None:
+    """The id of the endpoint a webhook job goes to."""
+    if record.job.kind != KIND:
+        return None
+    try:
+        return uuid.UUID(record.job.channel)
+    except ValueError:
+        return None
 
 
 def recover(outbox: Outbox, channel: str, since: datetime) -> int:
@@ -414,8 +422,12 @@ class OutboundAPI:
         record = await anyio.to_thread.run_sync(self.outbox.job, job_id)
         if record is None:
             raise HTTPError(404, "not_found", f"no delivery {job_id!r}")
-        endpoints = await anyio.to_thread.run_sync(self.endpoints.load)
-        refusal = await anyio.to_thread.run_sync(unsendable_job, record, self.outbox, endpoints)
+        endpoint = None
+        endpoint_id = job_endpoint(record)
+        if endpoint_id is not None:
+            with contextlib.suppress(HTTPError):
+                endpoint = await self._info(endpoint_id, deleted=True)
+        refusal = await anyio.to_thread.run_sync(unsendable_job, record, self.outbox, endpoint)
         if refusal is not None:
             raise HTTPError(409, *refusal)
         count = await anyio.to_thread.run_sync(self.outbox.resend, [job_id])

@@ -167,7 +167,6 @@ def test_a_disabled_endpoint_refuses_a_test_a_resend_and_a_recover(world: World)
     world.fail(job)
     patched = world.client.patch(f"{BASE}/{endpoint['id']}", json={"disabled": True}, headers=AUTH)
     assert patched.status_code == 200 and patched.json()["disabled"] is True
-    world.project()
     since = {"since": "2000-01-01T00:00:00Z"}
     for path, body in (
         (f"{BASE}/{endpoint['id']}/test", None),
@@ -180,8 +179,19 @@ def test_a_disabled_endpoint_refuses_a_test_a_resend_and_a_recover(world: World)
         assert '"disabled": false' in response.json()["detail"]
     assert world.outbox.counts(endpoint["id"]) == {"pending": 1}
     world.client.patch(f"{BASE}/{endpoint['id']}", json={"disabled": False}, headers=AUTH)
-    world.project()
     assert world.client.post(f"{BASE}/{endpoint['id']}/test", headers=AUTH).status_code == 202
+    assert world.client.post(f"/v1/deliveries/{job.id}/resend", headers=AUTH).status_code == 202
+
+
+def test_a_resend_to_a_paused_mail_channel_says_how_to_resume(world: World) -> None:
+    mail = Job.of("mail", "mail", "m1", "entitlement.created", "k", 1, {})
+    world.outbox.add([mail])
+    world.fail(mail, 550)
+    with world.outbox.read_model.transaction() as cur:  # days of failures
+        world.outbox.pause(cur, "mail", True)
+    response = world.client.post(f"/v1/deliveries/{mail.id}/resend", headers=AUTH)
+    assert response.status_code == 409 and response.json()["error"] == "channel_paused"
+    assert "restart" in response.json()["detail"]
 
 
 # -- 3: an endpoint declared in the file ----------------------------------------------

@@ -223,8 +223,13 @@ def test_the_cli_refuses_to_recover_to_a_disabled_or_deleted_endpoint(
     assert "disabled by ops" in capfd.readouterr().err
     assert main(["outbound", "recover", deleted, "--since", since]) == 1
     assert "deleted" in capfd.readouterr().err
-    # A deleted endpoint's deliveries are still listed.
+    # A deleted endpoint's deliveries are still listed, and not sent again.
+    job = Job.of(deleted, "webhook", "m", "t", "k", 1, {"n": 1})
+    outbox.add([job])
     assert main(["outbound", "deliveries", deleted]) == 0
+    assert job.id in capfd.readouterr().out
+    assert main(["outbound", "resend", job.id]) == 1
+    assert "the endpoint was deleted" in capfd.readouterr().err
 
 
 def test_the_cli_shows_endpoints_as_the_api_does(
