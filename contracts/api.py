@@ -9,6 +9,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.events import CauseV1, EntitlementV1
+from contracts.text import Text
 from contracts.webhooks import RawWebhookV1
 
 
@@ -65,7 +66,7 @@ class AdminAction(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field(min_length=1, max_length=500, description="Recorded in the history")
+    reason: Text = Field(min_length=1, max_length=500, description="Recorded in the history")
     days: int | None = Field(default=None, ge=1, le=3650, description="extend only: days to add")
 
 

@@ -10,6 +10,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.events import Status
+from contracts.text import Text
 
 ValidationCode = Literal[
     "VALID",
@@ -30,8 +31,8 @@ class ActivationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     activation_code: str = Field(min_length=1, max_length=64)
-    fingerprint: str = Field(min_length=1, max_length=256, description="The device's identity")
-    label: str | None = Field(default=None, max_length=200, description="e.g. 'Ada's laptop'")
+    fingerprint: Text = Field(min_length=1, max_length=256, description="The device's identity")
+    label: Text | None = Field(default=None, max_length=200, description="e.g. 'Ada's laptop'")
 
 
 class Activation(BaseModel):
@@ -72,7 +73,7 @@ class UsageRequest(BaseModel):
     activation_code: str = Field(min_length=1, max_length=64)
     metric: str = Field(min_length=1, max_length=100, description="A name in the offering's limits")
     quantity: int = Field(ge=1, le=1_000_000_000)
-    idempotency_key: str = Field(min_length=1, max_length=200)
+    idempotency_key: Text = Field(min_length=1, max_length=200)
 
 
 class UsageMetric(BaseModel):

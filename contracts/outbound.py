@@ -20,9 +20,10 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from contracts.events import CustomerV1
+from contracts.text import Moment, Text
 
 MESSAGE_SCHEMA_VERSION = 1
 
@@ -60,9 +61,9 @@ class EndpointCreate(BaseModel):
     events: list[str] | None = Field(
         default=None, description="Message types, or a prefix like entitlement.*; none: all"
     )
-    description: str | None = Field(default=None, max_length=500)
-    include_codes: bool = False
-    ordered: bool = True
+    description: Text | None = Field(default=None, max_length=500)
+    include_codes: StrictBool = False
+    ordered: StrictBool = True
 
 
 class EndpointPatch(BaseModel):
@@ -70,10 +71,10 @@ class EndpointPatch(BaseModel):
 
     url: str | None = Field(default=None, max_length=2000)
     events: list[str] | None = None
-    description: str | None = Field(default=None, max_length=500)
-    include_codes: bool | None = None
-    ordered: bool | None = None
-    disabled: bool | None = None
+    description: Text | None = Field(default=None, max_length=500)
+    include_codes: StrictBool | None = None
+    ordered: StrictBool | None = None
+    disabled: StrictBool | None = None
 
 
 class EndpointView(BaseModel):
@@ -126,7 +127,7 @@ class DeliveryList(BaseModel):
 class Recover(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    since: datetime
+    since: Moment = Field(description="RFC 3339 with an offset; not in the future")
 
 
 class Resent(BaseModel):

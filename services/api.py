@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -30,7 +28,16 @@ from domain.entitlement import Entitlement, Refused
 from domain.receipt import OUTCOMES
 from services.codes import CodeBook
 from services.config import AdminKey, Config
-from services.http import Buckets, HTTPError, authenticate, aware_time, busy, read_json
+from services.http import (
+    Buckets,
+    HTTPError,
+    authenticate,
+    aware_time,
+    busy,
+    decode_cursor,
+    encode_cursor,
+    read_json,
+)
 from services.licensing import ValidationIndex
 from services.projections import entitlement_view, history_entry
 from services.providers import has_control_character
@@ -91,25 +98,12 @@ def _only(request: Request, allowed: set[str]) -> None:
 
 
 def _encode_cursor(after: tuple[str, str]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(list(after)).encode()).decode()
+    return encode_cursor(*after)
 
 
 def _decode_cursor(raw: str | None) -> tuple[str, str] | None:
-    if raw is None:
-        return None
-    try:
-        received_at, receipt = json.loads(base64.urlsafe_b64decode(raw.encode()))
-        if (
-            isinstance(received_at, str)
-            and isinstance(receipt, str)
-            and aware_time(received_at) is not None
-            and receipt
-            and not has_control_character(receipt)
-        ):
-            return received_at, receipt
-    except (ValueError, TypeError):
-        pass
-    raise HTTPError(422, "invalid_query", "cursor is not one this API gave (next_cursor)")
+    parts = decode_cursor(raw, "time", "id")
+    return None if parts is None else (parts[0], parts[1])
 
 
 class API:

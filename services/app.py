@@ -49,6 +49,7 @@ from services.kafka import (
 from services.outbound.mail import CHANNEL as MAIL_CHANNEL
 from services.outbound.mail import Mailer, mail_settings
 from services.outbound.outbox import RETRY_SCHEDULE, Dispatcher, Lease, Outbox, Sender
+from services.outbound.rules import endpoint_problem
 from services.outbound.stripe_codes import StripeCodes
 from services.outbound.stripe_codes import channel as stripe_channel
 from services.outbound.webhooks import KIND as WEBHOOK_KIND
@@ -115,21 +116,34 @@ async def backfill_every(
         await sleep_unless(stop, every.total_seconds())
 
 
-def declared_endpoints(config: Config) -> list[EndpointInfo]:
+def declared_endpoints(config: Config, allow_http: bool, allow_private: bool) -> list[EndpointInfo]:
     """The webhook endpoints the configuration declares, each with a fixed
-    id derived from its name."""
+    id derived from its name; a ValueError for one the endpoint rules
+    refuse now that `allow_http` and `allow_private` are known (the rest were checked as the
+    file was read)."""
+    outbound = config.outbound
+    for e in outbound.endpoints:
+        problem = endpoint_problem(e.url, e.events, allow_http, allow_private)
+        if problem is not None:
+            raise ValueError(f"outbound endpoint {e.name!r}: {problem}")
     return [
         EndpointInfo(
-            uuid5(NAMESPACE, f"endpoint\x1f{e.name}"),
+            declared_id(e.name),
             e.url,
             list(e.events),
             e.description or e.name,
             e.include_codes,
             e.ordered,
             secret=e.secret.get_secret_value(),
+            declared=True,
         )
-        for e in config.outbound.endpoints
+        for e in outbound.endpoints
     ]
+
+
+def declared_id(name: str) -> UUID:
+    """The id of the endpoint declared in the configuration as `name`."""
+    return uuid5(NAMESPACE, f"endpoint\x1f{name}")
 
 
 async def disable_channel(store: EntitlementStore, kind: str, channel: str, reason: str) -> None:
@@ -191,12 +205,13 @@ def build_app(
         if outbound.allow_private_networks is not None
         else settings.dev
     )
+    declared = declared_endpoints(config, allow_http, allow_private)
     outbox = (
         Outbox(read_model) if read_model is not None and (roles.projector or roles.api) else None
     )
     endpoints: Endpoints | None = None
     if outbox is not None:
-        endpoints = Endpoints(outbox, declared_endpoints(config))
+        endpoints = Endpoints(outbox, declared)
     mailer: Mailer | None = None
     if roles.projector and config.email is not None:
         assert codes is not None and outbox is not None
@@ -366,7 +381,7 @@ def build_app(
                 broker,
                 outbox,
                 config,
-                declared_endpoints(config),
+                declared,
                 dispatcher.wake,
                 head=lambda: recorder.max_notification_id() or 0,
             )

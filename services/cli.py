@@ -406,28 +406,45 @@ def cmd_redrive(args: argparse.Namespace) -> int:
 
 def cmd_outbound(args: argparse.Namespace) -> int:
     """Outbound notifications from the database (the API's equivalents):
-    endpoints, deliveries (JSON lines), resend, recover (with progress)."""
+    endpoints and deliveries (JSON lines, as the API shows them), resend,
+    recover (with progress). Exit 1 for an unknown endpoint or delivery, or
+    one that cannot be sent to now."""
     from services.outbound.outbox import Outbox
     from services.outbound.webhooks import Endpoints
-    from services.outbound_api import delivery_view
+    from services.outbound_api import (
+        delivery_view,
+        endpoint_view,
+        job_endpoint,
+        unsendable,
+        unsendable_job,
+    )
     from services.readmodel import ReadModel
+
+    def refuse(why: str) -> int:
+        print(f"entitle: {why}", file=sys.stderr)
+        return 1
 
     read_model = ReadModel(Settings.from_env().database_url)
     try:
         outbox = Outbox(read_model)
+        # The table the webhooks projection keeps: the API's endpoints and,
+        # since the projector last started, those the configuration declares.
+        endpoints = Endpoints(outbox, []).load()
         command = args.outbound_command
         if command == "endpoints":
-            for endpoint in Endpoints(outbox, []).load().values():
-                if not endpoint.deleted:
-                    line = json.loads(endpoint.to_json())
-                    line["deliveries"] = outbox.counts(str(endpoint.id))
-                    print(json.dumps(line))
+            for each in endpoints.values():
+                if not each.deleted:
+                    print(endpoint_view(each, outbox).model_dump_json(exclude={"secret"}))
             return 0
+        endpoint_id = getattr(args, "endpoint_id", None)
+        endpoint = endpoints.get(endpoint_id) if endpoint_id else None
+        if endpoint_id is not None and endpoint is None:
+            return refuse(f"no webhook endpoint {endpoint_id}")
         if command in ("deliveries", "mails"):
             after = None
             shown = 0
             filters = (
-                {"channel": str(args.endpoint_id), "kind": "webhook"}
+                {"channel": str(endpoint_id), "kind": "webhook"}
                 if command == "deliveries"
                 else {"kind": "mail"}
             )
@@ -441,18 +458,41 @@ def cmd_outbound(args: argparse.Namespace) -> int:
                     break
                 after = (page[-1].job.seq, page[-1].job.id)
             return 0
+        failed: list[str] = []
+        retrying: list[str] = []
+        problems = 0
         if command == "resend":
-            ids = [str(i) for i in args.ids]
+            for job_id in dict.fromkeys(str(i) for i in args.ids):
+                found = outbox.job(job_id)
+                refusal = None
+                if found is not None:
+                    target = job_endpoint(found)
+                    endpoint = endpoints.get(target) if target is not None else None
+                    refusal = unsendable_job(found, outbox, endpoint)
+                if found is None or refusal is not None:
+                    problems += 1
+                    refuse(f"{job_id}: " + (refusal[1] if refusal else "no such delivery"))
+                else:
+                    failed.append(job_id)
         else:  # recover
-            since = _since(args.since) or datetime.now(UTC)
-            ids = outbox.failed_since(str(args.endpoint_id), since)
+            since = _since(args.since)
+            assert since is not None
+            if since > datetime.now(UTC):
+                raise ConfigError(f"--since {args.since!r} is in the future")
+            refusal = unsendable(endpoint, outbox)
+            if refusal is not None:
+                return refuse(refusal[1])
+            failed, retrying = outbox.unsuccessful_since(str(endpoint_id), since)
+        total = len(failed) + len(retrying)
         done = 0
-        for start in range(0, len(ids), 100):
-            done += outbox.resend(ids[start : start + 100])
-            print(f"\rresent {done} of {len(ids)}", end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
+        for batch, send in ((failed, outbox.resend), (retrying, outbox.due_now)):
+            for start in range(0, len(batch), 100):
+                done += send(batch[start : start + 100])
+                print(f"\rresent {done} of {total}", end="", file=sys.stderr, flush=True)
+        if total:
+            print(file=sys.stderr)
         print(f"{done} deliver{'y' if done == 1 else 'ies'} will be sent again")
-        return 0 if done == len(ids) else 1
+        return 0 if done == total and not problems else 1
     finally:
         read_model.close()
 

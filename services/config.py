@@ -17,8 +17,17 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StrictBool,
+    ValidationError,
+    model_validator,
+)
 
+from contracts.text import Text, text_problem
 from domain.catalog import Catalog, Offering
 from domain.lifecycle import Policy
 from services.codes import load_secret
@@ -30,6 +39,7 @@ from services.mail_templates import (
     check,
     shipped,
 )
+from services.outbound.rules import endpoint_problem
 from services.providers import PROVIDERS, Credentials, Provider
 
 
@@ -49,8 +59,8 @@ class _SourceFile(BaseModel):
     api_key: SecretStr | None = None
     api_key_env: str | None = None
     backfill_every: str | None = Field(default=None, pattern=r"^\d+(\.\d+)?[smhd]$")
-    write_back_codes: bool = False
-    allow_unsigned: bool = False
+    write_back_codes: StrictBool = False
+    allow_unsigned: StrictBool = False
 
     @model_validator(mode="after")
     def _one_secret(self) -> _SourceFile:
@@ -86,7 +96,7 @@ class _OfferingFile(BaseModel):
     expire_after_days: int | None = None
     stripe_price_ids: list[str] = Field(default_factory=list)
     prices: dict[str, list[str | int]] = Field(default_factory=dict)
-    floating: bool = False
+    floating: StrictBool = False
     lease_seconds: int = Field(default=900, ge=30)
 
 
@@ -145,7 +155,7 @@ class _EmailFile(BaseModel):
     outbox_dir: str | None = None
     # Per event type: true or empty (the shipped template), false (no
     # mail), or a mapping of the parts to replace.
-    templates: dict[str, _MailTemplateFile | bool | None] = Field(default_factory=dict)
+    templates: dict[str, _MailTemplateFile | StrictBool | None] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -171,17 +181,17 @@ class _EndpointFile(BaseModel):
     # A Standard Webhooks secret (whsec_ + base64) from the environment.
     secret_env: str
     events: list[str] = Field(default_factory=list)
-    description: str | None = None
-    include_codes: bool = False
-    ordered: bool = True
+    description: Text | None = Field(default=None, max_length=500)
+    include_codes: StrictBool = False
+    ordered: StrictBool = True
 
 
 class _OutboundFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # Unset: true in `entitle dev`, false elsewhere.
-    allow_http: bool | None = None
-    allow_private_networks: bool | None = None
+    allow_http: StrictBool | None = None
+    allow_private_networks: StrictBool | None = None
     # Seconds after each failed attempt (the last given up after the last).
     retry_schedule: list[float] | None = Field(default=None, min_length=1, max_length=20)
     endpoints: dict[str, _EndpointFile] = Field(default_factory=dict)
@@ -414,6 +424,14 @@ def parse_config(
     endpoints = []
     for name, declared in parsed.outbound.endpoints.items():
         where = f"{origin}: outbound endpoint {name!r}"
+        if not 1 <= len(name) <= 100 or text_problem(name):
+            raise ConfigError(f"{where}: a name is 1 to 100 characters, no control characters")
+        # Unset, both depend on `entitle dev`: checked again at start.
+        allow_http = parsed.outbound.allow_http is not False
+        allow_private = parsed.outbound.allow_private_networks is not False
+        problem = endpoint_problem(declared.url, declared.events, allow_http, allow_private)
+        if problem is not None:
+            raise ConfigError(f"{where}: {problem}")
         secret = _from_env(env, declared.secret_env, where, "secret")
         assert secret is not None
         if not _webhook_secret(secret.get_secret_value()):

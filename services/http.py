@@ -3,15 +3,18 @@ rate limits per client, and access logs without credentials."""
 
 from __future__ import annotations
 
+import base64
 import hmac
 import ipaddress
+import json
 import logging
 import math
 import re
 import threading
 import time
+import uuid
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote, unquote_plus
 
 from pydantic import BaseModel, ValidationError
@@ -180,6 +183,47 @@ def aware_time(raw: str) -> datetime | None:
         return value.astimezone(UTC)
     except (ValueError, OverflowError):
         return None
+
+
+#: What a part of a paging cursor is: a log position (a 64-bit integer, not
+#: a bool), an id (a UUID as the API writes it), or an RFC 3339 time.
+CursorPart = Literal["position", "id", "time"]
+
+
+def _cursor_part(kind: CursorPart, value: Any) -> bool:
+    if kind == "position":
+        return type(value) is int and 0 <= value < 2**63
+    if not isinstance(value, str) or not value.isprintable():
+        return False
+    if kind == "id":
+        try:
+            return str(uuid.UUID(value)) == value
+        except ValueError:
+            return False
+    return aware_time(value) is not None
+
+
+def encode_cursor(*parts: int | str) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(parts)).encode()).decode()
+
+
+def decode_cursor(raw: str | None, *kinds: CursorPart) -> tuple[Any, ...] | None:
+    """The parts of a cursor `encode_cursor` made, each of its kind; a 422
+    for anything else, before a database sees it (a number past 64 bits, a
+    NUL, half a surrogate pair)."""
+    if raw is None:
+        return None
+    try:
+        parts = json.loads(base64.urlsafe_b64decode(raw.encode()))
+    except (ValueError, TypeError, RecursionError):
+        parts = None
+    if (
+        isinstance(parts, list)
+        and len(parts) == len(kinds)
+        and all(_cursor_part(k, v) for k, v in zip(kinds, parts, strict=True))
+    ):
+        return tuple(parts)
+    raise HTTPError(422, "invalid_query", "cursor is not one this API gave (next_cursor)")
 
 
 #: The most an API request's JSON body may take (a code, a fingerprint, a

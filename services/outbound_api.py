@@ -4,12 +4,10 @@ every attempt, resending and recovering, and the mails sent to buyers."""
 
 from __future__ import annotations
 
-import base64
-import json
+import contextlib
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import get_args
 from urllib.parse import urlsplit
 
 import anyio
@@ -17,7 +15,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from contracts.events import EventType
 from contracts.outbound import (
     AttemptView,
     DeliveryList,
@@ -32,11 +29,13 @@ from contracts.outbound import (
 )
 from domain.endpoint import CHANGEABLE, Endpoint
 from services.api import API, _limit, _no_control_characters, _only
-from services.http import HTTPError, busy, read_json
+from services.http import HTTPError, busy, decode_cursor, encode_cursor, read_json
 from services.outbound.outbox import Job, JobRecord, Outbox
-from services.outbound.webhooks import KIND, EndpointInfo, Endpoints, Resolver, url_problem
+from services.outbound.rules import events_problem, url_problem
+from services.outbound.webhooks import KIND, EndpointInfo, Endpoints, Resolver
 from services.outbound.webhooks import endpoint_secret as derive_secret
 from services.projections import history_entry
+from services.projections.webhooks import WEBHOOKS
 from services.store import StillChanging
 
 STATUSES = ("pending", "succeeded", "failed")
@@ -52,15 +51,8 @@ def _endpoint_id(request: Request) -> uuid.UUID:
 
 
 def _cursor(raw: str | None) -> tuple[int, str] | None:
-    if raw is None:
-        return None
-    try:
-        seq, job = json.loads(base64.urlsafe_b64decode(raw.encode()))
-        if isinstance(seq, int) and isinstance(job, str):
-            return seq, job
-    except (ValueError, TypeError):
-        pass
-    raise HTTPError(422, "invalid_query", "cursor is not one this API gave (next_cursor)")
+    parts = decode_cursor(raw, "position", "id")
+    return None if parts is None else (parts[0], parts[1])
 
 
 def delivery_view(record: JobRecord) -> DeliveryView:
@@ -84,6 +76,107 @@ def delivery_view(record: JobRecord) -> DeliveryView:
         next_attempt_at=record.next_at,
         created_at=record.job.created_at,
     )
+
+
+def _paused_reason(paused: tuple[datetime | None, int | None, str | None]) -> str:
+    since, status_code, _ = paused
+    if status_code == 410:
+        why = "the receiver answered 410 (gone)"
+    elif since is not None:
+        why = f"every attempt failed since {since.isoformat()}"
+    else:
+        why = "its attempts kept failing"
+    return f"paused by the dispatcher: {why}"
+
+
+def endpoint_state(endpoint: EndpointInfo, outbox: Outbox) -> tuple[bool, str | None]:
+    """Whether the endpoint is disabled, and why. A declared endpoint has
+    no events: it is disabled while the dispatcher has its channel paused
+    (a 410, days of failures), until a restart with the file fixed."""
+    if not endpoint.declared:
+        return endpoint.disabled, endpoint.disabled_reason
+    paused = outbox.paused(str(endpoint.id))
+    if paused is None:
+        return False, None
+    return True, (
+        f"{_paused_reason(paused)}; it is declared in the configuration file:"
+        " fix it there and restart entitle to resume"
+    )
+
+
+def endpoint_view(
+    endpoint: EndpointInfo, outbox: Outbox, secret: str | None = None
+) -> EndpointView:
+    """The endpoint as the API and `entitle outbound endpoints` show it;
+    `secret` only on creation and rotation."""
+    disabled, reason = endpoint_state(endpoint, outbox)
+    return EndpointView(
+        id=endpoint.id,
+        url=endpoint.url,
+        events=endpoint.events,
+        description=endpoint.description,
+        include_codes=endpoint.include_codes,
+        ordered=endpoint.ordered,
+        disabled=disabled,
+        disabled_reason=reason,
+        declared_in_config=endpoint.declared,
+        created_at=endpoint.created_at,
+        secret_rotated_at=endpoint.rotated_at,
+        secret=secret,
+        deliveries=outbox.counts(str(endpoint.id)),
+    )
+
+
+def unsendable(endpoint: EndpointInfo | None, outbox: Outbox) -> tuple[str, str] | None:
+    """(error code, why) if nothing queued for `endpoint` would be sent now
+    (deleted or disabled), or None."""
+    if endpoint is None or endpoint.deleted:
+        return "endpoint_deleted", "the endpoint was deleted"
+    disabled, reason = endpoint_state(endpoint, outbox)
+    if not disabled:
+        return None
+    how = "" if endpoint.declared else '; enable it first with PATCH {"disabled": false}'
+    return "endpoint_disabled", f"the endpoint is disabled ({reason}){how}"
+
+
+def unsendable_job(
+    record: JobRecord, outbox: Outbox, endpoint: EndpointInfo | None
+) -> tuple[str, str] | None:
+    """(error code, why) if sending the job again would do nothing now: its
+    endpoint (`endpoint`, for a webhook) deleted or disabled, its channel
+    (mail, Stripe) paused."""
+    if record.job.kind == KIND:
+        return unsendable(endpoint, outbox)
+    paused = outbox.paused(record.job.channel)
+    if paused is None:
+        return None
+    return "channel_paused", (
+        f"{record.job.channel} is {_paused_reason(paused)};"
+        " fix its settings and restart entitle to resume"
+    )
+
+
+def job_endpoint(record: JobRecord) -> uuid.UUID | None:
+    """The id of the endpoint a webhook job goes to."""
+    if record.job.kind != KIND:
+        return None
+    try:
+        return uuid.UUID(record.job.channel)
+    except ValueError:
+        return None
+
+
+def recover(outbox: Outbox, channel: str, since: datetime) -> int:
+    """Send the channel's jobs made since `since` again, now: the failed ones
+    with a fresh schedule, those still retrying at once (keeping their
+    attempts); returns how many."""
+    failed, retrying = outbox.unsuccessful_since(channel, since)
+    done = 0
+    for start in range(0, len(failed), 100):
+        done += outbox.resend(failed[start : start + 100])
+    for start in range(0, len(retrying), 100):
+        done += outbox.due_now(retrying[start : start + 100])
+    return done
 
 
 class OutboundAPI:
@@ -120,31 +213,18 @@ class OutboundAPI:
             raise HTTPError(422, "invalid_url", problem)
 
     def _view(self, endpoint: EndpointInfo, secret: bool = False) -> EndpointView:
-        declared = endpoint.id in self.endpoints.configured
-        return EndpointView(
-            id=endpoint.id,
-            url=endpoint.url,
-            events=endpoint.events,
-            description=endpoint.description,
-            include_codes=endpoint.include_codes,
-            ordered=endpoint.ordered,
-            disabled=endpoint.disabled,
-            disabled_reason=endpoint.disabled_reason,
-            declared_in_config=declared,
-            created_at=endpoint.created_at,
-            secret_rotated_at=endpoint.rotated_at,
-            secret=derive_secret(self.server_secret, endpoint.id, endpoint.generation)
-            if secret and not declared
-            else None,
-            deliveries=self.outbox.counts(str(endpoint.id)),
-        )
+        shown = None
+        if secret and not endpoint.declared:
+            shown = derive_secret(self.server_secret, endpoint.id, endpoint.generation)
+        return endpoint_view(endpoint, self.outbox, shown)
 
-    def _stored(self, endpoint_id: uuid.UUID) -> Endpoint | None:
+    def _stored(self, endpoint_id: uuid.UUID, deleted: bool = False) -> Endpoint | None:
+        """The endpoint made through the API; a deleted one only if asked."""
         try:
             found = self.store.find(endpoint_id, Endpoint)
         except TypeError:
             return None
-        return None if found is None or found.deleted else found
+        return None if found is None or (found.deleted and not deleted) else found
 
     def _declared(self, endpoint_id: uuid.UUID) -> None:
         if endpoint_id in self.endpoints.configured:
@@ -184,11 +264,13 @@ class OutboundAPI:
         items = await anyio.to_thread.run_sync(views)
         return JSONResponse(EndpointList(items=items).model_dump(mode="json"))
 
-    async def _info(self, endpoint_id: uuid.UUID) -> EndpointInfo:
+    async def _info(self, endpoint_id: uuid.UUID, deleted: bool = False) -> EndpointInfo:
+        """The endpoint, or a 404; a deleted one only if asked (its
+        deliveries stay listed)."""
         declared = self.endpoints.configured.get(endpoint_id)
         if declared is not None:
             return declared
-        stored = await anyio.to_thread.run_sync(self._stored, endpoint_id)
+        stored = await anyio.to_thread.run_sync(self._stored, endpoint_id, deleted)
         if stored is None:
             raise HTTPError(404, "not_found", f"no webhook endpoint {endpoint_id}")
         return EndpointInfo.of(stored)
@@ -261,19 +343,29 @@ class OutboundAPI:
         view = await anyio.to_thread.run_sync(self._view, EndpointInfo.of(endpoint), True)
         return JSONResponse(view.model_dump(mode="json"))
 
+    async def _refuse_unsendable(self, info: EndpointInfo) -> None:
+        refusal = await anyio.to_thread.run_sync(unsendable, info, self.outbox)
+        if refusal is not None:
+            raise HTTPError(409, *refusal)
+
     async def test(self, request: Request) -> JSONResponse:
-        """Send a `ping` now (202 with the delivery to follow)."""
+        """Send a `ping` now (202 with the delivery to follow); a 409 for a
+        disabled endpoint, which would send nothing."""
         self.admin.authenticate(request)
         info = await self._info(_endpoint_id(request))
+        await self._refuse_unsendable(info)
         message_id = f"ping_{uuid.uuid4().hex}"
         at = self.clock()
+        # Listed (and sent) after what the webhooks projection has queued so
+        # far: at its position in the log, not before every event.
+        seq = await anyio.to_thread.run_sync(self.outbox.read_model.position, WEBHOOKS)
         job = Job.of(
             str(info.id),
             KIND,
             message_id,
             "ping",
             message_id,
-            0,
+            seq,
             {
                 "type": "ping",
                 "timestamp": at.isoformat(),
@@ -298,11 +390,12 @@ class OutboundAPI:
     # -- deliveries ------------------------------------------------------------
 
     async def deliveries(self, request: Request) -> JSONResponse:
-        """The endpoint's deliveries, oldest first, each with every attempt."""
+        """The endpoint's deliveries, in the order of the events that caused
+        them, each with every attempt; a deleted endpoint's too."""
         self.admin.authenticate(request)
         _no_control_characters(request)
         _only(request, {"status", "cursor", "limit"})
-        info = await self._info(_endpoint_id(request))
+        info = await self._info(_endpoint_id(request), deleted=True)
         return await self._list(request, channel=str(info.id), kind=KIND)
 
     async def _list(self, request: Request, **filters: str) -> JSONResponse:
@@ -316,33 +409,40 @@ class OutboundAPI:
         )
         cursor = None
         if len(records) == limit:
-            last = records[-1].job
-            cursor = base64.urlsafe_b64encode(json.dumps([last.seq, last.id]).encode()).decode()
+            cursor = encode_cursor(records[-1].job.seq, records[-1].job.id)
         body = DeliveryList(items=[delivery_view(r) for r in records], next_cursor=cursor)
         return JSONResponse(body.model_dump(mode="json"))
 
     async def resend(self, request: Request) -> JSONResponse:
+        """Send a delivery (or any job) again; a 409 where that would do
+        nothing now (its endpoint deleted or disabled, its channel paused)."""
         self.admin.authenticate(request)
         _no_control_characters(request)
         job_id = request.path_params["id"]
         record = await anyio.to_thread.run_sync(self.outbox.job, job_id)
         if record is None:
             raise HTTPError(404, "not_found", f"no delivery {job_id!r}")
+        endpoint = None
+        endpoint_id = job_endpoint(record)
+        if endpoint_id is not None:
+            with contextlib.suppress(HTTPError):
+                endpoint = await self._info(endpoint_id, deleted=True)
+        refusal = await anyio.to_thread.run_sync(unsendable_job, record, self.outbox, endpoint)
+        if refusal is not None:
+            raise HTTPError(409, *refusal)
         count = await anyio.to_thread.run_sync(self.outbox.resend, [job_id])
         return JSONResponse(Resent(resent=count).model_dump(), status_code=202)
 
     async def recover(self, request: Request) -> JSONResponse:
-        """Send again every delivery to the endpoint that failed since `since`."""
+        """Send again, now, every delivery to the endpoint made since `since`
+        that failed, or is still being retried after failed attempts."""
         self.admin.authenticate(request)
         info = await self._info(_endpoint_id(request))
         body = await read_json(request, Recover)
-        if body.since.tzinfo is None:
-            raise HTTPError(422, "invalid_body", "since must be a time with an offset")
-
-        def run() -> int:
-            return self.outbox.resend(self.outbox.failed_since(str(info.id), body.since))
-
-        count = await anyio.to_thread.run_sync(run)
+        if body.since > self.clock():
+            raise HTTPError(422, "invalid_body", "since is in the future")
+        await self._refuse_unsendable(info)
+        count = await anyio.to_thread.run_sync(recover, self.outbox, str(info.id), body.since)
         return JSONResponse(Resent(resent=count).model_dump(), status_code=202)
 
     async def outbox_jobs(self, request: Request) -> JSONResponse:
@@ -364,18 +464,9 @@ class OutboundAPI:
 
 
 def _check_events(events: list[str] | None) -> None:
-    known = {*get_args(EventType), "order.created", "ping"}
-    for name in events or []:
-        if name in ("*",) or name in known:
-            continue
-        if name.endswith(".*") and any(k.startswith(name[:-1]) for k in known):
-            continue
-        raise HTTPError(
-            422,
-            "invalid_body",
-            f"events: {name!r} is no message type; types are {', '.join(sorted(known))},"
-            " or a prefix such as entitlement.*",
-        )
+    problem = events_problem(events)
+    if problem is not None:
+        raise HTTPError(422, "invalid_body", problem)
 
 
 def routes(api: OutboundAPI) -> list[Route]:

@@ -121,3 +121,81 @@ def test_an_http_limit_that_is_no_usable_number_is_named(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError, match=variable):
         HttpLimits.from_env()
+
+
+WEBHOOK_SECRET = "whsec_" + "a" * 43 + "="
+
+
+def endpoint_file(endpoint: str, *outbound: str) -> str:
+    settings = "".join(f"  {line}\n" for line in outbound)
+    return f"outbound:\n{settings}  endpoints:\n    crm: {{secret_env: CRM, {endpoint}}}\n"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "message"),
+    [
+        ('url: "ftp://127.0.0.1:19101/ftp"', "absolute, https"),
+        ('url: "http://203.0.113.7:19101/plain"', "loopback"),
+        ('url: "http://127.0.0.1:19101/frag#x"', "fragment"),
+        ('url: "http://user:pw@127.0.0.1:19101/creds"', "credentials"),
+        ('url: "https://hooks.example/x\\r\\nX-Injected: 1"', "control"),
+        ('url: "https://[64:ff9b::7f00:1]/x"', "non-public"),
+        ('url: "https://10.0.0.7/x"', "non-public"),
+        ('url: "https://localhost/x"', "non-public"),
+        ('url: "https://hooks.example/x", events: ["bogus.thing", "entitlement.nope"]', "bogus"),
+        ('url: "https://hooks.example/x", description: "crm\\u0000"', "control"),
+        ('url: "https://hooks.example/x", include_codes: "yes"', "boolean"),
+        ('url: "https://hooks.example/x", include_codes: 1', "boolean"),
+        ('url: "https://hooks.example/x", ordered: "no"', "boolean"),
+    ],
+)
+def test_a_declared_endpoint_is_held_to_the_apis_rules(endpoint: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"outbound.*{message}"):
+        parse_config(endpoint_file(endpoint), {"CRM": WEBHOOK_SECRET})
+
+
+def test_private_addresses_and_http_in_the_file_follow_the_outbound_settings() -> None:
+    env = {"CRM": WEBHOOK_SECRET}
+    private = endpoint_file('url: "https://10.0.0.7/x"', "allow_private_networks: true")
+    assert parse_config(private, env).outbound.endpoints[0].url == "https://10.0.0.7/x"
+    loopback = 'url: "http://127.0.0.1:9/x"'
+    refused = endpoint_file(loopback, "allow_http: false", "allow_private_networks: true")
+    with pytest.raises(ConfigError, match="must be https"):
+        parse_config(refused, env)
+    with pytest.raises(ConfigError, match="boolean"):
+        parse_config(endpoint_file(loopback, 'allow_private_networks: "yes"'), env)
+
+
+def test_http_to_loopback_declared_in_the_file_is_refused_at_start_unless_allowed(
+    tmp_path: Path,
+) -> None:
+    from services.app import Roles, build_app
+    from services.config import Settings
+
+    text = endpoint_file('url: "http://127.0.0.1:9/x"', "allow_private_networks: true")
+    config = parse_config(text, {"CRM": WEBHOOK_SECRET})  # allow_http unset: known at start
+
+    def start(dev: bool) -> object:
+        settings = Settings(
+            kafka_bootstrap=None,
+            database_url=f"sqlite:///{tmp_path}/e.db",
+            kafka_idempotence=False,
+            raw_partitions=1,
+            code_secret="x" * 32,
+            dev=dev,
+        )
+        return build_app(config, settings, Roles(api=True), admin_keys("ops:k"))
+
+    with pytest.raises(ValueError, match="outbound endpoint 'crm': the URL must be https"):
+        start(dev=False)
+    assert start(dev=True) is not None
+
+
+def test_every_flag_in_the_file_is_a_boolean() -> None:
+    for text in (
+        "sources: {s: {provider: stripe, secret: x, allow_unsigned: 1}}",
+        "offerings: [{sku: a, product: p, floating: 'yes'}]",
+        "outbound: {allow_http: 'true'}",
+    ):
+        with pytest.raises(ConfigError, match="boolean"):
+            parse_config(text, {})

@@ -15,7 +15,7 @@ import pytest
 from domain.entitlement import order_id
 from services.app import Roles, build_app
 from services.config import Settings, admin_keys, load_config
-from services.http import Shortcut
+from services.http import Shortcut, encode_cursor
 from tests import stripe_events as se
 from tests.harness import Entitle, eventually
 from tests.test_dev import ADMIN, AUTH
@@ -98,6 +98,9 @@ def test_no_bad_input_to_any_route_is_a_server_error(stack: Entitle, tmp_path: P
         "?since=0001-01-01T00:00:00%2B14:00",
         "?since=9999-12-31T23:59:59-14:00",
         "?limit=9223372036854775808",
+        # Cursors no list gave: a position past 64 bits, a bool, half a surrogate pair.
+        "?cursor=" + encode_cursor(9223372036854775808, "x"),
+        "?cursor=" + encode_cursor(True, "\ud800"),
     ]
     auths: list[dict[str, Any]] = [{}, {"Authorization": b"Bearer \xe9\xff"}]
     failures = []

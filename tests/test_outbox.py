@@ -4,12 +4,15 @@ that answer what each test needs."""
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from uuid import UUID, uuid4
 
 import pytest
 
+from contracts.outbound import EndpointView
 from services.cli import main
 from services.outbound.outbox import (
     RETRY_AFTER_CAP,
@@ -21,6 +24,7 @@ from services.outbound.outbox import (
     Outcome,
     next_delay,
 )
+from services.outbound.webhooks import ENDPOINTS_TABLE, EndpointInfo
 from services.readmodel import ReadModel
 
 
@@ -145,30 +149,104 @@ def test_a_channel_failing_for_the_whole_window_is_paused_and_reported(outbox: O
     assert len(sender.sent) == tried  # paused: nothing more is sent
 
 
+def _endpoint(outbox: Outbox, endpoint_id: str, **more: Any) -> EndpointInfo:
+    """An endpoint in the table the webhooks projection keeps."""
+    info = EndpointInfo(UUID(endpoint_id), "https://x.example/h", [], "crm", False, True, **more)
+    outbox.create([ENDPOINTS_TABLE])
+    with outbox.read_model.transaction() as cur:
+        cur.execute(
+            outbox.read_model.sql("INSERT INTO entitle_webhook_endpoints (id, body) VALUES (?, ?)"),
+            (endpoint_id, info.to_json()),
+        )
+    return info
+
+
 def test_the_cli_lists_resends_and_recovers(
     outbox: Outbox, tmp_path: Path, monkeypatch: Any, capfd: Any
 ) -> None:
     endpoint = "5f0c6a3e-3a41-4b55-9a3c-8f7a9a9d3c11"
+    _endpoint(outbox, endpoint)
     webhooks = [
-        Job.of(endpoint, "webhook", f"m{n}", "t", "k", n, {"n": n}, ordered=False) for n in range(3)
+        Job.of(endpoint, "webhook", f"m{n}", "t", "k", n, {"n": n}, ordered=False) for n in range(4)
     ]
     outbox.commit("p", webhooks, 1)
     records = outbox.jobs(channel=endpoint)
     at = datetime.now(UTC)
     outbox.record(
-        [(r.job, Outcome(ok=False, permanent=True, status_code=400), at, 5.0) for r in records]
+        [(r.job, Outcome(ok=False, permanent=True, status_code=400), at, 5.0) for r in records[:3]]
     )
+    # The fourth is still being retried after a failure.
+    outbox.record([(records[3].job, Outcome(ok=False, status_code=503), at, 5.0)])
     monkeypatch.setenv("ENTITLE_DATABASE_URL", f"sqlite:///{tmp_path}/outbox.db")
     assert main(["outbound", "deliveries", endpoint, "--status", "failed"]) == 0
     lines = capfd.readouterr().out.splitlines()
     assert len(lines) == 3 and '"status_code":400' in lines[0]
     assert main(["outbound", "resend", records[0].job.id]) == 0
-    assert outbox.counts(endpoint) == {"pending": 1, "failed": 2}
+    assert outbox.counts(endpoint) == {"pending": 2, "failed": 2}
     since = (at - timedelta(minutes=1)).isoformat()
     assert main(["outbound", "recover", endpoint, "--since", since]) == 0
     captured = capfd.readouterr()
-    assert "resent 2 of 2" in captured.err
-    assert outbox.counts(endpoint) == {"pending": 3}
+    assert "resent 3 of 3" in captured.err
+    assert outbox.counts(endpoint) == {"pending": 4}
+    assert all(r.next_at and r.next_at <= datetime.now(UTC) for r in outbox.jobs(channel=endpoint))
+    # A time to come is refused.
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    assert main(["outbound", "recover", endpoint, "--since", later]) == 2
+    assert "in the future" in capfd.readouterr().err
+
+
+def test_the_cli_says_so_for_an_endpoint_or_delivery_it_does_not_know(
+    outbox: Outbox, tmp_path: Path, monkeypatch: Any, capfd: Any
+) -> None:
+    monkeypatch.setenv("ENTITLE_DATABASE_URL", f"sqlite:///{tmp_path}/outbox.db")
+    unknown = str(uuid4())
+    for command in (
+        ["deliveries", unknown],
+        ["recover", unknown, "--since", "2026-01-01T00:00:00Z"],
+    ):
+        assert main(["outbound", *command]) == 1
+        captured = capfd.readouterr()
+        assert f"no webhook endpoint {unknown}" in captured.err and captured.out == ""
+    assert main(["outbound", "resend", unknown]) == 1
+    assert "no such delivery" in capfd.readouterr().err
+
+
+def test_the_cli_refuses_to_recover_to_a_disabled_or_deleted_endpoint(
+    outbox: Outbox, tmp_path: Path, monkeypatch: Any, capfd: Any
+) -> None:
+    monkeypatch.setenv("ENTITLE_DATABASE_URL", f"sqlite:///{tmp_path}/outbox.db")
+    disabled = str(uuid4())
+    _endpoint(outbox, disabled, disabled=True, disabled_reason="disabled by ops")
+    deleted = str(uuid4())
+    _endpoint(outbox, deleted, deleted=True)
+    since = "2026-01-01T00:00:00Z"
+    assert main(["outbound", "recover", disabled, "--since", since]) == 1
+    assert "disabled by ops" in capfd.readouterr().err
+    assert main(["outbound", "recover", deleted, "--since", since]) == 1
+    assert "deleted" in capfd.readouterr().err
+    # A deleted endpoint's deliveries are still listed, and not sent again.
+    job = Job.of(deleted, "webhook", "m", "t", "k", 1, {"n": 1})
+    outbox.add([job])
+    assert main(["outbound", "deliveries", deleted]) == 0
+    assert job.id in capfd.readouterr().out
+    assert main(["outbound", "resend", job.id]) == 1
+    assert "the endpoint was deleted" in capfd.readouterr().err
+
+
+def test_the_cli_shows_endpoints_as_the_api_does(
+    outbox: Outbox, tmp_path: Path, monkeypatch: Any, capfd: Any
+) -> None:
+    monkeypatch.setenv("ENTITLE_DATABASE_URL", f"sqlite:///{tmp_path}/outbox.db")
+    endpoint = str(uuid4())
+    _endpoint(outbox, endpoint, created_at=datetime(2026, 11, 30, 10, tzinfo=UTC))
+    _endpoint(outbox, str(uuid4()), deleted=True)
+    assert main(["outbound", "endpoints"]) == 0
+    [line] = capfd.readouterr().out.splitlines()
+    shown = json.loads(line)
+    assert set(shown) == set(EndpointView.model_fields) - {"secret"}
+    view = EndpointView.model_validate(shown)
+    assert str(view.id) == endpoint and view.created_at == datetime(2026, 11, 30, 10, tzinfo=UTC)
+    assert shown["created_at"] == "2026-11-30T10:00:00Z"
 
 
 def test_two_dispatchers_on_one_database_send_each_job_once_and_a_standby_takes_over(

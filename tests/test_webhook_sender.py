@@ -16,14 +16,15 @@ from standardwebhooks import Webhook
 
 from services.codes import CodeBook
 from services.outbound.outbox import Job, Outcome
+from services.outbound.rules import public, url_problem
 from services.outbound.webhooks import (
     EndpointInfo,
+    Resolver,
     WebhookSender,
     _retry_after,
     endpoint_secret,
     message_body,
     sign,
-    url_problem,
 )
 from tests.receiver import receiver
 
@@ -151,11 +152,81 @@ def test_a_private_address_is_refused_when_sending_not_only_when_created() -> No
         ("https://hooks.example.com/x#frag", False, "fragment"),
         ("https://hooks.example.com:99999/x", False, "not valid"),
         ("/relative", False, "absolute"),
+        ("https://hooks.example.com/a?b=c", False, None),
+        ("https://bücher.example/x", False, None),
+        ("https://[2001:4860:4860::8888]/x", False, None),
+        # What a sender would change, or could not send to, is refused.
+        ("http://127.0.0.1:19101/x\r\nX-Injected: 1", True, "control"),
+        ("https://hooks.example.com/a b", False, "whitespace"),
+        ("https://hooks.example.com/x\t", False, "whitespace"),
+        ("https://hooks.example.com/x\x00", False, "control"),
+        ("https://" + "a" * 300 + ".example/x", False, "labels of 1 to 63"),
+        ("https://" + "a." * 130 + "example/x", False, "253 in all"),
+        ("https://a..example/x", False, "labels of 1 to 63"),
+        ("https://ex\u202eample.com/x", False, "formatting"),
+        ("https://ex\u200bample.com/x", False, "formatting"),
+        ("https://" + "ü" * 70 + ".example/x", False, "IDNA"),
+        ("https://hooks.example.com/x#", False, "fragment"),
+        ("https://@hooks.example.com/x", False, "credentials"),
+        ("https://ho$t.example/x", False, "letters, digits"),
+        ("https://%65xample.com/x", False, "percent"),
+        ("https://[fe80::1%25eth0]/x", False, "zone"),
+        ("https://0x7f.1/x", False, "IPv4"),
+        ("https://2130706433/x", False, "IPv4"),
+        ("https://hooks.example.com/" + "x" * 2000, False, "longer than"),
     ],
 )
 def test_url_rules(url: str, allow_http: bool, problem: str | None) -> None:
     found = url_problem(url, allow_http)
     assert (found is None) if problem is None else (problem in (found or ""))
+
+
+@pytest.mark.parametrize(
+    ("address", "is_public"),
+    [
+        ("8.8.8.8", True),
+        ("2001:4860:4860::8888", True),
+        ("127.0.0.1", False),
+        ("10.0.0.1", False),
+        ("::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("::ffff:8.8.8.8", True),
+        # NAT64, 6to4 and Teredo carry an IPv4 address that is the one reached.
+        ("64:ff9b::7f00:1", False),
+        ("64:ff9b::a00:1", False),
+        ("64:ff9b::808:808", True),
+        ("64:ff9b:1::808:808", False),  # NAT64 for local use: wherever the site says
+        ("2002:7f00:1::", False),
+        ("2002:a00:1::1", False),
+        ("2002:808:808::1", True),
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", False),  # Teredo to 127.0.0.1
+        ("2001:0:808:808:8000:63bf:f7f7:f7f7", False),  # Teredo, public both ends
+        ("::7f00:1", False),  # IPv4-compatible (deprecated)
+        ("::ffff:0:7f00:1", False),  # IPv4-translated (SIIT)
+        ("fe80::1%eth0", False),
+    ],
+)
+def test_addresses_that_carry_a_private_ipv4_address_are_not_public(
+    address: str, is_public: bool
+) -> None:
+    assert public(address) is is_public
+
+
+@pytest.mark.parametrize("host", ["[64:ff9b::7f00:1]", "[2002:7f00:1::]", "[::ffff:0:7f00:1]"])
+def test_ipv6_literals_that_reach_loopback_are_refused_at_creation_and_at_send(host: str) -> None:
+    problem = asyncio.run(Resolver(allow_private=False).problem(host))
+    assert problem is not None and "non-public" in problem
+    target = endpoint(f"https://{host}:9/x", secret=SECRET)
+    outcome = send(sender_for(target, private=False), job(target))
+    assert not outcome.ok and "non-public" in (outcome.error or "")
+
+
+def test_a_url_a_sender_would_refuse_is_refused_when_sending_too() -> None:
+    with receiver() as local:
+        target = endpoint(local.url + "/x\r\nX-Injected: 1", secret=SECRET)
+        outcome = send(sender_for(target), job(target))
+        assert not outcome.ok and "control" in (outcome.error or "")
+        assert local.requests == []
 
 
 def test_message_body_for_an_order_maps_codes_per_entitlement() -> None:

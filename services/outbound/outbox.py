@@ -607,6 +607,72 @@ class Outbox:
             )
             return {row[0]: int(row[1]) for row in cur.fetchall()}
 
+    # -- added for the operations API (services/outbound_api.py) -----------
+
+    def paused(self, channel: str) -> tuple[datetime | None, int | None, str | None] | None:
+        """None unless `channel` is paused; else since when it has failed,
+        and the status code and error of its latest attempt."""
+        with self.read_model.transaction(write=False) as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT paused, failing_since FROM entitle_outbox_channels WHERE channel = ?"
+                ),
+                (channel,),
+            )
+            row = cur.fetchone()
+            if row is None or not row[0]:
+                return None
+            cur.execute(
+                self._sql(
+                    "SELECT last_status_code, last_error FROM entitle_outbox_jobs"
+                    " WHERE channel = ? AND attempts > 0 ORDER BY updated_at DESC LIMIT 1"
+                ),
+                (channel,),
+            )
+            last = cur.fetchone()
+        return _time(row[1]), last[0] if last else None, last[1] if last else None
+
+    def give_up(self, cur: Any, channel: str, error: str, at: datetime) -> None:
+        """Make the channel's pending jobs `failed` with `error`, in the
+        caller's transaction (an endpoint deleted)."""
+        cur.execute(
+            self._sql(
+                "UPDATE entitle_outbox_jobs SET status = 'failed', last_error = ?,"
+                " updated_at = ? WHERE channel = ? AND status = 'pending'"
+            ),
+            (error, moment(at), channel),
+        )
+
+    def unsuccessful_since(self, channel: str, since: datetime) -> tuple[list[str], list[str]]:
+        """Ids of the channel's jobs created at or after `since` that failed,
+        and of those still pending after failed attempts."""
+        with self.read_model.transaction(write=False) as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT id, status FROM entitle_outbox_jobs WHERE channel = ?"
+                    " AND created_at >= ? AND (status = 'failed'"
+                    " OR (status = 'pending' AND attempts > 0)) ORDER BY seq, id"
+                ),
+                (channel, moment(since)),
+            )
+            rows = cur.fetchall()
+        return [r[0] for r in rows if r[1] == "failed"], [r[0] for r in rows if r[1] != "failed"]
+
+    def due_now(self, job_ids: Sequence[str], now: datetime | None = None) -> int:
+        """Make these pending jobs due now, keeping their attempts; returns
+        how many there were."""
+        if not job_ids:
+            return 0
+        with self.read_model.transaction() as cur:
+            cur.execute(
+                self._sql(
+                    "UPDATE entitle_outbox_jobs SET next_at = ? WHERE status = 'pending'"
+                    f" AND id IN ({', '.join('?' * len(job_ids))})"
+                ),
+                (moment(now or datetime.now(UTC)), *job_ids),
+            )
+            return int(cur.rowcount)
+
 
 class Lease:
     """At most one dispatcher sends from a database's outbox at a time: two

@@ -6,20 +6,19 @@ https://github.com/standard-webhooks/standard-webhooks/blob/main/spec/standard-w
   secret (two for a day after a rotation), space-separated.
 - Delivery: POST, 15 s timeout, redirects not followed; a 2xx is success,
   410 disables the endpoint, anything else is retried (`outbox`).
-- Where: https only; http only to a loopback host with `allow_http`; a host
-  that resolves to a private, loopback, link-local or otherwise non-public
-  address only with `allow_private_networks`, checked before every attempt
-  (not only at creation), since a name can resolve elsewhere later.
+- Where: the URL rules of `rules` (https only; http only to a loopback
+  host with `allow_http`); a host that resolves to a private, loopback,
+  link-local or otherwise non-public address only with
+  `allow_private_networks`, checked before every attempt (not only at
+  creation), since a name can resolve elsewhere later.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import hashlib
 import hmac
-import ipaddress
 import json
 import socket
 import time
@@ -36,6 +35,7 @@ import anyio
 from domain.endpoint import ROTATION_OVERLAP, Endpoint, subscribed
 from services.codes import CodeBook
 from services.outbound.outbox import Job, Outbox, Outcome
+from services.outbound.rules import public, url_problem
 
 KIND = "webhook"
 TIMEOUT_SECONDS = 15.0
@@ -76,9 +76,9 @@ def sign(secrets: list[str], message_id: str, timestamp: int, body: bytes) -> st
 
 @dataclass(frozen=True)
 class EndpointInfo:
-    """What the sender needs of an endpoint. `secrets`: None means derived
-    (`endpoint_secret`) from the generations; a configured endpoint gives
-    its own."""
+    """What the sender needs of an endpoint. `secret`: None means derived
+    (`endpoint_secret`) from the generations; a declared endpoint gives its
+    own (never written to the database)."""
 
     id: UUID
     url: str
@@ -93,6 +93,8 @@ class EndpointInfo:
     rotated_at: datetime | None = None
     created_at: datetime | None = None
     secret: str | None = None
+    #: Declared in the configuration file (not made through the API).
+    declared: bool = False
 
     @classmethod
     def of(cls, endpoint: Endpoint) -> EndpointInfo:
@@ -136,51 +138,6 @@ class EndpointInfo:
         return [endpoint_secret(server_secret, self.id, g) for g in generations]
 
 
-_LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
-
-
-def _public(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
-
-
-@functools.lru_cache(maxsize=1024)
-def url_problem(url: str, allow_http: bool) -> str | None:
-    """Why `url` cannot be an endpoint's address, or None: only absolute
-    https URLs (http to a loopback host with `allow_http`), no credentials
-    or fragment in them."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        return f"the URL is not valid: {exc}"
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        return "the URL must be absolute, https://host/path"
-    if parts.username or parts.password:
-        return "the URL must not carry credentials"
-    if parts.fragment:
-        return "the URL must not have a #fragment"
-    if port == 0:
-        return "the URL's port must not be 0"
-    if parts.scheme == "http":
-        if not allow_http:
-            return "the URL must be https (outbound.allow_http allows http to loopback)"
-        if not _loopback(parts.hostname):
-            return "http is only allowed to a loopback host; use https"
-    return None
-
-
-def _loopback(host: str) -> bool:
-    if host.lower() in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 class Resolver:
     """Checks where a host resolves, caching each answer `RESOLVE_TTL`."""
 
@@ -201,7 +158,7 @@ class Resolver:
                 host.strip("[]"), None, type=socket.SOCK_STREAM
             )
             addresses = {str(info[4][0]) for info in infos}
-            private = sorted(a for a in addresses if not _public(a))
+            private = sorted(a for a in addresses if not public(a))
             problem = (
                 f"{host} resolves to a non-public address ({', '.join(private)});"
                 " outbound.allow_private_networks allows it"

@@ -3,12 +3,14 @@
 with this projection's position (`services.outbound.outbox`). It also keeps
 the endpoints table the sender and the API read, from the endpoints' own
 events, so an endpoint gets exactly the events recorded after it was, on a
-rebuild as the first time.
+rebuild as the first time; when an endpoint is deleted, what still waited
+for it fails ("the endpoint was deleted").
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 from uuid import UUID, uuid5
 
@@ -16,6 +18,7 @@ import anyio
 
 from contracts.events import CustomerV1
 from contracts.outbound import OrderCreatedV1
+from domain.endpoint import Endpoint
 from domain.entitlement import NAMESPACE, event_type
 from services.outbound.outbox import Job, Outbox
 from services.outbound.webhooks import ENDPOINTS_TABLE, KIND, EndpointInfo
@@ -23,6 +26,8 @@ from services.projections.follower import Change
 from services.projections.public_events import public_event
 
 WEBHOOKS = "webhooks"
+#: The last error of the jobs a deleted endpoint never got.
+ENDPOINT_DELETED = "the endpoint was deleted"
 
 
 def order_created_id(source: str, order_ref: str) -> str:
@@ -47,26 +52,51 @@ class WebhooksProjection:
 
     def position(self) -> int:
         def load() -> int:
+            sql = self.read_model.sql
             with self.read_model.transaction() as cur:
                 cur.execute("SELECT body FROM entitle_webhook_endpoints")
                 stored = [EndpointInfo.from_json(row[0]) for row in cur.fetchall()]
-                # The configuration is the truth about configured endpoints.
+                # The configuration is the truth about declared endpoints:
+                # they are written to the table (for `entitle outbound`),
+                # those no longer declared go, and a restart resumes a
+                # paused one.
+                for endpoint in stored:
+                    if endpoint.declared:
+                        cur.execute(
+                            sql("DELETE FROM entitle_webhook_endpoints WHERE id = ?"),
+                            (str(endpoint.id),),
+                        )
                 for endpoint in self.configured:
+                    self._write(cur, endpoint)
                     self.outbox.pause(cur, str(endpoint.id), False)
-            self.endpoints = {e.id: e for e in stored} | {e.id: e for e in self.configured}
+            self.endpoints = {e.id: e for e in stored if not e.declared} | {
+                e.id: e for e in self.configured
+            }
             return self.read_model.position(self.name)
 
         return load()
 
+    def _write(self, cur: Any, endpoint: EndpointInfo) -> None:
+        cur.execute(
+            self.read_model.sql(
+                "INSERT INTO entitle_webhook_endpoints (id, body) VALUES (?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET body = excluded.body"
+            ),
+            (str(endpoint.id), endpoint.to_json()),
+        )
+
     async def project(self, changes: list[Change], position: int) -> None:
         jobs: list[Job] = []
         changed: dict[UUID, EndpointInfo] = {}
+        deleted: dict[UUID, datetime] = {}
         orders: dict[tuple[str, str], list[Change]] = {}
         for change in changes:
             if change.endpoint is not None:
                 endpoint = EndpointInfo.of(change.endpoint)
                 self.endpoints[endpoint.id] = endpoint
                 changed[endpoint.id] = endpoint
+                if isinstance(change.event, Endpoint.Deleted):
+                    deleted[endpoint.id] = change.event.timestamp
                 continue
             if change.entitlement is None or not change.public:
                 continue
@@ -78,16 +108,13 @@ class WebhooksProjection:
             jobs += self._order_jobs(source, order_ref, created)
 
         def also(cur: Any) -> None:
-            sql = self.read_model.sql
             for endpoint in changed.values():
-                cur.execute(
-                    sql(
-                        "INSERT INTO entitle_webhook_endpoints (id, body) VALUES (?, ?)"
-                        " ON CONFLICT (id) DO UPDATE SET body = excluded.body"
-                    ),
-                    (str(endpoint.id), endpoint.to_json()),
-                )
+                self._write(cur, endpoint)
                 self.outbox.pause(cur, str(endpoint.id), endpoint.disabled or endpoint.deleted)
+            # What waited for a deleted endpoint will never go: it fails
+            # now (after the jobs of this batch are in), on a rebuild too.
+            for endpoint_id, at in deleted.items():
+                self.outbox.give_up(cur, str(endpoint_id), ENDPOINT_DELETED, at)
 
         await anyio.to_thread.run_sync(self.outbox.commit, self.name, jobs, position, also)
         if jobs or changed:
