@@ -151,7 +151,9 @@ def endpoint_file(endpoint: str, *outbound: str) -> str:
 )
 def test_a_declared_endpoint_is_held_to_the_apis_rules(endpoint: str, message: str) -> None:
     with pytest.raises(ConfigError, match=f"outbound.*{message}"):
-        parse_config(endpoint_file(endpoint), {"CRM": WEBHOOK_SECRET})
+        # Unset, allow_private_networks is true in `entitle dev`: say false.
+        strict = endpoint_file(endpoint, "allow_private_networks: false")
+        parse_config(strict, {"CRM": WEBHOOK_SECRET})
 
 
 def test_private_addresses_and_http_in_the_file_follow_the_outbound_settings() -> None:

@@ -645,13 +645,14 @@ class Outbox:
 
     def unsuccessful_since(self, channel: str, since: datetime) -> tuple[list[str], list[str]]:
         """Ids of the channel's jobs created at or after `since` that failed,
-        and of those still pending after failed attempts."""
+        and of those still pending after failed attempts (since their last
+        resend, if any)."""
         with self.read_model.transaction(write=False) as cur:
             cur.execute(
                 self._sql(
                     "SELECT id, status FROM entitle_outbox_jobs WHERE channel = ?"
                     " AND created_at >= ? AND (status = 'failed'"
-                    " OR (status = 'pending' AND attempts > 0)) ORDER BY seq, id"
+                    " OR (status = 'pending' AND attempts > retry_base)) ORDER BY seq, id"
                 ),
                 (channel, moment(since)),
             )
