@@ -117,6 +117,9 @@ class DeliveryView(BaseModel):
     attempts: list[AttemptView]
     next_attempt_at: datetime | None
     created_at: datetime | None
+    last_error: str | None = Field(
+        default=None, description="Why the last attempt failed, or why the job was given up"
+    )
 
 
 class DeliveryList(BaseModel):

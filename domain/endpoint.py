@@ -135,19 +135,6 @@ class Endpoint(Aggregate):
         if not self.deleted:
             self.trigger_event(self.Deleted, timestamp=at, by=by)
 
-    def wants(self, message_type: str) -> bool:
-        """Whether a message of `message_type` goes to this endpoint."""
-        if self.deleted or self.disabled:
-            return False
-        return subscribed(self.events, message_type)
-
-    def generations(self, now: datetime) -> list[int]:
-        """The secret generations that sign a message sent at `now`: the
-        current one, and the previous one for a day after a rotation."""
-        if self.rotated_at is not None and now - self.rotated_at < ROTATION_OVERLAP:
-            return [self.generation, self.generation - 1]
-        return [self.generation]
-
 
 def subscribed(events: list[str], message_type: str) -> bool:
     """Whether a subscription to `events` (empty: all) takes `message_type`."""

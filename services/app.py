@@ -217,7 +217,14 @@ def build_app(
         assert codes is not None and outbox is not None
         if config.email.host is None and config.email.outbox_dir is None:
             raise ValueError("notifications.email needs a host (or an outbox_dir for .eml files)")
-        mailer = Mailer(config.email, codes)
+        assert read_model is not None
+        reader = read_model
+
+        def current_codes(entitlement_id: UUID) -> list[int] | None:
+            view = reader.entitlement(str(entitlement_id))
+            return None if view is None else [c.index for c in view.activation_codes]
+
+        mailer = Mailer(config.email, codes, current_codes=current_codes)
     if roles.projector and outbox is not None:
         # Mail and Stripe are paused after days of nothing but failures; a
         # restart (with the settings fixed) resumes them: they have no admin

@@ -75,6 +75,7 @@ def delivery_view(record: JobRecord) -> DeliveryView:
         ],
         next_attempt_at=record.next_at,
         created_at=record.job.created_at,
+        last_error=record.last_error,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import datetime as dt
 import email
 import ipaddress
@@ -820,3 +821,27 @@ def test_a_subscription_seen_before_its_invoice_is_mailed_when_the_address_arriv
         assert line in body(message, "plain") and line in body(message, "html")
     finally:
         mail.close()
+
+
+def test_a_late_or_resent_mail_shows_the_codes_active_now_under_a_new_message_id(
+    tmp_path: Path,
+) -> None:
+    """Code 0 was revoked and code 1 issued after the job was made: the mail
+    shows code 1 only. A deliberate resend gets its own Message-ID."""
+    asked: list[UUID] = []
+
+    def current(entitlement_id: UUID) -> list[int] | None:
+        asked.append(entitlement_id)
+        return [1]
+
+    mailer = Mailer(EmailSettings(outbox_dir=tmp_path), CODES, current_codes=current)
+    first = job(indexes=(0,))
+    assert send(mailer, first).ok
+    text = next(tmp_path.glob("*.eml")).read_text()
+    assert CODES.code(ENTITLEMENT, 1) in text and CODES.code(ENTITLEMENT, 0) not in text
+    assert asked == [ENTITLEMENT]
+    again = dataclasses.replace(first, retry_base=1)
+    assert mailer.message(first)["Message-ID"] != mailer.message(again)["Message-ID"]
+    # An entitlement the read model does not know yet: the job's own codes.
+    unknown = Mailer(EmailSettings(outbox_dir=tmp_path), CODES, current_codes=lambda _: None)
+    assert CODES.code(ENTITLEMENT, 0) in body(unknown.message(first, None), "plain")

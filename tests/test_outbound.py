@@ -225,28 +225,39 @@ def test_a_ping_410_disables_and_the_history_shows_who(stack: Entitle, local: Re
         ("endpoint.registered", "ops"),
         ("endpoint.disabled", "dispatcher"),
     ]
-    # Nothing more goes to it while disabled; re-enabled, a resend goes.
+    # While disabled nothing is sent, but what happens is kept for it.
     post(stack, paid("sub_gone"))
     time.sleep(1)
     assert len(local.at("/gone")) == 1
     local.status["/gone"] = 200
     patched = httpx.patch(
-        f"{stack.url}/v1/webhook-endpoints/{endpoint['id']}", json={"disabled": False}, headers=AUTH
+        f"{stack.url}/v1/webhook-endpoints/{endpoint['id']}",
+        json={"disabled": False},
+        headers=AUTH,
     )
     assert patched.status_code == 200 and patched.json()["disabled"] is False
-    # What waited while it was disabled goes now.
-    eventually(lambda: local.ok_at("/gone") or None, timeout=10)
-    assert verified(endpoint["secret"], local.ok_at("/gone")[0])["type"] == "ping"
-    [ping] = httpx.get(
+    # Re-enabled, what waited is sent: the ping and the purchase's events.
+    sent = eventually(lambda: len(r := local.ok_at("/gone")) >= 4 and r, timeout=10)
+    assert {verified(endpoint["secret"], r)["type"] for r in sent} == {
+        "ping",
+        "entitlement.created",
+        "entitlement.activated",
+        "order.created",
+    }
+    listed = httpx.get(
         f"{stack.url}/v1/webhook-endpoints/{endpoint['id']}/deliveries", headers=AUTH
     ).json()["items"]
+    [ping] = [d for d in listed if d["type"] == "ping"]
     assert ping["status"] == "succeeded"
     assert [a["status_code"] for a in ping["attempts"]] == [410, 200]
-    # A resend sends it again, with the same webhook-id.
+    # A resend sends it again, with the same webhook-id, and lists the attempt.
     resent = httpx.post(f"{stack.url}/v1/deliveries/{ping['id']}/resend", headers=AUTH)
     assert resent.status_code == 202 and resent.json() == {"resent": 1}
-    two = eventually(lambda: len(r := local.ok_at("/gone")) == 2 and r, timeout=10)
-    assert two[0].headers["webhook-id"] == two[1].headers["webhook-id"]
+    pings = eventually(
+        lambda: len(r := [x for x in local.ok_at("/gone") if x.json["type"] == "ping"]) == 2 and r,
+        timeout=10,
+    )
+    assert pings[0].headers["webhook-id"] == pings[1].headers["webhook-id"]
     unknown = httpx.post(f"{stack.url}/v1/deliveries/nope/resend", headers=AUTH)
     assert unknown.status_code == 404
 

@@ -237,6 +237,9 @@ def test_a_deleted_endpoints_deliveries_stay_listed_and_what_waited_fails(world:
     assert listed.status_code == 200
     statuses = {d["id"]: d["status"] for d in listed.json()["items"]}
     assert statuses == {sent.id: "succeeded", waiting.id: "failed"}
+    # The listing says why.
+    reasons = {d["id"]: d["last_error"] for d in listed.json()["items"]}
+    assert reasons == {sent.id: None, waiting.id: "the endpoint was deleted"}
     [record] = [r for r in world.outbox.jobs(channel=endpoint["id"]) if r.job.id == waiting.id]
     assert record.last_error == "the endpoint was deleted"
     resend = world.client.post(f"/v1/deliveries/{waiting.id}/resend", headers=AUTH)

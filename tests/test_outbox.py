@@ -268,6 +268,11 @@ def test_two_dispatchers_on_one_database_send_each_job_once_and_a_standby_takes_
         running.append(asyncio.create_task(two.run(stop_second)))
         await asyncio.sleep(1.0)
         assert len(first.sent) == 20 and second.sent == []
+        # Holding the lease does not keep another process from starting
+        # (which takes the store's table lock on PostgreSQL).
+        other = await asyncio.wait_for(asyncio.to_thread(ReadModel, database_url), 10)
+        await asyncio.wait_for(asyncio.to_thread(Outbox, other), 10)
+        other.close()
         outbox.commit("p", jobs("a", "k", 5, ordered=False, start=20), 2)
         stop_first.set()
         await running[0]
@@ -301,3 +306,12 @@ def test_a_resent_job_keeps_its_attempts_and_starts_the_schedule_again(outbox: O
     # The wait counts from the attempt's end (15 s after it started).
     assert record.next_at is not None
     assert record.next_at - at >= timedelta(seconds=15 + 4)
+
+
+def test_a_job_is_found_by_id_among_many_at_one_position(outbox: Outbox) -> None:
+    many = [Job.of("a", "test", f"ping-{n}", "ping", f"k{n}", 0, {"n": n}) for n in range(1005)]
+    outbox.add(many)
+    last = max(many, key=lambda j: j.id)
+    found = outbox.job(last.id)
+    assert found is not None and found.job.id == last.id
+    assert outbox.job("nope") is None

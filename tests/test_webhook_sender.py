@@ -136,7 +136,12 @@ def test_a_private_address_is_refused_when_sending_not_only_when_created() -> No
         outcome = send(sender_for(target, private=False), job(target))
         assert not outcome.ok and "non-public" in (outcome.error or "")
         assert local.at("/inside") == []
-        gone = send(sender_for(), job(target))
+        # An endpoint the sender does not know (yet) is retried, not given up;
+        # a deleted one is given up.
+        unknown = send(sender_for(), job(target))
+        assert not unknown.permanent and "not known yet" in (unknown.error or "")
+        deleted = endpoint(local.url + "/inside", secret=SECRET, deleted=True)
+        gone = send(sender_for(deleted), job(deleted))
         assert gone.permanent and "no longer exists" in (gone.error or "")
 
 

@@ -39,11 +39,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import re
 import ssl
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -144,11 +146,16 @@ class Mailer:
         settings: EmailSettings,
         codes: CodeBook,
         tls_context: ssl.SSLContext | None = None,
+        current_codes: Callable[[UUID], list[int] | None] | None = None,
     ) -> None:
         """`tls_context`: whom to trust for starttls/tls (default: the
-        system's roots, with host names checked)."""
+        system's roots, with host names checked). `current_codes`: the
+        entitlement's active code indexes now (the read model), so a mail
+        sent late or again never shows a code revoked meanwhile; None
+        where the entitlement is not known (the job's own are shown)."""
         self.settings = settings
         self._codes = codes
+        self._current_codes = current_codes
         self._tls = tls_context
         # The dispatcher runs many sends at once; mail servers limit connections.
         self._connections = asyncio.Semaphore(settings.max_connections)
@@ -161,17 +168,24 @@ class Mailer:
         return self.settings.outbox_dir if self.settings.host is None else None
 
     async def send(self, job: Job) -> Outcome:
+        indexes = None
+        entitlement_id = job.payload.get("entitlement", {}).get("id")
+        if self._current_codes is not None and isinstance(entitlement_id, str):
+            with contextlib.suppress(ValueError):
+                indexes = await anyio.to_thread.run_sync(
+                    self._current_codes, UUID(entitlement_id)
+                )
         try:
-            message = self.message(job)
+            message = self.message(job, indexes)
         except _Unsendable as exc:
             return Outcome(ok=False, error=str(exc), permanent=True)
         if self.settings.host is None:
             return await self._write(job, message)
         return await self._smtp(message)
 
-    def message(self, job: Job) -> EmailMessage:
-        """The mail `job` stands for, codes included; _Unsendable if its
-        payload or template cannot make one."""
+    def message(self, job: Job, code_indexes: list[int] | None = None) -> EmailMessage:
+        """The mail `job` stands for, codes included (`code_indexes`, else
+        the job's); _Unsendable if its payload or template cannot make one."""
         try:
             data = _Payload.model_validate(job.payload)
         except ValidationError as exc:
@@ -193,7 +207,10 @@ class Mailer:
             reason=entitlement.reason,
             period_end=entitlement.period_end,
             trial=entitlement.trial,
-            codes=[self._codes.code(entitlement.id, i) for i in data.code_indexes],
+            codes=[
+                self._codes.code(entitlement.id, i)
+                for i in (data.code_indexes if code_indexes is None else code_indexes)
+            ],
             portal_url=self.settings.portal_url,
         )
         try:
@@ -205,7 +222,10 @@ class Mailer:
         message["From"] = self.settings.from_address
         message["To"] = data.to
         message["Date"] = format_datetime(datetime.now(UTC))
-        message["Message-ID"] = f"<{job.id}@{self._domain()}>"
+        # The same mail sent twice (a crash before its 250 was saved) has the
+        # same id; a deliberate resend a new one, or receivers may drop it.
+        resent = f".{job.retry_base}" if job.retry_base else ""
+        message["Message-ID"] = f"<{job.id}{resent}@{self._domain()}>"
         # RFC 3834: no out-of-office answers to a machine's mail.
         message["Auto-Submitted"] = "auto-generated"
         message.set_content(rendered.text)

@@ -506,12 +506,14 @@ class Outbox:
         status: str | None = None,
         after: tuple[int, str] | None = None,
         limit: int = 100,
+        job_id: str | None = None,
     ) -> list[JobRecord]:
         """Jobs, oldest first (by log position, then id), after the cursor
         `after` = (seq, id), with their attempts."""
         clauses: list[str] = []
         params: list[Any] = []
-        for column, value in (("channel", channel), ("kind", kind), ("status", status)):
+        filters = (("channel", channel), ("kind", kind), ("status", status), ("id", job_id))
+        for column, value in filters:
             if value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(value)
@@ -559,15 +561,8 @@ class Outbox:
         return records
 
     def job(self, job_id: str) -> JobRecord | None:
-        with self.read_model.transaction(write=False) as cur:
-            cur.execute(
-                self._sql("SELECT seq, channel FROM entitle_outbox_jobs WHERE id = ?"), (job_id,)
-            )
-            row = cur.fetchone()
-        if row is None:
-            return None
-        found = self.jobs(channel=row[1], after=(int(row[0]), ""), limit=1000)
-        return next((r for r in found if r.job.id == job_id), None)
+        found = self.jobs(job_id=job_id, limit=1)
+        return found[0] if found else None
 
     def resend(self, job_ids: Sequence[str], now: datetime | None = None) -> int:
         """Send these jobs again, whatever came of them, with a fresh retry
@@ -682,7 +677,8 @@ class Lease:
     a file beside the database; either is released when its holder dies, and
     a standby takes over at its next try."""
 
-    KEY = 0x656E7469746C65  # "entitle", distinct from the store's CREATE_LOCK
+    # "entout": not the store's CREATE_LOCK, which every process takes to start.
+    KEY = 0x656E746F7574
 
     def __init__(self, read_model: ReadModel) -> None:
         self.read_model = read_model

@@ -127,7 +127,10 @@ class EndpointInfo:
         return cls(**data)
 
     def wants(self, message_type: str) -> bool:
-        return not (self.deleted or self.disabled) and subscribed(self.events, message_type)
+        """Whether a message of this type is queued for the endpoint: also
+        while it is disabled (its channel is paused; the message goes when
+        it is enabled again), never once it is deleted."""
+        return not self.deleted and subscribed(self.events, message_type)
 
     def secrets(self, server_secret: str, now: datetime) -> list[str]:
         if self.secret is not None:
@@ -189,7 +192,11 @@ class Endpoints:
         return {**{e.id: e for e in stored}, **self.configured}
 
     async def get(self, endpoint_id: UUID) -> EndpointInfo | None:
-        if time.monotonic() - self._read > REFRESH_SECONDS:
+        """The endpoint, or None if the table has never had it. One the
+        copy does not know yet (created within the second) is read again
+        at once: its row was written before any job for it."""
+        stale = time.monotonic() - self._read > REFRESH_SECONDS
+        if stale or (endpoint_id not in self._all and time.monotonic() - self._read > 0.05):
             self._all = await anyio.to_thread.run_sync(self.load)
             self._read = time.monotonic()
         return self._all.get(endpoint_id)
@@ -211,7 +218,7 @@ def message_body(job: Job, endpoint: EndpointInfo, codes: CodeBook | None) -> by
     activation codes derived again for an endpoint that takes them."""
     payload = job.payload
     data = dict(payload["data"])
-    if endpoint.include_codes and codes is not None:
+    if endpoint.include_codes and codes is not None and "code_indexes" in payload:
         by_entitlement = {
             key: [codes.code(UUID(key), i) for i in indexes]
             for key, indexes in payload.get("code_indexes", {}).items()
@@ -264,7 +271,11 @@ class WebhookSender:
 
     async def send(self, job: Job) -> Outcome:
         endpoint = await self.endpoints.get(UUID(job.channel))
-        if endpoint is None or endpoint.deleted:
+        if endpoint is None:
+            # Not read yet (the copy is refreshed at most 20 times a second):
+            # try again later rather than give the job up.
+            return Outcome(ok=False, error="the endpoint is not known yet")
+        if endpoint.deleted:
             return Outcome(ok=False, permanent=True, error="the endpoint no longer exists")
         problem = url_problem(endpoint.url, self.allow_http)
         host = urlsplit(endpoint.url).hostname or ""
