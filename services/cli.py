@@ -484,11 +484,13 @@ def cmd_outbound(args: argparse.Namespace) -> int:
                 return refuse(refusal[1])
             failed, retrying = outbox.unsuccessful_since(str(endpoint_id), since)
         total = len(failed) + len(retrying)
-        done = 0
-        for batch, send in ((failed, outbox.resend), (retrying, outbox.due_now)):
-            for start in range(0, len(batch), 100):
-                done += send(batch[start : start + 100])
-                print(f"\rresent {done} of {total}", end="", file=sys.stderr, flush=True)
+        done = outbox.send_again(
+            failed,
+            retrying,
+            lambda done, total: print(
+                f"\rresent {done} of {total}", end="", file=sys.stderr, flush=True
+            ),
+        )
         if total:
             print(file=sys.stderr)
         print(f"{done} deliver{'y' if done == 1 else 'ies'} will be sent again")

@@ -171,13 +171,7 @@ def recover(outbox: Outbox, channel: str, since: datetime) -> int:
     """Send the channel's jobs made since `since` again, now: the failed ones
     with a fresh schedule, those still retrying at once (keeping their
     attempts); returns how many."""
-    failed, retrying = outbox.unsuccessful_since(channel, since)
-    done = 0
-    for start in range(0, len(failed), 100):
-        done += outbox.resend(failed[start : start + 100])
-    for start in range(0, len(retrying), 100):
-        done += outbox.due_now(retrying[start : start + 100])
-    return done
+    return outbox.send_again(*outbox.unsuccessful_since(channel, since))
 
 
 class OutboundAPI:

@@ -172,9 +172,7 @@ class Mailer:
         entitlement_id = job.payload.get("entitlement", {}).get("id")
         if self._current_codes is not None and isinstance(entitlement_id, str):
             with contextlib.suppress(ValueError):
-                indexes = await anyio.to_thread.run_sync(
-                    self._current_codes, UUID(entitlement_id)
-                )
+                indexes = await anyio.to_thread.run_sync(self._current_codes, UUID(entitlement_id))
         try:
             message = self.message(job, indexes)
         except _Unsendable as exc:

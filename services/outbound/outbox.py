@@ -579,18 +579,6 @@ class Outbox:
             )
             return int(cur.rowcount)
 
-    def failed_since(self, channel: str, since: datetime) -> list[str]:
-        """Ids of the channel's failed jobs created at or after `since`."""
-        with self.read_model.transaction(write=False) as cur:
-            cur.execute(
-                self._sql(
-                    "SELECT id FROM entitle_outbox_jobs WHERE channel = ? AND status = 'failed'"
-                    " AND created_at >= ? ORDER BY seq, id"
-                ),
-                (channel, moment(since)),
-            )
-            return [row[0] for row in cur.fetchall()]
-
     def counts(self, channel: str) -> dict[str, int]:
         with self.read_model.transaction(write=False) as cur:
             cur.execute(
@@ -668,6 +656,22 @@ class Outbox:
                 (moment(now or datetime.now(UTC)), *job_ids),
             )
             return int(cur.rowcount)
+
+    def send_again(
+        self,
+        failed: Sequence[str],
+        retrying: Sequence[str] = (),
+        progress: Callable[[int, int], None] = lambda done, total: None,
+    ) -> int:
+        """`resend` the `failed` jobs and make the `retrying` ones due now,
+        100 at a time, calling `progress(done, total)` after each batch;
+        returns how many there were."""
+        total, done = len(failed) + len(retrying), 0
+        for batch, send in ((failed, self.resend), (retrying, self.due_now)):
+            for start in range(0, len(batch), 100):
+                done += send(batch[start : start + 100])
+                progress(done, total)
+        return done
 
 
 class Lease:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from typing import Any
 from urllib.parse import urlsplit
 from uuid import UUID
 
@@ -174,6 +175,12 @@ class Resolver:
         return problem
 
 
+def stored_endpoints(cur: Any) -> list[EndpointInfo]:
+    """Every endpoint in the table the webhooks projection keeps."""
+    cur.execute("SELECT body FROM entitle_webhook_endpoints")
+    return [EndpointInfo.from_json(row[0]) for row in cur.fetchall()]
+
+
 class Endpoints:
     """The endpoints as the webhooks projection last wrote them, plus the
     configured ones, read again at most every `REFRESH_SECONDS`."""
@@ -187,8 +194,7 @@ class Endpoints:
 
     def load(self) -> dict[UUID, EndpointInfo]:
         with self.read_model.transaction(write=False) as cur:
-            cur.execute("SELECT body FROM entitle_webhook_endpoints")
-            stored = [EndpointInfo.from_json(row[0]) for row in cur.fetchall()]
+            stored = stored_endpoints(cur)
         return {**{e.id: e for e in stored}, **self.configured}
 
     async def get(self, endpoint_id: UUID) -> EndpointInfo | None:

@@ -21,7 +21,7 @@ from contracts.outbound import OrderCreatedV1
 from domain.endpoint import Endpoint
 from domain.entitlement import NAMESPACE, event_type
 from services.outbound.outbox import Job, Outbox
-from services.outbound.webhooks import ENDPOINTS_TABLE, KIND, EndpointInfo
+from services.outbound.webhooks import ENDPOINTS_TABLE, KIND, EndpointInfo, stored_endpoints
 from services.projections.follower import Change
 from services.projections.public_events import public_event
 
@@ -51,30 +51,25 @@ class WebhooksProjection:
         self.endpoints: dict[UUID, EndpointInfo] = {}
 
     def position(self) -> int:
-        def load() -> int:
-            sql = self.read_model.sql
-            with self.read_model.transaction() as cur:
-                cur.execute("SELECT body FROM entitle_webhook_endpoints")
-                stored = [EndpointInfo.from_json(row[0]) for row in cur.fetchall()]
-                # The configuration is the truth about declared endpoints:
-                # they are written to the table (for `entitle outbound`),
-                # those no longer declared go, and a restart resumes a
-                # paused one.
-                for endpoint in stored:
-                    if endpoint.declared:
-                        cur.execute(
-                            sql("DELETE FROM entitle_webhook_endpoints WHERE id = ?"),
-                            (str(endpoint.id),),
-                        )
-                for endpoint in self.configured:
-                    self._write(cur, endpoint)
-                    self.outbox.pause(cur, str(endpoint.id), False)
-            self.endpoints = {e.id: e for e in stored if not e.declared} | {
-                e.id: e for e in self.configured
-            }
-            return self.read_model.position(self.name)
-
-        return load()
+        sql = self.read_model.sql
+        with self.read_model.transaction() as cur:
+            stored = stored_endpoints(cur)
+            # The configuration is the truth about declared endpoints: they
+            # are written to the table (for `entitle outbound`), those no
+            # longer declared go, and a restart resumes a paused one.
+            for endpoint in stored:
+                if endpoint.declared:
+                    cur.execute(
+                        sql("DELETE FROM entitle_webhook_endpoints WHERE id = ?"),
+                        (str(endpoint.id),),
+                    )
+            for endpoint in self.configured:
+                self._write(cur, endpoint)
+                self.outbox.pause(cur, str(endpoint.id), False)
+        self.endpoints = {e.id: e for e in stored if not e.declared} | {
+            e.id: e for e in self.configured
+        }
+        return self.read_model.position(self.name)
 
     def _write(self, cur: Any, endpoint: EndpointInfo) -> None:
         cur.execute(
