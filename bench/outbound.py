@@ -15,7 +15,9 @@
    subscriptions are posted at --rate per second for --seconds, and each
    delivered message's latency is its arrival at the receiver minus the
    event's `recorded_at` (the fold's commit). Then again with a second,
-   always-failing endpoint.
+   always-failing endpoint. Each run also prints the CPU time the projector
+   process used while the events were posted and delivered (what the
+   failing endpoint costs it).
 """
 
 from __future__ import annotations
@@ -303,9 +305,15 @@ def role(
     raise RuntimeError(f"entitle {' '.join(args)} did not start; see {workdir}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a running process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def latency_run(
     url: str, rate: float, seconds: float, fail_too: bool, postgres: str
-) -> tuple[float, float, int]:
+) -> tuple[float, float, int, float]:
     """The production shape on PostgreSQL: ingress, domain and API in one
     process, the projector (projections and dispatcher) in another."""
     workdir = Path(tempfile.mkdtemp(prefix="entitle-bench-outbound-"))
@@ -323,7 +331,8 @@ def latency_run(
     try:
         front, base = role(["serve", "ingress", "domain", "api"], workdir, env)
         processes.append(front)
-        processes.append(role(["projector"], workdir, env)[0])
+        projector = role(["projector"], workdir, env)[0]
+        processes.append(projector)
         auth = {"Authorization": "Bearer ek_bench"}
         tag = uuid4().hex[:8]
         path = f"ok-{tag}"
@@ -334,6 +343,7 @@ def latency_run(
             body = {"url": target, "events": events}
             httpx.post(f"{base}/v1/webhook-endpoints", json=body, headers=auth).raise_for_status()
         time.sleep(1)  # the projector has seen the endpoints
+        cpu_before = cpu_seconds(projector.pid)
         sent = asyncio.run(post_at(rate, seconds, base, tag))
         expected = 2 * sent  # created and activated for each
         deadline = time.monotonic() + 60
@@ -343,12 +353,13 @@ def latency_run(
             if len(seen) >= expected:
                 break
             time.sleep(0.2)
+        cpu = cpu_seconds(projector.pid) - cpu_before
         latencies = [
             (arrived - datetime.fromisoformat(recorded).timestamp()) * 1000
             for arrived, recorded in seen
             if recorded
         ]
-        return percentile(latencies, 50), percentile(latencies, 99), len(seen)
+        return percentile(latencies, 50), percentile(latencies, 99), len(seen), cpu
     finally:
         for process in processes:
             process.send_signal(signal.SIGINT)
@@ -366,11 +377,11 @@ def phase_latency(rate: float, seconds: float, postgres: str) -> None:
     )
     with receiver() as url:
         for fail_too in (False, True, False, True):
-            p50, p99, count = latency_run(url, rate, seconds, fail_too, postgres)
+            p50, p99, count, cpu = latency_run(url, rate, seconds, fail_too, postgres)
             what = "beside an always-failing endpoint" if fail_too else "one endpoint alone"
             print(
                 f"   {what:33}: {count} delivered, committed -> delivered"
-                f" p50 {p50:5.0f} ms, p99 {p99:5.0f} ms"
+                f" p50 {p50:5.0f} ms, p99 {p99:5.0f} ms; projector CPU {cpu:4.1f} s"
             )
 
 

@@ -763,9 +763,15 @@ class Dispatcher:
         self.lease = lease
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
+        # Set (and replaced) by every wake: an idle channel worker takes the
+        # current one before looking for jobs, so jobs added meanwhile wake
+        # it at once (polling every 0.1 s cost 50 ms of latency on average).
+        self._added = asyncio.Event()
 
     def wake(self) -> None:
         self._wake.set()
+        self._added.set()
+        self._added = asyncio.Event()
 
     async def run(self, stop: asyncio.Event, working: Callable[[], None] = lambda: None) -> None:
         """Until `stop`: start a worker for each channel with due jobs, while
@@ -845,6 +851,7 @@ class Dispatcher:
                     continue
                 limit = 1 if breaking else self.concurrency
                 free = limit - len(flying)
+                added = self._added
                 if free > 0 and (free >= min(8, limit) or len(flying) == len(saving_ids)):
                     jobs = await anyio.to_thread.run_sync(
                         self.outbox.due, channel, datetime.now(UTC), free, list(flying)
@@ -855,7 +862,8 @@ class Dispatcher:
                     idle += 1
                     if idle > 3:
                         return
-                    await sleep_unless(stop, 0.1)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(added.wait(), 0.1)
                     continue
                 idle = 0
                 waits: list[asyncio.Future[Any]] = [t for t in flying.values() if not t.done()]
