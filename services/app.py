@@ -56,7 +56,7 @@ from services.outbound.webhooks import KIND as WEBHOOK_KIND
 from services.outbound.webhooks import EndpointInfo, Endpoints, WebhookSender
 from services.outbound_api import OutboundAPI
 from services.outbound_api import routes as outbound_routes
-from services.projections import LogBell, Needs, follow, listen, projections
+from services.projections import Follower, LogBell, Needs, follow, listen, projections
 from services.projections.stripe_codes import write_back_sources
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
@@ -392,8 +392,11 @@ def build_app(
                 dispatcher.wake,
                 head=lambda: recorder.max_notification_id() or 0,
             )
+            follower = Follower(store)  # one for all: each batch decoded once
             for projection in projections(needs):
-                loop = functools.partial(follow, store, projection, stop, bell=bell)
+                loop = functools.partial(
+                    follow, store, projection, stop, bell=bell, follower=follower
+                )
                 keep(f"projection:{projection.name}", loop)
             keep("dispatcher", functools.partial(dispatcher.run, stop))
         if raw_log is not None:

@@ -403,3 +403,33 @@ def test_every_text_a_body_stores_is_free_of_control_characters(
     found = getattr(contracts.api, model, None) or getattr(contracts.licensing, model)
     with pytest.raises(ValueError, match="control characters"):
         found.model_validate_json(json.dumps(body))
+
+
+# -- the follower the projections share ------------------------------------------
+
+
+def test_a_batch_read_for_one_projection_is_handed_to_the_next_as_it_was(world: World) -> None:
+    """The projections of a process share one follower: a batch one read is
+    given to the next without reading the log again, and shows each
+    endpoint as it was at that event, even after the follower has read the
+    endpoint's later change."""
+    created = world.create()
+    path = f"{BASE}/{created['id']}"
+    patched = world.client.patch(path, json={"url": "http://127.0.0.1:9/y"}, headers=AUTH)
+    assert patched.status_code == 200, patched.text
+    shared = Follower(world.store)
+    batches: list[tuple[int, list[Any]]] = []
+    position: int | None = 0
+    while position is not None:  # the first projection, one event at a time
+        changes, last = shared.read(position, 1)
+        if last is not None:
+            batches.append((position, changes))
+        position = last
+    urls = [c.endpoint.url for _, changes in batches for c in changes if c.endpoint is not None]
+    assert urls == ["http://127.0.0.1:9/x", "http://127.0.0.1:9/y"]
+    for after, changes in batches:  # the second projection, behind it
+        again, _ = shared.read(after, 1)
+        assert again is changes
+    # What a follower of its own reads is the same.
+    alone, _ = Follower(world.store).read(0, 1000)
+    assert [c.endpoint.url for c in alone if c.endpoint is not None] == urls

@@ -13,7 +13,9 @@ they poll.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,14 +109,48 @@ class Change:
 
 class Follower:
     """Reads the notification log and folds each event onto its aggregate,
-    keeping recent aggregates in memory so a long log is read once."""
+    keeping recent aggregates in memory so a long log is read once.
 
-    def __init__(self, store: EntitlementStore, cache_size: int = 10_000) -> None:
+    One follower serves all of a process's projections (from worker
+    threads, hence the lock): they read the same log, mostly from the same
+    position, so a batch one of them read is handed to the others as it
+    is. Each decoded every batch itself before, which was a third of the
+    projector's CPU with three projections. A batch's changes are never
+    changed afterwards (an aggregate they hold is a copy)."""
+
+    def __init__(
+        self, store: EntitlementStore, cache_size: int = 10_000, batches: int = 16
+    ) -> None:
         self.store = store
         self._cache: OrderedDict[UUID, Any] = OrderedDict()
         self._cache_size = cache_size
+        self._lock = threading.Lock()
+        #: The last batches read, by the position they were read after.
+        self._batches: OrderedDict[int, tuple[int, list[Change], int]] = OrderedDict()
+        self._keep = batches
 
     def read(self, after: int, limit: int) -> tuple[list[Change], int | None]:
+        """The changes after position `after` (at most `limit` events of
+        the log) and the position of the last event read, or ([], None)
+        when there is none yet."""
+        changes, last, _ = self.read_kept(after, limit)
+        return changes, last
+
+    def read_kept(self, after: int, limit: int) -> tuple[list[Change], int | None, bool]:
+        """`read`, and whether the batch was one read earlier (the log may
+        have grown since: its reader should not take it as caught up)."""
+        with self._lock:
+            kept = self._batches.get(after)
+            if kept is not None and kept[0] <= limit:
+                return kept[1], kept[2], True
+            changes, last = self._read(after, limit)
+            if last is not None:
+                self._batches[after] = (limit, changes, last)
+                if len(self._batches) > self._keep:
+                    self._batches.popitem(last=False)
+            return changes, last, False
+
+    def _read(self, after: int, limit: int) -> tuple[list[Change], int | None]:
         notifications = self.store.process_recorder.select_notifications(
             start=after + 1, limit=limit
         )
@@ -156,11 +192,11 @@ class Follower:
             )
             return Change(event, None, notification.id, delivered=(delivered,))
         if notification.topic.startswith(_DEAD_LETTER_TOPIC):
-            letter = event.mutate(self._state_before(event))
+            letter = event.mutate(copy.deepcopy(self._state_before(event)))
             self._remember(letter)
             return Change(event, None, notification.id, dead_letter=letter)
         if notification.topic.startswith(_ENDPOINT_TOPIC):
-            endpoint = event.mutate(self._state_before(event))
+            endpoint = event.mutate(copy.deepcopy(self._state_before(event)))
             self._remember(endpoint)
             return Change(event, None, notification.id, endpoint=endpoint)
         if notification.topic == _RECEIPTS_TOPIC:
@@ -279,28 +315,32 @@ async def follow(
     poll_interval: float = 0.1,
     batch_size: int = 500,
     bell: LogBell | None = None,
+    follower: Follower | None = None,
 ) -> None:
     """Keep `projection` up to date with the log until `stop` is set: when
     caught up, until `bell` rings (or a second passes) if there is one, else
     for `poll_interval`. Calls `working()` after each step that worked.
+    `follower` is the one the process's projections share (else its own).
 
     An event the projection cannot project is recorded as a projection
     error and skipped; an unavailable database or broker raises, and the
     caller (`supervise`) starts again from the projection's saved position."""
-    follower = Follower(store)
+    follower = follower or Follower(store)
     position = await anyio.to_thread.run_sync(projection.position)
     # With a bell, the timeout only covers a listener that is reconnecting.
     timeout = 1.0 if bell is not None else poll_interval
     while not stop.is_set():
         rung = bell.armed() if bell is not None else None
-        changes, last = await anyio.to_thread.run_sync(follower.read, position, batch_size)
+        changes, last, kept = await anyio.to_thread.run_sync(
+            follower.read_kept, position, batch_size
+        )
         working()
         if last is None:
             await _idle(stop, rung, timeout)
             continue
         await project_batch(projection, changes, last)
         working()
-        caught_up = last - position < batch_size
+        caught_up = last - position < batch_size and not kept
         position = last
         if caught_up:
             # Without a bell, let changes gather: fewer, larger transactions.
