@@ -12,6 +12,10 @@ from typing import Any
 
 import stripe
 
+from services.providers import Credentials
+from tests.conformance import NotSupported, catalog
+from tests.lifecycle_world import ts
+
 SECRET = "whsec_test_secret"
 _ids = itertools.count(1)
 
@@ -327,3 +331,155 @@ def prorated(line: dict[str, Any]) -> dict[str, Any]:
         details = {**line["parent"]["subscription_item_details"], "proration": True}
         return {**line, "parent": {**line["parent"], "subscription_item_details": details}}
     return {**line, "proration": True}
+
+
+# -- the conformance suite's fixture set (tests/conformance.py) ---------------------
+
+
+class StripeFixtures:
+    """Stripe's shapes for the conformance suite: the `2025-03-31.basil`
+    objects of https://docs.stripe.com/api/invoices/object,
+    /api/subscriptions/object, /api/charges/object and /api/disputes/object
+    (as in stripe-python's test fixtures), signed by the `stripe` package."""
+
+    provider = "stripe"
+
+    def __init__(self) -> None:
+        self.price = {"basic": "price_basic", "pro": "price_pro"}
+        self.catalog = catalog("stripe", {sku: (p,) for sku, p in self.price.items()})
+
+    def _t(self, offset: int) -> int:
+        return ts(offset)
+
+    def credentials(self, secret: str) -> Credentials:
+        return Credentials(secret)
+
+    def sign(self, body: bytes, secret: str, at: float) -> dict[str, str]:
+        return {k.lower(): v for k, v in signed_headers(body, secret, int(at)).items()}
+
+    def signature_age_limit(self) -> float:
+        return 300  # stripe.Webhook.DEFAULT_TOLERANCE
+
+    def rotated(self, body: bytes, old: str, new: str, at: float) -> dict[str, str]:
+        # While a secret rolls, Stripe signs with both: one v1 per secret.
+        headers = self.sign(body, old, at)
+        newer = self.sign(body, new, at)["stripe-signature"].split(",v1=")[1]
+        return {**headers, "stripe-signature": f"{headers['stripe-signature']},v1={newer}"}
+
+    def _items(self, sku: str) -> list[dict[str, Any]]:
+        return [{"price": self.price[sku]}]
+
+    def subscribed(self, sub: str, sku: str, start: int, end: int, at: int) -> list[Any]:
+        return [
+            subscription_event(
+                "customer.subscription.created",
+                subscription=sub,
+                items=self._items(sku),
+                start=self._t(start),
+                end=self._t(end),
+                created=self._t(at),
+            )
+        ]
+
+    def _invoice(
+        self, kind: str, sub: str, invoice: str, sku: str, start: int, end: int, at: int
+    ) -> list[Any]:
+        event = invoice_paid(
+            subscription=sub,
+            lines=[{"price": self.price[sku], "start": self._t(start), "end": self._t(end)}],
+            invoice_id=invoice,
+            created=self._t(at),
+            kind=kind,
+            payment_intent=f"pi_{invoice}",
+        )
+        return [event, *event.pop("_then", [])]
+
+    def paid(
+        self, sub: str, invoice: str, sku: str, start: int, end: int, at: int, amount: int = 9900
+    ) -> list[Any]:
+        return self._invoice("invoice.paid", sub, invoice, sku, start, end, at)
+
+    def payment_failed(
+        self, sub: str, invoice: str, sku: str, start: int, end: int, at: int
+    ) -> list[Any]:
+        return self._invoice("invoice.payment_failed", sub, invoice, sku, start, end, at)
+
+    def _snapshot(
+        self, kind: str, sub: str, sku: str, start: int, end: int, at: int, **fields: Any
+    ) -> list[Any]:
+        return [
+            subscription_event(
+                kind,
+                subscription=sub,
+                items=self._items(sku),
+                start=self._t(start),
+                end=self._t(end),
+                created=self._t(at),
+                **fields,
+            )
+        ]
+
+    def cancel_at_period_end(self, sub: str, sku: str, start: int, end: int, at: int) -> list[Any]:
+        return self._snapshot(
+            "customer.subscription.updated", sub, sku, start, end, at, cancel_at_period_end=True
+        )
+
+    def canceled(self, sub: str, sku: str, start: int, end: int, at: int) -> list[Any]:
+        event = subscription_deleted(subscription=sub, items=self._items(sku), created=self._t(at))
+        return [event]
+
+    def paused(self, sub: str, sku: str, start: int, end: int, at: int) -> list[Any]:
+        # https://docs.stripe.com/billing/subscriptions/pause (a trial that
+        # ended without a payment method): status `paused`.
+        return self._snapshot(
+            "customer.subscription.paused", sub, sku, start, end, at, status="paused"
+        )
+
+    def resumed(self, sub: str, sku: str, start: int, end: int, at: int) -> list[Any]:
+        return self._snapshot("customer.subscription.resumed", sub, sku, start, end, at)
+
+    def refunded(self, sub: str, invoice: str, amount: int, refunded: int, at: int) -> list[Any]:
+        return [
+            charge_refunded(
+                payment_intent=f"pi_{invoice}",
+                amount=amount,
+                refunded=refunded,
+                created=self._t(at),
+                shape=BASIL,
+            )
+        ]
+
+    def disputed(self, sub: str, invoice: str, dispute_id: str, state: str, at: int) -> list[Any]:
+        kind = "charge.dispute.created" if state == "open" else "charge.dispute.closed"
+        status = {"open": "needs_response", "won": "won", "lost": "lost"}[state]
+        return [
+            dispute(
+                kind,
+                dispute_id=dispute_id,
+                payment_intent=f"pi_{invoice}",
+                status=status,
+                created=self._t(at),
+            )
+        ]
+
+    def sold(self, order: str, sku: str, at: int, amount: int = 4900) -> list[Any]:
+        # An invoice without a subscription: https://docs.stripe.com/invoicing/one-off
+        event = invoice_paid(
+            subscription="",
+            lines=[{"price": self.price[sku], "start": self._t(at), "end": self._t(at)}],
+            invoice_id=order,
+            created=self._t(at),
+            payment_intent=f"pi_{order}",
+        )
+        return [one_off(event), *event.pop("_then", [])]
+
+    def without_zone(self, payload: dict[str, Any]) -> dict[str, Any]:
+        raise NotSupported("Stripe's times are unix seconds: none lacks a zone")
+
+    def with_price(self, payload: dict[str, Any], price: str) -> dict[str, Any]:
+        for line in payload["data"]["object"]["lines"]["data"]:
+            line["pricing"]["price_details"]["price"] = price
+        return payload
+
+
+FIXTURES = StripeFixtures()
