@@ -24,7 +24,7 @@ from domain.entitlement import (
     order_id,
     payment_id,
 )
-from domain.lifecycle import Fact, Line, Policy, Terms
+from domain.lifecycle import Fact, Line, Policy, Terms, terminal
 
 A = TypeVar("A", Entitlement, Order, Payment)
 
@@ -177,9 +177,14 @@ def _apply_order_event(
     if order.parked and not entitlements and command.lines:
         # The order's first item takes the facts that waited for one.
         delivered += [c for c in map(Cause.of_fact, order.parked) if c is not None]
+    ending = terminal(command.fact)
     for line in command.lines:
-        if line.slot in order.entitlements or line.quantity == 0:
-            continue  # known, or an emptied item, which grants nothing
+        if line.slot in order.entitlements or line.quantity == 0 or ending:
+            # Known; or an emptied item, or one first named as it ends (a
+            # cancellation of an item never seen), which grant nothing: the
+            # fact stays on the order, and a payment for the item later
+            # creates it already canceled.
+            continue
         # A new item learns what its order already knows (a cancellation, a
         # failed payment), so its state does not depend on when it appeared.
         inherited = list(order.parked)

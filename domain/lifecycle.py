@@ -157,6 +157,16 @@ def ended(reason: str, lines: Iterable[Line] = ()) -> Fact:
     return {"kind": "ended", "reason": reason, "lines": _lines(lines)}
 
 
+def terminal(fact: Mapping[str, Any]) -> bool:
+    """Whether `fact` says its items are over (an ended order, a canceled
+    or expired subscription): an item first named by such a fact has
+    nothing to grant, so no entitlement is made for it from this fact."""
+    kind = fact.get("kind")
+    return kind == "ended" or (
+        kind == "subscription" and fact.get("status") in ("canceled", "expired")
+    )
+
+
 def refund(
     full: bool | None,
     invoice: str | None = None,
@@ -359,13 +369,23 @@ class Facts:
     def terms(self, slot: str, current: Terms, catalog: Catalog) -> Terms:
         """The offering and quantity the provider last stated for `slot`.
 
-        The newest subscription snapshot wins (it is the provider's view of
-        the plan); without one, the newest invoice line does.
+        The newer (by provider time) of the newest subscription snapshot and
+        the newest paid invoice line for it wins: a snapshot is the
+        provider's view of the plan, and an invoice paid after it for a
+        different quantity is what the buyer now pays for. Without either,
+        the newest line of any other fact does.
         """
         line: Mapping[str, Any] | None = None
         snapshot = self.latest_snapshot
+        paid: Fact | None = None
+        for fact in self.paid.values():
+            if slot in fact["lines"] and (paid is None or _order_key(fact) > _order_key(paid)):
+                paid = fact
         if snapshot is not None and slot in snapshot["lines"]:
-            line = snapshot["lines"][slot]
+            newer_paid = paid is not None and _order_key(paid) > _order_key(snapshot)
+            line = (paid if newer_paid and paid is not None else snapshot)["lines"][slot]
+        elif paid is not None:
+            line = paid["lines"][slot]
         elif self.latest_lines is not None and slot in self.latest_lines["lines"]:
             line = self.latest_lines["lines"][slot]
         else:

@@ -140,3 +140,7 @@ class FixtureSet(Protocol):
     def with_price(self, payload: Payload, price: str) -> Payload:
         """`payload` (from `paid`) buying `price` instead."""
         ...
+
+    def with_quantity(self, payload: Payload, quantity: int) -> Payload:
+        """`payload` (from `subscribed` or `paid`) for `quantity` of its item."""
+        ...

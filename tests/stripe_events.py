@@ -476,6 +476,12 @@ class StripeFixtures:
     def without_zone(self, payload: dict[str, Any]) -> dict[str, Any]:
         raise NotSupported("Stripe's times are unix seconds: none lacks a zone")
 
+    def with_quantity(self, payload: dict[str, Any], quantity: int) -> dict[str, Any]:
+        obj = payload["data"]["object"]
+        for item in obj.get("lines", obj.get("items", {})).get("data", []):
+            item["quantity"] = quantity
+        return payload
+
     def with_price(self, payload: dict[str, Any], price: str) -> dict[str, Any]:
         for line in payload["data"]["object"]["lines"]["data"]:
             line["pricing"]["price_details"]["price"] = price

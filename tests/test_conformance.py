@@ -190,6 +190,35 @@ def test_a_one_off_sale_grants_a_license(fx: FixtureSet) -> None:
     assert (item.sku, item.seats) == ("pro", 5)
 
 
+# -- what an event may and may not make -----------------------------------------------
+
+
+def test_a_cancellation_of_an_item_never_seen_makes_no_entitlement(fx: FixtureSet) -> None:
+    """It is kept on the order: the payment that arrives after it (sent
+    before it) makes the entitlement already canceled."""
+    w = world(fx)
+    deliver(w, fx.canceled("sub_c", "basic", 0, MONTH, 2 * DAY), at=2 * DAY)
+    assert w.entitlements() == []
+    deliver(w, fx.paid("sub_c", "inv_c", "basic", 0, MONTH, 20), at=2 * DAY + 60)
+    assert status(w.only()) is Status.CANCELED
+
+
+def test_a_paid_invoice_sets_the_seats_an_older_snapshot_stated_otherwise(
+    fx: FixtureSet,
+) -> None:
+    w = world(fx)
+    deliver(w, [fx.with_quantity(p, 2) for p in fx.subscribed("sub_q", "pro", 0, MONTH, 10)])
+    at = 20
+    deliver(w, [fx.with_quantity(p, 3) for p in fx.paid("sub_q", "inv_q", "pro", 0, MONTH, at)])
+    assert (w.only().quantity, w.only().seats) == (3, 15)
+    # The renewal for 4, then the older snapshot (for 2) delivered late.
+    at = MONTH + 20
+    renewal = fx.paid("sub_q", "inv_q2", "pro", MONTH, 2 * MONTH, at)
+    deliver(w, [fx.with_quantity(p, 4) for p in renewal], at=at)
+    deliver(w, [fx.with_quantity(p, 2) for p in fx.subscribed("sub_q", "pro", 0, MONTH, 10)])
+    assert (w.only().quantity, w.only().seats) == (4, 20)
+
+
 # -- order, duplicates, bad input ------------------------------------------------------
 
 
