@@ -194,12 +194,18 @@ def folded(database_url: str) -> int:
     return sum(int(row[0]) + 1 for row in rows if row[0] is not None)
 
 
-def start(role: str, workdir: Path, env: dict[str, str], nice: int = 0) -> subprocess.Popen[bytes]:
+def start(
+    role: str | list[str], workdir: Path, env: dict[str, str], nice: int = 0
+) -> subprocess.Popen[bytes]:
+    """`entitle <role>` (or `entitle serve <roles…>` given a list) on a free
+    port, once its /healthz answers; the port is `process.port`."""
     port = free_port()
+    args = [role] if isinstance(role, str) else role
+    name = args[-1]
     process = subprocess.Popen(
         [
             ENTITLE,
-            role,
+            *args,
             "--config",
             str(workdir / "entitle.yaml"),
             "--port",
@@ -211,7 +217,7 @@ def start(role: str, workdir: Path, env: dict[str, str], nice: int = 0) -> subpr
         cwd=workdir,
         stdout=subprocess.DEVNULL,
         # Appended to: a role started again (bench/soak.py) keeps its earlier log.
-        stderr=open(workdir / f"{role}.log", "ab"),  # noqa: SIM115
+        stderr=open(workdir / f"{name}.log", "ab"),  # noqa: SIM115
         preexec_fn=(lambda: os.nice(nice) and None) if nice else None,
     )
     process.port = port  # type: ignore[attr-defined]
@@ -221,7 +227,7 @@ def start(role: str, workdir: Path, env: dict[str, str], nice: int = 0) -> subpr
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
                 return process
         time.sleep(0.1)
-    raise RuntimeError(f"entitle {role} did not start; see {workdir / f'{role}.log'}")
+    raise RuntimeError(f"entitle {' '.join(args)} did not start; see {workdir / f'{name}.log'}")
 
 
 def resident_mb(pid: int) -> float:

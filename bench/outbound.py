@@ -43,7 +43,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from lifecycle import fresh_database  # noqa: E402
+from lifecycle import fresh_database, start  # noqa: E402
 
 from services.kafka import EmbeddedBroker, free_port  # noqa: E402
 from services.outbound.outbox import Dispatcher, Job, Outbox  # noqa: E402
@@ -276,35 +276,6 @@ async def post_at(rate: float, seconds: float, base: str, tag: str) -> int:
     return total
 
 
-def role(
-    args: list[str], workdir: Path, env: dict[str, str]
-) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            ENTITLE,
-            *args,
-            "--config",
-            str(workdir / "entitle.yaml"),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env={**os.environ, **env},
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=open(workdir / f"{args[-1]}.log", "ab"),  # noqa: SIM115
-    )
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return process, base
-        time.sleep(0.1)
-    raise RuntimeError(f"entitle {' '.join(args)} did not start; see {workdir}")
-
-
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a running process (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -329,9 +300,10 @@ def latency_run(
     }
     processes = []
     try:
-        front, base = role(["serve", "ingress", "domain", "api"], workdir, env)
+        front = start(["serve", "ingress", "domain", "api"], workdir, env)
+        base = f"http://127.0.0.1:{front.port}"  # type: ignore[attr-defined]
         processes.append(front)
-        projector = role(["projector"], workdir, env)[0]
+        projector = start("projector", workdir, env)
         processes.append(projector)
         auth = {"Authorization": "Bearer ek_bench"}
         tag = uuid4().hex[:8]
