@@ -1,4 +1,6 @@
-"""Paddle Billing: `Paddle-Signature: ts=…;h1=…` and subscription/transaction events.
+"""Paddle Billing: `Paddle-Signature: ts=…;h1=…` and subscription,
+transaction and adjustment events (the mapping table is in the README's
+"Paddle Billing" section).
 
 The signature is hex HMAC-SHA256 of "{ts}:{raw body}" with the notification
 destination's secret key; several h1 values appear while a key rotates. The
@@ -193,8 +195,10 @@ def _subscription(
 ) -> list[Command]:
     """A subscription snapshot (https://developer.paddle.com/api-reference/subscriptions/overview).
     Its `scheduled_change` is read, not guessed: action `cancel` ends
-    access at `effective_at`, action `pause` suspends it then; `resume`
-    changes nothing until Paddle resumes it (`subscription.resumed`)."""
+    access at `effective_at`, action `pause` suspends it then (Paddle keeps
+    the subscription `active` until that date:
+    https://developer.paddle.com/build/subscriptions/pause-subscriptions);
+    `resume` changes nothing until Paddle resumes it (`subscription.resumed`)."""
     unmapped: list[str] = []
     subscription_id = ref(data.get("id"), "Paddle subscription id")
     status = STATUSES.get(str(data.get("status")))
