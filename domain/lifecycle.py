@@ -107,6 +107,7 @@ def subscription(
     trial_end: datetime | None = None,
     cancel_at: datetime | None = None,
     vouches: bool = True,
+    pause_at: datetime | None = None,
     state: Mapping[str, Any] | None = None,
     previous: Mapping[str, Any] | None = None,
 ) -> Fact:
@@ -121,7 +122,11 @@ def subscription(
 
     `state` and `previous`: fields of the provider's object as they are now
     and as they were before this change (Stripe's `data.previous_attributes`),
-    which order two snapshots made in the same second (`_snapshot_later`)."""
+    which order two snapshots made in the same second (`_snapshot_later`).
+
+    `pause_at`: the provider has scheduled a pause that withholds access
+    from then (Paddle's `scheduled_change` with action `pause`), so access
+    stops on time even if the pause's own webhook comes late."""
     fact: Fact = {
         "kind": "subscription",
         "status": status,
@@ -132,6 +137,9 @@ def subscription(
         "cancel_at": cancel_at,
         "vouches": vouches,
     }
+    if pause_at is not None:
+        # Left out when unset, so snapshots without one stay as they were.
+        fact["pause_at"] = pause_at
     if state:
         # What is unset is left out (read back as None): snapshots are many.
         fact["state"] = {k: v for k, v in state.items() if v is not None}
@@ -516,6 +524,13 @@ class Facts:
             and now >= snapshot["cancel_at"]
         ):
             found.append((Status.CANCELED, "canceled_at_period_end", snapshot["key"]))
+        if (
+            snapshot is not None
+            and snapshot["key"] not in waived
+            and snapshot.get("pause_at") is not None
+            and now >= snapshot["pause_at"]
+        ):
+            found.append((Status.SUSPENDED, "paused", snapshot["key"]))
         if hold == "suspend":
             found.append((Status.SUSPENDED, "admin", None))
         if snapshot is not None and snapshot["key"] not in waived:
@@ -579,6 +594,7 @@ class Facts:
             end = end + timedelta(days=extension_days)
         snapshot = self.latest_snapshot
         cancel_at = snapshot["cancel_at"] if snapshot is not None else None
+        pause_at = snapshot.get("pause_at") if snapshot is not None else None
         trial = (
             snapshot is not None
             and snapshot["status"] == "trialing"
@@ -597,13 +613,13 @@ class Facts:
                 False,
                 False,
                 cancel_at,
-                _due(now, [] if status is Status.CANCELED else [cancel_at]),
+                _due(now, [] if status is Status.CANCELED else [cancel_at, pause_at]),
             )
         if end is None:
             if snapshot is not None and snapshot["status"] == "incomplete_expired":
                 return Standing(Status.EXPIRED, "incomplete_expired", cancel_at=cancel_at)
             return Standing(
-                Status.PENDING, None, cancel_at=cancel_at, due_at=_due(now, [cancel_at])
+                Status.PENDING, None, cancel_at=cancel_at, due_at=_due(now, [cancel_at, pause_at])
             )
         suspend_days = offering.suspend_after_days if offering is not None else None
         expire_days = offering.expire_after_days if offering is not None else None
@@ -614,7 +630,7 @@ class Facts:
         else:
             suspend_at = end + timedelta(days=suspend_days) if suspend_days is not None else None
             expire_at = end + timedelta(days=expire_days) if expire_days is not None else None
-        due = _due(now, [end, suspend_at, expire_at, cancel_at])
+        due = _due(now, [end, suspend_at, expire_at, cancel_at, pause_at])
         if expire_at is not None and now >= expire_at:
             return Standing(Status.EXPIRED, "unpaid", start, end, False, False, cancel_at, due)
         if suspend_at is not None and now >= suspend_at:

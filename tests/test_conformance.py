@@ -15,13 +15,14 @@ import pytest
 from domain.entitlement import Entitlement
 from domain.lifecycle import Status
 from services.providers import PROVIDERS, SignatureError, Unmappable
-from tests import stripe_events
+from tests import paddle_events, stripe_events
 from tests.conformance import FixtureSet, NotSupported, Payload
 from tests.lifecycle_world import DAY, MONTH, T0, World
 
 #: One line per provider: its fixture set.
 FIXTURE_SETS: dict[str, FixtureSet] = {
     "stripe": stripe_events.FIXTURES,
+    "paddle": paddle_events.FIXTURES,
 }
 
 SECRET = "conformance-secret-0123456789abcdef"
@@ -175,7 +176,7 @@ def test_a_chargeback_suspends_until_it_is_decided(
     w = paid_subscription(fx)
     deliver(w, supported(fx.disputed, "sub_r", "inv_r", "dp_1", "open", DAY), at=DAY)
     assert (w.only().status, w.only().reason) == (Status.SUSPENDED, "disputed")
-    deliver(w, fx.disputed("sub_r", "inv_r", "dp_1", outcome, 9 * DAY), at=9 * DAY)
+    deliver(w, supported(fx.disputed, "sub_r", "inv_r", "dp_1", outcome, 9 * DAY), at=9 * DAY)
     assert w.only().status is status
 
 
