@@ -391,6 +391,11 @@ class PaddleFixtures:
         payload["occurred_at"] = payload["occurred_at"].removesuffix("Z")
         return payload
 
+    def with_quantity(self, payload: Payload, quantity: int) -> Payload:
+        for item in payload["data"]["items"]:
+            item["quantity"] = quantity
+        return payload
+
     def with_price(self, payload: Payload, price: str) -> Payload:
         for item in payload["data"]["items"]:
             item["price"]["id"] = price
