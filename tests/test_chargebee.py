@@ -310,7 +310,7 @@ def test_a_scheduled_pause_keeps_access_until_chargebee_pauses() -> None:
             pause_date=ts(MONTH),
         )[0]
     )
-    assert item.status is Status.ACTIVE
+    assert world.only().status is Status.ACTIVE
     world.at(MONTH).deliver(FX.paused("sub_r", "basic", 0, MONTH, MONTH)[0])
     assert (item.status, item.reason) == (Status.SUSPENDED, "paused")
     world.at(MONTH + DAY).deliver(
@@ -339,7 +339,7 @@ def test_a_corrupt_pause_date_is_unmappable_naming_it() -> None:
 def pc1_subscription(plan_quantity: int = 2) -> dict[str, Any]:
     """A Product Catalog 1.0 subscription: `plan_id`, `plan_quantity` and
     `addons[]` (https://apidocs.chargebee.com/docs/api/subscriptions?prod_cat_ver=1)."""
-    [event] = FX.subscribed("sub_v1", "basic", 0, MONTH, 10)
+    event: dict[str, Any] = FX.subscribed("sub_v1", "basic", 0, MONTH, 10)[0]
     subscription = event["content"]["subscription"]
     del subscription["subscription_items"]
     subscription.update(
