@@ -403,9 +403,10 @@ def _snapshot(
     if status == "non_renewing":
         cancel_at = cancel_at or end
     # Read so that a corrupt one is a dead letter naming it; a scheduled
-    # pause or resumption changes access only when Chargebee carries it out.
-    pause_date = _time(subscription.get("pause_date"), "pause_date")
-    resume_date = _time(subscription.get("resume_date"), "resume_date")
+    # pause or resumption changes access only when Chargebee carries it out
+    # (subscription_paused, subscription_resumed), not on the date we expect.
+    _time(subscription.get("pause_date"), "pause_date")
+    _time(subscription.get("resume_date"), "resume_date")
     fact = lifecycle.subscription(
         sub_status,
         lines,
@@ -416,7 +417,6 @@ def _snapshot(
         # Chargebee starts the next term before it has collected for it
         # (subscription_renewed with an invoice still payment_due).
         vouches=False,
-        state={"pause_date": pause_date, "resume_date": resume_date},
     )
     # Chargebee bumps resource_version (ms) on every change: it orders snapshots.
     version = _time(subscription.get("resource_version"), "resource_version", 1000)
