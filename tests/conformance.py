@@ -9,6 +9,9 @@ SDK test fixtures, documentation examples) and changed only in ids, prices
 and times; that module says where each shape comes from. A happening a
 provider does not have (Chargebee signs nothing, so no signature expires)
 raises `NotSupported` with the reason, and the story is skipped saying so.
+A fixture set whose provider authenticates the sender but signs no body
+(HTTP Basic auth) may also define `body_signed()` raising NotSupported: the
+changed-body story is then skipped (every other fixture set needs nothing).
 
 Times are seconds after `lifecycle_world.T0`; a fixture turns them into
 the provider's own format (unix seconds, RFC 3339 with an offset). A
