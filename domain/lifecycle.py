@@ -110,6 +110,7 @@ def subscription(
     pause_at: datetime | None = None,
     state: Mapping[str, Any] | None = None,
     previous: Mapping[str, Any] | None = None,
+    final: bool = False,
 ) -> Fact:
     """The provider's whole view of the subscription at one moment.
 
@@ -126,7 +127,11 @@ def subscription(
 
     `pause_at`: the provider has scheduled a pause that withholds access
     from then (Paddle's `scheduled_change` with action `pause`), so access
-    stops on time even if the pause's own webhook comes late."""
+    stops on time even if the pause's own webhook comes late.
+
+    `final`: the provider has ended the subscription, though the snapshot
+    leaves the cycle already paid running (PayPal's CANCELLED): like a
+    canceled one, it makes no entitlement for an item never seen."""
     fact: Fact = {
         "kind": "subscription",
         "status": status,
@@ -140,6 +145,8 @@ def subscription(
     if pause_at is not None:
         # Left out when unset, so snapshots without one stay as they were.
         fact["pause_at"] = pause_at
+    if final:
+        fact["final"] = True
     if state:
         # What is unset is left out (read back as None): snapshots are many.
         fact["state"] = {k: v for k, v in state.items() if v is not None}
@@ -171,7 +178,8 @@ def terminal(fact: Mapping[str, Any]) -> bool:
     nothing to grant, so no entitlement is made for it from this fact."""
     kind = fact.get("kind")
     return kind == "ended" or (
-        kind == "subscription" and fact.get("status") in ("canceled", "expired")
+        kind == "subscription"
+        and (fact.get("status") in ("canceled", "expired") or bool(fact.get("final")))
     )
 
 

@@ -15,7 +15,7 @@ import pytest
 from domain.entitlement import Entitlement
 from domain.lifecycle import Status
 from services.providers import PROVIDERS, SignatureError, Unmappable
-from tests import chargebee_events, paddle_events, stripe_events
+from tests import chargebee_events, paddle_events, paypal_events, stripe_events
 from tests.conformance import FixtureSet, NotSupported, Payload
 from tests.lifecycle_world import DAY, MONTH, T0, World
 
@@ -24,6 +24,7 @@ FIXTURE_SETS: dict[str, FixtureSet] = {
     "stripe": stripe_events.FIXTURES,
     "paddle": paddle_events.FIXTURES,
     "chargebee": chargebee_events.FIXTURES,
+    "paypal": paypal_events.FIXTURES,
 }
 
 SECRET = "conformance-secret-0123456789abcdef"
@@ -200,12 +201,14 @@ def test_a_one_off_sale_grants_a_license(fx: FixtureSet) -> None:
 
 
 def test_a_cancellation_of_an_item_never_seen_makes_no_entitlement(fx: FixtureSet) -> None:
-    """It is kept on the order: the payment that arrives after it (sent
-    before it) makes the entitlement already canceled."""
+    """It is kept on the order: the creation and payment that arrive after
+    it (sent before it) make the entitlement already canceled."""
     w = world(fx)
     deliver(w, fx.canceled("sub_c", "basic", 0, MONTH, 2 * DAY), at=2 * DAY)
     assert w.entitlements() == []
-    deliver(w, fx.paid("sub_c", "inv_c", "basic", 0, MONTH, 20), at=2 * DAY + 60)
+    deliver(w, fx.subscribed("sub_c", "basic", 0, MONTH, 10), at=2 * DAY + 60)
+    deliver(w, fx.paid("sub_c", "inv_c", "basic", 0, MONTH, 20))
+    w.at(MONTH + DAY).tick()  # PayPal's cancellation leaves the paid cycle running
     assert status(w.only()) is Status.CANCELED
 
 
@@ -213,15 +216,17 @@ def test_a_paid_invoice_sets_the_seats_an_older_snapshot_stated_otherwise(
     fx: FixtureSet,
 ) -> None:
     w = world(fx)
-    deliver(w, [fx.with_quantity(p, 2) for p in fx.subscribed("sub_q", "pro", 0, MONTH, 10)])
-    at = 20
-    deliver(w, [fx.with_quantity(p, 3) for p in fx.paid("sub_q", "inv_q", "pro", 0, MONTH, at)])
+
+    def sized(payloads: list[Payload], quantity: int) -> list[Payload]:
+        return [supported(fx.with_quantity, p, quantity) for p in payloads]
+
+    deliver(w, sized(fx.subscribed("sub_q", "pro", 0, MONTH, 10), 2))
+    deliver(w, sized(fx.paid("sub_q", "inv_q", "pro", 0, MONTH, 20), 3))
     assert (w.only().quantity, w.only().seats) == (3, 15)
     # The renewal for 4, then the older snapshot (for 2) delivered late.
     at = MONTH + 20
-    renewal = fx.paid("sub_q", "inv_q2", "pro", MONTH, 2 * MONTH, at)
-    deliver(w, [fx.with_quantity(p, 4) for p in renewal], at=at)
-    deliver(w, [fx.with_quantity(p, 2) for p in fx.subscribed("sub_q", "pro", 0, MONTH, 10)])
+    deliver(w, sized(fx.paid("sub_q", "inv_q2", "pro", MONTH, 2 * MONTH, at), 4), at=at)
+    deliver(w, sized(fx.subscribed("sub_q", "pro", 0, MONTH, 10), 2))
     assert (w.only().quantity, w.only().seats) == (4, 20)
 
 
