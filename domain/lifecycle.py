@@ -76,13 +76,19 @@ def payment(
     starts: datetime | None = None,
     amount: str | None = None,
     rest_of_subscription: bool = False,
+    subscription_period: bool = False,
 ) -> Fact:
     """An invoice was paid for these lines' periods. A provider that names no
     period (PayPal's sales, one-off purchases) gives `starts` instead: one
     period of each entitlement's offering from then. `amount` lets a later
     refund be judged full or partial. `rest_of_subscription`: the invoice
     also paid items it does not list (a webhook carries only its first
-    lines), for the period the subscription last stated before it."""
+    lines), for the period the subscription last stated before it.
+    `subscription_period`: once the order has a subscription, it pays the
+    period the subscription states, not one of its own (Lemon Squeezy's
+    subscription invoices name none, and a subscription's first order looks
+    like a one-off sale), and the newest such payment is the current
+    period's (a full refund of it cancels)."""
     fact: Fact = {
         "kind": "payment",
         "invoice": invoice,
@@ -92,6 +98,8 @@ def payment(
     }
     if rest_of_subscription:
         fact["rest"] = True
+    if subscription_period:
+        fact["subscription_period"] = True
     return fact
 
 
@@ -413,6 +421,8 @@ class Facts:
         """(period start, period end, invoice) of the latest paid period."""
         best: tuple[datetime, datetime | None, str | None] | None = None
         for invoice, fact in self.paid.items():
+            if self.snapshots and fact.get("subscription_period"):
+                continue  # it paid the period the subscription states
             line = fact["lines"].get(slot)
             if line is not None and line.get("end") is not None:
                 candidate = (line["end"], line.get("start"), invoice)
@@ -431,10 +441,21 @@ class Facts:
                 best = candidate
         through = self.snapshot_paid_through
         if through is not None and (best is None or through[0] > best[0]):
-            return through[1], through[0], None
+            return through[1], through[0], self._newest_subscription_payment()
         if best is None:
             return None, None, None
         return best[1], best[0], best[2]
+
+    def _newest_subscription_payment(self) -> str | None:
+        """The invoice of the newest payment of the period the subscription
+        states (`payment(subscription_period=True)`), or None."""
+        newest: Fact | None = None
+        for fact in self.paid.values():
+            if fact.get("subscription_period") and (
+                newest is None or _order_key(fact) > _order_key(newest)
+            ):
+                newest = fact
+        return None if newest is None else str(newest["invoice"])
 
     def undecided_tie(self) -> bool:
         """Whether the newest snapshot shares its second with another and

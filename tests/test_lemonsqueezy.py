@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
+from domain import lifecycle
 from domain.catalog import Catalog, Offering
 from domain.entitlement import Status
+from domain.lifecycle import Facts, Line, Policy
 from services.providers import Credentials, SignatureError
 from services.providers.lemonsqueezy import event_id, routing_key, verify
 from tests import lemonsqueezy_events as ls
@@ -114,3 +117,46 @@ def test_a_one_off_order_lasts_its_offering_period_and_a_refund_cancels_it() -> 
     assert entitlement.period_end is not None and entitlement.period_end.year == T0.year + 100
     world.deliver(ls.order("8", ts(DAY), variant=202, refunded=True, name="order_refunded"))
     assert (entitlement.status, entitlement.reason) == (Status.CANCELED, "refunded")
+
+
+# -- the fold's rule for payments of the subscription's period (pure) -------------
+
+
+def _keyed(fact: dict[str, Any], key: str, at: int) -> dict[str, Any]:
+    return {**fact, "key": key, "at": T0 + timedelta(seconds=at)}
+
+
+def test_a_payment_of_the_subscription_period_yields_to_it_and_is_the_current_one() -> None:
+    offering = Offering(sku="basic", product="acme")
+    slot, now, policy = "main", T0 + timedelta(seconds=60), Policy()
+    month = Line(slot, offering, 1, T0, T0 + timedelta(days=31))
+    facts = Facts(
+        [_keyed(lifecycle.payment("order/1", [month], subscription_period=True), "k1", 0)]
+    )
+    # Alone (a one-off order) it pays its own period.
+    assert facts.standing(slot, offering, policy, now).period_end == T0 + timedelta(days=31)
+    # With a subscription on a trial, it is the subscription's first order:
+    # the period is the trial the subscription states, not a month.
+    trial_end = T0 + timedelta(days=7)
+    trial = lifecycle.subscription(
+        "trialing", [Line(slot, offering)], None, trial_end, trial_end=trial_end
+    )
+    facts.add(_keyed(trial, "k2", 1))
+    assert facts.standing(slot, offering, policy, now).period_end == trial_end
+    # An invoice naming no period pays the one the subscription then states.
+    renewed = T0 + timedelta(days=37)
+    facts.add(_keyed(lifecycle.payment("invoice/1", [], subscription_period=True), "k3", 7 * DAY))
+    facts.add(
+        _keyed(
+            lifecycle.subscription("active", [Line(slot, offering)], None, renewed),
+            "k4",
+            7 * DAY + 1,
+        )
+    )
+    assert facts.standing(slot, offering, policy, now).period_end == renewed
+    # The newest such payment is the current period's: refunded in full, it
+    # cancels; the older order's full refund does not.
+    older = Facts([*facts.log, _keyed(lifecycle.refund(True, "order/1"), "k5", 8 * DAY)])
+    assert older.blocking(slot, now, offering) == []
+    current = Facts([*facts.log, _keyed(lifecycle.refund(True, "invoice/1"), "k6", 8 * DAY)])
+    assert current.blocking(slot, now, offering) == [(Status.CANCELED, "refunded", "k6")]
