@@ -87,8 +87,8 @@ def payment(
     `subscription_period`: once the order has a subscription, it pays the
     period the subscription states, not one of its own (Lemon Squeezy's
     subscription invoices name none, and a subscription's first order looks
-    like a one-off sale), and the newest such payment is the current
-    period's (a full refund of it cancels)."""
+    like a one-off sale); those made since the end of the period before
+    the subscription's current one paid it (a full refund of one cancels)."""
     fact: Fact = {
         "kind": "payment",
         "invoice": invoice,
@@ -441,21 +441,22 @@ class Facts:
                 best = candidate
         through = self.snapshot_paid_through
         if through is not None and (best is None or through[0] > best[0]):
-            return through[1], through[0], self._newest_subscription_payment()
+            return through[1], through[0], None
         if best is None:
             return None, None, None
         return best[1], best[0], best[2]
 
-    def _newest_subscription_payment(self) -> str | None:
-        """The invoice of the newest payment of the period the subscription
-        states (`payment(subscription_period=True)`), or None."""
-        newest: Fact | None = None
-        for fact in self.paid.values():
-            if fact.get("subscription_period") and (
-                newest is None or _order_key(fact) > _order_key(newest)
-            ):
-                newest = fact
-        return None if newest is None else str(newest["invoice"])
+    def _subscription_period_payments(self) -> list[str]:
+        """The invoices of the payments of the period the subscription states
+        (`payment(subscription_period=True)`): those made since the end of
+        the period before it (every one, in the first period)."""
+        paid = [(i, f) for i, f in self.paid.items() if f.get("subscription_period")]
+        ends = {t[0] for s in self.snapshots if (t := _snapshot_paid_through(s)) is not None}
+        if not paid or not ends:
+            return []
+        current = max(ends)
+        since = max((end for end in ends if end < current), default=None)
+        return sorted(invoice for invoice, fact in paid if since is None or fact["at"] >= since)
 
     def undecided_tie(self) -> bool:
         """Whether the newest snapshot shares its second with another and
@@ -498,9 +499,14 @@ class Facts:
                 # The item is still there, emptied: it grants nothing for now.
                 found.append((Status.SUSPENDED, "quantity_zero", snapshot["key"]))
         _, _, current_invoice = self._paid_through(slot, offering)
-        refund_key = self._refunded_in_full(current_invoice)
-        if refund_key is not None and refund_key not in waived:
-            found.append((Status.CANCELED, "refunded", refund_key))
+        current = [current_invoice] if current_invoice is not None else []
+        if current_invoice is None and self.snapshots:
+            current = self._subscription_period_payments()
+        for invoice in current:
+            refund_key = self._refunded_in_full(invoice)
+            if refund_key is not None and refund_key not in waived:
+                found.append((Status.CANCELED, "refunded", refund_key))
+                break
         for dispute_id, fact in sorted(self.disputes.items()):
             if dispute_id in waived:
                 continue
