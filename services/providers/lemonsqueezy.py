@@ -1,5 +1,7 @@
 """Lemon Squeezy: `X-Signature` (hex HMAC-SHA256 of the raw body with the
-webhook's signing secret), JSON:API payloads named by `meta.event_name`.
+webhook's signing secret, https://docs.lemonsqueezy.com/help/webhooks/signing-requests),
+JSON:API payloads named by `meta.event_name`
+(https://docs.lemonsqueezy.com/help/webhooks/event-types).
 
 Lemon Squeezy sends no event id and no timestamp header, so a delivery is
 identified by a hash of its content (a retry carries the same bytes'
@@ -10,6 +12,13 @@ arrive as separate events, and both land on the order (subscriptions carry
 `order_id`), as one entitlement. Subscription invoices name only their
 subscription: they reach the order through the link the subscription's own
 events record (`subscription/<id>`), waiting for it if they come first.
+They name no period either: a paid one pays the period the subscription
+states (`renews_at`), and the newest is the current period's.
+
+Money back: `order_refunded` and `subscription_payment_refunded` carry the
+object's `total` and `refunded_amount` (cents); all of it is a full refund.
+Lemon Squeezy is the merchant of record and handles chargebacks itself: it
+sends no webhook for them.
 """
 
 from __future__ import annotations
