@@ -209,9 +209,11 @@ def invoice(
 ) -> dict[str, Any]:
     """A subscription invoice (pay-rails/pay test/fixtures/files/lemon_squeezy/
     subscription_payment_success.json and subscription_payment_refunded.json)."""
-    refunded = name == "subscription_payment_refunded"
-    if refunded:
-        status = "refunded" if refunded_amount >= total else "paid"
+    # `refunded` and `refunded_at` say fully refunded; a part is
+    # `partial_refund` (https://docs.lemonsqueezy.com/api/subscription-invoices/the-subscription-invoice-object).
+    refunded = name == "subscription_payment_refunded" and refunded_amount >= total
+    if name == "subscription_payment_refunded":
+        status = "refunded" if refunded else "partial_refund"
     else:
         status = "pending" if name == "subscription_payment_failed" else "paid"
     return _payload(
@@ -230,7 +232,7 @@ def invoice(
             "currency": "USD",
             "currency_rate": "1.00000000",
             "status": status,
-            "status_formatted": status.capitalize(),
+            "status_formatted": status.replace("_", " ").capitalize(),
             "refunded": refunded,
             "refunded_at": iso(updated) if refunded else None,
             **_money("subtotal", total),
