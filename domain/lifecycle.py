@@ -76,13 +76,19 @@ def payment(
     starts: datetime | None = None,
     amount: str | None = None,
     rest_of_subscription: bool = False,
+    subscription_period: bool = False,
 ) -> Fact:
     """An invoice was paid for these lines' periods. A provider that names no
     period (PayPal's sales, one-off purchases) gives `starts` instead: one
     period of each entitlement's offering from then. `amount` lets a later
     refund be judged full or partial. `rest_of_subscription`: the invoice
     also paid items it does not list (a webhook carries only its first
-    lines), for the period the subscription last stated before it."""
+    lines), for the period the subscription last stated before it.
+    `subscription_period`: once the order has a subscription, it pays the
+    period the subscription states, not one of its own (Lemon Squeezy's
+    subscription invoices name none, and a subscription's first order looks
+    like a one-off sale); those made since the end of the period before
+    the subscription's current one paid it (a full refund of one cancels)."""
     fact: Fact = {
         "kind": "payment",
         "invoice": invoice,
@@ -92,6 +98,8 @@ def payment(
     }
     if rest_of_subscription:
         fact["rest"] = True
+    if subscription_period:
+        fact["subscription_period"] = True
     return fact
 
 
@@ -449,6 +457,8 @@ class Facts:
         """(period start, period end, invoice) of the latest paid period."""
         best: tuple[datetime, datetime | None, str | None] | None = None
         for invoice, fact in self.paid.items():
+            if self.snapshots and fact.get("subscription_period"):
+                continue  # it paid the period the subscription states
             line = fact["lines"].get(slot)
             if line is not None and line.get("end") is not None:
                 candidate = (line["end"], line.get("start"), invoice)
@@ -471,6 +481,18 @@ class Facts:
         if best is None:
             return None, None, None
         return best[1], best[0], best[2]
+
+    def _subscription_period_payments(self) -> list[str]:
+        """The invoices of the payments of the period the subscription states
+        (`payment(subscription_period=True)`): those made since the end of
+        the period before it (every one, in the first period)."""
+        paid = [(i, f) for i, f in self.paid.items() if f.get("subscription_period")]
+        ends = {t[0] for s in self.snapshots if (t := _snapshot_paid_through(s)) is not None}
+        if not paid or not ends:
+            return []
+        current = max(ends)
+        since = max((end for end in ends if end < current), default=None)
+        return sorted(invoice for invoice, fact in paid if since is None or fact["at"] >= since)
 
     def undecided_tie(self) -> bool:
         """Whether the newest snapshot shares its second with another and
@@ -513,9 +535,14 @@ class Facts:
                 # The item is still there, emptied: it grants nothing for now.
                 found.append((Status.SUSPENDED, "quantity_zero", snapshot["key"]))
         _, _, current_invoice = self._paid_through(slot, offering)
-        refund_key = self._refunded_in_full(current_invoice)
-        if refund_key is not None and refund_key not in waived:
-            found.append((Status.CANCELED, "refunded", refund_key))
+        current = [current_invoice] if current_invoice is not None else []
+        if current_invoice is None and self.snapshots:
+            current = self._subscription_period_payments()
+        for invoice in current:
+            refund_key = self._refunded_in_full(invoice)
+            if refund_key is not None and refund_key not in waived:
+                found.append((Status.CANCELED, "refunded", refund_key))
+                break
         for dispute_id, fact in sorted(self.disputes.items()):
             if dispute_id in waived:
                 continue
