@@ -15,13 +15,14 @@ import pytest
 from domain.entitlement import Entitlement
 from domain.lifecycle import Status
 from services.providers import PROVIDERS, SignatureError, Unmappable
-from tests import stripe_events
+from tests import fastspring_events, stripe_events
 from tests.conformance import FixtureSet, NotSupported, Payload
 from tests.lifecycle_world import DAY, MONTH, T0, World
 
 #: One line per provider: its fixture set.
 FIXTURE_SETS: dict[str, FixtureSet] = {
     "stripe": stripe_events.FIXTURES,
+    "fastspring": fastspring_events.FIXTURES,
 }
 
 SECRET = "conformance-secret-0123456789abcdef"

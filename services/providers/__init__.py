@@ -358,6 +358,7 @@ class Provider:
 def _registry() -> dict[str, Provider]:
     from services.providers import (
         chargebee,
+        fastspring,
         lemonsqueezy,
         paddle,
         paypal,
@@ -374,6 +375,7 @@ def _registry() -> dict[str, Provider]:
         paypal.PROVIDER,
         zenofy.PROVIDER,
         standard.PROVIDER,
+        fastspring.PROVIDER,
     )
     return {p.name: p for p in providers}
 
