@@ -229,3 +229,43 @@ def test_an_odd_field_is_unmappable_naming_it(
     target[path[-1]] = value
     with pytest.raises(Unmappable, match=named):
         ADAPTER.normalize("fastspring", event, FX.catalog, T0)
+
+
+def _samples() -> list[dict[str, Any]]:
+    return [
+        *FX.subscribed("sub_s", "basic", 0, MONTH, 10),
+        *FX.paid("sub_s", "o_s1", "basic", 0, MONTH, 20),
+        *FX.paid("sub_s", "o_s2", "basic", MONTH, 2 * MONTH, MONTH + 20),
+        *FX.payment_failed("sub_s", "o_s3", "basic", 2 * MONTH, 3 * MONTH, 2 * MONTH + 20),
+        *FX.cancel_at_period_end("sub_s", "basic", MONTH, 2 * MONTH, MONTH + DAY),
+        *FX.sold("o_s4", "pro", 10),
+        fs.return_created("o_s1", 99.0, 20.0, t(DAY)),
+        fs.chargeback_created("o_s1", t(DAY)),
+    ]
+
+
+def test_any_field_of_the_wrong_type_is_unmappable_never_an_adapter_crash() -> None:
+    """As tests/test_poison.py asks of every adapter: each field of each
+    sample, replaced by a value of another JSON type, gives commands that
+    pass `check` or Unmappable, never another exception."""
+    from services.providers import check
+    from tests.test_poison import _paths, _replaced
+
+    crashes = []
+    for sample in _samples():
+        for path in _paths(sample):
+            for value in ([], {}, 12345, None, "x", True, 1.5):
+                mutated = _replaced(sample, path, value)
+                if not isinstance(mutated, dict):
+                    continue
+                try:
+                    ADAPTER.routing_key(mutated)
+                    ADAPTER.event_id(mutated)
+                    check(ADAPTER.normalize("fastspring", mutated, FX.catalog, T0))
+                except Unmappable:
+                    pass
+                except Exception as exc:
+                    crashes.append(
+                        f"{sample['type']} {'.'.join(map(str, path))} = {value!r}: {exc!r}"
+                    )
+    assert not crashes, "\n".join(sorted(set(crashes))[:30])

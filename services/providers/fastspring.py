@@ -126,6 +126,7 @@ def routing_key(payload: Mapping[str, Any]) -> str:
     if not isinstance(data, Mapping):
         return event_id(payload)
     kind = payload.get("type")
+    kind = kind if isinstance(kind, str) else ""
     value: Any = None
     if kind in SUBSCRIPTION_EVENTS:
         value = data.get("id")
