@@ -252,9 +252,10 @@ def test_any_field_of_the_wrong_type_is_unmappable_never_an_adapter_crash() -> N
     from tests.test_poison import _paths, _replaced
 
     crashes = []
+    others: list[Any] = [[], {}, 12345, None, "x", True, 1.5]
     for sample in _samples():
         for path in _paths(sample):
-            for value in ([], {}, 12345, None, "x", True, 1.5):
+            for value in others:
                 mutated = _replaced(sample, path, value)
                 if not isinstance(mutated, dict):
                     continue
