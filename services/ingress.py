@@ -18,7 +18,7 @@ from typing import Any, Literal
 import anyio
 from aiokafka.errors import MessageSizeTooLargeError
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from contracts.api import Accepted
@@ -145,7 +145,7 @@ class Ingress:
         self.publish = publish
         self.clock = clock
 
-    async def receive(self, request: Request) -> JSONResponse:
+    async def receive(self, request: Request) -> Response:
         name = request.path_params["source"]
         source = self.config.sources.get(name)
         if source is None:
@@ -167,11 +167,35 @@ class Ingress:
             log.info("rejected webhook for %s: %s", name, exc)
             raise HTTPError(401, "invalid_signature", str(exc)) from None
         payload, text = parse_body(body)
-        envelope = make_envelope(source, payload, text, headers)
+        events = source.provider.split(payload) if source.provider.split else None
+        if events is None:
+            envelopes = [make_envelope(source, payload, text, headers)]
+        else:
+            # A batch: each event is stored as a webhook of its own (its own
+            # id, deduplication and outcome), verified with the batch above.
+            envelopes = [
+                make_envelope(
+                    source, event if isinstance(event, dict) else {}, _text(event), headers
+                )
+                for event in events
+            ]
+        values = [envelope.model_dump_json().encode() for envelope in envelopes]
+        for value in values:
+            if len(value) > MAX_ENVELOPE_BYTES:
+                raise too_large(len(value))
+        # One at a time, so one order's events keep their order; if one is
+        # not stored, the provider retries the batch and the events already
+        # stored are duplicates by their ids.
+        for envelope, value in zip(envelopes, values, strict=True):
+            await self._publish(name, envelope, value)
+        if events is not None:
+            return _acknowledge(source, events)
+        return JSONResponse(
+            Accepted(receipt_id=envelopes[0].receipt_id).model_dump(), status_code=202
+        )
+
+    async def _publish(self, name: str, envelope: RawWebhookV1, value: bytes) -> None:
         receipt_id, routing_key = envelope.receipt_id, envelope.routing_key
-        value = envelope.model_dump_json().encode()
-        if len(value) > MAX_ENVELOPE_BYTES:
-            raise too_large(len(value))
         try:
             await asyncio.wait_for(
                 self.publish(value, routing_key.encode()), PUBLISH_TIMEOUT_SECONDS
@@ -189,7 +213,22 @@ class Ingress:
                 "the webhook could not be stored; retry later",
                 {"Retry-After": "5"},
             ) from None
-        return JSONResponse(Accepted(receipt_id=receipt_id).model_dump(), status_code=202)
+
+
+def _text(event: Any) -> str:
+    # Escaped as ASCII: the body was checked for lone surrogates, and the
+    # stored text must be valid UTF-8 whatever the event holds.
+    return json.dumps(event, separators=(",", ":"))
+
+
+def _acknowledge(source: Source, events: list[Any]) -> Response:
+    """The answer to a stored batch: 202 with the ids of its events, one a
+    line, which FastSpring marks processed (others it sends again:
+    https://developer.fastspring.com/reference/processed-and-unprocessed-webhook-events)."""
+    ids = [source.provider.event_id(e) if isinstance(e, dict) else "" for e in events]
+    # An id the fold would not keep (a control character, too long) is no id.
+    kept = [i for i in ids if i and len(i) <= 255 and not has_control_character(i)]
+    return PlainTextResponse("\n".join(kept), status_code=202)
 
 
 def routes(ingress: Ingress) -> list[Route]:

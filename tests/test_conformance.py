@@ -15,7 +15,14 @@ import pytest
 from domain.entitlement import Entitlement
 from domain.lifecycle import Status
 from services.providers import PROVIDERS, SignatureError, Unmappable
-from tests import chargebee_events, lemonsqueezy_events, paddle_events, paypal_events, stripe_events
+from tests import (
+    chargebee_events,
+    fastspring_events,
+    lemonsqueezy_events,
+    paddle_events,
+    paypal_events,
+    stripe_events,
+)
 from tests.conformance import FixtureSet, NotSupported, Payload
 from tests.lifecycle_world import DAY, MONTH, T0, World
 
@@ -26,6 +33,7 @@ FIXTURE_SETS: dict[str, FixtureSet] = {
     "chargebee": chargebee_events.FIXTURES,
     "paypal": paypal_events.FIXTURES,
     "lemonsqueezy": lemonsqueezy_events.FIXTURES,
+    "fastspring": fastspring_events.FIXTURES,
 }
 
 SECRET = "conformance-secret-0123456789abcdef"

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests import chargebee_events as cb
+from tests import fastspring_events as fs
 from tests import lemonsqueezy_events as ls
 from tests import paddle_events as pe
 from tests import paypal_events as pp
@@ -36,12 +37,13 @@ sources:
   zenofy: {{provider: zenofy, secret: {ze.SECRET}}}
   standard: {{provider: standard, secret: "{sw.SECRET}"}}
   paypal: {{provider: paypal, webhook_id: {pp.WEBHOOK_ID}}}
+  fastspring: {{provider: fastspring, secret: {fs.SECRET}}}
 offerings:
   - sku: basic
     product: acme
     stripe_price_ids: [price_basic]
     prices: {{paddle: [pri_basic], lemonsqueezy: [101], chargebee: [basic-USD-Monthly],
-             paypal: [P-BASIC]}}
+             paypal: [P-BASIC], fastspring: [acme-basic-monthly]}}
 """
 
 Sign = Callable[[bytes], dict[str, str]]
@@ -302,3 +304,63 @@ def test_bad_and_expired_signatures_get_401_and_nothing_is_written(
     assert entitlements(stack, order_ref=order_ref) == []
     letters = httpx.get(f"{stack.url}/v1/dead-letters", headers=AUTH).json()["items"]
     assert not [d for d in letters if d["source"] == provider]
+
+
+def test_a_fastspring_batch_is_applied_event_by_event(stack: Entitle) -> None:
+    """One FastSpring request carrying three events, through the real
+    ingress and fold: each event has its own receipt; the one whose product
+    maps to nothing is the only dead letter and holds back neither other;
+    the whole batch delivered again is duplicates, and no second letter."""
+    now = int(time.time())
+    sub = f"sub_fs_{now}"
+    subscription = fs.subscription(
+        sub,
+        "acme-basic-monthly",
+        "active",
+        fs.ms(now + 20 * DAY),
+        fs.ms(now),
+        fs.ms(now - 10 * DAY),
+    )
+    activated = fs.event("subscription.activated", subscription, fs.ms(now))
+    stray = fs.order_completed(f"ord_x_{now}", [fs.item("mystery-box")], fs.ms(now))
+    paid = fs.order_completed(
+        f"ord_{now}", [fs.item("acme-basic-monthly", 1, subscription)], fs.ms(now)
+    )
+    body = fs.body(fs.batch(activated, stray, paid))
+    url = f"{stack.url}/webhooks/fastspring"
+
+    def receipts(count: int) -> list[dict[str, Any]] | None:
+        query = {"order_ref": sub}
+        items = httpx.get(f"{stack.url}/v1/webhooks", params=query, headers=AUTH).json()["items"]
+        return list(items) if len(items) == count else None
+
+    def letters() -> list[dict[str, Any]]:
+        items = httpx.get(f"{stack.url}/v1/dead-letters", headers=AUTH).json()["items"]
+        return [d for d in items if d["source"] == "fastspring"]
+
+    response = httpx.post(url, content=body, headers=fs.signed_headers(body))
+    assert response.status_code == 202, response.text
+    assert response.text.split("\n") == [activated["id"], stray["id"], paid["id"]]
+    end = time.strftime("%Y-%m-%d", time.gmtime(now + 20 * DAY))
+    [item] = eventually(
+        lambda: [
+            e
+            for e in entitlements(stack, order_ref=sub)
+            if e["status"] == "ACTIVE" and e["period_end"].startswith(end)
+        ]
+    )
+    assert item["offering"] == "basic"
+    first = eventually(lambda: receipts(2))
+    assert sorted(r["provider_event_id"] for r in first) == sorted([activated["id"], paid["id"]])
+    assert "dead_letter" not in {r["outcome"] for r in first}
+    [letter] = eventually(letters)
+    assert letter["provider_event_id"] == stray["id"]
+    assert "mystery-box" in letter["reason"]
+
+    again = httpx.post(url, content=body, headers=fs.signed_headers(body))
+    assert again.status_code == 202, again.text
+    later = eventually(lambda: receipts(4))
+    fresh = [r for r in later if r["id"] not in {f["id"] for f in first}]
+    assert [r["outcome"] for r in fresh] == ["duplicate", "duplicate"]
+    time.sleep(0.5)
+    assert [d["provider_event_id"] for d in letters()] == [stray["id"]]

@@ -347,11 +347,18 @@ class Provider:
     #: The request headers (lower-case) kept with a stored webhook: what
     #: verify reads and the provider's delivery metadata. Others are dropped.
     headers: tuple[str, ...] = ()
+    #: For a provider that sends several events in one request (FastSpring's
+    #: `{"events": [...]}`): the events of a verified body, or None if it is
+    #: not such a batch. The ingress stores each as a webhook of its own, so
+    #: each is deduplicated by its own id, folded, dead-lettered and re-driven
+    #: on its own; the request's signature is verified once, over the batch.
+    split: Callable[[Mapping[str, Any]], list[Any] | None] | None = None
 
 
 def _registry() -> dict[str, Provider]:
     from services.providers import (
         chargebee,
+        fastspring,
         lemonsqueezy,
         paddle,
         paypal,
@@ -368,6 +375,7 @@ def _registry() -> dict[str, Provider]:
         paypal.PROVIDER,
         zenofy.PROVIDER,
         standard.PROVIDER,
+        fastspring.PROVIDER,
     )
     return {p.name: p for p in providers}
 
