@@ -15,7 +15,7 @@ import pytest
 from domain.entitlement import Entitlement
 from domain.lifecycle import Status
 from services.providers import PROVIDERS, SignatureError, Unmappable
-from tests import stripe_events, zenofy_events
+from tests import standard_events, stripe_events, zenofy_events
 from tests.conformance import FixtureSet, NotSupported, Payload
 from tests.lifecycle_world import DAY, MONTH, T0, World
 
@@ -23,6 +23,7 @@ from tests.lifecycle_world import DAY, MONTH, T0, World
 FIXTURE_SETS: dict[str, FixtureSet] = {
     "stripe": stripe_events.FIXTURES,
     "zenofy": zenofy_events.FIXTURES,
+    "standard": standard_events.FIXTURES,
 }
 
 SECRET = "conformance-secret-0123456789abcdef"

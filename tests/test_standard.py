@@ -116,7 +116,16 @@ def test_payment_and_subscription_events_map_to_facts() -> None:
                 "timestamp": "2026-01-01T00:00:00Z",
                 "data": {"payment": {"id": "p"}},
             },
-            "needs payment.subscription_id",
+            "needs payment.items",
+        ),
+        (
+            {
+                "id": "e",
+                "type": "payment.failed",
+                "timestamp": "2026-01-01T00:00:00Z",
+                "data": {"payment": {"id": "p", "items": [{"sku": "pro"}]}},
+            },
+            "payment.failed needs payment.subscription_id",
         ),
         (
             {
