@@ -333,3 +333,26 @@ def test_an_order_paid_at_a_time_without_offset_is_a_dead_letter_naming_the_fiel
     paid["paidAt"] = "2026-01-15T10:30:00"
     with pytest.raises(Unmappable, match=r"paidAt .* has no UTC offset"):
         normalize("z", paid, ORDERS, T0)
+
+
+@pytest.mark.parametrize("kind", ["order_paid", "order_refunded", "order_cancelled"])
+def test_any_order_field_of_the_wrong_type_is_unmappable_never_a_crash(kind: str) -> None:
+    from services.providers import check
+    from tests.test_poison import _paths, _replaced
+
+    order = ze.order(kind, "ord_1", [("basic", 1), ("673f9prodpro", 2)], NOW, NOW + 60)
+    crashes = []
+    for path in _paths(order):
+        for value in ([], {}, 12345, None, "x", True, 1.5, "2026-01-15T10:30:00"):
+            mutated = _replaced(order, path, value)
+            if not isinstance(mutated, dict):
+                continue
+            try:
+                check(normalize("z", mutated, ORDERS, T0))
+                routing_key(mutated)
+                event_id(mutated)
+            except Unmappable:
+                pass
+            except Exception as exc:
+                crashes.append(f"{'.'.join(map(str, path))} = {value!r}: {exc!r}")
+    assert not crashes, "\n".join(crashes[:30])

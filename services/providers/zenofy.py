@@ -104,7 +104,8 @@ def verify(headers: Mapping[str, str], body: bytes, credentials: Credentials, no
 
 
 def _is_order(payload: Mapping[str, Any]) -> bool:
-    return payload.get("event") in ORDER_EVENTS
+    kind = payload.get("event")
+    return isinstance(kind, str) and kind in ORDER_EVENTS
 
 
 def _subscription(payload: Mapping[str, Any]) -> Mapping[str, Any]:
