@@ -5,6 +5,11 @@ Signature: `webhook-signature: v1,<base64>` (a space-separated list during
 key rotation), HMAC-SHA256 over "{webhook-id}.{webhook-timestamp}.{body}",
 keyed with the base64-decoded part of the `whsec_…` secret (unlike Stripe,
 which keys with the literal string); ±5 minutes unless configured.
+
+The event is our own contract (`contracts/billing.py`): every time must carry
+a UTC offset (a zoneless one is a dead letter naming the field, not a naive
+datetime that breaks the fold: shared case 08), and a `payment.succeeded`
+without `subscription_id` is a one-off sale.
 """
 
 from __future__ import annotations
