@@ -88,7 +88,10 @@ class BillingPaymentV1(BaseModel):
 
     id: str = Field(min_length=1, description="The payment (or invoice) id")
     subscription_id: str | None = Field(
-        default=None, description="Required for payment.succeeded and payment.failed"
+        default=None,
+        description="The subscription it pays; required for payment.failed. A "
+        "payment.succeeded without one is a one-off sale: each item grants one period of "
+        "its offering from period_start (or the event's timestamp), or until period_end",
     )
     items: list[BillingItemV1] = Field(default_factory=list)
     period_start: AwareDatetime | None = None
@@ -126,10 +129,16 @@ class BillingEventV1(BaseModel):
             raise ValueError(f"{self.type} needs data.payment")
         if self.type in ("payment.succeeded", "payment.failed"):
             assert payment is not None
-            if not payment.subscription_id or not payment.items:
-                raise ValueError(f"{self.type} needs payment.subscription_id and payment.items")
-            if self.type == "payment.succeeded" and payment.period_end is None:
-                raise ValueError("payment.succeeded needs payment.period_end")
+            if not payment.items:
+                raise ValueError(f"{self.type} needs payment.items")
+            if self.type == "payment.failed" and not payment.subscription_id:
+                raise ValueError("payment.failed needs payment.subscription_id")
+            if (
+                self.type == "payment.succeeded"
+                and payment.subscription_id
+                and payment.period_end is None
+            ):
+                raise ValueError("payment.succeeded of a subscription needs payment.period_end")
         if self.type == "payment.refunded" and (payment is None or payment.refund is None):
             raise ValueError("payment.refunded needs payment.refund ('full' or 'partial')")
         if self.type == "payment.disputed" and (payment is None or payment.dispute is None):

@@ -3,6 +3,7 @@ package, and the neutral billing event mapped onto the lifecycle."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -116,7 +117,16 @@ def test_payment_and_subscription_events_map_to_facts() -> None:
                 "timestamp": "2026-01-01T00:00:00Z",
                 "data": {"payment": {"id": "p"}},
             },
-            "needs payment.subscription_id",
+            "needs payment.items",
+        ),
+        (
+            {
+                "id": "e",
+                "type": "payment.failed",
+                "timestamp": "2026-01-01T00:00:00Z",
+                "data": {"payment": {"id": "p", "items": [{"sku": "pro"}]}},
+            },
+            "payment.failed needs payment.subscription_id",
         ),
         (
             {
@@ -156,3 +166,75 @@ def test_the_lifecycle_matches_the_stripe_path() -> None:
         sw.subscription("sub_1", "canceled", ts(2 * MONTH), ts(3 * MONTH), ts(2 * MONTH + DAY))
     )
     assert (entitlement.status, entitlement.reason) == (Status.CANCELED, "subscription_canceled")
+
+
+def test_zoneless_times_are_a_dead_letter_naming_each_field_and_the_order_goes_on() -> None:
+    """shared/cases/08: times without an offset once passed the adapter and
+    broke the fold (a partition redelivered forever). They are refused
+    here, naming every such field; the next valid update of the same
+    subscription applies."""
+    catalog = Catalog([Offering(sku="pro_annual", product="acme", period="P1Y")])
+    poison = sw.event(
+        "subscription.updated",
+        {
+            "subscription": {
+                "id": "sub_case08",
+                "status": "active",
+                "items": [{"id": "main", "sku": "pro_annual"}],
+                "current_period_start": "2026-11-01T00:00:00",
+                "current_period_end": "2027-11-01T00:00:00",
+            }
+        },
+        NOW,
+    )
+    poison["timestamp"] = "2026-11-29T10:00:00"
+    with pytest.raises(Unmappable) as caught:
+        normalize("billing", poison, catalog, datetime.now(UTC))
+    for field in ("timestamp", "current_period_start", "current_period_end"):
+        assert f"{field}: Input should have timezone info" in caught.value.reason
+    valid = json.loads(json.dumps(poison).replace(':00:00"', ':00:00Z"'))
+    world = World(catalog=catalog, provider="standard").at(ts(0) - T0.timestamp())
+    world.at(datetime(2026, 11, 29, 11, tzinfo=UTC).timestamp() - T0.timestamp()).deliver(valid)
+    assert (world.only().status, world.only().period_end) == (
+        Status.ACTIVE,
+        datetime(2027, 11, 1, tzinfo=UTC),
+    )
+
+
+def test_a_payment_without_a_subscription_is_a_one_off_sale() -> None:
+    world = World(catalog=CATALOG, provider="standard")
+    sale = sw.event(
+        "payment.succeeded",
+        {"payment": {"id": "pay_once", "items": [{"price": "price_pro", "quantity": 2}]}},
+        ts(60),
+    )
+    world.at(60).deliver(sale)
+    item = world.only()
+    assert (item.order_ref, item.sku, item.seats, item.status) == (
+        "pay_once",
+        "pro",
+        10,
+        Status.ACTIVE,
+    )
+    # One period of the offering (P1M) from the sale.
+    assert item.period_end == datetime(2026, 2, 1, 0, 1, tzinfo=UTC)
+    # It states its own end: a year's license.
+    yearly = sw.event(
+        "payment.succeeded",
+        {
+            "payment": {
+                "id": "pay_year",
+                "items": [{"sku": "basic"}],
+                "period_start": sw.iso(ts(0)),
+                "period_end": sw.iso(ts(365 * DAY)),
+            }
+        },
+        ts(60),
+    )
+    world.deliver(yearly)
+    [license] = [e for e in world.entitlements() if e.order_ref == "pay_year"]
+    assert license.period_end == T0 + timedelta(days=365)
+    world.at(DAY).deliver(
+        sw.event("payment.refunded", {"payment": {"id": "pay_once", "refund": "full"}}, ts(DAY))
+    )
+    assert (item.status, item.reason) == (Status.CANCELED, "refunded")

@@ -3,6 +3,7 @@ renewals under a new subscription id with the same email."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -12,9 +13,10 @@ import httpx
 import pytest
 
 from domain.catalog import Catalog, Offering
+from domain.commands import OrderEvent
 from domain.entitlement import Status
-from services.providers import Credentials, SignatureError
-from services.providers.zenofy import routing_key, verify
+from services.providers import Credentials, SignatureError, Unmappable
+from services.providers.zenofy import PROVIDER, event_id, normalize, routing_key, verify
 from tests import standard_events as sw
 from tests import zenofy_events as ze
 from tests.harness import Entitle, eventually
@@ -195,3 +197,162 @@ def test_plans_map_by_sku_or_by_the_catalogs_zenofy_plan_ids() -> None:
         )
     )
     assert world.only().sku == "pro"
+
+
+# -- what Zenofy itself sends: X-Webhook-Secret and order webhooks ----------------
+# https://zenofy.io/doc/order-webhooks
+
+
+ORDERS = Catalog(
+    [
+        Offering(sku="basic", product="acme", period="P1Y"),
+        Offering(sku="pro", product="acme", seats=5, prices={"zenofy": ("673f9prodpro",)}),
+    ]
+)
+
+
+def test_zenofy_s_own_secret_header_verifies_and_is_never_kept() -> None:
+    body = ze.body(ze.order("order_paid", "673f92b2c3d94a0012abcd01", [("basic", 1)], NOW, NOW))
+    key = Credentials(ze.SECRET)
+    verify(lower(ze.secret_headers()), body, key, NOW)
+    with pytest.raises(SignatureError, match="X-Webhook-Secret"):
+        verify(lower(ze.secret_headers("another")), body, key, NOW)
+    # The header is the secret itself: a stored webhook must not carry it.
+    assert "x-webhook-secret" not in PROVIDER.headers
+
+
+def test_a_paid_order_grants_each_line_one_period_from_its_payment() -> None:
+    world = World(catalog=ORDERS, provider="zenofy")
+    paid = ze.order(
+        "order_paid",
+        "673f92b2c3d94a0012abcd01",
+        [("basic", 1), ("673f9prodpro", 2)],
+        ts(0),
+        ts(60),
+        email="Buyer@Example.com",
+    )
+    world.deliver(paid)
+    pro, basic = world.entitlements()  # by slot: the product id
+    assert (basic.sku, basic.status, basic.period_end) == (
+        "basic",
+        Status.ACTIVE,
+        T0 + timedelta(seconds=60) + timedelta(days=365),
+    )
+    assert (pro.sku, pro.seats, pro.status) == ("pro", 10, Status.ACTIVE)
+    assert pro.period_end == T0 + timedelta(seconds=60) + timedelta(days=31)
+    assert basic.customer_email == "buyer@example.com"
+    assert basic.order_ref == "order/673f92b2c3d94a0012abcd01"
+    # A retry of the same webhook is the same event; the refund is another.
+    assert event_id(paid) == event_id(json.loads(ze.body(paid)))
+    refunded = ze.order("order_refunded", "673f92b2c3d94a0012abcd01", [], ts(0), ts(60))
+    assert event_id(refunded) != event_id(paid)
+
+
+@pytest.mark.parametrize("kind", ["order_refunded", "order_cancelled"])
+@pytest.mark.parametrize("refund_first", [False, True])
+def test_a_refunded_or_cancelled_order_revokes_its_licenses_in_any_order(
+    kind: str, refund_first: bool
+) -> None:
+    world = World(catalog=ORDERS, provider="zenofy")
+    paid = ze.order("order_paid", "ord_a", [("basic", 1)], ts(0), ts(60))
+    revoked = ze.order(kind, "ord_a", [("basic", 1)], ts(0), ts(60))
+    for payload in [revoked, paid] if refund_first else [paid, revoked]:
+        world.at(DAY).deliver(payload)
+        if payload is revoked and refund_first:
+            # Nothing was paid yet: no license is minted for it.
+            assert world.entitlements() == []
+    reason = "refunded" if kind == "order_refunded" else "order_cancelled"
+    assert (world.only().status, world.only().reason) == (Status.CANCELED, reason)
+
+
+def test_an_order_cancelled_before_it_was_paid_is_ignored() -> None:
+    unpaid = ze.order("order_cancelled", "ord_u", [("basic", 1)], NOW, None)
+    assert normalize("z", unpaid, ORDERS, T0) == []
+
+
+def test_a_refund_of_the_order_that_paid_a_subscription_period_cancels_it() -> None:
+    world = World(catalog=ORDERS, provider="zenofy")
+    world.deliver(
+        ze.event(
+            "subscription.activated", "z1", "ACTIVE", ts(0), ts(MONTH), ts(10), order_id="ord_1"
+        )
+    )
+    renewal = ze.event(
+        "subscription.renewed",
+        "z2",
+        "ACTIVE",
+        ts(MONTH),
+        ts(2 * MONTH),
+        ts(MONTH + 10),
+        renews="z1",
+        renewal_order="ord_2",
+    )
+    world.at(MONTH + 10).deliver(renewal)
+    assert world.only().period_end == T0 + timedelta(seconds=2 * MONTH)
+    world.deliver(ze.order("order_refunded", "ord_2", [("basic", 1)], ts(MONTH), ts(MONTH + 10)))
+    assert (world.only().status, world.only().reason) == (Status.CANCELED, "refunded")
+
+
+def test_a_renewal_after_a_suspension_reinstates_the_subscription() -> None:
+    """Zenofy suspends a subscription left unpaid past its period end; the
+    buyer then pays at the checkout (subscription.renewed): active again."""
+    world = World(catalog=ORDERS, provider="zenofy")
+    world.deliver(ze.event("subscription.activated", "z1", "ACTIVE", ts(0), ts(MONTH), ts(10)))
+    world.at(MONTH + 3 * DAY).deliver(
+        ze.event("subscription.suspended", "z1", "SUSPENDED", ts(0), ts(MONTH), ts(MONTH + 3 * DAY))
+    )
+    assert (world.only().status, world.only().reason) == (Status.SUSPENDED, "suspended")
+    world.at(MONTH + 4 * DAY).deliver(
+        ze.event(
+            "subscription.renewed",
+            "z2",
+            "ACTIVE",
+            ts(MONTH + 4 * DAY),
+            ts(2 * MONTH + 4 * DAY),
+            ts(MONTH + 4 * DAY),
+            renews="z1",
+        )
+    )
+    assert (world.only().status, world.only().period_end) == (
+        Status.ACTIVE,
+        T0 + timedelta(seconds=2 * MONTH + 4 * DAY),
+    )
+
+
+def test_an_order_line_of_an_unknown_product_is_a_dead_letter_naming_it() -> None:
+    paid = ze.order("order_paid", "ord_x", [("basic", 1), ("ebook-bump", 1)], NOW, NOW)
+    with pytest.raises(Unmappable, match="product 'ebook-bump' maps to no offering") as caught:
+        normalize("z", paid, ORDERS, T0)
+    # What did map is kept, for the dead letter's partial application.
+    [command] = caught.value.commands
+    assert isinstance(command, OrderEvent) and [ln.slot for ln in command.lines] == ["basic"]
+
+
+def test_an_order_paid_at_a_time_without_offset_is_a_dead_letter_naming_the_field() -> None:
+    paid = ze.order("order_paid", "ord_n", [("basic", 1)], NOW, NOW)
+    paid["paidAt"] = "2026-01-15T10:30:00"
+    with pytest.raises(Unmappable, match=r"paidAt .* has no UTC offset"):
+        normalize("z", paid, ORDERS, T0)
+
+
+@pytest.mark.parametrize("kind", ["order_paid", "order_refunded", "order_cancelled"])
+def test_any_order_field_of_the_wrong_type_is_unmappable_never_a_crash(kind: str) -> None:
+    from services.providers import check
+    from tests.test_poison import _paths, _replaced
+
+    order = ze.order(kind, "ord_1", [("basic", 1), ("673f9prodpro", 2)], NOW, NOW + 60)
+    crashes = []
+    for path in _paths(order):
+        for value in ([], {}, 12345, None, "x", True, 1.5, "2026-01-15T10:30:00"):
+            mutated = _replaced(order, path, value)
+            if not isinstance(mutated, dict):
+                continue
+            try:
+                check(normalize("z", mutated, ORDERS, T0))
+                routing_key(mutated)
+                event_id(mutated)
+            except Unmappable:
+                pass
+            except Exception as exc:
+                crashes.append(f"{'.'.join(map(str, path))} = {value!r}: {exc!r}")
+    assert not crashes, "\n".join(crashes[:30])

@@ -5,6 +5,11 @@ Signature: `webhook-signature: v1,<base64>` (a space-separated list during
 key rotation), HMAC-SHA256 over "{webhook-id}.{webhook-timestamp}.{body}",
 keyed with the base64-decoded part of the `whsec_…` secret (unlike Stripe,
 which keys with the literal string); ±5 minutes unless configured.
+
+The event is our own contract (`contracts/billing.py`): every time must carry
+a UTC offset (a zoneless one is a dead letter naming the field, not a naive
+datetime that breaks the fold: shared case 08), and a `payment.succeeded`
+without `subscription_id` is a one-off sale.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pydantic import ValidationError
 from contracts import describe
 from contracts.billing import BillingEventV1, BillingItemV1
 from domain import lifecycle
-from domain.catalog import Catalog
+from domain.catalog import Catalog, add_period
 from domain.commands import Command, Customer, OrderEvent, PaymentEvent
 from domain.entitlement import Cause
 from domain.lifecycle import Line
@@ -148,6 +153,39 @@ def normalize(
                 _customer(subscription.customer),
             )
         )
+    elif (
+        payment is not None
+        and event.type == "payment.succeeded"
+        and payment.subscription_id is None
+    ):
+        # A one-off sale (payment.succeeded without a subscription; the
+        # contract requires one on payment.failed): each item grants one
+        # period of its offering, unless the payment states its own end.
+        starts = payment.period_start or event.timestamp
+        lines = [
+            Line(
+                line.slot,
+                line.offering,
+                line.quantity,
+                starts,
+                payment.period_end or add_period(starts, line.offering.period),
+            )
+            for line in _lines(payment.items, catalog, unmapped)
+        ]
+        if lines:
+            commands.append(
+                OrderEvent(
+                    source,
+                    payment.id,
+                    lifecycle.payment(payment.id, lines),
+                    tuple(lines),
+                    cause,
+                    event.timestamp,
+                    _customer(payment.customer),
+                    payment_refs=(payment.id,),
+                    invoice=payment.id,
+                )
+            )
     elif payment is not None and event.type in ("payment.succeeded", "payment.failed"):
         assert payment.subscription_id is not None
         lines = _lines(payment.items, catalog, unmapped, payment.period_start, payment.period_end)
