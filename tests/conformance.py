@@ -1,6 +1,6 @@
 """One behaviour every provider adapter must show, as eventsourcing runs one
 recorder suite per store: `tests/test_conformance.py` runs these stories for
-each registered fixture set, through the real adapter (`normalize`,
+each provider in `services.providers.MODULES`, through the real adapter (`normalize`,
 `verify`) and the real domain fold (`tests/lifecycle_world.World`).
 
 A provider's fixture set lives in its `tests/<provider>_events.py` as

@@ -1,11 +1,13 @@
 """Billing providers: how each one signs webhooks and what its events mean.
 
-A provider is one module exposing `PROVIDER`, plus one line in `PROVIDERS`.
+A provider is one module exposing `PROVIDER`, plus one line in `MODULES`, and
+one fixture set (`tests/<module>_events.py`) that passes `tests/conformance.py`.
 """
 
 from __future__ import annotations
 
 import hmac
+import importlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -355,28 +357,23 @@ class Provider:
     split: Callable[[Mapping[str, Any]], list[Any] | None] | None = None
 
 
-def _registry() -> dict[str, Provider]:
-    from services.providers import (
-        chargebee,
-        fastspring,
-        lemonsqueezy,
-        paddle,
-        paypal,
-        standard,
-        stripe,
-        zenofy,
-    )
+#: One line per provider: its module here, which exposes `PROVIDER`.
+MODULES = (
+    "stripe",
+    "paddle",
+    "lemonsqueezy",
+    "chargebee",
+    "paypal",
+    "fastspring",
+    "zenofy",
+    "standard",
+)
 
-    providers = (
-        stripe.PROVIDER,
-        paddle.PROVIDER,
-        lemonsqueezy.PROVIDER,
-        chargebee.PROVIDER,
-        paypal.PROVIDER,
-        zenofy.PROVIDER,
-        standard.PROVIDER,
-        fastspring.PROVIDER,
-    )
+
+def _registry() -> dict[str, Provider]:
+    providers: list[Provider] = [
+        importlib.import_module(f"services.providers.{module}").PROVIDER for module in MODULES
+    ]
     return {p.name: p for p in providers}
 
 
