@@ -315,3 +315,44 @@ def test_a_job_is_found_by_id_among_many_at_one_position(outbox: Outbox) -> None
     found = outbox.job(last.id)
     assert found is not None and found.job.id == last.id
     assert outbox.job("nope") is None
+
+
+def test_a_channel_paused_while_its_worker_sends_gets_nothing_more(outbox: Outbox) -> None:
+    """An endpoint disabled mid-burst (its channel paused) stops at once:
+    the worker sends no further job, and the rest wait for it."""
+
+    class Disabling(Scripted):
+        async def send(self, job: Job) -> Outcome:
+            if not self.sent:
+                with outbox.read_model.transaction() as cur:
+                    outbox.pause(cur, job.channel, True)
+            return await super().send(job)
+
+    sender = Disabling()
+    outbox.commit("p", jobs("a", "k", 20, ordered=False), 1)
+    run(Dispatcher(outbox, [sender], concurrency=1, poll_interval=0.05), 0.8)
+    assert sender.sent == [("a", 0)]
+    assert outbox.counts("a") == {"succeeded": 1, "pending": 19}
+
+
+def test_a_job_given_up_while_its_attempt_flies_stays_failed_unless_it_got_through(
+    outbox: Outbox,
+) -> None:
+    outbox.commit("p", jobs("a", "k", 2, ordered=False), 1)
+    first, second = outbox.due("a", datetime.now(UTC) + timedelta(seconds=1), 10)
+    at = datetime.now(UTC)
+    with outbox.read_model.transaction() as cur:  # the endpoint is deleted meanwhile
+        outbox.give_up(cur, "a", "the endpoint was deleted", at)
+    outbox.record(
+        [
+            (first, Outcome(ok=False, status_code=500, error="answered 500"), at, 1.0),
+            (second, Outcome(ok=True, status_code=200), at, 1.0),
+        ]
+    )
+    records = {r.job.id: r for r in outbox.jobs(channel="a")}
+    assert (records[first.id].status, records[first.id].last_error) == (
+        "failed",
+        "the endpoint was deleted",
+    )
+    assert records[second.id].status == "succeeded"
+    assert [a.status_code for a in records[first.id].attempts] == [500]

@@ -382,6 +382,10 @@ class Outbox:
                     " FROM entitle_outbox_jobs j"
                     " WHERE j.channel = ? AND j.status = 'pending'"
                     " AND COALESCE(j.next_at, '') <= ?" + skip + ""
+                    # A channel paused while its worker runs (an endpoint
+                    # disabled) gets nothing more: the worker then ends.
+                    " AND NOT EXISTS (SELECT 1 FROM entitle_outbox_channels c"
+                    " WHERE c.channel = j.channel AND c.paused = 1)"
                     " AND (j.ordered = 0 OR NOT EXISTS (SELECT 1 FROM entitle_outbox_jobs p"
                     " WHERE p.channel = j.channel AND p.ordering_key = j.ordering_key"
                     " AND p.status = 'pending' AND p.seq < j.seq))"
@@ -443,6 +447,7 @@ class Outbox:
                     outcome.status_code,
                     outcome.error,
                     job.id,
+                    status,
                 )
             )
         with self.read_model.transaction() as cur:
@@ -458,6 +463,9 @@ class Outbox:
                 self._sql(
                     "UPDATE entitle_outbox_jobs SET status = ?, attempts = ?, next_at = ?,"
                     " updated_at = ?, last_status_code = ?, last_error = ? WHERE id = ?"
+                    # A job given up while its attempt flew (its endpoint
+                    # deleted) stays failed unless the attempt got through.
+                    " AND (status = 'pending' OR ? = 'succeeded')"
                 ),
                 updates,
             )
