@@ -391,6 +391,7 @@ def build_app(
                 declared,
                 dispatcher.wake,
                 head=lambda: recorder.max_notification_id() or 0,
+                endpoints_changed=endpoints.invalidate,
             )
             follower = Follower(store)  # one for all: each batch decoded once
             for projection in projections(needs):

@@ -5,6 +5,7 @@ every attempt, resending and recovering, and the mails sent to buyers."""
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -40,6 +41,8 @@ from services.store import StillChanging
 
 STATUSES = ("pending", "succeeded", "failed")
 KINDS = ("webhook", "mail", "stripe")
+#: Most seconds a rotation waits for the webhooks projection to take it.
+ROTATION_WAIT = 5.0
 
 
 def _endpoint_id(request: Request) -> uuid.UUID:
@@ -335,6 +338,15 @@ class OutboundAPI:
         endpoint_id = _endpoint_id(request)
         at = self.clock()
         endpoint = await self._change(endpoint_id, lambda e: e.rotate_secret(key.name, at))
+        # Answered once the webhooks projection has the new generation (up
+        # to ROTATION_WAIT seconds), so what is sent after this answer is
+        # signed with the secret it shows too.
+        deadline = time.monotonic() + ROTATION_WAIT
+        while time.monotonic() < deadline:
+            stored = (await anyio.to_thread.run_sync(self.endpoints.load)).get(endpoint_id)
+            if stored is None or stored.generation >= endpoint.generation:
+                break
+            await anyio.sleep(0.05)
         view = await anyio.to_thread.run_sync(self._view, EndpointInfo.of(endpoint), True)
         return JSONResponse(view.model_dump(mode="json"))
 

@@ -195,8 +195,12 @@ def test_secret_rotation_signs_with_both_secrets_for_a_day(stack: Entitle, local
         f"{stack.url}/v1/webhook-endpoints/{endpoint['id']}/rotate-secret", headers=AUTH
     ).json()
     assert rotated["secret"] != endpoint["secret"]
+    # What is sent right after the answer is signed with the secret it gave.
+    httpx.post(f"{stack.url}/v1/webhook-endpoints/{endpoint['id']}/test", headers=AUTH)
+    ping = eventually(lambda: local.at("/rot") or None, timeout=10)[0]
+    assert verified(rotated["secret"], ping)["type"] == "ping"
     post(stack, paid("sub_rot"))
-    request = eventually(lambda: local.at("/rot") or None, timeout=10)[0]
+    request = eventually(lambda: local.at("/rot")[1:] or None, timeout=10)[0]
     assert len(request.headers["webhook-signature"].split(" ")) == 2
     assert verified(endpoint["secret"], request) == verified(rotated["secret"], request)
 

@@ -197,6 +197,11 @@ class Endpoints:
             stored = stored_endpoints(cur)
         return {**{e.id: e for e in stored}, **self.configured}
 
+    def invalidate(self) -> None:
+        """Read the table again at the next `get`: the webhooks projection
+        just changed it (a rotated secret signs the next message)."""
+        self._read = 0.0
+
     async def get(self, endpoint_id: UUID) -> EndpointInfo | None:
         """The endpoint, or None if the table has never had it. One the
         copy does not know yet (created within the second) is read again

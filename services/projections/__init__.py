@@ -86,6 +86,8 @@ class Needs:
     #: The log's last position now: where a projection that must not act on
     #: history (mail) starts when it has no position yet.
     head: Callable[[], int]
+    #: Tells the webhook sender the endpoints table changed.
+    endpoints_changed: Callable[[], None] = lambda: None
 
 
 def projections(needs: Needs) -> list[Projection]:
@@ -93,7 +95,7 @@ def projections(needs: Needs) -> list[Projection]:
     return [
         ReadModelProjection(needs.read_model),
         PublicEventsProjection(needs.read_model, needs.broker),
-        WebhooksProjection(needs.outbox, needs.endpoints, needs.wake),
+        WebhooksProjection(needs.outbox, needs.endpoints, needs.wake, needs.endpoints_changed),
         *stripe_codes_projection(needs.read_model, needs.outbox, needs.config, needs.wake),
         *mail_projection(needs.outbox, needs.config.email, needs.head, needs.wake),
     ]

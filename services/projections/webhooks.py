@@ -42,8 +42,10 @@ class WebhooksProjection:
         outbox: Outbox,
         configured: list[EndpointInfo],
         wake: Callable[[], None] = lambda: None,
+        endpoints_changed: Callable[[], None] = lambda: None,
     ) -> None:
         self.outbox = outbox
+        self.endpoints_changed = endpoints_changed
         self.read_model = outbox.read_model
         self.configured = configured
         self.wake = wake
@@ -112,6 +114,8 @@ class WebhooksProjection:
                 self.outbox.give_up(cur, str(endpoint_id), ENDPOINT_DELETED, at)
 
         await anyio.to_thread.run_sync(self.outbox.commit, self.name, jobs, position, also)
+        if changed:
+            self.endpoints_changed()
         if jobs or changed:
             self.wake()
 
