@@ -25,6 +25,7 @@ from services.config import ConfigError, Settings, admin_keys, generate_admin_ke
 from services.http import BODIES, MaskCodes, aware_time
 from services.kafka import EmbeddedBroker
 from services.outbound.mail import mail_settings
+from services.readmodel import ReadModel
 from services.server import HttpLimits, guarded
 
 log = logging.getLogger("entitle")
@@ -184,6 +185,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from services.store import EntitlementStore
 
     settings = Settings.from_env()
+    if args.webhooks:
+        return _replay_webhooks(ReadModel(settings.database_url))
     store = EntitlementStore(settings.database_url)
     read_model = ReadModel(settings.database_url)
     try:
@@ -192,6 +195,33 @@ def cmd_replay(args: argparse.Namespace) -> int:
         read_model.close()
         store.close()
     print(f"read model rebuilt from {count} events")
+    return 0
+
+
+def _replay_webhooks(read_model: ReadModel) -> int:
+    """Send the webhooks projection back to the first event: at its next
+    start the projector queues what is missing (a lost outbox), for the
+    endpoints as they were at each event; what is queued stays as it is."""
+    from services.outbound.outbox import Lease
+    from services.projections.webhooks import WEBHOOKS
+
+    lease = Lease(read_model)
+    try:
+        if not lease.hold():
+            print(
+                "error: a projector is running (it holds the outbox's dispatcher lease):"
+                " stop it first, then start it again after this",
+                file=sys.stderr,
+            )
+            return 1
+        read_model.rewind(WEBHOOKS)
+    finally:
+        lease.release()
+        read_model.close()
+    print(
+        "the webhooks projection starts again from the first event when the projector"
+        " next starts; queued deliveries are kept (none is sent twice)"
+    )
     return 0
 
 
@@ -521,6 +551,11 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("roles", nargs="+", choices=ROLES)
     serve.set_defaults(run=cmd_serve)
     p = sub.add_parser("replay", help="rebuild the read model from the event store")
+    p.add_argument(
+        "--webhooks",
+        action="store_true",
+        help="instead, rebuild the outbound webhook jobs at the projector's next start",
+    )
     p.set_defaults(run=cmd_replay)
     p = sub.add_parser("history", help="print an entitlement's stored events (JSON lines)")
     p.add_argument("entitlement_id")

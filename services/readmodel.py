@@ -242,6 +242,11 @@ class ReadModel:
 
     # -- writes --------------------------------------------------------------
 
+    def rewind(self, name: str) -> None:
+        """Send projection `name` back to the first event (its tables kept)."""
+        with self._transaction() as cur:
+            cur.execute(self._sql("DELETE FROM entitle_read_positions WHERE name = ?"), (name,))
+
     def position(self, name: str) -> int:
         rows = self._query("SELECT position FROM entitle_read_positions WHERE name = ?", (name,))
         return int(rows[0][0]) if rows else 0

@@ -19,8 +19,9 @@ import pytest
 
 from contracts.outbound import EndpointView
 from services.app import Roles, build_app, declared_endpoints, declared_id
+from services.cli import main
 from services.config import Settings, admin_keys, parse_config
-from services.outbound.outbox import Job, Outbox, Outcome
+from services.outbound.outbox import Job, Lease, Outbox, Outcome
 from services.projections.follower import Follower
 from services.projections.webhooks import WEBHOOKS, WebhooksProjection
 from services.readmodel import ReadModel
@@ -433,3 +434,69 @@ def test_a_batch_read_for_one_projection_is_handed_to_the_next_as_it_was(world: 
     # What a follower of its own reads is the same.
     alone, _ = Follower(world.store).read(0, 1000)
     assert [c.endpoint.url for c in alone if c.endpoint is not None] == urls
+
+
+# -- a rebuild of the webhooks projection ------------------------------------------
+
+
+def test_a_rebuild_queues_nothing_new_and_keeps_a_disabled_endpoint_paused(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`entitle replay --webhooks` replays the log for the endpoints as they
+    were at each event: nothing already queued is queued again, no endpoint
+    gets events from before it was made, and one disabled before the
+    rebuild is never sent to meanwhile."""
+    from tests.test_mail import paid_invoice
+    from tests.test_receipts import World as Domain
+
+    url = f"sqlite:///{tmp_path}/entitle.db"
+    domain = Domain(url)
+    try:
+        old = world.create(url="http://127.0.0.1:9/old")
+        domain.send(paid_invoice("sub_before"), "r1")
+        world.project()
+        world.client.patch(f"{BASE}/{old['id']}", json={"disabled": True}, headers=AUTH)
+        new = world.create(url="http://127.0.0.1:9/new")
+        domain.send(paid_invoice("sub_after"), "r2")
+        world.project()
+    finally:
+        domain.store.close()
+        domain.read_model.close()
+
+    def queued() -> dict[str, set[str]]:
+        return {
+            e["id"]: {r.job.id for r in world.outbox.jobs(channel=e["id"], limit=1000)}
+            for e in (old, new)
+        }
+
+    def paused() -> set[str]:
+        with world.outbox.read_model.transaction(write=False) as cur:
+            return set(world.outbox.paused_channels(cur))
+
+    before = queued()
+    assert before[old["id"]] and before[new["id"]]
+    assert len(before[new["id"]]) < len(before[old["id"]])  # only what came after it
+    monkeypatch.setenv("ENTITLE_DATABASE_URL", url)
+    running = Lease(world.outbox.read_model)  # a projector's dispatcher
+    assert running.hold()
+    assert main(["replay", "--webhooks"]) == 1  # refused: stop it first
+    running.release()
+    assert main(["replay", "--webhooks"]) == 0
+    # The projector starts again: the log replays one event at a time.
+    world.projection = WebhooksProjection(
+        world.outbox,
+        world.projection.configured,
+        head=lambda: world.store.process_recorder.max_notification_id() or 0,
+    )
+    position = world.projection.position()
+    assert position == 0
+    follower = Follower(world.store)
+    while True:
+        changes, last = follower.read(position, 1)
+        if last is None:
+            break
+        asyncio.run(world.projection.project(changes, last))
+        position = last
+        assert old["id"] in paused()
+    assert queued() == before
+    assert old["id"] in paused() and new["id"] not in paused()

@@ -337,6 +337,11 @@ class Outbox:
             sorted({(job.channel, job.kind) for job in jobs}),
         )
 
+    def paused_channels(self, cur: Any) -> list[str]:
+        """The channels paused now, in the caller's transaction."""
+        cur.execute(self._sql("SELECT channel FROM entitle_outbox_channels WHERE paused = 1"))
+        return [row[0] for row in cur.fetchall()]
+
     def pause(self, cur: Any, channel: str, paused: bool) -> None:
         """Pause (or resume) a channel, in the caller's transaction."""
         cur.execute(

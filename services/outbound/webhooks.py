@@ -96,6 +96,9 @@ class EndpointInfo:
     secret: str | None = None
     #: Declared in the configuration file (not made through the API).
     declared: bool = False
+    #: A declared endpoint gets the events after this log position (where
+    #: the webhooks projection first saw it), on a rebuild as the first time.
+    since: int = 0
 
     @classmethod
     def of(cls, endpoint: Endpoint) -> EndpointInfo:

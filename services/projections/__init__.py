@@ -95,7 +95,9 @@ def projections(needs: Needs) -> list[Projection]:
     return [
         ReadModelProjection(needs.read_model),
         PublicEventsProjection(needs.read_model, needs.broker),
-        WebhooksProjection(needs.outbox, needs.endpoints, needs.wake, needs.endpoints_changed),
+        WebhooksProjection(
+            needs.outbox, needs.endpoints, needs.wake, needs.endpoints_changed, needs.head
+        ),
         *stripe_codes_projection(needs.read_model, needs.outbox, needs.config, needs.wake),
         *mail_projection(needs.outbox, needs.config.email, needs.head, needs.wake),
     ]

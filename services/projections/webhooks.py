@@ -10,6 +10,7 @@ for it fails ("the endpoint was deleted").
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 from uuid import UUID, uuid5
@@ -43,9 +44,16 @@ class WebhooksProjection:
         configured: list[EndpointInfo],
         wake: Callable[[], None] = lambda: None,
         endpoints_changed: Callable[[], None] = lambda: None,
+        head: Callable[[], int] = lambda: 0,
     ) -> None:
         self.outbox = outbox
         self.endpoints_changed = endpoints_changed
+        self.head = head
+        #: While a rebuild replays the log up to `_held_until`, the channels
+        #: paused before it stay paused (a replayed registration would
+        #: otherwise resume a disabled endpoint until its disabling replays).
+        self._held: set[str] = set()
+        self._held_until = 0
         self.read_model = outbox.read_model
         self.configured = configured
         self.wake = wake
@@ -53,25 +61,37 @@ class WebhooksProjection:
         self.endpoints: dict[UUID, EndpointInfo] = {}
 
     def position(self) -> int:
+        """Where to resume; at 0 (the first run, or a rebuild after `entitle
+        replay --webhooks`) the endpoints made through the API are forgotten
+        and rebuilt from their own events as the log replays, so old events
+        go only to the endpoints that existed when they were recorded."""
         sql = self.read_model.sql
+        position = self.read_model.position(self.name)
         with self.read_model.transaction() as cur:
             stored = stored_endpoints(cur)
+            first_seen = {e.id: e.since for e in stored if e.declared}
             # The configuration is the truth about declared endpoints: they
             # are written to the table (for `entitle outbound`), those no
             # longer declared go, and a restart resumes a paused one.
             for endpoint in stored:
-                if endpoint.declared:
+                if endpoint.declared or position == 0:
                     cur.execute(
                         sql("DELETE FROM entitle_webhook_endpoints WHERE id = ?"),
                         (str(endpoint.id),),
                     )
+            self.configured = [
+                replace(e, since=first_seen.get(e.id, position)) for e in self.configured
+            ]
             for endpoint in self.configured:
                 self._write(cur, endpoint)
                 self.outbox.pause(cur, str(endpoint.id), False)
-        self.endpoints = {e.id: e for e in stored if not e.declared} | {
-            e.id: e for e in self.configured
-        }
-        return self.read_model.position(self.name)
+            if position == 0:
+                self._held = {str(e.id) for e in stored if not e.declared}
+                self._held &= set(self.outbox.paused_channels(cur))
+                self._held_until = self.head()
+        kept = [] if position == 0 else [e for e in stored if not e.declared]
+        self.endpoints = {e.id: e for e in kept} | {e.id: e for e in self.configured}
+        return position
 
     def _write(self, cur: Any, endpoint: EndpointInfo) -> None:
         cur.execute(
@@ -105,9 +125,13 @@ class WebhooksProjection:
             jobs += self._order_jobs(source, order_ref, created)
 
         def also(cur: Any) -> None:
+            held = position <= self._held_until
             for endpoint in changed.values():
                 self._write(cur, endpoint)
-                self.outbox.pause(cur, str(endpoint.id), endpoint.disabled or endpoint.deleted)
+                paused = endpoint.disabled or endpoint.deleted
+                self.outbox.pause(
+                    cur, str(endpoint.id), paused or (held and str(endpoint.id) in self._held)
+                )
             # What waited for a deleted endpoint will never go: it fails
             # now (after the jobs of this batch are in), on a rebuild too.
             for endpoint_id, at in deleted.items():
@@ -141,7 +165,7 @@ class WebhooksProjection:
                 ordered=endpoint.ordered,
             )
             for endpoint in self.endpoints.values()
-            if endpoint.wants(message.type)
+            if endpoint.wants(message.type) and endpoint.since < change.position
         ]
 
     def _order_jobs(self, source: str, order_ref: str, created: list[Change]) -> list[Job]:
@@ -176,5 +200,5 @@ class WebhooksProjection:
                 ordered=False,
             )
             for endpoint in self.endpoints.values()
-            if endpoint.wants("order.created")
+            if endpoint.wants("order.created") and endpoint.since < created[0].position
         ]
