@@ -93,7 +93,7 @@ def _only(request: Request, allowed: set[str]) -> None:
             422,
             "invalid_query",
             f"unknown query parameter(s): {', '.join(sorted(unknown))};"
-            f" this list takes {', '.join(sorted(allowed))}",
+            + (f" this list takes {', '.join(sorted(allowed))}" if allowed else " it takes none"),
         )
 
 

@@ -240,7 +240,7 @@ class OutboundAPI:
         endpoint = Endpoint.register(
             uuid.uuid4(),
             url=body.url,
-            events=body.events or [],
+            events=_unique(body.events),
             description=body.description,
             include_codes=body.include_codes,
             ordered=body.ordered,
@@ -302,14 +302,14 @@ class OutboundAPI:
         endpoint_id = _endpoint_id(request)
         body = await read_json(request, EndpointPatch)
         given = body.model_dump(exclude_unset=True)
-        if given.get("url") is not None:
-            await self._check_url(given["url"])
-        if "events" in given:
-            _check_events(given["events"])
-            given["events"] = given["events"] or []
-        for name in ("url", "include_codes", "ordered", "disabled"):
+        for name in ("url", "events", "include_codes", "ordered", "disabled"):
             if name in given and given[name] is None:
                 raise HTTPError(422, "invalid_body", f"{name} cannot be null")
+        if given.get("url") is not None:
+            await self._check_url(given["url"])
+        if "events" in given:  # [] subscribes to every event
+            _check_events(given["events"])
+            given["events"] = _unique(given["events"])
         at = self.clock()
 
         def change(endpoint: Endpoint) -> None:
@@ -468,6 +468,11 @@ class OutboundAPI:
         _no_control_characters(request)
         _only(request, {"status", "cursor", "limit"})
         return await self._list(request, kind="mail")
+
+
+def _unique(events: list[str] | None) -> list[str]:
+    """The types and prefixes, each once, in the order given ([]: all)."""
+    return list(dict.fromkeys(events or []))
 
 
 def _check_events(events: list[str] | None) -> None:

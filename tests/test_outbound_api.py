@@ -500,3 +500,16 @@ def test_a_rebuild_queues_nothing_new_and_keeps_a_disabled_endpoint_paused(
         assert old["id"] in paused()
     assert queued() == before
     assert old["id"] in paused() and new["id"] not in paused()
+
+
+def test_events_are_never_null_and_each_is_kept_once(world: World) -> None:
+    created = world.create(events=["entitlement.*", "entitlement.*", "order.created"])
+    assert created["events"] == ["entitlement.*", "order.created"]
+    path = f"{BASE}/{created['id']}"
+    refused = world.client.patch(path, json={"events": None}, headers=AUTH)
+    assert refused.status_code == 422 and "events cannot be null" in refused.json()["detail"]
+    every = world.client.patch(path, json={"events": []}, headers=AUTH)
+    assert every.status_code == 200 and every.json()["events"] == []
+    unknown = world.client.get(BASE, params={"x": "1"}, headers=AUTH)
+    assert unknown.status_code == 422
+    assert unknown.json()["detail"] == "unknown query parameter(s): x; it takes none"
