@@ -11,14 +11,21 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BeforeValidator
 
+#: Bidirectional embeddings, overrides and isolates: text holding them shows
+#: in another order than it is stored (CVE-2021-42574, "Trojan Source").
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
 
 def text_problem(value: str) -> str | None:
     """Why `value` is no text to keep and show (a control character, a NUL
-    or a CR among them, or half a surrogate pair), or None."""
+    or a CR among them, half a surrogate pair, or a bidirectional override),
+    or None."""
     if value.isprintable():  # the fast answer for almost every string
         return None
     if any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
         return "must not contain control characters"
+    if not _BIDI.isdisjoint(value):
+        return "must not contain bidirectional override characters"
     return None
 
 

@@ -513,3 +513,18 @@ def test_events_are_never_null_and_each_is_kept_once(world: World) -> None:
     unknown = world.client.get(BASE, params={"x": "1"}, headers=AUTH)
     assert unknown.status_code == 422
     assert unknown.json()["detail"] == "unknown query parameter(s): x; it takes none"
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"description": "invoice\u202egnp.exe"}, "bidirectional override"),
+        ({"url": "https://-bad.example.com/hook"}, "each label starting and ending"),
+        ({"url": "https://bad-.example.com/hook"}, "each label starting and ending"),
+    ],
+)
+def test_a_description_that_reorders_itself_or_a_host_label_with_an_edge_hyphen_is_refused(
+    world: World, body: dict[str, Any], says: str
+) -> None:
+    response = world.client.post(BASE, json={"url": "http://127.0.0.1:9/x", **body}, headers=AUTH)
+    assert response.status_code == 422 and says in response.text

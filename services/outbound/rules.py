@@ -31,7 +31,8 @@ MAX_URL = 2000
 MESSAGE_TYPES = frozenset({*get_args(EventType), "order.created", "ping"})
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
 
-_LABEL = re.compile(r"[a-z0-9_-]+")
+# A label neither starts nor ends with a hyphen (RFC 952, RFC 1123 2.1).
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 #: NAT64 for local use (RFC 8215): translates to whatever the site says.
 _NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
@@ -103,7 +104,10 @@ def _host_problem(host: str) -> str | None:
     if len(name) > 253 or any(not 1 <= len(label) <= 63 for label in labels):
         return "the URL's host is no DNS name: labels of 1 to 63 characters, 253 in all"
     if not all(_LABEL.fullmatch(label) for label in labels):
-        return "the URL's host may hold letters, digits, '-' and '_' only"
+        return (
+            "the URL's host may hold letters, digits, '-' and '_' only,"
+            " each label starting and ending with a letter or digit"
+        )
     last = labels[-1]
     if last.isdigit() or last.startswith("0x"):
         # 0x7f.1 or 2130706433 would reach 127.0.0.1 through getaddrinfo.
