@@ -222,14 +222,17 @@ def _invoice_lines(
     kinds = ONE_TIME_LINES if one_time else PERIOD_LINES
     lines: dict[str, Line] = {}
     for item in listed(invoice.get("line_items"), "Chargebee invoice line_items"):
-        if not isinstance(item, Mapping) or item.get("entity_type") not in kinds:
+        if not isinstance(item, Mapping):
+            continue
+        kind = ref(item.get("entity_type"), "Chargebee line entity_type")
+        if kind not in kinds:
             continue
         start = end = None
         if not one_time:
             start = _time(item.get("date_from"), "line date_from")
             end = _time(item.get("date_to"), "line date_to")
         line = _line(
-            item.get("entity_type"),
+            kind,
             item.get("entity_id"),
             item.get("quantity"),
             catalog,
