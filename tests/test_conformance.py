@@ -293,3 +293,24 @@ def test_an_unknown_price_is_unmappable(fx: FixtureSet) -> None:
     payload = fx.with_price(fx.paid("sub_u", "inv_u", "basic", 0, MONTH, 20)[0], "price_nobody")
     with pytest.raises(Unmappable, match="price_nobody"):
         PROVIDERS[fx.provider].normalize("src", payload, fx.catalog, T0)
+
+
+@pytest.mark.parametrize("provider", ["lemonsqueezy", "fastspring", "paypal"])
+def test_a_cancellation_event_with_time_left_mints_nothing_for_a_subscription_never_seen(
+    provider: str,
+) -> None:
+    """Lemon Squeezy's `subscription_cancelled`, FastSpring's
+    `subscription.canceled` and PayPal's CANCELLED leave the paid period
+    running, but they are cancellations: for a subscription never seen
+    they make no entitlement (nor code, nor mail); what comes after it
+    (sent before it) makes the entitlement, which ends with the period."""
+    fx = FIXTURE_SETS[provider]
+    w = world(fx)
+    deliver(w, fx.cancel_at_period_end("sub_n", "basic", 0, MONTH, 2 * DAY), at=2 * DAY)
+    assert w.entitlements() == []
+    deliver(w, fx.subscribed("sub_n", "basic", 0, MONTH, 10), at=2 * DAY + 60)
+    deliver(w, fx.paid("sub_n", "inv_n", "basic", 0, MONTH, 20))
+    assert status(w.only()) is Status.ACTIVE
+    assert w.only().cancel_at is not None
+    w.at(MONTH + DAY).tick()
+    assert status(w.only()) is Status.CANCELED

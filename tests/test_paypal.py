@@ -382,3 +382,13 @@ def test_a_subscription_time_without_offset_is_unmappable_naming_it(
     target[path[-1]] = target[path[-1]].removesuffix("Z")
     with pytest.raises(Unmappable, match=f"{name}.*(offset|zone)"):
         paypal.normalize("src", event, FX.catalog, T0)
+
+
+def test_a_local_offset_is_read_and_kept_as_utc() -> None:
+    """PayPal's v2 payments write local offsets (-07:00); every time the
+    engine keeps and shows is UTC."""
+    from services.providers import parse_time
+
+    moment = parse_time("2026-12-29T07:44:05-07:00", "create_time")
+    assert moment is not None and moment.utcoffset() == timedelta(0)
+    assert moment.isoformat() == "2026-12-29T14:44:05+00:00"

@@ -80,16 +80,17 @@ def text_id(value: Any) -> str:
 
 
 def parse_time(value: Any, what: str) -> datetime | None:
-    """An RFC 3339 time from a payload ("Z" allowed), None if absent. It
-    must carry a UTC offset and fall in 1970-2200; otherwise the event is
-    unmappable, saying which field."""
+    """An RFC 3339 time from a payload ("Z" allowed), None if absent, in
+    UTC (PayPal writes local offsets like -07:00; everything we show is
+    UTC). It must carry a UTC offset and fall in 1970-2200; otherwise the
+    event is unmappable, saying which field."""
     if value is None:
         return None
     try:
         parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError:
         raise Unmappable(f"{what} {value!r} is not an ISO 8601 time") from None
-    return _in_range(parsed, what)
+    return _in_range(parsed, what).astimezone(UTC)
 
 
 def from_unix(value: Any, what: str, scale: int = 1) -> datetime:

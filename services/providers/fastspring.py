@@ -282,6 +282,9 @@ def _subscription(
         # FastSpring moves `next` only once the rebill is paid; a failed one
         # turns the state to `overdue` instead.
         vouches=True,
+        # Canceled (active until deactivationDate) is a cancellation all the
+        # same: it mints nothing for a subscription never seen.
+        final=state == "canceled",
     )
     changed = _ms(data.get("changed"), "subscription changed") or created
     return [

@@ -227,6 +227,9 @@ def _subscription_event(
         end,
         trial_end=_time(attributes.get("trial_ends_at"), "trial_ends_at"),
         cancel_at=cancel_at,
+        # Cancelled (paid until ends_at) is a cancellation all the same: it
+        # mints nothing for a subscription never seen.
+        final=attributes.get("status") == "cancelled",
     )
     # A subscription that is over names its item without minting it: if
     # nothing of the order was seen, the order keeps the fact for the item
