@@ -178,6 +178,7 @@ def _apply_order_event(
         # The order's first item takes the facts that waited for one.
         delivered += [c for c in map(Cause.of_fact, order.parked) if c is not None]
     ending = terminal(command.fact)
+    waiting = _waiting_on_payments(command, aggregates)
     for line in command.lines:
         if line.slot in order.entitlements or line.quantity == 0 or ending:
             # Known; or an emptied item, or one first named as it ends (a
@@ -187,7 +188,7 @@ def _apply_order_event(
             continue
         # A new item learns what its order already knows (a cancellation, a
         # failed payment), so its state does not depend on when it appeared.
-        inherited = list(order.parked)
+        inherited = list(order.parked) + waiting
         if entitlements:
             inherited += [f for f in entitlements[0].facts.log if f["kind"] != "admin"]
         customer = command.customer or Customer(None, None)
@@ -230,6 +231,31 @@ def _apply_order_event(
     return effect
 
 
+def _waiting_on_payments(command: OrderEvent, aggregates: Aggregates) -> list[Fact]:
+    """The facts that wait for a payment `command` names and will reach its
+    order with it (a refund or chargeback sent before the payment): a new
+    item learns them as it is made, as it learns its order's, so it is
+    never activated (nor its code mailed) by a payment already refunded."""
+    found: list[Fact] = []
+    for ref in command.payment_refs:
+        payment = aggregates.find(payment_id(command.source, ref), Payment)
+        if payment is None or payment.order_ref is not None:
+            continue  # unknown, or linked before: what waited was delivered then
+        for parked in payment.parked:
+            fact = parked["fact"]
+            if fact["kind"] == "payment_link":
+                continue
+            found.append(
+                {
+                    **fact,
+                    "invoice": fact.get("invoice") or command.invoice or ref,
+                    "key": Cause(**parked["cause"]).key,
+                    "at": parked["occurred_at"],
+                }
+            )
+    return found
+
+
 def _deliver_parked(
     payment: Payment,
     order: Order,
@@ -247,6 +273,13 @@ def _deliver_parked(
         if not entitlements and parked["fact"]["kind"] != "payment_link":
             # Its first item takes it (and its receipt is applied then).
             _park_on_order(parked["fact"], payment, cause, parked["occurred_at"], order, at)
+            continue
+        if parked["fact"]["kind"] != "payment_link" and all(
+            e.has_applied(cause) for e in entitlements
+        ):
+            # Inherited as the item was made (`_waiting_on_payments`): its
+            # receipt names what it reached with the item's creation.
+            delivered.append(cause)
             continue
         watch = _Watch(entitlements, cause)
         _deliver(

@@ -314,3 +314,25 @@ def test_a_cancellation_event_with_time_left_mints_nothing_for_a_subscription_ne
     assert w.only().cancel_at is not None
     w.at(MONTH + DAY).tick()
     assert status(w.only()) is Status.CANCELED
+
+
+#: The fixture sets whose `refunded` also refunds a one-off sale (others
+#: build a subscription invoice's refund: Lemon Squeezy's
+#: subscription_payment_refunded, PayPal's PAYMENT.SALE.REFUNDED; a basil
+#: Stripe invoice names its payment only in the invoice_payment.paid after it).
+ONE_OFF_REFUNDS = ("chargebee", "fastspring", "paddle", "standard", "zenofy")
+
+
+@pytest.mark.parametrize("provider", ONE_OFF_REFUNDS)
+def test_a_one_off_sale_refunded_before_its_payment_arrives_is_never_activated(
+    provider: str,
+) -> None:
+    """The sale that arrives after its own full refund makes the
+    entitlement already canceled: never `activated` (nor its code mailed)."""
+    fx = FIXTURE_SETS[provider]
+    w = world(fx)
+    deliver(w, supported(fx.refunded, "ord_f", "ord_f", 4900, 4900, DAY), at=DAY)
+    deliver(w, supported(fx.sold, "ord_f", "basic", 20, 4900), at=DAY + 60)
+    item = w.only()
+    assert (item.status, item.reason) == (Status.CANCELED, "refunded")
+    assert "Activated" not in w.event_types(item)
