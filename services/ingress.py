@@ -180,16 +180,32 @@ class Ingress:
                 for event in events
             ]
         values = [envelope.model_dump_json().encode() for envelope in envelopes]
-        for value in values:
-            if len(value) > MAX_ENVELOPE_BYTES:
-                raise too_large(len(value))
+        stored = [len(value) <= MAX_ENVELOPE_BYTES for value in values]
+        if events is None or not any(stored):
+            for value in values:
+                if len(value) > MAX_ENVELOPE_BYTES:
+                    raise too_large(len(value))
         # One at a time, so one order's events keep their order; if one is
         # not stored, the provider retries the batch and the events already
         # stored are duplicates by their ids.
-        for envelope, value in zip(envelopes, values, strict=True):
-            await self._publish(name, envelope, value)
+        for envelope, value, keep in zip(envelopes, values, stored, strict=True):
+            if keep:
+                await self._publish(name, envelope, value)
         if events is not None:
-            return _acknowledge(source, events)
+            # An event too large to store is left out of the acknowledgment
+            # (the provider shows it unprocessed); the others are kept.
+            for event, value, keep in zip(events, values, stored, strict=True):
+                if not keep:
+                    event_id = source.provider.event_id(event) if isinstance(event, dict) else ""
+                    log.error(
+                        "event %r of a %s batch takes %d bytes once stored (the raw topic"
+                        " takes at most %d): not stored, not acknowledged",
+                        event_id[:100],
+                        name,
+                        len(value),
+                        MAX_ENVELOPE_BYTES,
+                    )
+            return _acknowledge(source, [e for e, keep in zip(events, stored, strict=True) if keep])
         return JSONResponse(
             Accepted(receipt_id=envelopes[0].receipt_id).model_dump(), status_code=202
         )
@@ -216,9 +232,9 @@ class Ingress:
 
 
 def _text(event: Any) -> str:
-    # Escaped as ASCII: the body was checked for lone surrogates, and the
-    # stored text must be valid UTF-8 whatever the event holds.
-    return json.dumps(event, separators=(",", ":"))
+    # Not escaped as ASCII (a "€" would take 6 bytes, not 3): the body was
+    # checked for lone surrogates, so the text is valid UTF-8.
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
 
 
 def _acknowledge(source: Source, events: list[Any]) -> Response:

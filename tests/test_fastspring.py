@@ -83,6 +83,32 @@ def test_a_batch_is_stored_event_by_event_and_acknowledged_by_their_ids() -> Non
     assert all("x-fs-signature" not in w.headers for w in stored)  # it signs the batch
 
 
+def test_an_event_too_large_to_store_is_left_out_and_the_others_are_kept() -> None:
+    """An event whose stored form outgrows the raw topic (a body of quotes,
+    each escaped twice once stored) is neither stored nor acknowledged, so
+    FastSpring shows it unprocessed; the batch's other events are stored.
+    Non-ASCII text is stored as UTF-8: 340,000 "\u20ac" fit."""
+    good = FX.subscribed("sub_g", "basic", 0, MONTH, 10)[0]
+    huge = FX.subscribed("sub_h", "basic", 0, MONTH, 10)[0]
+    huge["data"]["notes"] = '"' * 521_000
+    client, published = ingress()
+
+    def post(*events: dict[str, Any]) -> Any:
+        body = json.dumps(fs.batch(*events), ensure_ascii=False).encode()  # "€" as UTF-8
+        return client.post("/webhooks/fastspring", content=body, headers=fs.signed_headers(body))
+
+    response = post(good, huge)
+    assert response.status_code == 202, response.text
+    assert response.text.split("\n") == [good["id"]]
+    assert [json.loads(RawWebhookV1.model_validate_json(v).body)["id"] for v, _ in published] == [
+        good["id"]
+    ]
+    assert post(huge).status_code == 413  # a batch of nothing else is refused whole
+    euros = FX.subscribed("sub_e", "basic", 0, MONTH, 10)[0]
+    euros["data"]["notes"] = "\u20ac" * 340_000
+    assert post(euros).status_code == 202
+
+
 def test_a_batch_with_a_bad_signature_stores_nothing() -> None:
     body = fs.body(fs.batch(*FX.subscribed("sub_x", "basic", 0, MONTH, 10)))
     client, published = ingress()
