@@ -174,12 +174,18 @@ def _apply_order_event(
     entitlements = _entitlements(order, aggregates)
     watch = _Watch(entitlements, command.cause)
     delivered: list[Cause] = []
-    if order.parked and not entitlements and command.lines:
+    lines = command.lines
+    if not lines and not entitlements and command.fact["kind"] == "payment":
+        # A payment that names no item (a PayPal sale) for an order whose
+        # cancellation came first: the items that cancellation named are
+        # made, already canceled.
+        lines = _named_by_parked_ending(order, rules)
+    if order.parked and not entitlements and lines:
         # The order's first item takes the facts that waited for one.
         delivered += [c for c in map(Cause.of_fact, order.parked) if c is not None]
     ending = terminal(command.fact)
     waiting = _waiting_on_payments(command, aggregates)
-    for line in command.lines:
+    for line in lines:
         if line.slot in order.entitlements or line.quantity == 0 or ending:
             # Known; or an emptied item, or one first named as it ends (a
             # cancellation of an item never seen), which grant nothing: the
@@ -229,6 +235,21 @@ def _apply_order_event(
     if waits_for is not None:
         effect.waits_on = (f"order:{order.id}",)
     return effect
+
+
+def _named_by_parked_ending(order: Order, rules: Rules) -> tuple[Line, ...]:
+    """The items the newest ending the order keeps (`terminal`) names, for
+    a payment that names none."""
+    endings = [f for f in order.parked if terminal(f) and f.get("lines")]
+    if not endings:
+        return ()
+    newest = max(endings, key=lambda f: (f["at"], f["key"]))
+    found = []
+    for slot, line in newest["lines"].items():
+        offering = rules.catalog.get(line["sku"])
+        if offering is not None and line.get("quantity"):
+            found.append(Line(slot, offering, int(line["quantity"])))
+    return tuple(found)
 
 
 def _waiting_on_payments(command: OrderEvent, aggregates: Aggregates) -> list[Fact]:

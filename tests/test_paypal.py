@@ -392,3 +392,18 @@ def test_a_local_offset_is_read_and_kept_as_utc() -> None:
     moment = parse_time("2026-12-29T07:44:05-07:00", "create_time")
     assert moment is not None and moment.utcoffset() == timedelta(0)
     assert moment.isoformat() == "2026-12-29T14:44:05+00:00"
+
+
+def test_a_sale_after_the_cancellation_of_a_subscription_never_seen_makes_it_canceled() -> None:
+    """A sale names no plan; the CANCELLED that came first does: the sale
+    makes the entitlement of that plan, which ends with the paid cycle."""
+    w = world()
+    w.at(2 * DAY).deliver(FX.cancel_at_period_end("I-C", "basic", 0, MONTH, 2 * DAY)[0])
+    assert w.entitlements() == []
+    for payload in FX.paid("I-C", "S-C", "basic", 0, MONTH, 20):
+        if payload["event_type"].startswith("PAYMENT."):
+            w.at(2 * DAY + 60).deliver(payload)
+    item = w.only()
+    assert item.cancel_at is not None and item.status is Status.ACTIVE
+    w.at(MONTH + DAY).tick()
+    assert item.status is Status.CANCELED
