@@ -218,10 +218,9 @@ def _apply_order_event(
     if not entitlements:
         waits_for = f"an item of order {command.order_ref}"
         newly_parked = order.park({**fact, "key": command.cause.key, "at": command.occurred_at}, at)
-    for entitlement in entitlements:
-        entitlement.settle(
-            fact, command.cause, command.occurred_at, rules.catalog, rules.policy, at
-        )
+    # What waited for this payment (a refund, a chargeback) reaches the
+    # entitlements before the payment does: one made PENDING earlier is
+    # then never activated by a payment already refunded.
     for ref in command.payment_refs:
         payment = aggregates.find(payment_id(command.source, ref), Payment)
         if payment is None:
@@ -229,6 +228,10 @@ def _apply_order_event(
             aggregates.add(Payment.open(command.source, ref, at, command.order_ref, invoice))
         elif payment.link(command.order_ref, command.invoice or ref, at):
             _deliver_parked(payment, order, aggregates, rules, at, delivered)
+    for entitlement in entitlements:
+        entitlement.settle(
+            fact, command.cause, command.occurred_at, rules.catalog, rules.policy, at
+        )
     effect = watch.effect(entitlements)
     effect.delivered = tuple(delivered)
     effect.waits_for, effect.newly_parked = waits_for, newly_parked

@@ -238,3 +238,23 @@ def test_a_payment_without_a_subscription_is_a_one_off_sale() -> None:
         sw.event("payment.refunded", {"payment": {"id": "pay_once", "refund": "full"}}, ts(DAY))
     )
     assert (item.status, item.reason) == (Status.CANCELED, "refunded")
+
+
+def test_a_refund_before_the_payment_of_a_pending_subscription_never_activates_it() -> None:
+    """The subscription is known (PENDING) when its payment's refund comes
+    first: the payment then finds the refund already there."""
+    from tests.lifecycle_world import MONTH, World
+    from tests.standard_events import FIXTURES as FX
+
+    w = World(catalog=FX.catalog, provider="standard")
+    w.at(10).deliver(
+        FX._subscription("subscription.updated", "sub_p", "pending", "basic", 0, MONTH, 10)[0]
+    )
+    assert w.only().status is Status.PENDING
+    for payload in FX.refunded("sub_p", "pay_p", 9900, 9900, 40):
+        w.at(40).deliver(payload)
+    for payload in FX.paid("sub_p", "pay_p", "basic", 0, MONTH, 20):
+        w.at(60).deliver(payload)
+    item = w.only()
+    assert (item.status, item.reason) == (Status.CANCELED, "refunded")
+    assert "Activated" not in w.event_types(item)
