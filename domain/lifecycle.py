@@ -477,7 +477,18 @@ class Facts:
                 best = candidate
         through = self.snapshot_paid_through
         if through is not None and (best is None or through[0] > best[0]):
-            return through[1], through[0], None
+            # The snapshot's period is paid by the newest payment when that
+            # one reaches within a period of its end: PayPal states the next
+            # billing time a few hours after the sale's own period ends, and
+            # refunding that sale must still end the license.
+            current = None
+            if (
+                best is not None
+                and offering is not None
+                and add_period(best[0], offering.period) > through[0]
+            ):
+                current = best[2]
+            return through[1], through[0], current
         if best is None:
             return None, None, None
         return best[1], best[0], best[2]

@@ -407,3 +407,21 @@ def test_a_sale_after_the_cancellation_of_a_subscription_never_seen_makes_it_can
     assert item.cancel_at is not None and item.status is Status.ACTIVE
     w.at(MONTH + DAY).tick()
     assert item.status is Status.CANCELED
+
+
+def test_a_full_refund_cancels_when_the_next_billing_time_is_hours_after_the_sales_period() -> None:
+    """PayPal states `next_billing_time` at its own hour, a few hours past
+    the sale's period; refunding that sale in full still ends the license."""
+    catalog = Catalog(
+        [Offering(sku="basic", product="acme", period="P30D", prices={"paypal": ("P-BASIC",)})]
+    )
+    world = World(catalog=catalog, provider="paypal")
+    world.deliver(
+        pp.subscription(
+            "BILLING.SUBSCRIPTION.ACTIVATED", "I-H", "ACTIVE", ts(MONTH + 3 * 3600), ts(70)
+        )
+    )
+    world.deliver(pp.sale("I-H", "S-H", ts(300)))
+    assert world.only().status is Status.ACTIVE
+    world.deliver(pp.refund("S-H", ts(DAY), total="-9.99"))
+    assert (world.only().status, world.only().reason) == (Status.CANCELED, "refunded")
