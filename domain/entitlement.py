@@ -484,8 +484,10 @@ class Entitlement(Aggregate):
                 Status.CANCELED: self.Canceled,
                 Status.EXPIRED: self.Expired,
             }[new.status]
-        if new.period_end is not None and (
-            old.period_end is None or new.period_end > old.period_end
+        if (
+            new.period_end is not None
+            and (old.period_end is None or new.period_end > old.period_end)
+            and new.status is not Status.CANCELED  # a later end renews nothing ended
         ):
             return self.Extended if cause.kind == "admin" else self.Renewed
         if new.overdue != old.overdue:

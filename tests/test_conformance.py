@@ -221,6 +221,7 @@ def test_a_cancellation_of_an_item_never_seen_makes_no_entitlement(fx: FixtureSe
     deliver(w, fx.paid("sub_c", "inv_c", "basic", 0, MONTH, 20))
     w.at(MONTH + DAY).tick()  # PayPal's cancellation leaves the paid cycle running
     assert status(w.only()) is Status.CANCELED
+    assert "Renewed" not in w.event_types(w.only())  # nothing ended is renewed
 
 
 def test_a_paid_invoice_sets_the_seats_an_older_snapshot_stated_otherwise(
