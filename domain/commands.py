@@ -180,18 +180,19 @@ def _apply_order_event(
         # cancellation came first: the items that cancellation named are
         # made, already canceled.
         lines = _named_by_parked_ending(order, rules)
-    if order.parked and not entitlements and lines:
+    # The items this event makes: not known ones, nor emptied ones, nor any
+    # first named as they end (a cancellation of an item never seen), which
+    # grant nothing: the fact stays on the order, and a payment for the item
+    # later creates it already canceled.
+    ending = terminal(command.fact)
+    new = [ln for ln in lines if ln.slot not in order.entitlements and ln.quantity and not ending]
+    if order.parked and not entitlements and new:
         # The order's first item takes the facts that waited for one.
         delivered += [c for c in map(Cause.of_fact, order.parked) if c is not None]
-    ending = terminal(command.fact)
     waiting = _waiting_on_payments(command, aggregates)
-    for line in lines:
-        if line.slot in order.entitlements or line.quantity == 0 or ending:
-            # Known; or an emptied item, or one first named as it ends (a
-            # cancellation of an item never seen), which grant nothing: the
-            # fact stays on the order, and a payment for the item later
-            # creates it already canceled.
-            continue
+    for line in new:
+        if line.slot in order.entitlements:
+            continue  # named twice in this event
         # A new item learns what its order already knows (a cancellation, a
         # failed payment), so its state does not depend on when it appeared.
         inherited = list(order.parked) + waiting

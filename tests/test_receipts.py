@@ -230,3 +230,25 @@ def test_a_nul_in_an_order_reference_is_a_dead_letter_with_its_receipt(world: Wo
     assert got["nul"].outcome == "dead_letter" and "control character" in (got["nul"].detail or "")
     assert got["fine"].outcome == "applied"
     assert world.read_model.count_projection_errors() == 0
+
+
+def test_an_ending_that_makes_no_entitlement_leaves_what_waited_on_the_order_waiting(
+    world: World,
+) -> None:
+    """A cancellation naming an item never seen makes nothing, so what
+    waited for an item of its order (here long enough to be a dead letter)
+    is not resolved by it: nothing reached an entitlement."""
+    voided = paid("sub_wait")
+    voided["type"] = "invoice.voided"
+    world.send(voided, "voided")
+    world.now += timedelta(days=8)
+    Scheduler(world.service, world.read_model).run_once()
+    world.project()
+    assert world.receipts()["voided"].outcome == "dead_letter"
+    items = [{"price": "p", "sku": "better_annual"}]
+    ended = se.subscription_deleted(subscription="sub_wait", items=items, shape=se.LEGACY)
+    world.send(ended, "end")
+    assert world.receipts()["end"].outcome == "parked"
+    assert world.read_model.entitlements(order_ref="sub_wait") == []
+    [letter] = world.read_model.dead_letters()
+    assert letter.resolved_at is None
