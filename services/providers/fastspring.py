@@ -292,9 +292,9 @@ def _subscription(
             source,
             subscription,
             fact,
-            # A deactivation names no new item: it is kept on the order (and
-            # reaches an entitlement its payment creates later), never mints one.
-            () if status == "canceled" else (line,),
+            # A deactivation mints nothing for a subscription never seen: the
+            # fold keeps it on the order (`lifecycle.terminal`).
+            (line,),
             cause,
             changed,
             _customer(data),

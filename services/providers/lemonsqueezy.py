@@ -231,15 +231,13 @@ def _subscription_event(
         # mints nothing for a subscription never seen.
         final=attributes.get("status") == "cancelled",
     )
-    # A subscription that is over names its item without minting it: if
-    # nothing of the order was seen, the order keeps the fact for the item
-    # a payment brings (created already canceled), not a new license.
-    terminal = status in ("canceled", "expired")
+    # One that is over mints nothing for an order never seen: the fold
+    # keeps the fact on the order (`lifecycle.terminal`).
     return OrderEvent(
         source,
         f"order/{order}",
         fact,
-        () if terminal else (line,),
+        (line,),
         cause,
         occurred_at,
         customer,
