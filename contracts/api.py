@@ -61,6 +61,24 @@ class EntitlementView(EntitlementV1):
     updated_at: datetime
 
 
+class AsOfV1(BaseModel):
+    """Which moment of its history a historical answer shows."""
+
+    at: datetime | None = Field(
+        description="The time asked for (`as_of`); null when asked by version"
+    )
+    version: int = Field(description="The last event folded: the answer's `sequence`")
+    latest_version: int = Field(description="The entitlement's version now")
+
+
+class EntitlementAsOfView(EntitlementView):
+    """`GET /v1/entitlements/{id}?as_of=…` (or `as_of_version=…`): the
+    entitlement as the engine saw it then, folded from its stored events,
+    in the shape of the current one, with `as_of` saying when that was."""
+
+    as_of: AsOfV1
+
+
 class AdminAction(BaseModel):
     """Body of POST /v1/entitlements/{id}/{suspend|reinstate|cancel|extend}."""
 
@@ -88,6 +106,54 @@ class HistoryEntry(BaseModel):
 class History(BaseModel):
     entitlement_id: UUID
     events: list[HistoryEntry]
+
+
+class FieldChange(BaseModel):
+    before: Any = Field(description="The field before the event; null before creation")
+    after: Any
+
+
+class ReceiptLink(BaseModel):
+    """A webhook receipt (`GET /v1/webhooks/{id}`) of the provider event
+    that caused a change."""
+
+    id: str
+    event_type: str = Field(description="The provider's event type, e.g. invoice.paid")
+    outcome: str
+    received_at: datetime
+    via: str
+
+
+class CausedBy(BaseModel):
+    kind: Literal["provider", "schedule", "admin", "client"]
+    summary: str = Field(
+        description="In words: the webhook and its receipts, the schedule, the admin key, "
+        "or the vendor's application"
+    )
+    provider_event_id: str | None = Field(
+        default=None, description="The provider's event id (provider causes only)"
+    )
+    receipts: list[ReceiptLink] = Field(
+        default_factory=list,
+        description="Every receipt of that provider event from that source (a redelivery "
+        "is a receipt of its own, outcome duplicate); empty for other causes",
+    )
+
+
+class HistoryStateEntry(HistoryEntry):
+    state: EntitlementView = Field(description="The entitlement after this event")
+    changes: dict[str, FieldChange] = Field(
+        description="The fields of `state` this event changed (all those set, for the "
+        "first); `sequence` and `updated_at`, which every event moves, are left out"
+    )
+    caused_by: CausedBy | None
+
+
+class HistoryWithState(BaseModel):
+    """`GET /v1/entitlements/{id}/history?with_state=true`."""
+
+    entitlement_id: UUID
+    events: list[HistoryStateEntry]
 
 
 class DeadLetterView(BaseModel):

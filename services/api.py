@@ -16,9 +16,11 @@ from contracts.api import (
     ActivationCodeView,
     AdminAction,
     DeadLetterList,
+    EntitlementAsOfView,
     EntitlementList,
     EntitlementView,
     History,
+    HistoryWithState,
     ProjectionErrorList,
     ReceiptList,
 )
@@ -43,6 +45,7 @@ from services.projections import entitlement_view, history_entry
 from services.providers import has_control_character
 from services.readmodel import FILTERS, RECEIPT_FILTERS, ReadModel
 from services.store import EntitlementStore, StillChanging
+from services.timeline import NotThen, as_of, with_state
 
 _STATUSES = set(get_args(Status))
 MAX_LIMIT = 1000
@@ -163,17 +166,57 @@ class API:
     async def get_entitlement(self, request: Request) -> JSONResponse:
         self.authenticate(request)
         entitlement_id = _entitlement_id(request)
+        _no_control_characters(request)
+        _only(request, {"as_of", "as_of_version"})
+        if request.query_params.keys() & {"as_of", "as_of_version"}:
+            return await self._entitlement_as_of(request, uuid.UUID(entitlement_id))
         view = await anyio.to_thread.run_sync(self.read_model.entitlement, entitlement_id)
         if view is None:
             raise HTTPError(404, "not_found", f"no entitlement {entitlement_id}")
         return JSONResponse(self.with_codes(view).model_dump(mode="json"))
 
+    async def _entitlement_as_of(self, request: Request, entitlement_id: uuid.UUID) -> JSONResponse:
+        """The entitlement folded from its stored events up to a recorded
+        time (`as_of`) or a version (`as_of_version`), not from the read model."""
+        query = request.query_params
+        if "as_of" in query and "as_of_version" in query:
+            raise HTTPError(422, "invalid_query", "give as_of or as_of_version, not both")
+        at = _time_param(query.get("as_of"), "as_of")
+        version: int | None = None
+        if at is None:
+            raw = query["as_of_version"]
+            if not raw.isdigit() or len(raw) > 9 or int(raw) < 1:
+                raise HTTPError(
+                    422, "invalid_query", "as_of_version must be an entitlement version: 1, 2, …"
+                )
+            version = int(raw)
+
+        def fold() -> EntitlementAsOfView:
+            try:
+                return as_of(self.store, entitlement_id, at, version)
+            except NotThen as exc:
+                raise HTTPError(404, "not_found", str(exc)) from None
+
+        answer = self.with_codes(await anyio.to_thread.run_sync(fold))
+        return JSONResponse(answer.model_dump(mode="json"))
+
     async def get_history(self, request: Request) -> JSONResponse:
         self.authenticate(request)
         entitlement_id = uuid.UUID(_entitlement_id(request))
+        _no_control_characters(request)
+        _only(request, {"with_state"})
+        state = request.query_params.get("with_state", "false")
+        if state not in ("true", "false"):
+            raise HTTPError(422, "invalid_query", "with_state must be true or false")
         events = await anyio.to_thread.run_sync(self.store.history, entitlement_id)
         if not events or type(events[0]).__qualname__.split(".")[0] != "Entitlement":
             raise HTTPError(404, "not_found", f"no entitlement {entitlement_id}")
+        if state == "true":
+            entries = await anyio.to_thread.run_sync(
+                lambda: with_state(events, self.read_model.receipts_of, self.with_codes)
+            )
+            body = HistoryWithState(entitlement_id=entitlement_id, events=entries)
+            return JSONResponse(body.model_dump(mode="json"))
         history = History(entitlement_id=entitlement_id, events=[history_entry(e) for e in events])
         return JSONResponse(history.model_dump(mode="json"))
 

@@ -226,15 +226,19 @@ def _replay_webhooks(read_model: ReadModel) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    """An entitlement's events as a timeline (state changes, changed fields,
+    causes), or as JSON lines with --json."""
     from services.projections import history_entry
     from services.store import EntitlementStore
+    from services.timeline import timeline, with_state
 
     try:
         entitlement_id = uuid.UUID(args.entitlement_id)
     except ValueError:
         print(f"entitle: {args.entitlement_id!r} is not an entitlement id", file=sys.stderr)
         return 2
-    store = EntitlementStore(Settings.from_env().database_url)
+    settings = Settings.from_env()
+    store = EntitlementStore(settings.database_url)
     try:
         # An order's id has a history too, but is no entitlement.
         found = store.entitlement(entitlement_id) is not None
@@ -244,8 +248,57 @@ def cmd_history(args: argparse.Namespace) -> int:
     if not events:
         print(f"no entitlement {args.entitlement_id}", file=sys.stderr)
         return 1
-    for event in events:
-        print(history_entry(event).model_dump_json())
+    if args.json:
+        for event in events:
+            print(history_entry(event).model_dump_json())
+        return 0
+    read_model = ReadModel(settings.database_url)
+    try:
+        entries = with_state(events, read_model.receipts_of)
+    finally:
+        read_model.close()
+    for line in timeline(entries):
+        print(line)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """An entitlement as JSON: now (the read model), or as of a recorded
+    time or version (folded from its stored events). Codes show as indices."""
+    from services.store import EntitlementStore
+    from services.timeline import NotThen, as_of
+
+    try:
+        entitlement_id = uuid.UUID(args.entitlement_id)
+    except ValueError:
+        print(f"entitle: {args.entitlement_id!r} is not an entitlement id", file=sys.stderr)
+        return 2
+    at = None
+    if args.as_of is not None:
+        at = aware_time(args.as_of)
+        if at is None:
+            raise ConfigError(f"--as-of {args.as_of!r} is not an RFC 3339 time with an offset (…Z)")
+    settings = Settings.from_env()
+    if at is None and args.as_of_version is None:
+        read_model = ReadModel(settings.database_url)
+        try:
+            view = read_model.entitlement(str(entitlement_id))
+        finally:
+            read_model.close()
+        if view is None:
+            print(f"no entitlement {entitlement_id}", file=sys.stderr)
+            return 1
+        print(view.model_dump_json())
+        return 0
+    store = EntitlementStore(settings.database_url)
+    try:
+        view = as_of(store, entitlement_id, at, args.as_of_version)
+    except NotThen as exc:
+        print(f"entitle: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(view.model_dump_json())
     return 0
 
 
@@ -557,9 +610,22 @@ def parser() -> argparse.ArgumentParser:
         help="instead, rebuild the outbound webhook jobs at the projector's next start",
     )
     p.set_defaults(run=cmd_replay)
-    p = sub.add_parser("history", help="print an entitlement's stored events (JSON lines)")
+    p = sub.add_parser(
+        "history", help="an entitlement's events as a timeline: status, changed fields, causes"
+    )
     p.add_argument("entitlement_id")
+    p.add_argument("--json", action="store_true", help="the stored events as JSON lines")
     p.set_defaults(run=cmd_history)
+    p = sub.add_parser("show", help="an entitlement (JSON): now, or as of a time or version")
+    p.add_argument("entitlement_id")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument(
+        "--as-of", help="as the engine saw it at this RFC 3339 time, e.g. 2026-11-30T00:00:00Z"
+    )
+    when.add_argument(
+        "--as-of-version", type=_positive, help="as its events up to this version left it"
+    )
+    p.set_defaults(run=cmd_show)
     p = sub.add_parser("dead-letters", help="list webhooks that could not be mapped")
     p.add_argument("--limit", type=_positive, default=100)
     p.set_defaults(run=cmd_dead_letters)

@@ -493,6 +493,21 @@ class ReadModel:
         )
         return {row[0] for row in rows}
 
+    def receipts_of(self, source: str, event_ids: Sequence[str]) -> list[ReceiptView]:
+        """Every receipt from `source` of these provider events, oldest first
+        (a redelivered event has several)."""
+        found: list[tuple[Any, ...]] = []
+        ids = list(dict.fromkeys(event_ids))
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            found += self._query(
+                "SELECT received_at, id, body FROM entitle_v3_receipts"
+                f" WHERE source = ? AND provider_event_id IN ({marks})",
+                [source, *chunk],
+            )
+        return [ReceiptView.model_validate_json(body) for _, _, body in sorted(found)]
+
     def receipt(self, receipt_id: str) -> ReceiptView | None:
         rows = self._query("SELECT body FROM entitle_v3_receipts WHERE id = ?", (receipt_id,))
         return ReceiptView.model_validate_json(rows[0][0]) if rows else None

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -412,6 +413,40 @@ class EntitlementStore(Application[UUID]):
 
     def aggregate_at(self, aggregate_id: UUID, version: int) -> Any:
         return self.repository.get(aggregate_id, version=version)
+
+    def entitlement_as_of(
+        self, aggregate_id: UUID, *, at: datetime | None = None, version: int | None = None
+    ) -> Entitlement | None:
+        """The entitlement as its stored events left it: those recorded at or
+        before `at` (a timezone-aware time, compared with each event's
+        recorded time), or those up to `version`; the current state when
+        neither is given. None if it had no event by then (`at` before its
+        creation), has no such version (below 1 or beyond the last), or
+        `aggregate_id` is no entitlement's. ValueError for both arguments,
+        or a naive `at`.
+
+        One query (events ordered by version, up to `version` if given);
+        events after `at` are not decoded. An entitlement's events are
+        recorded in version order by one clock each, so the first one
+        after `at` ends the fold."""
+        if at is not None and version is not None:
+            raise ValueError("give a time or a version, not both")
+        if at is not None and at.utcoffset() is None:
+            raise ValueError("the time needs a UTC offset")
+        if version is not None and version < 1:
+            return None
+        aggregate: Any = None
+        event: Any
+        for event in self.events.get(aggregate_id, lte=version):
+            if aggregate is None and not isinstance(event, Entitlement.Created):
+                return None  # an order's, a payment's…: no entitlement
+            if at is not None and event.timestamp > at:
+                break
+            aggregate = event.mutate(aggregate)
+        if aggregate is None or (version is not None and aggregate.version != version):
+            return None
+        assert isinstance(aggregate, Entitlement)
+        return aggregate
 
 
 class AggregateCache:

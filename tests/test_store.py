@@ -406,14 +406,20 @@ def test_entitle_history_names_what_is_no_entitlement(tmp_path: Path) -> None:
     assert entitlement is not None
     store.close()
 
-    def history(what: str) -> subprocess.CompletedProcess[str]:
+    def history(what: str, *options: str) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "ENTITLE_DATABASE_URL": url}
         return subprocess.run(
-            [ENTITLE, "history", what], capture_output=True, text=True, env=env, cwd=tmp_path
+            [ENTITLE, "history", what, *options],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
         )
 
-    shown = history(str(entitlement.id))
+    shown = history(str(entitlement.id), "--json")
     assert shown.returncode == 0 and '"entitlement.created"' in shown.stdout
+    timeline = history(str(entitlement.id))
+    assert timeline.returncode == 0 and " v1   entitlement.created " in timeline.stdout
     for what, code in (("not-a-uuid", 2), (str(order_id("stripe-main", "sub_hist")), 1)):
         refused = history(what)
         assert refused.returncode == code, refused.stderr
