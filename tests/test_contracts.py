@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from pydantic import BaseModel
 
 from contracts import PUBLISHED, SCHEMA_DIR, render_schema
 
@@ -56,3 +59,26 @@ def test_an_activation_without_a_seat_secret_is_still_a_v1_activation() -> None:
     assert Activation.model_validate(before).secret is None
     schema = Activation.model_json_schema()
     assert "secret" in schema["properties"] and "secret" not in schema["required"]
+
+
+def test_historical_answers_extend_the_current_ones_so_clients_reuse_their_code() -> None:
+    """`?as_of` answers an EntitlementView with one more field, and
+    `?with_state=true` history entries are HistoryEntries with three more:
+    every field a client reads of the plain answers is there, the same."""
+    from contracts.api import (
+        EntitlementAsOfView,
+        EntitlementView,
+        HistoryEntry,
+        HistoryStateEntry,
+    )
+
+    def fields(model: type[BaseModel]) -> dict[str, Any]:
+        schema = model.model_json_schema()
+        return {name: schema["properties"][name] for name in model.model_fields}
+
+    plain, as_of = fields(EntitlementView), fields(EntitlementAsOfView)
+    assert {k: as_of[k] for k in plain} == plain and set(as_of) - set(plain) == {"as_of"}
+    assert set(EntitlementAsOfView.model_json_schema()["required"]) >= {"as_of", "id"}
+    entry, stateful = fields(HistoryEntry), fields(HistoryStateEntry)
+    assert {k: stateful[k] for k in entry} == entry
+    assert set(stateful) - set(entry) == {"state", "changes", "caused_by"}
