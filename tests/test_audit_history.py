@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from domain.entitlement import entitlement_id
+from domain.entitlement import entitlement_id, order_id
 from services.app import Roles, build_app
 from services.cli import main
 from services.config import Settings, admin_keys, parse_config
@@ -144,6 +144,9 @@ def test_an_entitlement_reads_as_the_engine_saw_it_at_any_time_or_version(story:
     assert "created at" in detail
     beyond = story.get(as_of_version=last + 1)
     assert beyond.status_code == 404 and f"versions are 1 to {last}" in beyond.json()["detail"]
+    an_order = f"/v1/entitlements/{order_id('stripe-main', SUB)}"
+    order = story.client.get(an_order, params={"as_of_version": 1}, headers=AUTH)
+    assert order.status_code == 404 and "no entitlement" in order.json()["detail"]
     for params in (
         {"as_of_version": "0"},
         {"as_of_version": "x"},
