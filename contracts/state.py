@@ -19,6 +19,10 @@ from contracts.events import EntitlementV1, EventType
 
 STATE_TOPIC = "entitle.entitlements.state"
 
+#: Any entitlement event: those published, and `entitlement.noted` (a fact
+#: that changed nothing, kept in the history only).
+StateEventType = Literal[EventType, "entitlement.noted"]
+
 
 class EntitlementStateV1(BaseModel):
     """One entitlement as of its latest change (at least once, like the
@@ -36,6 +40,6 @@ class EntitlementStateV1(BaseModel):
         description="The last event folded in: its event_id on entitle.entitlements.events,"
         " unless it was an entitlement.noted (a fact that changed nothing, not published there)"
     )
-    event_type: EventType | Literal["entitlement.noted"]
+    event_type: StateEventType
     updated_at: datetime = Field(description="When the engine recorded that event")
     entitlement: EntitlementV1
