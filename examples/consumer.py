@@ -1,7 +1,8 @@
 """A downstream consumer of entitle's topics: keeps a local SQLite table of
 entitlements, and prints each change as it comes.
 
-    ENTITLE_KAFKA_BOOTSTRAP=127.0.0.1:9092 python examples/consumer.py --db entitlements.db
+    ENTITLE_KAFKA_BOOTSTRAP=127.0.0.1:9092 \
+        .venv/bin/python examples/consumer.py --db entitlements.db
 
 1. The compacted state topic, read from the start, gives every entitlement
    as of its latest change, without replaying events.
@@ -10,8 +11,9 @@ entitlements, and prints each change as it comes.
    and delivery is at least once (`entitle publish` sends events again, with
    the same ids), so an event is applied once per `event_id`.
 
-It imports the payload models from entitle's `contracts` package; elsewhere,
-generate them from `GET /asyncapi.json` or `contracts/schemas/`.
+It imports the payload models from entitle's `contracts` package (installed
+with entitle); elsewhere, generate them from `GET /asyncapi.json` or
+`contracts/schemas/`.
 """
 
 from __future__ import annotations
