@@ -184,6 +184,7 @@ def test_a_new_consumer_has_every_entitlement_and_republished_events_change_noth
     fold(store, 0, first, paid("sub_b"), paid("sub_a", invoice_id="in_a"), dead=True)
     project(store, read_model, kafka_bootstrap, kafka_idempotence)
     want = expected(read_model)
+    first_head = store.process_recorder.max_notification_id()
     assert len(want) == 2
     events = [
         EntitlementEventV1.model_validate_json(r.value)
@@ -254,6 +255,18 @@ def test_a_new_consumer_has_every_entitlement_and_republished_events_change_noth
         assert {k: e for k, (_, e) in table(tmp_path / "entitlements.db").items()} == {
             k: e for k, (_, e) in expected(read_model).items()
         }
+
+        # From a position on: the changes since, each entitlement's state
+        # folded from its earlier events (sub_b's renewal is its third).
+        assert main(["publish", "--from-position", str(first_head + 1)]) == 0
+        assert f"published {len(newer)} events, 3 entitlement states" in capfd.readouterr().out
+        last_states = {
+            r.key.decode(): EntitlementStateV1.model_validate_json(r.value)
+            for r in read_topic(kafka_bootstrap, STATE_TOPIC)
+        }
+        assert {k: (s.sequence, s.entitlement) for k, s in last_states.items()} == expected(
+            read_model
+        )
     finally:
         consumer.stop()
         store.close()
