@@ -46,6 +46,7 @@ from contracts.outbound import (
     OutboundMessageV1,
     PingV1,
 )
+from contracts.state import EntitlementStateV1
 from contracts.webhooks import DeadLetterV1, RawLogMarkerV1, RawWebhookV1
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
@@ -56,6 +57,7 @@ PUBLISHED: dict[str, type[BaseModel]] = {
     "webhook-raw-log-marker.v1.json": RawLogMarkerV1,
     "webhook-dead-letter.v1.json": DeadLetterV1,
     "entitlement-event.v1.json": EntitlementEventV1,
+    "entitlement-state.v1.json": EntitlementStateV1,
     "api-entitlement.v1.json": EntitlementView,
     "api-entitlement-list.v1.json": EntitlementList,
     "api-history.v1.json": History,

@@ -26,7 +26,7 @@ from contracts.api import Readiness
 from contracts.webhooks import RAW_TOPIC
 from domain.endpoint import Endpoint
 from domain.entitlement import NAMESPACE
-from services import api, ingress, licensing
+from services import api, ingress, licensing, topics
 from services.codes import CodeBook
 from services.config import AdminKey, Config, Settings, Source
 from services.fold import CONSUMER_GROUP, DomainService, RawLog, Scheduler, subscribe
@@ -297,6 +297,7 @@ def build_app(
             index,
         )
         routes += licensing.routes(validation)
+        routes += topics.routes(settings.kafka_bootstrap)
 
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "roles": roles.names()})

@@ -426,6 +426,77 @@ def cmd_stripe_backfill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Send stored events again onto the event, state and dead-letter
+    topics (`--all`, or from a log position on), with their event ids, for
+    consumers that lost them; the projector's own position stays."""
+    import asyncio
+
+    from services.kafka import ensure_topics, make_broker
+    from services.projections import Follower
+    from services.projections.public_events import Published, republish
+    from services.readmodel import ReadModel
+    from services.store import EntitlementStore
+
+    settings = Settings.from_env()
+    bootstrap, idempotence = settings.kafka_bootstrap, settings.kafka_idempotence
+    if bootstrap is None:
+        bootstrap, idempotence = _dev_broker(), False  # the embedded one: no idempotence
+    if bootstrap is None:
+        raise ConfigError(
+            "no broker: set ENTITLE_KAFKA_BOOTSTRAP, or run this beside a running `entitle dev`"
+        )
+    start = 1 if args.all else args.from_position
+    store = EntitlementStore(settings.database_url)
+    read_model = ReadModel(settings.database_url)
+    try:
+        head = store.process_recorder.max_notification_id() or 0
+        if start > max(head, 1):
+            raise ConfigError(f"--from-position {start}: the event log ends at position {head}")
+
+        async def run() -> tuple[Published, int]:
+            try:
+                await ensure_topics(bootstrap, settings.raw_partitions, timeout=5.0)
+            except Exception as exc:
+                raise ConfigError(f"cannot reach the broker at {bootstrap}: {exc!r}") from None
+            broker = make_broker(bootstrap, idempotence, linger_ms=0, client_id="entitle-publish")
+            try:
+                await broker.start()
+            except Exception as exc:
+                await broker.stop()
+                hint = " (the embedded broker needs ENTITLE_KAFKA_IDEMPOTENCE=false)"
+                raise ConfigError(
+                    f"the broker at {bootstrap} refused a producer: {exc!r}"
+                    + (hint if idempotence else "")
+                ) from None
+            try:
+                return await republish(
+                    Follower(store),
+                    broker,
+                    read_model,
+                    start - 1,
+                    head,
+                    progress=lambda at: print(
+                        f"\rpublished up to position {at} of {head}", end="", file=sys.stderr
+                    ),
+                )
+            finally:
+                await broker.stop()
+
+        published, unreadable = asyncio.run(run())
+    finally:
+        read_model.close()
+        store.close()
+    if head >= start:
+        print(file=sys.stderr)
+    print(
+        f"published {published.events} events, {published.states} entitlement states and "
+        f"{published.dead_letters} dead letters from positions {start} to {head}"
+        + (f" ({unreadable} unreadable events skipped)" if unreadable else "")
+    )
+    return 0
+
+
 def _dev_broker() -> str | None:
     """The embedded broker of an `entitle dev` running in this directory."""
     path = Path(".entitle") / "broker"
@@ -447,6 +518,16 @@ def _positive(raw: str) -> int:
     value = int(raw)
     if not 1 <= value <= 1_000_000:
         raise argparse.ArgumentTypeError("must be from 1 to 1000000")
+    return value
+
+
+def _position(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a position (a whole number)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: positions start at 1")
     return value
 
 
@@ -666,6 +747,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("endpoint_id", type=_uuid)
     p.add_argument("--since", required=True, help="RFC 3339 time, e.g. 2026-11-30T00:00:00Z")
     p.set_defaults(run=cmd_outbound)
+    p = sub.add_parser(
+        "publish",
+        help="send stored events again onto the event and state topics (same event ids)",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="from the first stored event")
+    which.add_argument(
+        "--from-position",
+        type=_position,
+        metavar="N",
+        help="from position N of the event store's notification log (1 is the first)",
+    )
+    p.set_defaults(run=cmd_publish)
     stripe_cmd = sub.add_parser("stripe", help="Stripe's API, with a source's api_key")
     stripe_sub = stripe_cmd.add_subparsers(dest="stripe_command", required=True)
     p = stripe_sub.add_parser(

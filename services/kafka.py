@@ -38,12 +38,17 @@ from aiokafka.protocol.types import (
 from faststream.kafka import KafkaBroker
 
 from contracts.events import EVENTS_TOPIC
+from contracts.state import STATE_TOPIC
 from contracts.webhooks import DEAD_LETTER_TOPIC, MARKER_PREFIX, RAW_TOPIC, RawLogMarkerV1
 
 log = logging.getLogger("entitle.kafka")
 
 #: Webhook bodies may be 1 MiB; the envelope around one must still fit.
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+#: Settings a topic is created with beyond the message size. The state
+#: topic is compacted: a consumer reading it from the start finds each
+#: entitlement's latest state, however long ago it changed.
+TOPIC_CONFIGS: dict[str, dict[str, str]] = {STATE_TOPIC: {"cleanup.policy": "compact"}}
 
 
 def free_port() -> int:
@@ -166,22 +171,46 @@ async def ensure_topics(
                 name,
                 num_partitions=partitions,
                 replication_factor=1,
-                topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)},
+                topic_configs={
+                    "max.message.bytes": str(MAX_MESSAGE_BYTES),
+                    **TOPIC_CONFIGS.get(name, {}),
+                },
             )
             for name, partitions in (
                 (RAW_TOPIC, raw_partitions),
                 (EVENTS_TOPIC, raw_partitions),
+                (STATE_TOPIC, raw_partitions),
                 (DEAD_LETTER_TOPIC, 1),
             )
             if name not in existing
         ]
         if wanted:
             with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(wanted)
+                await _create_topics(admin, wanted)
             log.info("created topics %s", ", ".join(t.name for t in wanted))
     finally:
         await admin.close()
     await incarnation(bootstrap, RAW_TOPIC, topic_ids)
+
+
+async def _create_topics(admin: AIOKafkaAdminClient, topics: list[NewTopic]) -> None:
+    """Create `topics`; one the broker refuses with its `TOPIC_CONFIGS` (a
+    broker without compaction, say) is created again without them, saying so."""
+    response = await admin.create_topics(topics)
+    refused = {
+        name
+        for name, code, *_ in response.topic_errors
+        if code not in (0, TopicAlreadyExistsError.errno) and name in TOPIC_CONFIGS
+    }
+    again = []
+    for topic in topics:
+        if topic.name in refused:
+            extra = TOPIC_CONFIGS[topic.name]
+            log.warning("the broker refused %s for %s: created without", extra, topic.name)
+            configs = {k: v for k, v in topic.topic_configs.items() if k not in extra}
+            again.append(NewTopic(topic.name, topic.num_partitions, 1, topic_configs=configs))
+    if again:
+        await admin.create_topics(again)
 
 
 def make_broker(

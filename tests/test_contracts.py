@@ -82,3 +82,47 @@ def test_historical_answers_extend_the_current_ones_so_clients_reuse_their_code(
     entry, stateful = fields(HistoryEntry), fields(HistoryStateEntry)
     assert {k: stateful[k] for k in entry} == entry
     assert set(stateful) - set(entry) == {"state", "changes", "caused_by"}
+
+
+def test_an_entitlement_state_names_any_stored_entitlement_event_and_no_activation_code() -> None:
+    """`EntitlementStateV1` (the state topic) follows every entitlement event,
+    `entitlement.noted` too, and carries the entitlement as the event topic
+    does: without its activation codes."""
+    from typing import get_args
+
+    from pydantic import ValidationError
+
+    from contracts.events import EventType
+    from contracts.state import EntitlementStateV1
+
+    schema = EntitlementStateV1.model_json_schema()
+    assert set(schema["properties"]["event_type"]["enum"]) == set(get_args(EventType)) | {
+        "entitlement.noted"
+    }
+    entitlement = schema["$defs"]["EntitlementV1"]["properties"]
+    assert not {"activation_code", "activation_codes", "activations"} & set(entitlement)
+    state = {
+        "entitlement_id": "5f0c6a3e-3a41-4b55-9a3c-8f7a9a9d3c11",
+        "sequence": 3,
+        "event_id": "1f94419f-a1c2-5b3a-8c14-9af0c0d5cb59",
+        "event_type": "entitlement.noted",
+        "updated_at": "2026-11-30T00:00:00Z",
+        "entitlement": {
+            "id": "5f0c6a3e-3a41-4b55-9a3c-8f7a9a9d3c11",
+            "source": "stripe-main",
+            "order_ref": "sub_1",
+            "offering": "basic",
+            "product": "acme",
+            "status": "ACTIVE",
+            "features": {},
+            "limits": {},
+            "seats": 1,
+            "period_start": None,
+            "period_end": None,
+            "customer": {},
+        },
+    }
+    parsed = EntitlementStateV1.model_validate(state)
+    assert parsed.version == 1 and EntitlementStateV1.model_validate_json(parsed.model_dump_json())
+    with pytest.raises(ValidationError):
+        EntitlementStateV1.model_validate({**state, "event_type": "entitlement.deleted"})
