@@ -22,7 +22,7 @@ from uuid import UUID
 from eventsourcing.persistence import Notification
 from eventsourcing.postgres import PostgresAggregateRecorder
 from psycopg.sql import SQL, Identifier
-from pydantic_core import to_jsonable_python
+from pydantic_core import to_json, to_jsonable_python
 
 from contracts.api import DeadLetterView, EntitlementView
 from domain.entitlement import event_type
@@ -481,7 +481,9 @@ def _compare_receipts(read_model: ReadModel, cur: Any, fold: _Fold, report: Veri
 #: the first event at its time, and filters each event exactly.
 SKEW = timedelta(minutes=5)
 
-_BASE_FIELDS = {"originator_id", "originator_version", "timestamp", "originator_topic"}
+_NOT_BODY = frozenset(
+    {"originator_id", "originator_version", "timestamp", "originator_topic", "cause"}
+)
 
 
 def first_position(store: EntitlementStore, since: datetime) -> int:
@@ -518,7 +520,7 @@ def _line(store: EntitlementStore, notification: Notification) -> dict[str, Any]
         "recorded_at": event.timestamp,
         "occurred_at": getattr(event, "occurred_at", None),
         "cause": cause if isinstance(cause, dict) else None,
-        "body": {k: v for k, v in vars(event).items() if k not in _BASE_FIELDS | {"cause"}},
+        "body": {k: v for k, v in vars(event).items() if k not in _NOT_BODY},
     }
 
 
@@ -562,7 +564,7 @@ def export(
                         done = True
                         break
                     continue
-            lines.append(json.dumps(to_jsonable_python(line), separators=(",", ":")))
+            lines.append(to_json(line, fallback=str).decode())
         if lines:
             out.write("\n".join(lines) + "\n")
             out.flush()
