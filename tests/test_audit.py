@@ -4,6 +4,7 @@ code index does not, and the export is the log, line for line."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from domain.entitlement import Entitlement, entitlement_id, order_id
-from services.audit import verify
+from services.audit import Bar, verify
 from services.cli import main
 from services.projections import READ_MODEL, replay
 from services.readmodel import ReadModel
@@ -281,3 +282,20 @@ def test_export_ends_quietly_when_the_reader_goes_away(
     assert piped.stderr == "", piped.stderr
     unreachable = entitle("postgresql://nobody@127.0.0.1:1/none", "audit", "verify", cwd=tmp_path)
     assert unreachable.returncode == 2 and len(unreachable.stderr.strip().splitlines()) == 1
+
+
+def test_the_progress_bar_is_drawn_only_on_a_terminal() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    shown, piped = Terminal(), io.StringIO()
+    for stream in (shown, piped):
+        bar = Bar("verify", stream)
+        bar(500, 1000)
+        bar(1000, 1000)
+        bar.end()
+    assert piped.getvalue() == ""
+    last = shown.getvalue().split("\r")[-1]
+    assert last.startswith("verify [" + "#" * 30 + "] 1000/1000 events, ")
+    assert last.endswith("/s\n")
