@@ -131,7 +131,8 @@ class VerifyReport:
         if self.mismatch_count > len(self.mismatches):
             out.append(f"… and {self.mismatch_count - len(self.mismatches)} more mismatches")
         out.append(
-            f"{'OK' if self.ok else 'FAILED'}: {self.mismatch_count} mismatches,"
+            f"{'OK' if self.ok else 'FAILED'}: {self.mismatch_count}"
+            f" mismatch{'' if self.mismatch_count == 1 else 'es'},"
             f" {self.events} events in {self.seconds:.1f} s ({rate:,.0f} events/s)"
         )
         return out
@@ -179,12 +180,17 @@ class _Fold:
             if change.dead_letter is not None:
                 letter = dead_letter_view(change.dead_letter)
                 self.letters[letter.id] = _digest(letter.model_dump_json())
+        # As the read model applies a batch: its new receipts, then the
+        # resolutions, then the facts delivered (a parked webhook and what
+        # it waited for can be folded in one transaction, in either order).
+        for change in changes:
             for receipt, _ in change.receipts:
                 if receipt.waits_for is None:
                     self.settle(receipt.id, receipt.outcome)
                 else:
                     where = (receipt.source, receipt.provider_event_id)
                     self.pending[receipt.id] = (*where, receipt.outcome, True)
+        for change in changes:
             if change.resolution is not None:
                 # As ReadModel._resolve: a dead letter for waiting too long still waits.
                 found = self.pending.get(change.resolution.receipt)
@@ -192,6 +198,7 @@ class _Fold:
                     outcome = change.resolution.outcome
                     waiting = found[3] and outcome == "dead_letter"
                     self.pending[change.resolution.receipt] = (*found[:2], outcome, waiting)
+        for change in changes:
             for fact in change.delivered:
                 for receipt_id, (source, event_id, _, waiting) in list(self.pending.items()):
                     if waiting and (source, event_id) == (fact.source, fact.event_id):

@@ -70,13 +70,22 @@ def fill(store: EntitlementStore) -> None:
         record(14, se.charge_refunded(payment_intent="pi_never")),
     ]
     service(store).process(records)
-    late = se.invoice_paid(
-        subscription="sub_late",
-        shape=se.LEGACY,
-        payment_intent="pi_late",
-        lines=[{"price": "p", "sku": "better_annual", "start": NOW, "end": NOW + YEAR}],
+    def payment(subscription: str) -> dict[str, Any]:
+        return se.invoice_paid(
+            subscription=subscription,
+            shape=se.LEGACY,
+            payment_intent=f"pi_{subscription}",
+            lines=[{"price": "p", "sku": "better_annual", "start": NOW, "end": NOW + YEAR}],
+        )
+
+    # The late payment, and a refund folded in one transaction with its payment.
+    service(store).process(
+        [
+            record(15, payment("late")),
+            record(16, se.charge_refunded(payment_intent="pi_same")),
+            record(17, payment("same")),
+        ]
     )
-    service(store).process([record(15, late)])
     at = datetime.now(UTC)
     store.change(ent("sub_1"), lambda e: e.issue_code(CODES.hash, "ops", "r1", at) and None)
     store.change(ent("sub_2"), lambda e: e.revoke_code(0, "ops", "r2", at))
@@ -93,17 +102,20 @@ def test_verify_passes_on_a_healthy_store_and_names_what_was_tampered_with(
     assert report.ok, report.lines()
     head = store.process_recorder.max_notification_id()
     assert report.position == report.head == head == read_model.position(READ_MODEL)
-    assert report.entitlements == 6  # sub_0..4, sub_late, and nothing for sub_x
-    assert report.dead_letters >= 1 and report.receipts == 16
+    assert report.entitlements == 7  # sub_0..4, late, same, and nothing for sub_x
+    assert report.dead_letters >= 1 and report.receipts == 18
     # sub_1 has two codes, sub_2 none (revoked), the others one each.
-    assert report.codes == 6
+    assert report.codes == 7
+    # The refund parked and applied in one transaction is applied in both.
+    same = read_model.receipt("r0-16")
+    assert same is not None and same.outcome == "applied" and same.resolved_at is not None
     shown = entitle(database_url, "audit", "verify", cwd=tmp_path)
     assert shown.returncode == 0, shown.stdout + shown.stderr
     assert "the read model is at the head" in shown.stdout
     assert shown.stderr.strip().startswith("OK: 0 mismatches")  # no bar without a terminal
 
     # The read model behind the log: verified up to its position, and said so.
-    service(store).process([record(16, paid("sub_new"))])
+    service(store).process([record(18, paid("sub_new"))])
     behind = verify(store, read_model)
     assert behind.ok and behind.behind > 0 and behind.position == head
 
