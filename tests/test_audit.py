@@ -70,6 +70,7 @@ def fill(store: EntitlementStore) -> None:
         record(14, se.charge_refunded(payment_intent="pi_never")),
     ]
     service(store).process(records)
+
     def payment(subscription: str) -> dict[str, Any]:
         return se.invoice_paid(
             subscription=subscription,
