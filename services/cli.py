@@ -573,14 +573,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--entitlement {args.entitlement!r} is not an id") from None
             if store.entitlement(aggregate_id) is None:
                 raise ConfigError(f"no entitlement {aggregate_id}")
-        try:
-            count = audit.export(store, sys.stdout, since, until, aggregate_id)
-        except BrokenPipeError:
-            # `| head` closed the pipe: end quietly (and keep Python's own
-            # flush at exit from complaining about it).
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
+        count = audit.export(store, sys.stdout, since, until, aggregate_id)
         print(f"exported {count} events", file=sys.stderr)
+        return 0
+    except BrokenPipeError:
+        # `| head` closed the pipe: end quietly (and keep Python's own
+        # flush at exit from complaining about it).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (
         DatabaseURLError,
@@ -588,6 +587,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         psycopg.Error,
         psycopg_pool.PoolTimeout,
         sqlite3.Error,
+        OSError,  # an SQLite path that cannot be made or opened
     ) as exc:
         raise ConfigError(f"the database cannot be read: {str(exc).splitlines()[0]}") from None
     finally:

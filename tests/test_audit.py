@@ -293,8 +293,11 @@ def test_export_ends_quietly_when_the_reader_goes_away(
     )
     assert len(piped.stdout.splitlines()) == 1 and json.loads(piped.stdout)["position"] == 1
     assert piped.stderr == "", piped.stderr
-    unreachable = entitle("postgresql://nobody@127.0.0.1:1/none", "audit", "verify", cwd=tmp_path)
-    assert unreachable.returncode == 2 and len(unreachable.stderr.strip().splitlines()) == 1
+    for unreadable in ("postgresql://nobody@127.0.0.1:1/none", "sqlite:////proc/none/e.db"):
+        refused = entitle(unreadable, "audit", "verify", cwd=tmp_path)
+        assert refused.returncode == 2 and refused.stdout == ""
+        assert refused.stderr.startswith("entitle: the database cannot be read: ")
+        assert len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_the_progress_bar_is_drawn_only_on_a_terminal() -> None:
