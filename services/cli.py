@@ -663,6 +663,74 @@ def cmd_outbound(args: argparse.Namespace) -> int:
         read_model.close()
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """`audit verify`: fold the log and compare with the read model and the
+    validation index (exit 1 on a mismatch); `audit export`: stored events
+    as JSON lines on stdout."""
+    import sqlite3
+
+    import psycopg
+    import psycopg_pool
+    from eventsourcing.persistence import PersistenceError
+
+    from services import audit
+    from services.readmodel import ReadModel
+    from services.store import DatabaseURLError, EntitlementStore
+
+    settings = Settings.from_env()
+    store: EntitlementStore | None = None
+    read_model: ReadModel | None = None
+    try:
+        if settings.database_url.startswith(("postgresql:", "postgres:")):
+            # Fail in seconds, not after the store's pool waited 30 s.
+            psycopg.connect(settings.database_url, connect_timeout=5).close()
+        store = EntitlementStore(settings.database_url)
+        if args.audit_command == "verify":
+            read_model = ReadModel(settings.database_url)
+            bar = audit.Bar("verify")
+            try:
+                report = audit.verify(store, read_model, limit=args.limit, progress=bar)
+            finally:
+                bar.end()
+            lines = report.lines()
+            print("\n".join(lines[:-1]))
+            print(lines[-1], file=sys.stderr)
+            return 0 if report.ok else 1
+        since, until = _since(args.since), _since(args.until)
+        if since is not None and until is not None and until <= since:
+            raise ConfigError("--until must be after --since")
+        aggregate_id = None
+        if args.entitlement is not None:
+            try:
+                aggregate_id = uuid.UUID(args.entitlement)
+            except ValueError:
+                raise ConfigError(f"--entitlement {args.entitlement!r} is not an id") from None
+            if store.entitlement(aggregate_id) is None:
+                raise ConfigError(f"no entitlement {aggregate_id}")
+        count = audit.export(store, sys.stdout, since, until, aggregate_id)
+        print(f"exported {count} events", file=sys.stderr)
+        return 0
+    except BrokenPipeError:
+        # `| head` closed the pipe: end quietly (and keep Python's own
+        # flush at exit from complaining about it).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (
+        DatabaseURLError,
+        PersistenceError,
+        psycopg.Error,
+        psycopg_pool.PoolTimeout,
+        sqlite3.Error,
+        OSError,  # an SQLite path that cannot be made or opened
+    ) as exc:
+        raise ConfigError(f"the database cannot be read: {str(exc).splitlines()[0]}") from None
+    finally:
+        if read_model is not None:
+            read_model.close()
+        if store is not None:
+            store.close()
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="entitle", description="Event-sourced entitlement engine")
     sub = top.add_subparsers(dest="command", required=True)
@@ -760,6 +828,18 @@ def parser() -> argparse.ArgumentParser:
         help="from position N of the event store's notification log (1 is the first)",
     )
     p.set_defaults(run=cmd_publish)
+    audit_cmd = sub.add_parser("audit", help="verify the read model against the log; export it")
+    audit_sub = audit_cmd.add_subparsers(dest="audit_command", required=True)
+    p = audit_sub.add_parser(
+        "verify", help="fold every aggregate and compare with the read model and code index"
+    )
+    p.add_argument("--limit", type=_positive, default=50, help="most mismatches listed")
+    p.set_defaults(run=cmd_audit)
+    p = audit_sub.add_parser("export", help="stored events as JSON lines on stdout")
+    p.add_argument("--since", help="recorded at or after (RFC 3339, e.g. 2026-11-30T00:00:00Z)")
+    p.add_argument("--until", help="recorded before (RFC 3339)")
+    p.add_argument("--entitlement", help="only this entitlement's events (its id)")
+    p.set_defaults(run=cmd_audit)
     stripe_cmd = sub.add_parser("stripe", help="Stripe's API, with a source's api_key")
     stripe_sub = stripe_cmd.add_subparsers(dest="stripe_command", required=True)
     p = stripe_sub.add_parser(

@@ -521,6 +521,10 @@ class ValidationIndex:
     def get(self, code_hash: str) -> IndexedEntitlement | None:
         return self._entries.get(code_hash)
 
+    def __len__(self) -> int:
+        """Code hashes held (`entitle audit verify` checks there is no other)."""
+        return len(self._entries)
+
     def refresh(self) -> int:
         """Fetch and hold what changed; returns how many entitlements did."""
         changed = self.read_model.changed(self._position)

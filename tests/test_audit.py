@@ -1,0 +1,317 @@
+"""`entitle audit verify` and `entitle audit export` against real stores
+(SQLite and PostgreSQL): a healthy store verifies, a tampered read model or
+code index does not, and the export is the log, line for line."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from domain.entitlement import Entitlement, entitlement_id, order_id
+from services.audit import Bar, verify
+from services.cli import main
+from services.projections import READ_MODEL, replay
+from services.readmodel import ReadModel
+from services.store import EntitlementStore
+from tests import stripe_events as se
+from tests.harness import ENTITLE
+from tests.test_store import CODES, NOW, YEAR, paid, record, service
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def entitle(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., Ran]:
+    """`entitle ARGS` in this process (its output captured; stderr is no
+    terminal, so no progress bar); a fresh process costs seconds."""
+
+    # (faulthandler needs a real file; pytest's capture is none)
+    monkeypatch.setattr("faulthandler.enable", lambda *_, **__: None)
+
+    def run(url: str, *args: str, cwd: Path) -> Ran:
+        monkeypatch.setenv("ENTITLE_DATABASE_URL", url)
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return Ran(code, out, err)
+
+    return run
+
+
+def ent(subscription: str) -> Any:
+    return entitlement_id("stripe-main", subscription, se.item_id(subscription, "p"))
+
+
+def fill(store: EntitlementStore) -> None:
+    """Entitlements renewed and changed by an admin, a dead letter, a refund
+    that waits for its payment (parked, then applied), one that never gets it."""
+    records = [record(i, paid(f"sub_{i % 5}", years=1 + i)) for i in range(12)]
+    records += [
+        record(12, paid("sub_x", sku="nope")),
+        record(13, se.charge_refunded(payment_intent="pi_late")),
+        record(14, se.charge_refunded(payment_intent="pi_never")),
+    ]
+    service(store).process(records)
+
+    def payment(subscription: str) -> dict[str, Any]:
+        return se.invoice_paid(
+            subscription=subscription,
+            shape=se.LEGACY,
+            payment_intent=f"pi_{subscription}",
+            lines=[{"price": "p", "sku": "better_annual", "start": NOW, "end": NOW + YEAR}],
+        )
+
+    # The late payment, and a refund folded in one transaction with its payment.
+    service(store).process(
+        [
+            record(15, payment("late")),
+            record(16, se.charge_refunded(payment_intent="pi_same")),
+            record(17, payment("same")),
+        ]
+    )
+    at = datetime.now(UTC)
+    store.change(ent("sub_1"), lambda e: e.issue_code(CODES.hash, "ops", "r1", at) and None)
+    store.change(ent("sub_2"), lambda e: e.revoke_code(0, "ops", "r2", at))
+
+
+def test_verify_passes_on_a_healthy_store_and_names_what_was_tampered_with(
+    database_url: str, tmp_path: Path, entitle: Callable[..., Ran]
+) -> None:
+    store = EntitlementStore(database_url)
+    fill(store)
+    read_model = ReadModel(database_url)
+    replay(store, read_model)
+    report = verify(store, read_model)
+    assert report.ok, report.lines()
+    head = store.process_recorder.max_notification_id()
+    assert report.position == report.head == head == read_model.position(READ_MODEL)
+    assert report.entitlements == 7  # sub_0..4, late, same, and nothing for sub_x
+    assert report.dead_letters >= 1 and report.receipts == 18
+    # sub_1 has two codes, sub_2 none (revoked), the others one each.
+    assert report.codes == 7
+    # The refund parked and applied in one transaction is applied in both.
+    same = read_model.receipt("r0-16")
+    assert same is not None and same.outcome == "applied" and same.resolved_at is not None
+    shown = entitle(database_url, "audit", "verify", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "the read model is at the head" in shown.stdout
+    assert shown.stderr.strip().startswith("OK: 0 mismatches")  # no bar without a terminal
+
+    # The read model behind the log: verified up to its position, and said so.
+    service(store).process([record(18, paid("sub_new"))])
+    behind = verify(store, read_model)
+    assert behind.ok and behind.behind > 0 and behind.position == head
+
+    # A row changed behind the projector's back.
+    tampered = str(ent("sub_3"))
+    with read_model.transaction() as cur:
+        cur.execute(
+            read_model.sql("SELECT body FROM entitle_v3_entitlements WHERE id = ?"), (tampered,)
+        )
+        body = json.loads(cur.fetchone()[0])
+        body["status"], body["seats"] = "CANCELED", 99
+        cur.execute(
+            read_model.sql(
+                "UPDATE entitle_v3_entitlements SET body = ?, status = 'CANCELED' WHERE id = ?"
+            ),
+            (json.dumps(body), tampered),
+        )
+    # A code removed from the index, and one added that no entitlement has.
+    with read_model.transaction() as cur:
+        cur.execute(
+            read_model.sql("DELETE FROM entitle_v3_codes WHERE entitlement_id = ?"),
+            (str(ent("sub_4")),),
+        )
+        cur.execute(
+            read_model.sql(
+                "INSERT INTO entitle_v3_codes (code_hash, entitlement_id) VALUES (?, ?)"
+            ),
+            ("f" * 64, str(ent("sub_0"))),
+        )
+    report = verify(store, read_model)
+    found = {(m.kind, m.subject, m.field.split(" ")[0]) for m in report.mismatches}
+    assert ("entitlement", tampered, "status") in found
+    assert ("entitlement", tampered, "seats") in found
+    for kind in ("code index", "validation index"):
+        assert (kind, str(ent("sub_4")), "code") in found
+        assert (kind, str(ent("sub_0")), "code") in found
+    assert not report.ok and report.mismatch_count == len(report.mismatches) == 6
+    failed = entitle(database_url, "audit", "verify", "--limit", "2", cwd=tmp_path)
+    assert failed.returncode == 1
+    assert f'MISMATCH entitlement {tampered} status: stored "CANCELED", folded "ACTIVE"' in (
+        failed.stdout
+    )
+    assert "… and 4 more mismatches" in failed.stdout
+    assert failed.stderr.strip().startswith("FAILED: 6 mismatches")
+    read_model.close()
+    store.close()
+
+
+def test_rolled_back_inserts_leave_unused_ids_only_on_postgres(database_url: str) -> None:
+    """Two writers saving the same entitlement: the loser's transaction
+    rolls back. PostgreSQL's sequence has handed out its id anyway (an id
+    hole that is no lost event); SQLite's ids never skip."""
+    store, other = EntitlementStore(database_url), EntitlementStore(database_url)
+    service(store).process([record(0, paid("sub_a"))])
+    first = store.find(ent("sub_a"), Entitlement)
+    second = other.find(ent("sub_a"), Entitlement)
+    assert first is not None and second is not None
+    at = datetime.now(UTC)
+    first.issue_code(CODES.hash, "ops", "r1", at)
+    second.issue_code(CODES.hash, "ops", "r2", at)
+    store.record([first], None)
+    from eventsourcing.persistence import IntegrityError
+
+    with pytest.raises(IntegrityError):
+        other.record([second], None)
+    service(store).process([record(1, paid("sub_b"))])
+    read_model = ReadModel(database_url)
+    replay(store, read_model)
+    report = verify(store, read_model)
+    assert report.ok, report.lines()
+    postgres = database_url.startswith("postgres")
+    assert (report.unused_ids > 0) is postgres
+    assert report.position - report.events == report.unused_ids
+
+    # An event taken out of the log: the order's versions no longer start at 1.
+    order = order_id("stripe-main", "sub_b")
+    recorder: Any = store.recorder
+    with recorder.datastore.transaction(commit=True) as cursor:
+        cursor.execute(
+            f"DELETE FROM {recorder.events_table_name} WHERE originator_id = "
+            + ("%s AND originator_version = 1" if postgres else "? AND originator_version = 1"),
+            (order if postgres else order.hex,),
+        )
+    holed = verify(store, read_model)
+    found = {(m.kind, m.subject, m.field, m.stored) for m in holed.mismatches}
+    assert ("log", str(order), "version", 2) in found
+    # On SQLite an id is never skipped: the missing one is reported too.
+    assert (("log", "notification ids", "count", holed.events) in found) is not postgres
+    read_model.close()
+    other.close()
+    store.close()
+
+
+def test_export_is_the_log_line_for_line(
+    database_url: str, tmp_path: Path, entitle: Callable[..., Ran]
+) -> None:
+    store = EntitlementStore(database_url)
+    fill(store)
+    total = store.process_recorder.max_notification_id()
+    whole = entitle(database_url, "audit", "export", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    lines = [json.loads(line) for line in whole.stdout.splitlines()]
+    stored = store.process_recorder.select_notifications(start=1, limit=10_000)
+    assert [(x["position"], x["aggregate_id"], x["version"]) for x in lines] == [
+        (n.id, str(n.originator_id), n.originator_version) for n in stored
+    ]
+    assert len(lines) == len(stored) and lines[-1]["position"] == total
+    assert whole.stderr.strip() == f"exported {len(lines)} events"
+    renewed = next(x for x in lines if x["type"] == "entitlement.renewed")
+    assert renewed["aggregate_kind"] == "Entitlement"
+    assert renewed["cause"]["kind"] == "provider" and renewed["cause"]["source"] == "stripe-main"
+    assert renewed["occurred_at"] is not None and "period_end" in json.dumps(renewed["body"])
+    letter = next(x for x in lines if x["aggregate_kind"] == "DeadLetter")
+    assert letter["type"].startswith("domain.dead_letter:DeadLetter.")
+    assert "nope" in json.dumps(letter["body"])
+
+    # --since: exactly the events recorded at or after the time, in order.
+    # (A fold transaction's events share one time: take the second batch's.)
+    since = next(x["recorded_at"] for x in lines if x["recorded_at"] > lines[0]["recorded_at"])
+    later = entitle(database_url, "audit", "export", "--since", since, cwd=tmp_path)
+    want = [x for x in lines if datetime.fromisoformat(x["recorded_at"]) >= _at(since)]
+    assert [json.loads(line) for line in later.stdout.splitlines()] == want
+    assert 0 < len(want) < len(lines)
+    until = entitle(
+        database_url,
+        "audit",
+        "export",
+        "--until",
+        since,
+        "--since",
+        lines[0]["recorded_at"],
+        cwd=tmp_path,
+    )
+    assert len(until.stdout.splitlines()) == len(lines) - len(want)
+
+    # --entitlement: its own events, versions 1..n.
+    one = str(ent("sub_1"))
+    mine = entitle(database_url, "audit", "export", "--entitlement", one, cwd=tmp_path)
+    got = [json.loads(line) for line in mine.stdout.splitlines()]
+    assert got == [x for x in lines if x["aggregate_id"] == one]
+    assert [x["version"] for x in got] == list(range(1, len(got) + 1))
+
+    for bad in (
+        ["--since", "yesterday"],
+        ["--entitlement", "nope"],
+        ["--entitlement", str(ent("x"))],
+    ):
+        refused = entitle(database_url, "audit", "export", *bad, cwd=tmp_path)
+        assert refused.returncode == 2 and refused.stdout == ""
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    store.close()
+
+
+def _at(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def test_export_ends_quietly_when_the_reader_goes_away(
+    tmp_path: Path, entitle: Callable[..., Ran]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'entitle.db'}"
+    store = EntitlementStore(url)
+    service(store).process([record(i, paid(f"sub_{i}")) for i in range(300)])
+    store.close()
+    env = {**os.environ, "ENTITLE_DATABASE_URL": url}
+    piped = subprocess.run(
+        f"'{ENTITLE}' audit export | head -n 1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert len(piped.stdout.splitlines()) == 1 and json.loads(piped.stdout)["position"] == 1
+    assert piped.stderr == "", piped.stderr
+    for unreadable in ("postgresql://nobody@127.0.0.1:1/none", "sqlite:////proc/none/e.db"):
+        refused = entitle(unreadable, "audit", "verify", cwd=tmp_path)
+        assert refused.returncode == 2 and refused.stdout == ""
+        assert refused.stderr.startswith("entitle: the database cannot be read: ")
+        assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_the_progress_bar_is_drawn_only_on_a_terminal() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    shown, piped = Terminal(), io.StringIO()
+    for stream in (shown, piped):
+        bar = Bar("verify", stream)
+        bar(500, 1000)
+        bar(1000, 1000)
+        bar.end()
+    assert piped.getvalue() == ""
+    last = shown.getvalue().split("\r")[-1]
+    assert last.startswith("verify [" + "#" * 30 + "] 1000/1000 events, ")
+    assert last.endswith("/s\n")
