@@ -1,0 +1,217 @@
+"""Erasing a customer (crypto-shredding): after `POST /v1/customers/erase`
+the address and the name are nowhere in the database, the entitlement and
+its history show no address (also after a replay), other customers are
+untouched, and the erasure is recorded. Against real stores."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from domain.dead_letter import DeadLetter
+from services.app import Roles, build_app, declared_endpoints
+from services.cli import main
+from services.config import Settings, admin_keys, parse_config
+from services.erasure import erasures
+from services.outbound.outbox import Outbox
+from services.projections import Follower, history_entry, replay
+from services.projections.follower import project_batch
+from services.projections.mail import MailProjection
+from services.projections.webhooks import WebhooksProjection
+from tests import stripe_events as se
+from tests.harness import SHARED_CODE_SECRET
+from tests.test_receipts import World
+from tests.test_store import NOW, YEAR
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient
+
+pytestmark = pytest.mark.integration
+
+ADA, ADA_NAME = "Ada.Lovelace@example.com", "Augusta Ada Byron-King"
+GRACE, GRACE_NAME = "grace.hopper@example.org", "Grace Brewster Murray"
+AUTH = {"Authorization": "Bearer ek_erasure_admin"}
+CONFIG = parse_config(
+    f"""
+sources: {{stripe-main: {{provider: stripe, secret: {se.SECRET}}}}}
+offerings:
+  - {{sku: better_annual, product: acme, period: P1Y, seats: 3}}
+outbound:
+  allow_private_networks: true
+  endpoints:
+    crm: {{url: "http://127.0.0.1:9/crm", secret_env: CRM_SECRET}}
+notifications:
+  email: {{outbox_dir: ./mails}}
+""",
+    {"CRM_SECRET": "whsec_" + "a" * 32},
+)
+
+
+def bought(subscription: str, email: str, name: str, skus: tuple[str, ...]) -> dict[str, Any]:
+    lines = [{"price": f"p_{s}", "sku": s, "start": NOW, "end": NOW + YEAR} for s in skus]
+    event = se.invoice_paid(
+        subscription=subscription,
+        shape=se.LEGACY,
+        lines=lines,
+        email=email,
+        customer=f"cus_{subscription}",
+    )
+    event["data"]["object"]["customer_name"] = name
+    return event
+
+
+class Shop(World):
+    """The fold and every projection that copies the address: read model,
+    outbound webhooks, mail."""
+
+    def __init__(self, database_url: str) -> None:
+        super().__init__(database_url, CONFIG)
+        self.outbox = Outbox(self.read_model)
+        self.others = [
+            WebhooksProjection(self.outbox, declared_endpoints(CONFIG, True, True)),
+            MailProjection(self.outbox, ["entitlement.created"], lambda: 0),
+        ]
+
+    def project(self) -> None:
+        super().project()
+        for projection in self.others:
+            changes, last = Follower(self.store).read(projection.position(), 10_000)
+            if last is not None:
+                asyncio.run(project_batch(projection, changes, last))
+
+
+@pytest.fixture
+def shop(database_url: str) -> Iterator[Shop]:
+    world = Shop(database_url)
+    yield world
+    world.close()
+
+
+def stored_text(shop: Shop) -> str:
+    """Everything the database holds, as text: SQLite's files (database and
+    WAL, bytes as they lie on disk), or every PostgreSQL table's rows cast to
+    text (bytea columns show as hex there: `holds` looks for that too)."""
+    if not shop.read_model.postgres:
+        path = Path(shop.read_model.sqlite_path)
+        files = [path, path.with_name(path.name + "-wal")]
+        return b"".join(f.read_bytes() for f in files if f.exists()).decode("latin-1")
+    with psycopg.connect(shop.read_model.url) as conn:
+        tables = conn.execute(
+            "SELECT quote_ident(table_schema) || '.' || quote_ident(table_name)"
+            " FROM information_schema.tables WHERE table_schema NOT IN"
+            " ('pg_catalog', 'information_schema')"
+        ).fetchall()
+        assert len(tables) > 10
+        return "\n".join(
+            row for (table,) in tables for (row,) in conn.execute(f"SELECT t::text FROM {table} t")
+        )
+
+
+def holds(text: str, needle: str) -> bool:
+    return needle in text or needle.encode().hex() in text
+
+
+def test_an_erased_customer_leaves_no_personal_data(shop: Shop, tmp_path: Path) -> None:
+    shop.send(bought("sub_ada", ADA, ADA_NAME, ("better_annual",)), "r-ada")
+    # Partly unmappable: applied in part, and a dead letter holding the name.
+    shop.send(bought("sub_ada2", ADA, ADA_NAME, ("better_annual", "no_such_sku")), "r-ada2")
+    shop.send(bought("sub_grace", GRACE, GRACE_NAME, ("better_annual",)), "r-grace")
+    ada = shop.read_model.entitlements(customer_email=ADA)
+    assert len(ada) == 2
+    grace = shop.read_model.entitlements(customer_email=GRACE)
+    assert len(grace) == 1
+    before = stored_text(shop)
+    assert holds(before, ADA) and holds(before, GRACE)  # the read model's, the outbox's
+    # The name is only in what the provider sent: kept sealed, readable until erased.
+    kept = shop.store.webhook("r-ada")
+    assert kept is not None and ADA_NAME in kept.decode()
+    [letter] = shop.read_model.dead_letters()
+    sealed = shop.store.find(letter.id, DeadLetter)
+    assert sealed is not None and ADA_NAME in sealed.webhook["body"]
+    mails = [r.job for r in shop.outbox.jobs(kind="mail")]
+    assert {m.payload["to"] for m in mails} == {ADA, GRACE}
+
+    settings = Settings(
+        kafka_bootstrap=None,
+        database_url=shop.read_model.url,
+        kafka_idempotence=False,
+        raw_partitions=1,
+        code_secret=SHARED_CODE_SECRET,
+        dev=True,
+    )
+    app = build_app(CONFIG, settings, Roles(api=True), admin_keys("privacy:ek_erasure_admin"))
+    with TestClient(app) as client:
+        assert client.post("/v1/customers/erase", json={"email": ADA}).status_code == 401
+        bad = client.post("/v1/customers/erase", json={"mail": ADA}, headers=AUTH)
+        assert bad.status_code == 422 and "email" in bad.json()["detail"]
+        answer = client.post("/v1/customers/erase", json={"email": ADA.upper()}, headers=AUTH)
+        assert answer.status_code == 200, answer.text
+        done = answer.json()
+        assert done["requested_by"] == "privacy"
+        assert (done["keys"], done["entitlements"], done["plaintext_events"]) == (1, 2, 0)
+        assert done["events"] >= 4 and done["webhooks"] == 2 and done["outbox_jobs"] >= 3
+        shop.project()
+
+        for view in ada:
+            shown = client.get(f"/v1/entitlements/{view.id}", headers=AUTH).json()
+            assert shown["customer"]["email"] is None and shown["status"] == "ACTIVE"
+            history = client.get(f"/v1/entitlements/{view.id}/history", headers=AUTH).text
+            assert "example.com" not in history
+            assert f"erasure:{done['id']}" in history
+        again = client.post("/v1/customers/erase", json={"email": ADA}, headers=AUTH).json()
+        assert (again["keys"], again["entitlements"], again["events"]) == (0, 0, 0)
+        listed = client.get("/v1/erasures", headers=AUTH).json()["items"]
+        assert {e["id"] for e in listed} == {done["id"], again["id"]}
+
+    assert shop.store.webhook("r-ada") is None and shop.store.webhook("r-ada2") is None
+    erased = shop.store.find(letter.id, DeadLetter)
+    assert erased is not None and erased.webhook["body"] is None
+    assert replay(shop.store, shop.read_model) > 0
+    assert shop.read_model.entitlements(customer_email=ADA) == []
+    rebuilt = [shop.read_model.entitlement(str(v.id)) for v in ada]
+    assert all(v is not None and v.customer.email is None for v in rebuilt)
+    for view in ada:
+        for event in shop.store.history(view.id):
+            assert "example.com" not in history_entry(event).model_dump_json()
+    assert all(
+        m.job.payload.get("to") is None
+        for m in shop.outbox.jobs(kind="mail")
+        if m.job.ordering_key in {str(v.id) for v in ada}
+    )
+
+    after = stored_text(shop)
+    for gone in (ADA, ADA.lower(), ADA_NAME):
+        assert not holds(after, gone), gone
+    assert holds(after, GRACE)
+    # Another customer's data are untouched and readable.
+    assert [v.id for v in shop.read_model.entitlements(customer_email=GRACE)] == [grace[0].id]
+    kept = shop.store.webhook("r-grace")
+    assert kept is not None and GRACE_NAME in kept.decode()
+    assert any(
+        e.customer_email == GRACE
+        for e in shop.store.history(grace[0].id)
+        if hasattr(e, "customer_email")
+    )
+    recorded = erasures(shop.store)
+    assert [r.id for r in recorded][-1] == done["id"] and recorded[-1].entitlements == 2
+
+
+def test_the_command_line_erases_and_lists(tmp_path: Path, monkeypatch: Any, capfd: Any) -> None:
+    monkeypatch.setenv("ENTITLE_DATABASE_URL", f"sqlite:///{tmp_path}/entitle.db")
+    assert main(["erase-customer", " "]) == 2
+    assert "e-mail address" in capfd.readouterr().err
+    assert main(["erase-customer", "nobody@example.net", "--by", "dpo"]) == 0
+    out, err = capfd.readouterr()
+    done = json.loads(out)
+    assert done["requested_by"] == "dpo" and (done["keys"], done["entitlements"]) == (0, 0)
+    assert "nothing was stored" in err and "nobody" not in out
+    assert main(["erase-customer", "--list"]) == 0
+    assert json.loads(capfd.readouterr().out)["id"] == done["id"]
