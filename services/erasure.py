@@ -51,7 +51,7 @@ def erase_customer(
         for r in table.rows("SELECT key_id FROM {keys} WHERE lookup = ?", (lookup_of(wanted),))
     ]
     sealed = _events_holding(store, [k.encode() for k in key_ids])
-    plain = _events_holding(store, sorted({wanted.encode(), email.strip().encode()}))
+    plain = _events_holding(store, [wanted.encode()], any_case=True)
     entitlements = {i for i, topic in sealed + plain if topic.startswith(_ENTITLEMENT_TOPIC)}
     entitlements |= {
         uuid.UUID(str(r[0]))
@@ -140,9 +140,12 @@ def erasures(store: EntitlementStore, limit: int = 100) -> list[ErasureView]:
     return views
 
 
-def _events_holding(store: EntitlementStore, needles: list[bytes]) -> list[tuple[uuid.UUID, str]]:
+def _events_holding(
+    store: EntitlementStore, needles: list[bytes], any_case: bool = False
+) -> list[tuple[uuid.UUID, str]]:
     """(aggregate id, topic) of every stored event whose state holds one of
-    `needles` (a key id, an address): one pass over the events per needle."""
+    `needles` (a key id; a lower-case address, `any_case`): one pass over
+    the events per needle."""
     recorder: Any = store.recorder
     found: list[tuple[uuid.UUID, str]] = []
     for needle in needles:
@@ -151,20 +154,28 @@ def _events_holding(store: EntitlementStore, needles: list[bytes]) -> list[tuple
 
             statement = SQL(
                 "SELECT originator_id, topic FROM {schema}.{table}"
-                " WHERE position(%s::bytea IN state) > 0"
+                + (
+                    " WHERE strpos(lower(convert_from(state, 'UTF8')), %s) > 0"
+                    if any_case
+                    else " WHERE position(%s::bytea IN state) > 0"
+                )
             ).format(
                 schema=Identifier(recorder.datastore.schema),
                 table=Identifier(recorder.events_table_name),
             )
             with recorder.datastore.get_connection() as conn, conn.cursor() as cursor:
-                cursor.execute(statement, (needle,))
+                cursor.execute(statement, (needle.decode() if any_case else needle,))
                 found += [(row["originator_id"], row["topic"]) for row in cursor.fetchall()]
         else:
             with recorder.datastore.transaction(commit=False) as cursor:
                 cursor.execute(
-                    f"SELECT originator_id, topic FROM {recorder.events_table_name}"
-                    " WHERE instr(state, ?) > 0",
-                    (needle,),
+                    f"SELECT originator_id, topic FROM {recorder.events_table_name} WHERE "
+                    + (
+                        "instr(lower(CAST(state AS TEXT)), ?) > 0"
+                        if any_case
+                        else "instr(state, ?) > 0"
+                    ),
+                    (needle.decode() if any_case else needle,),
                 )
                 found += [
                     (recorder.convert_originator_id(row[0]), row[1]) for row in cursor.fetchall()
@@ -196,7 +207,7 @@ def _receipts_reaching(read_model: ReadModel, entitlements: set[uuid.UUID]) -> s
 
 def _webhooks_sealed(store: EntitlementStore, key_ids: list[str]) -> set[str]:
     table = store.keyring.table
-    webhooks = table.keys.replace("entitle_customer_keys", "entitle_webhooks")
+    webhooks = table.webhooks
     where = "position(? IN webhook) > 0" if table.postgres else "instr(webhook, ?) > 0"
     receipts: set[str] = set()
     for key_id in key_ids:
@@ -208,7 +219,7 @@ def _webhooks_sealed(store: EntitlementStore, key_ids: list[str]) -> set[str]:
 
 def _delete_webhooks(store: EntitlementStore, receipts: set[str]) -> int:
     table = store.keyring.table
-    webhooks = table.keys.replace("entitle_customer_keys", "entitle_webhooks")
+    webhooks = table.webhooks
     present = [
         r
         for r in sorted(receipts)

@@ -199,6 +199,10 @@ class DomainService:
                     positions = [
                         Tracking(name, group[-1].offset) for name, group in pending.items()
                     ]
+                    # New customers' keys in one transaction, not one each.
+                    self.store.keyring.prepare(
+                        o for _, item in todo if (o := customer_email(item.commands))
+                    )
                     webhooks = [(item.webhook.receipt_id, self._sealed(item)) for _, item in todo]
                     # The receipts first in the log: a projector that reads this
                     # transaction in several batches then has a parked receipt

@@ -83,6 +83,7 @@ class KeyTable:
         prefix = f'"{schema}".' if schema else ""
         self.keys = prefix + KEYS
         self.erasures = prefix + ERASURES
+        self.webhooks = prefix + "entitle_webhooks"  # services.store.WEBHOOKS
 
     @staticmethod
     def create_statements(postgres: bool) -> list[str]:
@@ -117,9 +118,37 @@ class KeyTable:
         found = self.rows("SELECT key_id, secret FROM {keys} WHERE lookup = ?", (lookup,))
         return (str(found[0][0]), bytes(found[0][1])) if found else None
 
+    def every_key(self) -> list[tuple[str, bytes]]:
+        return [(str(k), bytes(v)) for k, v in self.rows("SELECT key_id, secret FROM {keys}")]
+
     def by_id(self, key_id: str) -> bytes | None:
         found = self.rows("SELECT secret FROM {keys} WHERE key_id = ?", (key_id,))
         return bytes(found[0][0]) if found else None
+
+    def create_many(self, lookups: list[str]) -> list[tuple[str, str, bytes]]:
+        """(lookup, key id, key) for each of `lookups`, made in one
+        transaction where missing."""
+        now = datetime.now(UTC).isoformat()
+        with self.cursor(commit=True) as cursor:
+            cursor.executemany(
+                self.sql(
+                    "INSERT INTO {keys} (key_id, lookup, secret, created_at) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (lookup) DO NOTHING"
+                ),
+                [
+                    (os.urandom(16).hex(), lk, AESGCM.generate_key(bit_length=256), now)
+                    for lk in lookups
+                ],
+            )
+        found: list[tuple[str, str, bytes]] = []
+        for start in range(0, len(lookups), 500):
+            chunk = lookups[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self.rows(
+                f"SELECT lookup, key_id, secret FROM {{keys}} WHERE lookup IN ({marks})", chunk
+            )
+            found += [(str(a), str(b), bytes(c)) for a, b, c in rows]
+        return found
 
     def create(self, lookup: str) -> tuple[str, bytes]:
         """The key for `lookup`, made now unless another writer made it first."""
@@ -156,9 +185,13 @@ class Keyring:
         self.ttl = ttl
         self._lock = threading.Lock()
         self._by_id: dict[str, AESGCM | None] = {}  # None: erased (for good)
-        self._by_lookup: dict[str, tuple[str, AESGCM]] = {}
+        self._by_lookup: dict[str, tuple[str, AESGCM, bytes]] = {}
+        # Opened values by token: a customer's address seals to the same
+        # token every time (below), so a replay opens each one once.
+        self._opened: dict[str, str | None] = {}
         self._generation: int | None = None
         self._trusted_until = 0.0
+        self._loaded = False  # every key read since the last erasure
         _RINGS.add(self)
 
     @property
@@ -181,7 +214,8 @@ class Keyring:
                         erased: dict[str, AESGCM | None] = {
                             k: v for k, v in self._by_id.items() if v is None
                         }
-                        self._by_id, self._by_lookup = erased, {}
+                        self._by_id, self._by_lookup, self._loaded = erased, {}, False
+                        self._opened = {}
                         self._generation = current
                     self._trusted_until = time.monotonic() + self.ttl
         assert self._generation is not None
@@ -194,8 +228,9 @@ class Keyring:
             self._by_lookup = {
                 k: v for k, v in self._by_lookup.items() if self._by_id.get(v[0]) is not None
             }
+            self._opened = {}
 
-    def key_for(self, email: str) -> tuple[str, AESGCM]:
+    def key_for(self, email: str) -> tuple[str, AESGCM, bytes]:
         """The customer's key (made if they have none yet)."""
         self.generation()
         lookup = lookup_of(email)
@@ -203,10 +238,23 @@ class Keyring:
         if found is None:
             with self._lock:
                 key_id, secret = self.table.by_lookup(lookup) or self.table.create(lookup)
-                found = (key_id, AESGCM(secret))
+                found = (key_id, AESGCM(secret), secret)
                 self._by_lookup[lookup] = found
                 self._by_id[key_id] = found[1]
         return found
+
+    def prepare(self, emails: Iterable[str]) -> None:
+        """Have the keys of these customers at hand, those missing made in
+        one transaction (rather than one each as events are mapped)."""
+        self.generation()
+        missing = sorted({lookup_of(e) for e in emails} - set(self._by_lookup))
+        if not missing:
+            return
+        with self._lock:
+            for lookup, key_id, secret in self.table.create_many(missing):
+                key = AESGCM(secret)
+                self._by_lookup[lookup] = (key_id, key, secret)
+                self._by_id[key_id] = key
 
     def _key(self, key_id: str) -> AESGCM | None:
         if time.monotonic() >= self._trusted_until:
@@ -216,32 +264,53 @@ class Keyring:
         except KeyError:
             pass
         with self._lock:
-            secret = self.table.by_id(key_id)
-            key = AESGCM(secret) if secret is not None else None
+            if not self._loaded:
+                # The first miss loads every key (one query): a replay of a
+                # million events meets most customers, one query each otherwise.
+                self._loaded = True
+                for known, secret in self.table.every_key():
+                    self._by_id.setdefault(known, AESGCM(secret))
+                if key_id in self._by_id:
+                    return self._by_id[key_id]
+            found = self.table.by_id(key_id)
+            key = AESGCM(found) if found is not None else None
             self._by_id[key_id] = key
             return key
 
     def seal(self, owner: str, text: str) -> str:
-        """`text` sealed under `owner`'s key: `<key id>:<base64>`."""
-        key_id, key = self.key_for(owner)
-        nonce = os.urandom(12)
+        """`text` sealed under `owner`'s key: `<key id>:<base64>`. The nonce
+        is derived from the key and the text (as in AES-SIV), so the same
+        text seals to the same token: that tells no more than the key id
+        does (whose it is), and a nonce is never reused for another text."""
+        key_id, key, secret = self.key_for(owner)
+        nonce = hashlib.blake2b(text.encode(), key=secret, digest_size=12).digest()
         sealed = key.encrypt(nonce, text.encode(), key_id.encode())
         return f"{key_id}:{base64.b64encode(nonce + sealed).decode()}"
 
     def open(self, token: str) -> str | None:
         """The sealed text, or None if its key was erased."""
+        if time.monotonic() >= self._trusted_until:
+            self.generation()
+        try:
+            return self._opened[token]
+        except KeyError:
+            pass
         key_id, _, data = token.partition(":")
         key = self._key(key_id)
-        if key is None:
-            return None
-        raw = base64.b64decode(data)
-        try:
-            return key.decrypt(raw[:12], raw[12:], key_id.encode()).decode()
-        except InvalidTag:
-            return None
+        opened: str | None = None
+        if key is not None:
+            raw = base64.b64decode(data)
+            try:
+                opened = key.decrypt(raw[:12], raw[12:], key_id.encode()).decode()
+            except InvalidTag:
+                opened = None
+        if len(self._opened) >= 200_000:
+            self._opened = {}
+        self._opened[token] = opened
+        return opened
 
     def seal_bytes(self, owner: str, data: bytes) -> bytes:
-        key_id, key = self.key_for(owner)
+        key_id, key, _ = self.key_for(owner)
         nonce = os.urandom(12)
         return SEALED + key_id.encode() + b":" + nonce + key.encrypt(nonce, data, key_id.encode())
 
@@ -259,6 +328,21 @@ class Keyring:
             return key.decrypt(rest[33:45], rest[45:], key_id.encode())
         except InvalidTag:
             return None
+
+
+def owners(state: Mapping[str, Any]) -> Iterator[str]:
+    """The customers' addresses `SealingMapper` seals values of in an
+    event's state (its `__dict__`)."""
+    email = state.get("customer_email")
+    if isinstance(email, str) and email:
+        yield email
+    for fact in [state.get("fact"), *(state.get("inherited") or ())]:
+        who = fact.get("customer") if isinstance(fact, dict) else None
+        if isinstance(who, dict) and isinstance(who.get("email"), str) and who["email"]:
+            yield who["email"]
+    webhook = state.get("webhook")
+    if isinstance(webhook, dict) and isinstance(webhook.get("body"), Personal):
+        yield webhook["body"].owner
 
 
 class PersonalTranscoding(Transcoding):

@@ -29,7 +29,7 @@ from domain.dead_letter import DeadLetter
 from domain.endpoint import Endpoint
 from domain.entitlement import Entitlement, Order, Payment
 from domain.receipt import ReceiptResolution
-from services.personal import Keyring, KeyTable, PersonalTranscoding, SealingMapper
+from services.personal import Keyring, KeyTable, PersonalTranscoding, SealingMapper, owners
 
 A = TypeVar("A", Entitlement, Order, Payment, DeadLetter, ReceiptResolution, Endpoint)
 
@@ -256,6 +256,8 @@ class EntitlementStore(Application[UUID]):
         processing_event.saved_kwargs.update(more_tracking=positions[1:], webhooks=list(webhooks))
         if not processing_event.events and not positions:
             return 0
+        # New customers' keys in one transaction before the events' own.
+        self.keyring.prepare(e for event in processing_event.events for e in owners(vars(event)))
         self._record(processing_event)
         return len(processing_event.events)
 

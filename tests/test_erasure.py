@@ -9,21 +9,27 @@ import asyncio
 import json
 import warnings
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import psycopg
 import pytest
+from eventsourcing.persistence import JSONTranscoder, Mapper
 
 from domain.dead_letter import DeadLetter
+from domain.entitlement import Cause, Entitlement
+from domain.lifecycle import Terms
 from services.app import Roles, build_app, declared_endpoints
 from services.cli import main
 from services.config import Settings, admin_keys, parse_config
-from services.erasure import erasures
+from services.erasure import erase_customer, erasures
 from services.outbound.outbox import Outbox
 from services.projections import Follower, history_entry, replay
 from services.projections.follower import project_batch
 from services.projections.mail import MailProjection
+from services.projections.public_events import dead_letter_message
 from services.projections.webhooks import WebhooksProjection
 from tests import stripe_events as se
 from tests.harness import SHARED_CODE_SECRET
@@ -38,6 +44,7 @@ pytestmark = pytest.mark.integration
 
 ADA, ADA_NAME = "Ada.Lovelace@example.com", "Augusta Ada Byron-King"
 GRACE, GRACE_NAME = "grace.hopper@example.org", "Grace Brewster Murray"
+NOW_TIME = datetime.fromtimestamp(NOW, UTC)
 AUTH = {"Authorization": "Bearer ek_erasure_admin"}
 CONFIG = parse_config(
     f"""
@@ -130,6 +137,7 @@ def test_an_erased_customer_leaves_no_personal_data(shop: Shop, tmp_path: Path) 
     assert len(grace) == 1
     before = stored_text(shop)
     assert holds(before, ADA) and holds(before, GRACE)  # the read model's, the outbox's
+    assert holds(before, "entitle-sealed:1:")  # the search sees binary columns too
     # The name is only in what the provider sent: kept sealed, readable until erased.
     kept = shop.store.webhook("r-ada")
     assert kept is not None and ADA_NAME in kept.decode()
@@ -174,6 +182,7 @@ def test_an_erased_customer_leaves_no_personal_data(shop: Shop, tmp_path: Path) 
     assert shop.store.webhook("r-ada") is None and shop.store.webhook("r-ada2") is None
     erased = shop.store.find(letter.id, DeadLetter)
     assert erased is not None and erased.webhook["body"] is None
+    assert dead_letter_message(erased).webhook.body == ""  # still published (a republish)
     assert replay(shop.store, shop.read_model) > 0
     assert shop.read_model.entitlements(customer_email=ADA) == []
     rebuilt = [shop.read_model.entitlement(str(v.id)) for v in ada]
@@ -215,3 +224,36 @@ def test_the_command_line_erases_and_lists(tmp_path: Path, monkeypatch: Any, cap
     assert "nothing was stored" in err and "nobody" not in out
     assert main(["erase-customer", "--list"]) == 0
     assert json.loads(capfd.readouterr().out)["id"] == done["id"]
+
+
+def test_events_stored_in_plaintext_before_sealing_are_counted(tmp_path: Path) -> None:
+    """A store written before personal data were sealed: the erasure still
+    drops the address from the read model, and says how many stored events
+    keep it in plaintext (they are not rewritten)."""
+    shop = Shop(f"sqlite:///{tmp_path}/entitle.db")
+    try:
+        old = Entitlement.create(
+            source="stripe-main",
+            order_ref="sub_old",
+            slot="si_old",
+            terms=Terms.of(CONFIG.catalog.get("better_annual"), 1, "cus_old", ADA),
+            code_hash="0" * 64,
+            inherited=[],
+            cause=Cause.provider("stripe-main", "evt_old"),
+            occurred_at=NOW_TIME,
+            at=NOW_TIME,
+        )
+        transcoder = JSONTranscoder()
+        shop.store.register_transcodings(transcoder)
+        plain = Mapper[UUID](transcoder)  # eventsourcing's own: no sealing
+        shop.store.recorder.insert_events([plain.to_stored_event(e) for e in old.collect_events()])
+        shop.project()
+        assert [v.id for v in shop.read_model.entitlements(customer_email=ADA)] == [old.id]
+        done = erase_customer(shop.store, shop.read_model, ADA.lower(), "dpo")
+        assert (done.keys, done.entitlements, done.plaintext_events) == (0, 1, 1)
+        shop.project()
+        view = shop.read_model.entitlement(str(old.id))
+        assert view is not None and view.customer.email is None
+        assert shop.read_model.entitlements(customer_email=ADA) == []
+    finally:
+        shop.close()
