@@ -23,6 +23,7 @@ becomes unreadable without rewriting a single event (crypto-shredding).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import threading
@@ -56,6 +57,7 @@ def normalise(email: str) -> str:
     return email.strip().lower()
 
 
+@functools.lru_cache(maxsize=65_536)
 def lookup_of(email: str) -> str:
     return hashlib.sha256(b"entitle customer key\x1f" + normalise(email).encode()).hexdigest()
 
@@ -189,6 +191,7 @@ class Keyring:
         # Opened values by token: a customer's address seals to the same
         # token every time (below), so a replay opens each one once.
         self._opened: dict[str, str | None] = {}
+        self._tokens: dict[tuple[str, str], str] = {}  # (owner, text) -> token
         self._generation: int | None = None
         self._trusted_until = 0.0
         self._loaded = False  # every key read since the last erasure
@@ -215,7 +218,7 @@ class Keyring:
                             k: v for k, v in self._by_id.items() if v is None
                         }
                         self._by_id, self._by_lookup, self._loaded = erased, {}, False
-                        self._opened = {}
+                        self._opened, self._tokens = {}, {}
                         self._generation = current
                     self._trusted_until = time.monotonic() + self.ttl
         assert self._generation is not None
@@ -228,7 +231,7 @@ class Keyring:
             self._by_lookup = {
                 k: v for k, v in self._by_lookup.items() if self._by_id.get(v[0]) is not None
             }
-            self._opened = {}
+            self._opened, self._tokens = {}, {}
 
     def key_for(self, email: str) -> tuple[str, AESGCM, bytes]:
         """The customer's key (made if they have none yet)."""
@@ -282,10 +285,18 @@ class Keyring:
         is derived from the key and the text (as in AES-SIV), so the same
         text seals to the same token: that tells no more than the key id
         does (whose it is), and a nonce is never reused for another text."""
+        if time.monotonic() < self._trusted_until:
+            known = self._tokens.get((owner, text))
+            if known is not None:
+                return known
         key_id, key, secret = self.key_for(owner)
         nonce = hashlib.blake2b(text.encode(), key=secret, digest_size=12).digest()
         sealed = key.encrypt(nonce, text.encode(), key_id.encode())
-        return f"{key_id}:{base64.b64encode(nonce + sealed).decode()}"
+        token = f"{key_id}:{base64.b64encode(nonce + sealed).decode()}"
+        if len(self._tokens) >= 100_000:
+            self._tokens = {}
+        self._tokens[(owner, text)] = token
+        return token
 
     def open(self, token: str) -> str | None:
         """The sealed text, or None if its key was erased."""
