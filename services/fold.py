@@ -47,7 +47,7 @@ from services.codes import CodeBook
 from services.config import Config
 from services.health import Backoff, Health, describe, sleep_unless, transient
 from services.kafka import end_offsets, incarnation, is_marker
-from services.personal import Personal
+from services.personal import Personal, address_in
 from services.providers import (
     Unmappable,
     check,
@@ -99,6 +99,9 @@ class Decoded:
     event_type: str = ""
     #: The envelope's JSON, kept with the receipt.
     envelope: bytes = b""
+    #: The customer's e-mail address it names, if any: what its personal
+    #: data (the envelope, a dead letter's body) are sealed under.
+    owner: str | None = None
 
 
 class Refused(Exception):
@@ -200,9 +203,7 @@ class DomainService:
                         Tracking(name, group[-1].offset) for name, group in pending.items()
                     ]
                     # New customers' keys in one transaction, not one each.
-                    self.store.keyring.prepare(
-                        o for _, item in todo if (o := customer_email(item.commands))
-                    )
+                    self.store.keyring.prepare(item.owner for _, item in todo if item.owner)
                     webhooks = [(item.webhook.receipt_id, self._sealed(item)) for _, item in todo]
                     # The receipts first in the log: a projector that reads this
                     # transaction in several batches then has a parked receipt
@@ -257,9 +258,10 @@ class DomainService:
 
     def _sealed(self, item: Decoded) -> bytes:
         """The webhook as kept beside the events: sealed under its customer's
-        key when its commands name the customer's e-mail (services/personal.py)."""
-        owner = customer_email(item.commands)
-        return self.store.keyring.seal_bytes(owner, item.envelope) if owner else item.envelope
+        key when it names the customer's e-mail (services/personal.py)."""
+        if item.owner is None:
+            return item.envelope
+        return self.store.keyring.seal_bytes(item.owner, item.envelope)
 
     def _decode(self, record: Record, now: datetime) -> Decoded:
         """Parse and normalize one raw webhook (no database access)."""
@@ -283,7 +285,8 @@ class DomainService:
         commands, reason, payload = self._normalize(webhook, now)
         kind = event_type(payload) if isinstance(payload, dict) else ""
         event_id = self._event_id(webhook, payload)
-        return Decoded(webhook, commands, reason, event_id, kind, record.value or b"")
+        owner = customer_email(commands) or address_in(payload)
+        return Decoded(webhook, commands, reason, event_id, kind, record.value or b"", owner)
 
     def _prefetch(self, batch: Batch, items: list[Decoded]) -> None:
         """Load everything the batch will touch in a few queries: what the
@@ -328,7 +331,7 @@ class DomainService:
         webhook = item.webhook
         if item.reason is not None:
             result.dead_letters += self._dead_letter(
-                batch, webhook, item.reason, item.event_id, now, customer_email(item.commands)
+                batch, webhook, item.reason, item.event_id, now, item.owner
             )
         outcome, detail = classify(item.reason, len(item.commands), effect, item.event_type)
         return receipt(

@@ -62,6 +62,33 @@ def lookup_of(email: str) -> str:
     return hashlib.sha256(b"entitle customer key\x1f" + normalise(email).encode()).hexdigest()
 
 
+def address_in(payload: Any, depth: int = 5) -> str | None:
+    """The first e-mail address in a provider's payload: a string with an
+    @ under a key naming an e-mail (`customer_email`, `email`,
+    `email_address`, `user_email` …), looked for `depth` levels deep. For
+    webhooks whose commands name no customer (one that maps to nothing)."""
+    if depth <= 0:
+        return None
+    if isinstance(payload, dict):
+        nested = []
+        for key, value in payload.items():
+            if isinstance(value, str):
+                if "email" in key.lower() and "@" in value and len(value) <= 320:
+                    return value
+            elif isinstance(value, (dict, list)):
+                nested.append(value)
+        for value in nested:
+            found = address_in(value, depth - 1)
+            if found:
+                return found
+    elif isinstance(payload, list):
+        for value in payload[:20]:
+            found = address_in(value, depth - 1)
+            if found:
+                return found
+    return None
+
+
 class Personal(str):
     """A string to be sealed under the key of `owner` (an e-mail address)
     where the mapper looks for one (a dead letter's webhook body). In
