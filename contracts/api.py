@@ -256,3 +256,32 @@ class Error(BaseModel):
 class Accepted(BaseModel):
     status: Literal["accepted"] = "accepted"
     receipt_id: str
+
+
+class ErasureRequest(BaseModel):
+    """POST /v1/customers/erase: whose personal data to erase."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    email: str = Field(min_length=3, max_length=320, description="The customer's e-mail address")
+
+
+class ErasureView(BaseModel):
+    """What one erasure did. It never holds the address it erased."""
+
+    id: str = Field(description="Also the event id of the events it appended: `erasure:<id>`")
+    requested_at: datetime
+    requested_by: str = Field(description="The admin key's name (`cli` from the command line)")
+    keys: int = Field(description="Customer keys deleted (0: nothing was sealed for this address)")
+    entitlements: int = Field(description="Entitlements that got an erasure event")
+    events: int = Field(description="Stored events whose personal data are now unreadable")
+    plaintext_events: int = Field(
+        description="Stored events written before personal data were sealed that still hold"
+        " the address in plaintext (they are not rewritten)"
+    )
+    webhooks: int = Field(description="Raw webhooks deleted (those that reached the entitlements)")
+    outbox_jobs: int = Field(description="Outbound jobs whose copy of the address was blanked")
+
+
+class ErasureList(BaseModel):
+    items: list[ErasureView]

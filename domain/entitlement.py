@@ -358,6 +358,20 @@ class Entitlement(Aggregate):
             aggregate.customer_id = self.customer_id
             aggregate.customer_email = self.customer_email
 
+    def forget_customer(self, key_name: str, erasure_id: str, at: datetime) -> None:
+        """The customer's personal data were erased (their key deleted):
+        recorded as a change of customer to no e-mail address, caused by the
+        admin `key_name` with event id `erasure:<erasure_id>`, so every
+        projection drops the address through the log. Always recorded, also
+        when the address already reads as None (its key is gone)."""
+        self._record(
+            self.CustomerChanged,
+            Cause.admin(key_name, f"erasure:{erasure_id}"),
+            at,
+            customer_id=self.customer_id,
+            customer_email=None,
+        )
+
     class StandingChanged(Event):
         status: str
         reason: str | None

@@ -19,6 +19,8 @@ from contracts.api import (
     EntitlementAsOfView,
     EntitlementList,
     EntitlementView,
+    ErasureList,
+    ErasureRequest,
     History,
     HistoryWithState,
     ProjectionErrorList,
@@ -30,6 +32,7 @@ from domain.entitlement import Entitlement, Refused
 from domain.receipt import OUTCOMES
 from services.codes import CodeBook
 from services.config import AdminKey, Config
+from services.erasure import erase_customer, erasures
 from services.http import (
     Buckets,
     HTTPError,
@@ -345,6 +348,24 @@ class API:
             self.index.saved(entitlement)
         return self.with_codes(entitlement_view(entitlement))
 
+    async def erase_customer(self, request: Request) -> JSONResponse:
+        """Erase a customer's personal data (README: *Erasing a customer*);
+        the address is in the body, never in a URL (URLs are logged)."""
+        key = self.authenticate(request)
+        body = await read_json(request, ErasureRequest)
+        if has_control_character(body.email) or not body.email.strip():
+            raise HTTPError(422, "invalid_body", "email must be an e-mail address")
+        view = await anyio.to_thread.run_sync(
+            lambda: erase_customer(self.store, self.read_model, body.email, key.name, self.clock)
+        )
+        return JSONResponse(view.model_dump(mode="json"))
+
+    async def list_erasures(self, request: Request) -> JSONResponse:
+        self.authenticate(request)
+        limit = _limit(request)
+        items = await anyio.to_thread.run_sync(erasures, self.store, limit)
+        return JSONResponse(ErasureList(items=items).model_dump(mode="json"))
+
 
 ADMIN_ACTIONS = ("suspend", "reinstate", "cancel", "extend")
 
@@ -361,4 +382,6 @@ def routes(api: API) -> list[Route]:
         Route("/v1/webhooks", api.list_webhooks, methods=["GET"]),
         Route("/v1/webhooks/{receipt_id}", api.get_webhook, methods=["GET"]),
         Route("/v1/projection-errors", api.list_projection_errors, methods=["GET"]),
+        Route("/v1/customers/erase", api.erase_customer, methods=["POST"]),
+        Route("/v1/erasures", api.list_erasures, methods=["GET"]),
     ]

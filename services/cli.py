@@ -353,6 +353,36 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_erase_customer(args: argparse.Namespace) -> int:
+    """Erase a customer's personal data and print what was done (JSON), or
+    list the erasures done (`--list`, JSON lines)."""
+    from services.erasure import erase_customer, erasures
+    from services.providers import has_control_character
+    from services.readmodel import ReadModel
+    from services.store import EntitlementStore
+
+    email = (args.email or "").strip()
+    if not args.list and (not email or has_control_character(email) or len(email) > 320):
+        print("entitle: give the customer's e-mail address (or --list)", file=sys.stderr)
+        return 2
+    settings = Settings.from_env()
+    store = EntitlementStore(settings.database_url)
+    read_model = ReadModel(settings.database_url)
+    try:
+        if args.list:
+            for view in erasures(store, args.limit):
+                print(view.model_dump_json())
+            return 0
+        view = erase_customer(store, read_model, email, args.by)
+    finally:
+        read_model.close()
+        store.close()
+    print(view.model_dump_json())
+    if not view.keys and not view.entitlements and not view.plaintext_events:
+        print("nothing was stored for this address (or it was erased before)", file=sys.stderr)
+    return 0
+
+
 def cmd_stripe_backfill(args: argparse.Namespace) -> int:
     """List Stripe's events since --since and send the ones without a
     receipt through the raw topic (`via: backfill`), with a progress bar."""
@@ -797,6 +827,14 @@ def parser() -> argparse.ArgumentParser:
         "ids", nargs="*", type=_uuid, help="dead letter ids (default: every unresolved one)"
     )
     p.set_defaults(run=cmd_redrive)
+    p = sub.add_parser(
+        "erase-customer", help="erase a customer's personal data (e-mail, name) for good"
+    )
+    p.add_argument("email", nargs="?", help="the customer's e-mail address")
+    p.add_argument("--by", default="cli", help="who asked, recorded with the erasure")
+    p.add_argument("--list", action="store_true", help="list the erasures done (JSON lines)")
+    p.add_argument("--limit", type=_positive, default=100)
+    p.set_defaults(run=cmd_erase_customer)
     out = sub.add_parser("outbound", help="outbound webhooks and mails: list, resend, recover")
     out_sub = out.add_subparsers(dest="outbound_command", required=True)
     p = out_sub.add_parser("endpoints", help="the webhook endpoints (JSON lines)")

@@ -47,6 +47,7 @@ from services.codes import CodeBook
 from services.config import Config
 from services.health import Backoff, Health, describe, sleep_unless, transient
 from services.kafka import end_offsets, incarnation, is_marker
+from services.personal import Personal, address_in
 from services.providers import (
     Unmappable,
     check,
@@ -98,11 +99,23 @@ class Decoded:
     event_type: str = ""
     #: The envelope's JSON, kept with the receipt.
     envelope: bytes = b""
+    #: The customer's e-mail address it names, if any: what its personal
+    #: data (the envelope, a dead letter's body) are sealed under.
+    owner: str | None = None
 
 
 class Refused(Exception):
     """A webhook that folded, but may not be kept (an unsigned source's that
     would take access away): it is dead-lettered with this reason."""
+
+
+def customer_email(commands: Sequence[Command]) -> str | None:
+    """The customer's e-mail address the commands name, if any: the key a
+    webhook's personal data are sealed under."""
+    for command in commands:
+        if isinstance(command, OrderEvent) and command.customer and command.customer.email:
+            return command.customer.email
+    return None
 
 
 def position_name(topic: str, partition: int, incarnation: str = "") -> str:
@@ -189,7 +202,9 @@ class DomainService:
                     positions = [
                         Tracking(name, group[-1].offset) for name, group in pending.items()
                     ]
-                    webhooks = [(item.webhook.receipt_id, item.envelope) for _, item in todo]
+                    # New customers' keys in one transaction, not one each.
+                    self.store.keyring.prepare(item.owner for _, item in todo if item.owner)
+                    webhooks = [(item.webhook.receipt_id, self._sealed(item)) for _, item in todo]
                     # The receipts first in the log: a projector that reads this
                     # transaction in several batches then has a parked receipt
                     # before the event that applies its fact after all.
@@ -241,6 +256,13 @@ class DomainService:
                 total.events += one.events
         return total
 
+    def _sealed(self, item: Decoded) -> bytes:
+        """The webhook as kept beside the events: sealed under its customer's
+        key when it names the customer's e-mail (services/personal.py)."""
+        if item.owner is None:
+            return item.envelope
+        return self.store.keyring.seal_bytes(item.owner, item.envelope)
+
     def _decode(self, record: Record, now: datetime) -> Decoded:
         """Parse and normalize one raw webhook (no database access)."""
         try:
@@ -263,7 +285,8 @@ class DomainService:
         commands, reason, payload = self._normalize(webhook, now)
         kind = event_type(payload) if isinstance(payload, dict) else ""
         event_id = self._event_id(webhook, payload)
-        return Decoded(webhook, commands, reason, event_id, kind, record.value or b"")
+        owner = customer_email(commands) or address_in(payload)
+        return Decoded(webhook, commands, reason, event_id, kind, record.value or b"", owner)
 
     def _prefetch(self, batch: Batch, items: list[Decoded]) -> None:
         """Load everything the batch will touch in a few queries: what the
@@ -308,7 +331,7 @@ class DomainService:
         webhook = item.webhook
         if item.reason is not None:
             result.dead_letters += self._dead_letter(
-                batch, webhook, item.reason, item.event_id, now
+                batch, webhook, item.reason, item.event_id, now, item.owner
             )
         outcome, detail = classify(item.reason, len(item.commands), effect, item.event_type)
         return receipt(
@@ -403,6 +426,11 @@ class DomainService:
                 letter = batch.find(letter_id, DeadLetter)
                 if letter is None or letter.resolved_at is not None:
                     continue
+                if letter.webhook.get("body") is None:
+                    # Sealed under the key of a customer since erased.
+                    letter.redriven("its webhook was erased with its customer", now)
+                    failed += 1
+                    continue
                 webhook = RawWebhookV1.model_validate(letter.webhook)
                 commands, reason, _ = self._normalize(webhook, now)
                 effect = Effect()
@@ -475,18 +503,27 @@ class DomainService:
         return webhook.receipt_id
 
     def _dead_letter(
-        self, batch: Batch, webhook: RawWebhookV1, reason: str, event_id: str, now: datetime
+        self,
+        batch: Batch,
+        webhook: RawWebhookV1,
+        reason: str,
+        event_id: str,
+        now: datetime,
+        owner: str | None = None,
     ) -> int:
         if batch.find(dead_letter_id(webhook.source, event_id), DeadLetter) is not None:
             return 0  # the same provider event already dead-lettered
         log.warning("dead letter %r/%r: %s", webhook.source, event_id, reason)
+        kept = webhook.model_dump(mode="json")
+        if owner:
+            kept["body"] = Personal(kept["body"], owner)  # sealed under the customer's key
         batch.add(
             DeadLetter.record(
                 source=webhook.source,
                 provider=webhook.provider,
                 provider_event_id=event_id,
                 reason=reason,
-                webhook=webhook.model_dump(mode="json"),
+                webhook=kept,
                 at=now,
             )
         )

@@ -182,6 +182,9 @@ class ReadModel:
             local = sqlite3.connect(self._sqlite_path, timeout=30, isolation_level=None)
             local.execute("PRAGMA journal_mode=WAL")
             local.execute("PRAGMA busy_timeout=30000")
+            # Personal data change in place here (an erasure): zero what is
+            # deleted or overwritten, so it does not linger in free pages.
+            local.execute("PRAGMA secure_delete=ON")
             self._local.conn = local
         # Readers must not take SQLite's write lock; writers take it up front.
         local.execute("BEGIN IMMEDIATE" if write else "BEGIN")

@@ -14,7 +14,14 @@ from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
 from eventsourcing.domain import Aggregate, DomainEventProtocol
-from eventsourcing.persistence import IntegrityError, ProcessRecorder, StoredEvent, Tracking
+from eventsourcing.persistence import (
+    IntegrityError,
+    JSONTranscoder,
+    Mapper,
+    ProcessRecorder,
+    StoredEvent,
+    Tracking,
+)
 from eventsourcing.postgres import PostgresAggregateRecorder, PostgresProcessRecorder
 from eventsourcing.sqlite import SQLiteProcessRecorder
 from psycopg.sql import SQL, Identifier
@@ -23,6 +30,7 @@ from domain.dead_letter import DeadLetter
 from domain.endpoint import Endpoint
 from domain.entitlement import Entitlement, Order, Payment
 from domain.receipt import ReceiptResolution
+from services.personal import Keyring, KeyTable, PersonalTranscoding, SealingMapper, owners
 
 A = TypeVar("A", Entitlement, Order, Payment, DeadLetter, ReceiptResolution, Endpoint)
 
@@ -85,6 +93,8 @@ class PostgresRecorder(PostgresProcessRecorder):
                             schema=Identifier(self.datastore.schema), table=Identifier(WEBHOOKS)
                         )
                     )
+                    for statement in KeyTable.create_statements(postgres=True):
+                        curs.execute(statement)
             finally:
                 lock.execute("SELECT pg_advisory_unlock(%s)", (CREATE_LOCK,))
                 lock.commit()
@@ -140,6 +150,8 @@ class SQLiteRecorder(SQLiteProcessRecorder):
                     f"CREATE TABLE IF NOT EXISTS {WEBHOOKS}"
                     " (receipt TEXT PRIMARY KEY, webhook BLOB NOT NULL)"
                 )
+                for statement in KeyTable.create_statements(postgres=False):
+                    c.execute(statement)
 
     def _insert_events(self, c: Any, stored_events: Any, **kwargs: Any) -> Any:
         for tracking in kwargs.get("more_tracking", ()):
@@ -195,7 +207,19 @@ class EntitlementStore(Application[UUID]):
         super().__init__(env=store_env(database_url))
 
     def construct_recorder(self) -> ProcessRecorder:
-        return self.factory.process_recorder()
+        recorder = self.factory.process_recorder()
+        datastore: Any = getattr(recorder, "datastore", None)
+        self.keyring.table = KeyTable(datastore, isinstance(recorder, PostgresRecorder))
+        return recorder
+
+    def construct_mapper(self) -> Mapper[UUID]:
+        # Personal data are sealed under a key per customer (services/personal.py);
+        # the keyring gets its table once the recorder exists.
+        self.keyring = Keyring()
+        transcoder = self.construct_transcoder()
+        assert isinstance(transcoder, JSONTranscoder)
+        transcoder.register(PersonalTranscoding(self.keyring))
+        return SealingMapper(transcoder, self.keyring)
 
     @property
     def process_recorder(self) -> ProcessRecorder:
@@ -233,6 +257,8 @@ class EntitlementStore(Application[UUID]):
         processing_event.saved_kwargs.update(more_tracking=positions[1:], webhooks=list(webhooks))
         if not processing_event.events and not positions:
             return 0
+        # New customers' keys in one transaction before the events' own.
+        self.keyring.prepare(e for event in processing_event.events for e in owners(vars(event)))
         self._record(processing_event)
         return len(processing_event.events)
 
@@ -268,7 +294,12 @@ class EntitlementStore(Application[UUID]):
         return self.process_recorder.max_tracking_id(name)
 
     def webhook(self, receipt: str) -> bytes | None:
-        """The webhook with receipt id `receipt`, as its RawWebhookV1 JSON."""
+        """The webhook with receipt id `receipt`, as its RawWebhookV1 JSON;
+        None also when it was sealed under the key of a customer since erased."""
+        stored = self._stored_webhook(receipt)
+        return self.keyring.open_bytes(stored) if stored is not None else None
+
+    def _stored_webhook(self, receipt: str) -> bytes | None:
         recorder = self.recorder
         if isinstance(recorder, PostgresRecorder):
             statement = SQL("SELECT webhook FROM {schema}.{table} WHERE receipt = %s").format(
@@ -458,6 +489,14 @@ class AggregateCache:
     def __init__(self, size: int = 10_000) -> None:
         self.size = size
         self._items: OrderedDict[UUID, Aggregate] = OrderedDict()
+        self._generation: int | None = None
+
+    def check(self, generation: int) -> None:
+        """Empty the cache when the store's erasure count is not the one
+        its entries were decrypted under (see services/personal.py)."""
+        if generation != self._generation:
+            self._items.clear()
+            self._generation = generation
 
     def get(self, aggregate_id: UUID) -> Aggregate | None:
         return self._items.get(aggregate_id)
@@ -502,6 +541,8 @@ class Batch:
             return {}
         available: dict[UUID, Aggregate] = {}
         if self._cache is not None:
+            # An erasure anywhere: what the cache holds was decrypted before it.
+            self._cache.check(self._store.keyring.generation())
             cached = {i: a for i in wanted if (a := self._cache.get(i)) is not None}
             if cached:
                 current = self._store.versions(cached)

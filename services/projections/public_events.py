@@ -64,7 +64,10 @@ def dead_letter_message(letter: DeadLetter) -> DeadLetterV1:
         provider_event_id=letter.provider_event_id,
         reason=letter.reason,
         recorded_at=letter.created_on,
-        webhook=RawWebhookV1.model_validate(letter.webhook),
+        # A body sealed under the key of a customer since erased reads as None.
+        webhook=RawWebhookV1.model_validate(
+            {**letter.webhook, "body": letter.webhook["body"] or ""}
+        ),
     )
 
 
