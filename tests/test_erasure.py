@@ -21,6 +21,7 @@ from eventsourcing.persistence import JSONTranscoder, Mapper
 from domain.dead_letter import DeadLetter
 from domain.entitlement import Cause, Entitlement
 from domain.lifecycle import Terms
+from services import audit
 from services.app import Roles, build_app, declared_endpoints
 from services.cli import main
 from services.config import Settings, admin_keys, parse_config
@@ -196,6 +197,9 @@ def test_an_erased_customer_leaves_no_personal_data(shop: Shop, tmp_path: Path) 
         erased = shop.store.find(letter.id, DeadLetter)
         assert erased is not None and erased.webhook["body"] is None
         assert dead_letter_message(erased).webhook.body == ""  # still published (a republish)
+    # The read model cleaned at once and the erasure's events folded agree.
+    checked = audit.verify(shop.store, shop.read_model)
+    assert checked.ok and checked.entitlements == 3, checked.lines()
     assert replay(shop.store, shop.read_model) > 0
     assert shop.read_model.entitlements(customer_email=ADA) == []
     rebuilt = [shop.read_model.entitlement(str(v.id)) for v in ada]
