@@ -293,6 +293,10 @@ class Follower:
         view and code hashes of each entitlement after its last change in
         them, on that change: a batch's views cost one per entitlement, not
         one per event. A view that cannot be made is that change's error."""
+        with self._lock:
+            return self._with_views(changes)
+
+    def _with_views(self, changes: list[Change]) -> list[Change]:
         last: dict[UUID, int] = {}
         for index, change in enumerate(changes):
             if isinstance(change.event, Entitlement.Event) and change.error is None:
