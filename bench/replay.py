@@ -367,7 +367,7 @@ class Builder:
         while self.saved + pending < events:
             self.step()
             steps += 1
-            if steps % 20:
+            if steps % 100:  # (counting pending events costs: not each step)
                 continue
             pending = sum(len(a.pending_events) for a in self.memory.touched.values())
             while self.saved + pending >= next_long:
