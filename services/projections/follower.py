@@ -261,6 +261,7 @@ class Follower:
                 event.event_types,
                 event.timestamp,
             )
+            self._remember(event.mutate(opened))  # (no change holds it)
             return Change(event, None, notification.id, resolution=resolution)
         return self._entitlement_change(event, notification.id)
 

@@ -106,7 +106,8 @@ def replay(
     store: EntitlementStore, read_model: ReadModel, batch_size: int = 1_000_000, page: int = 2_000
 ) -> int:
     """Rebuild the read model from the first event; returns the changes
-    projected (stored events other than orders' own).
+    projected (the events the read model reads: not orders' own, nor a
+    receipt resolution's opening).
 
     Every aggregate is kept in memory while the log is read (none is read
     back from the store). The tables are written once per `batch_size`
@@ -115,14 +116,22 @@ def replay(
     per-event writes were most of the cost after the reads (measured with
     bench/replay.py: on a million events, windows of 250,000 made 2.6 times
     as many views and took a fifth more CPU time than one window, which
-    peaks at about 3.4 GB resident, 0.9 GB more). A part with an event that cannot be read or projected
-    is projected again as the projector does, a change at a time where a
-    batch fails, recording each that fails as a projection error."""
+    peaks at about 3.4 GB resident, 0.9 GB more). A part with an event that
+    cannot be read or projected is projected again as the projector does, a
+    change at a time where a batch fails, recording each that fails as a
+    projection error."""
     read_model.reset(READ_MODEL)
+    # Without the cyclic garbage collector, whose passes over the growing
+    # heap (every aggregate is kept) took a quarter of the replay's CPU time
+    # (measured, bench/replay.py; freezing what was read saved half as much).
+    # What is read makes no garbage cycles to speak of.
+    enabled = gc.isenabled()
+    gc.disable()
     try:
         return _replay(store, ReadModelProjection(read_model), batch_size, page)
     finally:
-        gc.unfreeze()
+        if enabled:
+            gc.enable()
 
 
 def _replay(
@@ -139,10 +148,6 @@ def _replay(
             rows.add(changes)
             count += len(changes)
             position = last
-            # What was read and kept (every aggregate) is out of the cyclic
-            # garbage collector's way: its passes over the growing heap were
-            # a third of the replay's time (measured, bench/replay.py).
-            gc.freeze()
         if position == start:
             return count
         try:
