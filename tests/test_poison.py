@@ -33,6 +33,7 @@ from services.projections import (
     PublicEventsProjection,
     ReadModelProjection,
     project_batch,
+    replay,
 )
 from services.providers import Unmappable, check, parse_time
 from services.readmodel import ReadModel
@@ -256,6 +257,37 @@ def test_a_projection_records_an_event_it_cannot_project_and_goes_on(
         # PostgreSQL cannot store a NUL in text.
         assert READ_MODEL in by_projection
     assert all(e.error and e.position <= last for e in errors)
+    store.close()
+    read_model.close()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("email", [{"address": "x@example.com"}, "buyer\x00@example.com"])
+def test_a_replay_records_what_it_cannot_project_as_the_projector_does(
+    database_url: str, email: Any
+) -> None:
+    """`entitle replay` writes many events at once, with one view per
+    entitlement: an event it cannot view or write costs only that event,
+    recorded at the same position as the projector records it."""
+    store = EntitlementStore(database_url)
+    read_model = ReadModel(database_url)
+    store_unchecked(store, "sub_good_1", "one@example.com")
+    store_unchecked(store, "sub_bad", email)
+    store_unchecked(store, "sub_good_2", "two@example.com")
+    changes, last = Follower(store).read(0, 1000)
+    assert last is not None
+    asyncio.run(project_batch(ReadModelProjection(read_model), changes, last))
+
+    def seen() -> tuple[list[str], set[tuple[str | None, int]]]:
+        bodies = [v.model_dump_json() for v in read_model.entitlements(1000)]
+        errors = read_model.projection_errors()
+        return bodies, {(e.aggregate_id, e.position) for e in errors if e.projection == READ_MODEL}
+
+    projected = seen()
+    assert replay(store, read_model) == len(changes)
+    assert seen() == projected
+    assert len(projected[0]) >= 2
+    assert read_model.position(READ_MODEL) == last
     store.close()
     read_model.close()
 

@@ -18,9 +18,9 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, Protocol, get_args
+from typing import Any, Protocol, cast, get_args
 from uuid import UUID
 
 import anyio
@@ -49,6 +49,7 @@ _ENTITLEMENT_TOPIC = "domain.entitlement:Entitlement"
 _DEAD_LETTER_TOPIC = "domain.dead_letter:DeadLetter"
 _RECEIPTS_TOPIC = "domain.receipt:Receipts.Recorded"
 _RESOLVED_TOPIC = "domain.receipt:ReceiptResolution.Resolved"
+_OPENED_TOPIC = "domain.receipt:ReceiptResolution.Opened"
 _DELIVERED_TOPIC = "domain.entitlement:Order.PaymentFactDelivered"
 _ENDPOINT_TOPIC = "domain.endpoint:Endpoint"
 _PROJECTED = (
@@ -58,6 +59,14 @@ _PROJECTED = (
     _RECEIPTS_TOPIC,
     _RESOLVED_TOPIC,
     _DELIVERED_TOPIC,
+    _OPENED_TOPIC,
+)
+#: The events folded onto an earlier state of their aggregate.
+_STATEFUL = (
+    _ENDPOINT_TOPIC + ".",
+    _ENTITLEMENT_TOPIC + ".",
+    _DEAD_LETTER_TOPIC + ".",
+    _RESOLVED_TOPIC,
 )
 #: The event types that go on the public topic (the contract's list).
 PUBLIC_TYPES = frozenset(get_args(EventType))
@@ -84,6 +93,9 @@ class Change:
     position: int = 0
     #: The customer's e-mail address before the event (entitlement events).
     previous_email: str | None = None
+    #: The entitlement after the event (entitlement events). From a follower
+    #: made with `views=False`, None until `Follower.with_views` gives it to
+    #: the last change of each entitlement in a batch (what the read model keeps).
     entitlement: EntitlementView | None = None
     dead_letter: DeadLetter | None = None
     #: The entitlement's active code hashes, for the read model's code index.
@@ -111,6 +123,13 @@ class Follower:
     """Reads the notification log and folds each event onto its aggregate,
     keeping recent aggregates in memory so a long log is read once.
 
+    `cache_size` aggregates are kept (least recently used go first; None:
+    all, for a replay from the first event, which then never reads an
+    aggregate back from the store). The earlier state of the aggregates a
+    batch needs that are not kept is loaded for the whole batch in one query.
+    `views=False` leaves out each change's `EntitlementView` (most of the
+    cost per event): `with_views` adds them for the latest changes only.
+
     One follower serves all of a process's projections (from worker
     threads, hence the lock): they read the same log, mostly from the same
     position, so a batch one of them read is handed to the others as it
@@ -119,11 +138,19 @@ class Follower:
     changed afterwards (an aggregate they hold is a copy)."""
 
     def __init__(
-        self, store: EntitlementStore, cache_size: int = 10_000, batches: int = 16
+        self,
+        store: EntitlementStore,
+        cache_size: int | None = 10_000,
+        batches: int = 16,
+        views: bool = True,
     ) -> None:
         self.store = store
         self._cache: OrderedDict[UUID, Any] = OrderedDict()
         self._cache_size = cache_size
+        self._views = views
+        self._batch: list[Notification] = []
+        self._next = 0
+        self._prefetched = False
         self._lock = threading.Lock()
         #: The last batches read, by the position they were read after.
         self._batches: OrderedDict[int, tuple[int, list[Change], int]] = OrderedDict()
@@ -156,9 +183,13 @@ class Follower:
         )
         if not notifications:
             return [], None
+        projected = [n for n in notifications if n.topic.startswith(_PROJECTED)]
+        # What the first aggregate not kept loads the earlier states for.
+        self._batch, self._prefetched = projected, False
         changes = []
-        for notification in notifications:
-            if not notification.topic.startswith(_PROJECTED):
+        for self._next, notification in enumerate(projected):
+            if notification.topic == _OPENED_TOPIC:
+                self._opened(notification)
                 continue
             try:
                 changes.append(self._change(notification))
@@ -178,9 +209,24 @@ class Follower:
                 )
         return changes, notifications[-1].id
 
+    def _opened(self, notification: Notification) -> None:
+        """Keep a receipt's resolution as it opens (no change to project):
+        its `Resolved` needs the receipt it names, and is then not read
+        back from the store. One that cannot be read is read there."""
+        try:
+            event: Any = self.store.mapper.to_domain_event(notification)
+            self._remember(event.mutate(None))
+        except Exception as exc:
+            if transient(exc):
+                raise
+
     def _change(self, notification: Notification) -> Change:
         event: Any = self.store.mapper.to_domain_event(notification)
-        if notification.topic == _DELIVERED_TOPIC:
+        topic = notification.topic
+        if topic.startswith(_ENTITLEMENT_TOPIC + "."):
+            # Most events: tested first (measured, bench/replay.py).
+            return self._entitlement_change(event, notification.id)
+        if topic == _DELIVERED_TOPIC:
             cause = event.cause
             effects: dict[str, list[str]] = getattr(event, "effects", {})
             delivered = Delivered(
@@ -191,21 +237,21 @@ class Follower:
                 tuple(sorted({name for names in effects.values() for name in names})),
             )
             return Change(event, None, notification.id, delivered=(delivered,))
-        if notification.topic.startswith(_DEAD_LETTER_TOPIC):
+        if topic.startswith(_DEAD_LETTER_TOPIC):
             letter = event.mutate(copy.deepcopy(self._state_before(event)))
             self._remember(letter)
             return Change(event, None, notification.id, dead_letter=letter)
-        if notification.topic.startswith(_ENDPOINT_TOPIC):
+        if topic.startswith(_ENDPOINT_TOPIC):
             endpoint = event.mutate(copy.deepcopy(self._state_before(event)))
             self._remember(endpoint)
             return Change(event, None, notification.id, endpoint=endpoint)
-        if notification.topic == _RECEIPTS_TOPIC:
+        if topic == _RECEIPTS_TOPIC:
             receipts = tuple(
                 (receipt_view(item, event.timestamp), tuple(item["waits_on"]))
                 for item in event.items
             )
             return Change(event, None, notification.id, receipts=receipts)
-        if notification.topic == _RESOLVED_TOPIC:
+        if topic == _RESOLVED_TOPIC:
             opened = self._state_before(event)
             resolution = Resolution(
                 opened.receipt,
@@ -215,21 +261,97 @@ class Follower:
                 event.event_types,
                 event.timestamp,
             )
+            self._remember(event.mutate(opened))  # (no change holds it)
             return Change(event, None, notification.id, resolution=resolution)
+        return self._entitlement_change(event, notification.id)
+
+    def _entitlement_change(self, event: Any, position: int) -> Change:
         before = self._state_before(event)
         previous = before.status.value if before is not None else None
         previous_email = before.customer_email if before is not None else None
         after_state = event.mutate(before)  # (`before` itself, changed)
         self._remember(after_state)
+        if not self._views:
+            return Change(
+                event,
+                previous,
+                position,
+                previous_email=previous_email,
+                delivered=_inherited(event),
+            )
         return Change(
             event,
             previous,
-            notification.id,
+            position,
             previous_email=previous_email,
             entitlement=entitlement_view(after_state),
             code_hashes=tuple(after_state.codes),
             delivered=_inherited(event),
         )
+
+    def with_views(self, changes: list[Change]) -> list[Change]:
+        """`changes` (read with `views=False`, the last ones read) with the
+        view and code hashes of each entitlement after its last change in
+        them, on that change: a batch's views cost one per entitlement, not
+        one per event. A view that cannot be made is that change's error."""
+        with self._lock:
+            return self._with_views(changes)
+
+    def _with_views(self, changes: list[Change]) -> list[Change]:
+        last: dict[UUID, int] = {}
+        for index, change in enumerate(changes):
+            if isinstance(change.event, Entitlement.Event) and change.error is None:
+                last[change.event.originator_id] = index
+        changes = list(changes)
+        for aggregate_id, index in last.items():
+            change = changes[index]
+            version = change.event.originator_version
+            try:
+                state = self._cache.get(aggregate_id)
+                if state is None or state.version != version:
+                    state = self.store.aggregate_at(aggregate_id, version)
+                changes[index] = replace(
+                    change, entitlement=entitlement_view(state), code_hashes=tuple(state.codes)
+                )
+            except Exception as exc:
+                if transient(exc):
+                    raise
+                changes[index] = replace(
+                    change,
+                    error=describe(exc),
+                    aggregate_id=str(aggregate_id),
+                    topic=change.topic or _ENTITLEMENT_TOPIC,
+                )
+        return changes
+
+    def _prefetch(self, notifications: list[Notification]) -> None:
+        """Load, in one query, the state before its first event in
+        `notifications` (the rest of a batch) of each aggregate that is not
+        kept at that version: one query instead of a repository read per
+        event, which was most of a replay's time (cost grew with each
+        aggregate's length). What cannot be loaded so is loaded per event,
+        where an error is that event's."""
+        wanted: dict[UUID, int] = {}
+        seen: set[UUID] = set()
+        for notification in notifications:
+            aggregate_id = cast(UUID, notification.originator_id)  # (both recorders make UUIDs)
+            if aggregate_id in seen or not notification.topic.startswith(_STATEFUL):
+                continue
+            seen.add(aggregate_id)
+            version = int(notification.originator_version) - 1
+            cached = self._cache.get(aggregate_id)
+            if version > 0 and (cached is None or cached.version != version):
+                wanted[aggregate_id] = version
+        if not wanted:
+            return
+        try:
+            loaded = self.store.aggregates_at(wanted)
+        except Exception as exc:
+            if transient(exc):
+                raise
+            return
+        for aggregate in loaded.values():
+            self._remember(aggregate)
 
     def _state_before(self, event: Any) -> Any:
         version = event.originator_version
@@ -238,13 +360,20 @@ class Follower:
         cached = self._cache.get(event.originator_id)
         if cached is not None and cached.version == version - 1:
             return cached
+        if not self._prefetched:
+            self._prefetched = True
+            self._prefetch(self._batch[self._next :])
+            cached = self._cache.get(event.originator_id)
+            if cached is not None and cached.version == version - 1:
+                return cached
         return self.store.aggregate_at(event.originator_id, version - 1)
 
     def _remember(self, aggregate: Any) -> None:
         self._cache[aggregate.id] = aggregate
-        self._cache.move_to_end(aggregate.id)
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        if self._cache_size is not None:
+            self._cache.move_to_end(aggregate.id)
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
 
 
 class Projection(Protocol):
