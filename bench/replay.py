@@ -57,6 +57,7 @@ from domain.entitlement import (  # noqa: E402
 )
 from domain.lifecycle import Line, ended, payment, payment_failed, subscription  # noqa: E402
 from domain.receipt import ReceiptResolution, Receipts, receipt  # noqa: E402
+from services import audit  # noqa: E402
 from services.codes import CodeBook  # noqa: E402
 from services.config import parse_config  # noqa: E402
 from services.projections import replay  # noqa: E402
@@ -468,18 +469,6 @@ def bare(store: EntitlementStore, page: int = 1000) -> tuple[int, float]:
     return count, time.perf_counter() - started
 
 
-def fold_until(store: EntitlementStore, aggregate_id: UUID, at: datetime) -> Any:
-    """The aggregate folded from its events recorded at or before `at` (the
-    store has no time-based fold yet; `EntitlementStore.entitlement_as_of`
-    replaces this once merged)."""
-    aggregate = None
-    for event in store.events.get(aggregate_id):
-        if event.timestamp > at:
-            break
-        aggregate = event.mutate(aggregate)
-    return aggregate
-
-
 def timed(call: Any, runs: int = 7) -> tuple[float, Any]:
     """Median milliseconds of `runs` calls, and the last result."""
     times, result = [], None
@@ -519,19 +508,26 @@ def measure(url: str, info: dict[str, Any]) -> None:
             flush=True,
         )
 
-        # -- audit verify (issue 16) -------------------------------------------
-        # `entitle audit verify` (services/audit.py) is measured here once it
-        # is merged: its events/s over the same store, beside the two above.
-        print("audit verify:       not measured (services/audit.py is not on this branch)")
+        cpu, started = time.process_time(), time.perf_counter()
+        report = audit.verify(store, read_model)
+        seconds, verify_cpu = time.perf_counter() - started, time.process_time() - cpu
+        verified = report.events / seconds
+        print(
+            f"entitle audit verify: {report.events:,} events in {seconds:.1f} s"
+            f" = {verified:,.0f} events/s, {verified / bare_rate:.0%} of bare"
+            f" ({verify_cpu:.1f} s CPU; {report.mismatch_count} mismatches;"
+            f" peak RSS {peak_mb():,.0f} MB)",
+            flush=True,
+        )
 
         long_id, middle = UUID(info["long"]), datetime.fromisoformat(info["middle"])
-        ms, state = timed(lambda: store.aggregate_at(long_id, AS_OF_VERSION))
+        ms, state = timed(lambda: store.entitlement_as_of(long_id, version=AS_OF_VERSION))
         assert state.version == AS_OF_VERSION
         print(
             f"as of version {AS_OF_VERSION:,} of an entitlement with {info['long_events']:,}"
             f" events: {ms:.1f} ms (median of 7)"
         )
-        ms, state = timed(lambda: fold_until(store, long_id, middle))
+        ms, state = timed(lambda: store.entitlement_as_of(long_id, at=middle))
         print(
             f"as of {middle:%Y-%m-%d %H:%M:%S} (its version {state.version:,}):"
             f" {ms:.1f} ms (median of 7)"
