@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -76,13 +77,15 @@ class Table:
 
 async def consume(bootstrap: str, path: str, group: str, stop: asyncio.Event) -> None:
     table = Table(path)
-    async with KafkaBroker(bootstrap) as broker:
+    broker = KafkaBroker(bootstrap)
+    await broker.start()
+    try:
         # 1. Every entitlement: the state topic from the start (no consumer
         #    group), until nothing more comes for a second.
         states = broker.subscriber(STATE_TOPIC, auto_offset_reset="earliest")
         await states.start()
         count = 0
-        while (message := await states.get_one(timeout=1.0)) is not None:
+        while not stop.is_set() and (message := await states.get_one(timeout=1.0)) is not None:
             table.on_state(EntitlementStateV1.model_validate_json(message.body))
             count += 1
         await states.stop()
@@ -97,6 +100,11 @@ async def consume(bootstrap: str, path: str, group: str, stop: asyncio.Event) ->
 
         await events.start()
         await stop.wait()
+    finally:
+        # A broker that went away would keep the goodbye (leaving the group)
+        # waiting for ever: give it a few seconds, then go.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(broker.stop(), timeout=5)
 
 
 def main() -> None:
