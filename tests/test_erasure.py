@@ -292,3 +292,25 @@ def test_erasing_an_address_the_customer_has_left_keeps_the_new_one(tmp_path: Pa
         assert shop.store.webhook("r-1") is None and shop.store.webhook("r-2") is not None
     finally:
         shop.close()
+
+
+def test_a_dead_letter_says_what_is_wrong_with_an_address_never_the_address(
+    tmp_path: Path, caplog: Any
+) -> None:
+    """A reason is listed, logged, exported and published, and erasure
+    cannot reach it: it names the field and the fault, not the value."""
+    shop = Shop(f"sqlite:///{tmp_path}/entitle.db")
+    try:
+        shop.send(bought("sub_liz", "liz.newline@example.com\n", "Liz", ("better_annual",)), "r-1")
+        bad_type = bought("sub_liz2", "x", "Liz", ("better_annual",))
+        bad_type["data"]["object"]["customer_email"] = {"address": "liz.object@example.com"}
+        shop.send(bad_type, "r-2")
+        [letter_1] = [d for d in shop.read_model.dead_letters() if d.receipt_id == "r-1"]
+        assert "customer e-mail address contains a control character" in letter_1.reason
+        reasons = [d.reason for d in shop.read_model.dead_letters()]
+        details = [r.detail or "" for r in shop.receipts().values()]
+        assert len(reasons) == 2 and all("customer e-mail" in r for r in reasons)
+        for text in [*reasons, *details, caplog.text]:
+            assert "liz." not in text, text
+    finally:
+        shop.close()
