@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import unicodedata
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -314,3 +317,99 @@ def test_a_dead_letter_says_what_is_wrong_with_an_address_never_the_address(
             assert "liz." not in text, text
     finally:
         shop.close()
+
+
+JURGEN = "Jürgen.Müller@Bücher.example"
+QUOTED = '"quoted"@example.com'
+
+
+def spellings(address: str) -> list[str]:
+    """How stored text may hold an address: as is, JSON-escaped (once, twice)."""
+    once = json.dumps(address)[1:-1]
+    return [address, address.lower(), once, json.dumps(once)[1:-1]]
+
+
+def test_an_address_however_spelt_is_erased_from_the_outbox_and_everywhere(
+    tmp_path: Path,
+) -> None:
+    """Non-ASCII and quoted addresses are escaped in JSON payloads; an
+    address typed decomposed (NFD) is the one stored composed (NFC)."""
+    shop = Shop(f"sqlite:///{tmp_path}/entitle.db")
+    try:
+        shop.send(bought("sub_j", JURGEN, "Jürgen", ("better_annual",)), "r-j")
+        shop.send(bought("sub_q", QUOTED, "Quinn", ("better_annual",)), "r-q")
+        shop.send(bought("sub_g", GRACE, GRACE_NAME, ("better_annual",)), "r-g")
+        mails = {r.job.payload["to"] for r in shop.outbox.jobs(kind="mail")}
+        assert mails == {JURGEN, QUOTED, GRACE}
+        before = stored_text(shop)
+        assert holds(before, json.dumps(JURGEN)[1:-1]) and holds(before, json.dumps(QUOTED)[1:-1])
+        payloads = [json.dumps(r.job.payload) for r in shop.outbox.jobs()]
+        jobs = {a: sum(json.dumps(a)[1:-1] in p for p in payloads) for a in (JURGEN, QUOTED)}
+        assert jobs[JURGEN] >= 2 and jobs[QUOTED] >= 2  # mail and webhooks, escaped
+
+        typed = unicodedata.normalize("NFD", JURGEN.upper())
+        assert typed != JURGEN.upper()
+        done = erase_customer(shop.store, shop.read_model, typed, "dpo")
+        assert (done.keys, done.entitlements, done.webhooks) == (1, 1, 1)
+        assert done.outbox_jobs == jobs[JURGEN]
+        quoted = erase_customer(shop.store, shop.read_model, QUOTED, "dpo")
+        assert (quoted.keys, quoted.entitlements, quoted.outbox_jobs) == (1, 1, jobs[QUOTED])
+        shop.project()
+
+        after = stored_text(shop)
+        for gone in [*spellings(JURGEN), *spellings(QUOTED)]:
+            assert not holds(after, gone), gone
+        assert holds(after, GRACE)
+        for record in shop.outbox.jobs():
+            text = json.dumps(record.job.payload)
+            assert "cher.example" not in text and "quoted" not in text
+        assert {r.job.payload.get("to") for r in shop.outbox.jobs(kind="mail")} == {None, GRACE}
+        assert shop.read_model.entitlements(customer_email=GRACE)
+    finally:
+        shop.close()
+
+
+def test_erasing_a_customer_erases_the_addresses_they_had_before(tmp_path: Path) -> None:
+    shop = Shop(f"sqlite:///{tmp_path}/entitle.db")
+    try:
+        old, new = "dave.old@example.net", "Dave.New@example.net"
+        shop.send(bought("sub_dave", old, "Dave", ("better_annual",), created=NOW), "r-1")
+        shop.send(bought("sub_dave", new, "Dave", ("better_annual",), created=NOW + 60), "r-2")
+        [dave] = shop.read_model.entitlements(customer_email=new)
+        assert old in {getattr(e, "customer_email", None) for e in shop.store.history(dave.id)}
+
+        done = erase_customer(shop.store, shop.read_model, new.lower(), "dpo")
+        assert (done.keys, done.entitlements, done.webhooks) == (2, 1, 2)
+        shop.project()
+        for at in (dave.created_at, None):
+            then = shop.store.entitlement_as_of(dave.id, at=at)
+            assert then is not None and then.customer_email is None
+        for event in shop.store.history(dave.id):
+            assert "dave." not in history_entry(event).model_dump_json().lower()
+        assert {r.job.payload.get("to") for r in shop.outbox.jobs(kind="mail")} == {None}
+        after = stored_text(shop)
+        assert not holds(after, old) and not holds(after, new) and not holds(after, new.lower())
+    finally:
+        shop.close()
+
+
+def test_two_erasures_of_one_address_at_once_do_it_once(shop: Shop) -> None:
+    shop.send(bought("sub_a", ADA, ADA_NAME, ("better_annual",)), "r-a")
+    shop.send(bought("sub_b", ADA, ADA_NAME, ("better_annual",)), "r-b")
+    ada = shop.read_model.entitlements(customer_email=ADA)
+    assert len(ada) == 2
+    start = threading.Barrier(2)
+
+    def erase() -> Any:
+        start.wait()
+        return erase_customer(shop.store, shop.read_model, ADA, "dpo")
+
+    with ThreadPoolExecutor(2) as pool:
+        done = list(pool.map(lambda _: erase(), range(2)))
+    counts = sorted((d.keys, d.entitlements, d.events, d.webhooks) for d in done)
+    assert counts[0] == (0, 0, 0, 0), counts
+    assert counts[1][:2] == (1, 2) and counts[1][2] >= 4 and counts[1][3] == 2, counts
+    assert sum(d.outbox_jobs for d in done) >= 2
+    for view in ada:
+        causes = [str(getattr(e, "cause", {}).get("event_id")) for e in shop.store.history(view.id)]
+        assert len([c for c in causes if c.startswith("erasure:")]) == 1, causes
