@@ -211,11 +211,28 @@ def _entitlements_of(
 def erasures(store: EntitlementStore, limit: int = 100) -> list[ErasureView]:
     """Erasures done, newest first (started ones that never finished too,
     with zero counts)."""
+    return erasure_page(store, limit)[0]
+
+
+def erasure_page(
+    store: EntitlementStore, limit: int = 100, after: tuple[str, str] | None = None
+) -> tuple[list[ErasureView], tuple[str, str] | None]:
+    """Up to `limit` erasures, newest first, older than `after` (the
+    (requested_at, id) the page before ended with); and what this page
+    ends with when there are more."""
     table = store.keyring.table
+    where: str = ""
+    params: tuple[str, ...] = ()
+    if after is not None:
+        where = " WHERE requested_at < ? OR (requested_at = ? AND id < ?)"
+        params = (after[0], after[0], after[1])
     rows = table.rows(
-        f"SELECT id, requested_at, requested_by, body FROM {{erasures}}"
-        f" ORDER BY requested_at DESC LIMIT {int(limit)}"
+        f"SELECT id, requested_at, requested_by, body FROM {{erasures}}{where}"
+        f" ORDER BY requested_at DESC, id DESC LIMIT {int(limit) + 1}",
+        params,
     )
+    more = len(rows) > limit
+    rows = rows[:limit]
     views = []
     for erasure_id, at, by, body in rows:
         data = json.loads(body)
@@ -232,7 +249,7 @@ def erasures(store: EntitlementStore, limit: int = 100) -> list[ErasureView]:
                 "outbox_jobs": 0,
             }
         views.append(ErasureView.model_validate(data))
-    return views
+    return views, ((str(rows[-1][1]), str(rows[-1][0])) if more else None)
 
 
 def _events_holding(store: EntitlementStore, needles: list[bytes]) -> list[tuple[uuid.UUID, str]]:

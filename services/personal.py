@@ -44,6 +44,8 @@ from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Mapper, StoredEvent, Transcoder, Transcoding
 from eventsourcing.utils import get_topic
 
+from services.providers import MAX_TEXT
+
 #: How long a process trusts its cached keys before it checks for erasures.
 CACHE_SECONDS = 1.0
 
@@ -55,9 +57,9 @@ NAME = "personal"
 SEALED = b"entitle-sealed:1:"
 
 
-#: The longest address kept and erased (services.providers.MAX_TEXT: an
-#: adapter stores any text up to it).
-MAX_ADDRESS = 1000
+#: The longest address kept and erased: an adapter passes on any text up
+#: to `MAX_TEXT`, so whatever was stored can be erased.
+MAX_ADDRESS = MAX_TEXT
 
 
 def normalise(email: str) -> str:

@@ -413,3 +413,59 @@ def test_two_erasures_of_one_address_at_once_do_it_once(shop: Shop) -> None:
     for view in ada:
         causes = [str(getattr(e, "cause", {}).get("event_id")) for e in shop.store.history(view.id)]
         assert len([c for c in causes if c.startswith("erasure:")]) == 1, causes
+
+
+def test_whatever_was_stored_can_be_erased_and_bad_requests_say_what_is_wrong(
+    tmp_path: Path, monkeypatch: Any, capfd: Any
+) -> None:
+    url = f"sqlite:///{tmp_path}/entitle.db"
+    long = "l" * 400 + "@example.com"  # past RFC 5321's 320, as a provider may send
+    shop = Shop(url)
+    try:
+        shop.send(bought("sub_long", long, "Lon", ("better_annual",)), "r-long")
+        assert len(shop.read_model.entitlements(customer_email=long)) == 1
+        settings = Settings(
+            kafka_bootstrap=None,
+            database_url=url,
+            kafka_idempotence=False,
+            raw_partitions=1,
+            code_secret=SHARED_CODE_SECRET,
+            dev=True,
+        )
+        app = build_app(CONFIG, settings, Roles(api=True), admin_keys("privacy:ek_erasure_admin"))
+        with TestClient(app) as client:
+            done = client.post("/v1/customers/erase", json={"email": long}, headers=AUTH)
+            assert done.status_code == 200, done.text
+            assert (done.json()["keys"], done.json()["entitlements"]) == (1, 1)
+            for body, says in (({"email": " \t "}, "blank"), ({"email": "a\x01@b.c"}, "control")):
+                bad = client.post("/v1/customers/erase", json=body, headers=AUTH)
+                assert bad.status_code == 422 and says in bad.json()["detail"], bad.text
+            client.post("/v1/customers/erase", json={"email": "nobody@example.net"}, headers=AUTH)
+            odd = client.get("/v1/erasures?limt=1", headers=AUTH)
+            assert odd.status_code == 422 and "limt" in odd.json()["detail"]
+            first = client.get("/v1/erasures?limit=1", headers=AUTH).json()
+            assert first["items"][0]["id"] != done.json()["id"] and first["next_cursor"]
+            rest = client.get(
+                "/v1/erasures", params={"limit": 5, "cursor": first["next_cursor"]}, headers=AUTH
+            ).json()
+            assert [e["id"] for e in rest["items"]] == [done.json()["id"]]
+            assert rest["next_cursor"] is None
+            assert client.get("/v1/erasures?cursor=x", headers=AUTH).status_code == 422
+    finally:
+        shop.close()
+
+    monkeypatch.setenv("ENTITLE_DATABASE_URL", url)
+    cases = [
+        (["erase-customer", "l" * 1001], "at most 1000 characters"),
+        (["erase-customer", "a\x01@example.com"], "control character"),
+        (["erase-customer", "a@example.com", "--list"], "--list"),
+    ]
+    for argv, says in cases:
+        assert main(argv) == 2
+        assert says in capfd.readouterr().err
+    for by in ("", "a\nb", "x" * 5000):
+        with pytest.raises(SystemExit) as exited:
+            main(["erase-customer", "a@example.com", "--by", by])
+        assert exited.value.code == 2 and "a name is 1 to 100" in capfd.readouterr().err
+    assert main(["erase-customer", "L" * 400 + "@Example.com", "--by", "dpo"]) == 0
+    assert json.loads(capfd.readouterr().out)["keys"] == 0  # erased before, by the API
