@@ -266,10 +266,26 @@ def test_events_stored_in_plaintext_before_sealing_are_counted(tmp_path: Path) -
         transcoder = JSONTranscoder()
         shop.store.register_transcodings(transcoder)
         plain = Mapper[UUID](transcoder)  # eventsourcing's own: no sealing
-        shop.store.recorder.insert_events([plain.to_stored_event(e) for e in old.collect_events()])
+        umlaut = Entitlement.create(
+            source="stripe-main",
+            order_ref="sub_umlaut",
+            slot="si_umlaut",
+            terms=Terms.of(CONFIG.catalog.get("better_annual"), 1, "cus_u", JURGEN),
+            code_hash="1" * 64,
+            inherited=[],
+            cause=Cause.provider("stripe-main", "evt_umlaut"),
+            occurred_at=NOW_TIME,
+            at=NOW_TIME,
+        )
+        events = [*old.collect_events(), *umlaut.collect_events()]
+        shop.store.recorder.insert_events([plain.to_stored_event(e) for e in events])
         shop.project()
         assert [v.id for v in shop.read_model.entitlements(customer_email=ADA)] == [old.id]
         done = erase_customer(shop.store, shop.read_model, ADA.lower(), "dpo")
+        assert (done.keys, done.entitlements, done.plaintext_events) == (0, 1, 1)
+        # Stored JSON-escaped (J\\u00fcrgen), asked for decomposed and in capitals.
+        typed = unicodedata.normalize("NFD", JURGEN.upper())
+        done = erase_customer(shop.store, shop.read_model, typed, "dpo")
         assert (done.keys, done.entitlements, done.plaintext_events) == (0, 1, 1)
         shop.project()
         view = shop.read_model.entitlement(str(old.id))
@@ -339,6 +355,10 @@ def test_an_address_however_spelt_is_erased_from_the_outbox_and_everywhere(
         shop.send(bought("sub_j", JURGEN, "Jürgen", ("better_annual",)), "r-j")
         shop.send(bought("sub_q", QUOTED, "Quinn", ("better_annual",)), "r-q")
         shop.send(bought("sub_g", GRACE, GRACE_NAME, ("better_annual",)), "r-g")
+        # Changes nothing, sealed under no key: found in the raw webhook (escaped twice).
+        customer = {"id": "cus_sub_j", "object": "customer", "email": JURGEN.upper()}
+        updated = {"id": "evt_cu_j", "type": "customer.updated", "created": NOW}
+        shop.send({**updated, "data": {"object": customer}}, "r-j-updated")
         mails = {r.job.payload["to"] for r in shop.outbox.jobs(kind="mail")}
         assert mails == {JURGEN, QUOTED, GRACE}
         before = stored_text(shop)
@@ -350,8 +370,9 @@ def test_an_address_however_spelt_is_erased_from_the_outbox_and_everywhere(
         typed = unicodedata.normalize("NFD", JURGEN.upper())
         assert typed != JURGEN.upper()
         done = erase_customer(shop.store, shop.read_model, typed, "dpo")
-        assert (done.keys, done.entitlements, done.webhooks) == (1, 1, 1)
+        assert (done.keys, done.entitlements, done.webhooks) == (1, 1, 2)
         assert done.outbox_jobs == jobs[JURGEN]
+        assert shop.store.webhook("r-j-updated") is None
         quoted = erase_customer(shop.store, shop.read_model, QUOTED, "dpo")
         assert (quoted.keys, quoted.entitlements, quoted.outbox_jobs) == (1, 1, jobs[QUOTED])
         shop.project()
