@@ -263,7 +263,11 @@ class ErasureRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    email: str = Field(min_length=3, max_length=320, description="The customer's e-mail address")
+    email: str = Field(
+        min_length=3,
+        max_length=1000,
+        description="The customer's e-mail address (as long as an adapter keeps one: 1000)",
+    )
 
 
 class ErasureView(BaseModel):
@@ -285,3 +289,6 @@ class ErasureView(BaseModel):
 
 class ErasureList(BaseModel):
     items: list[ErasureView]
+    next_cursor: str | None = Field(
+        default=None, description="Pass as ?cursor= for older ones; null on the last page"
+    )

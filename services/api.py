@@ -32,7 +32,7 @@ from domain.entitlement import Entitlement, Refused
 from domain.receipt import OUTCOMES
 from services.codes import CodeBook
 from services.config import AdminKey, Config
-from services.erasure import erase_customer, erasures
+from services.erasure import erase_customer, erasure_page
 from services.http import (
     Buckets,
     HTTPError,
@@ -108,6 +108,12 @@ def _encode_cursor(after: tuple[str, str]) -> str:
 
 
 def _decode_cursor(raw: str | None) -> tuple[str, str] | None:
+    parts = decode_cursor(raw, "time", "id")
+    return None if parts is None else (parts[0], parts[1])
+
+
+def _decode_erasure_cursor(raw: str | None) -> tuple[str, str] | None:
+    # An erasure's id is a UUID; its time as it was recorded (isoformat).
     parts = decode_cursor(raw, "time", "id")
     return None if parts is None else (parts[0], parts[1])
 
@@ -353,18 +359,25 @@ class API:
         the address is in the body, never in a URL (URLs are logged)."""
         key = self.authenticate(request)
         body = await read_json(request, ErasureRequest)
-        if has_control_character(body.email) or not body.email.strip():
-            raise HTTPError(422, "invalid_body", "email must be an e-mail address")
+        if not body.email.strip():
+            raise HTTPError(422, "invalid_body", "email must be an e-mail address, not blank")
+        if has_control_character(body.email):
+            raise HTTPError(422, "invalid_body", "email contains a control character")
         view = await anyio.to_thread.run_sync(
             lambda: erase_customer(self.store, self.read_model, body.email, key.name, self.clock)
         )
         return JSONResponse(view.model_dump(mode="json"))
 
     async def list_erasures(self, request: Request) -> JSONResponse:
+        """Erasures done, newest first, with cursor paging."""
         self.authenticate(request)
+        _no_control_characters(request)
+        _only(request, {"limit", "cursor"})
         limit = _limit(request)
-        items = await anyio.to_thread.run_sync(erasures, self.store, limit)
-        return JSONResponse(ErasureList(items=items).model_dump(mode="json"))
+        after = _decode_erasure_cursor(request.query_params.get("cursor"))
+        items, last = await anyio.to_thread.run_sync(erasure_page, self.store, limit, after)
+        body = ErasureList(items=items, next_cursor=encode_cursor(*last) if last else None)
+        return JSONResponse(body.model_dump(mode="json"))
 
 
 ADMIN_ACTIONS = ("suspend", "reinstate", "cancel", "extend")

@@ -357,13 +357,24 @@ def cmd_erase_customer(args: argparse.Namespace) -> int:
     """Erase a customer's personal data and print what was done (JSON), or
     list the erasures done (`--list`, JSON lines)."""
     from services.erasure import erase_customer, erasures
+    from services.personal import MAX_ADDRESS
     from services.providers import has_control_character
     from services.readmodel import ReadModel
     from services.store import EntitlementStore
 
     email = (args.email or "").strip()
-    if not args.list and (not email or has_control_character(email) or len(email) > 320):
-        print("entitle: give the customer's e-mail address (or --list)", file=sys.stderr)
+    problem = None
+    if args.list:
+        if args.email is not None:
+            problem = "--list lists the erasures done: give it no address"
+    elif not email:
+        problem = "give the customer's e-mail address (or --list)"
+    elif has_control_character(email):
+        problem = "the e-mail address contains a control character"
+    elif len(email) > MAX_ADDRESS:
+        problem = f"an e-mail address is at most {MAX_ADDRESS} characters (this one: {len(email)})"
+    if problem:
+        print(f"entitle: {problem}", file=sys.stderr)
         return 2
     settings = Settings.from_env()
     store = EntitlementStore(settings.database_url)
@@ -559,6 +570,15 @@ def _position(raw: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: positions start at 1")
     return value
+
+
+def _who(raw: str) -> str:
+    """A name recorded as who asked (as an admin key's or an endpoint's name)."""
+    from contracts.text import text_problem
+
+    if not 1 <= len(raw.strip()) <= 100 or text_problem(raw):
+        raise argparse.ArgumentTypeError("a name is 1 to 100 characters, no control characters")
+    return raw.strip()
 
 
 def _uuid(raw: str) -> uuid.UUID:
@@ -831,7 +851,7 @@ def parser() -> argparse.ArgumentParser:
         "erase-customer", help="erase a customer's personal data (e-mail, name) for good"
     )
     p.add_argument("email", nargs="?", help="the customer's e-mail address")
-    p.add_argument("--by", default="cli", help="who asked, recorded with the erasure")
+    p.add_argument("--by", type=_who, default="cli", help="who asked, recorded with the erasure")
     p.add_argument("--list", action="store_true", help="list the erasures done (JSON lines)")
     p.add_argument("--limit", type=_positive, default=100)
     p.set_defaults(run=cmd_erase_customer)

@@ -25,9 +25,12 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import json
 import os
+import re
 import threading
 import time
+import unicodedata
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -41,6 +44,8 @@ from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Mapper, StoredEvent, Transcoder, Transcoding
 from eventsourcing.utils import get_topic
 
+from services.providers import MAX_TEXT
+
 #: How long a process trusts its cached keys before it checks for erasures.
 CACHE_SECONDS = 1.0
 
@@ -52,14 +57,74 @@ NAME = "personal"
 SEALED = b"entitle-sealed:1:"
 
 
+#: The longest address kept and erased: an adapter passes on any text up
+#: to `MAX_TEXT`, so whatever was stored can be erased.
+MAX_ADDRESS = MAX_TEXT
+
+
 def normalise(email: str) -> str:
-    """The address as keys are looked up by: trimmed and lower case."""
-    return email.strip().lower()
+    """The address as keys are looked up by: trimmed, composed (NFC, so
+    "ü" typed as u + combining diaeresis is the same address) and lower case."""
+    return unicodedata.normalize("NFC", email.strip()).lower()
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(b"entitle customer key\x1f" + text.encode()).hexdigest()
 
 
 @functools.lru_cache(maxsize=65_536)
 def lookup_of(email: str) -> str:
-    return hashlib.sha256(b"entitle customer key\x1f" + normalise(email).encode()).hexdigest()
+    return _digest(normalise(email))
+
+
+def lookups_of(email: str) -> set[str]:
+    """Every lookup a key of `email` may have been made under: today's, and
+    those of before addresses were composed (NFC or NFD as it came)."""
+    stripped = email.strip()
+    return {lookup_of(email)} | {
+        _digest(unicodedata.normalize(form, stripped).lower()) for form in ("NFC", "NFD")
+    }
+
+
+def _spellings(char: str) -> set[str]:
+    """Regular expressions for one character of an address as text may hold
+    it: either case, composed or not, as itself or JSON-escaped once or
+    twice (`\\u00fc`, `\\"`; a JSON string inside JSON)."""
+
+    def escaped(text: str) -> str:
+        return "".join(json.dumps(c)[1:-1] for c in text)
+
+    found: set[str] = set()
+    for form in {char, unicodedata.normalize("NFD", char)}:
+        for variant in {form, form.lower(), form.upper()}:
+            once = escaped(variant)
+            # Twice: a provider's body is a JSON string inside the raw webhook's JSON.
+            found |= {variant, once, escaped(once)}
+            if variant == "/":
+                found |= {"\\/", "\\\\/"}
+    return {re.escape(f) for f in found}
+
+
+def spelling_pattern(addresses: Iterable[str]) -> re.Pattern[str]:
+    """A pattern that finds any of `addresses` (normalised) in text however
+    it is spelt there: any case, NFC or NFD, plain or JSON-escaped."""
+    parts = []
+    for address in sorted(set(addresses)):
+        parts.append(
+            "".join(
+                "(?:" + "|".join(sorted(_spellings(c), key=len, reverse=True)) + ")"
+                for c in address
+            )
+        )
+    return re.compile("|".join(parts) or "(?!)", re.IGNORECASE)
+
+
+def plain_run(address: str) -> str:
+    """The longest part of `address` spelt the same in any text that holds
+    it (ASCII letters, digits and `.-_+@`, lower case): what a SQL search
+    can look for before the pattern above checks each row found."""
+    runs = re.findall(r"[a-z0-9.\-_+@]+", address.lower())
+    return max(runs, key=len) if runs else ""
 
 
 def address_in(payload: Any, depth: int = 5) -> str | None:
@@ -73,7 +138,7 @@ def address_in(payload: Any, depth: int = 5) -> str | None:
         nested = []
         for key, value in payload.items():
             if isinstance(value, str):
-                if "email" in key.lower() and "@" in value and len(value) <= 320:
+                if "email" in key.lower() and "@" in value and len(value) <= MAX_ADDRESS:
                     return value
             elif isinstance(value, (dict, list)):
                 nested.append(value)

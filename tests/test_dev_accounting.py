@@ -375,7 +375,7 @@ def test_a_recreated_raw_topic_is_folded_from_its_start(
 
 STRIPE_POISONS = {
     "year 9999 period end": ({"end": 253402300799}, "out of range"),
-    "e-mail not a string": ({"email": {"address": "x@example.com"}}, "customer email"),
+    "e-mail not a string": ({"email": {"address": "x@example.com"}}, "customer e-mail address"),
     "NUL in an e-mail": ({"email": "buyer\x00@example.com"}, "control character"),
 }
 

@@ -94,7 +94,7 @@ POISONS: dict[str, tuple[Callable[[], dict[str, Any]], str, str]] = {
     "e-mail not a string": (
         lambda: paid("sub_poison", email={"address": "x@example.com"}),  # type: ignore[arg-type]
         "stripe-main",
-        "customer email",
+        "customer e-mail address",
     ),
     "NUL in an e-mail": (
         lambda: paid("sub_poison", email="buyer\x00@example.com"),
@@ -320,7 +320,7 @@ def test_a_provider_time_needs_an_offset_and_a_sane_year(value: str, message: st
     ("customer", "quantity", "message"),
     [
         (Customer(["a"], None), 1, "customer id"),  # type: ignore[arg-type]
-        (Customer("c", "a\nb@example.com"), 1, "customer email"),
+        (Customer("c", "a\nb@example.com"), 1, "customer e-mail address"),
         (Customer("c", "b@example.com"), -1, "quantity"),
         (Customer("c", "b@example.com"), 10**9, "quantity"),
     ],

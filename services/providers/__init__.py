@@ -52,6 +52,8 @@ def ref(value: Any, what: str, numbers: bool = False) -> str | None:
         return value
     if numbers and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    if "mail" in what.lower():  # personal: say what is wrong, never the value
+        raise Unmappable(f"{what} is not a string (a {type(value).__name__})")
     raise Unmappable(f"{what} {value!r:.80} is not a string")
 
 
@@ -136,7 +138,7 @@ def check(commands: list[Command]) -> None:
 def _customer(customer: Customer | None) -> None:
     if customer is not None:
         _text(customer.id, "customer id", optional=True)
-        _text(customer.email, "customer email", optional=True)
+        _text(customer.email, "the customer e-mail address", optional=True)
 
 
 def _line(line: Line) -> None:
@@ -161,12 +163,14 @@ def _text(value: Any, what: str, optional: bool = False) -> None:
 
 
 def _text_problem(value: Any) -> str | None:
+    # Never the value itself: it may be personal (an e-mail address, a name
+    # in a fact), and a reason is kept, listed, logged and published.
     if type(value) is not str:
-        return f"{value!r:.80} is not a string"
+        return f"is not a string (a {type(value).__name__})"
     if len(value) > MAX_TEXT:
         return f"is longer than {MAX_TEXT} characters"
     if has_control_character(value):
-        return f"{value!r:.80} contains a control character"
+        return "contains a control character"
     return None
 
 
