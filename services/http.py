@@ -172,17 +172,39 @@ class HTTPError(Exception):
         self.entitlement_status = entitlement_status
 
 
+#: RFC 3339's date-time (section 5.6), in ASCII digits: "T" and "Z" in
+#: either case, a fraction only as "." and digits, an offset always.
+_RFC3339 = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2}(?:\.\d+)?)([Zz]|[+-]\d{2}:\d{2})", re.ASCII
+)
+
+
 def aware_time(raw: str) -> datetime | None:
-    """An RFC 3339 time with its UTC offset ("Z" allowed), or None if `raw`
-    is not one (a time without offset included)."""
+    """An RFC 3339 date-time with its UTC offset ("Z" allowed), in UTC, or
+    None if `raw` is not exactly one: no offset, an ISO week or ordinal
+    date, a "," fraction, non-ASCII digits or any other ISO 8601 form
+    that `datetime.fromisoformat` would take are refused."""
+    match = _RFC3339.fullmatch(raw)
+    if match is None:
+        return None
+    date, clock, offset = match.groups()
+    whole, _, fraction = clock.partition(".")
+    # Python keeps microseconds: more digits are cut, not rounded.
+    clock = whole + ("." + fraction[:6].ljust(6, "0") if fraction else "")
     try:
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        value = datetime.fromisoformat(f"{date}T{clock}{'+00:00' if offset in 'Zz' else offset}")
         if value.tzinfo is None:
             return None
         # In UTC it must still be a date ("0001-01-01T00:00:00+14:00" is not).
         return value.astimezone(UTC)
     except (ValueError, OverflowError):
         return None
+
+
+def ascii_int(raw: str) -> int | None:
+    """A whole number written in ASCII digits (not fullwidth or superscript
+    ones, which `str.isdigit` takes), or None."""
+    return int(raw) if raw.isascii() and raw.isdigit() else None
 
 
 #: What a part of a paging cursor is: a log position (a 64-bit integer, not
