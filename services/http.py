@@ -13,7 +13,7 @@ import re
 import threading
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote, unquote_plus
 
@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from contracts import describe
 from contracts.api import Error
+from contracts.text import rfc3339_time
 from services.codes import SEAT_SECRET
 from services.config import AdminKey
 from services.health import transient
@@ -172,33 +173,13 @@ class HTTPError(Exception):
         self.entitlement_status = entitlement_status
 
 
-#: RFC 3339's date-time (section 5.6), in ASCII digits: "T" and "Z" in
-#: either case, a fraction only as "." and digits, an offset always.
-_RFC3339 = re.compile(
-    r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2}(?:\.\d+)?)([Zz]|[+-]\d{2}:\d{2})", re.ASCII
-)
-
-
 def aware_time(raw: str) -> datetime | None:
     """An RFC 3339 date-time with its UTC offset ("Z" allowed), in UTC, or
     None if `raw` is not exactly one: no offset, an ISO week or ordinal
     date, a "," fraction, non-ASCII digits or any other ISO 8601 form
-    that `datetime.fromisoformat` would take are refused."""
-    match = _RFC3339.fullmatch(raw)
-    if match is None:
-        return None
-    date, clock, offset = match.groups()
-    whole, _, fraction = clock.partition(".")
-    # Python keeps microseconds: more digits are cut, not rounded.
-    clock = whole + ("." + fraction[:6].ljust(6, "0") if fraction else "")
-    try:
-        value = datetime.fromisoformat(f"{date}T{clock}{'+00:00' if offset in 'Zz' else offset}")
-        if value.tzinfo is None:
-            return None
-        # In UTC it must still be a date ("0001-01-01T00:00:00+14:00" is not).
-        return value.astimezone(UTC)
-    except (ValueError, OverflowError):
-        return None
+    that `datetime.fromisoformat` would take are refused. The same parser
+    as request bodies' times (`contracts.text.Moment`)."""
+    return rfc3339_time(raw)
 
 
 def ascii_int(raw: str) -> int | None:
