@@ -26,11 +26,12 @@ from pydantic_core import to_json, to_jsonable_python
 
 from contracts.api import DeadLetterView, EntitlementView, ReceiptView
 from domain.entitlement import event_type
+from services import readmodel
 from services.licensing import ValidationIndex
 from services.projections.follower import Change, Follower
 from services.projections.read_model import READ_MODEL
 from services.projections.views import dead_letter_view, entitlement_view
-from services.readmodel import ENTITLEMENT_COLUMNS, ReadModel, entitlement_columns, moment
+from services.readmodel import ReadModel
 from services.store import EntitlementStore
 
 #: progress(events read so far, events to read)
@@ -369,7 +370,7 @@ def _compare_entitlements(
 ) -> None:
     folded = fold.entitlements
     report.entitlements = len(folded)
-    columns = ", ".join(ENTITLEMENT_COLUMNS)
+    columns = ", ".join(readmodel.ENTITLEMENT_COLUMNS)
     for rows in _pages(read_model, cur, f"id, body, {columns}", "entitle_v3_entitlements"):
         first, last = rows[0][0], rows[-1][0]
         cur.execute(
@@ -400,7 +401,10 @@ def _compare_entitlements(
                 truth = _field_diffs(store, view, sequence, report)
             # The indexed columns, which the API's filters read, not the body.
             for name, stored, want in zip(
-                ENTITLEMENT_COLUMNS, stored_columns, entitlement_columns(truth), strict=True
+                readmodel.ENTITLEMENT_COLUMNS,
+                stored_columns,
+                readmodel.entitlement_columns(truth),
+                strict=True,
             ):
                 if stored != want:
                     report.add(Mismatch("entitlement", raw_id, f"column {name}", stored, want))
@@ -506,7 +510,7 @@ def _compare_receipts(read_model: ReadModel, cur: Any, fold: _Fold, report: Veri
                 view.provider_event_id,
                 view.order_ref,
                 view.outcome,
-                moment(view.received_at),
+                readmodel.moment(view.received_at),
                 int(view.waits_for is not None),
             )
             for name, value, expected in zip(names, stored, wanted, strict=True):
