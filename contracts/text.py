@@ -39,7 +39,11 @@ def _text(value: str) -> str:
 #: Text as people write it: no control characters.
 Text = Annotated[str, AfterValidator(_text)]
 
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+#: RFC 3339's date-time (section 5.6; a space for the T as its note allows),
+#: in ASCII digits: no ISO week or ordinal date, no "," fraction.
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
+)
 
 
 def _rfc3339(value: object) -> datetime:
@@ -57,6 +61,15 @@ def _rfc3339(value: object) -> datetime:
         except (ValueError, OverflowError):
             pass
     raise ValueError("must be an RFC 3339 time with an offset, e.g. 2026-11-30T00:00:00Z")
+
+
+def rfc3339_time(value: str) -> datetime | None:
+    """`value` as an RFC 3339 time with its offset, in UTC, or None: the one
+    parser of times in bodies, query parameters and command lines."""
+    try:
+        return _rfc3339(value)
+    except ValueError:
+        return None
 
 
 #: An RFC 3339 time with an offset, given as a string.

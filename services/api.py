@@ -36,6 +36,7 @@ from services.erasure import erase_customer, erasure_page
 from services.http import (
     Buckets,
     HTTPError,
+    ascii_int,
     authenticate,
     aware_time,
     busy,
@@ -48,7 +49,7 @@ from services.projections import entitlement_view, history_entry
 from services.providers import has_control_character
 from services.readmodel import FILTERS, RECEIPT_FILTERS, ReadModel
 from services.store import EntitlementStore, StillChanging
-from services.timeline import NotThen, as_of, with_state
+from services.timeline import NotThen, NotYet, as_of, with_state
 
 _STATUSES = set(get_args(Status))
 MAX_LIMIT = 1000
@@ -63,10 +64,10 @@ def _entitlement_id(request: Request) -> str:
 
 
 def _limit(request: Request) -> int:
-    raw = request.query_params.get("limit", "100")
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    value = ascii_int(request.query_params.get("limit", "100"))
+    if value is None or not 1 <= value <= MAX_LIMIT:
         raise HTTPError(422, "invalid_query", f"limit must be an integer from 1 to {MAX_LIMIT}")
-    return int(raw)
+    return value
 
 
 def _no_control_characters(request: Request) -> None:
@@ -92,7 +93,14 @@ def _time_param(raw: str | None, name: str) -> datetime | None:
 
 
 def _only(request: Request, allowed: set[str]) -> None:
-    """422 for a query parameter the route does not take."""
+    """422 for a query parameter the route does not take, or one given
+    twice (each takes one value: which one would be a guess)."""
+    query = request.query_params
+    repeated = sorted(k for k in set(query) if len(query.getlist(k)) > 1)
+    if repeated:
+        raise HTTPError(
+            422, "invalid_query", f"query parameter(s) given more than once: {', '.join(repeated)}"
+        )
     unknown = set(request.query_params) - allowed
     if unknown:
         raise HTTPError(
@@ -194,17 +202,19 @@ class API:
         version: int | None = None
         if at is None:
             raw = query["as_of_version"]
-            if not raw.isdigit() or len(raw) > 9 or int(raw) < 1:
+            version = ascii_int(raw) if len(raw) <= 9 else None
+            if version is None or version < 1:
                 raise HTTPError(
                     422, "invalid_query", "as_of_version must be an entitlement version: 1, 2, …"
                 )
-            version = int(raw)
 
         def fold() -> EntitlementAsOfView:
             try:
-                return as_of(self.store, entitlement_id, at, version)
+                return as_of(self.store, entitlement_id, at, version, now=self.clock())
             except NotThen as exc:
                 raise HTTPError(404, "not_found", str(exc)) from None
+            except NotYet as exc:
+                raise HTTPError(422, "invalid_query", str(exc)) from None
 
         answer = self.with_codes(await anyio.to_thread.run_sync(fold))
         return JSONResponse(answer.model_dump(mode="json"))
@@ -328,12 +338,13 @@ class API:
         key = self.authenticate(request)
         entitlement_id = uuid.UUID(_entitlement_id(request))
         raw = request.path_params["index"]
-        if not raw.isdigit():
+        index = ascii_int(raw)
+        if index is None:
             raise HTTPError(422, "invalid_index", f"{raw!r} is not a code index")
         request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
 
         def change(entitlement: Entitlement, at: datetime) -> None:
-            entitlement.revoke_code(int(raw), key.name, request_id, at)
+            entitlement.revoke_code(index, key.name, request_id, at)
 
         view = await anyio.to_thread.run_sync(self._change, entitlement_id, change)
         return JSONResponse(view.model_dump(mode="json"))

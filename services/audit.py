@@ -24,8 +24,9 @@ from eventsourcing.postgres import PostgresAggregateRecorder
 from psycopg.sql import SQL, Identifier
 from pydantic_core import to_json, to_jsonable_python
 
-from contracts.api import DeadLetterView, EntitlementView
+from contracts.api import DeadLetterView, EntitlementView, ReceiptView
 from domain.entitlement import event_type
+from services import readmodel
 from services.licensing import ValidationIndex
 from services.projections.follower import Change, Follower
 from services.projections.read_model import READ_MODEL
@@ -77,6 +78,8 @@ class VerifyReport:
     #: PostgreSQL a rolled-back insert burns its sequence values (normal);
     #: on SQLite ids are never skipped, so any is reported as a mismatch.
     unused_ids: int = 0
+    #: The store is PostgreSQL (else SQLite): what an unused id means.
+    postgres: bool = False
     aggregates: int = 0
     entitlements: int = 0
     codes: int = 0
@@ -116,7 +119,13 @@ class VerifyReport:
             f"log: {self.events} events up to position {self.position} ({lag})",
             f"log: {self.aggregates} aggregates, each with versions 1..n in log order",
             f"log: {self.unused_ids} notification ids unused"
-            + (" (rolled-back inserts on PostgreSQL)" if self.unused_ids else ""),
+            + (
+                ""
+                if not self.unused_ids
+                else " (rolled-back inserts: normal on PostgreSQL)"
+                if self.postgres
+                else " (events missing from the log: SQLite never skips an id)"
+            ),
             "positions: "
             + (", ".join(f"{k} {v}" for k, v in sorted(self.positions.items())) or "none")
             + f" (each at most the head {self.head})",
@@ -305,6 +314,7 @@ def _check_log(store: EntitlementStore, report: VerifyReport) -> None:
     are not 1..n or not in log order (the table's key keeps each version
     unique, so holes and a wrong start are all there can be)."""
     _, postgres = _events_table(store)
+    report.postgres = postgres
     [(count, aggregates)] = _log_query(
         store,
         "SELECT count(*) AS events, count(DISTINCT originator_id) AS aggregates FROM {table}"
@@ -360,7 +370,8 @@ def _compare_entitlements(
 ) -> None:
     folded = fold.entitlements
     report.entitlements = len(folded)
-    for rows in _pages(read_model, cur, "id, sequence, body", "entitle_v3_entitlements"):
+    columns = ", ".join(readmodel.ENTITLEMENT_COLUMNS)
+    for rows in _pages(read_model, cur, f"id, body, {columns}", "entitle_v3_entitlements"):
         first, last = rows[0][0], rows[-1][0]
         cur.execute(
             read_model.sql(
@@ -376,7 +387,7 @@ def _compare_entitlements(
         index = ValidationIndex(read_model)
         expected: dict[str, str] = {}
         held: list[str] = []
-        for raw_id, _, body in rows:
+        for raw_id, body, *stored_columns in rows:
             entitlement_id = UUID(raw_id)
             known = folded.pop(entitlement_id, None)
             if known is None:
@@ -385,8 +396,18 @@ def _compare_entitlements(
             sequence, digest, codes = known
             view = EntitlementView.model_validate_json(body)
             # As the view dumps itself: how the row was written does not matter.
+            truth = view
             if _digest(view.model_dump_json()) != digest:
-                _field_diffs(store, view, sequence, report)
+                truth = _field_diffs(store, view, sequence, report)
+            # The indexed columns, which the API's filters read, not the body.
+            for name, stored, want in zip(
+                readmodel.ENTITLEMENT_COLUMNS,
+                stored_columns,
+                readmodel.entitlement_columns(truth),
+                strict=True,
+            ):
+                if stored != want:
+                    report.add(Mismatch("entitlement", raw_id, f"column {name}", stored, want))
             stored_codes = tuple(sorted(indexed.get(raw_id, [])))
             if stored_codes != codes:
                 for code in sorted(set(stored_codes) - set(codes)):
@@ -433,22 +454,26 @@ def _check_index(
 
 def _field_diffs(
     store: EntitlementStore, stored: EntitlementView, sequence: int, report: VerifyReport
-) -> None:
+) -> EntitlementView:
     """The fields in which the stored view differs from the fold (at the
-    version folded up to the verified position)."""
-    folded = entitlement_view(store.aggregate_at(stored.id, sequence)).model_dump(mode="json")
+    version folded up to the verified position); returns the folded view."""
+    view = entitlement_view(store.aggregate_at(stored.id, sequence))
+    folded = view.model_dump(mode="json")
     row = stored.model_dump(mode="json")
     for name in folded:
         if row.get(name) != folded[name]:
             report.add(Mismatch("entitlement", str(stored.id), name, row.get(name), folded[name]))
+    return view
 
 
 def _compare_dead_letters(
     read_model: ReadModel, cur: Any, fold: _Fold, report: VerifyReport
 ) -> None:
     report.dead_letters = len(fold.letters)
-    for rows in _pages(read_model, cur, "id, body", "entitle_v3_dead_letters"):
-        for raw_id, body in rows:
+    for rows in _pages(
+        read_model, cur, "id, body, recorded_at, resolved", "entitle_v3_dead_letters"
+    ):
+        for raw_id, body, recorded_at, resolved in rows:
             digest = fold.letters.pop(UUID(raw_id), None)
             if digest is None:
                 report.add(Mismatch("dead letter", raw_id, "row", "present", None))
@@ -456,6 +481,13 @@ def _compare_dead_letters(
             view = DeadLetterView.model_validate_json(body)
             if _digest(view.model_dump_json()) != digest:
                 report.add(Mismatch("dead letter", raw_id, "body", view.reason, "differs"))
+            # The indexed columns as the body (compared above) gives them.
+            wanted = (view.recorded_at.isoformat(), int(view.resolved_at is not None))
+            for name, stored, expected in zip(
+                ("recorded_at", "resolved"), (recorded_at, int(resolved)), wanted, strict=True
+            ):
+                if stored != expected:
+                    report.add(Mismatch("dead letter", raw_id, f"column {name}", stored, expected))
     for letter_id in sorted(fold.letters):
         report.add(Mismatch("dead letter", str(letter_id), "row", None, "present"))
 
@@ -464,10 +496,26 @@ def _compare_receipts(read_model: ReadModel, cur: Any, fold: _Fold, report: Veri
     """Receipts: each parked one's outcome exactly; all the others by count
     and a checksum of (id, outcome), which keeps memory flat."""
     count, total = 0, 0
-    for rows in _pages(read_model, cur, "id, outcome", "entitle_v3_receipts"):
+    names = ("source", "provider_event_id", "order_ref", "outcome", "received_at", "waiting")
+    for rows in _pages(read_model, cur, f"id, body, {', '.join(names)}", "entitle_v3_receipts"):
         settled = []
         report.receipts += len(rows)
-        for receipt_id, outcome in rows:
+        for receipt_id, body, *stored in rows:
+            outcome = stored[3]
+            # The indexed columns (the list's filters) as the body gives
+            # them; the outcome is compared with the fold below.
+            view = ReceiptView.model_validate_json(body)
+            wanted = (
+                view.source,
+                view.provider_event_id,
+                view.order_ref,
+                view.outcome,
+                readmodel.moment(view.received_at),
+                int(view.waits_for is not None),
+            )
+            for name, value, expected in zip(names, stored, wanted, strict=True):
+                if value != expected:
+                    report.add(Mismatch("receipt", receipt_id, f"column {name}", value, expected))
             pending = fold.pending.pop(receipt_id, None)
             if pending is None:
                 settled.append((receipt_id, outcome))
@@ -492,6 +540,16 @@ SKEW = timedelta(minutes=5)
 _NOT_BODY = frozenset(
     {"originator_id", "originator_version", "timestamp", "originator_topic", "cause"}
 )
+
+
+def _shift(moment: datetime, delta: timedelta) -> datetime:
+    """`moment + delta`, held at the first or last representable time
+    (`--since 0001-01-01T00:00:00Z` starts at the first event)."""
+    try:
+        return moment + delta
+    except OverflowError:
+        edge = datetime.min if delta < timedelta(0) else datetime.max
+        return edge.replace(tzinfo=moment.tzinfo)
 
 
 def first_position(store: EntitlementStore, since: datetime) -> int:
@@ -548,7 +606,9 @@ def export(
     if aggregate_id is not None:
         pages: Iterator[list[Notification]] = iter([_aggregate_notifications(store, aggregate_id)])
     else:
-        pages = _log_pages(store, first_position(store, since - SKEW) if since else 1, batch_size)
+        pages = _log_pages(
+            store, first_position(store, _shift(since, -SKEW)) if since else 1, batch_size
+        )
     for page in pages:
         lines = []
         done = False
@@ -568,7 +628,7 @@ def export(
                 if since is not None and recorded < since:
                     continue
                 if until is not None and recorded >= until:
-                    if aggregate_id is None and recorded >= until + SKEW:
+                    if aggregate_id is None and recorded >= _shift(until, SKEW):
                         done = True
                         break
                     continue

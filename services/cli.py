@@ -16,13 +16,14 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import uvicorn
 
 from services.app import ROLES, Roles, build_app
 from services.codes import load_secret
 from services.config import ConfigError, Settings, admin_keys, generate_admin_key, load_config
-from services.http import BODIES, MaskCodes, aware_time
+from services.http import BODIES, MaskCodes, ascii_int, aware_time
 from services.kafka import EmbeddedBroker
 from services.outbound.mail import mail_settings
 from services.readmodel import ReadModel
@@ -266,7 +267,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     """An entitlement as JSON: now (the read model), or as of a recorded
     time or version (folded from its stored events). Codes show as indices."""
     from services.store import EntitlementStore
-    from services.timeline import NotThen, as_of
+    from services.timeline import NotThen, NotYet, as_of
 
     try:
         entitlement_id = uuid.UUID(args.entitlement_id)
@@ -292,10 +293,14 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     store = EntitlementStore(settings.database_url)
     try:
-        view = as_of(store, entitlement_id, at, args.as_of_version)
+        view = as_of(store, entitlement_id, at, args.as_of_version, now=datetime.now(UTC))
     except NotThen as exc:
         print(f"entitle: {exc}", file=sys.stderr)
         return 1
+    except NotYet:
+        raise ConfigError(
+            f"--as-of {args.as_of} is in the future: the engine has not seen it"
+        ) from None
     finally:
         store.close()
     print(view.model_dump_json())
@@ -331,10 +336,15 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
             finally:
                 store.close()
             view = read_model.receipt(args.receipt_id)
-            if webhook is None or view is None:
+            if view is None:
                 print(f"no webhook receipt {args.receipt_id!r} (yet)", file=sys.stderr)
                 return 1
-            view.webhook = RawWebhookV1.model_validate_json(webhook)
+            if webhook is None:
+                # As GET /v1/webhooks/{id}: the receipt stays, its webhook
+                # was erased with the customer's personal data.
+                print(f"the webhook of receipt {args.receipt_id} was erased", file=sys.stderr)
+            else:
+                view.webhook = RawWebhookV1.model_validate_json(webhook)
             print(view.model_dump_json())
             return 0
         since = _since(args.since)
@@ -556,17 +566,18 @@ def _since(raw: str | None) -> datetime | None:
 
 
 def _positive(raw: str) -> int:
-    value = int(raw)
+    value = ascii_int(raw)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number")
     if not 1 <= value <= 1_000_000:
         raise argparse.ArgumentTypeError("must be from 1 to 1000000")
     return value
 
 
 def _position(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a position (a whole number)") from None
+    value = ascii_int(raw)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a position (a whole number)")
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: positions start at 1")
     return value
@@ -761,10 +772,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"exported {count} events", file=sys.stderr)
         return 0
     except BrokenPipeError:
-        # `| head` closed the pipe: end quietly (and keep Python's own
-        # flush at exit from complaining about it).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        raise  # not the database's: main() ends quietly
     except (
         DatabaseURLError,
         PersistenceError,
@@ -919,12 +927,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser().parse_args(argv)
     try:
-        return int(args.run(args))
+        if args.run not in (cmd_dev, cmd_serve):
+            _require_store()
+        code = int(args.run(args))
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
     except ConfigError as exc:
         print(f"entitle: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader (`| head`) closed the pipe: end quietly, and keep
+        # Python's own flush at exit from complaining about it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _require_store() -> None:
+    """Every command but `dev` and the services reads a store that exists:
+    opening an SQLite file that is not there would make an empty one (and
+    its directories) and report on that. Raises ConfigError."""
+    url = urlsplit(Settings.from_env().database_url)
+    if url.scheme != "sqlite":
+        return
+    path = unquote(url.path[1:] if url.path.startswith("/") else url.path)
+    if path and not Path(path).is_file():
+        raise ConfigError(
+            f"no event store at {path} (set ENTITLE_DATABASE_URL"
+            " or run from the directory of .entitle)"
+        )
 
 
 if __name__ == "__main__":

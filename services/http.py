@@ -13,7 +13,7 @@ import re
 import threading
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote, unquote_plus
 
@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from contracts import describe
 from contracts.api import Error
+from contracts.text import rfc3339_time
 from services.codes import SEAT_SECRET
 from services.config import AdminKey
 from services.health import transient
@@ -173,16 +174,18 @@ class HTTPError(Exception):
 
 
 def aware_time(raw: str) -> datetime | None:
-    """An RFC 3339 time with its UTC offset ("Z" allowed), or None if `raw`
-    is not one (a time without offset included)."""
-    try:
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-        if value.tzinfo is None:
-            return None
-        # In UTC it must still be a date ("0001-01-01T00:00:00+14:00" is not).
-        return value.astimezone(UTC)
-    except (ValueError, OverflowError):
-        return None
+    """An RFC 3339 date-time with its UTC offset ("Z" allowed), in UTC, or
+    None if `raw` is not exactly one: no offset, an ISO week or ordinal
+    date, a "," fraction, non-ASCII digits or any other ISO 8601 form
+    that `datetime.fromisoformat` would take are refused. The same parser
+    as request bodies' times (`contracts.text.Moment`)."""
+    return rfc3339_time(raw)
+
+
+def ascii_int(raw: str) -> int | None:
+    """A whole number written in ASCII digits (not fullwidth or superscript
+    ones, which `str.isdigit` takes), or None."""
+    return int(raw) if raw.isascii() and raw.isdigit() else None
 
 
 #: What a part of a paging cursor is: a log position (a 64-bit integer, not

@@ -148,6 +148,33 @@ def moment(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat(timespec="microseconds")[:26] + "Z"
 
 
+#: The columns of entitle_v3_entitlements besides id, body and position,
+#: in the order `entitlement_columns` gives them: what its filters and the
+#: scheduler query, so `entitle audit verify` compares each with the fold.
+ENTITLEMENT_COLUMNS = (
+    "source",
+    "order_ref",
+    "offering",
+    "status",
+    "customer_email",
+    "sequence",
+    "due_at",
+)
+
+
+def entitlement_columns(view: EntitlementView) -> tuple[Any, ...]:
+    """The values of ENTITLEMENT_COLUMNS for `view`, as they are stored."""
+    return (
+        view.source,
+        view.order_ref,
+        view.offering,
+        view.status,
+        view.customer.email,
+        view.sequence,
+        moment(view.due_at),
+    )
+
+
 class ReadModel:
     def __init__(self, database_url: str) -> None:
         url = urlsplit(database_url)
@@ -345,13 +372,7 @@ class ReadModel:
                     [
                         (
                             str(view.id),
-                            view.source,
-                            view.order_ref,
-                            view.offering,
-                            view.status,
-                            view.customer.email,
-                            view.sequence,
-                            moment(view.due_at),
+                            *entitlement_columns(view),
                             view.model_dump_json(),
                             position,
                         )

@@ -34,18 +34,35 @@ class NotThen(LookupError):
     """No such entitlement at that time or version; the message says why."""
 
 
+class NotYet(ValueError):
+    """A time the engine has not reached: its state then is not known."""
+
+
 def as_of(
     store: EntitlementStore,
     entitlement_id: UUID,
     at: datetime | None = None,
     version: int | None = None,
+    now: datetime | None = None,
 ) -> EntitlementAsOfView:
     """The entitlement as its stored events up to recorded time `at`, or up
     to `version`, left it (`EntitlementStore.entitlement_as_of`), marked
     with that moment. Codes show as indices only. NotThen if there is no
-    such entitlement, it did not exist yet at `at`, or has no `version`."""
+    such entitlement, it did not exist yet at `at`, or has no `version`;
+    NotYet if `at` is after `now` and after its last recorded event (what
+    will be so then, no one knows yet; an event recorded by a clock ahead
+    of `now` still answers up to its time)."""
     entitlement = store.entitlement_as_of(entitlement_id, at=at, version=version)
     latest = store.versions([entitlement_id]).get(entitlement_id)
+    if (
+        at is not None
+        and now is not None
+        and at > now
+        and entitlement is not None
+        and entitlement.version == latest
+        and at > entitlement.modified_on
+    ):
+        raise NotYet("as_of is in the future")
     if entitlement is None:
         created = store.entitlement_as_of(entitlement_id, version=1)
         if created is None or latest is None:

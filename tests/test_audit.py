@@ -150,17 +150,56 @@ def test_verify_passes_on_a_healthy_store_and_names_what_was_tampered_with(
     found = {(m.kind, m.subject, m.field.split(" ")[0]) for m in report.mismatches}
     assert ("entitlement", tampered, "status") in found
     assert ("entitlement", tampered, "seats") in found
+    # Its indexed status column too (the list's ?status= reads it).
+    assert ("entitlement", tampered, "column") in found
     for kind in ("code index", "validation index"):
         assert (kind, str(ent("sub_4")), "code") in found
         assert (kind, str(ent("sub_0")), "code") in found
-    assert not report.ok and report.mismatch_count == len(report.mismatches) == 6
+    assert not report.ok and report.mismatch_count == len(report.mismatches) == 7
     failed = entitle(database_url, "audit", "verify", "--limit", "2", cwd=tmp_path)
     assert failed.returncode == 1
     assert f'MISMATCH entitlement {tampered} status: stored "CANCELED", folded "ACTIVE"' in (
         failed.stdout
     )
-    assert "… and 4 more mismatches" in failed.stdout
-    assert failed.stderr.strip().startswith("FAILED: 6 mismatches")
+    assert "… and 5 more mismatches" in failed.stdout
+    assert failed.stderr.strip().startswith("FAILED: 7 mismatches")
+
+    # Only the indexed columns changed, every body left as it was: what the
+    # API's filters and the scheduler read, so each is compared, by name.
+    replay(store, read_model)
+    assert verify(store, read_model).ok
+    changed = {
+        "status": ("sub_0", "'CANCELED'"),
+        "customer_email": ("sub_1", "'evil@example.com'"),
+        "due_at": ("sub_2", "NULL"),
+        "sequence": ("sub_3", "1"),
+        "offering": ("sub_4", "'nope'"),
+        "order_ref": ("late", "'sub_other'"),
+        "source": ("same", "'elsewhere'"),
+    }
+    with read_model.transaction() as cur:
+        for column, (subscription, value) in changed.items():
+            cur.execute(
+                read_model.sql(
+                    f"UPDATE entitle_v3_entitlements SET {column} = {value} WHERE id = ?"
+                ),
+                (str(ent(subscription)),),
+            )
+        cur.execute("UPDATE entitle_v3_receipts SET order_ref = 'sub_other' WHERE id = 'r0-3'")
+        cur.execute("UPDATE entitle_v3_dead_letters SET resolved = 1")
+    report = verify(store, read_model)
+    found = {(m.kind, m.subject, m.field) for m in report.mismatches}
+    for column, (subscription, _) in changed.items():
+        assert ("entitlement", str(ent(subscription)), f"column {column}") in found, column
+    assert ("receipt", "r0-3", "column order_ref") in found
+    assert any(m.kind == "dead letter" and m.field == "column resolved" for m in report.mismatches)
+    assert report.mismatch_count == len(found) == len(changed) + 1 + report.dead_letters
+    shown = entitle(database_url, "audit", "verify", cwd=tmp_path)
+    assert shown.returncode == 1
+    assert (
+        f'MISMATCH entitlement {ent("sub_0")} column status: stored "CANCELED", folded "ACTIVE"'
+        in shown.stdout
+    )
     read_model.close()
     store.close()
 
@@ -201,6 +240,12 @@ def test_rolled_back_inserts_leave_unused_ids_only_on_postgres(database_url: str
             (order if postgres else order.hex,),
         )
     holed = verify(store, read_model)
+    # What an unused id means, said as it is on this database.
+    [said] = [line for line in holed.lines() if "notification ids unused" in line]
+    if postgres:
+        assert said.endswith("(rolled-back inserts: normal on PostgreSQL)"), said
+    else:
+        assert said.endswith("(events missing from the log: SQLite never skips an id)"), said
     found = {(m.kind, m.subject, m.field, m.stored) for m in holed.mismatches}
     assert ("log", str(order), "version", 2) in found
     # On SQLite an id is never skipped: the missing one is reported too.
@@ -251,6 +296,11 @@ def test_export_is_the_log_line_for_line(
         cwd=tmp_path,
     )
     assert len(until.stdout.splitlines()) == len(lines) - len(want)
+    # The first and last times there are: every event, no overflow.
+    for edge in (["--since", "0001-01-01T00:00:00Z"], ["--until", "9999-12-31T23:59:59Z"]):
+        everything = entitle(database_url, "audit", "export", *edge, cwd=tmp_path)
+        assert everything.returncode == 0, everything.stderr
+        assert [json.loads(line) for line in everything.stdout.splitlines()] == lines
 
     # --entitlement: its own events, versions 1..n.
     one = str(ent("sub_1"))
@@ -293,11 +343,57 @@ def test_export_ends_quietly_when_the_reader_goes_away(
     )
     assert len(piped.stdout.splitlines()) == 1 and json.loads(piped.stdout)["position"] == 1
     assert piped.stderr == "", piped.stderr
-    for unreadable in ("postgresql://nobody@127.0.0.1:1/none", "sqlite:////proc/none/e.db"):
-        refused = entitle(unreadable, "audit", "verify", cwd=tmp_path)
-        assert refused.returncode == 2 and refused.stdout == ""
-        assert refused.stderr.startswith("entitle: the database cannot be read: ")
-        assert len(refused.stderr.strip().splitlines()) == 1
+    # Every command that prints: here a reader gone before it writes at all.
+    for args in (f"history {ent('sub_7')}", f"history {ent('sub_7')} --json"):
+        gone = subprocess.run(
+            f"'{ENTITLE}' {args} | head -n 0",
+            shell=True,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=60,
+        )
+        assert gone.stderr == "", gone.stderr
+    refused = entitle("postgresql://nobody@127.0.0.1:1/none", "audit", "verify", cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.startswith("entitle: the database cannot be read: ")
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_commands_that_read_a_store_refuse_one_that_is_not_there(
+    tmp_path: Path, entitle: Callable[..., Ran], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening an SQLite file that is not there would make an empty store
+    (and its directories) and report on it: each says so and makes nothing."""
+    missing = tmp_path / "none" / "x.db"
+    some = str(ent("sub_1"))
+    for args in (
+        ["audit", "verify"],
+        ["audit", "export"],
+        ["history", some],
+        ["show", some],
+        ["show", some, "--as-of-version", "1"],
+        ["erase-customer", "x@example.com"],
+        ["publish", "--all"],
+        ["replay"],
+        ["webhooks"],
+        ["webhooks", "r1"],
+        ["dead-letters"],
+        ["outbound", "endpoints"],
+    ):
+        refused = entitle(f"sqlite:///{missing}", *args, cwd=tmp_path)
+        assert refused.returncode == 2 and refused.stdout == "", args
+        assert refused.stderr == (
+            f"entitle: no event store at {missing} (set ENTITLE_DATABASE_URL"
+            " or run from the directory of .entitle)\n"
+        ), args
+    assert not (tmp_path / "none").exists()
+    # Without ENTITLE_DATABASE_URL: .entitle/entitle.db here, not made either.
+    monkeypatch.delenv("ENTITLE_DATABASE_URL")
+    monkeypatch.chdir(tmp_path)
+    assert main(["erase-customer", "x@example.com"]) == 2
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_progress_bar_is_drawn_only_on_a_terminal() -> None:

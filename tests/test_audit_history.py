@@ -7,6 +7,7 @@ the admin API in-process on the same database (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -150,14 +151,40 @@ def test_an_entitlement_reads_as_the_engine_saw_it_at_any_time_or_version(story:
     for params in (
         {"as_of_version": "0"},
         {"as_of_version": "x"},
+        {"as_of_version": "\uff11"},  # a fullwidth 1: a digit to Python, not to RFC 3339
         {"as_of": "yesterday"},
         {"as_of": "2026-11-30T00:00:00"},  # no offset
+        {"as_of": "2026-W48-1T17:45:37Z"},  # an ISO week date
+        {"as_of": "2026-11-30T17:45:37.Z"},
+        {"as_of": "2026-11-30T17:45:37,5Z"},
+        {"as_of": "2026-11-30T17:45:37\uff15Z"},
         {"as_of": renewed["recorded_at"], "as_of_version": "1"},
         {"asof": "2026-11-30T00:00:00Z"},
+        [("as_of", renewed["recorded_at"]), ("as_of", revoked["recorded_at"])],
+        [("as_of_version", "1"), ("as_of_version", "2")],
     ):
-        refused = story.get(**params)
+        refused = story.client.get(f"/v1/entitlements/{ID}", params=params, headers=AUTH)
         assert refused.status_code == 422, (params, refused.text)
         assert refused.json()["error"] == "invalid_query"
+    # RFC 3339 allows a lower-case t and z.
+    lower = story.get(as_of=renewed["recorded_at"].replace("T", "t").replace("Z", "z"))
+    assert lower.status_code == 200 and lower.json() == then
+    # What the engine has not seen yet it cannot say.
+    # (The story's clock runs years ahead: after its last event, and now.)
+    future = story.get(as_of=at(NOW + 3 * YEAR))
+    assert future.status_code == 422 and future.json()["detail"] == "as_of is in the future"
+    # The same parsers on the other routes.
+    for path, params in (
+        ("/v1/webhooks", {"since": "2026-W48-1T17:45:37Z"}),
+        ("/v1/webhooks", [("since", "2026-11-30T00:00:00Z"), ("since", "2026-11-29T00:00:00Z")]),
+        ("/v1/webhooks", {"limit": "\uff15"}),
+        ("/v1/entitlements", {"limit": "\uff15"}),
+        ("/v1/entitlements", [("status", "ACTIVE"), ("status", "CANCELED")]),
+    ):
+        refused = story.client.get(path, params=params, headers=AUTH)
+        assert refused.status_code == 422, (path, params, refused.text)
+    since = story.client.get("/v1/webhooks", params={"since": "2000-01-01t00:00:00z"}, headers=AUTH)
+    assert since.status_code == 200 and since.json()["items"]
 
 
 def test_the_history_with_state_says_what_each_event_changed_and_which_webhook_caused_it(
@@ -239,3 +266,15 @@ def test_entitle_history_prints_a_timeline_and_show_answers_as_of(
     assert "did not exist at 2000-01-01T00:00:00+00:00" in capfd.readouterr().err
     assert main(["show", ID, "--as-of", "soon"]) == 2
     assert "--as-of 'soon'" in capfd.readouterr().err
+    assert main(["show", ID, "--as-of", "2026-W48-1T17:45:37Z"]) == 2
+    assert main(["show", ID, "--as-of", "9999-01-01T00:00:00Z"]) == 2
+    assert "is in the future" in capfd.readouterr().err
+
+    # A receipt whose webhook was erased with its customer: shown, webhook null.
+    assert main(["erase-customer", "buyer@example.com"]) == 0
+    capfd.readouterr()
+    assert main(["webhooks", "r-paid"]) == 0
+    shown = capfd.readouterr()
+    receipt = json.loads(shown.out)
+    assert receipt["id"] == "r-paid" and receipt["webhook"] is None
+    assert shown.err == "the webhook of receipt r-paid was erased\n"

@@ -235,6 +235,9 @@ def test_an_erased_customer_leaves_no_personal_data(shop: Shop, tmp_path: Path) 
 
 def test_the_command_line_erases_and_lists(tmp_path: Path, monkeypatch: Any, capfd: Any) -> None:
     monkeypatch.setenv("ENTITLE_DATABASE_URL", f"sqlite:///{tmp_path}/entitle.db")
+    from services.store import EntitlementStore
+
+    EntitlementStore(f"sqlite:///{tmp_path}/entitle.db").close()  # an empty store, not none
     assert main(["erase-customer", " "]) == 2
     assert "e-mail address" in capfd.readouterr().err
     assert main(["erase-customer", "nobody@example.net", "--by", "dpo"]) == 0
