@@ -129,6 +129,9 @@ class Follower:
     batch needs that are not kept is loaded for the whole batch in one query.
     `views=False` leaves out each change's `EntitlementView` (most of the
     cost per event): `with_views` adds them for the latest changes only.
+    `partition=(index, count)` reads only the aggregates whose id's integer
+    is `index` modulo `count` (the others are skipped without decoding), for
+    a fold of the whole log in `count` processes (`projections.parallel`).
 
     One follower serves all of a process's projections (from worker
     threads, hence the lock): they read the same log, mostly from the same
@@ -143,8 +146,10 @@ class Follower:
         cache_size: int | None = 10_000,
         batches: int = 16,
         views: bool = True,
+        partition: tuple[int, int] | None = None,
     ) -> None:
         self.store = store
+        self._partition = partition
         self._cache: OrderedDict[UUID, Any] = OrderedDict()
         self._cache_size = cache_size
         self._views = views
@@ -156,10 +161,15 @@ class Follower:
         self._batches: OrderedDict[int, tuple[int, list[Change], int]] = OrderedDict()
         self._keep = batches
 
-    def read(self, after: int, limit: int) -> tuple[list[Change], int | None]:
+    def read(
+        self, after: int, limit: int, stop: int | None = None
+    ) -> tuple[list[Change], int | None]:
         """The changes after position `after` (at most `limit` events of
-        the log) and the position of the last event read, or ([], None)
-        when there is none yet."""
+        the log, none after position `stop`) and the position of the last
+        event read, or ([], None) when there is none yet."""
+        if stop is not None:
+            with self._lock:
+                return self._read(after, limit, stop)
         changes, last, _ = self.read_kept(after, limit)
         return changes, last
 
@@ -177,13 +187,19 @@ class Follower:
                     self._batches.popitem(last=False)
             return changes, last, False
 
-    def _read(self, after: int, limit: int) -> tuple[list[Change], int | None]:
+    def _read(
+        self, after: int, limit: int, stop: int | None = None
+    ) -> tuple[list[Change], int | None]:
         notifications = self.store.process_recorder.select_notifications(
-            start=after + 1, limit=limit
+            start=after + 1, limit=limit, stop=stop
         )
         if not notifications:
             return [], None
         projected = [n for n in notifications if n.topic.startswith(_PROJECTED)]
+        if self._partition is not None:
+            index, count = self._partition
+            # (both recorders make UUIDs)
+            projected = [n for n in projected if cast(UUID, n.originator_id).int % count == index]
         # What the first aggregate not kept loads the earlier states for.
         self._batch, self._prefetched = projected, False
         changes = []
