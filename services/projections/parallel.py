@@ -21,12 +21,13 @@ from __future__ import annotations
 import gc
 import hashlib
 import heapq
-import multiprocessing
 import os
+import pickle
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import Any
 from uuid import UUID
 
@@ -176,42 +177,50 @@ class Folding:
 
     def __init__(self, store: EntitlementStore, count: int, digests: bool, page: int) -> None:
         self.local = Partition(store, 0, count, digests, page)
-        self.children: list[tuple[Any, Connection]] = []
-        if count > 1:
-            context = multiprocessing.get_context("spawn")
-            for index in range(1, count):
-                mine, theirs = context.Pipe()
-                process = context.Process(
-                    target=_work,
-                    args=(store.database_url, index, count, digests, page, theirs),
-                    name=f"entitle-fold-{index}",
-                    daemon=True,
-                )
-                process.start()
-                theirs.close()
-                self.children.append((process, mine))
+        self.children: list[subprocess.Popen[bytes]] = []
+        # A process of its own (`python -c`, calling `_work`), not multiprocessing's
+        # spawn, which runs the caller's main module again in each child
+        # (an unguarded script would start its work there), and not a fork
+        # of this process's connections and threads. It imports what this
+        # process can import, and talks pickles on its stdin and stdout.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        for index in range(1, count):
+            call = f"_work({store.database_url!r}, {index}, {count}, {digests}, {page})"
+            command = [sys.executable, "-c", f"from {__name__} import _work; {call}"]
+            self.children.append(
+                subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            )
 
     def window(self, start: int, end: int, progress: Progress | None = None) -> Part:
         """Every partition's fold of the log after `start` up to `end`, merged."""
-        for _, connection in self.children:
-            connection.send((start, end))
+        for child in self.children:
+            assert child.stdin is not None
+            pickle.dump((start, end), child.stdin)
+            child.stdin.flush()
         parts = [self.local.fold(start, end, progress)]
-        for _, connection in self.children:
-            reply = connection.recv()
+        for child in self.children:
+            assert child.stdout is not None
+            try:
+                reply = pickle.load(child.stdout)
+            except EOFError:
+                raise RuntimeError(f"a fold process ended (exit status {child.wait()})") from None
             if isinstance(reply, BaseException):
                 raise reply
             parts.append(reply)
         return merged(parts)
 
     def close(self) -> None:
-        for process, connection in self.children:
+        for child in self.children:
             with suppress(OSError):  # (it ended already)
-                connection.send(None)
-            connection.close()
-            process.join(timeout=10)
-            if process.is_alive():
-                process.terminate()
-                process.join()
+                assert child.stdin is not None
+                child.stdin.close()
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            if child.stdout is not None:
+                child.stdout.close()
         self.children = []
 
 
@@ -230,25 +239,32 @@ def folding(
         fold.close()
 
 
-def _work(
-    database_url: str, index: int, count: int, digests: bool, page: int, connection: Connection
-) -> None:
-    """A partition's process: folds each window it is sent, `None` ends it."""
+def _work(database_url: str, index: int, count: int, digests: bool, page: int) -> None:
+    """A partition's process: folds each window read from stdin, writing
+    the part to stdout; ends when stdin does."""
+    # The protocol's stdout; anything printed goes to stderr.
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    source = sys.stdin.buffer
     # As in `replay`: what is read makes no garbage cycles to speak of.
     gc.disable()
     store = EntitlementStore(database_url)
     try:
         partition = Partition(store, index, count, digests, page)
-        while (window := connection.recv()) is not None:
+        while True:
             try:
-                reply: Any = partition.fold(*window)
+                start, end = pickle.load(source)
+            except EOFError:
+                return  # the caller is done (or went away)
+            try:
+                reply: Any = partition.fold(start, end)
             except Exception as exc:
                 reply = exc if transient(exc) else RuntimeError(describe(exc))
             try:
-                connection.send(reply)
+                data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
             except Exception as exc:  # (an exception that does not pickle)
-                connection.send(RuntimeError(describe(exc)))
-    except EOFError:
-        pass  # the caller went away
+                data = pickle.dumps(RuntimeError(describe(exc)))
+            out.write(data)
+            out.flush()
     finally:
         store.close()
