@@ -17,7 +17,7 @@ import copy
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast, get_args
@@ -129,9 +129,6 @@ class Follower:
     batch needs that are not kept is loaded for the whole batch in one query.
     `views=False` leaves out each change's `EntitlementView` (most of the
     cost per event): `with_views` adds them for the latest changes only.
-    `partition=(index, count)` reads only the aggregates whose id's integer
-    is `index` modulo `count` (the others are skipped without decoding), for
-    a fold of the whole log in `count` processes (`projections.parallel`).
 
     One follower serves all of a process's projections (from worker
     threads, hence the lock): they read the same log, mostly from the same
@@ -146,10 +143,8 @@ class Follower:
         cache_size: int | None = 10_000,
         batches: int = 16,
         views: bool = True,
-        partition: tuple[int, int] | None = None,
     ) -> None:
         self.store = store
-        self._partition = partition
         self._cache: OrderedDict[UUID, Any] = OrderedDict()
         self._cache_size = cache_size
         self._views = views
@@ -190,16 +185,10 @@ class Follower:
     def _read(
         self, after: int, limit: int, stop: int | None = None
     ) -> tuple[list[Change], int | None]:
-        notifications = self.store.process_recorder.select_notifications(
-            start=after + 1, limit=limit, stop=stop
-        )
-        if not notifications:
+        notifications, last = self._select(after, limit, stop)
+        if last is None:
             return [], None
         projected = [n for n in notifications if n.topic.startswith(_PROJECTED)]
-        if self._partition is not None:
-            index, count = self._partition
-            # (both recorders make UUIDs)
-            projected = [n for n in projected if cast(UUID, n.originator_id).int % count == index]
         # What the first aggregate not kept loads the earlier states for.
         self._batch, self._prefetched = projected, False
         changes = []
@@ -223,7 +212,17 @@ class Follower:
                         topic=notification.topic,
                     )
                 )
-        return changes, notifications[-1].id
+        return changes, last
+
+    def _select(
+        self, after: int, limit: int, stop: int | None
+    ) -> tuple[Sequence[Notification], int | None]:
+        """The events to read after `after`, and the position read up to
+        (None if none)."""
+        notifications = self.store.process_recorder.select_notifications(
+            start=after + 1, limit=limit, stop=stop
+        )
+        return notifications, notifications[-1].id if notifications else None
 
     def _opened(self, notification: Notification) -> None:
         """Keep a receipt's resolution as it opens (no change to project):

@@ -1,19 +1,17 @@
 """Folding the whole log in several processes at once, for `entitle replay`
 and `entitle audit verify`: each process folds the aggregates of one
-partition (an aggregate's id's integer modulo the number of partitions),
+partition (an aggregate's id's last byte modulo the number of partitions),
 keeping them in memory from the first event, and hands back what the read
 model needs of them, with the log position of each receipt, resolution and
 delivered fact so they can be put back in log order.
 
-Each process reads the whole log itself in pages and skips, without
-decoding them, the events of other partitions (selecting alone runs at
-about 137,000 events/s, decoding and folding at about 10,000/s: the skipped
-reads cost little). The calling process folds the first partition itself;
-the others run in processes started with `spawn` (the caller holds database
-connections and threads, which a fork would copy), each with its own
-`EntitlementStore` on the same database, so each decodes sealed personal
-data with its own key cache. Memory: each process holds only its
-partition's aggregates.
+Each process reads the log itself in pages of positions, and only its
+partition's events (the database filters them: selecting all of them ran
+at about 137,000 events/s, a seventh of the fold's time per process). The
+calling process folds the first partition itself; the others run in
+processes of their own (`Folding`), each with its own `EntitlementStore` on
+the same database, so each decodes sealed personal data with its own key
+cache. Memory: each process holds only its partition's aggregates.
 """
 
 from __future__ import annotations
@@ -25,11 +23,14 @@ import os
 import pickle
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
+
+from eventsourcing.persistence import Notification
+from psycopg.sql import SQL, Identifier
 
 from contracts.api import DeadLetterView, EntitlementView, ReceiptView
 from domain.entitlement import Entitlement
@@ -37,7 +38,7 @@ from services.health import describe, transient
 from services.projections.follower import Change, Follower
 from services.projections.views import dead_letter_view
 from services.readmodel import Delivered, Resolution
-from services.store import EntitlementStore
+from services.store import EntitlementStore, PostgresRecorder
 
 #: Logs shorter than this are folded in the calling process: starting a
 #: process (spawn, importing the services) took 1.6 s on the 2-core bench
@@ -86,6 +87,74 @@ class Part:
     changes: int = 0
 
 
+class _PartitionFollower(Follower):
+    """A `Follower` of the aggregates of partition `index` of `count`: those
+    whose id's last byte is `index` modulo `count`, selected by the
+    database (the state of other partitions' events is not even fetched).
+    It reads by position: `stop` is required."""
+
+    def __init__(self, store: EntitlementStore, index: int, count: int) -> None:
+        super().__init__(store, cache_size=None, batches=0, views=False)
+        self.index, self.count = index, count
+
+    def _select(
+        self, after: int, limit: int, stop: int | None
+    ) -> tuple[Sequence[Notification], int | None]:
+        assert stop is not None
+        if self.count == 1:
+            return super()._select(after, limit, stop)
+        upper = min(after + limit, stop)
+        if upper <= after:
+            return [], None
+        return _partition_rows(self.store, after, upper, self.index, self.count), upper
+
+
+_HEX = "'0123456789abcdef'"
+#: An id's last byte on SQLite, which keeps ids as 32 lower-case hex digits.
+_SQLITE_BYTE = (
+    f"((instr({_HEX}, substr(originator_id, 31, 1)) - 1) * 16"
+    f" + instr({_HEX}, substr(originator_id, 32, 1)) - 1)"
+)
+
+
+def _partition_rows(
+    store: EntitlementStore, after: int, upper: int, index: int, count: int
+) -> list[Notification]:
+    """The events at positions (after, upper] of partition `index` of `count`."""
+    recorder: Any = store.recorder
+    if isinstance(recorder, PostgresRecorder):
+        statement = SQL(
+            "SELECT notification_id, originator_id, originator_version, topic, state"
+            " FROM {schema}.{table} WHERE notification_id > %s AND notification_id <= %s"
+            " AND get_byte(uuid_send(originator_id), 15) %% %s = %s ORDER BY notification_id"
+        ).format(
+            schema=Identifier(recorder.datastore.schema),
+            table=Identifier(recorder.events_table_name),
+        )
+        with recorder.datastore.get_connection() as conn, conn.cursor() as cursor:
+            cursor.execute(statement, (after, upper, count, index), prepare=True)
+            rows = [tuple(row.values()) for row in cursor.fetchall()]
+    else:
+        with recorder.datastore.transaction(commit=False) as cursor:
+            cursor.execute(
+                "SELECT rowid, originator_id, originator_version, topic, state"
+                f" FROM {recorder.events_table_name} WHERE rowid > ? AND rowid <= ?"
+                f" AND {_SQLITE_BYTE} % ? = ? ORDER BY rowid",
+                (after, upper, count, index),
+            )
+            rows = [(r[0], UUID(r[1]), r[2], r[3], r[4]) for r in cursor.fetchall()]
+    return [
+        Notification(
+            id=nid,
+            originator_id=aggregate_id,
+            originator_version=version,
+            topic=topic,
+            state=bytes(state),
+        )
+        for nid, aggregate_id, version, topic, state in rows
+    ]
+
+
 class Partition:
     """Folds the aggregates of partition `index` of `count` (all if
     `count` is 1), a window of the log at a time, keeping them in memory."""
@@ -93,13 +162,7 @@ class Partition:
     def __init__(
         self, store: EntitlementStore, index: int, count: int, digests: bool, page: int
     ) -> None:
-        self.follower = Follower(
-            store,
-            cache_size=None,
-            batches=0,
-            views=False,
-            partition=(index, count) if count > 1 else None,
-        )
+        self.follower = _PartitionFollower(store, index, count)
         self.digests = digests
         self.page = page
 
