@@ -127,7 +127,6 @@ def replay(
     window). A window with an event that cannot be read or projected is
     projected again as the projector does, a change at a time where a batch
     fails, recording each that fails as a projection error."""
-    read_model.reset(READ_MODEL)
     # Without the cyclic garbage collector, whose passes over the growing
     # heap (every aggregate is kept) took a quarter of the replay's CPU time
     # (measured, bench/replay.py; freezing what was read saved half as much).
@@ -137,7 +136,9 @@ def replay(
     try:
         head = int(store.process_recorder.max_notification_id() or 0)
         count = workers if workers is not None else workers_for(head)
+        # The fold's processes start while the tables are emptied.
         with folding(store, count, page=page) as fold:
+            read_model.reset(READ_MODEL)
             return _replay(store, ReadModelProjection(read_model), fold, batch_size)
     finally:
         if enabled:
