@@ -274,7 +274,7 @@ def _fold(
     fold = _Fold()
     upto = report.position
     count = workers if workers is not None else workers_for(upto)
-    with folding(store, count, digests=True, events=upto) as parts:
+    with folding(store, count, digests=True) as parts:
         part = parts.window(0, upto, progress)
     fold.take(part, report, batch_size)
     if progress is not None:

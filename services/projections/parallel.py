@@ -1,6 +1,6 @@
 """Folding the whole log in several processes at once, for `entitle replay`
 and `entitle audit verify`: each process folds the aggregates of one
-partition (a range of an aggregate's id's last byte),
+partition (an aggregate's id's last byte modulo the number of partitions),
 keeping them in memory from the first event, and hands back what the read
 model needs of them, with the log position of each receipt, resolution and
 delivered fact so they can be put back in log order.
@@ -26,7 +26,6 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from itertools import pairwise
 from typing import Any
 from uuid import UUID
 
@@ -42,17 +41,11 @@ from services.readmodel import Delivered, Resolution
 from services.store import EntitlementStore, PostgresRecorder
 
 #: Logs shorter than this are folded in the calling process: starting a
-#: process (importing the services) took 1.6 s on the 2-core bench
+#: process (spawn, importing the services) took 1.6 s on the 2-core bench
 #: machine, as long as folding about 16,000 events.
 PARALLEL_FROM = 20_000
 #: At most so many partitions (processes), however many CPUs there are.
 MAX_WORKERS = 8
-
-#: A process starts (imports the services) in the time the fold of about so
-#: many events takes (measured, bench/replay.py: 1.6 s and 16,000 events/s
-#: per process on the 2-core bench machine): the calling process's
-#: partition is larger by as much, so all end together.
-START_UP_EVENTS = 25_000
 
 #: progress(position read so far, position to read up to)
 Progress = Callable[[int, int], None]
@@ -62,16 +55,6 @@ def digest(text: str | bytes) -> bytes:
     """A 16-byte digest of a view's JSON (what `verify` keeps of it)."""
     data = text.encode() if isinstance(text, str) else text
     return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def bounds(count: int, events: int) -> list[int]:
-    """Where the partitions' ranges of ids' last bytes start, and 256: the
-    first (this process's) takes the start-up time of the others."""
-    head_start = min(0.25, START_UP_EVENTS / events) if events else 0.0
-    child = (1 - head_start) / count
-    first = round(256 * (child + head_start))
-    rest = [first + round((256 - first) * i / (count - 1)) for i in range(1, count)]
-    return [0, first, *rest] if count > 1 else [0, 256]
 
 
 def workers_for(events: int) -> int:
@@ -105,25 +88,25 @@ class Part:
 
 
 class _PartitionFollower(Follower):
-    """A `Follower` of the aggregates of one partition: those whose id's
-    last byte is in [lo, hi), selected by the database (the state of other
-    partitions' events is not even fetched). It reads by position: `stop`
-    is required."""
+    """A `Follower` of the aggregates of partition `index` of `count`: those
+    whose id's last byte is `index` modulo `count`, selected by the
+    database (the state of other partitions' events is not even fetched).
+    It reads by position: `stop` is required."""
 
-    def __init__(self, store: EntitlementStore, lo: int, hi: int) -> None:
+    def __init__(self, store: EntitlementStore, index: int, count: int) -> None:
         super().__init__(store, cache_size=None, batches=0, views=False)
-        self.lo, self.hi = lo, hi
+        self.index, self.count = index, count
 
     def _select(
         self, after: int, limit: int, stop: int | None
     ) -> tuple[Sequence[Notification], int | None]:
         assert stop is not None
-        if (self.lo, self.hi) == (0, 256):
+        if self.count == 1:
             return super()._select(after, limit, stop)
         upper = min(after + limit, stop)
         if upper <= after:
             return [], None
-        return _partition_rows(self.store, after, upper, self.lo, self.hi), upper
+        return _partition_rows(self.store, after, upper, self.index, self.count), upper
 
 
 _HEX = "'0123456789abcdef'"
@@ -135,29 +118,29 @@ _SQLITE_BYTE = (
 
 
 def _partition_rows(
-    store: EntitlementStore, after: int, upper: int, lo: int, hi: int
+    store: EntitlementStore, after: int, upper: int, index: int, count: int
 ) -> list[Notification]:
-    """The events at positions (after, upper] whose id's last byte is in [lo, hi)."""
+    """The events at positions (after, upper] of partition `index` of `count`."""
     recorder: Any = store.recorder
     if isinstance(recorder, PostgresRecorder):
         statement = SQL(
             "SELECT notification_id, originator_id, originator_version, topic, state"
             " FROM {schema}.{table} WHERE notification_id > %s AND notification_id <= %s"
-            " AND get_byte(uuid_send(originator_id), 15) BETWEEN %s AND %s ORDER BY notification_id"
+            " AND get_byte(uuid_send(originator_id), 15) %% %s = %s ORDER BY notification_id"
         ).format(
             schema=Identifier(recorder.datastore.schema),
             table=Identifier(recorder.events_table_name),
         )
         with recorder.datastore.get_connection() as conn, conn.cursor() as cursor:
-            cursor.execute(statement, (after, upper, lo, hi - 1), prepare=True)
+            cursor.execute(statement, (after, upper, count, index), prepare=True)
             rows = [tuple(row.values()) for row in cursor.fetchall()]
     else:
         with recorder.datastore.transaction(commit=False) as cursor:
             cursor.execute(
                 "SELECT rowid, originator_id, originator_version, topic, state"
                 f" FROM {recorder.events_table_name} WHERE rowid > ? AND rowid <= ?"
-                f" AND {_SQLITE_BYTE} BETWEEN ? AND ? ORDER BY rowid",
-                (after, upper, lo, hi - 1),
+                f" AND {_SQLITE_BYTE} % ? = ? ORDER BY rowid",
+                (after, upper, count, index),
             )
             rows = [(r[0], UUID(r[1]), r[2], r[3], r[4]) for r in cursor.fetchall()]
     return [
@@ -173,11 +156,13 @@ def _partition_rows(
 
 
 class Partition:
-    """Folds the aggregates whose id's last byte is in [lo, hi) (all for
-    [0, 256)), a window of the log at a time, keeping them in memory."""
+    """Folds the aggregates of partition `index` of `count` (all if
+    `count` is 1), a window of the log at a time, keeping them in memory."""
 
-    def __init__(self, store: EntitlementStore, lo: int, hi: int, digests: bool, page: int) -> None:
-        self.follower = _PartitionFollower(store, lo, hi)
+    def __init__(
+        self, store: EntitlementStore, index: int, count: int, digests: bool, page: int
+    ) -> None:
+        self.follower = _PartitionFollower(store, index, count)
         self.digests = digests
         self.page = page
 
@@ -253,11 +238,8 @@ class Folding:
     process, the others each in a process of its own. Use as a context
     manager (`folding`), which ends the processes."""
 
-    def __init__(
-        self, store: EntitlementStore, count: int, digests: bool, page: int, events: int
-    ) -> None:
-        ranges = bounds(count, events)
-        self.local = Partition(store, ranges[0], ranges[1], digests, page)
+    def __init__(self, store: EntitlementStore, count: int, digests: bool, page: int) -> None:
+        self.local = Partition(store, 0, count, digests, page)
         self.children: list[subprocess.Popen[bytes]] = []
         # A process of its own (`python -c`, calling `_work`), not multiprocessing's
         # spawn, which runs the caller's main module again in each child
@@ -265,8 +247,8 @@ class Folding:
         # of this process's connections and threads. It imports what this
         # process can import, and talks pickles on its stdin and stdout.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        for lo, hi in pairwise(ranges[1:]):
-            call = f"_work({store.database_url!r}, {lo}, {hi}, {digests}, {page})"
+        for index in range(1, count):
+            call = f"_work({store.database_url!r}, {index}, {count}, {digests}, {page})"
             command = [sys.executable, "-c", f"from {__name__} import _work; {call}"]
             self.children.append(
                 subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
@@ -307,26 +289,20 @@ class Folding:
 
 @contextmanager
 def folding(
-    store: EntitlementStore,
-    count: int,
-    *,
-    digests: bool = False,
-    page: int = 2_000,
-    events: int = 0,
+    store: EntitlementStore, count: int, *, digests: bool = False, page: int = 2_000
 ) -> Iterator[Folding]:
     """`Folding` in `count` partitions (1 where the store is an in-memory
-    database, which other processes cannot open) of a log of about
-    `events` events."""
+    database, which other processes cannot open)."""
     if ":memory:" in store.database_url or "mode=memory" in store.database_url:
         count = 1
-    fold = Folding(store, count, digests, page, events)
+    fold = Folding(store, count, digests, page)
     try:
         yield fold
     finally:
         fold.close()
 
 
-def _work(database_url: str, lo: int, hi: int, digests: bool, page: int) -> None:
+def _work(database_url: str, index: int, count: int, digests: bool, page: int) -> None:
     """A partition's process: folds each window read from stdin, writing
     the part to stdout; ends when stdin does."""
     # The protocol's stdout; anything printed goes to stderr.
@@ -337,7 +313,7 @@ def _work(database_url: str, lo: int, hi: int, digests: bool, page: int) -> None
     gc.disable()
     store = EntitlementStore(database_url)
     try:
-        partition = Partition(store, lo, hi, digests, page)
+        partition = Partition(store, index, count, digests, page)
         while True:
             try:
                 start, end = pickle.load(source)

@@ -137,7 +137,7 @@ def replay(
         head = int(store.process_recorder.max_notification_id() or 0)
         count = workers if workers is not None else workers_for(head)
         # The fold's processes start while the tables are emptied.
-        with folding(store, count, page=page, events=head) as fold:
+        with folding(store, count, page=page) as fold:
             read_model.reset(READ_MODEL)
             return _replay(store, ReadModelProjection(read_model), fold, batch_size)
     finally:
