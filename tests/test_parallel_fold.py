@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import Any
+from uuid import UUID
 
 import pytest
 
@@ -68,6 +69,9 @@ def test_two_processes_rebuild_and_verify_what_the_projector_built(database_url:
     gone = str(entitlement_id("stripe-main", "sub_gone", "item"))
     assert [row[2] for row in built["entitlements"] if row[0] == gone] == [None]
     assert len(built["entitlements"]) == 8 and built["dead letters"] and built["receipts"]
+
+    # Both processes have entitlements to fold (an id's last byte modulo 2).
+    assert {UUID(row[0]).bytes[15] % 2 for row in built["entitlements"]} == {0, 1}
 
     replayed = replay(store, read_model, workers=2)
     assert tables(read_model) == built

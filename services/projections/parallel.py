@@ -41,7 +41,7 @@ from services.readmodel import Delivered, Resolution
 from services.store import EntitlementStore, PostgresRecorder
 
 #: Logs shorter than this are folded in the calling process: starting a
-#: process (spawn, importing the services) took 1.6 s on the 2-core bench
+#: process (importing the services) took 1.6 s on the 2-core bench
 #: machine, as long as folding about 16,000 events.
 PARALLEL_FROM = 20_000
 #: At most so many partitions (processes), however many CPUs there are.
