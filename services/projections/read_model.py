@@ -15,7 +15,6 @@ from contracts.api import (
     EntitlementView,
     ReceiptView,
 )
-from domain.entitlement import Entitlement
 from services.health import transient
 from services.projections.follower import Change, Follower, project_batch
 from services.projections.parallel import Folding, folding, workers_for
@@ -40,9 +39,6 @@ class Rows:
         self.receipts: list[tuple[ReceiptView, tuple[str, ...]]] = []
         self.resolutions: list[Resolution] = []
         self.delivered: list[Delivered] = []
-        #: The last change of each entitlement read without its view (from a
-        #: follower made with `views=False`), for `Follower.with_views`.
-        self.unviewed: dict[UUID, Change] = {}
         #: Whether a change could not be read (or viewed).
         self.unreadable = False
 
@@ -56,21 +52,8 @@ class Rows:
             if change.entitlement is not None:
                 self.latest[change.entitlement.id] = change.entitlement
                 self.codes[change.entitlement.id] = change.code_hashes
-                self.unviewed.pop(change.entitlement.id, None)
-            elif isinstance(change.event, Entitlement.Event):
-                self.unviewed[change.event.originator_id] = change
             if change.dead_letter is not None:
                 self.letters[change.dead_letter.id] = dead_letter_view(change.dead_letter)
-
-    def view(self, follower: Follower) -> None:
-        """Give the entitlements in `unviewed` their views (the follower's
-        last read must have been the last of these rows)."""
-        for change in follower.with_views(list(self.unviewed.values())):
-            self.unreadable = self.unreadable or change.error is not None
-            if change.entitlement is not None:
-                self.latest[change.entitlement.id] = change.entitlement
-                self.codes[change.entitlement.id] = change.code_hashes
-        self.unviewed.clear()
 
 
 class ReadModelProjection:
