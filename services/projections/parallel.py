@@ -12,6 +12,9 @@ calling process folds the first partition itself; the others run in
 processes of their own (`Folding`), each with its own `EntitlementStore` on
 the same database, so each decodes sealed personal data with its own key
 cache. Memory: each process holds only its partition's aggregates.
+Partitions are equal: giving the calling process a larger one, to cover
+the others' start-up, was slower (measured, 120,000 events in two
+processes: 5.8-6.1 s against 5.3-5.4 s for the fold).
 """
 
 from __future__ import annotations
