@@ -3,13 +3,14 @@ events and compares the result with what was projected from them (the read
 model, its code index, the validation index built from it) and checks the
 notification log itself; `export` writes stored events as JSON lines.
 
-Both read the log in pages, so their memory does not grow with its length
-(`verify` keeps a 16-byte digest and the code hashes per entitlement).
+`export` reads the log in pages, so its memory does not grow with its
+length. `verify` folds it as `entitle replay` does (`projections.parallel`:
+in parallel processes, each keeping its partition's aggregates in memory)
+and keeps a 16-byte digest and the code hashes per entitlement.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -28,10 +29,10 @@ from contracts.api import DeadLetterView, EntitlementView, ReceiptView
 from domain.entitlement import event_type
 from services import readmodel
 from services.licensing import ValidationIndex
-from services.projections.follower import Change, Follower
+from services.projections.parallel import Part, digest, folding, workers_for
 from services.projections.read_model import READ_MODEL
-from services.projections.views import dead_letter_view, entitlement_view
-from services.readmodel import ReadModel
+from services.projections.views import entitlement_view
+from services.readmodel import Delivered, ReadModel, Resolution
 from services.store import EntitlementStore
 
 #: progress(events read so far, events to read)
@@ -148,8 +149,7 @@ class VerifyReport:
 
 
 def _digest(text: str | bytes) -> bytes:
-    data = text.encode() if isinstance(text, str) else text
-    return hashlib.blake2b(data, digest_size=16).digest()
+    return digest(text)
 
 
 def _id_sum(ids: Iterator[tuple[str, str]]) -> tuple[int, int]:
@@ -177,48 +177,50 @@ class _Fold:
         _, one = _id_sum(iter([(receipt_id, outcome)]))
         self.settled = (count + 1, (total + one) % 2**64)
 
-    def take(self, changes: list[Change], report: VerifyReport) -> None:
-        latest: dict[UUID, Change] = {}
-        for change in changes:
-            if change.error is not None:
-                report.add(
-                    Mismatch("log", change.aggregate_id or "?", "event", change.topic, change.error)
-                )
-            if change.entitlement is not None:
-                latest[change.entitlement.id] = change
-            if change.dead_letter is not None:
-                letter = dead_letter_view(change.dead_letter)
-                self.letters[letter.id] = _digest(letter.model_dump_json())
+    def take(self, part: Part, report: VerifyReport, batch_size: int) -> None:
+        """Take the fold of the log up to the verified position (`part`,
+        with digests), its receipts, resolutions and delivered facts in
+        windows of `batch_size` positions as a projector's batches."""
+        for _, aggregate_id, topic, error in part.errors:
+            report.add(Mismatch("log", aggregate_id, "event", topic, error))
+        self.entitlements.update(part.summaries)
+        self.letters.update(part.letter_digests)
+        windows: dict[int, tuple[list[Any], list[Resolution], list[Delivered]]] = {}
+
+        def window(position: int) -> tuple[list[Any], list[Resolution], list[Delivered]]:
+            return windows.setdefault((position - 1) // batch_size, ([], [], []))
+
+        for position, (receipt, _) in part.receipts:
+            window(position)[0].append(receipt)
+        for position, resolution in part.resolutions:
+            window(position)[1].append(resolution)
+        for position, fact in part.delivered:
+            window(position)[2].append(fact)
+        for key in sorted(windows):
+            self._take(*windows[key])
+
+    def _take(
+        self, receipts: list[Any], resolutions: list[Resolution], delivered: list[Delivered]
+    ) -> None:
         # As the read model applies a batch: its new receipts, then the
         # resolutions, then the facts delivered (a parked webhook and what
         # it waited for can be folded in one transaction, in either order).
-        for change in changes:
-            for receipt, _ in change.receipts:
-                if receipt.waits_for is None:
-                    self.settle(receipt.id, receipt.outcome)
-                else:
-                    where = (receipt.source, receipt.provider_event_id)
-                    self.pending[receipt.id] = (*where, receipt.outcome, True)
-        for change in changes:
-            if change.resolution is not None:
-                # As ReadModel._resolve: a dead letter for waiting too long still waits.
-                found = self.pending.get(change.resolution.receipt)
-                if found is not None:
-                    outcome = change.resolution.outcome
-                    waiting = found[3] and outcome == "dead_letter"
-                    self.pending[change.resolution.receipt] = (*found[:2], outcome, waiting)
-        for change in changes:
-            for fact in change.delivered:
-                for receipt_id, (source, event_id, _, waiting) in list(self.pending.items()):
-                    if waiting and (source, event_id) == (fact.source, fact.event_id):
-                        self.pending[receipt_id] = (source, event_id, "applied", False)
-        for entitlement_id, change in latest.items():
-            assert change.entitlement is not None
-            self.entitlements[entitlement_id] = (
-                change.entitlement.sequence,
-                _digest(change.entitlement.model_dump_json()),
-                tuple(sorted(change.code_hashes)),
-            )
+        for receipt in receipts:
+            if receipt.waits_for is None:
+                self.settle(receipt.id, receipt.outcome)
+            else:
+                where = (receipt.source, receipt.provider_event_id)
+                self.pending[receipt.id] = (*where, receipt.outcome, True)
+        for resolution in resolutions:
+            # As ReadModel._resolve: a dead letter for waiting too long still waits.
+            found = self.pending.get(resolution.receipt)
+            if found is not None:
+                waiting = found[3] and resolution.outcome == "dead_letter"
+                self.pending[resolution.receipt] = (*found[:2], resolution.outcome, waiting)
+        for fact in delivered:
+            for receipt_id, (source, event_id, _, waiting) in list(self.pending.items()):
+                if waiting and (source, event_id) == (fact.source, fact.event_id):
+                    self.pending[receipt_id] = (source, event_id, "applied", False)
 
 
 def verify(
@@ -228,8 +230,10 @@ def verify(
     limit: int = 50,
     batch_size: int = 1000,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> VerifyReport:
-    """Fold every aggregate from the log (with the shared `Follower`) up to
+    """Fold every aggregate from the log (as `entitle replay` does, in
+    `workers` processes: see `projections.parallel`) up to
     the read model's position, and compare with the read model as of that
     position (one consistent snapshot of its tables, read in one
     transaction while the projector may go on): each entitlement's view
@@ -258,7 +262,7 @@ def verify(
         )
         report.projection_errors = int(cur.fetchone()[0])
         _check_log(store, report)
-        fold = _fold(store, report, batch_size, progress)
+        fold = _fold(store, report, batch_size, progress, workers)
         _compare_entitlements(store, read_model, cur, fold, report)
         _compare_dead_letters(read_model, cur, fold, report)
         _compare_receipts(read_model, cur, fold, report)
@@ -267,19 +271,23 @@ def verify(
 
 
 def _fold(
-    store: EntitlementStore, report: VerifyReport, batch_size: int, progress: Progress | None
+    store: EntitlementStore,
+    report: VerifyReport,
+    batch_size: int,
+    progress: Progress | None,
+    workers: int | None = None,
 ) -> _Fold:
+    """Fold the log up to the verified position as `entitle replay` does
+    (in parallel processes, every aggregate kept in memory, one view per
+    entitlement), keeping digests."""
     fold = _Fold()
-    follower = Follower(store)
-    position, upto = 0, report.position
-    while position < upto:
-        changes, last = follower.read(position, min(batch_size, upto - position))
-        if last is None:
-            break
-        fold.take([c for c in changes if c.position <= upto], report)
-        position = last
-        if progress is not None:
-            progress(min(position, upto), upto)
+    upto = report.position
+    count = workers if workers is not None else workers_for(upto)
+    with folding(store, count, digests=True) as parts:
+        part = parts.window(0, upto, progress)
+    fold.take(part, report, batch_size)
+    if progress is not None:
+        progress(upto, upto)
     return fold
 
 

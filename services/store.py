@@ -204,6 +204,8 @@ class EntitlementStore(Application[UUID]):
     name = "entitle"
 
     def __init__(self, database_url: str) -> None:
+        #: Where it is, for processes that open it too (`projections.parallel`).
+        self.database_url = database_url
         super().__init__(env=store_env(database_url))
 
     def construct_recorder(self) -> ProcessRecorder:

@@ -17,7 +17,7 @@ import copy
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast, get_args
@@ -156,10 +156,15 @@ class Follower:
         self._batches: OrderedDict[int, tuple[int, list[Change], int]] = OrderedDict()
         self._keep = batches
 
-    def read(self, after: int, limit: int) -> tuple[list[Change], int | None]:
+    def read(
+        self, after: int, limit: int, stop: int | None = None
+    ) -> tuple[list[Change], int | None]:
         """The changes after position `after` (at most `limit` events of
-        the log) and the position of the last event read, or ([], None)
-        when there is none yet."""
+        the log, none after position `stop`) and the position of the last
+        event read, or ([], None) when there is none yet."""
+        if stop is not None:
+            with self._lock:
+                return self._read(after, limit, stop)
         changes, last, _ = self.read_kept(after, limit)
         return changes, last
 
@@ -177,11 +182,11 @@ class Follower:
                     self._batches.popitem(last=False)
             return changes, last, False
 
-    def _read(self, after: int, limit: int) -> tuple[list[Change], int | None]:
-        notifications = self.store.process_recorder.select_notifications(
-            start=after + 1, limit=limit
-        )
-        if not notifications:
+    def _read(
+        self, after: int, limit: int, stop: int | None = None
+    ) -> tuple[list[Change], int | None]:
+        notifications, last = self._select(after, limit, stop)
+        if last is None:
             return [], None
         projected = [n for n in notifications if n.topic.startswith(_PROJECTED)]
         # What the first aggregate not kept loads the earlier states for.
@@ -207,7 +212,17 @@ class Follower:
                         topic=notification.topic,
                     )
                 )
-        return changes, notifications[-1].id
+        return changes, last
+
+    def _select(
+        self, after: int, limit: int, stop: int | None
+    ) -> tuple[Sequence[Notification], int | None]:
+        """The events to read after `after`, and the position read up to
+        (None if none)."""
+        notifications = self.store.process_recorder.select_notifications(
+            start=after + 1, limit=limit, stop=stop
+        )
+        return notifications, notifications[-1].id if notifications else None
 
     def _opened(self, notification: Notification) -> None:
         """Keep a receipt's resolution as it opens (no change to project):

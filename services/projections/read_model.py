@@ -15,9 +15,9 @@ from contracts.api import (
     EntitlementView,
     ReceiptView,
 )
-from domain.entitlement import Entitlement
 from services.health import transient
 from services.projections.follower import Change, Follower, project_batch
+from services.projections.parallel import Folding, folding, workers_for
 from services.projections.views import dead_letter_view
 from services.readmodel import Delivered, ReadModel, Resolution
 from services.store import EntitlementStore
@@ -39,9 +39,6 @@ class Rows:
         self.receipts: list[tuple[ReceiptView, tuple[str, ...]]] = []
         self.resolutions: list[Resolution] = []
         self.delivered: list[Delivered] = []
-        #: The last change of each entitlement read without its view (from a
-        #: follower made with `views=False`), for `Follower.with_views`.
-        self.unviewed: dict[UUID, Change] = {}
         #: Whether a change could not be read (or viewed).
         self.unreadable = False
 
@@ -55,21 +52,8 @@ class Rows:
             if change.entitlement is not None:
                 self.latest[change.entitlement.id] = change.entitlement
                 self.codes[change.entitlement.id] = change.code_hashes
-                self.unviewed.pop(change.entitlement.id, None)
-            elif isinstance(change.event, Entitlement.Event):
-                self.unviewed[change.event.originator_id] = change
             if change.dead_letter is not None:
                 self.letters[change.dead_letter.id] = dead_letter_view(change.dead_letter)
-
-    def view(self, follower: Follower) -> None:
-        """Give the entitlements in `unviewed` their views (the follower's
-        last read must have been the last of these rows)."""
-        for change in follower.with_views(list(self.unviewed.values())):
-            self.unreadable = self.unreadable or change.error is not None
-            if change.entitlement is not None:
-                self.latest[change.entitlement.id] = change.entitlement
-                self.codes[change.entitlement.id] = change.code_hashes
-        self.unviewed.clear()
 
 
 class ReadModelProjection:
@@ -103,24 +87,29 @@ class ReadModelProjection:
 
 
 def replay(
-    store: EntitlementStore, read_model: ReadModel, batch_size: int = 1_000_000, page: int = 2_000
+    store: EntitlementStore,
+    read_model: ReadModel,
+    batch_size: int = 1_000_000,
+    page: int = 2_000,
+    workers: int | None = None,
 ) -> int:
     """Rebuild the read model from the first event; returns the changes
     projected (the events the read model reads: not orders' own, nor a
     receipt resolution's opening).
 
-    Every aggregate is kept in memory while the log is read (none is read
-    back from the store). The tables are written once per `batch_size`
-    events of the log (read `page` at a time), each time in one transaction
-    with the position, with one view per entitlement changed: views and
-    per-event writes were most of the cost after the reads (measured with
-    bench/replay.py: on a million events, windows of 250,000 made 2.6 times
-    as many views and took a fifth more CPU time than one window, which
-    peaks at about 3.4 GB resident, 0.9 GB more). A part with an event that
-    cannot be read or projected is projected again as the projector does, a
-    change at a time where a batch fails, recording each that fails as a
-    projection error."""
-    read_model.reset(READ_MODEL)
+    The log is folded in `workers` processes at once (by default one per
+    CPU, at most `parallel.MAX_WORKERS`, and one for a log of fewer than
+    `parallel.PARALLEL_FROM` events), each keeping the aggregates of its
+    partition in memory (none is read back from the store); see
+    `projections.parallel`. The tables are written once per `batch_size`
+    positions of the log (read `page` at a time), each time in one
+    transaction with the position, with one view per entitlement changed:
+    views and per-event writes were most of the cost after the reads
+    (measured with bench/replay.py: on a million events, windows of 250,000
+    made 2.6 times as many views and took a fifth more CPU time than one
+    window). A window with an event that cannot be read or projected is
+    projected again as the projector does, a change at a time where a batch
+    fails, recording each that fails as a projection error."""
     # Without the cyclic garbage collector, whose passes over the growing
     # heap (every aggregate is kept) took a quarter of the replay's CPU time
     # (measured, bench/replay.py; freezing what was read saved half as much).
@@ -128,33 +117,38 @@ def replay(
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _replay(store, ReadModelProjection(read_model), batch_size, page)
+        head = int(store.process_recorder.max_notification_id() or 0)
+        count = workers if workers is not None else workers_for(head)
+        # The fold's processes start while the tables are emptied.
+        with folding(store, count, page=page) as fold:
+            read_model.reset(READ_MODEL)
+            return _replay(store, ReadModelProjection(read_model), fold, batch_size)
     finally:
         if enabled:
             gc.enable()
 
 
 def _replay(
-    store: EntitlementStore, projection: ReadModelProjection, batch_size: int, page: int
+    store: EntitlementStore, projection: ReadModelProjection, fold: Folding, batch_size: int
 ) -> int:
-    follower = Follower(store, cache_size=None, batches=0, views=False)
     position, count = 0, 0
     while True:
-        start, rows = position, Rows()
-        while position - start < batch_size:
-            changes, last = follower.read(position, min(page, start + batch_size - position))
-            if last is None:
-                break
-            rows.add(changes)
-            count += len(changes)
-            position = last
-        if position == start:
+        # Every partition folds up to the same position, the head as the
+        # window starts (writers may go on meanwhile: the next window).
+        head = int(store.process_recorder.max_notification_id() or 0)
+        if head <= position:
             return count
+        start, position = position, min(position + batch_size, head)
+        part = fold.window(start, position)
+        count += part.changes
         try:
-            if not rows.unreadable:
-                rows.view(follower)
-            if rows.unreadable:
+            if part.errors:
                 raise ValueError("a change could not be read")
+            rows = Rows()
+            rows.latest, rows.codes, rows.letters = part.latest, part.codes, part.letters
+            rows.receipts = [receipt for _, receipt in part.receipts]
+            rows.resolutions = [resolution for _, resolution in part.resolutions]
+            rows.delivered = [fact for _, fact in part.delivered]
             projection.write(rows, position)
         except Exception as exc:
             if transient(exc):
