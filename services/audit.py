@@ -166,8 +166,8 @@ class _Fold:
     """What verify remembers of the fold: per entitlement its sequence,
     the digest of its view's JSON and its active code hashes."""
 
-    entitlements: dict[UUID, tuple[int, bytes, tuple[str, ...]]] = field(default_factory=dict)
-    letters: dict[UUID, bytes] = field(default_factory=dict)
+    entitlements: dict[str, tuple[int, bytes, tuple[str, ...]]] = field(default_factory=dict)
+    letters: dict[str, bytes] = field(default_factory=dict)
     #: Receipts that may still change (parked): id -> (source, event id, outcome, waiting).
     pending: dict[str, tuple[str, str, str, bool]] = field(default_factory=dict)
     settled: tuple[int, int] = (0, 0)
@@ -190,8 +190,8 @@ class _Fold:
         def window(position: int) -> tuple[list[Any], list[Resolution], list[Delivered]]:
             return windows.setdefault((position - 1) // batch_size, ([], [], []))
 
-        for position, (receipt, _) in part.receipts:
-            window(position)[0].append(receipt)
+        for position, row in part.receipts:
+            window(position)[0].append(row)
         for position, resolution in part.resolutions:
             window(position)[1].append(resolution)
         for position, fact in part.delivered:
@@ -205,12 +205,11 @@ class _Fold:
         # As the read model applies a batch: its new receipts, then the
         # resolutions, then the facts delivered (a parked webhook and what
         # it waited for can be folded in one transaction, in either order).
-        for receipt in receipts:
-            if receipt.waits_for is None:
-                self.settle(receipt.id, receipt.outcome)
+        for receipt_id, source, event_id, _, outcome, _, waiting, *_ in receipts:
+            if not waiting:
+                self.settle(receipt_id, outcome)
             else:
-                where = (receipt.source, receipt.provider_event_id)
-                self.pending[receipt.id] = (*where, receipt.outcome, True)
+                self.pending[receipt_id] = (source, event_id, outcome, True)
         for resolution in resolutions:
             # As ReadModel._resolve: a dead letter for waiting too long still waits.
             found = self.pending.get(resolution.receipt)
@@ -396,8 +395,7 @@ def _compare_entitlements(
         expected: dict[str, str] = {}
         held: list[str] = []
         for raw_id, body, *stored_columns in rows:
-            entitlement_id = UUID(raw_id)
-            known = folded.pop(entitlement_id, None)
+            known = folded.pop(raw_id, None)
             if known is None:
                 report.add(Mismatch("entitlement", raw_id, "row", "present", "no such entitlement"))
                 continue
@@ -482,7 +480,7 @@ def _compare_dead_letters(
         read_model, cur, "id, body, recorded_at, resolved", "entitle_v3_dead_letters"
     ):
         for raw_id, body, recorded_at, resolved in rows:
-            digest = fold.letters.pop(UUID(raw_id), None)
+            digest = fold.letters.pop(raw_id, None)
             if digest is None:
                 report.add(Mismatch("dead letter", raw_id, "row", "present", None))
                 continue

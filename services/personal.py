@@ -279,6 +279,9 @@ class Keyring:
         self.ttl = ttl
         self._lock = threading.Lock()
         self._by_id: dict[str, AESGCM | None] = {}  # None: erased (for good)
+        # Keys read but not used yet: a cipher is made on first use (making
+        # one for every key up front took 2 s of a million-event replay).
+        self._unused: dict[str, bytes] = {}
         self._by_lookup: dict[str, tuple[str, AESGCM, bytes]] = {}
         # Opened values by token: a customer's address seals to the same
         # token every time (below), so a replay opens each one once.
@@ -310,6 +313,7 @@ class Keyring:
                             k: v for k, v in self._by_id.items() if v is None
                         }
                         self._by_id, self._by_lookup, self._loaded = erased, {}, False
+                        self._unused = {}
                         self._opened, self._tokens = {}, {}
                         self._generation = current
                     self._trusted_until = time.monotonic() + self.ttl
@@ -320,6 +324,7 @@ class Keyring:
         with self._lock:
             for key_id in key_ids:
                 self._by_id[key_id] = None
+                self._unused.pop(key_id, None)
             self._by_lookup = {
                 k: v for k, v in self._by_lookup.items() if self._by_id.get(v[0]) is not None
             }
@@ -363,10 +368,17 @@ class Keyring:
                 # The first miss loads every key (one query): a replay of a
                 # million events meets most customers, one query each otherwise.
                 self._loaded = True
-                for known, secret in self.table.every_key():
-                    self._by_id.setdefault(known, AESGCM(secret))
-                if key_id in self._by_id:
-                    return self._by_id[key_id]
+                self._unused = {
+                    known: secret
+                    for known, secret in self.table.every_key()
+                    if known not in self._by_id
+                }
+            if key_id in self._by_id:
+                return self._by_id[key_id]
+            unused = self._unused.pop(key_id, None)
+            if unused is not None:
+                self._by_id[key_id] = AESGCM(unused)
+                return self._by_id[key_id]
             found = self.table.by_id(key_id)
             key = AESGCM(found) if found is not None else None
             self._by_id[key_id] = key

@@ -11,7 +11,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -175,6 +175,54 @@ def entitlement_columns(view: EntitlementView) -> tuple[Any, ...]:
     )
 
 
+@dataclass
+class Rows:
+    """Rows as `ReadModel.write` stores them: plain tuples, which a fold
+    process makes and hands over cheaply (pickling the views was a fifth of
+    a replay's CPU time, measured with bench/replay.py)."""
+
+    #: (id, *ENTITLEMENT_COLUMNS, body) of each entitlement (`entitlement_row`).
+    entitlements: list[tuple[Any, ...]] = field(default_factory=list)
+    #: (code hash, entitlement id) of the active codes of those entitlements.
+    codes: list[tuple[str, str]] = field(default_factory=list)
+    #: `letter_row` of each dead letter.
+    letters: list[tuple[Any, ...]] = field(default_factory=list)
+    #: `receipt_row` of each new receipt, in log order.
+    receipts: list[tuple[Any, ...]] = field(default_factory=list)
+
+
+def entitlement_row(view: EntitlementView) -> tuple[Any, ...]:
+    """(id, *ENTITLEMENT_COLUMNS, body JSON) of an entitlement."""
+    return (str(view.id), *entitlement_columns(view), view.model_dump_json())
+
+
+def letter_row(letter: DeadLetterView) -> tuple[Any, ...]:
+    """(id, recorded at, resolved 0/1, body JSON) of a dead letter."""
+    return (
+        str(letter.id),
+        letter.recorded_at.isoformat(),
+        int(letter.resolved_at is not None),
+        letter.model_dump_json(),
+    )
+
+
+def receipt_row(view: ReceiptView, waits_on: Sequence[str]) -> tuple[Any, ...]:
+    """(id, source, provider event id, order ref, outcome, received at,
+    waiting 0/1, what it waits on or None, body JSON without the webhook)
+    of a new receipt that waits on `waits_on` (if parked)."""
+    return (
+        view.id,
+        view.source,
+        view.provider_event_id,
+        view.order_ref,
+        view.outcome,
+        moment(view.received_at),
+        int(view.waits_for is not None),
+        ",".join(waits_on) or None,
+        view.model_dump_json(exclude={"webhook"}),
+    )
+
+
 class ReadModel:
     def __init__(self, database_url: str) -> None:
         url = urlsplit(database_url)
@@ -308,95 +356,81 @@ class ReadModel:
         `receipts`: new receipts, each with what it waits on (if parked);
         `delivered`: facts that waited and reached their entitlements now;
         `resolutions`: parked webhooks' ends."""
+        codes = codes or {}
+        rows = Rows(
+            [entitlement_row(view) for view in entitlements],
+            [(code, str(view.id)) for view in entitlements for code in codes.get(view.id, ())],
+            [letter_row(letter) for letter in dead_letters],
+            [receipt_row(view, waits_on) for view, waits_on in receipts],
+        )
         with self._transaction() as cur:
-            if receipts:
-                # The first receipt of a webhook stands: a log read again
-                # (once, after an upgrade) must not turn "applied" into
-                # "duplicate".
-                cur.executemany(
-                    self._sql(
-                        "INSERT INTO entitle_v3_receipts (id, source, provider_event_id,"
-                        " order_ref, outcome, received_at, waiting, waits_on, body)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
-                    ),
-                    [
-                        (
-                            view.id,
-                            view.source,
-                            view.provider_event_id,
-                            view.order_ref,
-                            view.outcome,
-                            moment(view.received_at),
-                            int(view.waits_for is not None),
-                            ",".join(waits_on) or None,
-                            view.model_dump_json(exclude={"webhook"}),
-                        )
-                        for view, waits_on in receipts
-                    ],
-                )
-            for resolution in resolutions:
-                self._resolve(cur, resolution)
-            for fact in delivered:
-                self._deliver(cur, fact)
-            # One statement for many rows (executemany): per-row statements
-            # were most of a replay's writing time (measured, bench/replay.py).
-            if entitlements:
-                ids = [(str(view.id),) for view in entitlements]
-                # Codes are few per entitlement: replace them outright.
-                cur.executemany(
-                    self._sql("DELETE FROM entitle_v3_codes WHERE entitlement_id = ?"), ids
-                )
-                rows = [
-                    (code, str(view.id))
-                    for view in entitlements
-                    for code in (codes or {}).get(view.id, ())
-                ]
-                if rows:
-                    cur.executemany(
-                        self._sql(
-                            "INSERT INTO entitle_v3_codes (code_hash, entitlement_id) VALUES (?, ?)"
-                        ),
-                        rows,
-                    )
-                cur.executemany(
-                    self._sql(
-                        "INSERT INTO entitle_v3_entitlements "
-                        "(id, source, order_ref, offering, status, customer_email, sequence, "
-                        "due_at, body, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                        "ON CONFLICT (id) DO UPDATE SET "
-                        "status = excluded.status, customer_email = excluded.customer_email, "
-                        "offering = excluded.offering, sequence = excluded.sequence, "
-                        "due_at = excluded.due_at, body = excluded.body, "
-                        "position = excluded.position"
-                    ),
-                    [
-                        (
-                            str(view.id),
-                            *entitlement_columns(view),
-                            view.model_dump_json(),
-                            position,
-                        )
-                        for view in entitlements
-                    ],
-                )
-            if dead_letters:
-                cur.executemany(
-                    self._sql(
-                        "INSERT INTO entitle_v3_dead_letters (id, recorded_at, resolved, body) "
-                        "VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-                        "resolved = excluded.resolved, body = excluded.body"
-                    ),
-                    [
-                        (
-                            str(letter.id),
-                            letter.recorded_at.isoformat(),
-                            int(letter.resolved_at is not None),
-                            letter.model_dump_json(),
-                        )
-                        for letter in dead_letters
-                    ],
-                )
+            self.write(cur, rows, position)
+            self.settle(cur, resolutions, delivered)
             self.save_position(cur, name, position)
+
+    def write(self, cur: Any, rows: Rows, position: int) -> None:
+        """Insert new receipts and upsert entitlements (with their codes)
+        and dead letters, in the transaction of `cur`; `position` is the
+        log position the entitlements are written at."""
+        if rows.receipts:
+            # The first receipt of a webhook stands: a log read again
+            # (once, after an upgrade) must not turn "applied" into
+            # "duplicate".
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO entitle_v3_receipts (id, source, provider_event_id,"
+                    " order_ref, outcome, received_at, waiting, waits_on, body)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+                ),
+                rows.receipts,
+            )
+        # One statement for many rows (executemany): per-row statements
+        # were most of a replay's writing time (measured, bench/replay.py).
+        if rows.entitlements:
+            # Codes are few per entitlement: replace them outright.
+            cur.executemany(
+                self._sql("DELETE FROM entitle_v3_codes WHERE entitlement_id = ?"),
+                [(row[0],) for row in rows.entitlements],
+            )
+            if rows.codes:
+                cur.executemany(
+                    self._sql(
+                        "INSERT INTO entitle_v3_codes (code_hash, entitlement_id) VALUES (?, ?)"
+                    ),
+                    rows.codes,
+                )
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO entitle_v3_entitlements "
+                    "(id, source, order_ref, offering, status, customer_email, sequence, "
+                    "due_at, body, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET "
+                    "status = excluded.status, customer_email = excluded.customer_email, "
+                    "offering = excluded.offering, sequence = excluded.sequence, "
+                    "due_at = excluded.due_at, body = excluded.body, "
+                    "position = excluded.position"
+                ),
+                [(*row, position) for row in rows.entitlements],
+            )
+        if rows.letters:
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO entitle_v3_dead_letters (id, recorded_at, resolved, body) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                    "resolved = excluded.resolved, body = excluded.body"
+                ),
+                rows.letters,
+            )
+
+    def settle(
+        self, cur: Any, resolutions: Sequence[Resolution], delivered: Sequence[Delivered]
+    ) -> None:
+        """Apply parked webhooks' ends, then the facts delivered, to the
+        receipts written (in the transaction of `cur`)."""
+        for resolution in resolutions:
+            self._resolve(cur, resolution)
+        for fact in delivered:
+            self._deliver(cur, fact)
 
     def _resolve(self, cur: Any, resolution: Resolution) -> None:
         cur.execute(

@@ -45,34 +45,69 @@ from services.store import EntitlementStore
 
 log = logging.getLogger("entitle.projector")
 
-_ENTITLEMENT_TOPIC = "domain.entitlement:Entitlement"
-_DEAD_LETTER_TOPIC = "domain.dead_letter:DeadLetter"
-_RECEIPTS_TOPIC = "domain.receipt:Receipts.Recorded"
-_RESOLVED_TOPIC = "domain.receipt:ReceiptResolution.Resolved"
-_OPENED_TOPIC = "domain.receipt:ReceiptResolution.Opened"
-_DELIVERED_TOPIC = "domain.entitlement:Order.PaymentFactDelivered"
+ENTITLEMENT_TOPIC = "domain.entitlement:Entitlement"
+DEAD_LETTER_TOPIC = "domain.dead_letter:DeadLetter"
+RECEIPTS_TOPIC = "domain.receipt:Receipts.Recorded"
+RESOLVED_TOPIC = "domain.receipt:ReceiptResolution.Resolved"
+OPENED_TOPIC = "domain.receipt:ReceiptResolution.Opened"
+DELIVERED_TOPIC = "domain.entitlement:Order.PaymentFactDelivered"
 _ENDPOINT_TOPIC = "domain.endpoint:Endpoint"
-_PROJECTED = (
+#: The topics (prefixes) of the events projections read.
+PROJECTED = (
     _ENDPOINT_TOPIC + ".",
-    _ENTITLEMENT_TOPIC + ".",
-    _DEAD_LETTER_TOPIC + ".",
-    _RECEIPTS_TOPIC,
-    _RESOLVED_TOPIC,
-    _DELIVERED_TOPIC,
-    _OPENED_TOPIC,
+    ENTITLEMENT_TOPIC + ".",
+    DEAD_LETTER_TOPIC + ".",
+    RECEIPTS_TOPIC,
+    RESOLVED_TOPIC,
+    DELIVERED_TOPIC,
+    OPENED_TOPIC,
 )
 #: The events folded onto an earlier state of their aggregate.
 _STATEFUL = (
     _ENDPOINT_TOPIC + ".",
-    _ENTITLEMENT_TOPIC + ".",
-    _DEAD_LETTER_TOPIC + ".",
-    _RESOLVED_TOPIC,
+    ENTITLEMENT_TOPIC + ".",
+    DEAD_LETTER_TOPIC + ".",
+    RESOLVED_TOPIC,
 )
 #: The event types that go on the public topic (the contract's list).
 PUBLIC_TYPES = frozenset(get_args(EventType))
 
 
-def _inherited(event: Any) -> tuple[Delivered, ...]:
+def delivered_of(event: Any) -> Delivered:
+    """What an `Order.PaymentFactDelivered` tells the read model: a fact
+    that waited reached its entitlements."""
+    cause = event.cause
+    effects: dict[str, list[str]] = getattr(event, "effects", {})
+    return Delivered(
+        cause["source"],
+        cause["event_id"],
+        event.timestamp,
+        tuple(effects),
+        tuple(sorted({name for names in effects.values() for name in names})),
+    )
+
+
+def receipts_of(event: Any) -> tuple[tuple[ReceiptView, tuple[str, ...]], ...]:
+    """The receipts a `Receipts.Recorded` records, each with what it waits on."""
+    return tuple(
+        (receipt_view(item, event.timestamp), tuple(item["waits_on"])) for item in event.items
+    )
+
+
+def resolution_of(opened: Any, event: Any) -> Resolution:
+    """A parked webhook's end: `ReceiptResolution.Resolved` (`event`) of the
+    resolution `opened`."""
+    return Resolution(
+        opened.receipt,
+        event.outcome,
+        event.detail,
+        event.entitlement_ids,
+        event.event_types,
+        event.timestamp,
+    )
+
+
+def inherited(event: Any) -> tuple[Delivered, ...]:
     """Provider facts a new entitlement took over from its order, where
     they waited for it (and from its siblings, which changes nothing)."""
     if not isinstance(event, Entitlement.Created):
@@ -188,12 +223,12 @@ class Follower:
         notifications, last = self._select(after, limit, stop)
         if last is None:
             return [], None
-        projected = [n for n in notifications if n.topic.startswith(_PROJECTED)]
+        projected = [n for n in notifications if n.topic.startswith(PROJECTED)]
         # What the first aggregate not kept loads the earlier states for.
         self._batch, self._prefetched = projected, False
         changes = []
         for self._next, notification in enumerate(projected):
-            if notification.topic == _OPENED_TOPIC:
+            if notification.topic == OPENED_TOPIC:
                 self._opened(notification)
                 continue
             try:
@@ -238,21 +273,12 @@ class Follower:
     def _change(self, notification: Notification) -> Change:
         event: Any = self.store.mapper.to_domain_event(notification)
         topic = notification.topic
-        if topic.startswith(_ENTITLEMENT_TOPIC + "."):
+        if topic.startswith(ENTITLEMENT_TOPIC + "."):
             # Most events: tested first (measured, bench/replay.py).
             return self._entitlement_change(event, notification.id)
-        if topic == _DELIVERED_TOPIC:
-            cause = event.cause
-            effects: dict[str, list[str]] = getattr(event, "effects", {})
-            delivered = Delivered(
-                cause["source"],
-                cause["event_id"],
-                event.timestamp,
-                tuple(effects),
-                tuple(sorted({name for names in effects.values() for name in names})),
-            )
-            return Change(event, None, notification.id, delivered=(delivered,))
-        if topic.startswith(_DEAD_LETTER_TOPIC):
+        if topic == DELIVERED_TOPIC:
+            return Change(event, None, notification.id, delivered=(delivered_of(event),))
+        if topic.startswith(DEAD_LETTER_TOPIC):
             letter = event.mutate(copy.deepcopy(self._state_before(event)))
             self._remember(letter)
             return Change(event, None, notification.id, dead_letter=letter)
@@ -260,22 +286,11 @@ class Follower:
             endpoint = event.mutate(copy.deepcopy(self._state_before(event)))
             self._remember(endpoint)
             return Change(event, None, notification.id, endpoint=endpoint)
-        if topic == _RECEIPTS_TOPIC:
-            receipts = tuple(
-                (receipt_view(item, event.timestamp), tuple(item["waits_on"]))
-                for item in event.items
-            )
-            return Change(event, None, notification.id, receipts=receipts)
-        if topic == _RESOLVED_TOPIC:
+        if topic == RECEIPTS_TOPIC:
+            return Change(event, None, notification.id, receipts=receipts_of(event))
+        if topic == RESOLVED_TOPIC:
             opened = self._state_before(event)
-            resolution = Resolution(
-                opened.receipt,
-                event.outcome,
-                event.detail,
-                event.entitlement_ids,
-                event.event_types,
-                event.timestamp,
-            )
+            resolution = resolution_of(opened, event)
             self._remember(event.mutate(opened))  # (no change holds it)
             return Change(event, None, notification.id, resolution=resolution)
         return self._entitlement_change(event, notification.id)
@@ -292,7 +307,7 @@ class Follower:
                 previous,
                 position,
                 previous_email=previous_email,
-                delivered=_inherited(event),
+                delivered=inherited(event),
             )
         return Change(
             event,
@@ -301,7 +316,7 @@ class Follower:
             previous_email=previous_email,
             entitlement=entitlement_view(after_state),
             code_hashes=tuple(after_state.codes),
-            delivered=_inherited(event),
+            delivered=inherited(event),
         )
 
     def with_views(self, changes: list[Change]) -> list[Change]:
@@ -335,7 +350,7 @@ class Follower:
                     change,
                     error=describe(exc),
                     aggregate_id=str(aggregate_id),
-                    topic=change.topic or _ENTITLEMENT_TOPIC,
+                    topic=change.topic or ENTITLEMENT_TOPIC,
                 )
         return changes
 

@@ -26,21 +26,39 @@ import os
 import pickle
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, cast
 from uuid import UUID
 
 from eventsourcing.persistence import Notification
 from psycopg.sql import SQL, Identifier
 
-from contracts.api import DeadLetterView, EntitlementView, ReceiptView
 from domain.entitlement import Entitlement
 from services.health import describe, transient
-from services.projections.follower import Change, Follower
-from services.projections.views import dead_letter_view
-from services.readmodel import Delivered, Resolution
+from services.projections.follower import (
+    DEAD_LETTER_TOPIC,
+    DELIVERED_TOPIC,
+    ENTITLEMENT_TOPIC,
+    OPENED_TOPIC,
+    PROJECTED,
+    RECEIPTS_TOPIC,
+    RESOLVED_TOPIC,
+    delivered_of,
+    inherited,
+    receipts_of,
+    resolution_of,
+)
+from services.projections.views import dead_letter_view, entitlement_view
+from services.readmodel import (
+    Delivered,
+    Resolution,
+    Rows,
+    entitlement_row,
+    letter_row,
+    receipt_row,
+)
 from services.store import EntitlementStore, PostgresRecorder
 
 #: Logs shorter than this are folded in the calling process: starting a
@@ -70,17 +88,17 @@ def workers_for(events: int) -> int:
 @dataclass
 class Part:
     """What the fold of one partition over one window of the log gives:
-    the last view (and active code hashes) of each entitlement changed, or
-    with `digests` its (sequence, view digest, sorted code hashes) instead;
-    each dead letter's last view (or its digest); and the receipts,
-    resolutions and delivered facts with their log positions, in log order."""
+    the read model's rows (`Rows`: the last state of each entitlement and
+    dead letter changed, and the new receipts) or, with `digests`, per
+    entitlement its (sequence, body digest, sorted code hashes) and per
+    dead letter its body digest instead; and the receipts, resolutions and
+    delivered facts with their log positions, in log order."""
 
-    latest: dict[UUID, EntitlementView] = field(default_factory=dict)
-    codes: dict[UUID, tuple[str, ...]] = field(default_factory=dict)
-    letters: dict[UUID, DeadLetterView] = field(default_factory=dict)
-    summaries: dict[UUID, tuple[int, bytes, tuple[str, ...]]] = field(default_factory=dict)
-    letter_digests: dict[UUID, bytes] = field(default_factory=dict)
-    receipts: list[tuple[int, tuple[ReceiptView, tuple[str, ...]]]] = field(default_factory=list)
+    rows: Rows = field(default_factory=Rows)
+    summaries: dict[str, tuple[int, bytes, tuple[str, ...]]] = field(default_factory=dict)
+    letter_digests: dict[str, bytes] = field(default_factory=dict)
+    #: (position, `receipt_row`) of each new receipt.
+    receipts: list[tuple[int, tuple[Any, ...]]] = field(default_factory=list)
     resolutions: list[tuple[int, Resolution]] = field(default_factory=list)
     delivered: list[tuple[int, Delivered]] = field(default_factory=list)
     #: (position, aggregate id, topic, why) of each event that could not be
@@ -88,28 +106,6 @@ class Part:
     errors: list[tuple[int, str, str, str]] = field(default_factory=list)
     #: Changes read (the events the read model reads).
     changes: int = 0
-
-
-class _PartitionFollower(Follower):
-    """A `Follower` of the aggregates of partition `index` of `count`: those
-    whose id's last byte is `index` modulo `count`, selected by the
-    database (the state of other partitions' events is not even fetched).
-    It reads by position: `stop` is required."""
-
-    def __init__(self, store: EntitlementStore, index: int, count: int) -> None:
-        super().__init__(store, cache_size=None, batches=0, views=False)
-        self.index, self.count = index, count
-
-    def _select(
-        self, after: int, limit: int, stop: int | None
-    ) -> tuple[Sequence[Notification], int | None]:
-        assert stop is not None
-        if self.count == 1:
-            return super()._select(after, limit, stop)
-        upper = min(after + limit, stop)
-        if upper <= after:
-            return [], None
-        return _partition_rows(self.store, after, upper, self.index, self.count), upper
 
 
 _HEX = "'0123456789abcdef'"
@@ -120,116 +116,229 @@ _SQLITE_BYTE = (
 )
 
 
+class _Stored(NamedTuple):
+    """A stored event as `Follower` and the mapper read it (a `Notification`
+    without the dataclass: making those was a twentieth of the fold's time)."""
+
+    id: int
+    originator_id: UUID
+    originator_version: int
+    topic: str
+    state: bytes
+
+
 def _partition_rows(
-    store: EntitlementStore, after: int, upper: int, index: int, count: int
+    store: EntitlementStore, after: int, upper: int, index: int, count: int, ids: dict[str, UUID]
 ) -> list[Notification]:
-    """The events at positions (after, upper] of partition `index` of `count`."""
+    """The events at positions (after, upper] of partition `index` of
+    `count` that a projection reads (`follower.PROJECTED`)."""
     recorder: Any = store.recorder
+    make = _Stored._make
     if isinstance(recorder, PostgresRecorder):
         statement = SQL(
             "SELECT notification_id, originator_id, originator_version, topic, state"
             " FROM {schema}.{table} WHERE notification_id > %s AND notification_id <= %s"
-            " AND get_byte(uuid_send(originator_id), 15) %% %s = %s ORDER BY notification_id"
+            " AND get_byte(uuid_send(originator_id), 15) %% %s = %s AND ({projected})"
+            " ORDER BY notification_id"
         ).format(
             schema=Identifier(recorder.datastore.schema),
             table=Identifier(recorder.events_table_name),
+            projected=SQL(_projected("left(topic, {})", "%s")),
         )
         with recorder.datastore.get_connection() as conn, conn.cursor() as cursor:
-            cursor.execute(statement, (after, upper, count, index), prepare=True)
-            rows = [tuple(row.values()) for row in cursor.fetchall()]
+            cursor.execute(statement, (after, upper, count, index, *PROJECTED), prepare=True)
+            stored = [
+                make(
+                    (
+                        r["notification_id"],
+                        r["originator_id"],
+                        r["originator_version"],
+                        r["topic"],
+                        bytes(r["state"]),
+                    )
+                )
+                for r in cursor.fetchall()
+            ]
     else:
         with recorder.datastore.transaction(commit=False) as cursor:
             cursor.execute(
                 "SELECT rowid, originator_id, originator_version, topic, state"
                 f" FROM {recorder.events_table_name} WHERE rowid > ? AND rowid <= ?"
-                f" AND {_SQLITE_BYTE} % ? = ? ORDER BY rowid",
-                (after, upper, count, index),
+                f" AND {_SQLITE_BYTE} % ? = ? AND ({_projected('substr(topic, 1, {})', '?')})"
+                " ORDER BY rowid",
+                (after, upper, count, index, *PROJECTED),
             )
-            rows = [(r[0], UUID(r[1]), r[2], r[3], r[4]) for r in cursor.fetchall()]
-    return [
-        Notification(
-            id=nid,
-            originator_id=aggregate_id,
-            originator_version=version,
-            topic=topic,
-            state=bytes(state),
-        )
-        for nid, aggregate_id, version, topic, state in rows
-    ]
+            rows = cursor.fetchall()
+        known = ids.get
+        stored = [
+            make((r[0], known(r[1]) or ids.setdefault(r[1], UUID(r[1])), r[2], r[3], r[4]))
+            for r in rows
+        ]
+    return cast(list[Notification], stored)
+
+
+def _projected(prefix: str, placeholder: str) -> str:
+    """A condition that a stored event's topic starts with one of
+    `PROJECTED` (as many parameters), `prefix` taking each one's length."""
+    return " OR ".join(f"{prefix.format(len(topic))} = {placeholder}" for topic in PROJECTED)
 
 
 class Partition:
     """Folds the aggregates of partition `index` of `count` (all if
-    `count` is 1), a window of the log at a time, keeping them in memory."""
+    `count` is 1), a window of the log at a time, keeping them in memory.
+
+    Its own loop over the stored events, not `Follower`'s (which makes a
+    `Change`, with the state before, per event, for projections that act
+    on each): it keeps only each aggregate's state and makes the read
+    model's rows of the last one in the window, with the same helpers for
+    receipts, resolutions and delivered facts. The loop took a fifth less
+    CPU time than following (measured, bench/replay.py, a million events).
+    """
 
     def __init__(
         self, store: EntitlementStore, index: int, count: int, digests: bool, page: int
     ) -> None:
-        self.follower = _PartitionFollower(store, index, count)
+        self.store = store
+        self.index, self.count = index, count
         self.digests = digests
         self.page = page
+        #: Every aggregate of the partition, as of the last window.
+        self.states: dict[UUID, Any] = {}
+        #: Each aggregate's id, made once (SQLite keeps them as text).
+        self.ids: dict[str, UUID] = {}
 
     def fold(self, start: int, end: int, progress: Progress | None = None) -> Part:
         """The part of the log after position `start` up to `end`."""
         part = Part()
-        unviewed: dict[UUID, Change] = {}
+        # The entitlements and dead letters changed in the window, each
+        # with the position of its last event.
+        changed: dict[UUID, int] = {}
+        letters: dict[UUID, int] = {}
         position = start
         while position < end:
-            changes, last = self.follower.read(position, min(self.page, end - position), end)
-            if last is None:
-                break
-            for change in changes:
-                at = change.position
-                if change.error is not None:
-                    part.errors.append((at, change.aggregate_id or "?", change.topic, change.error))
-                    continue
-                part.receipts += [(at, receipt) for receipt in change.receipts]
-                if change.resolution is not None:
-                    part.resolutions.append((at, change.resolution))
-                part.delivered += [(at, fact) for fact in change.delivered]
-                if change.dead_letter is not None:
-                    part.letters[change.dead_letter.id] = dead_letter_view(change.dead_letter)
-                if isinstance(change.event, Entitlement.Event):
-                    unviewed[change.event.originator_id] = change
-            part.changes += len(changes)
-            position = last
+            upper = min(position + self.page, end)
+            stored = _partition_rows(self.store, position, upper, self.index, self.count, self.ids)
+            for notification in stored:
+                try:
+                    self._fold(notification, part, changed, letters)
+                except Exception as exc:
+                    if transient(exc):
+                        raise
+                    # One event that cannot be read is reported, not a stop.
+                    part.errors.append(
+                        (
+                            notification.id,
+                            str(notification.originator_id),
+                            notification.topic,
+                            describe(exc),
+                        )
+                    )
+            position = upper
             if progress is not None:
                 progress(position, end)
-        # One view per entitlement changed in the window: the last change
-        # read was this window's last (as `Rows.view` needs).
-        for change in self.follower.with_views(list(unviewed.values())):
-            if change.error is not None or change.entitlement is None:
-                part.errors.append(
-                    (change.position, change.aggregate_id or "?", change.topic, change.error or "")
-                )
-                continue
-            part.latest[change.entitlement.id] = change.entitlement
-            part.codes[change.entitlement.id] = change.code_hashes
-        if self.digests:
-            part.summaries = {
-                key: (view.sequence, digest(view.model_dump_json()), tuple(sorted(part.codes[key])))
-                for key, view in part.latest.items()
-            }
-            part.letter_digests = {
-                key: digest(view.model_dump_json()) for key, view in part.letters.items()
-            }
-            part.latest, part.codes, part.letters = {}, {}, {}
+        self._rows(part, changed, letters)
         return part
 
+    def _fold(
+        self,
+        notification: Notification,
+        part: Part,
+        changed: dict[UUID, int],
+        letters: dict[UUID, int],
+    ) -> None:
+        """Fold one stored event onto its aggregate (as `Follower._change`)."""
+        topic = notification.topic
+        event: Any
+        if topic == OPENED_TOPIC:
+            # (Not a change. One that cannot be read is read from the store
+            # when its `Resolved` needs it.)
+            try:
+                event = self.store.mapper.to_domain_event(notification)
+                self.states[event.originator_id] = event.mutate(None)
+            except Exception as exc:
+                if transient(exc):
+                    raise
+            return
+        part.changes += 1
+        event = self.store.mapper.to_domain_event(notification)
+        at = notification.id
+        if topic.startswith(ENTITLEMENT_TOPIC + "."):  # most events
+            aggregate_id = event.originator_id
+            self.states[aggregate_id] = event.mutate(self._before(event))
+            changed[aggregate_id] = at
+            if isinstance(event, Entitlement.Created) and event.inherited:
+                part.delivered += [(at, fact) for fact in inherited(event)]
+        elif topic == RECEIPTS_TOPIC:
+            part.receipts += [(at, receipt_row(*receipt)) for receipt in receipts_of(event)]
+        elif topic == DELIVERED_TOPIC:
+            part.delivered.append((at, delivered_of(event)))
+        elif topic == RESOLVED_TOPIC:
+            opened = self._before(event)
+            part.resolutions.append((at, resolution_of(opened, event)))
+            self.states[event.originator_id] = event.mutate(opened)
+        elif topic.startswith(DEAD_LETTER_TOPIC + "."):
+            self.states[event.originator_id] = event.mutate(self._before(event))
+            letters[event.originator_id] = at
+        # (Webhook endpoints: nothing of them is in the read model.)
 
-def merged(parts: list[Part]) -> Part:
+    def _before(self, event: Any) -> Any:
+        """The aggregate's state before `event`: kept, or read from the store
+        (an aggregate whose earlier events this partition did not fold)."""
+        version = event.originator_version
+        if version == 1:
+            return None
+        state = self.states.get(event.originator_id)
+        if state is not None and state.version == version - 1:
+            return state
+        return self.store.aggregate_at(event.originator_id, version - 1)
+
+    def _rows(self, part: Part, changed: dict[UUID, int], letters: dict[UUID, int]) -> None:
+        """The read model's rows (or digests) of what the window changed."""
+        rows = part.rows
+        for letter_id, at in letters.items():
+            try:
+                rows.letters.append(letter_row(dead_letter_view(self.states[letter_id])))
+            except Exception as exc:
+                if transient(exc):
+                    raise
+                part.errors.append((at, str(letter_id), DEAD_LETTER_TOPIC, describe(exc)))
+        for entitlement_id, at in changed.items():
+            try:
+                state = self.states[entitlement_id]
+                row = entitlement_row(entitlement_view(state))
+                codes = tuple(state.codes)
+            except Exception as exc:
+                if transient(exc):
+                    raise
+                part.errors.append((at, str(entitlement_id), ENTITLEMENT_TOPIC, describe(exc)))
+                continue
+            rows.entitlements.append(row)
+            rows.codes += [(code, row[0]) for code in codes]
+            if self.digests:
+                part.summaries[row[0]] = (state.version, digest(row[-1]), tuple(sorted(codes)))
+        part.errors.sort()
+        if self.digests:
+            part.letter_digests = {row[0]: digest(row[-1]) for row in rows.letters}
+            part.rows = Rows()
+        else:
+            rows.receipts = [row for _, row in part.receipts]
+
+
+def merged(parts: Iterable[Part]) -> Part:
     """The parts of one window as one, receipts, resolutions, delivered
     facts and errors in log order (a change is in one part only, so those
     of one position keep their order)."""
     whole = Part()
+    parts = list(parts)
     for part in parts:
-        whole.latest.update(part.latest)
-        whole.codes.update(part.codes)
-        whole.letters.update(part.letters)
+        whole.rows.entitlements += part.rows.entitlements
+        whole.rows.codes += part.rows.codes
+        whole.rows.letters += part.rows.letters
         whole.summaries.update(part.summaries)
         whole.letter_digests.update(part.letter_digests)
         whole.changes += part.changes
     whole.receipts = list(heapq.merge(*(p.receipts for p in parts), key=lambda r: r[0]))
+    whole.rows.receipts = [row for _, row in whole.receipts]
     whole.resolutions = list(heapq.merge(*(p.resolutions for p in parts), key=lambda r: r[0]))
     whole.delivered = list(heapq.merge(*(p.delivered for p in parts), key=lambda r: r[0]))
     whole.errors = sorted(error for part in parts for error in part.errors)
@@ -259,21 +368,39 @@ class Folding:
 
     def window(self, start: int, end: int, progress: Progress | None = None) -> Part:
         """Every partition's fold of the log after `start` up to `end`, merged."""
+        return merged(self.parts(start, end, progress))
+
+    def parts(
+        self, start: int, end: int, progress: Progress | None = None
+    ) -> Generator[Part, None, None]:
+        """Each partition's fold of the log after `start` up to `end`, this
+        process's first, each as soon as it is there (a caller can write
+        one while the others are still folding). A caller that stops early
+        must close it: the other partitions' parts are then read and dropped."""
         for child in self.children:
             assert child.stdin is not None
             pickle.dump((start, end), child.stdin)
             child.stdin.flush()
-        parts = [self.local.fold(start, end, progress)]
-        for child in self.children:
-            assert child.stdout is not None
-            try:
-                reply = pickle.load(child.stdout)
-            except EOFError:
-                raise RuntimeError(f"a fold process ended (exit status {child.wait()})") from None
-            if isinstance(reply, BaseException):
-                raise reply
-            parts.append(reply)
-        return merged(parts)
+        unread = list(self.children)
+        try:
+            yield self.local.fold(start, end, progress)
+            while unread:
+                yield self._receive(unread.pop(0))
+        finally:
+            for child in unread:
+                with suppress(Exception):
+                    self._receive(child)
+
+    @staticmethod
+    def _receive(child: subprocess.Popen[bytes]) -> Part:
+        assert child.stdout is not None
+        try:
+            reply = pickle.load(child.stdout)
+        except EOFError:
+            raise RuntimeError(f"a fold process ended (exit status {child.wait()})") from None
+        if isinstance(reply, BaseException):
+            raise reply
+        return cast(Part, reply)
 
     def close(self) -> None:
         for child in self.children:
