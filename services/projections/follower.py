@@ -17,8 +17,8 @@ import copy
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast, get_args
 from uuid import UUID
@@ -128,9 +128,7 @@ class Change:
     position: int = 0
     #: The customer's e-mail address before the event (entitlement events).
     previous_email: str | None = None
-    #: The entitlement after the event (entitlement events). From a follower
-    #: made with `views=False`, None until `Follower.with_views` gives it to
-    #: the last change of each entitlement in a batch (what the read model keeps).
+    #: The entitlement after the event (entitlement events).
     entitlement: EntitlementView | None = None
     dead_letter: DeadLetter | None = None
     #: The entitlement's active code hashes, for the read model's code index.
@@ -159,11 +157,9 @@ class Follower:
     keeping recent aggregates in memory so a long log is read once.
 
     `cache_size` aggregates are kept (least recently used go first; None:
-    all, for a replay from the first event, which then never reads an
-    aggregate back from the store). The earlier state of the aggregates a
-    batch needs that are not kept is loaded for the whole batch in one query.
-    `views=False` leaves out each change's `EntitlementView` (most of the
-    cost per event): `with_views` adds them for the latest changes only.
+    all). The earlier state of the aggregates a batch needs that are not
+    kept is loaded for the whole batch in one query. (`entitle replay` and
+    `audit verify` fold the whole log with `parallel.Partition` instead.)
 
     One follower serves all of a process's projections (from worker
     threads, hence the lock): they read the same log, mostly from the same
@@ -177,12 +173,10 @@ class Follower:
         store: EntitlementStore,
         cache_size: int | None = 10_000,
         batches: int = 16,
-        views: bool = True,
     ) -> None:
         self.store = store
         self._cache: OrderedDict[UUID, Any] = OrderedDict()
         self._cache_size = cache_size
-        self._views = views
         self._batch: list[Notification] = []
         self._next = 0
         self._prefetched = False
@@ -191,15 +185,10 @@ class Follower:
         self._batches: OrderedDict[int, tuple[int, list[Change], int]] = OrderedDict()
         self._keep = batches
 
-    def read(
-        self, after: int, limit: int, stop: int | None = None
-    ) -> tuple[list[Change], int | None]:
+    def read(self, after: int, limit: int) -> tuple[list[Change], int | None]:
         """The changes after position `after` (at most `limit` events of
-        the log, none after position `stop`) and the position of the last
-        event read, or ([], None) when there is none yet."""
-        if stop is not None:
-            with self._lock:
-                return self._read(after, limit, stop)
+        the log) and the position of the last event read, or ([], None)
+        when there is none yet."""
         changes, last, _ = self.read_kept(after, limit)
         return changes, last
 
@@ -217,12 +206,13 @@ class Follower:
                     self._batches.popitem(last=False)
             return changes, last, False
 
-    def _read(
-        self, after: int, limit: int, stop: int | None = None
-    ) -> tuple[list[Change], int | None]:
-        notifications, last = self._select(after, limit, stop)
-        if last is None:
+    def _read(self, after: int, limit: int) -> tuple[list[Change], int | None]:
+        notifications = self.store.process_recorder.select_notifications(
+            start=after + 1, limit=limit
+        )
+        if not notifications:
             return [], None
+        last = notifications[-1].id
         projected = [n for n in notifications if n.topic.startswith(PROJECTED)]
         # What the first aggregate not kept loads the earlier states for.
         self._batch, self._prefetched = projected, False
@@ -248,16 +238,6 @@ class Follower:
                     )
                 )
         return changes, last
-
-    def _select(
-        self, after: int, limit: int, stop: int | None
-    ) -> tuple[Sequence[Notification], int | None]:
-        """The events to read after `after`, and the position read up to
-        (None if none)."""
-        notifications = self.store.process_recorder.select_notifications(
-            start=after + 1, limit=limit, stop=stop
-        )
-        return notifications, notifications[-1].id if notifications else None
 
     def _opened(self, notification: Notification) -> None:
         """Keep a receipt's resolution as it opens (no change to project):
@@ -301,14 +281,6 @@ class Follower:
         previous_email = before.customer_email if before is not None else None
         after_state = event.mutate(before)  # (`before` itself, changed)
         self._remember(after_state)
-        if not self._views:
-            return Change(
-                event,
-                previous,
-                position,
-                previous_email=previous_email,
-                delivered=inherited(event),
-            )
         return Change(
             event,
             previous,
@@ -318,41 +290,6 @@ class Follower:
             code_hashes=tuple(after_state.codes),
             delivered=inherited(event),
         )
-
-    def with_views(self, changes: list[Change]) -> list[Change]:
-        """`changes` (read with `views=False`, the last ones read) with the
-        view and code hashes of each entitlement after its last change in
-        them, on that change: a batch's views cost one per entitlement, not
-        one per event. A view that cannot be made is that change's error."""
-        with self._lock:
-            return self._with_views(changes)
-
-    def _with_views(self, changes: list[Change]) -> list[Change]:
-        last: dict[UUID, int] = {}
-        for index, change in enumerate(changes):
-            if isinstance(change.event, Entitlement.Event) and change.error is None:
-                last[change.event.originator_id] = index
-        changes = list(changes)
-        for aggregate_id, index in last.items():
-            change = changes[index]
-            version = change.event.originator_version
-            try:
-                state = self._cache.get(aggregate_id)
-                if state is None or state.version != version:
-                    state = self.store.aggregate_at(aggregate_id, version)
-                changes[index] = replace(
-                    change, entitlement=entitlement_view(state), code_hashes=tuple(state.codes)
-                )
-            except Exception as exc:
-                if transient(exc):
-                    raise
-                changes[index] = replace(
-                    change,
-                    error=describe(exc),
-                    aggregate_id=str(aggregate_id),
-                    topic=change.topic or ENTITLEMENT_TOPIC,
-                )
-        return changes
 
     def _prefetch(self, notifications: list[Notification]) -> None:
         """Load, in one query, the state before its first event in
