@@ -17,7 +17,7 @@ import copy
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast, get_args
@@ -105,6 +105,18 @@ def resolution_of(opened: Any, event: Any) -> Resolution:
         event.event_types,
         event.timestamp,
     )
+
+
+def state_before(event: Any, kept: Mapping[UUID, Any], missed: Callable[[Any], Any]) -> Any:
+    """The state of `event`'s aggregate before it: none for a first event,
+    the one `kept` if it is at the version before, else `missed(event)`."""
+    version = event.originator_version
+    if version == 1:
+        return None
+    state = kept.get(event.originator_id)
+    if state is not None and state.version == version - 1:
+        return state
+    return missed(event)
 
 
 def inherited(event: Any) -> tuple[Delivered, ...]:
@@ -321,19 +333,19 @@ class Follower:
             self._remember(aggregate)
 
     def _state_before(self, event: Any) -> Any:
-        version = event.originator_version
-        if version == 1:
-            return None
-        cached = self._cache.get(event.originator_id)
-        if cached is not None and cached.version == version - 1:
-            return cached
-        if not self._prefetched:
-            self._prefetched = True
-            self._prefetch(self._batch[self._next :])
-            cached = self._cache.get(event.originator_id)
-            if cached is not None and cached.version == version - 1:
-                return cached
-        return self.store.aggregate_at(event.originator_id, version - 1)
+        return state_before(event, self._cache, self._missed)
+
+    def _missed(self, event: Any) -> Any:
+        """The state before `event` of an aggregate not kept: the batch's
+        missing states are loaded at the first miss, then one by one."""
+        if self._prefetched:
+            return self._stored(event)
+        self._prefetched = True
+        self._prefetch(self._batch[self._next :])
+        return state_before(event, self._cache, self._stored)
+
+    def _stored(self, event: Any) -> Any:
+        return self.store.aggregate_at(event.originator_id, event.originator_version - 1)
 
     def _remember(self, aggregate: Any) -> None:
         self._cache[aggregate.id] = aggregate

@@ -7,12 +7,12 @@ the log position of each receipt, resolution and delivered fact so they can
 be put back in log order.
 
 Each process reads the log itself in pages of positions, and only its
-partition's events that the read model reads (the database filters them: selecting all of them ran
-at about 137,000 events/s, a seventh of the fold's time per process). The
-calling process folds the first partition itself; the others run in
-processes of their own (`Folding`), each with its own `EntitlementStore` on
-the same database, so each decodes sealed personal data with its own key
-cache. Memory: each process holds only its partition's aggregates.
+partition's events that the read model reads (the database filters them:
+selecting all of them ran at about 137,000 events/s, a seventh of the
+fold's time per process). The calling process folds the first partition
+itself; the others run in processes of their own (`Folding`), each with its
+own `EntitlementStore` on the same database, so each decodes sealed
+personal data with its own key cache. Memory: each process holds only its partition's aggregates.
 Partitions are equal: giving the calling process a larger one, to cover
 the others' start-up, was slower (measured, 120,000 events in two
 processes: 5.8-6.1 s against 5.3-5.4 s for the fold).
@@ -50,6 +50,7 @@ from services.projections.follower import (
     inherited,
     receipts_of,
     resolution_of,
+    state_before,
 )
 from services.projections.views import dead_letter_view, entitlement_view
 from services.readmodel import (
@@ -118,7 +119,7 @@ _SQLITE_BYTE = (
 
 
 class _Stored(NamedTuple):
-    """A stored event as `Follower` and the mapper read it (a `Notification`
+    """A stored event as `Partition` and the mapper read it (a `Notification`
     without the dataclass: making those was a twentieth of the fold's time)."""
 
     id: int
@@ -286,13 +287,10 @@ class Partition:
     def _before(self, event: Any) -> Any:
         """The aggregate's state before `event`: kept, or read from the store
         (an aggregate whose earlier events this partition did not fold)."""
-        version = event.originator_version
-        if version == 1:
-            return None
-        state = self.states.get(event.originator_id)
-        if state is not None and state.version == version - 1:
-            return state
-        return self.store.aggregate_at(event.originator_id, version - 1)
+        return state_before(event, self.states, self._stored)
+
+    def _stored(self, event: Any) -> Any:
+        return self.store.aggregate_at(event.originator_id, event.originator_version - 1)
 
     def _rows(self, part: Part, changed: dict[UUID, int], letters: dict[UUID, int]) -> None:
         """The read model's rows (or digests) of what the window changed."""
