@@ -92,6 +92,21 @@ class EntitlementList(BaseModel):
     items: list[EntitlementView]
 
 
+class IssuedCode(BaseModel):
+    """POST /v1/entitlements/{id}/codes: the new code and the entitlement."""
+
+    index: int
+    code: str
+    entitlement: EntitlementView
+
+
+class Liveness(BaseModel):
+    """GET /healthz: the process answers; which roles it runs."""
+
+    status: Literal["ok"] = "ok"
+    roles: list[str]
+
+
 class HistoryEntry(BaseModel):
     model_config = ConfigDict(frozen=True)
 

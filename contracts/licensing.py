@@ -55,6 +55,15 @@ class Activation(BaseModel):
     )
 
 
+class SeatLease(BaseModel):
+    """POST /v1/activations/{id}/heartbeat: the seat is kept."""
+
+    id: str
+    lease_until: datetime | None = Field(
+        description="Free after this without another heartbeat; null: not a floating seat"
+    )
+
+
 class ValidationRequest(BaseModel):
     """POST /v1/validate"""
 

@@ -22,6 +22,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+from contracts.api import HistoryEntry
 from contracts.events import CustomerV1
 from contracts.text import Moment, Text
 
@@ -135,3 +136,17 @@ class Recover(BaseModel):
 
 class Resent(BaseModel):
     resent: int
+
+
+class TestSent(BaseModel):
+    """POST /v1/webhook-endpoints/{id}/test: the ping queued for delivery."""
+
+    delivery_id: str
+    message_id: str
+
+
+class EndpointHistory(BaseModel):
+    """GET /v1/webhook-endpoints/{id}/history: every change to the endpoint."""
+
+    endpoint_id: UUID
+    events: list[HistoryEntry]

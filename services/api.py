@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import get_args
+from typing import Any, get_args
 
 import anyio
 from starlette.requests import Request
@@ -21,10 +21,13 @@ from contracts.api import (
     EntitlementView,
     ErasureList,
     ErasureRequest,
+    ErasureView,
     History,
     HistoryWithState,
+    IssuedCode,
     ProjectionErrorList,
     ReceiptList,
+    ReceiptView,
 )
 from contracts.events import Status
 from contracts.webhooks import RawWebhookV1
@@ -45,6 +48,7 @@ from services.http import (
     read_json,
 )
 from services.licensing import ValidationIndex
+from services.openapi import CURSOR, LIMIT, Answer, Documented, Operation, Query
 from services.projections import entitlement_view, history_entry
 from services.providers import has_control_character
 from services.readmodel import FILTERS, RECEIPT_FILTERS, ReadModel
@@ -329,10 +333,9 @@ class API:
 
         view = await anyio.to_thread.run_sync(self._change, entitlement_id, change)
         code = max(view.activation_codes, key=lambda c: c.index)
-        return JSONResponse(
-            {"index": code.index, "code": code.code, "entitlement": view.model_dump(mode="json")},
-            status_code=201,
-        )
+        assert code.code is not None  # with_codes derived it
+        issued = IssuedCode(index=code.index, code=code.code, entitlement=view)
+        return JSONResponse(issued.model_dump(mode="json"), status_code=201)
 
     async def revoke_code(self, request: Request) -> JSONResponse:
         key = self.authenticate(request)
@@ -394,18 +397,189 @@ class API:
 ADMIN_ACTIONS = ("suspend", "reinstate", "cancel", "extend")
 
 
+_ENTITLEMENT = {"id": "The entitlement's id (UUID)"}
+_NO_ENTITLEMENT = {404: "No entitlement has this id"}
+_CHANGE_ERRORS = {
+    **_NO_ENTITLEMENT,
+    409: "The change is refused in the entitlement's state",
+    503: "The entitlement kept changing; retry",
+}
+_ENTITLEMENT_QUERY = (
+    Query("order_ref", "The provider's order or subscription reference"),
+    Query("customer_email", "The buyer's e-mail address"),
+    Query("status", "One status", {"enum": sorted(_STATUSES)}),
+    Query("offering", "The catalog offering"),
+    LIMIT,
+)
+_AS_OF = (
+    Query(
+        "as_of",
+        "RFC 3339 time with an offset: the entitlement as of then",
+        {"type": "string", "format": "date-time"},
+    ),
+    Query(
+        "as_of_version",
+        "The entitlement as of this version (1, 2, …)",
+        {"type": "integer", "minimum": 1},
+    ),
+)
+
+
+def _admin(summary: str, answers: dict[int, Answer], **more: Any) -> Operation:
+    return Operation(summary, more.pop("tag", "entitlements"), answers, security="admin", **more)
+
+
 def routes(api: API) -> list[Route]:
     return [
-        Route("/v1/entitlements", api.list_entitlements, methods=["GET"]),
-        Route("/v1/entitlements/{id}", api.get_entitlement, methods=["GET"]),
-        Route("/v1/entitlements/{id}/history", api.get_history, methods=["GET"]),
-        Route("/v1/entitlements/{id}/codes", api.issue_code, methods=["POST"]),
-        Route("/v1/entitlements/{id}/codes/{index}", api.revoke_code, methods=["DELETE"]),
-        Route("/v1/entitlements/{id}/{action}", api.administer, methods=["POST"]),
-        Route("/v1/dead-letters", api.list_dead_letters, methods=["GET"]),
-        Route("/v1/webhooks", api.list_webhooks, methods=["GET"]),
-        Route("/v1/webhooks/{receipt_id}", api.get_webhook, methods=["GET"]),
-        Route("/v1/projection-errors", api.list_projection_errors, methods=["GET"]),
-        Route("/v1/customers/erase", api.erase_customer, methods=["POST"]),
-        Route("/v1/erasures", api.list_erasures, methods=["GET"]),
+        Documented(
+            "/v1/entitlements",
+            api.list_entitlements,
+            "GET",
+            _admin("Entitlements, newest first", {200: EntitlementList}, query=_ENTITLEMENT_QUERY),
+        ),
+        Documented(
+            "/v1/entitlements/{id}",
+            api.get_entitlement,
+            "GET",
+            _admin(
+                "One entitlement (now, or as of a time or version)",
+                {200: (EntitlementView, EntitlementAsOfView)},
+                path=_ENTITLEMENT,
+                query=_AS_OF,
+                errors={404: "No entitlement has this id, or it did not exist yet then"},
+            ),
+        ),
+        Documented(
+            "/v1/entitlements/{id}/history",
+            api.get_history,
+            "GET",
+            _admin(
+                "Every event of the entitlement (with the state after each: with_state=true)",
+                {200: (History, HistoryWithState)},
+                path=_ENTITLEMENT,
+                query=(
+                    Query(
+                        "with_state",
+                        "true: each event's state and diff",
+                        {"enum": ["true", "false"]},
+                    ),
+                ),
+                errors=_NO_ENTITLEMENT,
+            ),
+        ),
+        Documented(
+            "/v1/entitlements/{id}/codes",
+            api.issue_code,
+            "POST",
+            _admin(
+                "Issue another activation code",
+                {201: IssuedCode},
+                path=_ENTITLEMENT,
+                errors=_CHANGE_ERRORS,
+                idempotency_key=True,
+            ),
+        ),
+        Documented(
+            "/v1/entitlements/{id}/codes/{index}",
+            api.revoke_code,
+            "DELETE",
+            _admin(
+                "Revoke an activation code",
+                {200: EntitlementView},
+                path={**_ENTITLEMENT, "index": "The code's index (0 is the first)"},
+                errors=_CHANGE_ERRORS,
+                idempotency_key=True,
+            ),
+        ),
+        Documented(
+            "/v1/entitlements/{id}/{action}",
+            api.administer,
+            "POST",
+            _admin(
+                "Suspend, reinstate, cancel or extend, with a reason",
+                {200: EntitlementView},
+                body=AdminAction,
+                path={**_ENTITLEMENT, "action": f"One of {', '.join(ADMIN_ACTIONS)}"},
+                errors=_CHANGE_ERRORS,
+                idempotency_key=True,
+            ),
+        ),
+        Documented(
+            "/v1/dead-letters",
+            api.list_dead_letters,
+            "GET",
+            _admin(
+                "Webhooks that could not be applied, with why",
+                {200: DeadLetterList},
+                query=(LIMIT,),
+                tag="operations",
+            ),
+        ),
+        Documented(
+            "/v1/webhooks",
+            api.list_webhooks,
+            "GET",
+            _admin(
+                "Receipts of accepted webhooks, newest first",
+                {200: ReceiptList},
+                query=(
+                    Query("source", "The configured source's name"),
+                    Query("outcome", "What became of the webhook", {"enum": list(OUTCOMES)}),
+                    Query("order_ref", "The provider's order or subscription reference"),
+                    Query(
+                        "since",
+                        "RFC 3339 time: received at or after",
+                        {"type": "string", "format": "date-time"},
+                    ),
+                    CURSOR,
+                    LIMIT,
+                ),
+                tag="operations",
+            ),
+        ),
+        Documented(
+            "/v1/webhooks/{receipt_id}",
+            api.get_webhook,
+            "GET",
+            _admin(
+                "One receipt, with the webhook as received",
+                {200: ReceiptView},
+                path={"receipt_id": "The receipt id the ingress answered"},
+                errors={404: "No receipt has this id (or it is not folded yet)"},
+                tag="operations",
+            ),
+        ),
+        Documented(
+            "/v1/projection-errors",
+            api.list_projection_errors,
+            "GET",
+            _admin(
+                "Stored events a projection went on without",
+                {200: ProjectionErrorList},
+                query=(LIMIT,),
+                tag="operations",
+            ),
+        ),
+        Documented(
+            "/v1/customers/erase",
+            api.erase_customer,
+            "POST",
+            _admin(
+                "Erase a customer's personal data",
+                {200: ErasureView},
+                body=ErasureRequest,
+                tag="customers",
+            ),
+        ),
+        Documented(
+            "/v1/erasures",
+            api.list_erasures,
+            "GET",
+            _admin(
+                "Erasures done, newest first",
+                {200: ErasureList},
+                query=(CURSOR, LIMIT),
+                tag="customers",
+            ),
+        ),
     ]

@@ -19,14 +19,14 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
-from contracts.api import Readiness
+from contracts.api import Liveness, Readiness
 from contracts.webhooks import RAW_TOPIC
 from domain.endpoint import Endpoint
 from domain.entitlement import NAMESPACE
-from services import api, ingress, licensing, topics
+from services import api, ingress, licensing, openapi, topics
 from services.codes import CodeBook
 from services.config import AdminKey, Config, Settings, Source
 from services.fold import CONSUMER_GROUP, DomainService, RawLog, Scheduler, subscribe
@@ -46,6 +46,7 @@ from services.kafka import (
     make_broker,
     topic_id,
 )
+from services.openapi import Documented, Operation
 from services.outbound.mail import CHANNEL as MAIL_CHANNEL
 from services.outbound.mail import Mailer, mail_settings
 from services.outbound.outbox import RETRY_SCHEDULE, Dispatcher, Lease, Outbox, Sender
@@ -65,6 +66,13 @@ from services.stripe_api import StripeAPI, backfill
 log = logging.getLogger("entitle")
 
 ROLES = ("ingress", "domain", "projector", "api")
+HEALTHZ = Operation("The process answers", "meta", {200: Liveness})
+READYZ = Operation(
+    "Whether every part of this process works",
+    "meta",
+    {200: Readiness, 503: Readiness},
+    description="503 while a part is starting, failing or stopped; `parts` says which.",
+)
 
 
 @dataclass(frozen=True)
@@ -256,7 +264,7 @@ def build_app(
         )
         scheduler = Scheduler(service, read_model)
 
-    routes: list[Route] = []
+    routes: list[BaseRoute] = []
     index: licensing.ValidationIndex | None = None
     validation: licensing.Licensing | None = None
     if roles.ingress:
@@ -300,7 +308,7 @@ def build_app(
         routes += topics.routes(settings.kafka_bootstrap)
 
     async def healthz(_: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "roles": roles.names()})
+        return JSONResponse(Liveness(roles=roles.names()).model_dump())
 
     async def readyz(_: Request) -> JSONResponse:
         parts = {
@@ -328,8 +336,10 @@ def build_app(
         body = Readiness(ready=ready, roles=roles.names(), parts=parts, projection_errors=errors)
         return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ready else 503)
 
-    routes.append(Route("/healthz", healthz, methods=["GET"]))
-    routes.append(Route("/readyz", readyz, methods=["GET"]))
+    routes.append(Documented("/healthz", healthz, "GET", HEALTHZ))
+    routes.append(Documented("/readyz", readyz, "GET", READYZ))
+    shortcut = [("POST", "/v1/validate", licensing.VALIDATE)] if validation is not None else []
+    routes += openapi.routes(lambda: app.routes, shortcut)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:

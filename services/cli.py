@@ -109,6 +109,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         f"  broker:   {settings.kafka_bootstrap}" + (" (embedded)" if broker else ""),
         f"  store:    {_redact(settings.database_url)}",
         f"  API:      {base}/v1/entitlements",
+        f"  docs:     {base}/docs  (OpenAPI: {base}/openapi.json)",
     ]
     lines += [
         f"  webhook:  {base}/webhooks/{name}  ({s.provider.name})"

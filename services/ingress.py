@@ -26,6 +26,7 @@ from contracts.webhooks import RawWebhookV1
 from services.config import Config, Source
 from services.http import HTTPError, read_limited
 from services.kafka import MAX_MESSAGE_BYTES
+from services.openapi import Documented, Operation
 from services.providers import SignatureError, has_control_character
 
 log = logging.getLogger("entitle.ingress")
@@ -247,5 +248,24 @@ def _acknowledge(source: Source, events: list[Any]) -> Response:
     return PlainTextResponse("\n".join(kept), status_code=202)
 
 
+RECEIVE = Operation(
+    "Receive a provider's webhook",
+    "webhooks",
+    {202: (Accepted, "text/plain")},
+    body={"type": "object", "description": "The provider's event as it sent it, signed"},
+    path={"source": "A source configured in entitle.yaml (e.g. stripe)"},
+    errors={
+        400: "The body is empty or not a JSON object",
+        401: "The signature is missing, wrong or too old",
+        404: "No source of this name is configured",
+        413: "The body is too large",
+        503: "The webhook could not be stored; retry",
+    },
+    description="202 once the webhook is stored: JSON with its receipt id, or for a"
+    " FastSpring batch the stored events' ids, one a line (text/plain)."
+    " The provider's own signature header authenticates it.",
+)
+
+
 def routes(ingress: Ingress) -> list[Route]:
-    return [Route("/webhooks/{source}", ingress.receive, methods=["POST"])]
+    return [Documented("/webhooks/{source}", ingress.receive, "POST", RECEIVE)]

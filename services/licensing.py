@@ -40,6 +40,7 @@ from contracts.licensing import (
     ActivationRequest,
     Portal,
     PortalSeat,
+    SeatLease,
     Usage,
     UsageMetric,
     UsagePeriod,
@@ -78,6 +79,7 @@ from services.http import (
     read_json,
     send_json,
 )
+from services.openapi import Documented, Operation, Query
 from services.projections import entitlement_view
 from services.readmodel import ReadModel
 from services.store import EntitlementStore, StillChanging
@@ -291,7 +293,7 @@ class Licensing:
             until.append(entitlement.heartbeat(seat_id, self._lease(entitlement), request_id, at))
 
         await anyio.to_thread.run_sync(self._change, entitlement_id, change, _no_seat(seat_id))
-        return JSONResponse({"id": seat_id, "lease_until": _iso(until[-1])})
+        return JSONResponse(SeatLease(id=seat_id, lease_until=until[-1]).model_dump(mode="json"))
 
     async def deactivate(self, request: Request) -> Response:
         seat_id, credential = self._seat_request(request)
@@ -615,10 +617,6 @@ def _no_seat(seat_id: str) -> HTTPError:
     return HTTPError(404, "NOT_FOUND", f"no seat {seat_id} is in use")
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
 def _current(view: EntitlementView) -> dict[str, int]:
     """This period's usage per metric."""
     for period in view.usage:
@@ -633,14 +631,130 @@ def _usage(limits: dict[str, int], current: dict[str, int]) -> Usage:
     )
 
 
+_CODE = Query(
+    "activation_code",
+    "The customer's activation code",
+    {"type": "string", "minLength": 1, "maxLength": 64},
+    required=True,
+)
+_SEAT = {"id": "The seat's id (the activation's `id`)"}
+_BY_CODE = {
+    404: "No entitlement has this activation code",
+    429: "Too many requests for this code or from this address",
+}
+_SEAT_ERRORS = {
+    404: "No such seat is in use, or not opened by this credential",
+    503: "The entitlement kept changing; retry",
+}
+_ACTIVE = {403: "The entitlement is not active (`entitlement_status` says what it is)"}
+TAG = "licensing"
+
+VALIDATE = Operation(
+    "Is this activation code good (for this device, feature or product)?",
+    TAG,
+    {200: ValidationResult},
+    body=ValidationRequest,
+    errors={429: "Too many requests for this code or from this address"},
+    description="Answers 200 with `valid` and a `code` saying why for every code, known or not.",
+)
+
+
 def routes(licensing: Licensing) -> list[Route]:
     return [
-        Route("/v1/activations", licensing.activate, methods=["POST"]),
-        Route("/v1/activations/{id}", licensing.deactivate, methods=["DELETE"]),
-        Route("/v1/activations/{id}/heartbeat", licensing.heartbeat, methods=["POST"]),
-        Route("/v1/activations/{id}/license-file", licensing.license_file, methods=["POST"]),
-        Route("/v1/keys", licensing.keys, methods=["GET"]),
-        Route("/v1/portal", licensing.portal, methods=["GET"]),
-        Route("/v1/usage", licensing.record_usage, methods=["POST"]),
-        Route("/v1/usage", licensing.usage, methods=["GET"]),
+        Documented(
+            "/v1/activations",
+            licensing.activate,
+            "POST",
+            Operation(
+                "Take a seat for a device (201 new, 200 the device already held one)",
+                TAG,
+                {200: Activation, 201: Activation},
+                body=ActivationRequest,
+                errors={**_BY_CODE, **_ACTIVE, 409: "Every seat is taken"},
+                idempotency_key=True,
+            ),
+        ),
+        Documented(
+            "/v1/activations/{id}",
+            licensing.deactivate,
+            "DELETE",
+            Operation(
+                "Free the seat",
+                TAG,
+                {204: None},
+                path=_SEAT,
+                security="seat",
+                errors=_SEAT_ERRORS,
+                idempotency_key=True,
+            ),
+        ),
+        Documented(
+            "/v1/activations/{id}/heartbeat",
+            licensing.heartbeat,
+            "POST",
+            Operation(
+                "Keep a floating seat",
+                TAG,
+                {200: SeatLease},
+                path=_SEAT,
+                security="seat",
+                errors={**_SEAT_ERRORS, **_ACTIVE},
+                idempotency_key=True,
+            ),
+        ),
+        Documented(
+            "/v1/activations/{id}/license-file",
+            licensing.license_file,
+            "POST",
+            Operation(
+                "A signed offline license file for the seat",
+                TAG,
+                {200: LicenseFileV1},
+                path=_SEAT,
+                security="seat",
+                errors={**_SEAT_ERRORS, **_ACTIVE, 503: "No signing key is configured"},
+            ),
+        ),
+        Documented(
+            "/v1/keys",
+            licensing.keys,
+            "GET",
+            Operation("The public keys that sign license files", TAG, {200: KeysV1}),
+        ),
+        Documented(
+            "/v1/portal",
+            licensing.portal,
+            "GET",
+            Operation(
+                "What the customer may see of their entitlement",
+                TAG,
+                {200: Portal},
+                query=(_CODE,),
+                errors=_BY_CODE,
+            ),
+        ),
+        Documented(
+            "/v1/usage",
+            licensing.record_usage,
+            "POST",
+            Operation(
+                "Record usage of a metered feature (201 recorded, 200 a repeated idempotency key)",
+                TAG,
+                {200: Usage, 201: Usage},
+                body=UsageRequest,
+                errors={**_BY_CODE, **_ACTIVE, 409: "Over the offering's limit"},
+            ),
+        ),
+        Documented(
+            "/v1/usage",
+            licensing.usage,
+            "GET",
+            Operation(
+                "Usage this period and in every period",
+                TAG,
+                {200: Usage},
+                query=(_CODE,),
+                errors=_BY_CODE,
+            ),
+        ),
     ]

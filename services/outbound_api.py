@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -21,16 +22,19 @@ from contracts.outbound import (
     DeliveryList,
     DeliveryView,
     EndpointCreate,
+    EndpointHistory,
     EndpointList,
     EndpointPatch,
     EndpointView,
     PingV1,
     Recover,
     Resent,
+    TestSent,
 )
 from domain.endpoint import CHANGEABLE, Endpoint
 from services.api import API, _limit, _no_control_characters, _only
 from services.http import HTTPError, busy, decode_cursor, encode_cursor, read_json
+from services.openapi import CURSOR, LIMIT, Answer, Documented, Operation, Query
 from services.outbound.outbox import Job, JobRecord, Outbox
 from services.outbound.rules import events_problem, url_problem
 from services.outbound.webhooks import KIND, EndpointInfo, Endpoints, Resolver
@@ -381,7 +385,8 @@ class OutboundAPI:
             ordered=False,
         )
         await anyio.to_thread.run_sync(self.outbox.add, [job])
-        return JSONResponse({"delivery_id": job.id, "message_id": message_id}, status_code=202)
+        sent = TestSent(delivery_id=job.id, message_id=message_id)
+        return JSONResponse(sent.model_dump(), status_code=202)
 
     async def history(self, request: Request) -> JSONResponse:
         """The endpoint's audit trail: every change, who made it and when."""
@@ -391,8 +396,8 @@ class OutboundAPI:
         if await anyio.to_thread.run_sync(self._stored, endpoint_id) is None:
             raise HTTPError(404, "not_found", f"no webhook endpoint {endpoint_id}")
         events = await anyio.to_thread.run_sync(self.store.history, endpoint_id)
-        entries = [history_entry(event).model_dump(mode="json") for event in events]
-        return JSONResponse({"endpoint_id": str(endpoint_id), "events": entries})
+        body = EndpointHistory(endpoint_id=endpoint_id, events=[history_entry(e) for e in events])
+        return JSONResponse(body.model_dump(mode="json"))
 
     # -- deliveries ------------------------------------------------------------
 
@@ -481,20 +486,124 @@ def _check_events(events: list[str] | None) -> None:
         raise HTTPError(422, "invalid_body", problem)
 
 
+_ENDPOINT = {"id": "The endpoint's id (UUID)"}
+_STATUS = Query("status", "Only deliveries in this state", {"enum": list(STATUSES)})
+_PAGED = (_STATUS, CURSOR, LIMIT)
+_NOT_SENDABLE = {409: "The endpoint is deleted or disabled, or its channel paused"}
+
+
 def routes(api: OutboundAPI) -> list[Route]:
     base = "/v1/webhook-endpoints"
+    tag = "outbound webhooks"
+
+    def op(summary: str, answers: dict[int, Answer], **more: Any) -> Operation:
+        return Operation(summary, tag, answers, security="admin", **more)
+
+    one = op("One endpoint", {200: EndpointView}, path=_ENDPOINT)
     return [
-        Route(base, api.create, methods=["POST"]),
-        Route(base, api.list, methods=["GET"]),
-        Route(base + "/{id}", api.get, methods=["GET"]),
-        Route(base + "/{id}", api.patch, methods=["PATCH"]),
-        Route(base + "/{id}", api.delete, methods=["DELETE"]),
-        Route(base + "/{id}/rotate-secret", api.rotate, methods=["POST"]),
-        Route(base + "/{id}/test", api.test, methods=["POST"]),
-        Route(base + "/{id}/deliveries", api.deliveries, methods=["GET"]),
-        Route(base + "/{id}/history", api.history, methods=["GET"]),
-        Route(base + "/{id}/recover", api.recover, methods=["POST"]),
-        Route("/v1/deliveries/{id}/resend", api.resend, methods=["POST"]),
-        Route("/v1/mails", api.mails, methods=["GET"]),
-        Route("/v1/outbox", api.outbox_jobs, methods=["GET"]),
+        Documented(
+            base,
+            api.create,
+            "POST",
+            op("Add an endpoint", {201: EndpointView}, body=EndpointCreate),
+        ),
+        Documented(base, api.list, "GET", op("Every endpoint", {200: EndpointList})),
+        Documented(base + "/{id}", api.get, "GET", one),
+        Documented(
+            base + "/{id}",
+            api.patch,
+            "PATCH",
+            op("Change an endpoint", {200: EndpointView}, body=EndpointPatch, path=_ENDPOINT),
+        ),
+        Documented(
+            base + "/{id}",
+            api.delete,
+            "DELETE",
+            op("Delete an endpoint", {204: None}, path=_ENDPOINT),
+        ),
+        Documented(
+            base + "/{id}/rotate-secret",
+            api.rotate,
+            "POST",
+            op(
+                "A new signing secret (the old one signs too for a day)",
+                {200: EndpointView},
+                path=_ENDPOINT,
+            ),
+        ),
+        Documented(
+            base + "/{id}/test",
+            api.test,
+            "POST",
+            op("Send a ping", {202: TestSent}, path=_ENDPOINT, errors=_NOT_SENDABLE),
+        ),
+        Documented(
+            base + "/{id}/deliveries",
+            api.deliveries,
+            "GET",
+            op(
+                "The endpoint's deliveries, oldest first",
+                {200: DeliveryList},
+                path=_ENDPOINT,
+                query=_PAGED,
+            ),
+        ),
+        Documented(
+            base + "/{id}/history",
+            api.history,
+            "GET",
+            op("Every change to the endpoint", {200: EndpointHistory}, path=_ENDPOINT),
+        ),
+        Documented(
+            base + "/{id}/recover",
+            api.recover,
+            "POST",
+            op(
+                "Send again every failed delivery since a time",
+                {202: Resent},
+                body=Recover,
+                path=_ENDPOINT,
+                errors=_NOT_SENDABLE,
+            ),
+        ),
+        Documented(
+            "/v1/deliveries/{id}/resend",
+            api.resend,
+            "POST",
+            Operation(
+                "Send a delivery (any outbound job) again",
+                tag,
+                {202: Resent},
+                path={"id": "The delivery's id"},
+                security="admin",
+                errors=_NOT_SENDABLE,
+            ),
+        ),
+        Documented(
+            "/v1/mails",
+            api.mails,
+            "GET",
+            Operation(
+                "Mails to buyers, oldest first",
+                "mail",
+                {200: DeliveryList},
+                query=_PAGED,
+                security="admin",
+            ),
+        ),
+        Documented(
+            "/v1/outbox",
+            api.outbox_jobs,
+            "GET",
+            Operation(
+                "Outbound jobs of a kind, oldest first",
+                "outbound webhooks",
+                {200: DeliveryList},
+                query=(
+                    Query("kind", "webhook, mail or stripe", {"enum": list(KINDS)}, required=True),
+                    *_PAGED,
+                ),
+                security="admin",
+            ),
+        ),
     ]

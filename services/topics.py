@@ -6,7 +6,6 @@ that lists every topic with its payload's schema from `contracts/`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import metadata
 
 from faststream.kafka import KafkaBroker
 from faststream.kafka.publisher.usecase import DefaultPublisher
@@ -19,6 +18,8 @@ from starlette.routing import Route
 from contracts.events import EVENTS_TOPIC, EntitlementEventV1
 from contracts.state import STATE_TOPIC, EntitlementStateV1
 from contracts.webhooks import DEAD_LETTER_TOPIC, RAW_TOPIC, DeadLetterV1, RawWebhookV1
+from services import version
+from services.openapi import Documented, Operation
 
 
 @dataclass(frozen=True)
@@ -68,13 +69,6 @@ def declare(broker: KafkaBroker) -> Publishers:
     )
 
 
-def _version() -> str:
-    try:
-        return metadata.version("entitle")
-    except metadata.PackageNotFoundError:  # run from a checkout, not installed
-        return "0"
-
-
 def asyncapi(bootstrap: str | None) -> Specification:
     """The AsyncAPI 3.0 document of the topics; its server is `bootstrap`
     when known (a broker only described, never connected)."""
@@ -86,7 +80,7 @@ def asyncapi(bootstrap: str | None) -> Specification:
     return AsyncAPI(
         broker,
         title="entitle",
-        version=_version(),
+        version=version(),
         description="The Kafka topics of the entitle entitlement engine. Payloads are JSON"
         " (content-type application/json); their schemas are also in contracts/schemas/.",
     ).to_specification()
@@ -106,6 +100,18 @@ def routes(bootstrap: str | None) -> list[Route]:
         return HTMLResponse(page)
 
     return [
-        Route("/asyncapi.json", as_json, methods=["GET"]),
-        Route("/asyncapi", as_page, methods=["GET"]),
+        Documented(
+            "/asyncapi.json",
+            as_json,
+            "GET",
+            Operation(
+                "The AsyncAPI document of the Kafka topics", "meta", {200: "application/json"}
+            ),
+        ),
+        Documented(
+            "/asyncapi",
+            as_page,
+            "GET",
+            Operation("FastStream's page for the AsyncAPI document", "meta", {200: "text/html"}),
+        ),
     ]

@@ -4,6 +4,8 @@ no JSON text, odd credentials): a 4xx with a JSON error body, never a 5xx."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.routing import Mount
 
 from domain.entitlement import order_id
 from services.app import Roles, build_app
@@ -26,9 +29,8 @@ pytestmark = pytest.mark.e2e
 __all__ = ["stack"]  # the fixture, shared with test_edges
 
 
-def route_table(tmp_path: Path) -> list[tuple[str, str]]:
-    """(method, path template) of every route `entitle dev` serves, read
-    from the app the composition root builds (so a new route is covered)."""
+def dev_app(tmp_path: Path) -> Shortcut:
+    """The app the composition root builds for `entitle dev` (not started)."""
     (tmp_path / "entitle.yaml").write_text(CONFIG)
     settings = Settings(
         kafka_bootstrap="127.0.0.1:9",
@@ -41,12 +43,59 @@ def route_table(tmp_path: Path) -> list[tuple[str, str]]:
         load_config(tmp_path / "entitle.yaml"), settings, Roles.all(), admin_keys(ADMIN)
     )
     assert isinstance(app, Shortcut)
+    return app
+
+
+def route_table(tmp_path: Path) -> list[tuple[str, str]]:
+    """(method, path template) of every route `entitle dev` serves, read
+    from the app the composition root builds (so a new route is covered);
+    mounted static files (the docs page's assets) are not routes."""
+    app = dev_app(tmp_path)
     table = [(app.method, app.path)]
     for route in app.app.routes:
+        if isinstance(route, Mount):
+            continue
         for method in sorted(getattr(route, "methods", None) or {"GET"}):
             if method != "HEAD":
                 table.append((method, route.path))  # type: ignore[attr-defined]
     return table
+
+
+def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(stack: Entitle) -> None:
+    """schemathesis, from the served OpenAPI document, against the running
+    stack with an admin key: a bounded number of examples per operation
+    (and its stateful phase); no 5xx, and every answer's status, media type,
+    headers and body as the document says."""
+    checks = (
+        "not_a_server_error,status_code_conformance,content_type_conformance,"
+        "response_schema_conformance,response_headers_conformance"
+    )
+    run = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "st"),
+            "run",
+            f"{stack.url}/openapi.json",
+            "--checks",
+            checks,
+            "--max-examples",
+            "10",
+            "--seed",
+            "17",
+            "--header",
+            f"Authorization: {AUTH['Authorization']}",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    docs = httpx.get(stack.printed(r"docs:\s+(\S+)"))  # the URL `entitle dev` prints
+    assert docs.status_code == 200 and "/openapi.json" in docs.text
+    paths = httpx.get(f"{stack.url}/openapi.json").json()["paths"]
+    operations = sum(len(methods) for methods in paths.values())
+    # All but GET /openapi.json, which schemathesis leaves out as the document itself.
+    assert operations > 30 and f"Tested: {operations - 1}" in run.stdout, run.stdout[-3000:]
 
 
 def test_no_bad_input_to_any_route_is_a_server_error(stack: Entitle, tmp_path: Path) -> None:
