@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID, uuid5
 
 import anyio
@@ -46,6 +47,7 @@ from services.kafka import (
     make_broker,
     topic_id,
 )
+from services.metrics import Scrape
 from services.openapi import Documented, Operation
 from services.outbound.mail import CHANNEL as MAIL_CHANNEL
 from services.outbound.mail import Mailer, mail_settings
@@ -57,7 +59,15 @@ from services.outbound.webhooks import KIND as WEBHOOK_KIND
 from services.outbound.webhooks import EndpointInfo, Endpoints, WebhookSender
 from services.outbound_api import OutboundAPI
 from services.outbound_api import routes as outbound_routes
-from services.projections import Follower, LogBell, Needs, follow, listen, projections
+from services.projections import (
+    Follower,
+    LogBell,
+    Needs,
+    Projection,
+    follow,
+    listen,
+    projections,
+)
 from services.projections.stripe_codes import write_back_sources
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
@@ -162,6 +172,59 @@ async def disable_channel(store: EntitlementStore, kind: str, channel: str, reas
     await anyio.to_thread.run_sync(
         lambda: store.update(UUID(channel), Endpoint, lambda e: e.disable(reason, "dispatcher", at))
     )
+
+
+def _scrape(
+    health: Health,
+    read_model: ReadModel | None,
+    raw_log: RawLog | None,
+    running: list[Projection],
+    recorder: Any,
+) -> BaseRoute:
+    """`GET /metrics`, with the levels this process can read when scraped."""
+    scrape = Scrape()
+
+    async def parts() -> dict[tuple[str, ...], float]:
+        return {(name,): float(part.state == "ok") for name, part in health.parts().items()}
+
+    scrape.gauge(
+        "entitle_part_up", "1 while a part of this process works (as /readyz)", ["part"], parts
+    )
+    if read_model is not None:
+
+        async def parked() -> dict[tuple[str, ...], float]:
+            return {(): float(await anyio.to_thread.run_sync(read_model.parked))}
+
+        scrape.gauge(
+            "entitle_parked_webhooks", "Webhooks parked now, waiting for what they name", [], parked
+        )
+    if raw_log is not None:
+
+        async def lag() -> dict[tuple[str, ...], float]:
+            return {(str(p),): float(n) for p, n in (await raw_log.lag()).items()}
+
+        scrape.gauge(
+            "entitle_consumer_lag",
+            "Raw webhooks on each partition not yet folded (end offset minus committed offset)",
+            ["partition"],
+            lag,
+        )
+    if recorder is not None:
+
+        async def behind() -> dict[tuple[str, ...], float]:
+            def read() -> dict[tuple[str, ...], float]:
+                head = recorder.max_notification_id() or 0
+                return {(p.name,): float(max(0, head - p.position())) for p in running}
+
+            return await anyio.to_thread.run_sync(read)
+
+        scrape.gauge(
+            "entitle_projector_lag",
+            "Stored events each projection of this process has not yet projected",
+            ["projection"],
+            behind,
+        )
+    return scrape.route()
 
 
 def build_app(
@@ -336,6 +399,10 @@ def build_app(
         body = Readiness(ready=ready, roles=roles.names(), parts=parts, projection_errors=errors)
         return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ready else 503)
 
+    running: list[Projection] = []  # this process's projections, once started
+    routes.append(
+        _scrape(health, read_model, raw_log, running, store.process_recorder if store else None)
+    )
     routes.append(Documented("/healthz", healthz, "GET", HEALTHZ))
     routes.append(Documented("/readyz", readyz, "GET", READYZ))
     shortcut = [("POST", "/v1/validate", licensing.VALIDATE)] if validation is not None else []
@@ -405,7 +472,8 @@ def build_app(
                 endpoints_changed=endpoints.invalidate,
             )
             follower = Follower(store)  # one for all: each batch decoded once
-            for projection in projections(needs):
+            running.extend(projections(needs))
+            for projection in running:
                 loop = functools.partial(
                     follow, store, projection, stop, bell=bell, follower=follower
                 )

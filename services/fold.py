@@ -47,6 +47,7 @@ from services.codes import CodeBook
 from services.config import Config
 from services.health import Backoff, Health, describe, sleep_unless, transient
 from services.kafka import end_offsets, incarnation, is_marker
+from services.metrics import DEAD_LETTERS, EVENTS_FOLDED, FOLD_BATCHES, WEBHOOKS_FOLDED
 from services.personal import Personal, address_in
 from services.providers import (
     Unmappable,
@@ -558,12 +559,16 @@ class Scheduler:
                 entitlement = batch.find(UUID(raw_id), Entitlement)
                 if entitlement is not None:
                     settle_due(entitlement, self.service.rules, now)
-            for parked, waits_on in waited:
-                self.service.give_up(batch, parked, waits_on, now)
+            given_up = sum(
+                self.service.give_up(batch, parked, waits_on, now) for parked, waits_on in waited
+            )
             try:
-                return self.service.store.record(batch, None)
+                saved = self.service.store.record(batch, None)
             except IntegrityError:
                 log.warning("conflict settling due entitlements (attempt %d)", attempt + 1)
+                continue
+            DEAD_LETTERS.inc(given_up)
+            return saved
         raise RuntimeError("could not settle due entitlements after 5 attempts")
 
     async def run(
@@ -746,14 +751,19 @@ class RawLog:
         return left
 
     async def _unfolded(self) -> int:
+        return sum((await self.lag()).values())
+
+    async def lag(self) -> dict[int, int]:
+        """Records on each partition of the raw topic not yet folded (end
+        offset minus the committed offset); {} before the consumer runs."""
         consumer = self.consumer
         if consumer is None:
-            return 0
-        left = 0
+            return {}
+        lag = {}
         for partition, end in (await end_offsets(self.bootstrap, RAW_TOPIC)).items():
             committed = await consumer.committed(TopicPartition(RAW_TOPIC, partition))
-            left += max(0, end - (committed or 0))
-        return left
+            lag[partition] = max(0, end - (committed or 0))
+        return lag
 
     async def _start_again(self) -> None:
         self._new_log = True
@@ -831,9 +841,14 @@ def subscribe(
                 delay,
                 exc_info=None if transient(exc) or backoff.attempts > 1 else exc,
             )
+            FOLD_BATCHES.labels("failed").inc()
             await asyncio.sleep(delay)
             await message.nack()
             return
+        FOLD_BATCHES.labels("folded").inc()
+        WEBHOOKS_FOLDED.inc(result.webhooks)
+        EVENTS_FOLDED.inc(result.events)
+        DEAD_LETTERS.inc(result.dead_letters)
         raw_log.folded(records)
         backoff.reset()
         health.ok(FOLD)

@@ -26,6 +26,12 @@ from contracts.webhooks import RawWebhookV1
 from services.config import Config, Source
 from services.http import HTTPError, read_limited
 from services.kafka import MAX_MESSAGE_BYTES
+from services.metrics import (
+    UNKNOWN_SOURCE,
+    WEBHOOKS_ACCEPTED,
+    WEBHOOKS_RECEIVED,
+    WEBHOOKS_REJECTED,
+)
 from services.openapi import Documented, Operation
 from services.providers import SignatureError, has_control_character
 
@@ -148,6 +154,17 @@ class Ingress:
 
     async def receive(self, request: Request) -> Response:
         name = request.path_params["source"]
+        label = name if name in self.config.sources else UNKNOWN_SOURCE
+        WEBHOOKS_RECEIVED.labels(label).inc()
+        try:
+            answer = await self._receive(request, name)
+        except HTTPError as exc:
+            WEBHOOKS_REJECTED.labels(label, exc.code).inc()
+            raise
+        WEBHOOKS_ACCEPTED.labels(label).inc()
+        return answer
+
+    async def _receive(self, request: Request, name: str) -> Response:
         source = self.config.sources.get(name)
         if source is None:
             raise HTTPError(

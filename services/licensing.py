@@ -79,6 +79,7 @@ from services.http import (
     read_json,
     send_json,
 )
+from services.metrics import VALIDATION_SECONDS, VALIDATIONS
 from services.openapi import Documented, Operation, Query
 from services.projections import entitlement_view
 from services.readmodel import ReadModel
@@ -389,22 +390,28 @@ class Licensing:
         in front of Starlette's middleware and router, and a well-formed
         request for an indexed code is answered from memory with bytes
         serialised once per entitlement state."""
+        started = time.perf_counter()
         try:
             body = parse_json(await read_body(receive), ValidationRequest)
             hashed = code_hash(body.activation_code)
             self.limits.check(client_address(scope), hashed, time.monotonic())
-            payload = self._answer(body, hashed)
-            if payload is None:
-                payload = await anyio.to_thread.run_sync(self._answer_from_store, body)
+            answered = self._answer(body, hashed)
+            if answered is None:
+                answered = await anyio.to_thread.run_sync(self._answer_from_store, body)
         except HTTPError as exc:
+            VALIDATIONS.labels(exc.code).inc()
             await http_error_response(exc)(scope, receive, send)
             return
         except Exception as exc:
+            VALIDATIONS.labels("internal_error").inc()
             await internal_error_response(exc)(scope, receive, send)
             return
+        payload, code = answered
         await send_json(send, 200, payload)
+        VALIDATIONS.labels(code).inc()
+        VALIDATION_SECONDS.observe(time.perf_counter() - started)
 
-    def _answer(self, body: ValidationRequest, hashed: str) -> bytes | None:
+    def _answer(self, body: ValidationRequest, hashed: str) -> tuple[bytes, str] | None:
         """The answer from the index alone, or None when it cannot decide: a
         code it does not know may be minutes old, and a device it does not
         list as holding a seat may have activated a moment ago."""
@@ -418,10 +425,12 @@ class Licensing:
             and not self._seat_listed(view, body.fingerprint)
         ):
             return None
-        return indexed.answer(self.outcome(body, view))
+        code = self.outcome(body, view)
+        return indexed.answer(code), code
 
-    def _answer_from_store(self, body: ValidationRequest) -> bytes:
-        return self.check(body).model_dump_json().encode()
+    def _answer_from_store(self, body: ValidationRequest) -> tuple[bytes, str]:
+        result = self.check(body)
+        return result.model_dump_json().encode(), result.code
 
     def _latest(self, view: EntitlementView | None, hashed: str) -> EntitlementView | None:
         """`view` from the read model, or the later state this process saved:

@@ -600,6 +600,20 @@ class ReadModel:
             for body, waits_on in rows
         ]
 
+    def parked(self) -> int:
+        """Webhooks parked now (each waits for something named in its receipt)."""
+        rows = self._query(
+            "SELECT count(*) FROM entitle_v3_receipts WHERE waiting = 1 AND outcome = 'parked'"
+        )
+        return int(rows[0][0])
+
+    def positions(self) -> dict[str, int]:
+        """Each projection's position in the notification log."""
+        return {
+            name: int(p)
+            for name, p in self._query("SELECT name, position FROM entitle_read_positions")
+        }
+
     def ping(self) -> None:
         """Raises unless the database answers."""
         self._query("SELECT 1")

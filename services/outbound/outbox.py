@@ -42,6 +42,7 @@ import psycopg
 
 from domain.entitlement import NAMESPACE
 from services.health import sleep_unless
+from services.metrics import OUTBOUND
 from services.readmodel import ReadModel, moment
 from services.store import CREATE_LOCK
 
@@ -508,6 +509,8 @@ class Outbox:
                     disable[channel] = f"every attempt failed for {days:g} days"
             for channel in disable:
                 self.pause(cur, channel, True)
+        for job, status in zip((job for job, *_ in results), (u[0] for u in updates), strict=True):
+            OUTBOUND.labels(job.kind, "retrying" if status == "pending" else status).inc()
         return sorted(disable.items())
 
     # -- what operators read and do ----------------------------------------
