@@ -92,6 +92,8 @@ class VerifyReport:
     mismatch_count: int = 0
     limit: int = 50
     seconds: float = 0.0
+    #: The read model did not reach the head in time (no projector runs).
+    stale: bool = False
 
     @property
     def ok(self) -> bool:
@@ -112,8 +114,12 @@ class VerifyReport:
         lag = (
             "the read model is at the head"
             if not self.behind
-            else f"the read model is {self.behind} events behind the head {self.head}:"
-            " those are not verified (run again once the projector has caught up)"
+            else f"the read model is {self.behind} events behind the head {self.head} and"
+            " did not catch up: no projector is running, or a replay was interrupted"
+            " (`entitle replay` rebuilds it)"
+            if self.stale
+            else f"the read model was {self.behind} events behind the head {self.head}:"
+            " those are not verified (the projector has projected them since)"
         )
         rate = self.events / self.seconds if self.seconds else 0.0
         out = [
@@ -230,6 +236,7 @@ def verify(
     batch_size: int = 1000,
     progress: Progress | None = None,
     workers: int | None = None,
+    catch_up: float = 10.0,
 ) -> VerifyReport:
     """Fold every aggregate from the log (as `entitle replay` does, in
     `workers` processes: see `projections.parallel`) up to
@@ -239,7 +246,9 @@ def verify(
     field by field, its indexed code hashes, a `ValidationIndex` built from
     those rows, the dead letters, and the receipts' outcomes. Also checks
     the log: versions 1..n per aggregate in log order, unused notification
-    ids, every projection's position at most the head.
+    ids, every projection's position at most the head, and that the read
+    model reaches the head within `catch_up` seconds (else it is stale: a
+    mismatch; see `_caught_up`).
 
     Raises what the databases raise when they cannot be reached."""
     started = time.monotonic()
@@ -265,8 +274,25 @@ def verify(
         _compare_entitlements(store, read_model, cur, fold, report)
         _compare_dead_letters(read_model, cur, fold, report)
         _compare_receipts(read_model, cur, fold, report)
+    if report.behind:
+        _caught_up(read_model, report, catch_up)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _caught_up(read_model: ReadModel, report: VerifyReport, wait: float) -> None:
+    """The read model's position reaches the head of the snapshot within
+    `wait` seconds: a running projector projects what is behind in
+    moments; a read model left behind (no projector, an interrupted
+    replay, a position set back) never would, and is a mismatch, since its
+    tables are not what the log says."""
+    deadline = time.monotonic() + wait
+    while (position := read_model.position(READ_MODEL)) < report.head:
+        if time.monotonic() >= deadline:
+            report.stale = True
+            report.add(Mismatch("position", READ_MODEL, "position", position, report.head))
+            return
+        time.sleep(0.2)
 
 
 def _fold(

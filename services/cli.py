@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import uuid
@@ -575,6 +576,16 @@ def _positive(raw: str) -> int:
     return value
 
 
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds") from None
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError("must be from 0 to 3600 seconds")
+    return value
+
+
 def _position(raw: str) -> int:
     value = ascii_int(raw)
     if value is None:
@@ -751,7 +762,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
             read_model = ReadModel(settings.database_url)
             bar = audit.Bar("verify")
             try:
-                report = audit.verify(store, read_model, limit=args.limit, progress=bar)
+                report = audit.verify(
+                    store, read_model, limit=args.limit, progress=bar, catch_up=args.wait
+                )
             finally:
                 bar.end()
             lines = report.lines()
@@ -901,6 +914,13 @@ def parser() -> argparse.ArgumentParser:
         "verify", help="fold every aggregate and compare with the read model and code index"
     )
     p.add_argument("--limit", type=_positive, default=50, help="most mismatches listed")
+    p.add_argument(
+        "--wait",
+        type=_seconds,
+        default=10.0,
+        help="seconds the read model may take to reach the head when it is behind (a"
+        " running projector catches up in moments); not reached: a mismatch (default 10)",
+    )
     p.set_defaults(run=cmd_audit)
     p = audit_sub.add_parser("export", help="stored events as JSON lines on stdout")
     p.add_argument("--since", help="recorded at or after (RFC 3339, e.g. 2026-11-30T00:00:00Z)")
@@ -953,11 +973,26 @@ def _require_store() -> None:
     if url.scheme != "sqlite":
         return
     path = unquote(url.path[1:] if url.path.startswith("/") else url.path)
-    if path and not Path(path).is_file():
-        raise ConfigError(
-            f"no event store at {path} (set ENTITLE_DATABASE_URL"
-            " or run from the directory of .entitle)"
-        )
+    if not path:
+        return
+    missing = ConfigError(
+        f"no event store at {path} (set ENTITLE_DATABASE_URL or run from the directory of .entitle)"
+    )
+    if not Path(path).is_file():
+        raise missing
+    # A file that is no SQLite database, or one that holds no event store
+    # (an empty file, another program's): said so, and nothing written to it.
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+        ) as db:
+            found = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'stored_events'"
+            ).fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"{path} cannot be read as a database: {exc}") from None
+    if found is None:
+        raise ConfigError(f"{path} holds no event store (no stored_events table)")
 
 
 if __name__ == "__main__":

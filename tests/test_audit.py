@@ -4,9 +4,12 @@ code index does not, and the export is the log, line for line."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import shutil
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,10 +118,20 @@ def test_verify_passes_on_a_healthy_store_and_names_what_was_tampered_with(
     assert "the read model is at the head" in shown.stdout
     assert shown.stderr.strip().startswith("OK: 0 mismatches")  # no bar without a terminal
 
-    # The read model behind the log: verified up to its position, and said so.
+    # The read model behind the log, and no projector to catch it up (an
+    # interrupted replay, a position set back): verified up to its
+    # position, and stale, so not OK.
     service(store).process([record(18, paid("sub_new"))])
-    behind = verify(store, read_model)
-    assert behind.ok and behind.behind > 0 and behind.position == head
+    behind = verify(store, read_model, catch_up=0.5)
+    assert behind.behind > 0 and behind.position == head and behind.stale and not behind.ok
+    assert [(m.kind, m.stored, m.folded) for m in behind.mismatches] == [
+        ("position", head, behind.head)
+    ]
+    assert "did not catch up" in behind.lines()[0]
+    stale = entitle(database_url, "audit", "verify", "--wait", "0", cwd=tmp_path)
+    assert stale.returncode == 1 and "did not catch up" in stale.stdout, stale.stdout
+    replay(store, read_model)  # caught up
+    assert verify(store, read_model).ok
 
     # A row changed behind the projector's back.
     tampered = str(ent("sub_3"))
@@ -389,6 +402,32 @@ def test_commands_that_read_a_store_refuse_one_that_is_not_there(
             " or run from the directory of .entitle)\n"
         ), args
     assert not (tmp_path / "none").exists()
+    # A file that is there but no event store: said so, and left as it was.
+    files_dir = tmp_path / "files"
+    files_dir.mkdir()
+    text, empty, foreign = files_dir / "text.db", files_dir / "empty.db", files_dir / "other.db"
+    text.write_text("hello\n")
+    empty.write_bytes(b"")
+    with contextlib.closing(sqlite3.connect(foreign)) as db:
+        db.execute("CREATE TABLE x (a)")
+        db.commit()
+    files = {path: path.read_bytes() for path in (text, empty, foreign)}
+    for path, why in (
+        (text, "cannot be read as a database: file is not a database"),
+        (empty, "holds no event store (no stored_events table)"),
+        (foreign, "holds no event store (no stored_events table)"),
+    ):
+        for args in (
+            ["replay"],
+            ["audit", "verify"],
+            ["history", some],
+            ["erase-customer", "a@b.c"],
+        ):
+            refused = entitle(f"sqlite:///{path}", *args, cwd=tmp_path)
+            assert (refused.returncode, refused.stderr) == (2, f"entitle: {path} {why}\n"), args
+    assert {path: path.read_bytes() for path in files} == files
+    assert sorted(p.name for p in files_dir.iterdir()) == ["empty.db", "other.db", "text.db"]
+    shutil.rmtree(files_dir)
     # Without ENTITLE_DATABASE_URL: .entitle/entitle.db here, not made either.
     monkeypatch.delenv("ENTITLE_DATABASE_URL")
     monkeypatch.chdir(tmp_path)
