@@ -217,6 +217,48 @@ def test_verify_passes_on_a_healthy_store_and_names_what_was_tampered_with(
     store.close()
 
 
+def test_verify_reports_unreadable_rows_and_any_change_to_a_receipt(
+    database_url: str, tmp_path: Path, entitle: Callable[..., Ran]
+) -> None:
+    """A row whose body is no JSON (or not the shape) is a mismatch, and the
+    rest is still verified; a receipt's body is compared as a whole."""
+    store = EntitlementStore(database_url)
+    fill(store)
+    read_model = ReadModel(database_url)
+    replay(store, read_model)
+    broken, swapped = str(ent("sub_1")), str(ent("sub_2"))
+    other = str(ent("sub_3"))
+    with read_model.transaction() as cur:
+        sql = read_model.sql
+        cur.execute(
+            sql("UPDATE entitle_v3_entitlements SET body = '{not json' WHERE id = ?"), (broken,)
+        )
+        cur.execute(sql("SELECT body FROM entitle_v3_entitlements WHERE id = ?"), (other,))
+        cur.execute(
+            sql("UPDATE entitle_v3_entitlements SET body = ? WHERE id = ?"),
+            (cur.fetchone()[0], swapped),
+        )
+        cur.execute(sql("UPDATE entitle_v3_receipts SET body = '{bad' WHERE id = 'r0-3'"))
+        cur.execute(sql("SELECT body FROM entitle_v3_receipts WHERE id = 'r0-4'"))
+        receipt = json.loads(cur.fetchone()[0])
+        receipt["entitlement_ids"] = [other]
+        cur.execute(
+            sql("UPDATE entitle_v3_receipts SET body = ? WHERE id = 'r0-4'"), (json.dumps(receipt),)
+        )
+    report = verify(store, read_model)
+    found = {(m.kind, m.subject, m.field) for m in report.mismatches}
+    assert found == {
+        ("entitlement", broken, "body"),
+        ("entitlement", swapped, "body id"),  # named by its row, not the id it holds
+        ("receipt", "r0-3", "body"),
+        ("receipt", "*", "settled receipts' (id, outcome, body): count and checksum"),
+    }, report.lines()
+    assert not report.ok
+    shown = entitle(database_url, "audit", "verify", cwd=tmp_path)
+    assert shown.returncode == 1 and "Traceback" not in shown.stderr
+    assert f'MISMATCH entitlement {broken} body: stored "unreadable:' in shown.stdout
+
+
 def test_rolled_back_inserts_leave_unused_ids_only_on_postgres(database_url: str) -> None:
     """Two writers saving the same entitlement: the loser's transaction
     rolls back. PostgreSQL's sequence has handed out its id anyway (an id

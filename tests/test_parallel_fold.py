@@ -103,7 +103,7 @@ def test_two_processes_rebuild_and_verify_what_the_projector_built(database_url:
     found = {(m.kind, m.subject, m.field) for m in verify(store, read_model, workers=2).mismatches}
     assert found == {
         ("entitlement", tampered, "seats"),
-        ("receipt", "*", "(id, outcome) count/checksum"),
+        ("receipt", "*", "settled receipts' (id, outcome, body): count and checksum"),
         ("receipt", "r0-0", "column outcome"),  # the column differs from its row's body too
     }
 
