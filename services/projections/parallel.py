@@ -367,7 +367,15 @@ class Folding:
             )
             command = [sys.executable, "-c", f"from {__name__} import _work; {call}"]
             self.children.append(
-                subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                # In a process group of its own: a Ctrl-C at the terminal
+                # reaches the caller only, which ends this process.
+                subprocess.Popen(
+                    command,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    env=env,
+                    process_group=0,
+                )
             )
 
     def window(self, start: int, end: int, progress: Progress | None = None) -> Part:
@@ -390,10 +398,14 @@ class Folding:
             yield self.local.fold(start, end, progress)
             while unread:
                 yield self._receive(unread.pop(0))
-        finally:
+        except GeneratorExit:
+            # Stopped early: the others' parts are read, so that the next
+            # window's replies line up. (On an error or Ctrl-C, `folding`
+            # ends the processes instead.)
             for child in unread:
                 with suppress(Exception):
                     self._receive(child)
+            raise
 
     @staticmethod
     def _receive(child: subprocess.Popen[bytes]) -> Part:
@@ -446,10 +458,8 @@ def _work(database_url: str, index: int, count: int, digests: bool, page: int, p
     """A partition's process: folds each window read from stdin, writing
     the part to stdout; ends when stdin does, or quietly when the caller
     (process `parent`) goes away."""
-    # Ctrl-C reaches the whole process group: the caller decides (and ends
-    # this process), so no traceback here. The caller killed: end too, at
-    # once (Linux), not after folding a window nobody reads.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The caller killed: end too, at once (Linux), not after folding a
+    # window nobody reads.
     if sys.platform == "linux":
         with suppress(Exception):
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

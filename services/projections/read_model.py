@@ -108,7 +108,8 @@ def replay(
         count = workers if workers is not None else workers_for(head)
         # The fold's processes start, and this one folds, while the tables
         # are emptied (dropping a large table took seconds on SQLite).
-        with folding(store, count, page=page) as fold, ThreadPoolExecutor(1) as pool:
+        # (Interrupted: the fold's processes are ended first, then the reset waited for.)
+        with ThreadPoolExecutor(1) as pool, folding(store, count, page=page) as fold:
             reset = pool.submit(read_model.reset, READ_MODEL)
             return _replay(store, ReadModelProjection(read_model), fold, batch_size, reset)
     finally:
