@@ -17,15 +17,25 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import uvicorn
 
+from services import version
 from services.app import ROLES, Roles, build_app
 from services.codes import load_secret
-from services.config import ConfigError, Settings, admin_keys, generate_admin_key, load_config
-from services.http import BODIES, MaskCodes, ascii_int, aware_time
+from services.config import (
+    ConfigError,
+    Environment,
+    Settings,
+    admin_keys,
+    generate_admin_key,
+    load_config,
+)
+from services.http import BODIES, Shortcut, ascii_int, aware_time
 from services.kafka import EmbeddedBroker
+from services.logs import RequestLog, configure, route_of
 from services.outbound.mail import mail_settings
 from services.readmodel import ReadModel
 from services.server import HttpLimits, guarded
@@ -40,8 +50,7 @@ def _serve(
     keys_env: str | None,
     watch: Callable[[uvicorn.Server], None] | None = None,
 ) -> None:
-    logging.getLogger("entitle").setLevel(args.log_level.upper())
-    logging.getLogger("uvicorn.access").addFilter(MaskCodes())
+    configure(args.log_format or Environment.read().log_format, args.log_level)
     config = load_config(Path(args.config))
     limits = HttpLimits.from_env()
     BODIES.limit = limits.max_body_buffer
@@ -49,14 +58,16 @@ def _serve(
         app = build_app(config, settings, roles, admin_keys(keys_env))
     except ValueError as exc:  # a setting it cannot use (a code secret too short)
         raise ConfigError(str(exc)) from None
+    shortcuts = frozenset({app.path}) if isinstance(app, Shortcut) else frozenset()
     server = uvicorn.Server(
         uvicorn.Config(
-            app,
+            RequestLog(app, route_of(shortcuts)),
             http=guarded(limits),
             host=args.host,
             port=args.port,
             log_level=args.log_level,
-            access_log=args.log_level == "debug",
+            access_log=False,  # RequestLog's lines instead
+            log_config=None,  # `configure`'s handler
             lifespan="on",
             proxy_headers=True,
             forwarded_allow_ips=settings.trusted_proxies,
@@ -76,6 +87,19 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _dev_admin_key(path: Path) -> str:
+    """The admin key `entitle dev` generated at its first start (owner-only file)."""
+    if path.exists():
+        kept = path.read_text().strip()
+        if kept:
+            return kept
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = generate_admin_key()
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return key
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(Settings.from_env(), dev=True)
     # One process: secrets kept in .entitle/ are enough (see services/codes.py).
@@ -87,9 +111,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
     keys_env = os.environ.get("ENTITLE_ADMIN_KEYS")
     generated = None
     if not keys_env:
-        generated = generate_admin_key()
+        # Kept like the other secrets, so a restart does not change it.
+        generated = _dev_admin_key(Path(".entitle") / "admin-key")
         keys_env = f"dev:{generated}"
-    config = load_config(Path(args.config))  # fail before starting anything
+    admin_keys(keys_env)  # fail before starting anything
+    config = load_config(Path(args.config))
     email = mail_settings(config.email, dev=True)
     assert email is not None
     broker: EmbeddedBroker | None = None
@@ -121,7 +147,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
     else:
         lines.append(f"  mail:     smtp://{email.host}:{email.port}  ({email.security})")
     if generated:
-        lines.append(f"  admin key (generated; set ENTITLE_ADMIN_KEYS to choose one): {generated}")
+        lines.append(
+            f"  admin key (kept in .entitle/admin-key; set ENTITLE_ADMIN_KEYS to choose one):"
+            f" {generated}"
+        )
     print("\n".join(lines), flush=True)
     died: list[int] = []
 
@@ -803,15 +832,59 @@ def cmd_audit(args: argparse.Namespace) -> int:
             store.close()
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Each option's help ends with its default (and the environment
+    variable that sets it, where one does)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            action.option_strings
+            and "default" not in text
+            and action.default not in (None, False, argparse.SUPPRESS)
+        ):
+            text += " (default: %(default)s)"
+        variable = _OPTION_ENV.get(action.dest)
+        if variable is not None:
+            text += f" [{variable}]"
+        return text.strip()
+
+
+#: Options whose default an environment variable sets.
+_OPTION_ENV = {"log_format": "ENTITLE_LOG_FORMAT"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="entitle", description="Event-sourced entitlement engine")
+    top = _Parser(
+        prog="entitle",
+        description="Event-sourced entitlement engine",
+        epilog="environment variables (an empty one counts as unset):\n" + Environment.help(),
+    )
+    top.add_argument("--version", action="version", version=f"entitle {version()}")
     sub = top.add_subparsers(dest="command", required=True)
 
     def server(p: argparse.ArgumentParser, port: int = 8080) -> None:
         p.add_argument("--config", default="entitle.yaml", help="configuration file (YAML)")
-        p.add_argument("--host", default="127.0.0.1")
-        p.add_argument("--port", type=int, default=port)
-        p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+        p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+        p.add_argument("--port", type=int, default=port, help="HTTP port")
+        p.add_argument(
+            "--log-level",
+            default="info",
+            choices=["debug", "info", "warning", "error"],
+            help="least important log lines shown",
+        )
+        p.add_argument(
+            "--log-format",
+            default=None,
+            choices=["text", "json"],
+            help="text, or one JSON object a line (default: text)",
+        )
 
     dev = sub.add_parser("dev", help="run the whole stack on embedded defaults")
     server(dev)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,11 +14,12 @@ from email.errors import NonASCIILocalPartDefect
 from email.headerregistry import Address
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -26,6 +28,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.text import Text, text_problem
 from domain.catalog import Catalog, Offering
@@ -607,43 +610,49 @@ class AdminKey:
     secret: str
 
 
+#: Fewer characters than this is a key someone could guess.
+MIN_ADMIN_KEY = 16
+_KEY_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+
+
 def admin_keys(value: str | None) -> list[AdminKey]:
-    """`ENTITLE_ADMIN_KEYS`: comma-separated `key` or `name:key` entries."""
-    keys = []
-    for n, entry in enumerate(e.strip() for e in (value or "").split(",")):
+    """`ENTITLE_ADMIN_KEYS`: comma-separated `key` or `name:key` entries
+    (a name of letters, digits and `_.@-`; a key of at least 16 printable
+    characters without spaces); ConfigError saying which entry is wrong
+    (by position, never showing a key)."""
+    keys: list[AdminKey] = []
+    for n, entry in enumerate((e.strip() for e in (value or "").split(",")), start=1):
         if not entry:
             continue
         name, sep, secret = entry.partition(":")
-        keys.append(AdminKey(name, secret) if sep else AdminKey(f"key{n + 1}", entry))
+        if not sep:
+            name, secret = f"key{n}", entry
+        problem = (
+            "has no name before ':'"
+            if not name
+            else f"names it {name[:64]!r}: use letters, digits and _.@-"
+            if not _KEY_NAME.fullmatch(name)
+            else f"has a key of {len(secret)} characters: use at least {MIN_ADMIN_KEY}"
+            if len(secret) < MIN_ADMIN_KEY
+            else "has a space or control character in its key"
+            if not secret.isprintable() or any(c.isspace() for c in secret)
+            else f"repeats the name {name!r}"
+            if any(k.name == name for k in keys)
+            else "repeats a key given before"
+            if any(k.secret == secret for k in keys)
+            else None
+        )
+        if problem is not None:
+            raise ConfigError(
+                f"ENTITLE_ADMIN_KEYS: entry {n} {problem} (entries are key or name:key,"
+                " comma-separated)"
+            )
+        keys.append(AdminKey(name, secret))
     return keys
 
 
 def generate_admin_key() -> str:
     return "ek_" + secrets.token_urlsafe(24)
-
-
-def _number(variable: str, default: float, least: float) -> float:
-    """The number in environment `variable` (an integer where `default` is
-    one), `default` if unset; ConfigError naming it if it is not a number
-    of at least `least`."""
-    raw = os.environ.get(variable)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        value = int(raw) if isinstance(default, int) else float(raw)
-    except ValueError:
-        value = None
-    if value is None or not least <= value <= 10**9:  # inf and nan too
-        kind = "an integer" if isinstance(default, int) else "a number"
-        raise ConfigError(f"{variable} must be {kind} from {least:g} to 1e9, not {raw!r}")
-    return value
-
-
-def _flag(value: str, variable: str) -> bool:
-    word = value.strip().lower()
-    if word not in ("1", "true", "yes", "y", "on", "0", "false", "no", "n", "off", ""):
-        raise ConfigError(f"{variable} must be true or false, not {value!r}")
-    return word in ("1", "true", "yes", "y", "on")
 
 
 def _proxies(value: str) -> str:
@@ -653,10 +662,119 @@ def _proxies(value: str) -> str:
             try:
                 ipaddress.ip_network(entry, strict=False)
             except ValueError:
-                raise ConfigError(
-                    f"ENTITLE_TRUSTED_PROXIES: {entry!r} is no address or network"
-                ) from None
+                raise ValueError(f"{entry!r} is no address or network") from None
     return value
+
+
+def _database_url(value: str | None) -> str | None:
+    if value is not None and urlsplit(value).scheme not in ("sqlite", "postgresql", "postgres"):
+        raise ValueError("must be sqlite:///PATH or postgresql://USER@HOST/DATABASE")
+    return value
+
+
+class Environment(BaseSettings):
+    """Every `ENTITLE_*` environment variable this process reads, with its
+    default and what it allows (`entitle --help` lists them). An empty
+    variable counts as unset. Secrets (`ENTITLE_CODE_SECRET`,
+    `ENTITLE_LICENSE_KEY`) and the admin keys are read apart, where they
+    are used, so that no settings object ever holds them."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ENTITLE_", env_ignore_empty=True, extra="ignore", frozen=True
+    )
+
+    kafka_bootstrap: str | None = Field(
+        default=None,
+        description="Kafka bootstrap servers (host:port,…); unset: the embedded broker",
+    )
+    database_url: Annotated[str | None, AfterValidator(_database_url)] = Field(
+        default=None,
+        description="sqlite:///PATH or postgresql://…; default sqlite:///.entitle/entitle.db",
+    )
+    kafka_idempotence: bool | None = Field(
+        default=None, description="idempotent producers; default true with ENTITLE_KAFKA_BOOTSTRAP"
+    )
+    raw_partitions: int = Field(
+        default=8, ge=1, le=10**9, description="partitions of the raw topic"
+    )
+    domain_batch: int = Field(default=500, ge=1, le=10**9, description="webhooks folded per batch")
+    schedule_interval: float = Field(
+        default=1.0, ge=0.01, le=1e9, description="seconds between the scheduler's passes"
+    )
+    aggregate_cache: int = Field(
+        default=10_000, ge=0, le=10**9, description="aggregates kept in memory"
+    )
+    trusted_proxies: Annotated[str, AfterValidator(_proxies)] = Field(
+        default="127.0.0.1",
+        description="proxies whose X-Forwarded-For names the client (* for any)",
+    )
+    kafka_topic_ids: bool = Field(default=True, description="tell a recreated raw topic by its id")
+    stripe_api_base: str | None = Field(default=None, description="Stripe's API address (tests)")
+    kafka_session_timeout: float = Field(
+        default=6.0,
+        ge=0.1,
+        le=1e9,
+        description="seconds before a silent domain service is replaced",
+    )
+    instance: str | None = Field(
+        default=None, description="this process's name; default the host name"
+    )
+    http_header_timeout: float = Field(
+        default=10.0, gt=0, le=1e12, description="seconds a client has to send a request's head"
+    )
+    http_body_timeout: float = Field(
+        default=30.0, gt=0, le=1e12, description="seconds a client has to send a request's body"
+    )
+    http_max_connections: int = Field(default=1000, gt=0, le=10**12, description="open connections")
+    http_max_headers: int = Field(
+        default=100, gt=0, le=10**12, description="header lines a request may have"
+    )
+    http_max_header_bytes: int = Field(
+        default=32 * 1024, gt=0, le=10**12, description="bytes a request's head may take"
+    )
+    http_max_body_buffer: int = Field(
+        default=64 * 1024 * 1024, gt=0, le=10**12, description="body bytes held by all requests"
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text or json log lines"
+    )
+
+    @classmethod
+    def read(cls) -> Environment:
+        """The environment's settings; ConfigError naming the variable and
+        what it allows when one is wrong (one line, no traceback)."""
+        try:
+            return cls()  # reads the environment
+        except ValidationError as exc:
+            problems = []
+            for error in exc.errors():
+                name = "ENTITLE_" + str(error["loc"][0]).upper() if error["loc"] else "ENTITLE_*"
+                message = str(error["msg"]).removeprefix("Value error, ")
+                problems.append(f"{name}: {message}, not {os.environ.get(name, '')!r}")
+            raise ConfigError("; ".join(problems)) from None
+
+    @classmethod
+    def help(cls) -> str:
+        """One line per variable: name, default, what it is."""
+        lines = []
+        for name, info in cls.model_fields.items():
+            text = str(info.description)
+            if "default" not in text:
+                default = "unset" if info.default is None else str(info.default).lower()
+                text += f" (default {default})"
+            lines.append(f"  ENTITLE_{name.upper():<24} {text}")
+        lines += [f"  {name:<32} {text}" for name, text in _SECRETS.items()]
+        return "\n".join(lines)
+
+
+#: Read apart, where each is used, and never kept in a settings object.
+_SECRETS = {
+    "ENTITLE_ADMIN_KEYS": "admin keys: key or name:key, comma-separated (dev: generated)",
+    "ENTITLE_CODE_SECRET": "derives activation codes (default: .entitle/code-secret)",
+    "ENTITLE_LICENSE_KEY": "signs license files (default: .entitle/license-key)",
+    "ENTITLE_PAYPAL_TRUST_ROOTS": "PEM file of roots PayPal's certificates chain to",
+    "ENTITLE_PAYPAL_CERT_CACHE": "directory caching PayPal's certificates",
+}
 
 
 @dataclass(frozen=True)
@@ -696,24 +814,24 @@ class Settings:
 
     @classmethod
     def from_env(cls, data_dir: Path = Path(".entitle")) -> Settings:
-        bootstrap = os.environ.get("ENTITLE_KAFKA_BOOTSTRAP") or None
-        idempotence = os.environ.get("ENTITLE_KAFKA_IDEMPOTENCE", "true" if bootstrap else "false")
+        env = Environment.read()
         return cls(
-            kafka_bootstrap=bootstrap,
-            database_url=os.environ.get("ENTITLE_DATABASE_URL")
-            or f"sqlite:///{data_dir / 'entitle.db'}",
-            kafka_idempotence=_flag(idempotence, "ENTITLE_KAFKA_IDEMPOTENCE"),
-            raw_partitions=int(_number("ENTITLE_RAW_PARTITIONS", 8, least=1)),
-            domain_batch=int(_number("ENTITLE_DOMAIN_BATCH", 500, least=1)),
-            schedule_interval=_number("ENTITLE_SCHEDULE_INTERVAL", 1.0, least=0.01),
-            aggregate_cache=int(_number("ENTITLE_AGGREGATE_CACHE", 10_000, least=0)),
+            kafka_bootstrap=env.kafka_bootstrap,
+            database_url=env.database_url or f"sqlite:///{data_dir / 'entitle.db'}",
+            kafka_idempotence=(
+                env.kafka_idempotence
+                if env.kafka_idempotence is not None
+                else env.kafka_bootstrap is not None
+            ),
+            raw_partitions=env.raw_partitions,
+            domain_batch=env.domain_batch,
+            schedule_interval=env.schedule_interval,
+            aggregate_cache=env.aggregate_cache,
             code_secret=load_secret(data_dir),
             license_key=load_secret(data_dir, env="ENTITLE_LICENSE_KEY", file_name="license-key"),
-            trusted_proxies=_proxies(os.environ.get("ENTITLE_TRUSTED_PROXIES", "127.0.0.1")),
-            kafka_topic_ids=_flag(
-                os.environ.get("ENTITLE_KAFKA_TOPIC_IDS", "true"), "ENTITLE_KAFKA_TOPIC_IDS"
-            ),
-            stripe_api_base=os.environ.get("ENTITLE_STRIPE_API_BASE") or None,
-            kafka_session_timeout=_number("ENTITLE_KAFKA_SESSION_TIMEOUT", 6.0, least=0.1),
-            instance=os.environ.get("ENTITLE_INSTANCE") or None,
+            trusted_proxies=env.trusted_proxies,
+            kafka_topic_ids=env.kafka_topic_ids,
+            stripe_api_base=env.stripe_api_base,
+            kafka_session_timeout=env.kafka_session_timeout,
+            instance=env.instance,
         )

@@ -206,9 +206,10 @@ class Ingress:
         # One at a time, so one order's events keep their order; if one is
         # not stored, the provider retries the batch and the events already
         # stored are duplicates by their ids.
-        for envelope, value, keep in zip(envelopes, values, stored, strict=True):
+        payloads = [payload] if events is None else events
+        for envelope, value, keep, event in zip(envelopes, values, stored, payloads, strict=True):
             if keep:
-                await self._publish(name, envelope, value)
+                await self._publish(name, envelope, value, _event_id(source, event))
         if events is not None:
             # An event too large to store is left out of the acknowledgment
             # (the provider shows it unprocessed); the others are kept.
@@ -228,7 +229,9 @@ class Ingress:
             Accepted(receipt_id=envelopes[0].receipt_id).model_dump(), status_code=202
         )
 
-    async def _publish(self, name: str, envelope: RawWebhookV1, value: bytes) -> None:
+    async def _publish(
+        self, name: str, envelope: RawWebhookV1, value: bytes, event_id: str
+    ) -> None:
         receipt_id, routing_key = envelope.receipt_id, envelope.routing_key
         try:
             await asyncio.wait_for(
@@ -247,6 +250,24 @@ class Ingress:
                 "the webhook could not be stored; retry later",
                 {"Retry-After": "5"},
             ) from None
+        log.info(
+            "stored webhook %s from %s (event %s)",
+            receipt_id,
+            name,
+            event_id,
+            extra={
+                "fields": {"source": name, "provider_event_id": event_id, "receipt_id": receipt_id}
+            },
+        )
+
+
+def _event_id(source: Source, payload: Any) -> str:
+    """The provider's event id, for the log ('' when it has none we keep)."""
+    try:
+        found = source.provider.event_id(payload) if isinstance(payload, dict) else ""
+    except Exception:
+        return ""
+    return found if len(found) <= 255 and not has_control_character(found) else ""
 
 
 def _text(event: Any) -> str:

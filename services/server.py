@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from services.config import ConfigError
+from services.config import Environment
 
 
 @dataclass(frozen=True)
@@ -42,30 +41,15 @@ class HttpLimits:
     def from_env(cls) -> HttpLimits:
         """The limits from ENTITLE_HTTP_HEADER_TIMEOUT, _BODY_TIMEOUT (seconds),
         _MAX_CONNECTIONS, _MAX_HEADERS, _MAX_HEADER_BYTES and _MAX_BODY_BUFFER
-        (bytes); ConfigError
-        naming the variable if one is not a positive number."""
-        default = cls()
-
-        def number(name: str, value: float) -> float:
-            raw = os.environ.get(f"ENTITLE_HTTP_{name}")
-            if raw is None:
-                return value
-            try:
-                parsed = int(raw) if isinstance(value, int) else float(raw)
-            except ValueError:
-                parsed = 0
-            if not 0 < parsed <= 10**12:  # inf and nan too
-                kind = "an integer" if isinstance(value, int) else "a number"
-                raise ConfigError(f"ENTITLE_HTTP_{name} must be {kind} above 0, not {raw!r}")
-            return parsed
-
+        (bytes); ConfigError naming the variable if one is not a positive number."""
+        env = Environment.read()
         return cls(
-            header_timeout=number("HEADER_TIMEOUT", default.header_timeout),
-            body_timeout=number("BODY_TIMEOUT", default.body_timeout),
-            max_connections=int(number("MAX_CONNECTIONS", default.max_connections)),
-            max_headers=int(number("MAX_HEADERS", default.max_headers)),
-            max_header_bytes=int(number("MAX_HEADER_BYTES", default.max_header_bytes)),
-            max_body_buffer=int(number("MAX_BODY_BUFFER", default.max_body_buffer)),
+            header_timeout=env.http_header_timeout,
+            body_timeout=env.http_body_timeout,
+            max_connections=env.http_max_connections,
+            max_headers=env.http_max_headers,
+            max_header_bytes=env.http_max_header_bytes,
+            max_body_buffer=env.http_max_body_buffer,
         )
 
 

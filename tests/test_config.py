@@ -59,8 +59,30 @@ def test_mistakes_are_reported_clearly(text: str, message: str) -> None:
 
 
 def test_admin_keys_may_be_named() -> None:
-    keys = admin_keys("ops:ek_1, ek_2,")
-    assert [(k.name, k.secret) for k in keys] == [("ops", "ek_1"), ("key2", "ek_2")]
+    keys = admin_keys("ops:ek_first_admin_key, ek_second_admin_key,")
+    assert [(k.name, k.secret) for k in keys] == [
+        ("ops", "ek_first_admin_key"),
+        ("key2", "ek_second_admin_key"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (":ek_first_admin_key", "entry 1 has no name before ':'"),
+        ("ops:short", "entry 1 has a key of 5 characters: use at least 16"),
+        ("ops:ek_first_admin_key,ops:ek_second_admin_key", "entry 2 repeats the name 'ops'"),
+        ("a:ek_first_admin_key,b:ek_first_admin_key", "entry 2 repeats a key given before"),
+        ("o p:ek_first_admin_key", "entry 1 names it 'o p'"),
+        ("ops:ek_first admin_key", "entry 1 has a space or control character"),
+    ],
+)
+def test_a_bad_admin_key_list_says_which_entry_without_showing_a_key(
+    value: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        admin_keys(value)
+    assert problem in str(raised.value) and "ek_first" not in str(raised.value)
 
 
 def test_rate_limits_have_defaults_and_can_be_set() -> None:
@@ -186,7 +208,7 @@ def test_http_to_loopback_declared_in_the_file_is_refused_at_start_unless_allowe
             code_secret="x" * 32,
             dev=dev,
         )
-        return build_app(config, settings, Roles(api=True), admin_keys("ops:k"))
+        return build_app(config, settings, Roles(api=True), admin_keys("ops:ek_test_admin_key"))
 
     with pytest.raises(ValueError, match="outbound endpoint 'crm': the URL must be https"):
         start(dev=False)

@@ -287,7 +287,37 @@ def test_dev_prints_its_urls_and_a_generated_admin_key(tmp_path: Path) -> None:
         assert f"{entitle.url}/v1/entitlements" in entitle.text
         ok = httpx.get(f"{entitle.url}/v1/entitlements", headers={"Authorization": f"Bearer {key}"})
         assert ok.status_code == 200
+        docs = httpx.get(entitle.printed(r"docs:\s+(\S+)"))
+        assert docs.status_code == 200 and "swagger" in docs.text.lower()
     assert entitle.process is not None and entitle.process.returncode == 0
+    # Kept with the other secrets: the same key after a restart, readable by its owner only.
+    kept = tmp_path / ".entitle" / "admin-key"
+    assert kept.read_text().strip() == key and kept.stat().st_mode & 0o077 == 0
+    with Entitle(["dev"], tmp_path, {"ENTITLE_ADMIN_KEYS": ""}) as again:
+        assert again.printed(r"admin key[^:]*: (ek_\S+)") == key
+
+
+def test_a_wrong_setting_is_one_line_naming_the_variable(tmp_path: Path) -> None:
+    shutil.copy(ROOT / "examples" / "entitle.yaml", tmp_path / "entitle.yaml")
+    for variable, value, says in (
+        ("ENTITLE_RAW_PARTITIONS", "abc", "valid integer"),
+        ("ENTITLE_DATABASE_URL", "mysql://db/entitle", "must be sqlite:///PATH or postgresql://"),
+        ("ENTITLE_ADMIN_KEYS", "ops:short", "entry 1 has a key of 5 characters"),
+        ("ENTITLE_LOG_FORMAT", "xml", "'text' or 'json'"),
+    ):
+        run = subprocess.run(
+            [str(ENTITLE), "dev", "--config", "entitle.yaml"],
+            cwd=tmp_path,
+            env={**os.environ, variable: value},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 2, (variable, run.stdout, run.stderr)
+        [line] = run.stderr.splitlines()
+        assert line.startswith(f"entitle: {variable}: ") and says in line, line
+        assert "Traceback" not in run.stdout + run.stderr
+    assert not (tmp_path / ".entitle" / "entitle.db").exists()  # nothing started
 
 
 def test_a_restart_keeps_every_entitlement_and_replay_rebuilds_the_same(tmp_path: Path) -> None:
