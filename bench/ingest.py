@@ -126,7 +126,7 @@ class Connection:
 
 def count_folded(database_url: str, run: str) -> int:
     pattern = f"sub_bench_{run}_%"
-    sql = "SELECT count(*) FROM entitle_v3_entitlements WHERE order_ref LIKE "
+    sql = "SELECT count(*) FROM entitle_v4_entitlements WHERE order_ref LIKE "
     if urlsplit(database_url).scheme == "sqlite":
         path = urlsplit(database_url).path[1:]
         with sqlite3.connect(path, timeout=30) as conn:

@@ -589,7 +589,7 @@ async def settle(stack: Stack, sender: Sender, deadline: float) -> None:
     try:
         while time.monotonic() - progress < deadline:
             cursor = await conn.execute(
-                "SELECT count(*) FROM entitle_v3_receipts WHERE id = ANY(%s)", (acked,)
+                "SELECT count(*) FROM entitle_v4_receipts WHERE id = ANY(%s)", (acked,)
             )
             row = await cursor.fetchone()
             positions = await stack.positions.read()
@@ -642,7 +642,7 @@ async def soak(
         report.public_missing = sorted(f"{e}#{s}" for e, s in expected - seen)
         with psycopg.connect(stack.database) as conn:
             for table, counter in (
-                ("entitle_v3_dead_letters", "dead_letters"),
+                ("entitle_v4_dead_letters", "dead_letters"),
                 ("entitle_projection_errors", "projection_errors"),
             ):
                 row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()

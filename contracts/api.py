@@ -90,6 +90,9 @@ class AdminAction(BaseModel):
 
 class EntitlementList(BaseModel):
     items: list[EntitlementView]
+    next_cursor: str | None = Field(
+        default=None, description="Pass as ?cursor= for the next page; null on the last page"
+    )
 
 
 class IssuedCode(BaseModel):
@@ -186,6 +189,9 @@ class DeadLetterView(BaseModel):
 
 class DeadLetterList(BaseModel):
     items: list[DeadLetterView]
+    next_cursor: str | None = Field(
+        default=None, description="Pass as ?cursor= for older ones; null on the last page"
+    )
 
 
 class ReceiptView(BaseModel):

@@ -168,21 +168,33 @@ class API:
         )
 
     async def list_entitlements(self, request: Request) -> JSONResponse:
+        """Entitlements in id order, filtered, with cursor paging."""
         self.authenticate(request)
         _no_control_characters(request)
-        _only(request, {*FILTERS, "limit"})
-        filters = {key: request.query_params.get(key) for key in FILTERS}
+        query = request.query_params
+        _only(request, {*FILTERS, "updated_since", "q", "limit", "cursor"})
+        filters = {key: query.get(key) for key in FILTERS}
         status = filters.get("status")
         if status is not None and status not in _STATUSES:
             raise HTTPError(
                 422, "invalid_query", f"status must be one of {', '.join(sorted(_STATUSES))}"
             )
+        since = _time_param(query.get("updated_since"), "updated_since")
+        q = query.get("q")
+        if q is not None and not 1 <= len(q) <= 255:
+            raise HTTPError(422, "invalid_query", "q must be 1 to 255 characters")
+        cursor = decode_cursor(query.get("cursor"), "id")
         limit = _limit(request)
-        items = await anyio.to_thread.run_sync(
-            lambda: self.read_model.entitlements(limit, **filters)
+        items, after = await anyio.to_thread.run_sync(
+            lambda: self.read_model.entitlement_page(
+                limit, cursor[0] if cursor else None, since, q, filters
+            )
         )
-        items = [self.with_codes(item) for item in items]
-        return JSONResponse(EntitlementList(items=items).model_dump(mode="json"))
+        body = EntitlementList(
+            items=[self.with_codes(item) for item in items],
+            next_cursor=encode_cursor(after) if after else None,
+        )
+        return JSONResponse(body.model_dump(mode="json"))
 
     async def get_entitlement(self, request: Request) -> JSONResponse:
         self.authenticate(request)
@@ -244,11 +256,17 @@ class API:
         return JSONResponse(history.model_dump(mode="json"))
 
     async def list_dead_letters(self, request: Request) -> JSONResponse:
+        """Dead letters, newest first, with cursor paging."""
         self.authenticate(request)
-        _only(request, {"limit"})
+        _no_control_characters(request)
+        _only(request, {"limit", "cursor"})
         limit = _limit(request)
-        items = await anyio.to_thread.run_sync(self.read_model.dead_letters, limit)
-        return JSONResponse(DeadLetterList(items=items).model_dump(mode="json"))
+        cursor = _decode_cursor(request.query_params.get("cursor"))
+        items, after = await anyio.to_thread.run_sync(
+            lambda: self.read_model.dead_letter_page(limit, cursor)
+        )
+        body = DeadLetterList(items=items, next_cursor=_encode_cursor(after) if after else None)
+        return JSONResponse(body.model_dump(mode="json"))
 
     async def list_webhooks(self, request: Request) -> JSONResponse:
         """Receipts of accepted webhooks, newest first, with cursor paging."""
@@ -404,11 +422,18 @@ _CHANGE_ERRORS = {
     409: "The change is refused in the entitlement's state",
     503: "The entitlement kept changing; retry",
 }
+_TIME = {"type": "string", "format": "date-time"}
 _ENTITLEMENT_QUERY = (
-    Query("order_ref", "The provider's order or subscription reference"),
-    Query("customer_email", "The buyer's e-mail address"),
-    Query("status", "One status", {"enum": sorted(_STATUSES)}),
+    Query("customer_email", "The buyer's e-mail address, ignoring case"),
+    Query("customer_id", "The provider's customer id"),
+    Query("product", "The product"),
     Query("offering", "The catalog offering"),
+    Query("status", "One status", {"enum": sorted(_STATUSES)}),
+    Query("source", "The configured source (manual for grants)"),
+    Query("order_ref", "The provider's order or subscription reference"),
+    Query("updated_since", "RFC 3339 time: changed at or after", _TIME),
+    Query("q", "A prefix of the e-mail address (ignoring case) or of the order reference"),
+    CURSOR,
     LIMIT,
 )
 _AS_OF = (
@@ -511,7 +536,7 @@ def routes(api: API) -> list[Route]:
             _admin(
                 "Webhooks that could not be applied, with why",
                 {200: DeadLetterList},
-                query=(LIMIT,),
+                query=(CURSOR, LIMIT),
                 tag="operations",
             ),
         ),

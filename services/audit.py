@@ -423,11 +423,11 @@ def _compare_entitlements(
     folded = fold.entitlements
     report.entitlements = len(folded)
     columns = ", ".join(readmodel.ENTITLEMENT_COLUMNS)
-    for rows in _pages(read_model, cur, f"id, body, {columns}", "entitle_v3_entitlements"):
+    for rows in _pages(read_model, cur, f"id, body, {columns}", "entitle_v4_entitlements"):
         first, last = rows[0][0], rows[-1][0]
         cur.execute(
             read_model.sql(
-                "SELECT entitlement_id, code_hash FROM entitle_v3_codes"
+                "SELECT entitlement_id, code_hash FROM entitle_v4_codes"
                 " WHERE entitlement_id >= ? AND entitlement_id <= ?"
             ),
             (first, last),
@@ -478,8 +478,8 @@ def _compare_entitlements(
         report.add(Mismatch("entitlement", str(entitlement_id), "row", None, "present"))
     # Code hashes indexed to an entitlement the read model does not have.
     cur.execute(
-        "SELECT c.entitlement_id, c.code_hash FROM entitle_v3_codes c"
-        " LEFT JOIN entitle_v3_entitlements e ON e.id = c.entitlement_id WHERE e.id IS NULL"
+        "SELECT c.entitlement_id, c.code_hash FROM entitle_v4_codes c"
+        " LEFT JOIN entitle_v4_entitlements e ON e.id = c.entitlement_id WHERE e.id IS NULL"
         f" LIMIT {report.limit + 1}"
     )
     for entitlement_id, code in cur.fetchall():
@@ -527,7 +527,7 @@ def _compare_dead_letters(
 ) -> None:
     report.dead_letters = len(fold.letters)
     for rows in _pages(
-        read_model, cur, "id, body, recorded_at, resolved", "entitle_v3_dead_letters"
+        read_model, cur, "id, body, recorded_at, resolved", "entitle_v4_dead_letters"
     ):
         for raw_id, body, recorded_at, resolved in rows:
             digest = fold.letters.pop(raw_id, None)
@@ -560,7 +560,7 @@ def _compare_receipts(read_model: ReadModel, cur: Any, fold: _Fold, report: Veri
     row's indexed columns with its own body."""
     count, total = 0, 0
     names = ("source", "provider_event_id", "order_ref", "outcome", "received_at", "waiting")
-    for rows in _pages(read_model, cur, f"id, body, {', '.join(names)}", "entitle_v3_receipts"):
+    for rows in _pages(read_model, cur, f"id, body, {', '.join(names)}", "entitle_v4_receipts"):
         settled = []
         report.receipts += len(rows)
         for receipt_id, body, *stored in rows:

@@ -199,7 +199,7 @@ def _entitlements_of(
     for needle in sorted({plain_run(a) for a in addresses}):
         for entitlement_id, held in _rows(
             read_model,
-            "SELECT id, customer_email FROM entitle_v3_entitlements"
+            "SELECT id, customer_email FROM entitle_v4_entitlements"
             f" WHERE customer_email IS NOT NULL AND {_instr(read_model, 'lower(customer_email)')}",
             (needle,),
         ):
@@ -347,7 +347,7 @@ def _receipts_reaching(read_model: ReadModel, entitlements: set[uuid.UUID]) -> s
     for entitlement_id in entitlements:
         rows = _rows(
             read_model,
-            f"SELECT id FROM entitle_v3_receipts WHERE {_instr(read_model, 'body')}",
+            f"SELECT id FROM entitle_v4_receipts WHERE {_instr(read_model, 'body')}",
             (str(entitlement_id),),
         )
         receipts |= {str(r[0]) for r in rows}
@@ -427,7 +427,7 @@ def _scrub_read_model(read_model: ReadModel, entitlements: set[uuid.UUID]) -> No
     with read_model.transaction() as cur:
         for entitlement_id in entitlements:
             cur.execute(
-                read_model.sql("SELECT body FROM entitle_v3_entitlements WHERE id = ?"),
+                read_model.sql("SELECT body FROM entitle_v4_entitlements WHERE id = ?"),
                 (str(entitlement_id),),
             )
             row = cur.fetchone()
@@ -438,7 +438,7 @@ def _scrub_read_model(read_model: ReadModel, entitlements: set[uuid.UUID]) -> No
                 body["customer"]["email"] = None
             cur.execute(
                 read_model.sql(
-                    "UPDATE entitle_v3_entitlements SET customer_email = NULL, body = ?"
+                    "UPDATE entitle_v4_entitlements SET customer_email = NULL, body = ?"
                     " WHERE id = ?"
                 ),
                 (json.dumps(body), str(entitlement_id)),

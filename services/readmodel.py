@@ -21,7 +21,7 @@ from contracts.api import DeadLetterView, EntitlementView, ProjectionErrorView, 
 from services.store import CREATE_LOCK
 
 _TABLES = [
-    """CREATE TABLE IF NOT EXISTS entitle_v3_entitlements (
+    """CREATE TABLE IF NOT EXISTS entitle_v4_entitlements (
         id TEXT PRIMARY KEY,
         source TEXT NOT NULL,
         order_ref TEXT NOT NULL,
@@ -30,31 +30,36 @@ _TABLES = [
         customer_email TEXT,
         sequence INTEGER NOT NULL,
         due_at TEXT,
+        product TEXT NOT NULL,
+        customer_id TEXT,
+        updated_at TEXT NOT NULL,
         body TEXT NOT NULL,
         -- The log position of the batch that last wrote the row: readers that
         -- keep a copy (the validation index) fetch only what changed.
         position BIGINT NOT NULL
     )""",
-    "CREATE INDEX IF NOT EXISTS entitle_v3_ent_position ON entitle_v3_entitlements (position)",
-    "CREATE INDEX IF NOT EXISTS entitle_v3_ent_due ON entitle_v3_entitlements (due_at)",
-    "CREATE INDEX IF NOT EXISTS entitle_v3_ent_order ON entitle_v3_entitlements (order_ref)",
-    "CREATE INDEX IF NOT EXISTS entitle_v3_ent_email ON entitle_v3_entitlements (customer_email)",
-    "CREATE INDEX IF NOT EXISTS entitle_v3_ent_status ON entitle_v3_entitlements (status)",
-    """CREATE TABLE IF NOT EXISTS entitle_v3_dead_letters (
+    "CREATE INDEX IF NOT EXISTS entitle_v4_ent_position ON entitle_v4_entitlements (position)",
+    "CREATE INDEX IF NOT EXISTS entitle_v4_ent_due ON entitle_v4_entitlements (due_at)",
+    "CREATE INDEX IF NOT EXISTS entitle_v4_ent_order ON entitle_v4_entitlements (order_ref)",
+    "CREATE INDEX IF NOT EXISTS entitle_v4_ent_email ON entitle_v4_entitlements (customer_email)",
+    "CREATE INDEX IF NOT EXISTS entitle_v4_ent_status ON entitle_v4_entitlements (status)",
+    "CREATE INDEX IF NOT EXISTS entitle_v4_ent_customer ON entitle_v4_entitlements (customer_id)",
+    "CREATE INDEX IF NOT EXISTS entitle_v4_ent_updated ON entitle_v4_entitlements (updated_at)",
+    """CREATE TABLE IF NOT EXISTS entitle_v4_dead_letters (
         id TEXT PRIMARY KEY,
         recorded_at TEXT NOT NULL,
         resolved INTEGER NOT NULL DEFAULT 0,
         body TEXT NOT NULL
     )""",
     # Activation code hash -> entitlement: the licensing API's lookup.
-    """CREATE TABLE IF NOT EXISTS entitle_v3_codes (
+    """CREATE TABLE IF NOT EXISTS entitle_v4_codes (
         code_hash TEXT PRIMARY KEY,
         entitlement_id TEXT NOT NULL
     )""",
-    "CREATE INDEX IF NOT EXISTS entitle_v3_codes_ent ON entitle_v3_codes (entitlement_id)",
+    "CREATE INDEX IF NOT EXISTS entitle_v4_codes_ent ON entitle_v4_codes (entitlement_id)",
     # One row per accepted webhook: its outcome (the body is its ReceiptView
     # without the webhook itself, which the event store keeps).
-    """CREATE TABLE IF NOT EXISTS entitle_v3_receipts (
+    """CREATE TABLE IF NOT EXISTS entitle_v4_receipts (
         id TEXT PRIMARY KEY,
         source TEXT NOT NULL,
         provider_event_id TEXT NOT NULL,
@@ -65,11 +70,11 @@ _TABLES = [
         waits_on TEXT,
         body TEXT NOT NULL
     )""",
-    "CREATE INDEX IF NOT EXISTS entitle_v3_rec_received ON entitle_v3_receipts (received_at, id)",
-    "CREATE INDEX IF NOT EXISTS entitle_v3_rec_event"
-    " ON entitle_v3_receipts (source, provider_event_id)",
-    "CREATE INDEX IF NOT EXISTS entitle_v3_rec_waiting"
-    " ON entitle_v3_receipts (waiting, received_at)",
+    "CREATE INDEX IF NOT EXISTS entitle_v4_rec_received ON entitle_v4_receipts (received_at, id)",
+    "CREATE INDEX IF NOT EXISTS entitle_v4_rec_event"
+    " ON entitle_v4_receipts (source, provider_event_id)",
+    "CREATE INDEX IF NOT EXISTS entitle_v4_rec_waiting"
+    " ON entitle_v4_receipts (waiting, received_at)",
     # Stored events a projection could not project (it went on without them).
     """CREATE TABLE IF NOT EXISTS entitle_projection_errors (
         projection TEXT NOT NULL,
@@ -88,13 +93,19 @@ _TABLES = [
 ]
 
 _DROP = [
+    # Earlier versions' tables (a new version is rebuilt by the projector).
     "DROP TABLE IF EXISTS entitle_v3_receipts",
     "DROP TABLE IF EXISTS entitle_v3_entitlements",
     "DROP TABLE IF EXISTS entitle_v3_dead_letters",
     "DROP TABLE IF EXISTS entitle_v3_codes",
+    "DROP TABLE IF EXISTS entitle_v4_receipts",
+    "DROP TABLE IF EXISTS entitle_v4_entitlements",
+    "DROP TABLE IF EXISTS entitle_v4_dead_letters",
+    "DROP TABLE IF EXISTS entitle_v4_codes",
 ]
 
-FILTERS = ("order_ref", "customer_email", "status", "offering")
+#: The list's filters that match a column exactly (customer_email ignoring case).
+FILTERS = ("order_ref", "customer_email", "customer_id", "product", "offering", "status", "source")
 RECEIPT_FILTERS = ("source", "outcome", "order_ref")
 
 
@@ -148,7 +159,7 @@ def moment(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat(timespec="microseconds")[:26] + "Z"
 
 
-#: The columns of entitle_v3_entitlements besides id, body and position,
+#: The columns of entitle_v4_entitlements besides id, body and position,
 #: in the order `entitlement_columns` gives them: what its filters and the
 #: scheduler query, so `entitle audit verify` compares each with the fold.
 ENTITLEMENT_COLUMNS = (
@@ -159,6 +170,9 @@ ENTITLEMENT_COLUMNS = (
     "customer_email",
     "sequence",
     "due_at",
+    "product",
+    "customer_id",
+    "updated_at",
 )
 
 
@@ -169,9 +183,13 @@ def entitlement_columns(view: EntitlementView) -> tuple[Any, ...]:
         view.order_ref,
         view.offering,
         view.status,
-        view.customer.email,
+        # Lower-case: the list's customer_email filter ignores case.
+        view.customer.email.lower() if view.customer.email else None,
         view.sequence,
         moment(view.due_at),
+        view.product,
+        view.customer.id,
+        moment(view.updated_at),
     )
 
 
@@ -378,7 +396,7 @@ class ReadModel:
             # "duplicate".
             cur.executemany(
                 self._sql(
-                    "INSERT INTO entitle_v3_receipts (id, source, provider_event_id,"
+                    "INSERT INTO entitle_v4_receipts (id, source, provider_event_id,"
                     " order_ref, outcome, received_at, waiting, waits_on, body)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
                 ),
@@ -389,33 +407,35 @@ class ReadModel:
         if rows.entitlements:
             # Codes are few per entitlement: replace them outright.
             cur.executemany(
-                self._sql("DELETE FROM entitle_v3_codes WHERE entitlement_id = ?"),
+                self._sql("DELETE FROM entitle_v4_codes WHERE entitlement_id = ?"),
                 [(row[0],) for row in rows.entitlements],
             )
             if rows.codes:
                 cur.executemany(
                     self._sql(
-                        "INSERT INTO entitle_v3_codes (code_hash, entitlement_id) VALUES (?, ?)"
+                        "INSERT INTO entitle_v4_codes (code_hash, entitlement_id) VALUES (?, ?)"
                     ),
                     rows.codes,
                 )
             cur.executemany(
                 self._sql(
-                    "INSERT INTO entitle_v3_entitlements "
+                    "INSERT INTO entitle_v4_entitlements "
                     "(id, source, order_ref, offering, status, customer_email, sequence, "
-                    "due_at, body, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "due_at, product, customer_id, updated_at, body, position)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (id) DO UPDATE SET "
                     "status = excluded.status, customer_email = excluded.customer_email, "
                     "offering = excluded.offering, sequence = excluded.sequence, "
-                    "due_at = excluded.due_at, body = excluded.body, "
-                    "position = excluded.position"
+                    "due_at = excluded.due_at, product = excluded.product, "
+                    "customer_id = excluded.customer_id, updated_at = excluded.updated_at, "
+                    "body = excluded.body, position = excluded.position"
                 ),
                 [(*row, position) for row in rows.entitlements],
             )
         if rows.letters:
             cur.executemany(
                 self._sql(
-                    "INSERT INTO entitle_v3_dead_letters (id, recorded_at, resolved, body) "
+                    "INSERT INTO entitle_v4_dead_letters (id, recorded_at, resolved, body) "
                     "VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
                     "resolved = excluded.resolved, body = excluded.body"
                 ),
@@ -434,7 +454,7 @@ class ReadModel:
 
     def _resolve(self, cur: Any, resolution: Resolution) -> None:
         cur.execute(
-            self._sql("SELECT body FROM entitle_v3_receipts WHERE id = ?"), (resolution.receipt,)
+            self._sql("SELECT body FROM entitle_v4_receipts WHERE id = ?"), (resolution.receipt,)
         )
         row = cur.fetchone()
         if row is None:
@@ -450,7 +470,7 @@ class ReadModel:
             view.waits_for = None
         cur.execute(
             self._sql(
-                "UPDATE entitle_v3_receipts SET outcome = ?, waiting = ?, body = ? WHERE id = ?"
+                "UPDATE entitle_v4_receipts SET outcome = ?, waiting = ?, body = ? WHERE id = ?"
             ),
             (view.outcome, int(waiting), view.model_dump_json(exclude={"webhook"}), view.id),
         )
@@ -460,7 +480,7 @@ class ReadModel:
         waiting too long) become applied once it reaches its entitlements."""
         cur.execute(
             self._sql(
-                "SELECT id, body FROM entitle_v3_receipts"
+                "SELECT id, body FROM entitle_v4_receipts"
                 " WHERE source = ? AND provider_event_id = ? AND waiting = 1"
             ),
             (fact.source, fact.event_id),
@@ -473,7 +493,7 @@ class ReadModel:
             view.event_types = list(fact.event_types)
             cur.execute(
                 self._sql(
-                    "UPDATE entitle_v3_receipts SET outcome = 'applied', waiting = 0, body = ?"
+                    "UPDATE entitle_v4_receipts SET outcome = 'applied', waiting = 0, body = ?"
                     " WHERE id = ?"
                 ),
                 (view.model_dump_json(exclude={"webhook"}), receipt_id),
@@ -545,7 +565,7 @@ class ReadModel:
             params += [cursor[0], cursor[0], cursor[1]]
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._query(
-            f"SELECT received_at, id, body FROM entitle_v3_receipts{where}"
+            f"SELECT received_at, id, body FROM entitle_v4_receipts{where}"
             f" ORDER BY received_at DESC, id DESC LIMIT {int(limit) + 1}",
             params,
         )
@@ -559,7 +579,7 @@ class ReadModel:
             return set()
         marks = ", ".join("?" for _ in event_ids)
         rows = self._query(
-            "SELECT provider_event_id FROM entitle_v3_receipts"
+            "SELECT provider_event_id FROM entitle_v4_receipts"
             f" WHERE source = ? AND provider_event_id IN ({marks})",
             [source, *event_ids],
         )
@@ -574,14 +594,14 @@ class ReadModel:
             chunk = ids[start : start + 500]
             marks = ", ".join("?" for _ in chunk)
             found += self._query(
-                "SELECT received_at, id, body FROM entitle_v3_receipts"
+                "SELECT received_at, id, body FROM entitle_v4_receipts"
                 f" WHERE source = ? AND provider_event_id IN ({marks})",
                 [source, *chunk],
             )
         return [ReceiptView.model_validate_json(body) for _, _, body in sorted(found)]
 
     def receipt(self, receipt_id: str) -> ReceiptView | None:
-        rows = self._query("SELECT body FROM entitle_v3_receipts WHERE id = ?", (receipt_id,))
+        rows = self._query("SELECT body FROM entitle_v4_receipts WHERE id = ?", (receipt_id,))
         return ReceiptView.model_validate_json(rows[0][0]) if rows else None
 
     def waiting_since(
@@ -590,7 +610,7 @@ class ReadModel:
         """Parked receipts received before `before`, oldest first, each with
         what it waits on."""
         rows = self._query(
-            "SELECT body, waits_on FROM entitle_v3_receipts WHERE waiting = 1"
+            "SELECT body, waits_on FROM entitle_v4_receipts WHERE waiting = 1"
             " AND outcome = 'parked'"
             f" AND received_at < ? ORDER BY received_at LIMIT {int(limit)}",
             (moment(before),),
@@ -603,7 +623,7 @@ class ReadModel:
     def parked(self) -> int:
         """Webhooks parked now (each waits for something named in its receipt)."""
         rows = self._query(
-            "SELECT count(*) FROM entitle_v3_receipts WHERE waiting = 1 AND outcome = 'parked'"
+            "SELECT count(*) FROM entitle_v4_receipts WHERE waiting = 1 AND outcome = 'parked'"
         )
         return int(rows[0][0])
 
@@ -621,24 +641,58 @@ class ReadModel:
     # -- reads ---------------------------------------------------------------
 
     def entitlements(self, limit: int = 100, **filters: str | None) -> list[EntitlementView]:
-        clauses, params = _equal(filters, FILTERS)
+        return self.entitlement_page(limit, filters=filters)[0]
+
+    def entitlement_page(
+        self,
+        limit: int = 100,
+        after: str | None = None,
+        updated_since: datetime | None = None,
+        q: str | None = None,
+        filters: Mapping[str, str | None] | None = None,
+    ) -> tuple[list[EntitlementView], str | None]:
+        """Entitlements in id order after id `after`, matching every filter
+        (FILTERS exactly, `customer_email` ignoring case; updated at or after
+        `updated_since`; `q` a prefix of the e-mail address, ignoring case, or
+        of the order reference), and the id to page on after the last when
+        there may be more. Paging by id is stable under writes: an
+        entitlement there throughout is listed once, on one page."""
+        filters = dict(filters or {})
+        if filters.get("customer_email") is not None:
+            filters["customer_email"] = str(filters["customer_email"]).lower()
+        clauses, found = _equal(filters, FILTERS)
+        params: list[Any] = list(found)
+        if updated_since is not None:
+            clauses.append("updated_at >= ?")
+            params.append(moment(updated_since))
+        if q:
+            # substr, not LIKE: the same exact-prefix match on both databases
+            # (SQLite's LIKE ignores case, PostgreSQL's does not). It scans
+            # the table: fine for a console's search box, not for a hot path.
+            clauses.append("(substr(customer_email, 1, ?) = ? OR substr(order_ref, 1, ?) = ?)")
+            params += [len(q), q.lower(), len(q), q]
+        if after is not None:
+            clauses.append("id > ?")
+            params.append(after)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._query(
-            f"SELECT body FROM entitle_v3_entitlements{where} ORDER BY id LIMIT {int(limit)}",
+            f"SELECT id, body FROM entitle_v4_entitlements{where}"
+            f" ORDER BY id LIMIT {int(limit) + 1}",
             params,
         )
-        return [EntitlementView.model_validate_json(row[0]) for row in rows]
+        views = [EntitlementView.model_validate_json(row[1]) for row in rows[:limit]]
+        return views, (rows[limit - 1][0] if len(rows) > limit and limit else None)
 
     def entitlement(self, entitlement_id: str) -> EntitlementView | None:
         rows = self._query(
-            "SELECT body FROM entitle_v3_entitlements WHERE id = ?", (entitlement_id,)
+            "SELECT body FROM entitle_v4_entitlements WHERE id = ?", (entitlement_id,)
         )
         return EntitlementView.model_validate_json(rows[0][0]) if rows else None
 
     def by_code(self, code_hash: str) -> EntitlementView | None:
         """The entitlement an activation code (by its hash) belongs to."""
         rows = self._query(
-            "SELECT e.body FROM entitle_v3_codes c JOIN entitle_v3_entitlements e"
+            "SELECT e.body FROM entitle_v4_codes c JOIN entitle_v4_entitlements e"
             " ON e.id = c.entitlement_id WHERE c.code_hash = ?",
             (code_hash,),
         )
@@ -650,8 +704,8 @@ class ReadModel:
         time. A projection batch commits all its rows at once and batches
         commit in log order, so asking again from there misses nothing."""
         rows = self._query(
-            "SELECT e.position, e.id, e.body, c.code_hash FROM entitle_v3_entitlements e"
-            " LEFT JOIN entitle_v3_codes c ON c.entitlement_id = e.id"
+            "SELECT e.position, e.id, e.body, c.code_hash FROM entitle_v4_entitlements e"
+            " LEFT JOIN entitle_v4_codes c ON c.entitlement_id = e.id"
             " WHERE e.position > ? ORDER BY e.position",
             (after,),
         )
@@ -666,16 +720,31 @@ class ReadModel:
     def due(self, now: datetime, limit: int = 500) -> list[str]:
         """Ids of entitlements whose due time has come, soonest first."""
         rows = self._query(
-            "SELECT id FROM entitle_v3_entitlements WHERE due_at <= ?"
+            "SELECT id FROM entitle_v4_entitlements WHERE due_at <= ?"
             f" ORDER BY due_at LIMIT {int(limit)}",
             (moment(now),),
         )
         return [row[0] for row in rows]
 
     def dead_letters(self, limit: int = 100, unresolved: bool = False) -> list[DeadLetterView]:
-        where = " WHERE resolved = 0" if unresolved else ""
+        return self.dead_letter_page(limit, unresolved=unresolved)[0]
+
+    def dead_letter_page(
+        self, limit: int = 100, cursor: tuple[str, str] | None = None, unresolved: bool = False
+    ) -> tuple[list[DeadLetterView], tuple[str, str] | None]:
+        """Dead letters, newest first, after `cursor` (recorded time, id);
+        and the cursor after the last one when there may be more."""
+        clauses: list[str] = ["resolved = 0"] if unresolved else []
+        params: list[str] = []
+        if cursor is not None:
+            clauses.append("(recorded_at < ? OR (recorded_at = ? AND id < ?))")
+            params += [cursor[0], cursor[0], cursor[1]]
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._query(
-            f"SELECT body FROM entitle_v3_dead_letters{where}"
-            f" ORDER BY recorded_at DESC LIMIT {int(limit)}"
+            f"SELECT recorded_at, id, body FROM entitle_v4_dead_letters{where}"
+            f" ORDER BY recorded_at DESC, id DESC LIMIT {int(limit) + 1}",
+            params,
         )
-        return [DeadLetterView.model_validate_json(row[0]) for row in rows]
+        views = [DeadLetterView.model_validate_json(row[2]) for row in rows[:limit]]
+        more = len(rows) > limit and limit
+        return views, ((rows[limit - 1][0], rows[limit - 1][1]) if more else None)

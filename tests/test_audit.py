@@ -137,25 +137,25 @@ def test_verify_passes_on_a_healthy_store_and_names_what_was_tampered_with(
     tampered = str(ent("sub_3"))
     with read_model.transaction() as cur:
         cur.execute(
-            read_model.sql("SELECT body FROM entitle_v3_entitlements WHERE id = ?"), (tampered,)
+            read_model.sql("SELECT body FROM entitle_v4_entitlements WHERE id = ?"), (tampered,)
         )
         body = json.loads(cur.fetchone()[0])
         body["status"], body["seats"] = "CANCELED", 99
         cur.execute(
             read_model.sql(
-                "UPDATE entitle_v3_entitlements SET body = ?, status = 'CANCELED' WHERE id = ?"
+                "UPDATE entitle_v4_entitlements SET body = ?, status = 'CANCELED' WHERE id = ?"
             ),
             (json.dumps(body), tampered),
         )
     # A code removed from the index, and one added that no entitlement has.
     with read_model.transaction() as cur:
         cur.execute(
-            read_model.sql("DELETE FROM entitle_v3_codes WHERE entitlement_id = ?"),
+            read_model.sql("DELETE FROM entitle_v4_codes WHERE entitlement_id = ?"),
             (str(ent("sub_4")),),
         )
         cur.execute(
             read_model.sql(
-                "INSERT INTO entitle_v3_codes (code_hash, entitlement_id) VALUES (?, ?)"
+                "INSERT INTO entitle_v4_codes (code_hash, entitlement_id) VALUES (?, ?)"
             ),
             ("f" * 64, str(ent("sub_0"))),
         )
@@ -194,12 +194,12 @@ def test_verify_passes_on_a_healthy_store_and_names_what_was_tampered_with(
         for column, (subscription, value) in changed.items():
             cur.execute(
                 read_model.sql(
-                    f"UPDATE entitle_v3_entitlements SET {column} = {value} WHERE id = ?"
+                    f"UPDATE entitle_v4_entitlements SET {column} = {value} WHERE id = ?"
                 ),
                 (str(ent(subscription)),),
             )
-        cur.execute("UPDATE entitle_v3_receipts SET order_ref = 'sub_other' WHERE id = 'r0-3'")
-        cur.execute("UPDATE entitle_v3_dead_letters SET resolved = 1")
+        cur.execute("UPDATE entitle_v4_receipts SET order_ref = 'sub_other' WHERE id = 'r0-3'")
+        cur.execute("UPDATE entitle_v4_dead_letters SET resolved = 1")
     report = verify(store, read_model)
     found = {(m.kind, m.subject, m.field) for m in report.mismatches}
     for column, (subscription, _) in changed.items():
@@ -231,19 +231,19 @@ def test_verify_reports_unreadable_rows_and_any_change_to_a_receipt(
     with read_model.transaction() as cur:
         sql = read_model.sql
         cur.execute(
-            sql("UPDATE entitle_v3_entitlements SET body = '{not json' WHERE id = ?"), (broken,)
+            sql("UPDATE entitle_v4_entitlements SET body = '{not json' WHERE id = ?"), (broken,)
         )
-        cur.execute(sql("SELECT body FROM entitle_v3_entitlements WHERE id = ?"), (other,))
+        cur.execute(sql("SELECT body FROM entitle_v4_entitlements WHERE id = ?"), (other,))
         cur.execute(
-            sql("UPDATE entitle_v3_entitlements SET body = ? WHERE id = ?"),
+            sql("UPDATE entitle_v4_entitlements SET body = ? WHERE id = ?"),
             (cur.fetchone()[0], swapped),
         )
-        cur.execute(sql("UPDATE entitle_v3_receipts SET body = '{bad' WHERE id = 'r0-3'"))
-        cur.execute(sql("SELECT body FROM entitle_v3_receipts WHERE id = 'r0-4'"))
+        cur.execute(sql("UPDATE entitle_v4_receipts SET body = '{bad' WHERE id = 'r0-3'"))
+        cur.execute(sql("SELECT body FROM entitle_v4_receipts WHERE id = 'r0-4'"))
         receipt = json.loads(cur.fetchone()[0])
         receipt["entitlement_ids"] = [other]
         cur.execute(
-            sql("UPDATE entitle_v3_receipts SET body = ? WHERE id = 'r0-4'"), (json.dumps(receipt),)
+            sql("UPDATE entitle_v4_receipts SET body = ? WHERE id = 'r0-4'"), (json.dumps(receipt),)
         )
     report = verify(store, read_model)
     found = {(m.kind, m.subject, m.field) for m in report.mismatches}

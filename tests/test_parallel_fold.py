@@ -42,10 +42,10 @@ def tables(read_model: ReadModel) -> dict[str, list[tuple[Any, ...]]]:
     """Every row the read model's tables hold, and the projection errors."""
     queries = {
         "entitlements": "SELECT id, status, customer_email, sequence, body"
-        " FROM entitle_v3_entitlements ORDER BY id",
-        "codes": "SELECT code_hash, entitlement_id FROM entitle_v3_codes ORDER BY code_hash",
-        "dead letters": "SELECT id, resolved, body FROM entitle_v3_dead_letters ORDER BY id",
-        "receipts": "SELECT id, outcome, waiting, waits_on, body FROM entitle_v3_receipts"
+        " FROM entitle_v4_entitlements ORDER BY id",
+        "codes": "SELECT code_hash, entitlement_id FROM entitle_v4_codes ORDER BY code_hash",
+        "dead letters": "SELECT id, resolved, body FROM entitle_v4_dead_letters ORDER BY id",
+        "receipts": "SELECT id, outcome, waiting, waits_on, body FROM entitle_v4_receipts"
         " ORDER BY id",
         "errors": "SELECT position, aggregate_id, event_type FROM entitle_projection_errors"
         " ORDER BY position",
@@ -93,11 +93,11 @@ def test_two_processes_rebuild_and_verify_what_the_projector_built(database_url:
     body["seats"] = 99
     with read_model.transaction() as cur:
         cur.execute(
-            read_model.sql("UPDATE entitle_v3_entitlements SET body = ? WHERE id = ?"),
+            read_model.sql("UPDATE entitle_v4_entitlements SET body = ? WHERE id = ?"),
             (json.dumps(body), tampered),
         )
         cur.execute(
-            read_model.sql("UPDATE entitle_v3_receipts SET outcome = 'duplicate' WHERE id = ?"),
+            read_model.sql("UPDATE entitle_v4_receipts SET outcome = 'duplicate' WHERE id = ?"),
             ("r0-0",),
         )
     found = {(m.kind, m.subject, m.field) for m in verify(store, read_model, workers=2).mismatches}

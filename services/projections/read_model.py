@@ -26,7 +26,7 @@ from services.store import EntitlementStore
 
 # Versioned with the read model's tables: a new schema rebuilds from zero.
 # v5: seats whose code was revoked before revoking released them are not shown.
-READ_MODEL = "read-model-v5"
+READ_MODEL = "read-model-v6"
 
 
 class ReadModelProjection:
