@@ -22,6 +22,7 @@ ValidationCode = Literal[
     "NO_SEAT",
     "FEATURE_NOT_INCLUDED",
     "OVER_LIMIT",
+    "WRONG_PRODUCT",
 ]
 
 
@@ -33,6 +34,12 @@ class ActivationRequest(BaseModel):
     activation_code: str = Field(min_length=1, max_length=64)
     fingerprint: Text = Field(min_length=1, max_length=256, description="The device's identity")
     label: Text | None = Field(default=None, max_length=200, description="e.g. 'Ada's laptop'")
+    product: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="The product asking; a code bought for another is refused (WRONG_PRODUCT)",
+    )
 
 
 class Activation(BaseModel):
@@ -72,6 +79,12 @@ class ValidationRequest(BaseModel):
     activation_code: str = Field(min_length=1, max_length=64)
     fingerprint: str | None = Field(default=None, min_length=1, max_length=256)
     feature: str | None = Field(default=None, min_length=1, max_length=200)
+    product: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="The product asking; a code bought for another answers WRONG_PRODUCT",
+    )
 
 
 class UsageRequest(BaseModel):

@@ -243,6 +243,8 @@ class Licensing:
     async def activate(self, request: Request) -> JSONResponse:
         body = await read_json(request, ActivationRequest)
         hashed, view = await self._opened_by(request, body.activation_code)
+        if body.product is not None and body.product != view.product:
+            raise HTTPError(403, "WRONG_PRODUCT", "the activation code is for another product")
         request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
         seat: dict[str, Any] = {}
         secret = new_seat_secret()  # only its hash is kept, and only for a new seat
@@ -453,6 +455,8 @@ class Licensing:
         return validation_result(view, self.outcome(body, view))
 
     def outcome(self, body: ValidationRequest, view: EntitlementView) -> ValidationCode:
+        if body.product is not None and body.product != view.product:
+            return "WRONG_PRODUCT"
         if view.status != "ACTIVE":
             return view.status
         if body.fingerprint is not None and not self._holds_seat(view, body.fingerprint):
@@ -481,6 +485,8 @@ class Licensing:
 
 
 def validation_result(view: EntitlementView, code: ValidationCode) -> ValidationResult:
+    if code == "WRONG_PRODUCT":  # nothing of another product's entitlement
+        return ValidationResult(valid=False, code=code, status=None)
     return ValidationResult(
         valid=code == "VALID",
         code=code,
@@ -679,7 +685,12 @@ def routes(licensing: Licensing) -> list[Route]:
                 TAG,
                 {200: Activation, 201: Activation},
                 body=ActivationRequest,
-                errors={**_BY_CODE, **_ACTIVE, 409: "Every seat is taken"},
+                errors={
+                    **_BY_CODE,
+                    403: "The entitlement is not active, or the code is for another product"
+                    " (WRONG_PRODUCT)",
+                    409: "Every seat is taken",
+                },
                 idempotency_key=True,
             ),
         ),

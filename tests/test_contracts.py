@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from pydantic import BaseModel
 
 from contracts import PUBLISHED, SCHEMA_DIR, render_schema
+from contracts.licensing import ActivationRequest, ValidationRequest
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -126,3 +128,13 @@ def test_an_entitlement_state_names_any_stored_entitlement_event_and_no_activati
     assert parsed.version == 1 and EntitlementStateV1.model_validate_json(parsed.model_dump_json())
     with pytest.raises(ValidationError):
         EntitlementStateV1.model_validate({**state, "event_type": "entitlement.deleted"})
+
+
+def test_product_scope_is_an_optional_addition_to_the_v1_licensing_requests() -> None:
+    """Requests written before `product` existed are still v1 requests; a
+    product's answer for another product's code is a code of its own."""
+    old = {"activation_code": "7K3QD-ABCDE", "fingerprint": "dev-1"}
+    assert ValidationRequest.model_validate(old).product is None
+    assert ActivationRequest.model_validate(old).product is None
+    schema = json.loads((SCHEMA_DIR / "licensing-validation-result.v1.json").read_text())
+    assert "WRONG_PRODUCT" in json.dumps(schema)

@@ -348,6 +348,42 @@ def test_the_portal_shows_only_the_entitlement_the_code_opens(stack: Entitle) ->
 
 
 @pytest.mark.e2e
+def test_a_code_asked_about_by_another_product_is_wrong_product(stack: Entitle) -> None:
+    item = new_entitlement(stack, "sub_lic_product")
+    code = item["activation_code"]
+    ours = call(stack, "/v1/validate", {"activation_code": code, "product": "acme"})
+    assert (ours.json()["valid"], ours.json()["code"]) == (True, "VALID")
+    for body in (
+        {"activation_code": code, "product": "other-app"},
+        {"activation_code": code, "product": "other-app", "fingerprint": "dev-1"},
+    ):
+        theirs = call(stack, "/v1/validate", body)
+        assert theirs.status_code == 200
+        # Nothing of the entitlement is told to another product.
+        assert theirs.json() == {
+            "valid": False,
+            "code": "WRONG_PRODUCT",
+            "status": None,
+            "entitlement": None,
+        }
+    refused = call(
+        stack,
+        "/v1/activations",
+        {"activation_code": code, "fingerprint": "dev-1", "product": "other-app"},
+    )
+    assert (refused.status_code, refused.json()["error"]) == (403, "WRONG_PRODUCT")
+    taken = call(
+        stack,
+        "/v1/activations",
+        {"activation_code": code, "fingerprint": "dev-1", "product": "acme"},
+    )
+    assert taken.status_code == 201
+    # Without a product the code is checked as before.
+    plain = call(stack, "/v1/validate", {"activation_code": code})
+    assert plain.json()["code"] == "VALID"
+
+
+@pytest.mark.e2e
 def test_validation_is_rate_limited_per_code_with_retry_after(stack: Entitle) -> None:
     item = new_entitlement(stack, "sub_lic_6")
     body = {"activation_code": item["activation_code"]}
