@@ -425,6 +425,7 @@ def build_app(
                 settings.kafka_bootstrap,
                 settings.raw_partitions,
                 topic_ids=settings.kafka_topic_ids,
+                replication=settings.topic_replication,
             )
             if roles.domain:
                 await evict_predecessor(settings.kafka_bootstrap, CONSUMER_GROUP, client_id)

@@ -538,7 +538,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
         async def run() -> tuple[Published, int]:
             try:
-                await ensure_topics(bootstrap, settings.raw_partitions, timeout=5.0)
+                await ensure_topics(
+                    bootstrap,
+                    settings.raw_partitions,
+                    timeout=5.0,
+                    replication=settings.topic_replication,
+                )
             except Exception as exc:
                 raise ConfigError(f"cannot reach the broker at {bootstrap}: {exc!r}") from None
             broker = make_broker(bootstrap, idempotence, linger_ms=0, client_id="entitle-publish")

