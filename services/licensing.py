@@ -34,7 +34,15 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from contracts.api import EntitlementView
-from contracts.license_file import KeysV1, LicenseFileV1, LicenseV1, PublicKeyV1, canonical
+from contracts.license_file import (
+    KeysV1,
+    LicenseFileV1,
+    LicenseV1,
+    PublicKeyV1,
+    b64url,
+    canonical,
+    sign_token,
+)
 from contracts.licensing import (
     Activation,
     ActivationRequest,
@@ -94,8 +102,11 @@ class Signer:
     def __init__(self, key: Ed25519PrivateKey) -> None:
         self._key = key
         raw = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        key_id = hashlib.sha256(raw).hexdigest()[:16]
         self.public = PublicKeyV1(
-            id=hashlib.sha256(raw).hexdigest()[:16], public_key=base64.b64encode(raw).decode()
+            id=key_id,
+            public_key=base64.b64encode(raw).decode(),
+            jwk={"kty": "OKP", "crv": "Ed25519", "x": b64url(raw), "kid": key_id, "use": "sig"},
         )
 
     @classmethod
@@ -109,8 +120,14 @@ class Signer:
         return cls(Ed25519PrivateKey.from_private_bytes(seed))
 
     def sign(self, license: LicenseV1) -> LicenseFileV1:
+        """The license as a token (the file to ship), and in the deprecated
+        first format for clients that still read it."""
         signature = self._key.sign(canonical(license))
-        return LicenseFileV1(license=license, signature=base64.b64encode(signature).decode())
+        return LicenseFileV1(
+            license=license,
+            signature=base64.b64encode(signature).decode(),
+            token=sign_token(license, self._key.sign),
+        )
 
 
 @dataclass

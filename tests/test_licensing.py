@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import shutil
+import subprocess
 import time
 import uuid
 from datetime import timedelta
@@ -25,6 +27,7 @@ from tests.lifecycle_world import DAY, T0, World
 from tests.test_dev import ADMIN, AUTH, entitlements, post
 from tests.test_lifecycle import paid, snapshot
 
+ROOT = Path(__file__).resolve().parents[1]
 CONFIG = f"""
 sources:
   stripe-main: {{provider: stripe, secret: {se.SECRET}}}
@@ -285,6 +288,38 @@ def test_an_offline_license_file_verifies_and_tampering_is_detected(stack: Entit
         verify_license(document, base64.b64encode(b"\x01" * 32).decode())
     missing = call(stack, "/v1/activations/nope/license-file", None, bearer(seat["secret"]))
     assert missing.status_code == 404
+
+    # The file to ship: a token whose exact bytes are signed, the same license.
+    token = document["token"]
+    assert verify_license(token, key["public_key"], fingerprint="workstation-7") == license
+    assert key["jwk"]["x"] == base64.urlsafe_b64encode(
+        base64.b64decode(key["public_key"])
+    ).decode().rstrip("=")
+    header, _, signature = token.split(".")
+    forged = (
+        base64.urlsafe_b64encode(
+            json.dumps({**document["license"], "limits": {"projects": 500}}).encode()
+        )
+        .decode()
+        .rstrip("=")
+    )
+    with pytest.raises(InvalidLicense, match="altered"):
+        verify_license(f"{header}.{forged}.{signature}", key["public_key"])
+    if shutil.which("node"):  # the JavaScript verifier takes the same file
+        script = (
+            "import { verifyLicense } from './clients/js/verify.mjs';"
+            " const [t, k] = process.argv.slice(1);"
+            " console.log(JSON.stringify(verifyLicense(t, k, {fingerprint: 'workstation-7'})));"
+        )
+        ran = subprocess.run(
+            ["node", "--input-type=module", "-e", script, token, key["public_key"]],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert ran.returncode == 0, ran.stderr
+        assert json.loads(ran.stdout)["activation_id"] == seat["id"]
 
 
 @pytest.mark.e2e
