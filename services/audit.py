@@ -12,7 +12,6 @@ and keeps a 16-byte digest and the code hashes per entitlement.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -678,6 +677,7 @@ def export(
     until: datetime | None = None,
     aggregate_id: UUID | None = None,
     batch_size: int = 1000,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> int:
     """Write the stored events recorded in [since, until) (all by default),
     of one aggregate if `aggregate_id`, as JSON lines in log order to
@@ -718,6 +718,8 @@ def export(
             out.write("\n".join(lines) + "\n")
             out.flush()
             written += len(lines)
+            if progress is not None:
+                progress(written, None)
         if done:
             break
     return written
@@ -754,34 +756,3 @@ def _aggregate_notifications(store: EntitlementStore, aggregate_id: UUID) -> lis
         )
         for nid, version, topic, state in rows
     ]
-
-
-class Bar:
-    """A progress bar on stderr, drawn only when stderr is a terminal, at
-    most ten times a second: `Bar("verify")(done, total)`."""
-
-    def __init__(self, label: str, stream: IO[str] | None = None) -> None:
-        self.label = label
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.started = time.monotonic()
-        self._drawn = 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if not self.tty or (now - self._drawn < 0.1 and done < total):
-            return
-        self._drawn = now
-        width = 30
-        filled = width * done // total if total else width
-        rate = done / max(now - self.started, 1e-9)
-        self.stream.write(
-            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
-            f" events, {rate:,.0f}/s"
-        )
-        self.stream.flush()
-
-    def end(self) -> None:
-        if self.tty and self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()

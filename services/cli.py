@@ -37,6 +37,7 @@ from services.http import BODIES, Shortcut, ascii_int, aware_time
 from services.kafka import EmbeddedBroker
 from services.logs import RequestLog, configure, route_of
 from services.outbound.mail import mail_settings
+from services.progress import Bar
 from services.readmodel import ReadModel
 from services.server import HttpLimits, guarded
 
@@ -221,9 +222,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return _replay_webhooks(ReadModel(settings.database_url))
     store = EntitlementStore(settings.database_url)
     read_model = ReadModel(settings.database_url)
+    bar = Bar("replay")
     try:
-        count = replay(store, read_model)
+        count = replay(store, read_model, progress=bar)
     finally:
+        bar.end()
         read_model.close()
         store.close()
     print(f"read model rebuilt from {count} events")
@@ -468,12 +471,7 @@ def cmd_stripe_backfill(args: argparse.Namespace) -> int:
     api = StripeAPI(source.api_key.get_secret_value(), settings.stripe_api_base)
     read_model = ReadModel(settings.database_url)
 
-    def progress(done: int, total: int) -> None:
-        width = 30
-        filled = width * done // total
-        bar = "#" * filled + "." * (width - filled)
-        end = "\n" if done == total else ""
-        print(f"\rbackfill {source.name} [{bar}] {done}/{total}", end=end, file=sys.stderr)
+    progress = Bar(f"backfill {source.name}")
 
     async def run() -> tuple[int, int]:
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
@@ -496,9 +494,9 @@ def cmd_stripe_backfill(args: argparse.Namespace) -> int:
     try:
         listed, sent = asyncio.run(run())
     except stripe.StripeError as exc:
-        print(file=sys.stderr)
         raise ConfigError(f"Stripe answered: {exc.user_message or exc}") from None
     finally:
+        progress.end()
         read_model.close()
     print(
         json.dumps(
@@ -563,19 +561,19 @@ def cmd_publish(args: argparse.Namespace) -> int:
                     read_model,
                     start - 1,
                     head,
-                    progress=lambda at: print(
-                        f"\rpublished up to position {at} of {head}", end="", file=sys.stderr
-                    ),
+                    progress=lambda at: bar(at - start + 1, head - start + 1),
                 )
             finally:
                 await broker.stop()
 
-        published, unreadable = asyncio.run(run())
+        bar = Bar("publish")
+        try:
+            published, unreadable = asyncio.run(run())
+        finally:
+            bar.end()
     finally:
         read_model.close()
         store.close()
-    if head >= start:
-        print(file=sys.stderr)
     print(
         f"published {published.events} events, {published.states} entitlement states and "
         f"{published.dead_letters} dead letters from positions {start} to {head}"
@@ -662,9 +660,20 @@ def cmd_redrive(args: argparse.Namespace) -> int:
         if args.ids:
             ids = list(args.ids)
         else:
-            ids = [letter.id for letter in read_model.dead_letters(args.limit, unresolved=True)]
+            # Oldest first, as they arrived (a payment before its refund).
+            letters = read_model.dead_letters(args.limit, unresolved=True)
+            ids = [letter.id for letter in reversed(letters)]
         codes = CodeBook(settings.code_secret)
-        resolved, failed = DomainService(store, config, codes).redrive(ids)
+        service = DomainService(store, config, codes)
+        resolved = failed = 0
+        bar = Bar("redrive", unit=" dead letters")
+        try:
+            for start in range(0, len(ids), 100):  # a transaction per hundred
+                done, still = service.redrive(ids[start : start + 100])
+                resolved, failed = resolved + done, failed + still
+                bar(start + len(ids[start : start + 100]), len(ids))
+        finally:
+            bar.end()
     finally:
         store.close()
         read_model.close()
@@ -794,7 +803,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         store = EntitlementStore(settings.database_url)
         if args.audit_command == "verify":
             read_model = ReadModel(settings.database_url)
-            bar = audit.Bar("verify")
+            bar = Bar("verify")
             try:
                 report = audit.verify(
                     store, read_model, limit=args.limit, progress=bar, catch_up=args.wait
@@ -816,7 +825,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--entitlement {args.entitlement!r} is not an id") from None
             if store.entitlement(aggregate_id) is None:
                 raise ConfigError(f"no entitlement {aggregate_id}")
-        count = audit.export(store, sys.stdout, since, until, aggregate_id)
+        bar = Bar("export")
+        try:
+            count = audit.export(store, sys.stdout, since, until, aggregate_id, progress=bar)
+        finally:
+            bar.end()
         print(f"exported {count} events", file=sys.stderr)
         return 0
     except BrokenPipeError:

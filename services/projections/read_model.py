@@ -19,7 +19,7 @@ from contracts.api import (
 )
 from services.health import transient
 from services.projections.follower import Change, Follower, project_batch
-from services.projections.parallel import Folding, Part, folding, workers_for
+from services.projections.parallel import Folding, Part, Progress, folding, workers_for
 from services.projections.views import dead_letter_view
 from services.readmodel import Delivered, ReadModel, Resolution
 from services.store import EntitlementStore
@@ -77,6 +77,7 @@ def replay(
     batch_size: int = 1_000_000,
     page: int = 2_000,
     workers: int | None = None,
+    progress: Progress | None = None,
 ) -> int:
     """Rebuild the read model from the first event; returns the changes
     projected (the events the read model reads: not orders' own, nor a
@@ -111,7 +112,9 @@ def replay(
         # (Interrupted: the fold's processes are ended first, then the reset waited for.)
         with ThreadPoolExecutor(1) as pool, folding(store, count, page=page) as fold:
             reset = pool.submit(read_model.reset, READ_MODEL)
-            return _replay(store, ReadModelProjection(read_model), fold, batch_size, reset)
+            return _replay(
+                store, ReadModelProjection(read_model), fold, batch_size, reset, progress
+            )
     finally:
         if enabled:
             gc.enable()
@@ -123,6 +126,7 @@ def _replay(
     fold: Folding,
     batch_size: int,
     reset: Future[None],
+    progress: Progress | None = None,
 ) -> int:
     read_model = projection.read_model
     position, count = 0, 0
@@ -134,7 +138,7 @@ def _replay(
             reset.result()  # (an empty log: the tables are still emptied)
             return count
         start, position = position, min(position + batch_size, head)
-        parts = fold.parts(start, position)
+        parts = fold.parts(start, position, _toward(progress, head))
         try:
             first = next(parts)
             reset.result()
@@ -170,6 +174,13 @@ def _replay(
                 asyncio.run(_again(store, projection, start, position))
         finally:
             parts.close()
+
+
+def _toward(progress: Progress | None, head: int) -> Progress | None:
+    """`progress` counting toward the log's head, not the window's end."""
+    if progress is None:
+        return None
+    return lambda done, _: progress(done, head)
 
 
 class _Unreadable(Exception):
