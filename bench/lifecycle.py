@@ -334,7 +334,7 @@ async def latency_phase(
         "ENTITLE_KAFKA_BOOTSTRAP": broker.bootstrap,
         "ENTITLE_KAFKA_IDEMPOTENCE": "false",
         "ENTITLE_DATABASE_URL": database_url,
-        "ENTITLE_ADMIN_KEYS": "bench:ek_bench",
+        "ENTITLE_ADMIN_KEYS": "bench:ek_bench_admin_key",
         "ENTITLE_CODE_SECRET": "bench-code-secret-0123456789",
     }
     await ensure_topics(broker.bootstrap, PARTITIONS)

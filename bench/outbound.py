@@ -296,7 +296,7 @@ def latency_run(
         "ENTITLE_KAFKA_IDEMPOTENCE": "false",
         "ENTITLE_DATABASE_URL": fresh_database(postgres, "entitle_bench_outbound"),
         "ENTITLE_CODE_SECRET": "bench-code-secret-0123456789",
-        "ENTITLE_ADMIN_KEYS": "bench:ek_bench",
+        "ENTITLE_ADMIN_KEYS": "bench:ek_bench_admin_key",
     }
     processes = []
     try:
@@ -305,7 +305,7 @@ def latency_run(
         processes.append(front)
         projector = start("projector", workdir, env)
         processes.append(projector)
-        auth = {"Authorization": "Bearer ek_bench"}
+        auth = {"Authorization": "Bearer ek_bench_admin_key"}
         tag = uuid4().hex[:8]
         path = f"ok-{tag}"
         endpoints = [(f"{url}/hook/{path}", ["entitlement.*"])]

@@ -91,7 +91,7 @@ from tests.harness import Proxy  # noqa: E402
 
 FAULTS = ("domain", "projector", "database", "domain", "broker", "domain")
 ROLES = ("ingress", "domain", "projector", "api")
-ADMIN_KEY = "ek_soak"
+ADMIN_KEY = "ek_soak_admin_key"
 #: Webhooks a second while a fault's services have not recovered yet.
 TRICKLE = 2.0
 #: Read-model fields that record when and how often, not what.

@@ -167,7 +167,7 @@ async def run(args: argparse.Namespace) -> None:
         "ENTITLE_KAFKA_BOOTSTRAP": broker.bootstrap,
         "ENTITLE_KAFKA_IDEMPOTENCE": "false",
         "ENTITLE_DATABASE_URL": database_url,
-        "ENTITLE_ADMIN_KEYS": "bench:ek_bench",
+        "ENTITLE_ADMIN_KEYS": "bench:ek_bench_admin_key",
         "ENTITLE_CODE_SECRET": "bench-code-secret-0123456789",
     }
     await ensure_topics(broker.bootstrap, 8)
@@ -181,7 +181,7 @@ async def run(args: argparse.Namespace) -> None:
         # Entitlements to validate: each subscription's first payment, in order.
         seed = [e for n in range(args.entitlements) for e in story(n, rng, now)[:3]]
         seeded = await ingest_load(ingress_port, seed, 1000, 3600)
-        admin = {"Authorization": "Bearer ek_bench"}
+        admin = {"Authorization": "Bearer ek_bench_admin_key"}
         items: list[dict[str, Any]] = []
         deadline = time.monotonic() + 120
         while len(items) < args.entitlements and time.monotonic() < deadline:

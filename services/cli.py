@@ -1078,12 +1078,13 @@ def _require_store() -> None:
             sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
         ) as db:
             found = db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'stored_events'"
+                "SELECT 1 FROM sqlite_master WHERE type = 'table'"
+                " AND (name = 'stored_events' OR name LIKE 'entitle\\_%' ESCAPE '\\')"
             ).fetchone()
     except sqlite3.DatabaseError as exc:
         raise ConfigError(f"{path} cannot be read as a database: {exc}") from None
     if found is None:
-        raise ConfigError(f"{path} holds no event store (no stored_events table)")
+        raise ConfigError(f"{path} holds no event store (none of entitle's tables)")
 
 
 if __name__ == "__main__":

@@ -457,8 +457,8 @@ def test_commands_that_read_a_store_refuse_one_that_is_not_there(
     files = {path: path.read_bytes() for path in (text, empty, foreign)}
     for path, why in (
         (text, "cannot be read as a database: file is not a database"),
-        (empty, "holds no event store (no stored_events table)"),
-        (foreign, "holds no event store (no stored_events table)"),
+        (empty, "holds no event store (none of entitle's tables)"),
+        (foreign, "holds no event store (none of entitle's tables)"),
     ):
         for args in (
             ["replay"],

@@ -36,7 +36,7 @@ offerings:
   - {{sku: better_annual, product: acme, period: P1Y, seats: 3,
      suspend_after_days: 3, expire_after_days: 30}}
 """)
-AUTH = {"Authorization": "Bearer ek_audit"}
+AUTH = {"Authorization": "Bearer ek_audit_admin_key"}
 SUB = "sub_audit"
 ID = str(entitlement_id("stripe-main", SUB, se.item_id(SUB, "p")))
 
@@ -80,7 +80,7 @@ def story(database_url: str) -> Iterator[Story]:
         raw_partitions=1,
         code_secret="test-code-secret-0123456789",  # the world's
     )
-    app = build_app(CONFIG, settings, Roles(api=True), admin_keys("ops:ek_audit"))
+    app = build_app(CONFIG, settings, Roles(api=True), admin_keys("ops:ek_audit_admin_key"))
     try:
         with TestClient(app) as client:
             first = invoice(NOW, NOW + YEAR)
