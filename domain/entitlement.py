@@ -748,10 +748,15 @@ class Entitlement(Aggregate):
         )
         return seat_id, True
 
-    def release(self, seat_id: str, reason: str, request_id: str, at: datetime) -> None:
+    def release(
+        self, seat_id: str, reason: str, request_id: str, at: datetime, by: str | None = None
+    ) -> None:
+        """Free a seat: by the device (its credential), or by admin `by`."""
         if seat_id not in self.activations:
             raise Refused(f"no seat {seat_id} in use")
-        cause = Cause.client(request_id)
+        cause = Cause.client(request_id) if by is None else Cause.admin(by, request_id)
+        if self.has_applied(cause):
+            return
         self._record(
             self.SeatReleased,
             cause,

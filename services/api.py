@@ -31,7 +31,7 @@ from contracts.api import (
 )
 from contracts.events import Status
 from contracts.webhooks import RawWebhookV1
-from domain.entitlement import Entitlement, Refused
+from domain.entitlement import Cause, Entitlement, Refused
 from domain.receipt import OUTCOMES
 from services.codes import CodeBook
 from services.config import AdminKey, Config
@@ -370,6 +370,25 @@ class API:
         view = await anyio.to_thread.run_sync(self._change, entitlement_id, change)
         return JSONResponse(view.model_dump(mode="json"))
 
+    async def release_seat(self, request: Request) -> JSONResponse:
+        """Free a seat (a lost laptop): recorded with the key's name, reason
+        `released_by_admin`; answers the entitlement after it."""
+        key = self.authenticate(request)
+        entitlement_id = uuid.UUID(_entitlement_id(request))
+        _no_control_characters(request)
+        seat = request.path_params["seat"]
+        request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
+
+        def change(entitlement: Entitlement, at: datetime) -> None:
+            if seat not in entitlement.activations:
+                if entitlement.has_applied(Cause.admin(key.name, request_id)):
+                    return  # a retry of a release that was done
+                raise HTTPError(404, "not_found", f"no seat {seat} is in use")
+            entitlement.release(seat, "released_by_admin", request_id, at, by=key.name)
+
+        view = await anyio.to_thread.run_sync(self._change, entitlement_id, change)
+        return JSONResponse(view.model_dump(mode="json"))
+
     def _change(
         self, entitlement_id: uuid.UUID, change: Callable[[Entitlement, datetime], None]
     ) -> EntitlementView:
@@ -513,6 +532,18 @@ def routes(api: API) -> list[Route]:
                 {200: EntitlementView},
                 path={**_ENTITLEMENT, "index": "The code's index (0 is the first)"},
                 errors=_CHANGE_ERRORS,
+                idempotency_key=True,
+            ),
+        ),
+        Documented(
+            "/v1/entitlements/{id}/seats/{seat}",
+            api.release_seat,
+            "DELETE",
+            _admin(
+                "Free a seat (reason released_by_admin, recorded with the key's name)",
+                {200: EntitlementView},
+                path={**_ENTITLEMENT, "seat": "The seat's id (an activation's `id`)"},
+                errors={404: "No entitlement has this id, or the seat is not in use"},
                 idempotency_key=True,
             ),
         ),

@@ -526,3 +526,37 @@ def test_rate_limits_count_a_client_however_its_address_is_written(
 
     keys = {client_address({"client": (address, 1)}) for address in spellings}
     assert (len(keys) == 1) is same, keys
+
+
+@pytest.mark.e2e
+def test_an_admin_frees_a_seat_and_the_history_says_who(stack: Entitle) -> None:
+    item = new_entitlement(stack, "sub_seat_admin")
+    with client(stack) as http:
+        lost = activate(http, item["activation_code"], "lost-laptop")
+        kept = activate(http, item["activation_code"], "desk")
+        url = f"/v1/entitlements/{item['id']}/seats/{lost['id']}"
+        assert http.delete(url).status_code == 401  # an admin's route
+        once = {**AUTH, "Idempotency-Key": "ticket-81"}
+        freed = http.delete(url, headers=once)
+        assert freed.status_code == 200, freed.text
+        assert [s["id"] for s in freed.json()["activations"]] == [kept["id"]]
+        assert http.delete(url, headers=once).status_code == 200  # a retry: no second event
+        assert http.delete(url, headers=AUTH).status_code == 404  # not in use any more
+        # The device's own credential no longer opens it; the other seat still works.
+        assert (
+            http.post(
+                f"/v1/activations/{lost['id']}/heartbeat", headers=bearer(lost["secret"])
+            ).status_code
+            == 404
+        )
+        assert (
+            http.post(
+                f"/v1/activations/{kept['id']}/heartbeat", headers=bearer(kept["secret"])
+            ).status_code
+            == 200
+        )
+        history = http.get(f"/v1/entitlements/{item['id']}/history", headers=AUTH).json()
+    released = [e for e in history["events"] if e["type"] == "entitlement.seat_released"]
+    assert len(released) == 1
+    assert released[0]["data"]["reason"] == "released_by_admin"
+    assert released[0]["cause"] == {"kind": "admin", "source": "ops", "event_id": "ticket-81"}
