@@ -9,7 +9,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.events import CauseV1, EntitlementV1
-from contracts.text import Text
+from contracts.text import Moment, Text
 from contracts.webhooks import RawWebhookV1
 
 
@@ -86,6 +86,53 @@ class AdminAction(BaseModel):
 
     reason: Text = Field(min_length=1, max_length=500, description="Recorded in the history")
     days: int | None = Field(default=None, ge=1, le=3650, description="extend only: days to add")
+
+
+class GrantCustomer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: Text = Field(min_length=3, max_length=320, description="Where the license mail goes")
+    id: Text | None = Field(default=None, max_length=255, description="Your own customer id")
+
+
+class ManualGrant(BaseModel):
+    """POST /v1/entitlements: an entitlement without a billing provider
+    (source `manual`): comps, resellers, offline deals."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    offering: Text = Field(min_length=1, max_length=200, description="A catalog offering's SKU")
+    customer: GrantCustomer
+    seats: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="A multiple of the offering's seats"
+    )
+    period_end: Moment | None = Field(
+        default=None, description="Granted through (RFC 3339); give this or `period`"
+    )
+    period: Text | None = Field(
+        default=None,
+        max_length=40,
+        description="ISO 8601 duration from now, e.g. P1Y; default the offering's own period"
+        " (none: no end)",
+    )
+    order_ref: Text | None = Field(
+        default=None,
+        max_length=200,
+        description="Your reference for the deal (default manual-<request id>)",
+    )
+    reason: Text = Field(min_length=1, max_length=500, description="Recorded in the history")
+
+
+class TermsChange(BaseModel):
+    """POST /v1/entitlements/{id}/change: another offering and/or seats."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    offering: Text | None = Field(default=None, min_length=1, max_length=200)
+    seats: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="A multiple of the offering's seats"
+    )
+    reason: Text = Field(min_length=1, max_length=500, description="Recorded in the history")
 
 
 class EntitlementList(BaseModel):

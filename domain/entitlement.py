@@ -21,7 +21,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 from eventsourcing.domain import Aggregate
 
 from domain import lifecycle
-from domain.catalog import Catalog
+from domain.catalog import Catalog, Offering
 from domain.lifecycle import Fact, Facts, Policy, Standing, Status, Terms
 
 __all__ = ["Cause", "Entitlement", "Order", "Payment", "Refused", "Status", "event_type"]
@@ -831,6 +831,35 @@ class Entitlement(Aggregate):
 
     # -- admin commands ----------------------------------------------------
 
+    def change_terms(
+        self,
+        sku: str | None,
+        seats: int | None,
+        by: str,
+        reason: str,
+        request_id: str,
+        catalog: Catalog,
+        policy: Policy,
+        at: datetime,
+    ) -> bool:
+        """Set the offering (`sku`) and/or the seats, as admin `by`: seats
+        beyond the new count are released, newest first. A provider's later
+        statement of the item wins (`lifecycle.Facts.terms`). Refused for an
+        unknown offering, seats that are no multiple of its seats, or no change."""
+        cause = Cause.admin(by, request_id)
+        if self.has_applied(cause):
+            return False
+        if not reason.strip():
+            raise Refused("a change needs a reason")
+        offering = catalog.get(sku or self.sku)
+        if offering is None:
+            raise Refused(f"no offering {sku or self.sku!r} in the catalog")
+        quantity = _quantity(offering, seats, self.quantity if sku in (None, self.sku) else 1)
+        if (offering.sku, quantity) == (self.sku, self.quantity):
+            raise Refused("the entitlement already has this offering and these seats")
+        fact = lifecycle.change(self.slot, offering.sku, quantity, by, reason)
+        return self.settle(fact, cause, at, catalog, policy, at)
+
     def administer(
         self,
         action: str,
@@ -871,6 +900,17 @@ class Entitlement(Aggregate):
         return self.settle(
             lifecycle.admin(action, by, reason, days, waived), cause, at, catalog, policy, at
         )
+
+
+def _quantity(offering: Offering, seats: int | None, current: int) -> int:
+    """The quantity giving `seats` of `offering` (its seats x quantity)."""
+    if seats is None:
+        return current
+    if seats < 1 or seats % offering.seats:
+        raise Refused(
+            f"seats must be a multiple of offering {offering.sku!r}'s {offering.seats} seats"
+        )
+    return seats // offering.seats
 
 
 def _lapsed(seat: dict[str, Any], now: datetime) -> bool:

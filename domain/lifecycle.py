@@ -215,6 +215,20 @@ def dispute(dispute_id: str, state: str, invoice: str | None = None) -> Fact:
     return {"kind": "dispute", "dispute": dispute_id, "state": state, "invoice": invoice}
 
 
+def change(slot: str, sku: str, quantity: int, by: str, reason: str) -> Fact:
+    """An admin set the item's offering and quantity (seats = the offering's
+    seats x quantity). It holds until the provider states the item again
+    at a later time (`Facts.terms`: the newer wins)."""
+    return {
+        "kind": "change",
+        "slot": slot,
+        "sku": sku,
+        "quantity": quantity,
+        "by": by,
+        "reason": reason,
+    }
+
+
 def admin(action: str, by: str, reason: str, days: int = 0, waived: Iterable[str] = ()) -> Fact:
     return {
         "kind": "admin",
@@ -319,6 +333,7 @@ class Facts:
         self.disputes: dict[str, Fact] = {}  # dispute id -> newest fact
         self.latest_customer: Fact | None = None
         self.admin: list[Fact] = []
+        self.changes: dict[str, Fact] = {}  # slot -> newest admin change of its terms
         for fact in facts:
             self.add(fact)
 
@@ -383,6 +398,10 @@ class Facts:
             previous = self.disputes.get(fact["dispute"])
             if previous is None or _dispute_rank(fact) > _dispute_rank(previous):
                 self.disputes[fact["dispute"]] = fact
+        elif kind == "change":
+            previous = self.changes.get(fact["slot"])
+            if previous is None or _order_key(fact) > _order_key(previous):
+                self.changes[fact["slot"]] = fact
         elif kind == "admin":
             # Admin actions are recorded one after another by us, so their
             # order is the order they were taken in.
@@ -399,7 +418,7 @@ class Facts:
         different quantity is what the buyer now pays for. Without either,
         the newest line of any other fact does.
         """
-        line: Mapping[str, Any] | None = None
+        stated: Fact | None = None  # the provider's fact the line comes from
         snapshot = self.latest_snapshot
         paid: Fact | None = None
         for fact in self.paid.values():
@@ -407,19 +426,22 @@ class Facts:
                 paid = fact
         if snapshot is not None and slot in snapshot["lines"]:
             newer_paid = paid is not None and _order_key(paid) > _order_key(snapshot)
-            line = (paid if newer_paid and paid is not None else snapshot)["lines"][slot]
+            stated = paid if newer_paid and paid is not None else snapshot
         elif paid is not None:
-            line = paid["lines"][slot]
+            stated = paid
         elif self.latest_lines is not None and slot in self.latest_lines["lines"]:
-            line = self.latest_lines["lines"][slot]
+            stated = self.latest_lines
         else:
-            newest: Fact | None = None
             for fact in self.log:
                 if slot in (fact.get("lines") or {}) and (
-                    newest is None or _order_key(fact) > _order_key(newest)
+                    stated is None or _order_key(fact) > _order_key(stated)
                 ):
-                    newest = fact
-            line = newest["lines"][slot] if newest is not None else None
+                    stated = fact
+        line: Mapping[str, Any] | None = stated["lines"][slot] if stated is not None else None
+        # An admin's change holds until the provider states the item later.
+        changed = self.changes.get(slot)
+        if changed is not None and (stated is None or _order_key(changed) > _order_key(stated)):
+            line = changed
         customer_id, customer_email = current.customer_id, current.customer_email
         if self.latest_customer is not None:
             who = self.latest_customer["customer"]

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any, get_args
 
 import anyio
+from eventsourcing.persistence import IntegrityError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -25,13 +26,19 @@ from contracts.api import (
     History,
     HistoryWithState,
     IssuedCode,
+    ManualGrant,
     ProjectionErrorList,
     ReceiptList,
     ReceiptView,
+    TermsChange,
 )
 from contracts.events import Status
 from contracts.webhooks import RawWebhookV1
-from domain.entitlement import Cause, Entitlement, Refused
+from domain import lifecycle
+from domain.catalog import add_period
+from domain.commands import Customer, OrderEvent, Rules, apply
+from domain.entitlement import Cause, Entitlement, Refused, entitlement_id
+from domain.lifecycle import Line
 from domain.receipt import OUTCOMES
 from services.codes import CodeBook
 from services.config import AdminKey, Config
@@ -52,10 +59,12 @@ from services.openapi import CURSOR, LIMIT, Answer, Documented, Operation, Query
 from services.projections import entitlement_view, history_entry
 from services.providers import has_control_character
 from services.readmodel import FILTERS, RECEIPT_FILTERS, ReadModel
-from services.store import EntitlementStore, StillChanging
+from services.store import Batch, EntitlementStore, StillChanging
 from services.timeline import NotThen, NotYet, as_of, with_state
 
 _STATUSES = set(get_args(Status))
+#: The source of entitlements granted by hand (POST /v1/entitlements).
+MANUAL = "manual"
 MAX_LIMIT = 1000
 
 
@@ -370,6 +379,102 @@ class API:
         view = await anyio.to_thread.run_sync(self._change, entitlement_id, change)
         return JSONResponse(view.model_dump(mode="json"))
 
+    async def grant(self, request: Request) -> JSONResponse:
+        """A manual grant (source `manual`): made as a provider's paid order
+        would be, by the key's name with the reason; 201 with the entitlement
+        and its activation code. An `Idempotency-Key` makes a retry answer
+        the same entitlement."""
+        key = self.authenticate(request)
+        body = await read_json(request, ManualGrant)
+        offering = self.config.catalog.get(body.offering)
+        if offering is None:
+            raise HTTPError(422, "invalid_body", f"no offering {body.offering!r} in the catalog")
+        if body.period is not None and body.period_end is not None:
+            raise HTTPError(422, "invalid_body", "give period or period_end, not both")
+        if body.seats is not None and body.seats % offering.seats:
+            raise HTTPError(
+                422,
+                "invalid_body",
+                f"seats must be a multiple of offering {offering.sku!r}'s {offering.seats} seats",
+            )
+        now = self.clock()
+        end = body.period_end
+        if body.period is not None:
+            try:
+                end = add_period(now, body.period)
+            except ValueError:
+                raise HTTPError(
+                    422, "invalid_body", "period must be an ISO 8601 duration such as P1Y"
+                ) from None
+        if end is not None and end <= now:
+            raise HTTPError(422, "invalid_body", "period_end must be in the future")
+        request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
+        order_ref = body.order_ref or f"manual-{request_id}"
+        line = Line(
+            "grant",
+            offering,
+            (body.seats or offering.seats) // offering.seats,
+            now if end is not None else None,
+            end,
+        )
+        fact = {
+            **lifecycle.payment(f"grant:{request_id}", [line], starts=None if end else now),
+            "grant": {"by": key.name, "reason": body.reason},
+        }
+        command = OrderEvent(
+            source=MANUAL,
+            order_ref=order_ref,
+            fact=fact,
+            lines=(line,),
+            cause=Cause.admin(key.name, request_id),
+            occurred_at=now,
+            customer=Customer(body.customer.id, body.customer.email),
+        )
+        rules = Rules(self.config.catalog, self.config.policy, self.codes.hash)
+
+        def make() -> Entitlement | None:
+            for _ in range(5):
+                batch = Batch(self.store)
+                apply(command, batch, rules, now)
+                try:
+                    self.store.record(batch, None)
+                except IntegrityError:
+                    continue  # the same request raced itself: it is there now
+                return self.store.entitlement(entitlement_id(MANUAL, order_ref, "grant"))
+            raise busy()
+
+        entitlement = await anyio.to_thread.run_sync(make)
+        if entitlement is None or entitlement.sku != offering.sku:
+            raise HTTPError(409, "refused", f"order_ref {order_ref!r} is another grant's")
+        if self.index is not None:
+            self.index.saved(entitlement)
+        view = self.with_codes(entitlement_view(entitlement))
+        return JSONResponse(view.model_dump(mode="json"), status_code=201)
+
+    async def change_terms(self, request: Request) -> JSONResponse:
+        """Another offering and/or seats, with a reason (see Entitlement.change_terms)."""
+        key = self.authenticate(request)
+        entitlement_id_ = uuid.UUID(_entitlement_id(request))
+        body = await read_json(request, TermsChange)
+        if body.offering is None and body.seats is None:
+            raise HTTPError(422, "invalid_body", "give offering, seats or both")
+        request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
+
+        def change(entitlement: Entitlement, at: datetime) -> None:
+            entitlement.change_terms(
+                body.offering,
+                body.seats,
+                key.name,
+                body.reason,
+                request_id,
+                self.config.catalog,
+                self.config.policy,
+                at,
+            )
+
+        view = await anyio.to_thread.run_sync(self._change, entitlement_id_, change)
+        return JSONResponse(view.model_dump(mode="json"))
+
     async def release_seat(self, request: Request) -> JSONResponse:
         """Free a seat (a lost laptop): recorded with the key's name, reason
         `released_by_admin`; answers the entitlement after it."""
@@ -480,6 +585,31 @@ def routes(api: API) -> list[Route]:
             api.list_entitlements,
             "GET",
             _admin("Entitlements, newest first", {200: EntitlementList}, query=_ENTITLEMENT_QUERY),
+        ),
+        Documented(
+            "/v1/entitlements",
+            api.grant,
+            "POST",
+            _admin(
+                "Grant an entitlement without a provider (source manual)",
+                {201: EntitlementView},
+                body=ManualGrant,
+                errors={409: "order_ref names another grant"},
+                idempotency_key=True,
+            ),
+        ),
+        Documented(
+            "/v1/entitlements/{id}/change",
+            api.change_terms,
+            "POST",
+            _admin(
+                "Change the offering and/or seats, with a reason",
+                {200: EntitlementView},
+                body=TermsChange,
+                path=_ENTITLEMENT,
+                errors=_CHANGE_ERRORS,
+                idempotency_key=True,
+            ),
         ),
         Documented(
             "/v1/entitlements/{id}",
