@@ -358,6 +358,8 @@ def parse_config(
         raise ConfigError(f"{origin}: {problems}") from None
     sources: dict[str, Source] = {}
     for name, source in parsed.sources.items():
+        if name == "manual":  # the source of grants made by hand (POST /v1/entitlements)
+            raise ConfigError(f"{origin}: the source name 'manual' is taken by manual grants")
         provider = PROVIDERS.get(source.provider)
         if provider is None:
             known = ", ".join(sorted(PROVIDERS))

@@ -223,3 +223,8 @@ def test_every_flag_in_the_file_is_a_boolean() -> None:
     ):
         with pytest.raises(ConfigError, match="boolean"):
             parse_config(text, {})
+
+
+def test_no_source_may_be_named_like_manual_grants() -> None:
+    with pytest.raises(ConfigError, match="'manual' is taken by manual grants"):
+        parse_config("sources:\n  manual: {provider: stripe, secret: whsec_x}\n", {})
