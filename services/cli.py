@@ -126,6 +126,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(
             settings, kafka_bootstrap=broker.bootstrap, kafka_idempotence=False
         )
+    # So the operating commands run here (redrive, stripe backfill) read
+    # the configuration this stack uses.
+    Path(".entitle").mkdir(parents=True, exist_ok=True)
+    (Path(".entitle") / "config").write_text(str(Path(args.config).resolve()) + "\n")
     broker_file = Path(".entitle") / "broker"
     if broker is not None:
         # So `entitle stripe backfill` run here finds the embedded broker.
@@ -450,10 +454,11 @@ def cmd_stripe_backfill(args: argparse.Namespace) -> int:
     from services.readmodel import ReadModel
     from services.stripe_api import StripeAPI, backfill
 
-    config = load_config(Path(args.config))
+    config_path = _operating_config(args.config)
+    config = load_config(config_path)
     source = config.sources.get(args.source)
     if source is None or source.provider.name != "stripe":
-        raise ConfigError(f"no stripe source named {args.source!r} in {args.config}")
+        raise ConfigError(f"no stripe source named {args.source!r} in {config_path}")
     if source.api_key is None:
         raise ConfigError(f"source {args.source!r} has no api_key (or api_key_env)")
     from services.stripe_api import EVENTS_KEPT
@@ -582,6 +587,18 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operating_config(given: str | None) -> Path:
+    """--config, else the configuration the `entitle dev` started in this
+    directory uses (it notes it in .entitle/config), else entitle.yaml."""
+    if given is not None:
+        return Path(given)
+    with contextlib.suppress(OSError):
+        noted = (Path(".entitle") / "config").read_text().strip()
+        if noted:
+            return Path(noted)
+    return Path("entitle.yaml")
+
+
 def _dev_broker() -> str | None:
     """The embedded broker of an `entitle dev` running in this directory."""
     path = Path(".entitle") / "broker"
@@ -650,7 +667,7 @@ def cmd_redrive(args: argparse.Namespace) -> int:
     from services.readmodel import ReadModel
     from services.store import EntitlementStore
 
-    config = load_config(Path(args.config))
+    config = load_config(_operating_config(args.config))
     settings = Settings.from_env()
     if not settings.code_secret:
         raise ConfigError("redrive needs ENTITLE_CODE_SECRET (the one the services use)")
@@ -954,7 +971,12 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "redrive", help="re-process dead letters after fixing the catalog (all unresolved, or ids)"
     )
-    p.add_argument("--config", default="entitle.yaml", help="configuration file (YAML)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="configuration file (YAML); default the one the `entitle dev` running here"
+        " uses, else entitle.yaml",
+    )
     p.add_argument("--limit", type=_positive, default=10_000)
     p.add_argument(
         "ids", nargs="*", type=_uuid, help="dead letter ids (default: every unresolved one)"
@@ -1023,7 +1045,12 @@ def parser() -> argparse.ArgumentParser:
     p = stripe_sub.add_parser(
         "backfill", help="send Stripe's events that never reached us through the raw topic"
     )
-    p.add_argument("--config", default="entitle.yaml", help="configuration file (YAML)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="configuration file (YAML); default the one the `entitle dev` running here"
+        " uses, else entitle.yaml",
+    )
     p.add_argument("--source", required=True, help="a stripe source with an api_key")
     p.add_argument(
         "--since", default="72h", help="how far back: 90m, 72h, 30d (Stripe keeps 30 days)"

@@ -297,6 +297,24 @@ def test_dev_prints_its_urls_and_a_generated_admin_key(tmp_path: Path) -> None:
         assert again.printed(r"admin key[^:]*: (ek_\S+)") == key
 
 
+def test_operating_commands_default_to_the_running_dev_stacks_config(tmp_path: Path) -> None:
+    (tmp_path / "conf").mkdir()
+    shutil.copy(ROOT / "examples" / "entitle.yaml", tmp_path / "conf" / "shop.yaml")
+    env = {"ENTITLE_ADMIN_KEYS": ADMIN}
+    with Entitle(["dev", "--config", "conf/shop.yaml"], tmp_path, env) as stack:
+        ran = subprocess.run(
+            [str(ENTITLE), "redrive"],
+            cwd=tmp_path,
+            env={**stack.env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    # Not "cannot read configuration entitle.yaml": the stack's own file and store.
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.startswith("re-drove 0 dead letter(s)")
+
+
 def test_a_wrong_setting_is_one_line_naming_the_variable(tmp_path: Path) -> None:
     shutil.copy(ROOT / "examples" / "entitle.yaml", tmp_path / "entitle.yaml")
     for variable, value, says in (
