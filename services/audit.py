@@ -158,6 +158,14 @@ class VerifyReport:
         return out
 
 
+def _int(value: Any) -> Any:
+    """`value` as an integer where it is one (a column changed by hand may not be)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return value
+
+
 def _digest(text: str | bytes) -> bytes:
     return digest(text)
 
@@ -192,8 +200,9 @@ class _Fold:
 
     entitlements: dict[str, tuple[int, bytes, tuple[str, ...]]] = field(default_factory=dict)
     letters: dict[str, bytes] = field(default_factory=dict)
-    #: Receipts that may still change (parked): id -> (source, event id, outcome, waiting).
-    pending: dict[str, tuple[str, str, str, bool]] = field(default_factory=dict)
+    #: Receipts that were parked: id -> [the receipt as the read model
+    #: should hold it now, still waiting, its waits_on column].
+    pending: dict[str, list[Any]] = field(default_factory=dict)
     settled: tuple[int, int] = (0, 0)
 
     def settle(self, receipt_id: str, outcome: str, body: str) -> None:
@@ -229,21 +238,26 @@ class _Fold:
         # As the read model applies a batch: its new receipts, then the
         # resolutions, then the facts delivered (a parked webhook and what
         # it waited for can be folded in one transaction, in either order).
-        for receipt_id, source, event_id, _, outcome, _, waiting, _, body in receipts:
+        for receipt_id, _, _, _, outcome, _, waiting, waits_on, body in receipts:
             if not waiting:
                 self.settle(receipt_id, outcome, body)
             else:
-                self.pending[receipt_id] = (source, event_id, outcome, True)
+                view = ReceiptView.model_validate_json(body)
+                self.pending[receipt_id] = [view, True, waits_on]
+        # As ReadModel.settle does, with the same functions.
         for resolution in resolutions:
-            # As ReadModel._resolve: a dead letter for waiting too long still waits.
             found = self.pending.get(resolution.receipt)
             if found is not None:
-                waiting = found[3] and resolution.outcome == "dead_letter"
-                self.pending[resolution.receipt] = (*found[:2], resolution.outcome, waiting)
+                found[0], still = readmodel.resolved(found[0], resolution)
+                found[1] = found[1] and still
         for fact in delivered:
-            for receipt_id, (source, event_id, _, waiting) in list(self.pending.items()):
-                if waiting and (source, event_id) == (fact.source, fact.event_id):
-                    self.pending[receipt_id] = (source, event_id, "applied", False)
+            for found in self.pending.values():
+                view = found[0]
+                if found[1] and (view.source, view.provider_event_id) == (
+                    fact.source,
+                    fact.event_id,
+                ):
+                    found[0], found[1] = readmodel.delivered(view, fact), False
 
 
 def verify(
@@ -275,7 +289,13 @@ def verify(
         if read_model.postgres:
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         cur.execute("SELECT name, position FROM entitle_read_positions")
-        report.positions = {name: int(position) for name, position in cur.fetchall()}
+        report.positions = {}
+        for name, position in cur.fetchall():
+            number = _int(position)
+            if not isinstance(number, int) or number < 0:
+                report.add(Mismatch("position", name, "position", position, "a log position"))
+                continue
+            report.positions[name] = number
         report.position = report.positions.get(READ_MODEL, 0)
         # After the snapshot: every position in it is at most this head.
         report.head = int(store.process_recorder.max_notification_id() or 0)
@@ -536,12 +556,18 @@ def _compare_dead_letters(
             view = _parse_row(DeadLetterView, body, report, "dead letter", raw_id)
             if view is None:
                 continue
+            if str(view.id) != raw_id:
+                report.add(Mismatch("dead letter", raw_id, "body id", str(view.id), raw_id))
+                continue
             if _digest(view.model_dump_json()) != digest:
-                report.add(Mismatch("dead letter", raw_id, "body", view.reason, "differs"))
+                # The fold keeps a digest only (flat memory): which field, it cannot say.
+                report.add(
+                    Mismatch("dead letter", raw_id, "body", "differs from the fold", "(digest)")
+                )
             # The indexed columns as the body (compared above) gives them.
             wanted = (view.recorded_at.isoformat(), int(view.resolved_at is not None))
             for name, stored, expected in zip(
-                ("recorded_at", "resolved"), (recorded_at, int(resolved)), wanted, strict=True
+                ("recorded_at", "resolved"), (recorded_at, _int(resolved)), wanted, strict=True
             ):
                 if stored != expected:
                     report.add(
@@ -554,15 +580,17 @@ def _compare_dead_letters(
 
 
 def _compare_receipts(read_model: ReadModel, cur: Any, fold: _Fold, report: VerifyReport) -> None:
-    """Receipts: each parked one's outcome exactly; all the others by count
-    and a checksum of (id, outcome, body), which keeps memory flat; and each
-    row's indexed columns with its own body."""
+    """Receipts: each one that was parked whole (outcome, every field of its
+    body, its waiting and waits_on columns, as the read model settles it);
+    all the others by count and a checksum of (id, outcome, body), which
+    keeps memory flat; and each row's indexed columns with its own body."""
     count, total = 0, 0
     names = ("source", "provider_event_id", "order_ref", "outcome", "received_at", "waiting")
-    for rows in _pages(read_model, cur, f"id, body, {', '.join(names)}", "entitle_v4_receipts"):
+    columns = f"id, body, {', '.join(names)}, waits_on"
+    for rows in _pages(read_model, cur, columns, "entitle_v4_receipts"):
         settled = []
         report.receipts += len(rows)
-        for receipt_id, body, *stored in rows:
+        for receipt_id, body, *stored, stored_waits_on in rows:
             outcome = stored[3]
             # The indexed columns (the list's filters) as the body gives
             # them; the outcome is compared with the fold below.
@@ -591,8 +619,26 @@ def _compare_receipts(read_model: ReadModel, cur: Any, fold: _Fold, report: Veri
             pending = fold.pending.pop(receipt_id, None)
             if pending is None:
                 settled.append((receipt_id, outcome, body))
-            elif pending[2] != outcome:
-                report.add(Mismatch("receipt", receipt_id, "outcome", outcome, pending[2]))
+                continue
+            # A receipt that was parked: compared whole, field by field.
+            want, waiting, waits_on = pending
+            if want.outcome != outcome:
+                report.add(Mismatch("receipt", receipt_id, "outcome", outcome, want.outcome))
+            if stored_waits_on != waits_on:
+                report.add(
+                    Mismatch("receipt", receipt_id, "column waits_on", stored_waits_on, waits_on)
+                )
+            if int(stored[5]) != int(waiting):
+                report.add(
+                    Mismatch("receipt", receipt_id, "column waiting", stored[5], int(waiting))
+                )
+            expected = json.loads(want.model_dump_json(exclude={"webhook"}))
+            got = json.loads(view.model_dump_json(exclude={"webhook"}))
+            for name in sorted(expected.keys() | got.keys()):
+                if name != "outcome" and got.get(name) != expected.get(name):
+                    report.add(
+                        Mismatch("receipt", receipt_id, name, got.get(name), expected.get(name))
+                    )
         n, t = _id_sum(iter(settled))
         count, total = count + n, (total + t) % 2**64
     for receipt_id in sorted(fold.pending):

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import uvicorn
+from pydantic import ValidationError
 
 from services import version
 from services.app import ROLES, Roles, build_app
@@ -1064,6 +1065,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (see services/__init__.py)
     args = parser().parse_args(argv)
     try:
         if args.run not in (cmd_dev, cmd_serve):
@@ -1074,6 +1076,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"entitle: {exc}", file=sys.stderr)
         return 2
+    except ValidationError as exc:  # a stored row that does not parse
+        print(
+            f"entitle: a stored row cannot be read ({exc.title}: {exc.errors()[0]['msg']});"
+            " `entitle audit verify` names it, `entitle replay` rebuilds the read model",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

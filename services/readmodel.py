@@ -17,6 +17,8 @@ from typing import Any
 from urllib.parse import urlsplit
 from uuid import UUID
 
+from pydantic import ValidationError
+
 from contracts.api import DeadLetterView, EntitlementView, ProjectionErrorView, ReceiptView
 from services.store import CREATE_LOCK
 
@@ -241,6 +243,39 @@ def receipt_row(view: ReceiptView, waits_on: Sequence[str]) -> tuple[Any, ...]:
     )
 
 
+def resolved(view: ReceiptView, resolution: Resolution) -> tuple[ReceiptView, bool]:
+    """A parked receipt after what resolved it, and whether it still waits
+    (a dead letter for waiting too long does: see `delivered`)."""
+    view = view.model_copy()
+    view.outcome = resolution.outcome  # type: ignore[assignment]
+    view.detail, view.resolved_at = resolution.detail, resolution.at
+    view.entitlement_ids = resolution.entitlement_ids or view.entitlement_ids
+    view.event_types = resolution.event_types or view.event_types
+    waiting = resolution.outcome == "dead_letter" and view.waits_for is not None
+    if not waiting:
+        view.waits_for = None
+    return view, waiting
+
+
+def delivered(view: ReceiptView, fact: Delivered) -> ReceiptView:
+    """A waiting receipt once the fact it waited for reached its entitlements."""
+    view = view.model_copy()
+    view.outcome, view.waits_for, view.resolved_at = "applied", None, fact.at
+    view.detail = "applied when what it waited for arrived"
+    view.entitlement_ids = list(fact.entitlement_ids)
+    view.event_types = list(fact.event_types)
+    return view
+
+
+class UnreadableRow(Exception):
+    """A read-model row that does not parse (changed by hand, a bad
+    restore): the caller reads the entitlement from the store instead."""
+
+    def __init__(self, entitlement_id: str) -> None:
+        super().__init__(f"the read model's row of entitlement {entitlement_id} is unreadable")
+        self.entitlement_id = entitlement_id
+
+
 class ReadModel:
     def __init__(self, database_url: str) -> None:
         url = urlsplit(database_url)
@@ -459,15 +494,7 @@ class ReadModel:
         row = cur.fetchone()
         if row is None:
             return
-        view = ReceiptView.model_validate_json(row[0])
-        view.outcome = resolution.outcome  # type: ignore[assignment]
-        view.detail, view.resolved_at = resolution.detail, resolution.at
-        view.entitlement_ids = resolution.entitlement_ids or view.entitlement_ids
-        view.event_types = resolution.event_types or view.event_types
-        # A dead letter for waiting too long still waits (see _deliver).
-        waiting = resolution.outcome == "dead_letter" and view.waits_for is not None
-        if not waiting:
-            view.waits_for = None
+        view, waiting = resolved(ReceiptView.model_validate_json(row[0]), resolution)
         cur.execute(
             self._sql(
                 "UPDATE entitle_v4_receipts SET outcome = ?, waiting = ?, body = ? WHERE id = ?"
@@ -486,11 +513,7 @@ class ReadModel:
             (fact.source, fact.event_id),
         )
         for receipt_id, body in cur.fetchall():
-            view = ReceiptView.model_validate_json(body)
-            view.outcome, view.waits_for, view.resolved_at = "applied", None, fact.at
-            view.detail = "applied when what it waited for arrived"
-            view.entitlement_ids = list(fact.entitlement_ids)
-            view.event_types = list(fact.event_types)
+            view = delivered(ReceiptView.model_validate_json(body), fact)
             cur.execute(
                 self._sql(
                     "UPDATE entitle_v4_receipts SET outcome = 'applied', waiting = 0, body = ?"
@@ -690,13 +713,19 @@ class ReadModel:
         return EntitlementView.model_validate_json(rows[0][0]) if rows else None
 
     def by_code(self, code_hash: str) -> EntitlementView | None:
-        """The entitlement an activation code (by its hash) belongs to."""
+        """The entitlement an activation code (by its hash) belongs to;
+        UnreadableRow (naming it) when its row cannot be read."""
         rows = self._query(
-            "SELECT e.body FROM entitle_v4_codes c JOIN entitle_v4_entitlements e"
+            "SELECT e.id, e.body FROM entitle_v4_codes c JOIN entitle_v4_entitlements e"
             " ON e.id = c.entitlement_id WHERE c.code_hash = ?",
             (code_hash,),
         )
-        return EntitlementView.model_validate_json(rows[0][0]) if rows else None
+        if not rows:
+            return None
+        try:
+            return EntitlementView.model_validate_json(rows[0][1])
+        except ValidationError:
+            raise UnreadableRow(rows[0][0]) from None
 
     def changed(self, after: int) -> tuple[int, list[tuple[str, list[str]]]]:
         """Entitlements written after log position `after`, as their JSON

@@ -16,12 +16,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 
+from contracts.licensing import ValidationRequest
 from domain.entitlement import Entitlement, entitlement_id, order_id
 from services.audit import verify
 from services.cli import main
+from services.erasure import erase_customer
+from services.licensing import Licensing, ValidationIndex
 from services.progress import Bar
 from services.projections import READ_MODEL, replay
 from services.readmodel import ReadModel
@@ -246,6 +250,19 @@ def test_verify_reports_unreadable_rows_and_any_change_to_a_receipt(
         cur.execute(
             sql("UPDATE entitle_v4_receipts SET body = ? WHERE id = 'r0-4'"), (json.dumps(receipt),)
         )
+        # A parked receipt (the refund that never gets its payment) is
+        # compared whole: its body's fields and its waits_on column.
+        cur.execute(sql("SELECT body FROM entitle_v4_receipts WHERE id = 'r0-14'"))
+        parked = json.loads(cur.fetchone()[0])
+        assert parked["outcome"] == "parked"
+        parked["entitlement_ids"], parked["detail"] = [other], "tampered"
+        cur.execute(
+            sql(
+                "UPDATE entitle_v4_receipts SET body = ?, waits_on = 'payment pi_x'"
+                " WHERE id = 'r0-14'"
+            ),
+            (json.dumps(parked),),
+        )
     report = verify(store, read_model)
     found = {(m.kind, m.subject, m.field) for m in report.mismatches}
     assert found == {
@@ -253,11 +270,30 @@ def test_verify_reports_unreadable_rows_and_any_change_to_a_receipt(
         ("entitlement", swapped, "body id"),  # named by its row, not the id it holds
         ("receipt", "r0-3", "body"),
         ("receipt", "*", "settled receipts' (id, outcome, body): count and checksum"),
+        ("receipt", "r0-14", "entitlement_ids"),
+        ("receipt", "r0-14", "detail"),
+        ("receipt", "r0-14", "column waits_on"),
     }, report.lines()
     assert not report.ok
     shown = entitle(database_url, "audit", "verify", cwd=tmp_path)
     assert shown.returncode == 1 and "Traceback" not in shown.stderr
     assert f'MISMATCH entitlement {broken} body: stored "unreadable:' in shown.stdout
+    # The API starts, and the broken entitlement's code still validates, from the store.
+    index = ValidationIndex(read_model)
+    index.refresh()
+    assert index.unreadable == 1
+    licensing = Licensing(store, read_model, index=index)
+    answer = licensing.check(ValidationRequest(activation_code=CODES.code(UUID(broken), 0)))
+    assert answer.code == "VALID"
+    # An erasure goes through the unreadable row too, leaving no address in it.
+    erase_customer(store, read_model, "buyer@example.com", "ops", lambda: datetime.now(UTC))
+    with read_model.transaction() as cur:
+        cur.execute(
+            read_model.sql("SELECT customer_email, body FROM entitle_v4_entitlements WHERE id = ?"),
+            (broken,),
+        )
+        email, text = cur.fetchone()
+    assert email is None and "@" not in text
 
 
 def test_rolled_back_inserts_leave_unused_ids_only_on_postgres(database_url: str) -> None:

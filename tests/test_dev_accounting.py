@@ -223,9 +223,12 @@ def test_case_08_a_poison_webhook_is_a_dead_letter_and_its_partition_goes_on(
         made_up = base64.urlsafe_b64encode(json.dumps(["yesterday", "r"]).encode()).decode()
         bad = httpx.get(f"{entitle.url}/v1/webhooks", params={"cursor": made_up}, headers=AUTH)
         assert bad.status_code == 422 and "cursor" in bad.json()["detail"]
-        for path in ("/v1/dead-letters", "/v1/projection-errors"):
+        for path, says in (
+            ("/v1/dead-letters", "cursor is not one this API gave"),  # it pages
+            ("/v1/projection-errors", "unknown query parameter"),
+        ):
             bad = httpx.get(f"{entitle.url}{path}", params={"cursor": "zzz"}, headers=AUTH)
-            assert bad.status_code == 422 and "unknown query parameter" in bad.json()["detail"]
+            assert bad.status_code == 422 and says in bad.json()["detail"]
         assert httpx.get(f"{entitle.url}/v1/webhooks").status_code == 401
 
         # A body nested deeper than any parser's stack is bad input, not a 500.

@@ -365,7 +365,10 @@ class Folding:
             call = (
                 f"_work({store.database_url!r}, {index}, {count}, {digests}, {page}, {os.getpid()})"
             )
-            command = [sys.executable, "-c", f"from {__name__} import _work; {call}"]
+            # Bound to this process's life before the imports (a second or
+            # two): killed meanwhile, the child would otherwise live on.
+            code = f"{_DIE_WITH_PARENT}from {__name__} import _work; {call}"
+            command = [sys.executable, "-c", code, str(os.getpid())]
             self.children.append(
                 # In a process group of its own: a Ctrl-C at the terminal
                 # reaches the caller only, which ends this process.
@@ -452,6 +455,16 @@ def folding(
         fold.close(kill=True)
         raise
     fold.close()
+
+
+#: Linux: the child is killed with its parent (PR_SET_PDEATHSIG), then
+#: checks the parent is still there; the first statement of its command.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, sys; ctypes.CDLL(None).prctl(1, 9); "
+    "os.getppid() == int(sys.argv[1]) or os._exit(1); "
+    if sys.platform == "linux"
+    else ""
+)
 
 
 def _work(database_url: str, index: int, count: int, digests: bool, page: int, parent: int) -> None:
