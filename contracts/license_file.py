@@ -106,9 +106,17 @@ def b64url(data: bytes) -> str:
 
 
 def _unb64url(text: str) -> bytes:
-    if not text or not all(c.isalnum() or c in "-_" for c in text) or len(text) % 4 == 1:
+    """Unpadded base64url, canonical only: a last character whose unused
+    bits are set decodes to the same bytes, and would make another file
+    that verifies."""
+    if not text or not all(c.isascii() and (c.isalnum() or c in "-_") for c in text):
         raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if len(text) % 4 == 1:
+        raise ValueError("not base64url")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64url(data) != text:
+        raise ValueError("not canonical base64url")
+    return data
 
 
 TOKEN_TYPE = "entitle-license+jwt"
@@ -156,7 +164,8 @@ def verify_license(
             signed = LicenseFileV1.model_validate(raw)
             key.verify(base64.b64decode(signed.signature, validate=True), canonical(signed.license))
             license = signed.license
-    except (ValueError, ValidationError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, TypeError, RecursionError, ValidationError, binascii.Error):
+        # (UnicodeDecodeError is a ValueError; a deeply nested header, RecursionError)
         raise InvalidLicense("malformed", "not a well-formed license file") from None
     except InvalidSignature:
         raise InvalidLicense(
@@ -167,6 +176,12 @@ def verify_license(
     if (now or datetime.now(UTC)) >= license.expires_at:
         raise InvalidLicense("expired", "the license has expired")
     return license
+
+
+def _flip_unused_bits(text: str) -> str:
+    """`text` (base64url of 64 bytes) with its last character's unused bits set."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    return text[:-1] + alphabet[alphabet.index(text[-1]) | 0b1111]
 
 
 #: The private seed of the test vectors' key: public, for tests only.
@@ -255,6 +270,13 @@ def license_vectors() -> dict[str, Any]:
             "fingerprint": "device-2",
             "now": during,
             "expect": {"valid": False, "error": "device"},
+        },
+        {
+            "name": "signature's last character changed in its unused bits",
+            "token": f"{header}.{payload}.{_flip_unused_bits(signature)}",
+            "fingerprint": None,
+            "now": during,
+            "expect": {"valid": False, "error": "malformed"},
         },
         {
             "name": "two parts",

@@ -34,7 +34,7 @@ class ActivationRequest(BaseModel):
     activation_code: str = Field(min_length=1, max_length=64)
     fingerprint: Text = Field(min_length=1, max_length=256, description="The device's identity")
     label: Text | None = Field(default=None, max_length=200, description="e.g. 'Ada's laptop'")
-    product: str | None = Field(
+    product: Text | None = Field(
         default=None,
         min_length=1,
         max_length=200,
@@ -79,7 +79,7 @@ class ValidationRequest(BaseModel):
     activation_code: str = Field(min_length=1, max_length=64)
     fingerprint: str | None = Field(default=None, min_length=1, max_length=256)
     feature: str | None = Field(default=None, min_length=1, max_length=200)
-    product: str | None = Field(
+    product: Text | None = Field(
         default=None,
         min_length=1,
         max_length=200,

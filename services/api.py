@@ -57,7 +57,7 @@ from services.http import (
 from services.licensing import ValidationIndex
 from services.openapi import CURSOR, LIMIT, Answer, Documented, Operation, Query
 from services.projections import entitlement_view, history_entry
-from services.providers import has_control_character
+from services.providers import LATEST, has_control_character
 from services.readmodel import FILTERS, RECEIPT_FILTERS, ReadModel
 from services.store import Batch, EntitlementStore, StillChanging
 from services.timeline import NotThen, NotYet, as_of, with_state
@@ -399,26 +399,25 @@ class API:
             )
         now = self.clock()
         end = body.period_end
-        if body.period is not None:
+        # Always an explicit period (the offering's own by default), so a
+        # later change of offering does not change what was granted.
+        period = body.period or (offering.period if end is None else None)
+        if period is not None:
             try:
-                end = add_period(now, body.period)
-            except ValueError:
+                end = add_period(now, period)
+            except (ValueError, OverflowError):
                 raise HTTPError(
                     422, "invalid_body", "period must be an ISO 8601 duration such as P1Y"
                 ) from None
         if end is not None and end <= now:
             raise HTTPError(422, "invalid_body", "period_end must be in the future")
+        if end is not None and end > LATEST:
+            raise HTTPError(422, "invalid_body", "period_end must be before the year 2201")
         request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
         order_ref = body.order_ref or f"manual-{request_id}"
-        line = Line(
-            "grant",
-            offering,
-            (body.seats or offering.seats) // offering.seats,
-            now if end is not None else None,
-            end,
-        )
+        line = Line("grant", offering, (body.seats or offering.seats) // offering.seats, now, end)
         fact = {
-            **lifecycle.payment(f"grant:{request_id}", [line], starts=None if end else now),
+            **lifecycle.payment(f"grant:{request_id}", [line]),
             "grant": {"by": key.name, "reason": body.reason},
         }
         command = OrderEvent(
@@ -433,6 +432,9 @@ class API:
         rules = Rules(self.config.catalog, self.config.policy, self.codes.hash)
 
         def make() -> Entitlement | None:
+            found = self.store.entitlement(entitlement_id(MANUAL, order_ref, "grant"))
+            if found is not None and not found.has_applied(command.cause):
+                raise HTTPError(409, "refused", f"order_ref {order_ref!r} is another grant's")
             for _ in range(5):
                 batch = Batch(self.store)
                 apply(command, batch, rules, now)

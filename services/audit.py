@@ -200,8 +200,8 @@ class _Fold:
 
     entitlements: dict[str, tuple[int, bytes, tuple[str, ...]]] = field(default_factory=dict)
     letters: dict[str, bytes] = field(default_factory=dict)
-    #: Receipts that were parked: id -> [the receipt as the read model
-    #: should hold it now, still waiting, its waits_on column].
+    #: Receipts that were parked or dead-lettered: id -> [the receipt as the
+    #: read model should hold it now, still waiting, its waits_on column].
     pending: dict[str, list[Any]] = field(default_factory=dict)
     settled: tuple[int, int] = (0, 0)
 
@@ -239,7 +239,9 @@ class _Fold:
         # resolutions, then the facts delivered (a parked webhook and what
         # it waited for can be folded in one transaction, in either order).
         for receipt_id, _, _, _, outcome, _, waiting, waits_on, body in receipts:
-            if not waiting:
+            # Kept whole: those still waiting, and dead letters (a re-drive
+            # resolves them later); the others never change.
+            if not waiting and outcome != "dead_letter":
                 self.settle(receipt_id, outcome, body)
             else:
                 view = ReceiptView.model_validate_json(body)
@@ -580,8 +582,9 @@ def _compare_dead_letters(
 
 
 def _compare_receipts(read_model: ReadModel, cur: Any, fold: _Fold, report: VerifyReport) -> None:
-    """Receipts: each one that was parked whole (outcome, every field of its
-    body, its waiting and waits_on columns, as the read model settles it);
+    """Receipts: each one that was parked or dead-lettered whole (outcome,
+    every field of its body, its waiting and waits_on columns, as the read
+    model settles it);
     all the others by count and a checksum of (id, outcome, body), which
     keeps memory flat; and each row's indexed columns with its own body."""
     count, total = 0, 0
@@ -620,7 +623,7 @@ def _compare_receipts(read_model: ReadModel, cur: Any, fold: _Fold, report: Veri
             if pending is None:
                 settled.append((receipt_id, outcome, body))
                 continue
-            # A receipt that was parked: compared whole, field by field.
+            # A receipt that was parked or dead-lettered: compared whole.
             want, waiting, waits_on = pending
             if want.outcome != outcome:
                 report.add(Mismatch("receipt", receipt_id, "outcome", outcome, want.outcome))

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import psycopg
+import psycopg_pool
 import uvicorn
 from pydantic import ValidationError
 
@@ -1075,6 +1077,12 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except ConfigError as exc:
         print(f"entitle: {exc}", file=sys.stderr)
+        return 2
+    except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+        url = urlsplit(Settings.from_env().database_url)
+        where = f"{url.scheme}://{url.netloc.rpartition('@')[2]}"  # never the password
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"entitle: cannot reach the database at {where}: {first}", file=sys.stderr)
         return 2
     except ValidationError as exc:  # a stored row that does not parse
         print(

@@ -759,7 +759,10 @@ class Environment(BaseSettings):
             for error in exc.errors():
                 name = "ENTITLE_" + str(error["loc"][0]).upper() if error["loc"] else "ENTITLE_*"
                 message = str(error["msg"]).removeprefix("Value error, ")
-                problems.append(f"{name}: {message}, not {os.environ.get(name, '')!r}")
+                given = os.environ.get(name, "")
+                if name == "ENTITLE_DATABASE_URL":  # may hold a password
+                    given = urlsplit(given).scheme + "://…"
+                problems.append(f"{name}: {message}, not {given!r}")
             raise ConfigError("; ".join(problems)) from None
 
     @classmethod

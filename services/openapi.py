@@ -162,10 +162,13 @@ def document(operations: Iterable[tuple[str, str, Operation]]) -> dict[str, Any]
         responses: dict[str, Any] = {}
         for status, answer in op.answers.items():
             content: dict[str, Any] = {}
-            for part in answer if isinstance(answer, tuple) else (answer,):
-                if isinstance(part, type):
-                    content["application/json"] = {"schema": ref(part, "serialization")}
-                elif isinstance(part, str):  # a media type: any JSON document, or text
+            parts = answer if isinstance(answer, tuple) else (answer,)
+            bodies = [ref(part, "serialization") for part in parts if isinstance(part, type)]
+            if bodies:  # several: the one the query asked for (as_of, with_state)
+                schema = bodies[0] if len(bodies) == 1 else {"anyOf": bodies}
+                content["application/json"] = {"schema": schema}
+            for part in parts:
+                if isinstance(part, str):  # a media type: any JSON document, or text
                     kind = "object" if part.endswith("json") else "string"
                     content[part] = {"schema": {"type": kind}}
             response: dict[str, Any] = {"description": _STATUS_TEXT.get(status, str(status))}
@@ -261,7 +264,7 @@ _PAGE = """<!doctype html>
 <link rel="stylesheet" href="/docs/static/swagger-ui.css"></head>
 <body><div id="ui"></div>
 <script src="/docs/static/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui", validatorUrl: null});</script>
 </body></html>
 """
 

@@ -514,6 +514,19 @@ def test_commands_that_read_a_store_refuse_one_that_is_not_there(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_database_that_cannot_be_used_is_one_line_without_its_password(
+    tmp_path: Path, entitle: Callable[..., Ran]
+) -> None:
+    for url, says in (
+        ("mysql://root:hunter2@db/x", "ENTITLE_DATABASE_URL: must be sqlite:///PATH"),
+        ("postgresql://u:hunter2@127.0.0.1:1/x", "cannot reach the database at postgresql://"),
+    ):
+        ran = entitle(url, "webhooks", cwd=tmp_path)
+        assert ran.returncode == 2 and ran.stdout == "", ran
+        [line] = ran.stderr.splitlines()
+        assert says in line and "hunter2" not in line, line
+
+
 def test_the_progress_bar_is_drawn_only_on_a_terminal() -> None:
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

@@ -104,6 +104,21 @@ def test_a_manual_grant_is_an_entitlement_with_a_code_and_a_history(database_url
         ):
             refused = await call("POST", "/v1/entitlements", json=wrong)
             assert refused.status_code == 422 and why in refused.text, (wrong, refused.text)
+        # Another grant may not take an order reference already granted.
+        taken = await call("POST", "/v1/entitlements", json={**body, "order_ref": "manual-grant-7"})
+        assert taken.status_code == 409 and "another grant's" in taken.text
+        for far in ({"period_end": "9999-12-31T23:59:59Z", "period": None}, {"period": "P7900Y"}):
+            refused = await call("POST", "/v1/entitlements", json={**body, **far})
+            assert refused.status_code == 422, refused.text
+        # A grant's period is its own: another offering does not move its end.
+        monthly = await call("POST", "/v1/entitlements", json={**body, "seats": 3})
+        changed = await call(
+            "POST",
+            f"/v1/entitlements/{monthly.json()['id']}/change",
+            json={"offering": "solo", "reason": "fewer seats"},
+        )
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["period_end"] == monthly.json()["period_end"]
         unauthorized = await call(
             "POST", "/v1/entitlements", json=body, headers={"Authorization": ""}
         )

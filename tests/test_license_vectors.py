@@ -4,6 +4,7 @@ verifier (clients/js/verify.mjs) under the machine's Node."""
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -60,3 +61,12 @@ def test_the_javascript_verifier_gives_every_expected_answer(tmp_path: Path) -> 
         ["node", str(script), str(tmp_path / "wrong.json")], capture_output=True, text=True
     )
     assert failed.returncode == 1 and "FAIL valid" in failed.stdout
+
+
+def test_an_edited_file_is_always_invalid_license_never_another_error() -> None:
+    vectors = json.loads(VECTORS.read_text())
+    header = base64.urlsafe_b64encode(b"[" * 100_000).decode().rstrip("=")
+    for token in (f"{header}.e30.AAAA", "", ".", "a.b.c", "\u00e9.\u00e9.\u00e9", "{}", "[]"):
+        with pytest.raises(InvalidLicense) as raised:
+            verify_license(token, vectors["public_key"])
+        assert raised.value.kind == "malformed", token[:20]

@@ -69,6 +69,10 @@ def test_bodies_and_answers_are_the_contracts_models(client: TestClient) -> None
     assert ref(validate_op["responses"]["200"]["content"]["application/json"]["schema"]) == (
         "ValidationResult"
     )
+    # Answers that depend on the query admit each shape (now, or as of a time).
+    one = paths["/v1/entitlements/{id}"]["get"]["responses"]["200"]["content"]
+    shapes = [ref(x) for x in one["application/json"]["schema"]["anyOf"]]
+    assert sorted(shapes) == ["EntitlementAsOfView", "EntitlementView"]
     listing = paths["/v1/entitlements"]["get"]
     assert {p["name"] for p in listing["parameters"]} >= {"status", "limit", "customer_email"}
     assert listing["security"] == [{"adminKey": []}]

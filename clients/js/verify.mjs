@@ -29,7 +29,11 @@ const malformed = () => new InvalidLicense("malformed", "not a well-formed licen
 
 function fromBase64url(text) {
   if (!/^[A-Za-z0-9_-]+$/.test(text) || text.length % 4 === 1) throw malformed();
-  return Buffer.from(text, "base64url");
+  const bytes = Buffer.from(text, "base64url");
+  // Canonical only: a last character with unused bits set decodes to the
+  // same bytes, and would make another file that verifies.
+  if (bytes.toString("base64url") !== text) throw malformed();
+  return bytes;
 }
 
 function parseJson(bytes) {
@@ -41,6 +45,9 @@ function parseJson(bytes) {
 }
 
 export function verifyLicense(token, publicKeyBase64, { fingerprint = null, now = new Date() } = {}) {
+  if (typeof publicKeyBase64 !== "string") {
+    throw new InvalidLicense("malformed", "the public key is not a base64 string");
+  }
   const parts = String(token).trim().split(".");
   if (parts.length !== 3) throw malformed();
   const header = parseJson(fromBase64url(parts[0]));
