@@ -249,6 +249,7 @@ def test_redrive_applies_dead_letters_once_the_catalog_knows_the_price(tmp_path:
         assert (item["offering"], item["seats"], item["status"]) == ("gold", 20, "ACTIVE")
         [letter] = httpx.get(f"{entitle.url}/v1/dead-letters", headers=AUTH).json()["items"]
         assert letter["resolved_at"] is not None
+
         # The re-driven receipt, as the read model holds it, is what the log says.
         def verified() -> subprocess.CompletedProcess[str] | None:
             ran = subprocess.run(
