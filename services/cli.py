@@ -959,17 +959,19 @@ def parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=cmd_show)
     p = sub.add_parser("dead-letters", help="list webhooks that could not be mapped")
-    p.add_argument("--limit", type=_positive, default=100)
+    p.add_argument("--limit", type=_positive, default=100, help="most dead letters, newest first")
     p.set_defaults(run=cmd_dead_letters)
     p = sub.add_parser("webhooks", help="what became of accepted webhooks (receipts)")
     p.add_argument("receipt_id", nargs="?", help="show one, with the webhook as received")
-    p.add_argument("--source")
+    p.add_argument("--source", help="only this configured source's")
     p.add_argument(
-        "--outcome", choices=["applied", "duplicate", "ignored", "parked", "dead_letter"]
+        "--outcome",
+        choices=["applied", "duplicate", "ignored", "parked", "dead_letter"],
+        help="only webhooks that came to this",
     )
-    p.add_argument("--order-ref")
+    p.add_argument("--order-ref", help="only this provider order's or subscription's")
     p.add_argument("--since", help="RFC 3339 time, e.g. 2026-11-30T00:00:00Z")
-    p.add_argument("--limit", type=_positive, default=100, help="most receipts (default 100)")
+    p.add_argument("--limit", type=_positive, default=100, help="most receipts, newest first")
     p.set_defaults(run=cmd_webhooks)
     p = sub.add_parser(
         "redrive", help="re-process dead letters after fixing the catalog (all unresolved, or ids)"
@@ -980,7 +982,7 @@ def parser() -> argparse.ArgumentParser:
         help="configuration file (YAML); default the one the `entitle dev` running here"
         " uses, else entitle.yaml",
     )
-    p.add_argument("--limit", type=_positive, default=10_000)
+    p.add_argument("--limit", type=_positive, default=10_000, help="most dead letters re-driven")
     p.add_argument(
         "ids", nargs="*", type=_uuid, help="dead letter ids (default: every unresolved one)"
     )
@@ -991,7 +993,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("email", nargs="?", help="the customer's e-mail address")
     p.add_argument("--by", type=_who, default="cli", help="who asked, recorded with the erasure")
     p.add_argument("--list", action="store_true", help="list the erasures done (JSON lines)")
-    p.add_argument("--limit", type=_positive, default=100)
+    p.add_argument("--limit", type=_positive, default=100, help="most erasures --list shows")
     p.set_defaults(run=cmd_erase_customer)
     out = sub.add_parser("outbound", help="outbound webhooks and mails: list, resend, recover")
     out_sub = out.add_subparsers(dest="outbound_command", required=True)
@@ -1001,8 +1003,8 @@ def parser() -> argparse.ArgumentParser:
         p = out_sub.add_parser(name, help=f"{what}, oldest first, with attempts (JSON lines)")
         if name == "deliveries":
             p.add_argument("endpoint_id", type=_uuid)
-        p.add_argument("--status", choices=["pending", "succeeded", "failed"])
-        p.add_argument("--limit", type=_positive, default=1000)
+        p.add_argument("--status", choices=["pending", "succeeded", "failed"], help="only these")
+        p.add_argument("--limit", type=_positive, default=1000, help="most listed")
         p.set_defaults(run=cmd_outbound)
     p = out_sub.add_parser("resend", help="send deliveries (or mails) again, by id")
     p.add_argument("ids", nargs="+", type=_uuid)

@@ -416,11 +416,13 @@ class OutboundAPI:
             raise HTTPError(422, "invalid_query", f"status must be one of {', '.join(STATUSES)}")
         after = _cursor(request.query_params.get("cursor"))
         limit = _limit(request)
+        # One more than a page: a next_cursor only when there is a next page.
         records = await anyio.to_thread.run_sync(
-            lambda: self.outbox.jobs(status=status, after=after, limit=limit, **filters)
+            lambda: self.outbox.jobs(status=status, after=after, limit=limit + 1, **filters)
         )
         cursor = None
-        if len(records) == limit:
+        if len(records) > limit:
+            records = records[:limit]
             cursor = encode_cursor(records[-1].job.seq, records[-1].job.id)
         body = DeliveryList(items=[delivery_view(r) for r in records], next_cursor=cursor)
         return JSONResponse(body.model_dump(mode="json"))

@@ -147,18 +147,21 @@ def test_a_cursor_this_api_did_not_give_is_a_422_on_every_list(world: World, cra
 
 def test_the_cursors_the_api_gives_page_through_every_delivery(world: World) -> None:
     endpoint = world.create()
-    world.jobs(endpoint["id"], *range(5))
+    world.jobs(endpoint["id"], *range(6))
     seen: list[str] = []
+    pages = 0
     after = ""
     while True:
         page = world.client.get(
             f"{BASE}/{endpoint['id']}/deliveries?limit=2{after}", headers=AUTH
         ).json()
+        pages += 1
         seen += [d["id"] for d in page["items"]]
         if not page["next_cursor"]:
             break
         after = "&cursor=" + page["next_cursor"]
-    assert len(seen) == len(set(seen)) == 5
+    assert len(seen) == len(set(seen)) == 6
+    assert pages == 3  # the last full page says there is no next one
 
 
 # -- 6: a test ping to a disabled endpoint ---------------------------------------------
