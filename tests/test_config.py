@@ -228,3 +228,31 @@ def test_every_flag_in_the_file_is_a_boolean() -> None:
 def test_no_source_may_be_named_like_manual_grants() -> None:
     with pytest.raises(ConfigError, match="'manual' is taken by manual grants"):
         parse_config("sources:\n  manual: {provider: stripe, secret: whsec_x}\n", {})
+
+
+def test_every_option_says_what_it_is_and_its_default() -> None:
+    import argparse
+
+    from services.cli import parser
+
+    def parsers(p: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+        found = [p]
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    found += parsers(child)
+        return found
+
+    missing = []
+    for p in parsers(parser()):
+        formatter = p._get_formatter()
+        for action in p._actions:
+            if not action.option_strings or action.dest in ("help", "version"):
+                continue
+            shown = formatter._get_help_string(action)  # type: ignore[attr-defined]
+            if not action.help:
+                missing.append(f"{p.prog} {action.option_strings[0]}: no help")
+            elif action.default not in (None, False) and "default" not in shown:
+                missing.append(f"{p.prog} {action.option_strings[0]}: no default shown")
+    assert not missing, missing
+    assert "ENTITLE_RAW_PARTITIONS" in parser().format_help()  # the environment, with defaults
