@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from contracts.events import CauseV1, EntitlementV1
 from contracts.text import Moment, Text
@@ -88,10 +88,19 @@ class AdminAction(BaseModel):
     days: int | None = Field(default=None, ge=1, le=3650, description="extend only: days to add")
 
 
+def _address(value: str) -> str:
+    local, at, domain = value.rpartition("@")
+    if not (at and local and "." in domain and not any(c.isspace() for c in value)):
+        raise ValueError("must be an e-mail address, e.g. ada@example.com")
+    return value
+
+
 class GrantCustomer(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    email: Text = Field(min_length=3, max_length=320, description="Where the license mail goes")
+    email: Annotated[Text, AfterValidator(_address)] = Field(
+        min_length=3, max_length=320, description="Where the license mail goes"
+    )
     id: Text | None = Field(default=None, max_length=255, description="Your own customer id")
 
 
@@ -117,6 +126,7 @@ class ManualGrant(BaseModel):
     )
     order_ref: Text | None = Field(
         default=None,
+        min_length=1,
         max_length=200,
         description="Your reference for the deal (default manual-<request id>)",
     )

@@ -54,6 +54,9 @@ from services.http import (
     encode_cursor,
     read_json,
 )
+from services.http import (
+    request_id as idempotency,
+)
 from services.licensing import ValidationIndex
 from services.openapi import CURSOR, LIMIT, Answer, Documented, Operation, Query
 from services.projections import entitlement_view, history_entry
@@ -332,7 +335,7 @@ class API:
         body = await read_json(request, AdminAction)
         if (action == "extend") != (body.days is not None):
             raise HTTPError(422, "invalid_body", "'days' is required by extend and only by extend")
-        request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
+        request_id = idempotency(request)
 
         def change(entitlement: Entitlement, at: datetime) -> None:
             entitlement.administer(
@@ -353,7 +356,7 @@ class API:
         """Another activation code for the entitlement (201 with the code)."""
         key = self.authenticate(request)
         entitlement_id = uuid.UUID(_entitlement_id(request))
-        request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
+        request_id = idempotency(request)
 
         def change(entitlement: Entitlement, at: datetime) -> None:
             entitlement.issue_code(self.codes.hash, key.name, request_id, at)
@@ -371,7 +374,7 @@ class API:
         index = ascii_int(raw)
         if index is None:
             raise HTTPError(422, "invalid_index", f"{raw!r} is not a code index")
-        request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
+        request_id = idempotency(request)
 
         def change(entitlement: Entitlement, at: datetime) -> None:
             entitlement.revoke_code(index, key.name, request_id, at)
@@ -413,7 +416,7 @@ class API:
             raise HTTPError(422, "invalid_body", "period_end must be in the future")
         if end is not None and end > LATEST:
             raise HTTPError(422, "invalid_body", "period_end must be before the year 2201")
-        request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
+        request_id = idempotency(request)
         order_ref = body.order_ref or f"manual-{request_id}"
         line = Line("grant", offering, (body.seats or offering.seats) // offering.seats, now, end)
         fact = {
@@ -460,7 +463,7 @@ class API:
         body = await read_json(request, TermsChange)
         if body.offering is None and body.seats is None:
             raise HTTPError(422, "invalid_body", "give offering, seats or both")
-        request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
+        request_id = idempotency(request)
 
         def change(entitlement: Entitlement, at: datetime) -> None:
             entitlement.change_terms(
@@ -484,7 +487,7 @@ class API:
         entitlement_id = uuid.UUID(_entitlement_id(request))
         _no_control_characters(request)
         seat = request.path_params["seat"]
-        request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
+        request_id = idempotency(request)
 
         def change(entitlement: Entitlement, at: datetime) -> None:
             if seat not in entitlement.activations:

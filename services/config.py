@@ -650,6 +650,8 @@ def admin_keys(value: str | None) -> list[AdminKey]:
                 " comma-separated)"
             )
         keys.append(AdminKey(name, secret))
+    if value is not None and value.strip() and not keys:
+        raise ConfigError("ENTITLE_ADMIN_KEYS names no key (entries are key or name:key)")
     return keys
 
 

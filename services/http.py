@@ -352,6 +352,20 @@ class Shortcut:
             await response(scope, receive, send)
 
 
+def request_id(request: Request) -> str:
+    """The request's `Idempotency-Key` (a retry with the same one changes
+    nothing again), else a new id; 422 for one over 255 characters or with
+    anything but printable ASCII (it is stored as the cause's id)."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return str(uuid.uuid4())
+    if not 1 <= len(key) <= 255 or not all(" " < c < "\x7f" for c in key):
+        raise HTTPError(
+            422, "invalid_header", "Idempotency-Key must be 1 to 255 printable ASCII characters"
+        )
+    return key
+
+
 def busy(what: str = "the entitlement") -> HTTPError:
     return HTTPError(503, "busy", f"{what} kept changing; retry", {"Retry-After": "1"})
 

@@ -88,6 +88,9 @@ from services.http import (
     read_json,
     send_json,
 )
+from services.http import (
+    request_id as idempotency,
+)
 from services.metrics import VALIDATION_SECONDS, VALIDATIONS
 from services.openapi import Documented, Operation, Query
 from services.projections import entitlement_view
@@ -263,7 +266,7 @@ class Licensing:
         hashed, view = await self._opened_by(request, body.activation_code)
         if body.product is not None and body.product != view.product:
             raise HTTPError(403, "WRONG_PRODUCT", "the activation code is for another product")
-        request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
+        request_id = idempotency(request)
         seat: dict[str, Any] = {}
         secret = new_seat_secret()  # only its hash is kept, and only for a new seat
 
@@ -305,7 +308,7 @@ class Licensing:
         """Keep a floating seat: 200 {id, lease_until}; 404 once it lapsed."""
         seat_id, credential = self._seat_request(request)
         entitlement_id = _seat_owner(seat_id)
-        request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
+        request_id = idempotency(request)
         until: list[datetime | None] = []
 
         def change(entitlement: Entitlement, at: datetime) -> None:
@@ -319,7 +322,7 @@ class Licensing:
     async def deactivate(self, request: Request) -> Response:
         seat_id, credential = self._seat_request(request)
         entitlement_id = _seat_owner(seat_id)
-        request_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
+        request_id = idempotency(request)
 
         def change(entitlement: Entitlement, at: datetime) -> None:
             if not entitlement.opens_seat(seat_id, *credential):

@@ -75,6 +75,7 @@ def test_admin_keys_may_be_named() -> None:
         ("a:ek_first_admin_key,b:ek_first_admin_key", "entry 2 repeats a key given before"),
         ("o p:ek_first_admin_key", "entry 1 names it 'o p'"),
         ("ops:ek_first admin_key", "entry 1 has a space or control character"),
+        (",", "names no key"),
     ],
 )
 def test_a_bad_admin_key_list_says_which_entry_without_showing_a_key(

@@ -101,6 +101,8 @@ def test_a_manual_grant_is_an_entitlement_with_a_code_and_a_history(database_url
             ({**body, "period_end": "2030-01-01T00:00:00Z"}, "not both"),
             ({**body, "period": "one year"}, "ISO 8601"),
             ({k: v for k, v in body.items() if k != "reason"}, "reason"),
+            ({**body, "customer": {"email": "not-an-email"}}, "e-mail address"),
+            ({**body, "order_ref": ""}, "order_ref"),
         ):
             refused = await call("POST", "/v1/entitlements", json=wrong)
             assert refused.status_code == 422 and why in refused.text, (wrong, refused.text)
@@ -119,6 +121,10 @@ def test_a_manual_grant_is_an_entitlement_with_a_code_and_a_history(database_url
         )
         assert changed.status_code == 200, changed.text
         assert changed.json()["period_end"] == monthly.json()["period_end"]
+        long_key = await call(
+            "POST", "/v1/entitlements", json=body, headers={"Idempotency-Key": "k" * 256}
+        )
+        assert long_key.status_code == 422 and "Idempotency-Key" in long_key.text
         unauthorized = await call(
             "POST", "/v1/entitlements", json=body, headers={"Authorization": ""}
         )
