@@ -245,7 +245,7 @@ class _Fold:
                 self.settle(receipt_id, outcome, body)
             else:
                 view = ReceiptView.model_validate_json(body)
-                self.pending[receipt_id] = [view, True, waits_on]
+                self.pending[receipt_id] = [view, bool(waiting), waits_on]
         # As ReadModel.settle does, with the same functions.
         for resolution in resolutions:
             found = self.pending.get(resolution.receipt)
