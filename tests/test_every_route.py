@@ -78,7 +78,7 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(stack: En
             "--checks",
             checks,
             "--max-examples",
-            "10",
+            "6",
             "--seed",
             "17",
             "--header",
