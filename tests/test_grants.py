@@ -14,7 +14,7 @@ from uuid import UUID
 import httpx
 
 from services.app import Roles, build_app
-from services.config import Settings, admin_keys, parse_config
+from services.config import Config, Settings, admin_keys, parse_config
 from services.projections import replay
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
@@ -32,7 +32,11 @@ AUTH = {"Authorization": "Bearer ek_test_admin_key"}
 Call = Callable[..., Awaitable[httpx.Response]]
 
 
-def run(database_url: str, steps: Callable[[Call], Awaitable[None]]) -> None:
+def run(
+    database_url: str, steps: Callable[[Call], Awaitable[None]], config: Config = CONFIG
+) -> None:
+    """`steps(call)` against an API process's app on `database_url` (no
+    broker, no projector), `call(method, path, …)` sending the admin key."""
     settings = Settings(
         kafka_bootstrap=None,
         database_url=database_url,
@@ -40,7 +44,7 @@ def run(database_url: str, steps: Callable[[Call], Awaitable[None]]) -> None:
         raw_partitions=1,
         code_secret="x" * 32,
     )
-    app = build_app(CONFIG, settings, Roles(api=True), admin_keys("ops:ek_test_admin_key"))
+    app = build_app(config, settings, Roles(api=True), admin_keys("ops:ek_test_admin_key"))
 
     async def go() -> None:
         transport = httpx.ASGITransport(app=app)

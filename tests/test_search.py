@@ -4,18 +4,17 @@ there throughout exactly once while others are written between pages."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 
-from services.app import Roles, build_app
-from services.config import Settings, admin_keys, parse_config
+from services.config import parse_config
 from services.projections import replay
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
 from tests import stripe_events as se
+from tests.test_grants import Call, run
 from tests.test_store import NOW, YEAR, record, service
 
 CONFIG = parse_config(f"""
@@ -103,36 +102,23 @@ def test_cursor_pages_are_stable_under_writes(database_url: str) -> None:
 
 def test_the_api_pages_with_next_cursor(database_url: str) -> None:
     shop(database_url, 12)
-    settings = Settings(
-        kafka_bootstrap=None,
-        database_url=database_url,
-        kafka_idempotence=False,
-        raw_partitions=1,
-        code_secret="x" * 32,
-    )
-    app = build_app(CONFIG, settings, Roles(api=True), admin_keys("ops:ek_test_admin_key"))
-    auth = {"Authorization": "Bearer ek_test_admin_key"}
+    refs: list[str] = []
+    bad: list[httpx.Response] = []
 
-    async def walk() -> tuple[list[str], list[httpx.Response]]:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://entitle") as client:
-            refs: list[str] = []
-            params: dict[str, Any] = {"limit": 5, "q": "buyer"}
-            while True:
-                answer = await client.get("/v1/entitlements", params=params, headers=auth)
-                assert answer.status_code == 200, answer.text
-                body = answer.json()
-                refs += [item["order_ref"] for item in body["items"]]
-                if body["next_cursor"] is None:
-                    break
-                params["cursor"] = body["next_cursor"]
-            bad = [
-                await client.get("/v1/entitlements", params=p, headers=auth)
-                for p in ({"cursor": "nope"}, {"q": ""}, {"updated_since": "yesterday"})
-            ]
-            return refs, bad
+    async def walk(call: Call) -> None:
+        params: dict[str, Any] = {"limit": 5, "q": "buyer"}
+        while True:
+            answer = await call("GET", "/v1/entitlements", params=params)
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            refs.extend(item["order_ref"] for item in body["items"])
+            if body["next_cursor"] is None:
+                break
+            params["cursor"] = body["next_cursor"]
+        for p in ({"cursor": "nope"}, {"q": ""}, {"updated_since": "yesterday"}):
+            bad.append(await call("GET", "/v1/entitlements", params=p))
 
-    refs, bad = asyncio.run(walk())
+    run(database_url, walk, CONFIG)
     assert sorted(refs) == sorted(f"sub_{n:03}" for n in range(12) if n % 3)
     assert [b.status_code for b in bad] == [422, 422, 422]
     assert all(b.json()["error"] == "invalid_query" for b in bad)
