@@ -68,6 +68,7 @@ from services.projections import (
     listen,
     projections,
 )
+from services.projections.read_model import READ_MODEL
 from services.projections.stripe_codes import write_back_sources
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
@@ -278,7 +279,9 @@ def build_app(
     )
     declared = declared_endpoints(config, allow_http, allow_private)
     outbox = (
-        Outbox(read_model) if read_model is not None and (roles.projector or roles.api) else None
+        Outbox(read_model, behind=READ_MODEL)
+        if read_model is not None and (roles.projector or roles.api)
+        else None
     )
     endpoints: Endpoints | None = None
     if outbox is not None:

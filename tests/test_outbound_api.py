@@ -125,8 +125,8 @@ def cursor(*parts: Any) -> str:
         cursor(True, "x"),  # a bool is no position
         cursor(1.5, "x"),
         cursor(1, "not-a-job-id"),
-        cursor(1, str(uuid4()), "more"),
-        cursor("1", str(uuid4())),
+        cursor(1, "6d0ac261-d933-4c74-9c3d-eb3a6b570161", "more"),
+        cursor("1", "a5d29296-46c6-48ba-9624-09f0e3e7a282"),
         base64.urlsafe_b64encode(b"[" * 20_000).decode(),
         "%%%",
     ],

@@ -61,6 +61,14 @@ async def produce(bootstrap: str) -> None:
         await producer.stop()
 
 
+def _unsettled(postgres_url: str) -> int:
+    with psycopg.connect(postgres_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM entitle_outbox_jobs WHERE status <> 'succeeded'"
+        ).fetchone()
+    return int(row[0]) if row else -1
+
+
 def test_sigkill_of_the_dispatcher_mid_burst_loses_nothing(
     kafka_bootstrap: str, postgres_url: str, tmp_path: Path
 ) -> None:
@@ -97,7 +105,11 @@ outbound:
                     timeout=120,
                     every=0.1,
                 )
-                time.sleep(1.0)  # anything sent twice more would land now
+                # Every delivery's outcome saved (the dispatcher saves in
+                # batches, after the receiver saw the request), then a
+                # moment for anything sent twice more to land.
+                eventually(lambda: _unsettled(postgres_url) == 0, timeout=60, every=0.1)
+                time.sleep(1.0)
 
     received = local.at("/crm")
     ids = Counter(r.headers["webhook-id"] for r in received)

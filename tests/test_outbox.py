@@ -356,3 +356,23 @@ def test_a_job_given_up_while_its_attempt_flies_stays_failed_unless_it_got_throu
     )
     assert records[second.id].status == "succeeded"
     assert [a.status_code for a in records[first.id].attempts] == [500]
+
+
+def test_no_job_is_sent_ahead_of_the_read_model(tmp_path: Path) -> None:
+    """A receiver that asks the API about what it was sent (validates the
+    code in an entitlement.created) must find it: jobs wait for the read
+    model's projection to reach the event that made them."""
+    read_model = ReadModel(f"sqlite:///{tmp_path}/outbox.db")
+    try:
+        outbox = Outbox(read_model, behind="read-model-test")
+        outbox.commit("p", jobs("c1", "k", 4, ordered=False, start=1), 4)
+        now = datetime.now(UTC)
+        assert outbox.due("c1", now, 10) == []  # the read model has nothing yet
+        read_model.set_position("read-model-test", 2)
+        assert [j.seq for j in outbox.due("c1", now, 10)] == [1, 2]
+        read_model.set_position("read-model-test", 4)
+        assert [j.seq for j in outbox.due("c1", now, 10)] == [1, 2, 3, 4]
+        # Without a projection to wait for (the CLI's outbox), all are due.
+        assert len(Outbox(read_model).due("c1", now, 10)) == 4
+    finally:
+        read_model.close()

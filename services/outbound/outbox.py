@@ -264,8 +264,12 @@ class Outbox:
     """The jobs, their attempts and the channels' state, in the read
     model's database."""
 
-    def __init__(self, read_model: ReadModel) -> None:
+    def __init__(self, read_model: ReadModel, behind: str | None = None) -> None:
+        """`behind`: a projection (the read model's) whose position no job
+        is sent ahead of, so a receiver that calls the API about what it got
+        (validates the code it was sent) finds it there."""
         self.read_model = read_model
+        self.behind = behind
         self._sql = read_model.sql
         self.create(_TABLES)
 
@@ -395,9 +399,15 @@ class Outbox:
                     " AND (j.ordered = 0 OR NOT EXISTS (SELECT 1 FROM entitle_outbox_jobs p"
                     " WHERE p.channel = j.channel AND p.ordering_key = j.ordering_key"
                     " AND p.status = 'pending' AND p.seq < j.seq))"
-                    f" ORDER BY j.seq, j.id LIMIT {int(limit)}"
+                    + (
+                        " AND j.seq <= COALESCE((SELECT r.position FROM entitle_read_positions r"
+                        " WHERE r.name = ?), 0)"
+                        if self.behind
+                        else ""
+                    )
+                    + f" ORDER BY j.seq, j.id LIMIT {int(limit)}"
                 ),
-                (channel, moment(now), *busy),
+                (channel, moment(now), *busy, *([self.behind] if self.behind else [])),
             )
             return [_job(row) for row in cur.fetchall()]
 
