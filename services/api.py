@@ -335,20 +335,9 @@ class API:
         body = await read_json(request, AdminAction)
         if (action == "extend") != (body.days is not None):
             raise HTTPError(422, "invalid_body", "'days' is required by extend and only by extend")
-        request_id = idempotency(request)
-
-        def change(entitlement: Entitlement, at: datetime) -> None:
-            entitlement.administer(
-                action,
-                key.name,
-                body.reason,
-                request_id,
-                self.config.catalog,
-                self.config.policy,
-                at,
-                days=body.days or 0,
-            )
-
+        change = self.admin_change(
+            action, key.name, idempotency(request), reason=body.reason, days=body.days or 0
+        )
         view = await anyio.to_thread.run_sync(self._change, entitlement_id, change)
         return JSONResponse(view.model_dump(mode="json"))
 
@@ -356,11 +345,7 @@ class API:
         """Another activation code for the entitlement (201 with the code)."""
         key = self.authenticate(request)
         entitlement_id = uuid.UUID(_entitlement_id(request))
-        request_id = idempotency(request)
-
-        def change(entitlement: Entitlement, at: datetime) -> None:
-            entitlement.issue_code(self.codes.hash, key.name, request_id, at)
-
+        change = self.admin_change("issue-code", key.name, idempotency(request))
         view = await anyio.to_thread.run_sync(self._change, entitlement_id, change)
         code = max(view.activation_codes, key=lambda c: c.index)
         assert code.code is not None  # with_codes derived it
@@ -374,11 +359,7 @@ class API:
         index = ascii_int(raw)
         if index is None:
             raise HTTPError(422, "invalid_index", f"{raw!r} is not a code index")
-        request_id = idempotency(request)
-
-        def change(entitlement: Entitlement, at: datetime) -> None:
-            entitlement.revoke_code(index, key.name, request_id, at)
-
+        change = self.admin_change("revoke-code", key.name, idempotency(request), index=index)
         view = await anyio.to_thread.run_sync(self._change, entitlement_id, change)
         return JSONResponse(view.model_dump(mode="json"))
 
@@ -389,6 +370,12 @@ class API:
         the same entitlement."""
         key = self.authenticate(request)
         body = await read_json(request, ManualGrant)
+        view = await self.make_grant(body, key.name, idempotency(request))
+        return JSONResponse(view.model_dump(mode="json"), status_code=201)
+
+    async def make_grant(self, body: ManualGrant, by: str, request_id: str) -> EntitlementView:
+        """The entitlement `body` grants, made by `by` (or the one a request
+        with the same `request_id` made); HTTPError 422 or 409 if refused."""
         offering = self.config.catalog.get(body.offering)
         if offering is None:
             raise HTTPError(422, "invalid_body", f"no offering {body.offering!r} in the catalog")
@@ -416,19 +403,18 @@ class API:
             raise HTTPError(422, "invalid_body", "period_end must be in the future")
         if end is not None and end > LATEST:
             raise HTTPError(422, "invalid_body", "period_end must be before the year 2201")
-        request_id = idempotency(request)
         order_ref = body.order_ref or f"manual-{request_id}"
         line = Line("grant", offering, (body.seats or offering.seats) // offering.seats, now, end)
         fact = {
             **lifecycle.payment(f"grant:{request_id}", [line]),
-            "grant": {"by": key.name, "reason": body.reason},
+            "grant": {"by": by, "reason": body.reason},
         }
         command = OrderEvent(
             source=MANUAL,
             order_ref=order_ref,
             fact=fact,
             lines=(line,),
-            cause=Cause.admin(key.name, request_id),
+            cause=Cause.admin(by, request_id),
             occurred_at=now,
             customer=Customer(body.customer.id, body.customer.email),
         )
@@ -453,8 +439,7 @@ class API:
             raise HTTPError(409, "refused", f"order_ref {order_ref!r} is another grant's")
         if self.index is not None:
             self.index.saved(entitlement)
-        view = self.with_codes(entitlement_view(entitlement))
-        return JSONResponse(view.model_dump(mode="json"), status_code=201)
+        return self.with_codes(entitlement_view(entitlement))
 
     async def change_terms(self, request: Request) -> JSONResponse:
         """Another offering and/or seats, with a reason (see Entitlement.change_terms)."""
@@ -463,20 +448,14 @@ class API:
         body = await read_json(request, TermsChange)
         if body.offering is None and body.seats is None:
             raise HTTPError(422, "invalid_body", "give offering, seats or both")
-        request_id = idempotency(request)
-
-        def change(entitlement: Entitlement, at: datetime) -> None:
-            entitlement.change_terms(
-                body.offering,
-                body.seats,
-                key.name,
-                body.reason,
-                request_id,
-                self.config.catalog,
-                self.config.policy,
-                at,
-            )
-
+        change = self.admin_change(
+            "change",
+            key.name,
+            idempotency(request),
+            reason=body.reason,
+            offering=body.offering,
+            seats=body.seats,
+        )
         view = await anyio.to_thread.run_sync(self._change, entitlement_id_, change)
         return JSONResponse(view.model_dump(mode="json"))
 
@@ -487,17 +466,68 @@ class API:
         entitlement_id = uuid.UUID(_entitlement_id(request))
         _no_control_characters(request)
         seat = request.path_params["seat"]
-        request_id = idempotency(request)
-
-        def change(entitlement: Entitlement, at: datetime) -> None:
-            if seat not in entitlement.activations:
-                if entitlement.has_applied(Cause.admin(key.name, request_id)):
-                    return  # a retry of a release that was done
-                raise HTTPError(404, "not_found", f"no seat {seat} is in use")
-            entitlement.release(seat, "released_by_admin", request_id, at, by=key.name)
-
+        change = self.admin_change("release", key.name, idempotency(request), seat=seat)
         view = await anyio.to_thread.run_sync(self._change, entitlement_id, change)
         return JSONResponse(view.model_dump(mode="json"))
+
+    def admin_change(
+        self,
+        action: str,
+        by: str,
+        request_id: str,
+        *,
+        reason: str = "",
+        days: int = 0,
+        offering: str | None = None,
+        seats: int | None = None,
+        seat: str | None = None,
+        index: int | None = None,
+    ) -> Callable[[Entitlement, datetime], None]:
+        """The change an admin (key name `by`) asks for, to run on the
+        entitlement at a time: one of ADMIN_ACTIONS (with `reason`, and
+        `days` for extend), "change" (offering and/or seats, with a
+        reason), "release" (`seat`), "issue-code" or "revoke-code" (`index`).
+        A retry with the same `request_id` changes nothing again."""
+
+        def change(entitlement: Entitlement, at: datetime) -> None:
+            if action in ADMIN_ACTIONS:
+                entitlement.administer(
+                    action,
+                    by,
+                    reason,
+                    request_id,
+                    self.config.catalog,
+                    self.config.policy,
+                    at,
+                    days=days,
+                )
+            elif action == "change":
+                entitlement.change_terms(
+                    offering,
+                    seats,
+                    by,
+                    reason,
+                    request_id,
+                    self.config.catalog,
+                    self.config.policy,
+                    at,
+                )
+            elif action == "release":
+                assert seat is not None
+                if seat not in entitlement.activations:
+                    if entitlement.has_applied(Cause.admin(by, request_id)):
+                        return  # a retry of a release that was done
+                    raise HTTPError(404, "not_found", f"no seat {seat} is in use")
+                entitlement.release(seat, "released_by_admin", request_id, at, by=by)
+            elif action == "issue-code":
+                entitlement.issue_code(self.codes.hash, by, request_id, at)
+            elif action == "revoke-code":
+                assert index is not None
+                entitlement.revoke_code(index, by, request_id, at)
+            else:
+                raise ValueError(f"no admin change {action!r}")
+
+        return change
 
     def _change(
         self, entitlement_id: uuid.UUID, change: Callable[[Entitlement, datetime], None]

@@ -27,7 +27,7 @@ from contracts.api import Liveness, Readiness
 from contracts.webhooks import RAW_TOPIC
 from domain.endpoint import Endpoint
 from domain.entitlement import NAMESPACE
-from services import api, ingress, licensing, openapi, topics
+from services import api, ingress, licensing, openapi, topics, ui
 from services.codes import CodeBook
 from services.config import AdminKey, Config, Settings, Source
 from services.fold import CONSUMER_GROUP, DomainService, RawLog, Scheduler, subscribe
@@ -351,16 +351,10 @@ def build_app(
         admin = api.API(store, read_model, admin_keys, config, codes, index=index)
         routes += api.routes(admin)
         assert outbox is not None and endpoints is not None and settings.code_secret
-        routes += outbound_routes(
-            OutboundAPI(
-                admin,
-                outbox,
-                endpoints,
-                settings.code_secret,
-                allow_http,
-                allow_private,
-            )
+        outbound_api = OutboundAPI(
+            admin, outbox, endpoints, settings.code_secret, allow_http, allow_private
         )
+        routes += outbound_routes(outbound_api)
         validation = licensing.Licensing(
             store,
             read_model,
@@ -372,6 +366,20 @@ def build_app(
         )
         routes += licensing.routes(validation)
         routes += topics.routes(settings.kafka_bootstrap)
+        ui_store, ui_codes = store, codes
+
+        def redrive(ids: list[UUID]) -> tuple[int, int]:
+            return DomainService(ui_store, config, ui_codes).redrive(ids)
+
+        routes += ui.routes(
+            admin,
+            outbound_api,
+            validation,
+            settings.code_secret,
+            redrive,
+            settings.kafka_bootstrap,
+            lambda: ui_store.process_recorder.max_notification_id() or 0,
+        )
 
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse(Liveness(roles=roles.names()).model_dump())

@@ -64,6 +64,7 @@ class _SourceFile(BaseModel):
     backfill_every: str | None = Field(default=None, pattern=r"^\d+(\.\d+)?[smhd]$")
     write_back_codes: StrictBool = False
     allow_unsigned: StrictBool = False
+    billing_portal_url: str | None = Field(default=None, max_length=2000)
 
     @model_validator(mode="after")
     def _one_secret(self) -> _SourceFile:
@@ -79,6 +80,10 @@ class _SourceFile(BaseModel):
             raise ValueError("backfill_every needs an api_key (or api_key_env)")
         if self.write_back_codes and self.provider != "stripe":
             raise ValueError("write_back_codes is for stripe sources only")
+        if self.billing_portal_url is not None and not self.billing_portal_url.startswith(
+            "https://"
+        ):
+            raise ValueError("billing_portal_url must be an https:// address")
         if self.write_back_codes and self.api_key is None and self.api_key_env is None:
             raise ValueError(
                 "write_back_codes needs an api_key (or api_key_env) that may write subscriptions"
@@ -241,6 +246,10 @@ class Source:
     #: No signature is checked (`allow_unsigned: true`): its webhooks may
     #: grant, never end, suspend or refund (services.providers.unsigned_refusal).
     unsigned: bool = False
+    #: Where the buyer manages billing at the provider (e.g. the login link
+    #: of Stripe's customer portal, https://docs.stripe.com/customer-management/activate-no-code-customer-portal);
+    #: the customer portal links to it.
+    billing_portal_url: str | None = None
 
     def __repr__(self) -> str:  # never show the secret
         return f"Source(name={self.name!r}, provider={self.provider.name!r})"
@@ -399,6 +408,7 @@ def parse_config(
             backfill_every=duration(source.backfill_every) if source.backfill_every else None,
             write_back_codes=source.write_back_codes,
             unsigned=unsigned,
+            billing_portal_url=source.billing_portal_url,
         )
     try:
         catalog = Catalog(

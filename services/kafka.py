@@ -495,6 +495,22 @@ async def end_offsets(bootstrap: str, topic: str, timeout_ms: int = 5000) -> dic
         await consumer.stop()
 
 
+async def group_lag(
+    bootstrap: str, topic: str, group: str, timeout_ms: int = 3000
+) -> dict[int, int]:
+    """Each partition of `topic` -> records the consumer group `group` has
+    not committed past yet (end offset minus committed offset)."""
+    ends = await end_offsets(bootstrap, topic, timeout_ms)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    done = {tp.partition: meta.offset for tp, meta in committed.items() if tp.topic == topic}
+    return {p: max(0, end - max(done.get(p, 0), 0)) for p, end in ends.items()}
+
+
 async def _reader(bootstrap: str, timeout_ms: int) -> AIOKafkaConsumer:
     """A started consumer outside any group, that commits nothing."""
     consumer = AIOKafkaConsumer(

@@ -219,14 +219,28 @@ class Licensing:
         return JSONResponse(KeysV1(keys=keys).model_dump(mode="json"))
 
     async def license_file(self, request: Request) -> JSONResponse:
+        seat_id, credential = self._seat_request(request)
+        signed = await self.issue_license_file(seat_id, credential)
+        return JSONResponse(signed.model_dump(mode="json"))
+
+    async def issue_license_file(
+        self, seat_id: str, credential: tuple[str, str] | None, owner: uuid.UUID | None = None
+    ) -> LicenseFileV1:
+        """A signed offline license file for a seat in force: opened by
+        `credential` (code hash, secret hash), or, with none, any seat of
+        entitlement `owner` (the customer portal). HTTPError 404 for no such
+        seat, 403 NOT_ACTIVE, 503 without ENTITLE_LICENSE_KEY."""
         if self.signer is None:
             raise HTTPError(503, "not_configured", "license files need ENTITLE_LICENSE_KEY")
-        seat_id, credential = self._seat_request(request)
-        entitlement = await anyio.to_thread.run_sync(self.store.entitlement, _seat_owner(seat_id))
+        entitlement_id = _seat_owner(seat_id)
+        if credential is None and entitlement_id != owner:
+            raise _no_seat(seat_id)
+        entitlement = await anyio.to_thread.run_sync(self.store.entitlement, entitlement_id)
         now = self.clock()
         if (
             entitlement is None
-            or not entitlement.opens_seat(seat_id, *credential)
+            or seat_id not in entitlement.activations
+            or (credential is not None and not entitlement.opens_seat(seat_id, *credential))
             or entitlement.seat_in_force(seat_id, now) is None  # a lapsed lease, a revoked code
         ):
             raise _no_seat(seat_id)
@@ -257,7 +271,7 @@ class Licensing:
             issued_at=now,
             expires_at=expires,
         )
-        return JSONResponse(self.signer.sign(license).model_dump(mode="json"))
+        return self.signer.sign(license)
 
     # -- activations -------------------------------------------------------
 

@@ -247,7 +247,7 @@ def operations(
     for route in routes:
         if isinstance(route, Documented):
             found.append((route.method, route.path, route.operation))
-        elif isinstance(route, Route):
+        elif isinstance(route, Route) and not isinstance(route, PageRoute):
             missing.append(route.path)
     if missing:
         raise Undocumented(f"routes without an OpenAPI operation: {', '.join(missing)}")
@@ -256,6 +256,11 @@ def operations(
 
 class Undocumented(Exception):
     pass
+
+
+class PageRoute(Route):
+    """A browser page (HTML, services.ui): not an API operation, so not in
+    the OpenAPI document."""
 
 
 _PAGE = """<!doctype html>

@@ -650,6 +650,21 @@ class ReadModel:
         )
         return int(rows[0][0])
 
+    def status_counts(self) -> dict[str, int]:
+        """How many entitlements are in each status now."""
+        rows = self._query("SELECT status, count(*) FROM entitle_v4_entitlements GROUP BY status")
+        return {str(status): int(n) for status, n in rows}
+
+    def webhooks_per_hour(self, since: datetime) -> dict[str, int]:
+        """Receipts received at or after `since`, counted per UTC hour
+        ("YYYY-MM-DDTHH", received_at's first 13 characters: see `moment`)."""
+        rows = self._query(
+            "SELECT substr(received_at, 1, 13) AS hour, count(*) FROM entitle_v4_receipts"
+            " WHERE received_at >= ? GROUP BY substr(received_at, 1, 13)",
+            (moment(since),),
+        )
+        return {str(hour): int(n) for hour, n in rows}
+
     def positions(self) -> dict[str, int]:
         """Each projection's position in the notification log."""
         return {

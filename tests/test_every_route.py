@@ -167,6 +167,10 @@ def test_no_bad_input_to_any_route_is_a_server_error(stack: Entitle, tmp_path: P
                 return
             if response.status_code >= 500:
                 failures.append((method, url[:120], response.status_code, response.text[:200]))
+            elif response.status_code >= 400 and url.startswith(("/admin", "/portal")):
+                # A page's error is a page, saying what was wrong.
+                assert "text/html" in response.headers["content-type"], (method, url)
+                assert '<p class="error" role="alert">' in response.text, (method, url)
             elif response.status_code >= 400:
                 assert response.json()["error"], (method, url, response.text)
 

@@ -1,0 +1,489 @@
+"""The admin console and the customer portal, driven in Debian's Chromium by
+Playwright, against `entitle dev` with entitlements made by signed Stripe
+webhooks. Each page visited is saved as a screenshot under
+`test-output/screenshots/` (or $ENTITLE_SCREENSHOTS)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from contracts.license_file import verify_license
+from tests import stripe_events as se
+from tests.harness import Entitle, eventually
+
+pytestmark = pytest.mark.e2e
+
+ADMIN_KEY = "ek_ui_test_admin_key_0001"
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
+BILLING = "https://billing.stripe.com/p/login/test_123"
+CONFIG = f"""
+sources:
+  stripe-main: {{provider: stripe, secret: {se.SECRET}, billing_portal_url: "{BILLING}"}}
+offerings:
+  - {{sku: team_annual, product: Acme Studio, period: P1Y, seats: 3,
+      stripe_price_ids: [price_team], features: {{export: true}}, limits: {{renders: 100}}}}
+  - {{sku: solo_annual, product: Acme Studio, period: P1Y, seats: 1,
+      stripe_price_ids: [price_solo]}}
+"""
+YEAR = 365 * 86400
+SHOTS = Path(os.environ.get("ENTITLE_SCREENSHOTS", "test-output/screenshots"))
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("ENTITLE_TEST_REQUIRE_BROWSER"):
+            pytest.fail("chromium is not installed (apt install chromium)")
+        pytest.skip("chromium is not installed: apt install chromium (.ci/run does)")
+    return found
+
+
+@dataclass
+class Stack:
+    entitle: Entitle
+    #: order ref -> (entitlement id, activation code)
+    bought: dict[str, tuple[str, str]]
+    #: seat ids of the team entitlement
+    seats: list[str]
+
+
+def _pay(entitle: Entitle, subscription: str, email: str, price: str, sku: str) -> None:
+    now = int(time.time())
+    event = se.invoice_paid(
+        subscription=subscription,
+        email=email,
+        shape=se.LEGACY,
+        lines=[{"price": price, "sku": sku, "start": now, "end": now + YEAR}],
+    )
+    body = se.body(event)
+    response = httpx.post(
+        f"{entitle.url}/webhooks/stripe-main", content=body, headers=se.signed_headers(body)
+    )
+    assert response.status_code == 202, response.text
+
+
+def _entitlement(entitle: Entitle, order_ref: str) -> dict[str, Any] | None:
+    response = httpx.get(
+        f"{entitle.url}/v1/entitlements", params={"order_ref": order_ref}, headers=AUTH
+    )
+    items: list[dict[str, Any]] = response.json()["items"]
+    return items[0] if items and items[0]["status"] == "ACTIVE" else None
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    cwd = tmp_path_factory.mktemp("ui")
+    (cwd / "entitle.yaml").write_text(CONFIG)
+    env = {"ENTITLE_ADMIN_KEYS": f"support:{ADMIN_KEY}"}
+    with Entitle(["dev", "--config", "entitle.yaml"], cwd, env) as entitle:
+        orders = {
+            "sub_ui_team": ("ada@example.com", "price_team", "team_annual"),
+            "sub_ui_solo": ("grace@example.com", "price_solo", "solo_annual"),
+            "sub_ui_other": ("linus@example.com", "price_team", "team_annual"),
+        }
+        for ref, (email, price, sku) in orders.items():
+            _pay(entitle, ref, email, price, sku)
+        bought = {}
+        for ref in orders:
+            found = eventually(lambda ref=ref: _entitlement(entitle, ref), timeout=30)
+            bought[ref] = (found["id"], found["activation_code"])
+        seats = []
+        for ref in ("sub_ui_team", "sub_ui_other"):
+            code = bought[ref][1]
+            for label in ("Ada's laptop", "Studio desktop"):
+                answer = httpx.post(
+                    f"{entitle.url}/v1/activations",
+                    json={"activation_code": code, "fingerprint": f"{ref}-{label}", "label": label},
+                )
+                assert answer.status_code == 201, answer.text
+                if ref == "sub_ui_team":
+                    seats.append(answer.json()["id"])
+        used = httpx.post(
+            f"{entitle.url}/v1/usage",
+            json={
+                "activation_code": bought["sub_ui_team"][1],
+                "metric": "renders",
+                "quantity": 7,
+                "idempotency_key": "render-1",
+            },
+        )
+        assert used.status_code == 201, used.text
+        yield Stack(entitle, bought, seats)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    executable = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=executable, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1200, "height": 900}, accept_downloads=True)
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
+
+
+def shot(page: Any, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    print(f"screenshot: {path}")
+
+
+def login(page: Any, url: str, next_path: str = "") -> None:
+    page.goto(f"{url}/admin{next_path}")
+    assert "/admin/login" in page.url
+    page.get_by_label("Admin key").fill(ADMIN_KEY)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_load_state()
+
+
+# -- the admin console -------------------------------------------------------------
+
+
+def test_support_logs_in_searches_opens_and_suspends_with_a_reason(stack: Stack, page: Any) -> None:
+    url = stack.entitle.url
+    page.goto(f"{url}/admin/login")
+    shot(page, "admin-login")
+    page.get_by_label("Admin key").fill("not-the-key-at-all-0000")
+    page.get_by_role("button", name="Log in").click()
+    assert page.get_by_role("alert").inner_text() == "That is not an admin key."
+    login(page, url)
+    assert page.get_by_role("heading", level=1).inner_text() == "Dashboard"
+    assert "3 in all" in " ".join(page.locator(".tiles").inner_text().split())
+    shot(page, "admin-dashboard")
+
+    page.get_by_role("link", name="Entitlements", exact=True).click()
+    page.get_by_label("Customer e-mail").fill("ADA@example.com")
+    page.get_by_role("button", name="Search").click()
+    rows = page.locator("tbody tr")
+    assert rows.count() == 1 and "team_annual" in rows.inner_text()
+    shot(page, "admin-search")
+    # By activation code, too.
+    page.get_by_label("Customer e-mail").fill("")
+    page.get_by_label("Activation code").fill(stack.bought["sub_ui_solo"][1])
+    page.get_by_role("button", name="Search").click()
+    assert page.locator("tbody tr").count() == 1
+    assert "grace@example.com" in page.locator("tbody").inner_text()
+
+    page.goto(f"{url}/admin/entitlements?customer_email=ada@example.com")
+    page.get_by_role("link", name="ada@example.com").click()
+    assert page.get_by_role("heading", name="Seats: 2 of 3 in use").is_visible()
+    assert page.locator("svg.chart").count() >= 1  # renders, drawn on the server
+    assert "invoice.paid" in page.locator(".timeline").inner_text()
+    shot(page, "admin-entitlement")
+
+    page.get_by_label("Action", exact=True).select_option("suspend")
+    page.get_by_label("Reason", exact=True).fill("chargeback under review")
+    page.get_by_role("button", name="Preview", exact=True).click()
+    preview = page.locator("main").inner_text()
+    assert "What will change" in preview and "SUSPENDED" in preview
+    shot(page, "admin-preview-suspend")
+    # Nothing changed yet.
+    team_id = stack.bought["sub_ui_team"][0]
+    now = httpx.get(f"{url}/v1/entitlements/{team_id}", headers=AUTH).json()
+    assert now["status"] == "ACTIVE"
+    confirm = page.eval_on_selector_all(
+        "form[action$='/apply'] input[type=hidden]", "els => els.map(e => [e.name, e.value])"
+    )
+    action = page.locator("form[action$='/apply']").get_attribute("action")
+    page.get_by_role("button", name="Confirm: suspend").click()
+    assert "Done: suspend." in page.get_by_role("status").first.inner_text()
+    assert "suspended" in page.locator(".status").first.inner_text()
+    shot(page, "admin-suspended")
+    after = httpx.get(f"{url}/v1/entitlements/{team_id}", headers=AUTH).json()
+    assert after["status"] == "SUSPENDED"
+    history = httpx.get(f"{url}/v1/entitlements/{team_id}/history", headers=AUTH).json()
+    last = history["events"][-1]
+    assert last["cause"]["kind"] == "admin" and "support" in str(last)
+    assert "chargeback under review" in str(last)
+    # Pressing confirm again (a resubmitted form) applies nothing twice.
+    resent = page.request.post(url + str(action), form=dict(confirm), max_redirects=0)
+    assert resent.status == 303
+    again = httpx.get(f"{url}/v1/entitlements/{team_id}/history", headers=AUTH).json()
+    assert len(again["events"]) == len(history["events"])
+
+    page.get_by_label("Action", exact=True).select_option("reinstate")
+    page.get_by_label("Reason", exact=True).fill("review done")
+    page.get_by_role("button", name="Preview", exact=True).click()
+    page.get_by_role("button", name="Confirm: reinstate").click()
+    eventually(
+        lambda: (
+            httpx.get(f"{url}/v1/entitlements/{team_id}", headers=AUTH).json()["status"] == "ACTIVE"
+        )
+    )
+
+
+def test_operations_pages_show_receipts_raw_bodies_and_lag(stack: Stack, page: Any) -> None:
+    url = stack.entitle.url
+    login(page, url, "/webhooks")
+    assert page.url.endswith("/admin/webhooks")
+    assert page.locator("tbody tr").count() >= 3
+    shot(page, "admin-webhooks")
+    page.locator("tbody tr a").first.click()
+    raw = page.locator("pre.raw").inner_text()
+    assert '"type": "invoice.paid"' in raw
+    assert "stripe-signature" not in page.locator("main").inner_text().lower()
+    shot(page, "admin-webhook")
+    page.goto(f"{url}/admin/dead-letters")
+    shot(page, "admin-dead-letters")
+    page.goto(f"{url}/admin/endpoints")
+    shot(page, "admin-endpoints")
+    page.goto(f"{url}/admin")
+    text = page.locator("main").inner_text()
+    assert "Consumer lag" in text and "Projector lag: read-model" in text
+
+
+def _cookie(response: httpx.Response, name: str) -> dict[str, str]:
+    """A Cookie header with the cookie `response` set (httpx keeps Secure
+    cookies from plain-http answers but never sends them; Chromium does on
+    a loopback address)."""
+    return {"Cookie": f"{name}={response.cookies[name]}"}
+
+
+def _csrf(html: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found is not None
+    return found.group(1)
+
+
+def test_a_form_without_its_csrf_token_or_session_changes_nothing(stack: Stack) -> None:
+    url = stack.entitle.url
+    solo = stack.bought["sub_ui_solo"][0]
+    with httpx.Client(base_url=url) as client:
+        form = {"action": "cancel", "reason": "x", "request_id": "console-abc"}
+        anonymous = client.post(f"/admin/entitlements/{solo}/apply", data=form)
+        assert anonymous.status_code == 401 and "log in again" in anonymous.text
+        login_page = client.get("/admin/login")
+        login = {"csrf": _csrf(login_page.text), "key": ADMIN_KEY, "next": "//evil.example"}
+        no_cookie = client.post("/admin/login", data=login)
+        assert no_cookie.status_code == 403  # the token is the login cookie's
+        answer = client.post(
+            "/admin/login", data=login, headers=_cookie(login_page, "entitle_login")
+        )
+        assert answer.status_code == 303 and answer.headers["location"] == "/admin"
+        # The session cookie is Secure, HttpOnly and SameSite=Strict.
+        cookie = answer.headers["set-cookie"].lower()
+        assert all(part in cookie for part in ("secure", "httponly", "samesite=strict"))
+        session = _cookie(answer, "entitle_admin")
+        assert client.get("/admin", headers=session).status_code == 200
+        forged = client.post(f"/admin/entitlements/{solo}/apply", data=form, headers=session)
+        assert forged.status_code == 403
+        wrong = {**form, "csrf": _csrf(login_page.text)}  # another session's token
+        assert (
+            client.post(
+                f"/admin/entitlements/{solo}/apply", data=wrong, headers=session
+            ).status_code
+            == 403
+        )
+        view = httpx.get(f"{url}/v1/entitlements/{solo}", headers=AUTH).json()
+        assert view["status"] == "ACTIVE"
+
+
+# -- the customer portal -------------------------------------------------------------
+
+
+def enter_portal(page: Any, url: str, code: str) -> None:
+    page.goto(f"{url}/portal")
+    page.get_by_label("Activation code").fill(code)
+    page.get_by_role("button", name="Show my license").click()
+    page.wait_for_url("**/portal/home")
+
+
+def test_the_buyer_frees_a_seat_and_downloads_a_license_file_that_verifies(
+    stack: Stack, page: Any
+) -> None:
+    url = stack.entitle.url
+    page.goto(f"{url}/portal")
+    shot(page, "portal-entry")
+    page.get_by_label("Activation code").fill("AAAAA-BBBBB-CCCCC-DDDDD-EEEEE")
+    page.get_by_role("button", name="Show my license").click()
+    assert "No license has this activation code." in page.get_by_role("alert").inner_text()
+
+    code = stack.bought["sub_ui_other"][1]
+    enter_portal(page, url, code)
+    assert page.locator("#seats-in-use").inner_text() == "2 of 3"
+    assert page.get_by_role("link", name="Manage billing and invoices").get_attribute("href") == (
+        BILLING
+    )
+    assert "Active, paid through" in page.locator("main").inner_text()
+    shot(page, "portal-home")
+
+    with page.expect_download() as download_info:
+        page.get_by_role("link", name="Download an offline license file").first.click()
+    download = download_info.value
+    assert download.suggested_filename.endswith(".jwt")
+    token = Path(download.path()).read_text().strip()
+    keys = httpx.get(f"{url}/v1/keys").json()["keys"]
+    ada = "sub_ui_other-Ada's laptop"
+    license = verify_license(token, keys[0]["public_key"], fingerprint=ada)
+    assert license.product == "Acme Studio" and license.offering == "team_annual"
+
+    page.get_by_role("button", name="Free this seat (Ada's laptop)").click()
+    assert page.locator("#seats-in-use").inner_text() == "1 of 3"
+    assert "Ada's laptop" not in page.locator(".seats").inner_text()
+    shot(page, "portal-seat-freed")
+    other = stack.bought["sub_ui_other"][0]
+    view = httpx.get(f"{url}/v1/entitlements/{other}", headers=AUTH).json()
+    assert [s["label"] for s in view["activations"]] == ["Studio desktop"]
+
+
+def _portal_session(url: str, code: str) -> tuple[dict[str, str], str]:
+    """(the Cookie header of a portal session opened with `code`, its CSRF token)."""
+    entry = httpx.get(f"{url}/portal")
+    entered = httpx.post(
+        f"{url}/portal",
+        data={"csrf": _csrf(entry.text), "code": code},
+        headers=_cookie(entry, "entitle_portal_entry"),
+    )
+    assert entered.status_code == 303, entered.text
+    session = _cookie(entered, "entitle_portal")
+    home = httpx.get(f"{url}/portal/home", headers=session)
+    assert home.status_code == 200
+    return session, _csrf(home.text)
+
+
+def test_no_portal_route_reaches_another_entitlement(stack: Stack) -> None:
+    url = stack.entitle.url
+    solo_id, solo_code = stack.bought["sub_ui_solo"]
+    session, csrf = _portal_session(url, solo_code)
+    with httpx.Client(base_url=url, headers=session) as client:
+        home = client.get("/portal/home").text
+        for ref, (other_id, other_code) in stack.bought.items():
+            if ref != "sub_ui_solo":
+                assert other_id not in home and other_code not in home
+        for seat in stack.seats:  # the team entitlement's seats
+            assert client.get(f"/portal/seats/{seat}/license-file").status_code == 404
+            released = client.post(f"/portal/seats/{seat}/release", data={"csrf": csrf})
+            assert released.status_code == 404
+        for crafted in (f"{solo_id}.0000000000000000", "not-a-seat", f"{solo_id}"):
+            assert client.get(f"/portal/seats/{crafted}/license-file").status_code == 404
+            assert (
+                client.post(f"/portal/seats/{crafted}/release", data={"csrf": csrf}).status_code
+                == 404
+            )
+    team = httpx.get(f"{url}/v1/entitlements/{stack.bought['sub_ui_team'][0]}", headers=AUTH)
+    assert len(team.json()["activations"]) == 2
+
+
+# -- every page: readable without JavaScript, labelled, headings in order, 375 px ------
+
+
+class _Outline(HTMLParser):
+    """Headings, form controls and labels of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headings: list[int] = []
+        self.controls: list[dict[str, str | None]] = []
+        self.labels: set[str] = set()
+        self._in_label = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if re.fullmatch(r"h[1-6]", tag):
+            self.headings.append(int(tag[1]))
+        if tag == "label":
+            self._in_label += 1
+            if found.get("for"):
+                self.labels.add(str(found["for"]))
+        if tag in ("input", "select", "textarea") and found.get("type") != "hidden":
+            self.controls.append({**found, "wrapped": "yes" if self._in_label else None})
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "label":
+            self._in_label -= 1
+
+
+def check_outline(html: str, where: str) -> None:
+    outline = _Outline()
+    outline.feed(html)
+    assert outline.headings and outline.headings[0] == 1, f"{where}: starts with an h1"
+    for before, after in zip(outline.headings, outline.headings[1:], strict=False):
+        assert after <= before + 1, f"{where}: h{before} then h{after}"
+    for control in outline.controls:
+        named = (
+            control.get("id") in outline.labels
+            or control.get("aria-label")
+            or control.get("wrapped")
+        )
+        assert named, f"{where}: a {control} without a label"
+
+
+def test_every_page_reads_without_javascript_is_labelled_and_fits_375_px(
+    stack: Stack, browser: Any
+) -> None:
+    url = stack.entitle.url
+    team = stack.bought["sub_ui_team"][0]
+    context = browser.new_context(viewport={"width": 375, "height": 800}, java_script_enabled=False)
+    try:
+        page = context.new_page()
+        login(page, url)
+        receipt = page.goto(f"{url}/admin/webhooks")
+        assert receipt is not None
+        first = page.locator("tbody tr a").first.get_attribute("href")
+        admin_pages = [
+            "/admin",
+            "/admin/entitlements",
+            "/admin/entitlements?status=ACTIVE",
+            f"/admin/entitlements/{team}",
+            "/admin/grant",
+            "/admin/webhooks",
+            str(first),
+            "/admin/dead-letters",
+            "/admin/endpoints",
+        ]
+        for path in admin_pages:
+            check_page(page, url + path, "phone-admin" + re.sub(r"[^a-z0-9]+", "-", path))
+        check_page(page, f"{url}/admin/login", "phone-admin-login")
+        page.goto(f"{url}/portal")
+        check_page(page, f"{url}/portal", "phone-portal-entry")
+        page.get_by_label("Activation code").fill(stack.bought["sub_ui_team"][1])
+        page.get_by_role("button", name="Show my license").click()
+        check_page(page, f"{url}/portal/home", "phone-portal-home")
+        assert "Devices" in page.locator("main").inner_text()
+    finally:
+        context.close()
+
+
+def check_page(page: Any, address: str, name: str) -> None:
+    response = page.goto(address)
+    assert response is not None and response.status == 200, (address, response and response.status)
+    html = page.content()
+    check_outline(html, address)
+    # Nothing wider than the screen: the page does not scroll sideways.
+    width = page.evaluate("document.documentElement.scrollWidth")
+    wide = page.evaluate(
+        "Array.from(document.querySelectorAll('body *')).filter(e =>"
+        " e.getBoundingClientRect().right > 376 && !e.parentElement.closest('.scroll, pre'))"
+        ".slice(0, 3).map(e => e.outerHTML.slice(0, 160))"
+    )
+    if width > 375:
+        shot(page, name + "-too-wide")
+
+    assert width <= 375, f"{address} is {width} px wide: {wide}"
+    assert page.locator("main").inner_text().strip()
+    shot(page, name)
