@@ -379,6 +379,8 @@ def build_app(
             redrive,
             settings.kafka_bootstrap,
             lambda: ui_store.process_recorder.max_notification_id() or 0,
+            Mailer(config.email, codes) if config.email is not None else None,
+            settings.public_url,
         )
 
     async def healthz(_: Request) -> JSONResponse:

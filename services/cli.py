@@ -139,12 +139,15 @@ def cmd_dev(args: argparse.Namespace) -> int:
         broker_file.parent.mkdir(parents=True, exist_ok=True)
         broker_file.write_text(broker.bootstrap)
     base = f"http://{args.host}:{args.port}"
+    if settings.public_url is None:
+        settings = dataclasses.replace(settings, public_url=base)
     lines = [
         "entitle dev",
         f"  broker:   {settings.kafka_bootstrap}" + (" (embedded)" if broker else ""),
         f"  store:    {_redact(settings.database_url)}",
         f"  API:      {base}/v1/entitlements",
         f"  docs:     {base}/docs  (OpenAPI: {base}/openapi.json)",
+        f"  console:  {base}/admin   portal: {base}/portal",
     ]
     lines += [
         f"  webhook:  {base}/webhooks/{name}  ({s.provider.name})"

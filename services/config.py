@@ -686,6 +686,15 @@ def _database_url(value: str | None) -> str | None:
     return value
 
 
+def _public_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError("must be an address such as https://licenses.example.com")
+    return value.rstrip("/")
+
+
 class Environment(BaseSettings):
     """Every `ENTITLE_*` environment variable this process reads, with its
     default and what it allows (`entitle --help` lists them). An empty
@@ -758,6 +767,11 @@ class Environment(BaseSettings):
     )
     log_format: Literal["text", "json"] = Field(
         default="text", description="text or json log lines"
+    )
+    public_url: Annotated[str | None, AfterValidator(_public_url)] = Field(
+        default=None,
+        description="the https address browsers reach the API role at, for links in mail"
+        " (portal sign-in links); dev: its own",
     )
 
     @classmethod
@@ -832,6 +846,10 @@ class Settings:
     instance: str | None = None
     #: Brokers each topic is kept on when created (None: 3, or fewer brokers).
     topic_replication: int | None = None
+    #: The address browsers reach the API role at (ENTITLE_PUBLIC_URL,
+    #: without a trailing slash): links in mail point there, never at a
+    #: request's Host header. None: no sign-in links by mail.
+    public_url: str | None = None
     #: `entitle dev`: development defaults (http webhooks to loopback).
     dev: bool = False
 
@@ -861,4 +879,5 @@ class Settings:
             kafka_session_timeout=env.kafka_session_timeout,
             instance=env.instance,
             topic_replication=env.topic_replication,
+            public_url=env.public_url,
         )

@@ -5,10 +5,13 @@ webhooks. Each page visited is saved as a screenshot under
 
 from __future__ import annotations
 
+import email
+import email.policy
 import os
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -19,6 +22,7 @@ import httpx
 import pytest
 
 from contracts.license_file import verify_license
+from services.http import HTTPError
 from tests import stripe_events as se
 from tests.harness import Entitle, eventually
 
@@ -56,6 +60,7 @@ class Stack:
     bought: dict[str, tuple[str, str]]
     #: seat ids of the team entitlement
     seats: list[str]
+    cwd: Path
 
 
 def _pay(entitle: Entitle, subscription: str, email: str, price: str, sku: str) -> None:
@@ -119,7 +124,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             },
         )
         assert used.status_code == 201, used.text
-        yield Stack(entitle, bought, seats)
+        yield Stack(entitle, bought, seats, cwd)
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +240,77 @@ def test_support_logs_in_searches_opens_and_suspends_with_a_reason(stack: Stack,
             httpx.get(f"{url}/v1/entitlements/{team_id}", headers=AUTH).json()["status"] == "ACTIVE"
         )
     )
+
+
+def test_a_grant_then_codes_extend_and_a_change_each_previewed(stack: Stack, page: Any) -> None:
+    url = stack.entitle.url
+    login(page, url, "/grant")
+    page.get_by_label("Offering", exact=True).select_option("solo_annual")
+    page.get_by_label("Customer e-mail").fill("hedy@example.com")
+    page.get_by_label("Order reference (optional)").fill("po-4711")
+    page.get_by_label("Reason", exact=True).fill("reseller order by phone")
+    page.get_by_role("button", name="Preview the grant").click()
+    assert (
+        "Grant solo_annual to hedy@example.com?" in page.get_by_role("heading").first.inner_text()
+    )
+    shot(page, "admin-grant-preview")
+    page.get_by_role("button", name="Confirm: grant").click()
+    assert "Done: grant." in page.get_by_role("status").first.inner_text()
+    granted = page.url.split("/admin/entitlements/")[1].split("?")[0]
+    view = httpx.get(f"{url}/v1/entitlements/{granted}", headers=AUTH).json()
+    assert (view["source"], view["order_ref"], view["status"]) == ("manual", "po-4711", "ACTIVE")
+
+    page.get_by_role("button", name="Issue another code").click()
+    assert "activation_codes" in page.locator("table").inner_text()
+    page.get_by_role("button", name="Confirm: issue another code").click()
+    codes = page.locator(".codes code")
+    assert codes.count() == 2
+    page.get_by_role("button", name="Revoke code 0").click()
+    page.get_by_role("button", name="Confirm: revoke the code").click()
+    assert page.locator(".codes code").count() == 1
+
+    page.get_by_label("Action", exact=True).select_option("extend")
+    page.get_by_label("Days (extend only)").fill("30")
+    page.get_by_label("Reason", exact=True).fill("goodwill")
+    page.get_by_role("button", name="Preview", exact=True).click()
+    assert "period_end" in page.locator("table").inner_text()
+    page.get_by_role("button", name="Confirm: extend").click()
+
+    page.get_by_label("New offering").select_option("team_annual")
+    page.get_by_label("Reason for the change").fill("upgrade agreed by phone")
+    page.get_by_role("button", name="Preview the change").click()
+    table = page.locator("table").inner_text()
+    assert "team_annual" in table and "seats" in table
+    page.get_by_role("button", name="Confirm: change offering or seats").click()
+    after = eventually(
+        lambda: (
+            e
+            if (e := httpx.get(f"{url}/v1/entitlements/{granted}", headers=AUTH).json())["offering"]
+            == "team_annual"
+            else None
+        )
+    )
+    assert after["seats"] == 3
+    assert after["period_end"] > view["period_end"]
+    assert len(after["activation_codes"]) == 1 and after["activation_codes"][0]["index"] == 1
+    # A refused change says why before anything is confirmed.
+    page.get_by_label("Action", exact=True).select_option("reinstate")
+    page.get_by_label("Reason", exact=True).fill("nothing to reinstate")
+    page.get_by_role("button", name="Preview", exact=True).click()
+    assert "This is refused" in page.get_by_role("alert").inner_text()
+    assert page.get_by_role("button", name="Confirm: reinstate").count() == 0
+
+
+def test_a_dead_letter_is_shown_and_re_driven(stack: Stack, page: Any) -> None:
+    url = stack.entitle.url
+    _pay(stack.entitle, "sub_ui_unknown", "eve@example.com", "price_nobody_sells", "mystery")
+    login(page, url, "/dead-letters")
+    eventually(lambda: page.reload() and page.locator("tbody tr").count() >= 1, timeout=20)
+    assert "'mystery' maps to no offering" in page.locator("tbody").inner_text()
+    shot(page, "admin-dead-letters-one")
+    page.locator("tbody input[type=checkbox]").first.check()
+    page.get_by_role("button", name="Re-drive the picked ones").click()
+    assert "0 applied, 1 still unmappable" in page.get_by_role("status").inner_text()
 
 
 def test_operations_pages_show_receipts_raw_bodies_and_lag(stack: Stack, page: Any) -> None:
@@ -387,6 +463,63 @@ def test_no_portal_route_reaches_another_entitlement(stack: Stack) -> None:
             )
     team = httpx.get(f"{url}/v1/entitlements/{stack.bought['sub_ui_team'][0]}", headers=AUTH)
     assert len(team.json()["activations"]) == 2
+
+
+def test_a_mailed_sign_in_link_opens_the_portal_once(stack: Stack, page: Any) -> None:
+    url = stack.entitle.url
+    outbox = stack.cwd / ".entitle" / "outbox"
+    page.goto(f"{url}/portal")
+    page.get_by_label("The e-mail address you bought with").fill("Grace@Example.com")
+    page.get_by_role("button", name="Mail me a sign-in link").click()
+    said = page.get_by_role("status").inner_text()
+    assert "a sign-in link is on its way" in said
+    shot(page, "portal-link-sent")
+    [mail] = eventually(lambda: list(outbox.glob("portal-link-*.eml")), timeout=10)
+    message = email.message_from_bytes(mail.read_bytes(), policy=email.policy.default)
+    assert message["To"] == "Grace@Example.com"
+    text = message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    [link] = re.findall(r"http://\S+/portal/link/\S+", text)
+    assert "solo_annual" in text
+    # An address with no license gets the same answer, and no mail.
+    page.goto(f"{url}/portal")
+    page.get_by_label("The e-mail address you bought with").fill("nobody@example.com")
+    page.get_by_role("button", name="Mail me a sign-in link").click()
+    assert page.get_by_role("status").inner_text() == said
+    assert len(list(outbox.glob("portal-link-*.eml"))) == 1
+
+    page.goto(link)  # opening it signs nobody in: a button does
+    shot(page, "portal-link")
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url("**/portal/home")
+    assert "solo_annual" in page.get_by_role("heading", level=1).inner_text()
+    used = page.goto(link)
+    assert used is not None and used.status == 410
+    assert "used already" in page.get_by_role("alert").inner_text()
+    forged = page.goto(link[:-3] + "abc")
+    assert forged is not None and forged.status == 404
+
+
+def test_a_sign_in_link_works_for_15_minutes(tmp_path: Path, monkeypatch: Any) -> None:
+    import itsdangerous.timed
+
+    from services.readmodel import ReadModel
+    from services.ui.portal import LINK_SECONDS, Links
+
+    read_model = ReadModel(f"sqlite:///{tmp_path}/links.db")
+    try:
+        links = Links("a-code-secret-of-the-test-0123", read_model)
+        entitlement = uuid.uuid4()
+        token = links.make(entitlement)
+        start = time.time()
+        signer = itsdangerous.timed.TimestampSigner
+        monkeypatch.setattr(signer, "get_timestamp", lambda _: int(start + LINK_SECONDS - 5))
+        assert links.check(token)[0] == entitlement
+        monkeypatch.setattr(signer, "get_timestamp", lambda _: int(start + LINK_SECONDS + 5))
+        with pytest.raises(HTTPError) as expired:
+            links.use(token)
+        assert expired.value.status == 410
+    finally:
+        read_model.close()
 
 
 # -- every page: readable without JavaScript, labelled, headings in order, 375 px ------

@@ -50,7 +50,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.policy import SMTPUTF8
-from email.utils import format_datetime
+from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 from uuid import UUID
@@ -295,18 +295,42 @@ class Mailer:
             text = text.replace(form, "***")
         return text
 
+    async def send_now(self, message: EmailMessage, name: str) -> Outcome:
+        """Send a mail that is not an outbox job (a portal sign-in link: it
+        is worth nothing later, so it is not retried): by SMTP, or as
+        `<name>.eml` in the outbox directory."""
+        if self.settings.host is None:
+            return await self._write_file(name, message)
+        return await self._smtp(message)
+
+    def new_message(self, to: str, subject: str, text: str, html: str) -> EmailMessage:
+        """A mail from the configured sender, with the headers every mail has."""
+        message = EmailMessage()
+        message["Subject"] = subject
+        message["From"] = self.settings.from_address
+        message["To"] = to
+        message["Date"] = format_datetime(datetime.now(UTC))
+        message["Message-ID"] = make_msgid(domain=self._domain())
+        message["Auto-Submitted"] = "auto-generated"
+        message.set_content(text)
+        message.add_alternative(html, subtype="html")
+        return message
+
     async def _write(self, job: Job, message: EmailMessage) -> Outcome:
+        return await self._write_file(job.id, message)
+
+    async def _write_file(self, name: str, message: EmailMessage) -> Outcome:
         folder = self.settings.outbox_dir
         assert folder is not None  # checked in __init__
-        if not _SAFE_NAME.fullmatch(job.id):
+        if not _SAFE_NAME.fullmatch(name):
             return Outcome(ok=False, error="the job id is no file name", permanent=True)
-        path = folder / f"{job.id}.eml"
+        path = folder / f"{name}.eml"
         try:
             data = message.as_bytes(policy=SMTPUTF8)
             await anyio.to_thread.run_sync(_write_atomically, path, data)
         except OSError as exc:
             return Outcome(ok=False, error=f"cannot write {path}: {exc.strerror or exc}")
-        log.info("mail %s written to %s", job.id, path)
+        log.info("mail %s written to %s", name, path)
         return Outcome(ok=True, answer=str(path))
 
 

@@ -16,6 +16,7 @@ from services.api import API
 from services.http import HTTPError
 from services.licensing import Licensing
 from services.openapi import PageRoute
+from services.outbound.mail import Mailer
 from services.outbound_api import OutboundAPI
 from services.ui import admin, portal
 from services.ui.web import pages
@@ -29,12 +30,16 @@ def routes(
     redrive: Callable[[list[UUID]], tuple[int, int]],
     kafka_bootstrap: str | None,
     head: Callable[[], int],
+    mailer: Mailer | None = None,
+    public_url: str | None = None,
 ) -> list[BaseRoute]:
-    """Every page route; `secret` (ENTITLE_CODE_SECRET) signs the sessions."""
+    """Every page route; `secret` (ENTITLE_CODE_SECRET) signs the sessions;
+    with a `mailer` and a `public_url`, the portal mails sign-in links."""
     console = admin.Console(api, outbound, secret, redrive, kafka_bootstrap, head)
+    customers = portal.Portal(licensing, api.config, secret, mailer, public_url)
     return [
         *admin.routes(console),
-        *portal.routes(portal.Portal(licensing, api.config, secret)),
+        *portal.routes(customers),
         Mount("/ui/static", StaticFiles(packages=[("services.ui", "static")]), name="ui-static"),
         # Any other address under a page prefix is a page that says so.
         PageRoute("/admin/{rest:path}", pages(_missing), methods=_EVERY),

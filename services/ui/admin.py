@@ -298,6 +298,14 @@ class Console:
 
         view, entries, note = await anyio.to_thread.run_sync(read)
         offerings = sorted(o.sku for o in api.config.catalog)
+        # A floating seat's lease is renewed by heartbeats, recorded once
+        # half of it has passed: the last recorded one is a lease before its end.
+        offering = api.config.catalog.get(view.offering) if view else None
+        heartbeats = {
+            seat.id: seat.lease_until - timedelta(seconds=offering.lease_seconds)
+            for seat in (view.activations if view else [])
+            if seat.lease_until is not None and offering is not None and offering.floating
+        }
         return self._page(
             request,
             "admin/entitlement.html",
@@ -308,6 +316,7 @@ class Console:
             charts=usage_charts(view.limits, view.usage) if view else [],
             plain_status=plain_status,
             offerings=offerings,
+            heartbeats=heartbeats,
             done=query.get("done"),
             actions=[a for a in ADMIN_ACTIONS],
         )

@@ -10,13 +10,18 @@ that does not exist.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import hmac
 import logging
 import secrets
 import time
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import anyio
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from markupsafe import escape
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute
@@ -24,9 +29,12 @@ from starlette.routing import BaseRoute
 from contracts.api import EntitlementView
 from domain.entitlement import Entitlement, code_hash
 from services.config import Config
-from services.http import client_address
+from services.http import HTTPError, client_address
 from services.licensing import Licensing, _no_seat
 from services.openapi import PageRoute
+from services.outbound.mail import Mailer
+from services.projections import entitlement_view
+from services.readmodel import ReadModel
 from services.ui.web import (
     Handler,
     Session,
@@ -46,12 +54,24 @@ SESSION_SECONDS = 12 * 3600
 
 
 class Portal:
-    def __init__(self, licensing: Licensing, config: Config, secret: str) -> None:
+    def __init__(
+        self,
+        licensing: Licensing,
+        config: Config,
+        secret: str,
+        mailer: Mailer | None = None,
+        public_url: str | None = None,
+    ) -> None:
+        """With a `mailer` and the `public_url` browsers reach this process
+        at, a buyer can also sign in with a link mailed to their address."""
         self.licensing = licensing
         self.config = config
         self.sessions = Sessions(secret, "entitle_portal", "/portal", SESSION_SECONDS)
         # The entry form's token, before there is a session.
         self.entry_sessions = Sessions(secret, "entitle_portal_entry", "/portal", 3600)
+        self.links = Links(secret, licensing.read_model) if mailer and public_url else None
+        self.mailer = mailer
+        self.public_url = public_url
 
     # -- entry -------------------------------------------------------------------
 
@@ -60,10 +80,20 @@ class Portal:
             return RedirectResponse("/portal/home", status_code=303)
         return self._entry_page(request, None)
 
-    def _entry_page(self, request: Request, error: str | None, status: int = 200) -> Response:
+    def _entry_page(
+        self, request: Request, error: str | None, status: int = 200, sent: bool = False
+    ) -> Response:
         cookie = Response()
         session = self.entry_sessions.start(cookie, "entry", "")
-        page = render(request, "portal/entry.html", status, csrf=session.csrf, error=error)
+        page = render(
+            request,
+            "portal/entry.html",
+            status,
+            csrf=session.csrf,
+            error=error,
+            by_mail=self.links is not None,
+            sent=sent,
+        )
         page.raw_headers += [h for h in cookie.raw_headers if h[0] == b"set-cookie"]
         return page
 
@@ -95,11 +125,22 @@ class Portal:
         licensing = self.licensing
         return licensing._latest(licensing._by_code(hashed), hashed)
 
+    def _of(self, session: Session) -> EntitlementView | None:
+        """The entitlement a session opens: by its code's hash (none once the
+        code is revoked), or, signed in by a mailed link, by its id."""
+        if session.check == "code":
+            return self._by_code(session.subject)
+        if session.check == "link":
+            with contextlib.suppress(ValueError):
+                found = self.licensing.store.entitlement(uuid.UUID(session.subject))
+                return entitlement_view(found) if found is not None else None
+        return None
+
     async def _current(self, request: Request) -> tuple[Session, EntitlementView] | None:
         session = self.sessions.read(request)
         if session is None:
             return None
-        view = await anyio.to_thread.run_sync(self._by_code, session.subject)
+        view = await anyio.to_thread.run_sync(self._of, session)
         return None if view is None else (session, view)
 
     async def _opened(self, request: Request) -> tuple[Session, EntitlementView]:
@@ -142,6 +183,62 @@ class Portal:
         log.info("portal: a seat of %s was freed", view.id)
         return RedirectResponse("/portal/home?done=seat+freed", status_code=303)
 
+    # -- sign-in links by mail -------------------------------------------------------
+
+    async def ask_link(self, request: Request) -> Response:
+        """Mail a sign-in link for each license of the address (at most
+        ten); the page says the same whether there are any or not."""
+        if self.links is None or self.mailer is None:
+            raise HTTPError(404, "not_found", "sign-in links by mail are not set up here")
+        form = await read_form(request, self.entry_sessions.read(request))
+        address = form.get("email").strip()
+        if not address or len(address) > 320 or "@" not in address:
+            return self._entry_page(request, "Enter the e-mail address you bought with.", 422)
+        key = "mail:" + hashlib.sha256(address.lower().encode()).hexdigest()
+        self.licensing.limits.check(client_address(request.scope), key, time.monotonic())
+        views, _ = await anyio.to_thread.run_sync(
+            lambda: self.licensing.read_model.entitlement_page(
+                10, filters={"customer_email": address}
+            )
+        )
+        if views:
+            links = [(view, self.links.make(view.id)) for view in views]
+            message = self.mailer.new_message(
+                address,
+                "Your sign-in link" + ("s" if len(links) > 1 else ""),
+                *_link_mail(links, f"{self.public_url}/portal/link/"),
+            )
+            outcome = await self.mailer.send_now(message, f"portal-link-{secrets.token_hex(8)}")
+            if not outcome.ok:
+                log.warning("portal: a sign-in link could not be sent: %s", outcome.error)
+                raise HTTPError(503, "unavailable", "the mail could not be sent now; try later")
+            log.info("portal: sign-in link(s) sent for %d license(s)", len(links))
+        return self._entry_page(request, None, sent=True)
+
+    async def link(self, request: Request) -> Response:
+        """The page a mailed link opens: a button that signs in (a GET
+        alone does not, so a mail scanner fetching the link does not use it up)."""
+        if self.links is None:
+            raise HTTPError(404, "not_found", "sign-in links by mail are not set up here")
+        token = request.path_params["token"]
+        await anyio.to_thread.run_sync(self.links.check, token)
+        cookie = Response()
+        session = self.entry_sessions.start(cookie, "link", "")
+        page = render(request, "portal/link.html", csrf=session.csrf, token=token)
+        page.raw_headers += [h for h in cookie.raw_headers if h[0] == b"set-cookie"]
+        return page
+
+    async def use_link(self, request: Request) -> Response:
+        if self.links is None:
+            raise HTTPError(404, "not_found", "sign-in links by mail are not set up here")
+        await read_form(request, self.entry_sessions.read(request))
+        token = request.path_params["token"]
+        entitlement_id = await anyio.to_thread.run_sync(self.links.use, token)
+        response = RedirectResponse("/portal/home", status_code=303)
+        self.sessions.start(response, str(entitlement_id), "link")
+        self.entry_sessions.end(response)
+        return response
+
     async def license_file(self, request: Request) -> Response:
         _, view = await self._opened(request)
         seat_id = request.path_params["seat"]
@@ -166,6 +263,97 @@ def routes(portal: Portal) -> list[BaseRoute]:
         page("/portal", portal.enter, "POST"),
         page("/portal/logout", portal.logout, "POST"),
         page("/portal/home", portal.home),
+        page("/portal/link", portal.ask_link, "POST"),
+        page("/portal/link/{token}", portal.link),
+        page("/portal/link/{token}", portal.use_link, "POST"),
         page("/portal/seats/{seat}/release", portal.release, "POST"),
         page("/portal/seats/{seat}/license-file", portal.license_file),
     ]
+
+
+#: How long a mailed sign-in link works, in seconds.
+LINK_SECONDS = 15 * 60
+
+
+class Links:
+    """Sign-in links: a token signed with a key derived from
+    ENTITLE_CODE_SECRET, naming an entitlement and a nonce, valid
+    LINK_SECONDS and once (the nonce is recorded when used, in the read
+    model's database, so every API process knows)."""
+
+    def __init__(self, secret: str, read_model: ReadModel) -> None:
+        key = hmac.new(secret.encode(), b"entitle portal sign-in link", "sha256").digest()
+        self._serializer = URLSafeTimedSerializer(key, salt="portal-link")
+        self._read_model = read_model
+        with read_model.transaction() as cur:
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS entitle_portal_links"
+                " (nonce TEXT PRIMARY KEY, used_at TEXT NOT NULL)"
+            )
+
+    def make(self, entitlement_id: uuid.UUID) -> str:
+        return str(self._serializer.dumps([str(entitlement_id), secrets.token_urlsafe(12)]))
+
+    def check(self, token: str) -> tuple[uuid.UUID, str]:
+        """(entitlement id, nonce) of a link that still works; HTTPError 410 otherwise."""
+        try:
+            entitlement_id, nonce = self._serializer.loads(token[:500], max_age=LINK_SECONDS)
+            found = uuid.UUID(entitlement_id), str(nonce)
+        except SignatureExpired:
+            raise HTTPError(410, "expired", _USED_OR_OLD) from None
+        except (BadSignature, ValueError, TypeError):
+            raise HTTPError(404, "not_found", "this is not a sign-in link of ours") from None
+        with self._read_model.transaction(write=False) as cur:
+            cur.execute(
+                self._read_model.sql("SELECT 1 FROM entitle_portal_links WHERE nonce = ?"),
+                (found[1],),
+            )
+            used = cur.fetchone() is not None
+        if used:
+            raise HTTPError(410, "used", _USED_OR_OLD)
+        return found
+
+    def use(self, token: str) -> uuid.UUID:
+        """The entitlement a working link opens, after marking it used."""
+        entitlement_id, nonce = self.check(token)
+        now = datetime.now(UTC)
+        with self._read_model.transaction() as cur:
+            sql = self._read_model.sql
+            cur.execute(
+                sql("DELETE FROM entitle_portal_links WHERE used_at < ?"),
+                ((now - timedelta(days=1)).isoformat(),),
+            )
+            cur.execute(
+                sql(
+                    "INSERT INTO entitle_portal_links (nonce, used_at) VALUES (?, ?)"
+                    " ON CONFLICT (nonce) DO NOTHING"
+                ),
+                (nonce, now.isoformat()),
+            )
+            if cur.rowcount != 1:
+                raise HTTPError(410, "used", _USED_OR_OLD)
+        return entitlement_id
+
+
+_USED_OR_OLD = "this sign-in link was used already or is older than 15 minutes: ask for another"
+
+
+def _link_mail(links: list[tuple[EntitlementView, str]], base: str) -> tuple[str, str]:
+    """(text, html) of the mail with a sign-in link per license."""
+    lines = [
+        "Sign in to see your license: its status, its devices and its usage.",
+        "Each link works once, within 15 minutes.",
+        "",
+    ]
+    items = []
+    for view, token in links:
+        label = f"{view.product} ({view.offering}, {view.order_ref})"
+        lines += [label, f"  {base}{token}", ""]
+        items.append(f'<li><a href="{escape(base + token)}">{escape(label)}</a></li>')
+    lines.append("If you did not ask for this, ignore this mail.")
+    html = (
+        "<p>Sign in to see your license: its status, its devices and its usage."
+        " Each link works once, within 15 minutes.</p>"
+        f"<ul>{''.join(items)}</ul><p>If you did not ask for this, ignore this mail.</p>"
+    )
+    return "\n".join(lines), html
