@@ -504,7 +504,10 @@ async def group_lag(
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
     await admin.start()
     try:
-        committed = await admin.list_consumer_group_offsets(group)
+        # The partitions named: Tansu drops the connection on "all of them".
+        committed = await admin.list_consumer_group_offsets(
+            group, partitions=[TopicPartition(topic, p) for p in ends]
+        )
     finally:
         await admin.close()
     done = {tp.partition: meta.offset for tp, meta in committed.items() if tp.topic == topic}
