@@ -492,14 +492,21 @@ class Console:
         raw = request.query_params.get("cursor")
         parts = decode_cursor(raw, "time", "id") if raw else None
         cursor = (parts[0], parts[1]) if parts else None
+        unresolved = request.query_params.get("unresolved") == "1"
         items, after = await anyio.to_thread.run_sync(
-            lambda: self.api.read_model.dead_letter_page(PAGE, cursor)
+            lambda: self.api.read_model.dead_letter_page(PAGE, cursor, unresolved)
         )
+        more = None
+        if after:
+            more = "?" + urlencode(
+                {**({"unresolved": "1"} if unresolved else {}), "cursor": encode_cursor(*after)}
+            )
         return self._page(
             request,
             "admin/dead_letters.html",
             items=items,
-            more=f"?cursor={encode_cursor(*after)}" if after else None,
+            more=more,
+            unresolved=unresolved,
             done=request.query_params.get("done"),
         )
 
