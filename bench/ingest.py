@@ -7,6 +7,14 @@ stack at a chosen concurrency, then wait until all N are folded and visible.
 Prints webhooks/s acknowledged, p50/p99 acknowledgement latency, and the time
 until all N are folded into the event store and projected (folded/s). Each
 webhook is a new subscription, so each one creates an entitlement.
+
+    python bench/ingest.py --compare [--rounds 3 -n 20000 -c 32]
+
+starts its own embedded broker and, in turn, a bare handler (Starlette, the
+Stripe HMAC check with `hmac`, aiokafka `send_and_wait` with linger 20 ms:
+the least an ingress can do) and `entitle ingress`, each in its own process
+with the same broker and client, and prints acknowledged webhooks/s of each
+per round and the product/bare ratio of the medians, with the load average.
 """
 
 from __future__ import annotations
@@ -212,5 +220,181 @@ async def main() -> None:
     )
 
 
+# -- the bare baseline, side by side ---------------------------------------------
+
+SECRET = "whsec_bench_compare"
+
+
+def bare_app(bootstrap: str) -> object:
+    """The least an ingress can do: read the body, check Stripe's HMAC,
+    take the routing key, wait for the broker's acknowledgment, answer 202."""
+    from aiokafka import AIOKafkaProducer
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    producer: list[AIOKafkaProducer] = []
+
+    async def receive(request: Request) -> JSONResponse:
+        body = await request.body()
+        header = request.headers.get("stripe-signature", "")
+        parts = dict(p.split("=", 1) for p in header.split(",") if "=" in p)
+        mac = hmac.new(SECRET.encode(), parts.get("t", "").encode() + b"." + body, hashlib.sha256)
+        if not hmac.compare_digest(mac.hexdigest(), parts.get("v1", "")):
+            return JSONResponse({"error": "invalid_signature"}, status_code=401)
+        payload = json.loads(body)
+        key = payload["data"]["object"]["parent"]["subscription_details"]["subscription"]
+        await producer[0].send_and_wait("entitle.webhooks.raw", body, key=key.encode())
+        return JSONResponse({"status": "accepted"}, status_code=202)
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def span(_: Starlette):  # type: ignore[no-untyped-def]
+        started = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20)
+        await started.start()
+        producer.append(started)
+        try:
+            yield
+        finally:
+            await started.stop()
+
+    return Starlette(routes=[Route("/webhooks/{source}", receive, methods=["POST"])], lifespan=span)
+
+
+def serve_bare(port: int, bootstrap: str) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        bare_app(bootstrap),  # type: ignore[arg-type]
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        http="httptools",
+        loop="uvloop" if _has("uvloop") else "asyncio",
+    )
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+async def blast(port: int, bodies: list[bytes], concurrency: int) -> tuple[float, dict[int, int]]:
+    """Send every body; (acknowledged webhooks/s, failures by status)."""
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    failures: dict[int, int] = {}
+
+    async def worker() -> None:
+        connection = Connection("127.0.0.1", port)
+        try:
+            while not queue.empty():
+                body = queue.get_nowait()
+                headers = {
+                    "Stripe-Signature": sign(body, SECRET),
+                    "Content-Type": "application/json",
+                }
+                status = await connection.post("/webhooks/stripe-main", body, headers)
+                if status != 202:
+                    failures[status] = failures.get(status, 0) + 1
+        finally:
+            await connection.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return len(bodies) / (time.perf_counter() - started), failures
+
+
+def compare(args: argparse.Namespace) -> None:
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from services.kafka import EmbeddedBroker, free_port
+
+    entitle = str(Path(sys.executable).parent / "entitle")
+    work = Path(tempfile.mkdtemp(prefix="entitle-ingest-"))
+    (work / "entitle.yaml").write_text(
+        f"sources: {{stripe-main: {{provider: stripe, secret: {SECRET}}}}}\n"
+        "offerings: [{sku: basic_monthly, product: acme,"
+        " stripe_price_ids: [price_basic_monthly]}]\n"
+    )
+    results: dict[str, list[float]] = {"bare": [], "ingress": []}
+    with EmbeddedBroker() as broker:
+        env = {
+            **os.environ,
+            "ENTITLE_KAFKA_BOOTSTRAP": broker.bootstrap,
+            "ENTITLE_KAFKA_IDEMPOTENCE": "false",
+            "ENTITLE_DATABASE_URL": f"sqlite:///{work / 'entitle.db'}",
+        }
+
+        def start(kind: str) -> tuple[subprocess.Popen[bytes], int]:
+            port = free_port()
+            if kind == "bare":
+                command = [sys.executable, __file__, "--serve-bare", str(port), broker.bootstrap]
+            else:
+                command = [entitle, "ingress", "--config", "entitle.yaml", "--port", str(port)]
+            process = subprocess.Popen(
+                command, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    with __import__("socket").create_connection(("127.0.0.1", port), 0.2):
+                        break
+                except OSError:
+                    time.sleep(0.1)
+            return process, port
+
+        now = int(time.time())
+        for round_ in range(args.rounds):
+            for kind in ("bare", "ingress"):
+                process, port = start(kind)
+                try:
+                    run = f"{kind}{round_}{uuid.uuid4().hex[:6]}"
+                    warm = [invoice_paid(run + "w", n, now) for n in range(2000)]
+                    asyncio.run(blast(port, warm, args.concurrency))
+                    bodies = [invoice_paid(run, n, now) for n in range(args.n)]
+                    rate, failures = asyncio.run(blast(port, bodies, args.concurrency))
+                finally:
+                    process.terminate()
+                    process.wait(30)
+                results[kind].append(rate)
+                extra = f"  failures: {failures}" if failures else ""
+                print(f"round {round_ + 1} {kind:8} {rate:8,.0f} webhooks/s{extra}", flush=True)
+    bare, product = (statistics.median(results[k]) for k in ("bare", "ingress"))
+    load = os.getloadavg()
+    print(
+        f"bare     min/median/max {min(results['bare']):,.0f} / {bare:,.0f} / "
+        f"{max(results['bare']):,.0f} webhooks/s"
+    )
+    print(
+        f"ingress  min/median/max {min(results['ingress']):,.0f} / {product:,.0f} / "
+        f"{max(results['ingress']):,.0f} webhooks/s"
+    )
+    print(f"ingress / bare (medians): {product / bare:.2f}")
+    print(f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    import sys
+
+    if sys.argv[1:2] == ["--serve-bare"]:
+        serve_bare(int(sys.argv[2]), sys.argv[3])
+    elif "--compare" in sys.argv:
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--compare", action="store_true")
+        parser.add_argument("--rounds", type=int, default=3)
+        parser.add_argument("-n", type=int, default=20000)
+        parser.add_argument("-c", "--concurrency", type=int, default=32)
+        compare(parser.parse_args())
+    else:
+        asyncio.run(main())
