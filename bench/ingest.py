@@ -223,6 +223,7 @@ async def main() -> None:
 # -- the bare baseline, side by side ---------------------------------------------
 
 SECRET = "whsec_bench_compare"
+EXTRA = json.loads(__import__("os").environ.get("BARE_EXTRA", "{}"))
 
 
 def bare_app(bootstrap: str) -> object:

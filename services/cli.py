@@ -42,7 +42,7 @@ from services.logs import RequestLog, configure, route_of
 from services.outbound.mail import mail_settings
 from services.progress import Bar
 from services.readmodel import ReadModel
-from services.server import HttpLimits, guarded
+from services.server import HttpLimits, guarded, tune_gc
 
 log = logging.getLogger("entitle")
 
@@ -62,7 +62,11 @@ def _serve(
         app = build_app(config, settings, roles, admin_keys(keys_env))
     except ValueError as exc:  # a setting it cannot use (a code secret too short)
         raise ConfigError(str(exc)) from None
-    shortcuts = frozenset({app.path}) if isinstance(app, Shortcut) else frozenset()
+    paths, inner = set(), app
+    while isinstance(inner, Shortcut):
+        paths.add(inner.path)
+        inner = inner.app
+    shortcuts = frozenset(paths)
     server = uvicorn.Server(
         uvicorn.Config(
             RequestLog(app, route_of(shortcuts)),
@@ -83,6 +87,7 @@ def _serve(
     signal.signal(signal.SIGTERM, _interrupt)
     if watch is not None:
         watch(server)
+    tune_gc()
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
 

@@ -18,7 +18,6 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import quote, unquote_plus
 
 from pydantic import BaseModel, ValidationError
-from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -301,6 +300,34 @@ def parse_json(body: bytes, model: type[M]) -> M:
         raise HTTPError(422, "invalid_body", describe(exc)) from None
 
 
+async def read_limited_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """`read_limited` for a bare ASGI app: the body, a 413 past `limit`
+    bytes (declared or as it arrives), a 400 if the client went away, a 503
+    while the process holds its most body bytes (`BODIES`)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise HTTPError(
+                    400, "client_disconnected", "the request body was not fully received"
+                )
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            BODIES.take(len(chunk))
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        BODIES.held -= sum(map(len, chunks))
+
+
 async def read_body(receive: Receive, limit: int = MAX_JSON_BYTES) -> bytes:
     """A bare ASGI app's request body; a 413 past `limit` bytes, a 400 if
     the client went away."""
@@ -336,13 +363,23 @@ async def send_json(send: Send, status: int, payload: bytes) -> None:
 class Shortcut:
     """`app`, except that requests for `path` go straight to `endpoint`,
     without `app`'s middleware and routing (a few tens of microseconds a
-    request). Other methods on `path` get a 405."""
+    request). Other methods on `path` get a 405. With `prefix`, `path` ends
+    in "/" and matches any one more non-empty path segment (`/webhooks/x`)."""
 
-    def __init__(self, app: Starlette, method: str, path: str, endpoint: ASGIApp) -> None:
+    def __init__(
+        self, app: ASGIApp, method: str, path: str, endpoint: ASGIApp, prefix: bool = False
+    ) -> None:
         self.app, self.method, self.path, self.endpoint = app, method, path, endpoint
+        self.prefix = prefix
+
+    def _matches(self, path: str) -> bool:
+        if not self.prefix:
+            return path == self.path
+        rest = path[len(self.path) :]
+        return path.startswith(self.path) and bool(rest) and "/" not in rest
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path:
+        if scope["type"] != "http" or not self._matches(scope["path"]):
             await self.app(scope, receive, send)
         elif scope["method"] == self.method:
             await self.endpoint(scope, receive, send)

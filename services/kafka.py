@@ -254,16 +254,14 @@ async def _create_topics(admin: AIOKafkaAdminClient, topics: list[NewTopic]) -> 
 
 
 def make_broker(
-    bootstrap: str, idempotence: bool, linger_ms: int = 20, client_id: str = "entitle"
+    bootstrap: str, idempotence: bool, linger_ms: int = 0, client_id: str = "entitle"
 ) -> KafkaBroker:
     """The client every process uses. Idempotence is on against Apache Kafka;
     Tansu rejects InitProducerId, so the embedded broker runs without it.
 
-    Webhooks that reach the ingress within `linger_ms` share one produce
-    request: each request costs the broker and this process a wakeup, which
-    at hundreds a second costs more CPU than the messages themselves. A
-    process that publishes whole batches itself (the projector) needs no
-    linger."""
+    The client sends one produce request per broker at a time: messages
+    published while one is in flight go together in the next, so batching
+    needs no linger (`linger_ms` adds a wait to every message)."""
     return KafkaBroker(
         bootstrap,
         acks="all",
@@ -273,6 +271,22 @@ def make_broker(
         max_request_size=MAX_MESSAGE_BYTES,
         linger_ms=linger_ms,
         logger=log,
+        client_id=client_id,
+    )
+
+
+def make_producer(bootstrap: str, idempotence: bool, client_id: str) -> AIOKafkaProducer:
+    """A bare producer with the settings of `make_broker`, for the ingress's
+    hot path: FastStream's publish (its codec, headers and middlewares)
+    took a tenth of the ingress's CPU per webhook (bench/ingest.py
+    --compare). The records carry no headers; the fold reads only value and key."""
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=idempotence,
+        max_batch_size=1024 * 1024,
+        max_request_size=MAX_MESSAGE_BYTES,
+        linger_ms=0,
         client_id=client_id,
     )
 

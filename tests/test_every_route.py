@@ -51,8 +51,12 @@ def route_table(tmp_path: Path) -> list[tuple[str, str]]:
     from the app the composition root builds (so a new route is covered);
     mounted static files (the docs page's assets) are not routes."""
     app = dev_app(tmp_path)
-    table = [(app.method, app.path)]
-    for route in app.app.routes:
+    table = []
+    while isinstance(app, Shortcut):  # routes served in front of the router
+        if not app.prefix:  # (a prefix's route is the router's too)
+            table.append((app.method, app.path))
+        app = app.app
+    for route in app.routes:
         if isinstance(route, Mount):
             continue
         for method in sorted(getattr(route, "methods", None) or {"GET"}):

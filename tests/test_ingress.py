@@ -91,3 +91,16 @@ def test_broker_down_gives_503_so_the_provider_retries(tmp_path: Path) -> None:
     finally:
         ingress.kill()
         broker.stop()
+
+
+def test_the_written_out_202_is_the_accepted_contract() -> None:
+    import json
+    import uuid
+
+    from contracts.api import Accepted
+    from services.ingress import accepted
+
+    receipt = str(uuid.uuid4())
+    answer = accepted(receipt)
+    assert answer.status_code == 202 and answer.media_type == "application/json"
+    assert json.loads(answer.body) == Accepted(receipt_id=receipt).model_dump()
