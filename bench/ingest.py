@@ -223,7 +223,6 @@ async def main() -> None:
 # -- the bare baseline, side by side ---------------------------------------------
 
 SECRET = "whsec_bench_compare"
-EXTRA = json.loads(__import__("os").environ.get("BARE_EXTRA", "{}"))
 
 
 def bare_app(bootstrap: str) -> object:
