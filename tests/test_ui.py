@@ -622,3 +622,28 @@ def check_page(page: Any, address: str, name: str) -> None:
     assert width <= 375, f"{address} is {width} px wide: {wide}"
     assert page.locator("main").inner_text().strip()
     shot(page, name)
+
+
+def test_the_api_role_alone_serves_the_console_and_the_portal(tmp_path: Path) -> None:
+    """`entitle api` (no broker, no other role) serves the pages and their
+    assets; the dashboard says the consumer lag is unknown rather than failing."""
+    (tmp_path / "entitle.yaml").write_text(CONFIG)
+    env = {
+        "ENTITLE_ADMIN_KEYS": f"support:{ADMIN_KEY}",
+        "ENTITLE_DATABASE_URL": f"sqlite:///{tmp_path / 'alone.db'}",
+    }
+    with Entitle(["api", "--config", "entitle.yaml"], tmp_path, env) as api:
+        login_page = httpx.get(f"{api.url}/admin/login")
+        assert login_page.status_code == 200 and "Admin key" in login_page.text
+        assert httpx.get(f"{api.url}/ui/static/entitle.css").status_code == 200
+        entered = httpx.post(
+            f"{api.url}/admin/login",
+            data={"csrf": _csrf(login_page.text), "key": ADMIN_KEY},
+            headers=_cookie(login_page, "entitle_login"),
+        )
+        dashboard = httpx.get(f"{api.url}/admin", headers=_cookie(entered, "entitle_admin"))
+        assert dashboard.status_code == 200 and "0</span> in all" in dashboard.text
+        assert "unknown" in dashboard.text
+        portal = httpx.get(f"{api.url}/portal")
+        assert portal.status_code == 200 and "Activation code" in portal.text
+        assert "sign-in link" not in portal.text  # no e-mail, no public address here
