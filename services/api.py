@@ -35,7 +35,7 @@ from contracts.api import (
 from contracts.events import Status
 from contracts.webhooks import RawWebhookV1
 from domain import lifecycle
-from domain.catalog import add_period
+from domain.catalog import Offering, add_period
 from domain.commands import Customer, OrderEvent, Rules, apply
 from domain.entitlement import Cause, Entitlement, Refused, entitlement_id
 from domain.lifecycle import Line
@@ -373,9 +373,9 @@ class API:
         view = await self.make_grant(body, key.name, idempotency(request))
         return JSONResponse(view.model_dump(mode="json"), status_code=201)
 
-    async def make_grant(self, body: ManualGrant, by: str, request_id: str) -> EntitlementView:
-        """The entitlement `body` grants, made by `by` (or the one a request
-        with the same `request_id` made); HTTPError 422 or 409 if refused."""
+    def grant_terms(self, body: ManualGrant, now: datetime) -> tuple[Offering, datetime | None]:
+        """(the offering, the end of the paid period) a grant made at `now`
+        gets; HTTPError 422 saying what is wrong with `body`."""
         offering = self.config.catalog.get(body.offering)
         if offering is None:
             raise HTTPError(422, "invalid_body", f"no offering {body.offering!r} in the catalog")
@@ -387,7 +387,6 @@ class API:
                 "invalid_body",
                 f"seats must be a multiple of offering {offering.sku!r}'s {offering.seats} seats",
             )
-        now = self.clock()
         end = body.period_end
         # Always an explicit period (the offering's own by default), so a
         # later change of offering does not change what was granted.
@@ -397,12 +396,22 @@ class API:
                 end = add_period(now, period)
             except (ValueError, OverflowError):
                 raise HTTPError(
-                    422, "invalid_body", "period must be an ISO 8601 duration such as P1Y"
+                    422,
+                    "invalid_body",
+                    "period must be an ISO 8601 duration in years, months, weeks and days,"
+                    " such as P1Y or P30D",
                 ) from None
         if end is not None and end <= now:
             raise HTTPError(422, "invalid_body", "period_end must be in the future")
         if end is not None and end > LATEST:
             raise HTTPError(422, "invalid_body", "period_end must be before the year 2201")
+        return offering, end
+
+    async def make_grant(self, body: ManualGrant, by: str, request_id: str) -> EntitlementView:
+        """The entitlement `body` grants, made by `by` (or the one a request
+        with the same `request_id` made); HTTPError 422 or 409 if refused."""
+        now = self.clock()
+        offering, end = self.grant_terms(body, now)
         order_ref = body.order_ref or f"manual-{request_id}"
         line = Line("grant", offering, (body.seats or offering.seats) // offering.seats, now, end)
         fact = {

@@ -153,6 +153,10 @@ def _candidates(event_id: str) -> list[str]:
     return [event_id] if head == event_id else [event_id, head]
 
 
+#: The prefix of the request ids of changes made in the customer portal.
+PORTAL_REQUEST = "portal-"
+
+
 def caused_by(
     cause: dict[str, str] | None, found: dict[tuple[str, str], list[ReceiptView]]
 ) -> CausedBy | None:
@@ -191,6 +195,8 @@ def caused_by(
         return CausedBy(kind="admin", summary=f"admin key {source!r}, request {event_id}")
     if source == "usage":
         summary = f"usage recorded by the vendor's application (idempotency key {event_id})"
+    elif event_id.startswith(PORTAL_REQUEST):
+        summary = f"the customer, in the customer portal (request {event_id})"
     else:
         summary = f"the vendor's application with an activation code (request {event_id})"
     return CausedBy(kind="client", summary=summary)

@@ -216,8 +216,17 @@ def test_support_logs_in_searches_opens_and_suspends_with_a_reason(stack: Stack,
     )
     action = page.locator("form[action$='/apply']").get_attribute("action")
     page.get_by_role("button", name="Confirm: suspend").click()
-    assert "Done: suspend." in page.get_by_role("status").first.inner_text()
+    assert page.get_by_role("status").first.inner_text() == "Suspended."
     assert "suspended" in page.locator(".status").first.inner_text()
+    # The reason is on the page: in the status and in the history.
+    assert page.locator("main").inner_text().count("“chargeback under review”") == 2
+    # Each history entry opens its own moment.
+    page.locator(".timeline > li").last.get_by_role("link", name="As of this event").click()
+    assert "version 1 of" in page.get_by_role("status").first.inner_text()
+    assert "pending" in page.locator(".status").first.inner_text()
+    # A link cannot make a page say what it wants.
+    page.goto(f"{url}/admin/entitlements/{team_id}?done=Your+license+was+canceled")
+    assert "Your license was canceled" not in page.locator("main").inner_text()
     shot(page, "admin-suspended")
     after = httpx.get(f"{url}/v1/entitlements/{team_id}", headers=AUTH).json()
     assert after["status"] == "SUSPENDED"
@@ -248,17 +257,20 @@ def test_a_grant_then_codes_extend_and_a_change_each_previewed(stack: Stack, pag
     page.get_by_label("Offering", exact=True).select_option("solo_annual")
     page.get_by_label("Customer e-mail").fill("hedy@example.com")
     page.get_by_label("Order reference (optional)").fill("po-4711")
+    page.get_by_label("Or paid through (date, UTC)").fill("2031-06-30")
     page.get_by_label("Reason", exact=True).fill("reseller order by phone")
     page.get_by_role("button", name="Preview the grant").click()
     assert (
         "Grant solo_annual to hedy@example.com?" in page.get_by_role("heading").first.inner_text()
     )
+    assert "2031-06-30 23:59 UTC" in page.locator("main").inner_text()
     shot(page, "admin-grant-preview")
     page.get_by_role("button", name="Confirm: grant").click()
-    assert "Done: grant." in page.get_by_role("status").first.inner_text()
+    assert page.get_by_role("status").first.inner_text() == "Granted."
     granted = page.url.split("/admin/entitlements/")[1].split("?")[0]
     view = httpx.get(f"{url}/v1/entitlements/{granted}", headers=AUTH).json()
     assert (view["source"], view["order_ref"], view["status"]) == ("manual", "po-4711", "ACTIVE")
+    assert view["period_end"].startswith("2031-06-30T23:59:59")
 
     page.get_by_role("button", name="Issue another code").click()
     assert "activation_codes" in page.locator("table").inner_text()
@@ -379,6 +391,14 @@ def test_a_form_without_its_csrf_token_or_session_changes_nothing(stack: Stack) 
         )
         view = httpx.get(f"{url}/v1/entitlements/{solo}", headers=AUTH).json()
         assert view["status"] == "ACTIVE"
+        # Logging out ends the session for good: a copy of the cookie is refused.
+        home = client.get("/admin", headers=session)
+        out = client.post("/admin/logout", data={"csrf": _csrf(home.text)}, headers=session)
+        assert out.status_code == 303
+        assert client.get("/admin", headers=session).status_code == 303  # to the login
+        # A page answers a method it does not take with a page.
+        wrong = client.post("/admin", headers=session)
+        assert wrong.status_code == 405 and "text/html" in wrong.headers["content-type"]
 
 
 # -- the customer portal -------------------------------------------------------------
@@ -420,7 +440,9 @@ def test_the_buyer_frees_a_seat_and_downloads_a_license_file_that_verifies(
     license = verify_license(token, keys[0]["public_key"], fingerprint=ada)
     assert license.product == "Acme Studio" and license.offering == "team_annual"
 
-    page.get_by_role("button", name="Free this seat (Ada's laptop)").click()
+    page.get_by_role("link", name="Free this seat (Ada's laptop)").click()
+    shot(page, "portal-free-seat")
+    page.get_by_role("button", name="Free this seat").click()
     assert page.locator("#seats-in-use").inner_text() == "1 of 3"
     assert "Ada's laptop" not in page.locator(".seats").inner_text()
     shot(page, "portal-seat-freed")
@@ -455,6 +477,7 @@ def test_no_portal_route_reaches_another_entitlement(stack: Stack) -> None:
                 assert other_id not in home and other_code not in home
         for seat in stack.seats:  # the team entitlement's seats
             assert client.get(f"/portal/seats/{seat}/license-file").status_code == 404
+            assert client.get(f"/portal/seats/{seat}/release").status_code == 404
             released = client.post(f"/portal/seats/{seat}/release", data={"csrf": csrf})
             assert released.status_code == 404
         for crafted in (f"{solo_id}.0000000000000000", "not-a-seat", f"{solo_id}"):
@@ -465,6 +488,10 @@ def test_no_portal_route_reaches_another_entitlement(stack: Stack) -> None:
             )
     team = httpx.get(f"{url}/v1/entitlements/{stack.bought['sub_ui_team'][0]}", headers=AUTH)
     assert len(team.json()["activations"]) == 2
+    # Leaving ends the portal session for good.
+    left = httpx.post(f"{url}/portal/logout", data={"csrf": csrf}, headers=session)
+    assert left.status_code == 303
+    assert httpx.get(f"{url}/portal/home", headers=session).status_code == 303
 
 
 def test_a_mailed_sign_in_link_opens_the_portal_once(stack: Stack, page: Any) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from uuid import UUID
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
 
@@ -51,4 +51,6 @@ _EVERY = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
 async def _missing(request: Request) -> Response:
+    if request.url.path in ("/admin/", "/portal/") and request.method == "GET":
+        return RedirectResponse(request.url.path.rstrip("/"), status_code=308)
     raise HTTPError(404, "not_found", f"there is no page {request.url.path[:200]}")

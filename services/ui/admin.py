@@ -32,17 +32,18 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute
 
-from contracts.api import EntitlementView, GrantCustomer, ManualGrant
+from contracts.api import AdminAction, EntitlementView, GrantCustomer, ManualGrant, TermsChange
 from contracts.events import Status
 from contracts.webhooks import RAW_TOPIC
 from domain.entitlement import Refused, code_hash
 from domain.receipt import OUTCOMES
-from services.api import ADMIN_ACTIONS, API, MAX_LIMIT
+from services.api import ADMIN_ACTIONS, API, MANUAL, MAX_LIMIT
 from services.config import AdminKey
 from services.fold import CONSUMER_GROUP
 from services.health import describe
 from services.http import (
     HTTPError,
+    ascii_int,
     aware_time,
     client_address,
     decode_cursor,
@@ -50,7 +51,6 @@ from services.http import (
     rate_limited,
 )
 from services.kafka import group_lag
-from services.openapi import PageRoute
 from services.outbound.webhooks import KIND as WEBHOOK_KIND
 from services.outbound_api import (
     OutboundAPI,
@@ -64,13 +64,14 @@ from services.readmodel import UnreadableRow
 from services.timeline import NotThen, NotYet, as_of, changes, with_state
 from services.ui.web import (
     Chart,
+    EndedSessions,
     Form,
-    Handler,
     Session,
     Sessions,
     SignInFirst,
+    done,
     fingerprint,
-    pages,
+    page_routes,
     plain_status,
     read_form,
     render,
@@ -108,7 +109,9 @@ class Console:
     ) -> None:
         self.api = api
         self.outbound = outbound
-        self.sessions = Sessions(secret, "entitle_admin", "/admin", 8 * 3600)
+        self.sessions = Sessions(
+            secret, "entitle_admin", "/admin", 8 * 3600, EndedSessions(api.read_model)
+        )
         # The login form's own token, before there is a session.
         self.login_sessions = Sessions(secret, "entitle_login", "/admin", 3600)
         self.redrive_letters = redrive
@@ -161,7 +164,7 @@ class Console:
         _, session = self._session(request)
         await read_form(request, session)
         response = RedirectResponse("/admin/login", status_code=303)
-        self.sessions.end(response)
+        await anyio.to_thread.run_sync(self.sessions.log_out, response, session)
         return response
 
     def _page(self, request: Request, template: str, status: int = 200, **context: Any) -> Response:
@@ -268,19 +271,23 @@ class Console:
         raw_at = query.get("as_of", "").strip()
         at = None
         if raw_at:
-            at = aware_time(raw_at) or aware_time(raw_at + ":00Z") or aware_time(raw_at + "Z")
+            at = _moment(raw_at)
             if at is None:
                 raise HTTPError(422, "invalid_query", "as_of must be a date and time (UTC)")
+        raw_version = query.get("as_of_version", "").strip()
+        version = ascii_int(raw_version) if raw_version and len(raw_version) <= 9 else None
+        if raw_version and (version is None or version < 1):
+            raise HTTPError(422, "invalid_query", "as_of_version must be a version: 1, 2, …")
         api = self.api
 
         def read() -> tuple[EntitlementView | None, list[Any], str | None]:
             """(the view then, or now; the history with each event's state; a note)."""
             view: EntitlementView | None = None
             note = None
-            if at is not None:
+            if at is not None or version is not None:
                 try:
                     view = api.with_codes(
-                        as_of(api.store, entitlement_id, at, None, now=api.clock())
+                        as_of(api.store, entitlement_id, at, version, now=api.clock())
                     )
                 except NotThen as exc:
                     note = str(exc)
@@ -290,13 +297,14 @@ class Console:
             if not events or type(events[0]).__qualname__.split(".")[0] != "Entitlement":
                 raise HTTPError(404, "not_found", f"no entitlement {entitlement_id}")
             entries = with_state(events, api.read_model.receipts_of, api.with_codes)
-            if at is None:
+            if at is None and version is None:
                 # Folded from the store, not the read model: a change made a
                 # moment ago shows at once.
                 view = entries[-1].state
             return view, entries, note
 
         view, entries, note = await anyio.to_thread.run_sync(read)
+        reasons = {e.version: reason_of(e.data) for e in entries}
         offerings = sorted(o.sku for o in api.config.catalog)
         # A floating seat's lease is renewed by heartbeats, recorded once
         # half of it has passed: the last recorded one is a lease before its end.
@@ -311,14 +319,24 @@ class Console:
             "admin/entitlement.html",
             view=view,
             note=note,
-            as_of=raw_at,
+            as_of=raw_at or (f"version {version}" if version else ""),
+            as_of_input=raw_at,
+            reasons=reasons,
+            status_note=next(
+                (
+                    reasons[e.version]
+                    for e in reversed(entries)
+                    if "status" in e.changes and reasons[e.version]
+                ),
+                None,
+            ),
             entries=list(reversed(entries)),
             charts=usage_charts(view.limits, view.usage) if view else [],
             plain_status=plain_status,
             offerings=offerings,
             heartbeats=heartbeats,
-            done=query.get("done"),
-            actions=[a for a in ADMIN_ACTIONS],
+            done=done(request),
+            actions=list(ADMIN_ACTIONS),
         )
 
     # -- changes -----------------------------------------------------------------
@@ -349,7 +367,7 @@ class Console:
         diff = {}
         if after is not None:
             diff = changes(before.model_dump(mode="json"), after.model_dump(mode="json"))
-            for name in ("sequence", "updated_at", "due_at"):
+            for name in ("sequence", "updated_at"):
                 diff.pop(name, None)
         fields = [(name, value) for name, value in form.pairs() if name != "csrf"]
         return self._page(
@@ -364,6 +382,7 @@ class Console:
             fields=fields,
             request_id=request_id,
             plain_status=plain_status,
+            reason=args.get("reason"),
         )
 
     async def apply(self, request: Request) -> Response:
@@ -409,18 +428,24 @@ class Console:
                 customer=GrantCustomer(email=values["email"], id=values["customer_id"] or None),
                 seats=int(values["seats"]) if values["seats"] else None,
                 period=values["period"] or None,
-                period_end=_date_end(values["period_end"]),
+                period_end=_date_end(values["period_end"]),  # type: ignore[arg-type]
                 order_ref=values["order_ref"] or None,
                 reason=values["reason"],
             )
         except (ValidationError, ValueError) as exc:
             return self._grant_page(request, values, _first_error(exc), 422)
+        try:
+            offering, end = self.api.grant_terms(body, self.api.clock())
+        except HTTPError as exc:
+            return self._grant_page(request, values, exc.detail, exc.status)
         if form.get("confirm") != "yes":
             return self._page(
                 request,
                 "admin/grant_preview.html",
                 body=body,
                 values=values,
+                end=end,
+                seats=body.seats or offering.seats,
                 request_id=f"console-{secrets.token_hex(12)}",
             )
         request_id = form.get("request_id")
@@ -442,6 +467,9 @@ class Console:
         }
         if fields["outcome"] and fields["outcome"] not in OUTCOMES:
             raise HTTPError(422, "invalid_query", f"outcome must be one of {', '.join(OUTCOMES)}")
+        sources = sorted([*self.api.config.sources, MANUAL])
+        if fields["source"] and fields["source"] not in sources:
+            raise HTTPError(422, "invalid_query", f"source must be one of {', '.join(sources)}")
         raw = query.get("cursor")
         parts = decode_cursor(raw, "time", "id") if raw else None
         cursor = (parts[0], parts[1]) if parts else None
@@ -459,7 +487,7 @@ class Console:
             "admin/webhooks.html",
             fields=fields,
             outcomes=list(OUTCOMES),
-            sources=sorted(self.api.config.sources),
+            sources=sources,
             items=items,
             more=more,
         )
@@ -507,7 +535,9 @@ class Console:
             items=items,
             more=more,
             unresolved=unresolved,
-            done=request.query_params.get("done"),
+            done=done(request),
+            applied=ascii_int(request.query_params.get("applied", "")[:9]),
+            failed=ascii_int(request.query_params.get("failed", "")[:9]),
         )
 
     async def redrive(self, request: Request) -> Response:
@@ -519,10 +549,20 @@ class Console:
             raise HTTPError(422, "invalid_body", "pick dead letters from the list") from None
         if not ids:
             raise HTTPError(422, "invalid_body", "pick at least one dead letter")
+        ids = list(dict.fromkeys(ids))  # each once
+
+        def known() -> list[uuid.UUID]:
+            letters = self.api.read_model.dead_letters(MAX_LIMIT, unresolved=True)
+            unresolved = {letter.id for letter in letters}
+            return [i for i in ids if i in unresolved]
+
+        ids = await anyio.to_thread.run_sync(known)
+        if not ids:
+            raise HTTPError(422, "invalid_body", "none of those is an unresolved dead letter")
         resolved, failed = await anyio.to_thread.run_sync(self.redrive_letters, ids)
         log.info("admin console: %s re-drove %d dead letter(s)", key.name, len(ids))
-        done = f"{resolved} applied, {failed} still unmappable"
-        return RedirectResponse("/admin/dead-letters?" + urlencode({"done": done}), 303)
+        counts = {"done": "redriven", "applied": str(resolved), "failed": str(failed)}
+        return RedirectResponse("/admin/dead-letters?" + urlencode(counts), 303)
 
     async def endpoints(self, request: Request) -> Response:
         self._session(request)
@@ -548,7 +588,7 @@ class Console:
             "admin/deliveries.html",
             endpoint=info,
             items=[delivery_view(r) for r in records],
-            done=request.query_params.get("done"),
+            done=done(request),
             now=self.api.clock(),
         )
 
@@ -577,10 +617,8 @@ class Console:
         if since is None or since > self.api.clock():
             raise HTTPError(422, "invalid_body", "since must be a past date and time (UTC)")
         await self.outbound._refuse_unsendable(info)
-        count = await anyio.to_thread.run_sync(recover, self.outbound.outbox, str(info.id), since)
-        return RedirectResponse(
-            f"/admin/endpoints/{endpoint_id}?done=recovered+{count}", status_code=303
-        )
+        await anyio.to_thread.run_sync(recover, self.outbound.outbox, str(info.id), since)
+        return RedirectResponse(f"/admin/endpoints/{endpoint_id}?done=recovered", status_code=303)
 
 
 def _id(request: Request) -> uuid.UUID:
@@ -605,15 +643,16 @@ def _moment(raw: str) -> datetime | None:
     return aware_time(raw) or aware_time(raw + ":00Z") or aware_time(raw + "Z")
 
 
-def _date_end(raw: str) -> datetime | None:
-    """A period end given as a date (the end of that day, UTC) or a time."""
+def _date_end(raw: str) -> str | None:
+    """A period end given as a date (the end of that day, UTC) or a time, as
+    RFC 3339 text (what ManualGrant takes)."""
     raw = raw.strip()
     if not raw:
         return None
     found = _moment(raw) or _moment(raw + "T23:59:59")
     if found is None:
-        raise ValueError("period end must be a date (YYYY-MM-DD)")
-    return found.astimezone(UTC)
+        raise ValueError("paid through must be a date (YYYY-MM-DD)")
+    return found.astimezone(UTC).isoformat()
 
 
 def _first_error(exc: Exception) -> str:
@@ -625,64 +664,82 @@ def _first_error(exc: Exception) -> str:
 
 
 def _change_args(form: Form) -> tuple[str, dict[str, Any]]:
-    """(action, its arguments for API.admin_change) from a change form; 422
-    for a missing reason or a bad number."""
+    """(action, its arguments for API.admin_change) from a change form,
+    checked as the API checks its bodies (AdminAction, TermsChange); 422
+    saying what is wrong."""
     action = form.get("action")
     if action not in CHANGES:
         raise HTTPError(422, "invalid_body", f"no change {action!r}")
     args: dict[str, Any] = {}
-    reason = form.get("reason").strip()
-    if action in (*ADMIN_ACTIONS, "change"):
-        if not 1 <= len(reason) <= 500:
-            raise HTTPError(422, "invalid_body", "give a reason (up to 500 characters)")
-        args["reason"] = reason
-    if action == "extend":
-        days = form.get("days")
-        if not days.isdigit() or not 1 <= int(days) <= 3650:
-            raise HTTPError(422, "invalid_body", "days must be a whole number from 1 to 3650")
-        args["days"] = int(days)
-    if action == "change":
-        offering = form.get("offering").strip() or None
-        seats = form.get("seats").strip()
-        if seats and (not seats.isdigit() or not 1 <= int(seats) <= 100_000):
-            raise HTTPError(422, "invalid_body", "seats must be a whole number from 1")
-        if offering is None and not seats:
-            raise HTTPError(422, "invalid_body", "give an offering, seats or both")
-        args["offering"], args["seats"] = offering, int(seats) if seats else None
+    try:
+        if action in ADMIN_ACTIONS:
+            days = form.get("days").strip()
+            if action == "extend" and not days:
+                raise HTTPError(422, "invalid_body", "extend needs a number of days")
+            number = ascii_int(days) if days and len(days) <= 9 else None
+            if days and number is None:
+                raise HTTPError(422, "invalid_body", "days must be a whole number from 1 to 3650")
+            body = AdminAction(reason=form.get("reason").strip(), days=number)
+            args.update(reason=body.reason, days=body.days or 0)
+        elif action == "change":
+            seats = form.get("seats").strip()
+            count = ascii_int(seats) if seats and len(seats) <= 9 else None
+            if seats and count is None:
+                raise HTTPError(422, "invalid_body", "seats must be a whole number")
+            terms = TermsChange(
+                offering=form.get("offering").strip() or None,
+                seats=count,
+                reason=form.get("reason").strip(),
+            )
+            if terms.offering is None and terms.seats is None:
+                raise HTTPError(422, "invalid_body", "give an offering, seats or both")
+            args.update(offering=terms.offering, seats=terms.seats, reason=terms.reason)
+    except ValidationError as exc:
+        raise HTTPError(422, "invalid_body", _first_error(exc)) from None
     if action == "release":
         seat = form.get("seat")
         if not seat or len(seat) > 200:
             raise HTTPError(422, "invalid_body", "name the seat to free")
         args["seat"] = seat
     if action == "revoke-code":
-        index = form.get("index")
-        if not index.isdigit() or len(index) > 6:
+        index = ascii_int(form.get("index")[:6])
+        if index is None:
             raise HTTPError(422, "invalid_body", "name the code to revoke")
-        args["index"] = int(index)
+        args["index"] = index
     return action, args
 
 
-def routes(console: Console) -> list[BaseRoute]:
-    def page(path: str, handler: Handler, method: str = "GET") -> PageRoute:
-        return PageRoute(path, pages(handler), methods=[method])
+def reason_of(data: dict[str, Any]) -> str | None:
+    """The reason an admin gave for an event (its fact's, or a grant's)."""
+    fact = data.get("fact")
+    if isinstance(fact, dict):
+        for holder in (fact, fact.get("grant"), fact.get("change")):
+            if isinstance(holder, dict) and isinstance(holder.get("reason"), str):
+                return str(holder["reason"])
+    reason = data.get("reason")
+    return reason if isinstance(reason, str) and data.get("by") else None
 
-    return [
-        page("/admin/login", console.login_form),
-        page("/admin/login", console.login, "POST"),
-        page("/admin/logout", console.logout, "POST"),
-        page("/admin", console.dashboard),
-        page("/admin/entitlements", console.search),
-        page("/admin/entitlements/{id}", console.entitlement),
-        page("/admin/entitlements/{id}/preview", console.preview, "POST"),
-        page("/admin/entitlements/{id}/apply", console.apply, "POST"),
-        page("/admin/grant", console.grant_form),
-        page("/admin/grant", console.grant, "POST"),
-        page("/admin/webhooks", console.webhooks),
-        page("/admin/webhooks/{receipt_id}", console.webhook),
-        page("/admin/dead-letters", console.dead_letters),
-        page("/admin/dead-letters/redrive", console.redrive, "POST"),
-        page("/admin/endpoints", console.endpoints),
-        page("/admin/endpoints/{id}", console.deliveries),
-        page("/admin/endpoints/{id}/recover", console.recover, "POST"),
-        page("/admin/deliveries/resend", console.resend, "POST"),
-    ]
+
+def routes(console: Console) -> list[BaseRoute]:
+    return page_routes(
+        [
+            ("/admin/login", "GET", console.login_form),
+            ("/admin/login", "POST", console.login),
+            ("/admin/logout", "POST", console.logout),
+            ("/admin", "GET", console.dashboard),
+            ("/admin/entitlements", "GET", console.search),
+            ("/admin/entitlements/{id}", "GET", console.entitlement),
+            ("/admin/entitlements/{id}/preview", "POST", console.preview),
+            ("/admin/entitlements/{id}/apply", "POST", console.apply),
+            ("/admin/grant", "GET", console.grant_form),
+            ("/admin/grant", "POST", console.grant),
+            ("/admin/webhooks", "GET", console.webhooks),
+            ("/admin/webhooks/{receipt_id}", "GET", console.webhook),
+            ("/admin/dead-letters", "GET", console.dead_letters),
+            ("/admin/dead-letters/redrive", "POST", console.redrive),
+            ("/admin/endpoints", "GET", console.endpoints),
+            ("/admin/endpoints/{id}", "GET", console.deliveries),
+            ("/admin/endpoints/{id}/recover", "POST", console.recover),
+            ("/admin/deliveries/resend", "POST", console.resend),
+        ]
+    )

@@ -10,6 +10,7 @@ that does not exist.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -18,6 +19,7 @@ import secrets
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
 
 import anyio
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
@@ -27,20 +29,22 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute
 
 from contracts.api import EntitlementView
-from domain.entitlement import Entitlement, code_hash
+from domain.entitlement import Cause, Entitlement, code_hash
 from services.config import Config
+from services.health import describe
 from services.http import HTTPError, client_address
 from services.licensing import Licensing, _no_seat
-from services.openapi import PageRoute
 from services.outbound.mail import Mailer
 from services.projections import entitlement_view
 from services.readmodel import ReadModel
+from services.timeline import PORTAL_REQUEST
 from services.ui.web import (
-    Handler,
+    EndedSessions,
     Session,
     Sessions,
     SignInFirst,
-    pages,
+    done,
+    page_routes,
     plain_status,
     read_form,
     render,
@@ -66,12 +70,19 @@ class Portal:
         at, a buyer can also sign in with a link mailed to their address."""
         self.licensing = licensing
         self.config = config
-        self.sessions = Sessions(secret, "entitle_portal", "/portal", SESSION_SECONDS)
+        self.sessions = Sessions(
+            secret,
+            "entitle_portal",
+            "/portal",
+            SESSION_SECONDS,
+            EndedSessions(licensing.read_model),
+        )
         # The entry form's token, before there is a session.
         self.entry_sessions = Sessions(secret, "entitle_portal_entry", "/portal", 3600)
         self.links = Links(secret, licensing.read_model) if mailer and public_url else None
         self.mailer = mailer
         self.public_url = public_url
+        self._sending: set[asyncio.Task[None]] = set()
 
     # -- entry -------------------------------------------------------------------
 
@@ -114,9 +125,10 @@ class Portal:
 
     async def logout(self, request: Request) -> Response:
         found = await self._current(request)
-        await read_form(request, found[0] if found else None)
+        session = found[0] if found else None
+        await read_form(request, session)
         response = RedirectResponse("/portal", status_code=303)
-        self.sessions.end(response)
+        await anyio.to_thread.run_sync(self.sessions.log_out, response, session)
         return response
 
     # -- the entitlement -----------------------------------------------------------
@@ -157,21 +169,41 @@ class Portal:
             "portal/home.html",
             csrf=session.csrf,
             view=view,
-            plain=plain_status(view),
+            plain=plain_status(view, customer=True),
             charts=usage_charts(view.limits, view.usage),
             billing_url=source.billing_portal_url if source is not None else None,
             license_files=self.licensing.signer is not None,
-            done=request.query_params.get("done"),
+            done=done(request),
+        )
+
+    async def confirm_release(self, request: Request) -> Response:
+        """Free this seat? (the device stops working): a page with the button."""
+        session, view = await self._opened(request)
+        seat_id = request.path_params["seat"]
+        seat = next((s for s in view.activations if s.id == seat_id), None)
+        if seat is None:
+            raise _no_seat(seat_id)
+        return render(
+            request,
+            "portal/release.html",
+            csrf=session.csrf,
+            view=view,
+            seat=seat,
+            request_id=f"{PORTAL_REQUEST}{secrets.token_hex(12)}",
         )
 
     async def release(self, request: Request) -> Response:
         session, view = await self._opened(request)
-        await read_form(request, session)
+        form = await read_form(request, session)
         seat_id = request.path_params["seat"]
-        request_id = f"portal-{secrets.token_hex(12)}"
+        request_id = form.get("request_id")
+        if not request_id.startswith(PORTAL_REQUEST) or len(request_id) > 64:
+            request_id = f"{PORTAL_REQUEST}{secrets.token_hex(12)}"
 
         def change(entitlement: Entitlement, at: datetime) -> None:
             if seat_id not in entitlement.activations:
+                if entitlement.has_applied(Cause.client(request_id)):
+                    return  # the same confirmation sent twice: done already
                 raise _no_seat(seat_id)
             entitlement.release(seat_id, "released_in_portal", request_id, at)
 
@@ -181,7 +213,7 @@ class Portal:
             self.licensing._change, uuid.UUID(str(view.id)), change, _no_seat(seat_id)
         )
         log.info("portal: a seat of %s was freed", view.id)
-        return RedirectResponse("/portal/home?done=seat+freed", status_code=303)
+        return RedirectResponse("/portal/home?done=seat-freed", status_code=303)
 
     # -- sign-in links by mail -------------------------------------------------------
 
@@ -208,12 +240,24 @@ class Portal:
                 "Your sign-in link" + ("s" if len(links) > 1 else ""),
                 *_link_mail(links, f"{self.public_url}/portal/link/"),
             )
-            outcome = await self.mailer.send_now(message, f"portal-link-{secrets.token_hex(8)}")
-            if not outcome.ok:
-                log.warning("portal: a sign-in link could not be sent: %s", outcome.error)
-                raise HTTPError(503, "unavailable", "the mail could not be sent now; try later")
-            log.info("portal: sign-in link(s) sent for %d license(s)", len(links))
+            # Sent after the answer: how long the mail server takes must not
+            # tell whether the address has a license.
+            task = asyncio.create_task(self._send_links(message, len(links)))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
         return self._entry_page(request, None, sent=True)
+
+    async def _send_links(self, message: EmailMessage, count: int) -> None:
+        assert self.mailer is not None
+        try:
+            outcome = await self.mailer.send_now(message, f"portal-link-{secrets.token_hex(8)}")
+        except Exception as exc:
+            log.warning("portal: a sign-in link could not be sent: %s", describe(exc))
+            return
+        if outcome.ok:
+            log.info("portal: sign-in link(s) sent for %d license(s)", count)
+        else:
+            log.warning("portal: a sign-in link could not be sent: %s", outcome.error)
 
     async def link(self, request: Request) -> Response:
         """The page a mailed link opens: a button that signs in (a GET
@@ -255,20 +299,20 @@ class Portal:
 
 
 def routes(portal: Portal) -> list[BaseRoute]:
-    def page(path: str, handler: Handler, method: str = "GET") -> PageRoute:
-        return PageRoute(path, pages(handler), methods=[method])
-
-    return [
-        page("/portal", portal.entry),
-        page("/portal", portal.enter, "POST"),
-        page("/portal/logout", portal.logout, "POST"),
-        page("/portal/home", portal.home),
-        page("/portal/link", portal.ask_link, "POST"),
-        page("/portal/link/{token}", portal.link),
-        page("/portal/link/{token}", portal.use_link, "POST"),
-        page("/portal/seats/{seat}/release", portal.release, "POST"),
-        page("/portal/seats/{seat}/license-file", portal.license_file),
-    ]
+    return page_routes(
+        [
+            ("/portal", "GET", portal.entry),
+            ("/portal", "POST", portal.enter),
+            ("/portal/logout", "POST", portal.logout),
+            ("/portal/home", "GET", portal.home),
+            ("/portal/seats/{seat}/release", "GET", portal.confirm_release),
+            ("/portal/seats/{seat}/release", "POST", portal.release),
+            ("/portal/seats/{seat}/license-file", "GET", portal.license_file),
+            ("/portal/link", "POST", portal.ask_link),
+            ("/portal/link/{token}", "GET", portal.link),
+            ("/portal/link/{token}", "POST", portal.use_link),
+        ]
+    )
 
 
 #: How long a mailed sign-in link works, in seconds.

@@ -10,10 +10,11 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -25,6 +26,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from contracts.api import EntitlementView, UsagePeriodView
 from services.http import HTTPError
+from services.readmodel import ReadModel
 
 log = logging.getLogger("entitle.ui")
 
@@ -109,12 +111,22 @@ class Sessions:
     are Secure, HttpOnly and SameSite=Strict, scoped to `path`, and last
     `max_age` seconds."""
 
-    def __init__(self, secret: str, name: str, path: str, max_age: int) -> None:
+    def __init__(
+        self,
+        secret: str,
+        name: str,
+        path: str,
+        max_age: int,
+        ended: EndedSessions | None = None,
+    ) -> None:
+        """`ended`: where sessions ended by logging out are kept until they
+        would have expired, so a copied cookie does not outlive its logout."""
         key = hmac.new(secret.encode(), f"entitle ui session {name}".encode(), "sha256").digest()
         self._serializer = URLSafeTimedSerializer(key, salt=name)
         self.name = name
         self.path = path
         self.max_age = max_age
+        self.ended = ended
 
     def start(self, response: Response, subject: str, check: str) -> Session:
         session = Session(subject, check, secrets.token_urlsafe(24))
@@ -140,12 +152,58 @@ class Sessions:
             return None
         if not all(isinstance(part, str) for part in (subject, check, csrf)):
             return None
-        return Session(subject, check, csrf)
+        session = Session(subject, check, csrf)
+        if self.ended is not None and self.ended.has(session.csrf):
+            return None
+        return session
+
+    def log_out(self, response: Response, session: Session | None) -> None:
+        """End `session` for good (the cookie too)."""
+        if session is not None and self.ended is not None:
+            self.ended.add(session.csrf, self.max_age)
+        self.end(response)
 
     def end(self, response: Response) -> None:
         response.delete_cookie(
             self.name, path=self.path, secure=True, httponly=True, samesite="strict"
         )
+
+
+class EndedSessions:
+    """Sessions ended by logging out, by a hash of their id (the CSRF
+    token), in the read model's database so every API process knows; each
+    kept until it would have expired anyway."""
+
+    def __init__(self, read_model: ReadModel) -> None:
+        self._read_model = read_model
+        with read_model.transaction() as cur:
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS entitle_ended_sessions"
+                " (id TEXT PRIMARY KEY, until TEXT NOT NULL)"
+            )
+
+    def add(self, session_id: str, seconds: int) -> None:
+        now = datetime.now(UTC)
+        sql = self._read_model.sql
+        with self._read_model.transaction() as cur:
+            cur.execute(
+                sql("DELETE FROM entitle_ended_sessions WHERE until < ?"), (now.isoformat(),)
+            )
+            cur.execute(
+                sql(
+                    "INSERT INTO entitle_ended_sessions (id, until) VALUES (?, ?)"
+                    " ON CONFLICT (id) DO NOTHING"
+                ),
+                (fingerprint(session_id), (now + timedelta(seconds=seconds)).isoformat()),
+            )
+
+    def has(self, session_id: str) -> bool:
+        with self._read_model.transaction(write=False) as cur:
+            cur.execute(
+                self._read_model.sql("SELECT 1 FROM entitle_ended_sessions WHERE id = ?"),
+                (fingerprint(session_id),),
+            )
+            return cur.fetchone() is not None
 
 
 def fingerprint(secret: str) -> str:
@@ -214,6 +272,14 @@ class SignInFirst(Exception):
         self.come_back = come_back
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def shown(text: str) -> str:
+    """`text` fit to show on a page: control characters replaced."""
+    return _CONTROL.sub("\ufffd", text)
+
+
 def pages(handler: Handler) -> Handler:
     """A page handler whose HTTPError is an HTML page with its status (and
     headers, e.g. Retry-After), not the API's JSON, and whose SignInFirst
@@ -230,7 +296,7 @@ def pages(handler: Handler) -> Handler:
                 status=exc.status,
                 headers=exc.headers,
                 code=exc.status,
-                detail=exc.detail,
+                detail=shown(exc.detail),
             )
         except SignInFirst as exc:
             if request.method == "GET":
@@ -247,9 +313,22 @@ def pages(handler: Handler) -> Handler:
 # -- plain words ---------------------------------------------------------------
 
 
-def plain_status(view: EntitlementView) -> str:
-    """The entitlement's status as a customer or support person says it."""
-    reason = f" ({view.status_reason.replace('_', ' ')})" if view.status_reason else ""
+#: Reasons as a customer reads them (else the reason, its _ as spaces).
+CUSTOMER_REASONS = {
+    "admin": "by the vendor",
+    "payment_failed": "a payment failed",
+    "chargeback": "a payment was disputed",
+    "refunded": "refunded",
+}
+
+
+def plain_status(view: EntitlementView, customer: bool = False) -> str:
+    """The entitlement's status as a support person (or, `customer`, the
+    buyer) says it."""
+    reason = view.status_reason
+    if reason and customer:
+        reason = CUSTOMER_REASONS.get(reason, reason)
+    reason = f" ({reason.replace('_', ' ')})" if reason else ""
     paid = when(view.period_end, with_time=False)
     match view.status:
         case "ACTIVE" if view.trial:
@@ -328,3 +407,61 @@ def usage_charts(limits: Mapping[str, int], periods: Sequence[UsagePeriodView]) 
         )
         for metric in metrics
     ]
+
+
+def page_routes(spec: Sequence[tuple[str, str, Handler]]) -> list[Any]:
+    """A route per path for `spec` (path, method, handler): each method
+    to its handler, any other a 405 page naming the allowed ones (not the
+    API's JSON)."""
+    from services.openapi import PageRoute
+
+    by_path: dict[str, dict[str, Handler]] = {}
+    for path, method, handler in spec:
+        by_path.setdefault(path, {})[method] = pages(handler)
+    routes = []
+    for path, handlers in by_path.items():
+
+        async def endpoint(request: Request, handlers: dict[str, Handler] = handlers) -> Response:
+            method = "GET" if request.method == "HEAD" else request.method
+            handler = handlers.get(method)
+            if handler is None:
+                allowed = ", ".join(sorted(handlers))
+                return render(
+                    request,
+                    "error.html",
+                    405,
+                    headers={"Allow": allowed},
+                    code=405,
+                    detail=f"this page takes {allowed}",
+                )
+            return await handler(request)
+
+        routes.append(PageRoute(path, endpoint, methods=[*_METHODS]))
+    return routes
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+#: The confirmations a page shows after a change (`?done=<key>`): fixed
+#: words, so a link cannot make a page say anything else.
+DONE = {
+    "suspend": "Suspended.",
+    "reinstate": "Reinstated.",
+    "cancel": "Canceled.",
+    "extend": "Extended.",
+    "change": "Offering or seats changed.",
+    "release": "Seat freed.",
+    "issue-code": "Another code issued.",
+    "revoke-code": "Code revoked.",
+    "grant": "Granted.",
+    "resent": "Sent again.",
+    "recovered": "What failed is being sent again.",
+    "redriven": "Re-driven.",
+    "seat-freed": "The seat is free: another device can take it.",
+}
+
+
+def done(request: Request) -> str | None:
+    """The confirmation `?done=` names, or None."""
+    return DONE.get(request.query_params.get("done", ""))
