@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import json
 import os
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -170,12 +172,32 @@ def mix(
 # -- infrastructure ------------------------------------------------------------------
 
 
-def fresh_database(admin_url: str, name: str) -> str:
+#: This run's own suffix: two runs on one PostgreSQL never drop each other's databases.
+RUN = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
+_CREATED: list[tuple[str, str]] = []
+
+
+def fresh_database(admin_url: str, name: str, unique: bool = True) -> str:
+    """An empty database, as a URL: named `name` plus this run's suffix
+    and dropped when the run ends, or (not `unique`) named `name` exactly,
+    for a caller that names and drops its own."""
+    if unique:
+        name = f"{name}_{RUN}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
+    if unique and (admin_url, name) not in _CREATED:
+        if not _CREATED:
+            atexit.register(_drop_created)
+        _CREATED.append((admin_url, name))
     parts = urlsplit(admin_url)
     return parts._replace(path=f"/{name}").geturl()
+
+
+def _drop_created() -> None:
+    for admin_url, name in _CREATED:
+        with contextlib.suppress(Exception), psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def folded(database_url: str) -> int:

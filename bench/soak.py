@@ -656,7 +656,7 @@ async def in_order(
     options: Options, events: list[dict[str, Any]], workdir: Path, name: str
 ) -> Result:
     """The same webhooks folded in order without faults."""
-    url = fresh_database(options.postgres, name)
+    url = fresh_database(options.postgres, name, unique=False)
     with EmbeddedBroker() as broker:
         await produce(broker.bootstrap, events)
         processes = await start_all(
@@ -694,7 +694,7 @@ def run(options: Options) -> Report:
     try:
         expected = asyncio.run(in_order(options, ordered, workdir / "in-order", names[1]))
         report.in_order_seconds = time.monotonic() - began
-        fresh_database(options.postgres, names[0])
+        fresh_database(options.postgres, names[0], unique=False)
         found = asyncio.run(soak(options, stream, workdir, names[0], report))
     finally:
         if not options.keep:
