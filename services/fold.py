@@ -781,6 +781,13 @@ class RawLog:
         return name[len(RAW_TOPIC) :].partition("/")[0].removeprefix("@")
 
 
+async def _undecoded(message: Any) -> Any:
+    """A batch's values as they are: the handler reads the records itself.
+    FastStream's own decoding made a message object and ran json.loads on
+    every record for an argument nobody read (7.7 % of the fold's time)."""
+    return message.body
+
+
 def subscribe(
     broker: KafkaBroker,
     service: DomainService,
@@ -816,6 +823,7 @@ def subscribe(
         session_timeout_ms=int(session_timeout * 1000),
         # Three heartbeats a session, as Kafka advises: one lost is no expiry.
         heartbeat_interval_ms=int(session_timeout * 1000 / 3),
+        decoder=_undecoded,
     )
 
     raw_log.subscriber = subscriber
