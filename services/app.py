@@ -522,7 +522,9 @@ def build_app(
                 functools.partial(scheduler.run, stop, interval=settings.schedule_interval),
             )
         if index is not None:
-            await anyio.to_thread.run_sync(index.refresh)
+            # Loaded by its loop, not before serving: until a code is held,
+            # its validation is answered from the read model (a miss), so a
+            # large read model does not keep the API from answering.
             keep("index", functools.partial(index.follow, stop))
         try:
             yield

@@ -652,6 +652,7 @@ class ValidationIndex:
         chasing each change as it lands. The rows are parsed here on the
         event loop, a few at a time between requests: in a worker thread the
         parsing would hold the GIL for up to 5 ms while requests wait."""
+        working()  # a code not held yet is answered from the read model meanwhile
         while not stop.is_set():
             changed = await anyio.to_thread.run_sync(self.read_model.changed, self._position)
             for _ in self._holding(*changed):
