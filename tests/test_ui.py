@@ -244,6 +244,8 @@ def test_support_logs_in_searches_opens_and_suspends_with_a_reason(stack: Stack,
     page.get_by_label("Reason", exact=True).fill("review done")
     page.get_by_role("button", name="Preview", exact=True).click()
     page.get_by_role("button", name="Confirm: reinstate").click()
+    # Every action's reason is in the history, not only a suspension's.
+    assert "“review done”" in page.locator(".timeline").inner_text()
     eventually(
         lambda: (
             httpx.get(f"{url}/v1/entitlements/{team_id}", headers=AUTH).json()["status"] == "ACTIVE"
@@ -268,7 +270,13 @@ def test_a_grant_then_codes_extend_and_a_change_each_previewed(stack: Stack, pag
     page.get_by_role("button", name="Confirm: grant").click()
     assert page.get_by_role("status").first.inner_text() == "Granted."
     granted = page.url.split("/admin/entitlements/")[1].split("?")[0]
-    view = httpx.get(f"{url}/v1/entitlements/{granted}", headers=AUTH).json()
+    found = eventually(  # the read model behind the API catches up
+        lambda: (
+            (r := httpx.get(f"{url}/v1/entitlements/{granted}", headers=AUTH)).status_code == 200
+            and r
+        )
+    )
+    view = found.json()
     assert (view["source"], view["order_ref"], view["status"]) == ("manual", "po-4711", "ACTIVE")
     assert view["period_end"].startswith("2031-06-30T23:59:59")
 
@@ -391,8 +399,26 @@ def test_a_form_without_its_csrf_token_or_session_changes_nothing(stack: Stack) 
         )
         view = httpx.get(f"{url}/v1/entitlements/{solo}", headers=AUTH).json()
         assert view["status"] == "ACTIVE"
-        # Logging out ends the session for good: a copy of the cookie is refused.
         home = client.get("/admin", headers=session)
+        both = client.get(
+            f"/admin/entitlements/{solo}?as_of=2026-01-01T00:00:00&as_of_version=1",
+            headers=session,
+        )
+        assert both.status_code == 422 and "not both" in both.text
+        for seats in ("\u0666", "\uff16", "1e3"):  # digits are 0-9 (not Arabic-Indic, full-width)
+            grant = client.post(
+                "/admin/grant",
+                data={
+                    "csrf": _csrf(home.text),
+                    "offering": "team_annual",
+                    "email": "x@example.com",
+                    "seats": seats,
+                    "reason": "r",
+                },
+                headers=session,
+            )
+            assert grant.status_code == 422 and "digits 0-9" in grant.text, seats
+        # Logging out ends the session for good: a copy of the cookie is refused.
         out = client.post("/admin/logout", data={"csrf": _csrf(home.text)}, headers=session)
         assert out.status_code == 303
         assert client.get("/admin", headers=session).status_code == 303  # to the login

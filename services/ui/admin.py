@@ -278,6 +278,8 @@ class Console:
         version = ascii_int(raw_version) if raw_version and len(raw_version) <= 9 else None
         if raw_version and (version is None or version < 1):
             raise HTTPError(422, "invalid_query", "as_of_version must be a version: 1, 2, …")
+        if at is not None and version is not None:
+            raise HTTPError(422, "invalid_query", "give as_of or as_of_version, not both")
         api = self.api
 
         def read() -> tuple[EntitlementView | None, list[Any], str | None]:
@@ -304,8 +306,19 @@ class Console:
             return view, entries, note
 
         view, entries, note = await anyio.to_thread.run_sync(read)
-        reasons = {e.version: reason_of(e.data) for e in entries}
-        offerings = sorted(o.sku for o in api.config.catalog)
+        # An action's reason is in its fact, on one of the events it made:
+        # every event of the same request shows it.
+        by_request = {
+            (e.cause.kind, e.cause.event_id): reason
+            for e in entries
+            if e.cause is not None and (reason := reason_of(e.data))
+        }
+        reasons = {
+            e.version: reason_of(e.data)
+            or (by_request.get((e.cause.kind, e.cause.event_id)) if e.cause else None)
+            for e in entries
+        }
+        offerings = sorted(o.sku for o in api.config.catalog if not view or o.sku != view.offering)
         # A floating seat's lease is renewed by heartbeats, recorded once
         # half of it has passed: the last recorded one is a lease before its end.
         offering = api.config.catalog.get(view.offering) if view else None
@@ -426,7 +439,7 @@ class Console:
             body = ManualGrant(
                 offering=values["offering"],
                 customer=GrantCustomer(email=values["email"], id=values["customer_id"] or None),
-                seats=int(values["seats"]) if values["seats"] else None,
+                seats=_count(values["seats"]),
                 period=values["period"] or None,
                 period_end=_date_end(values["period_end"]),  # type: ignore[arg-type]
                 order_ref=values["order_ref"] or None,
@@ -517,6 +530,11 @@ class Console:
 
     async def dead_letters(self, request: Request) -> Response:
         self._session(request)
+        return await self._dead_letters_page(request, None)
+
+    async def _dead_letters_page(
+        self, request: Request, redriven: tuple[int, int] | None
+    ) -> Response:
         raw = request.query_params.get("cursor")
         parts = decode_cursor(raw, "time", "id") if raw else None
         cursor = (parts[0], parts[1]) if parts else None
@@ -535,9 +553,7 @@ class Console:
             items=items,
             more=more,
             unresolved=unresolved,
-            done=done(request),
-            applied=ascii_int(request.query_params.get("applied", "")[:9]),
-            failed=ascii_int(request.query_params.get("failed", "")[:9]),
+            redriven=redriven,
         )
 
     async def redrive(self, request: Request) -> Response:
@@ -561,8 +577,10 @@ class Console:
             raise HTTPError(422, "invalid_body", "none of those is an unresolved dead letter")
         resolved, failed = await anyio.to_thread.run_sync(self.redrive_letters, ids)
         log.info("admin console: %s re-drove %d dead letter(s)", key.name, len(ids))
-        counts = {"done": "redriven", "applied": str(resolved), "failed": str(failed)}
-        return RedirectResponse("/admin/dead-letters?" + urlencode(counts), 303)
+        # The page itself, not a redirect: its figures are this re-drive's,
+        # never ones a link could carry. Sending the form again re-drives
+        # only what is still unresolved.
+        return await self._dead_letters_page(request, (resolved, failed))
 
     async def endpoints(self, request: Request) -> Response:
         self._session(request)
@@ -653,6 +671,16 @@ def _date_end(raw: str) -> str | None:
     if found is None:
         raise ValueError("paid through must be a date (YYYY-MM-DD)")
     return found.astimezone(UTC).isoformat()
+
+
+def _count(raw: str) -> int | None:
+    """A whole number typed in ASCII digits (None for nothing typed)."""
+    if not raw:
+        return None
+    found = ascii_int(raw) if len(raw) <= 9 else None
+    if found is None:
+        raise ValueError("seats must be a whole number, in the digits 0-9")
+    return found
 
 
 def _first_error(exc: Exception) -> str:

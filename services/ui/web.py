@@ -53,9 +53,15 @@ TEMPLATES.filters["when"] = when
 
 
 def brief(value: Any, width: int = 160) -> str:
-    """A value of a state change as JSON, cut to `width` characters."""
+    """A value of a state change as JSON, cut to `width` characters; a
+    list of seats or codes as how many, with their labels."""
     if value is None:
         return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        names = [str(v.get("label") or v.get("fingerprint") or v.get("index", "")) for v in value]
+        return f"{len(value)}: " + ", ".join(names)[:width]
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -297,6 +303,7 @@ def pages(handler: Handler) -> Handler:
                 headers=exc.headers,
                 code=exc.status,
                 detail=shown(exc.detail),
+                home="/portal" if request.url.path.startswith("/portal") else "/admin",
             )
         except SignInFirst as exc:
             if request.method == "GET":
@@ -305,7 +312,7 @@ def pages(handler: Handler) -> Handler:
                     here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                     target += "?" + urlencode({"next": here})
                 return RedirectResponse(target, status_code=303)
-            return render(request, "error.html", 401, code=401, detail=exc.message)
+            return render(request, "error.html", 401, code=401, detail=exc.message, home=exc.entry)
 
     return page
 
@@ -433,6 +440,7 @@ def page_routes(spec: Sequence[tuple[str, str, Handler]]) -> list[Any]:
                     headers={"Allow": allowed},
                     code=405,
                     detail=f"this page takes {allowed}",
+                    home="/portal" if request.url.path.startswith("/portal") else "/admin",
                 )
             return await handler(request)
 
