@@ -260,7 +260,6 @@ class Console:
             offerings=sorted(o.sku for o in self.api.config.catalog),
             items=items,
             more=more,
-            searched=any(fields.values()) or bool(query),
             plain_status=plain_status,
         )
 
