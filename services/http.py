@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import quote, unquote_plus
 
 from pydantic import BaseModel, ValidationError
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -267,24 +267,7 @@ async def read_limited(request: Request, limit: int) -> bytes:
     """The request body, or a 413 as soon as it exceeds `limit` bytes (by
     its Content-Length or as it arrives); a 400 if the client went away; a
     503 while the process holds its most body bytes (`BODIES`)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large(limit)
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large(limit)
-            BODIES.take(len(chunk))
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise HTTPError(
-            400, "client_disconnected", "the request body was not fully received"
-        ) from None
-    finally:
-        BODIES.held -= sum(map(len, chunks))
-    return b"".join(chunks)
+    return await read_limited_body(request.scope, request.receive, limit)
 
 
 async def read_json(request: Request, model: type[M], limit: int = MAX_JSON_BYTES) -> M:
@@ -301,9 +284,7 @@ def parse_json(body: bytes, model: type[M]) -> M:
 
 
 async def read_limited_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """`read_limited` for a bare ASGI app: the body, a 413 past `limit`
-    bytes (declared or as it arrives), a 400 if the client went away, a 503
-    while the process holds its most body bytes (`BODIES`)."""
+    """`read_limited` for a bare ASGI app (the ingress's hot path)."""
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
             raise too_large(limit)

@@ -655,6 +655,22 @@ class ReadModel:
         rows = self._query("SELECT status, count(*) FROM entitle_v4_entitlements GROUP BY status")
         return {str(status): int(n) for status, n in rows}
 
+    def unresolved_letters(self, ids: Sequence[str]) -> list[str]:
+        """Those of `ids` that are dead letters not resolved yet."""
+        if not ids:
+            return []
+        rows = self._query(
+            "SELECT id FROM entitle_v4_dead_letters WHERE resolved = 0"
+            f" AND id IN ({', '.join('?' * len(ids))})",
+            list(ids),
+        )
+        return [str(row[0]) for row in rows]
+
+    def unresolved_letter_count(self) -> int:
+        """Dead letters not resolved yet."""
+        rows = self._query("SELECT count(*) FROM entitle_v4_dead_letters WHERE resolved = 0")
+        return int(rows[0][0])
+
     def webhooks_per_hour(self, since: datetime) -> dict[str, int]:
         """Receipts received at or after `since`, counted per UTC hour
         ("YYYY-MM-DDTHH", received_at's first 13 characters: see `moment`)."""

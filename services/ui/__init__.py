@@ -19,7 +19,7 @@ from services.openapi import PageRoute
 from services.outbound.mail import Mailer
 from services.outbound_api import OutboundAPI
 from services.ui import admin, portal
-from services.ui.web import pages
+from services.ui.web import METHODS, pages
 
 
 def routes(
@@ -42,12 +42,9 @@ def routes(
         *portal.routes(customers),
         Mount("/ui/static", StaticFiles(packages=[("services.ui", "static")]), name="ui-static"),
         # Any other address under a page prefix is a page that says so.
-        PageRoute("/admin/{rest:path}", pages(_missing), methods=_EVERY),
-        PageRoute("/portal/{rest:path}", pages(_missing), methods=_EVERY),
+        PageRoute("/admin/{rest:path}", pages(_missing), methods=list(METHODS)),
+        PageRoute("/portal/{rest:path}", pages(_missing), methods=list(METHODS)),
     ]
-
-
-_EVERY = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
 async def _missing(request: Request) -> Response:

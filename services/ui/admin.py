@@ -37,7 +37,7 @@ from contracts.events import Status
 from contracts.webhooks import RAW_TOPIC
 from domain.entitlement import Refused, code_hash
 from domain.receipt import OUTCOMES
-from services.api import ADMIN_ACTIONS, API, MANUAL, MAX_LIMIT
+from services.api import ADMIN_ACTIONS, API, MANUAL
 from services.config import AdminKey
 from services.fold import CONSUMER_GROUP
 from services.health import describe
@@ -136,10 +136,9 @@ class Console:
     def _login_page(
         self, request: Request, error: str | None = None, status: int = 200
     ) -> Response:
-        response = Response()
-        session = self.login_sessions.start(response, "login", "")
+        session = self.login_sessions.new("login", "")
         page = render(request, "admin/login.html", status, csrf=session.csrf, error=error)
-        page.raw_headers += [h for h in response.raw_headers if h[0] == b"set-cookie"]
+        self.login_sessions.put(page, session)
         return page
 
     async def login(self, request: Request) -> Response:
@@ -191,7 +190,7 @@ class Console:
                     for name, position in sorted(read_model.positions().items())
                     if not name.startswith("entitle.webhooks")
                 },
-                "dead_letters": len(read_model.dead_letters(MAX_LIMIT, unresolved=True)),
+                "dead_letters": read_model.unresolved_letter_count(),
             }
 
         figures = await anyio.to_thread.run_sync(read)
@@ -567,9 +566,8 @@ class Console:
         ids = list(dict.fromkeys(ids))  # each once
 
         def known() -> list[uuid.UUID]:
-            letters = self.api.read_model.dead_letters(MAX_LIMIT, unresolved=True)
-            unresolved = {letter.id for letter in letters}
-            return [i for i in ids if i in unresolved]
+            unresolved = set(self.api.read_model.unresolved_letters([str(i) for i in ids]))
+            return [i for i in ids if str(i) in unresolved]
 
         ids = await anyio.to_thread.run_sync(known)
         if not ids:

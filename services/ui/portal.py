@@ -94,8 +94,7 @@ class Portal:
     def _entry_page(
         self, request: Request, error: str | None, status: int = 200, sent: bool = False
     ) -> Response:
-        cookie = Response()
-        session = self.entry_sessions.start(cookie, "entry", "")
+        session = self.entry_sessions.new("entry", "")
         page = render(
             request,
             "portal/entry.html",
@@ -105,7 +104,7 @@ class Portal:
             by_mail=self.links is not None,
             sent=sent,
         )
-        page.raw_headers += [h for h in cookie.raw_headers if h[0] == b"set-cookie"]
+        self.entry_sessions.put(page, session)
         return page
 
     async def enter(self, request: Request) -> Response:
@@ -266,10 +265,9 @@ class Portal:
             raise HTTPError(404, "not_found", "sign-in links by mail are not set up here")
         token = request.path_params["token"]
         await anyio.to_thread.run_sync(self.links.check, token)
-        cookie = Response()
-        session = self.entry_sessions.start(cookie, "link", "")
+        session = self.entry_sessions.new("link", "")
         page = render(request, "portal/link.html", csrf=session.csrf, token=token)
-        page.raw_headers += [h for h in cookie.raw_headers if h[0] == b"set-cookie"]
+        self.entry_sessions.put(page, session)
         return page
 
     async def use_link(self, request: Request) -> Response:

@@ -135,7 +135,18 @@ class Sessions:
         self.ended = ended
 
     def start(self, response: Response, subject: str, check: str) -> Session:
-        session = Session(subject, check, secrets.token_urlsafe(24))
+        """A new session, its cookie set on `response`."""
+        session = self.new(subject, check)
+        self.put(response, session)
+        return session
+
+    @staticmethod
+    def new(subject: str, check: str) -> Session:
+        """A new session, its cookie not set yet (`put`): a page can show
+        its CSRF token, then carry its cookie."""
+        return Session(subject, check, secrets.token_urlsafe(24))
+
+    def put(self, response: Response, session: Session) -> None:
         value = self._serializer.dumps([session.subject, session.check, session.csrf])
         response.set_cookie(
             self.name,
@@ -146,7 +157,6 @@ class Sessions:
             httponly=True,
             samesite="strict",
         )
-        return session
 
     def read(self, request: Request) -> Session | None:
         raw = request.cookies.get(self.name)
@@ -286,6 +296,11 @@ def shown(text: str) -> str:
     return _CONTROL.sub("\ufffd", text)
 
 
+def _home(request: Request) -> str:
+    """Where an error page links back to: the portal or the console."""
+    return "/portal" if request.url.path.startswith("/portal") else "/admin"
+
+
 def pages(handler: Handler) -> Handler:
     """A page handler whose HTTPError is an HTML page with its status (and
     headers, e.g. Retry-After), not the API's JSON, and whose SignInFirst
@@ -303,7 +318,7 @@ def pages(handler: Handler) -> Handler:
                 headers=exc.headers,
                 code=exc.status,
                 detail=shown(exc.detail),
-                home="/portal" if request.url.path.startswith("/portal") else "/admin",
+                home=_home(request),
             )
         except SignInFirst as exc:
             if request.method == "GET":
@@ -440,15 +455,16 @@ def page_routes(spec: Sequence[tuple[str, str, Handler]]) -> list[Any]:
                     headers={"Allow": allowed},
                     code=405,
                     detail=f"this page takes {allowed}",
-                    home="/portal" if request.url.path.startswith("/portal") else "/admin",
+                    home=_home(request),
                 )
             return await handler(request)
 
-        routes.append(PageRoute(path, endpoint, methods=[*_METHODS]))
+        routes.append(PageRoute(path, endpoint, methods=list(METHODS)))
     return routes
 
 
-_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+#: Every method a page route takes (answering those it has no handler for with a 405 page).
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 #: The confirmations a page shows after a change (`?done=<key>`): fixed
