@@ -183,6 +183,7 @@ def _scrape(
     raw_log: RawLog | None,
     running: list[Projection],
     recorder: Any,
+    index: licensing.ValidationIndex | None = None,
 ) -> BaseRoute:
     """`GET /metrics`, with the levels this process can read when scraped."""
     scrape = Scrape()
@@ -226,6 +227,27 @@ def _scrape(
             "Stored events each projection of this process has not yet projected",
             ["projection"],
             behind,
+        )
+    if index is not None:
+
+        async def held() -> dict[tuple[str, ...], float]:
+            return {(): float(len(index))}
+
+        async def loaded() -> dict[tuple[str, ...], float]:
+            return {(): float(index.loaded)}
+
+        scrape.gauge(
+            "entitle_validation_index_codes",
+            "Activation code hashes the validation index holds in memory",
+            [],
+            held,
+        )
+        scrape.gauge(
+            "entitle_validation_index_loaded",
+            "1 once the validation index has caught up with the read model since start-up"
+            " (before that, codes it does not hold are validated from the read model)",
+            [],
+            loaded,
         )
     return scrape.route()
 
@@ -423,7 +445,14 @@ def build_app(
 
     running: list[Projection] = []  # this process's projections, once started
     routes.append(
-        _scrape(health, read_model, raw_log, running, store.process_recorder if store else None)
+        _scrape(
+            health,
+            read_model,
+            raw_log,
+            running,
+            store.process_recorder if store else None,
+            index,
+        )
     )
     routes.append(Documented("/healthz", healthz, "GET", HEALTHZ))
     routes.append(Documented("/readyz", readyz, "GET", READYZ))

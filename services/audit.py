@@ -514,7 +514,7 @@ def _check_index(
     """Every active code finds its entitlement, and no other code finds one."""
     for code, entitlement_id in expected.items():
         entry = index.get(code)
-        found = str(entry.view.id) if entry is not None else None
+        found = str(entry.id) if entry is not None else None
         if found != entitlement_id:
             report.add(
                 Mismatch("validation index", entitlement_id, "code " + code[:12], found, "active")
@@ -523,7 +523,7 @@ def _check_index(
         entry = index.get(code)
         if code not in expected and entry is not None:
             report.add(
-                Mismatch("validation index", str(entry.view.id), "code " + code[:12], "found", None)
+                Mismatch("validation index", str(entry.id), "code " + code[:12], "found", None)
             )
     if len(index) > len(set(expected) | set(held)):
         report.add(Mismatch("validation index", "*", "codes held", len(index), len(expected)))

@@ -14,27 +14,30 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
+import json
 import logging
 import secrets
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from contracts.api import EntitlementView
+from contracts.events import Status as StatusName
 from contracts.license_file import (
     KeysV1,
     LicenseFileV1,
@@ -452,18 +455,17 @@ class Licensing:
         """The answer from the index alone, or None when it cannot decide: a
         code it does not know may be minutes old, and a device it does not
         list as holding a seat may have activated a moment ago."""
-        indexed = self.index.get(hashed) if self.index is not None else None
-        if indexed is None:
+        held = self.index.get(hashed) if self.index is not None else None
+        if held is None:
             return None
-        view = indexed.view
         if (
             body.fingerprint is not None
-            and view.status == "ACTIVE"
-            and not self._seat_listed(view, body.fingerprint)
+            and held.status == "ACTIVE"
+            and not self._seat_listed(held, body.fingerprint)
         ):
             return None
-        code = self.outcome(body, view)
-        return indexed.answer(code), code
+        code = self.outcome(body, held)
+        return _answer(held, code), code
 
     def _answer_from_store(self, body: ValidationRequest) -> tuple[bytes, str]:
         result = self.check(body)
@@ -476,21 +478,28 @@ class Licensing:
             return self.read_model.by_code(hashed)
         except UnreadableRow as exc:
             log.error("%s: answering from the store", exc)
-            entitlement = self.store.entitlement(uuid.UUID(exc.entitlement_id))
-            if entitlement is None or hashed not in entitlement.codes:
-                return None
-            return entitlement_view(entitlement)
+            return self._from_store(uuid.UUID(exc.entitlement_id), hashed)
+
+    def _from_store(self, entitlement_id: uuid.UUID, hashed: str) -> EntitlementView | None:
+        entitlement = self.store.entitlement(entitlement_id)
+        if entitlement is None or hashed not in entitlement.codes:
+            return None
+        return entitlement_view(entitlement)
 
     def _latest(self, view: EntitlementView | None, hashed: str) -> EntitlementView | None:
-        """`view` from the read model, or the later state this process saved:
-        a code issued a moment ago opens its entitlement at once, and one
+        """`view` from the read model, or the later state this process saved
+        (read from the store: the index keeps only what validation needs): a
+        code issued a moment ago opens its entitlement at once, and one
         revoked a moment ago (None) no longer does."""
         if self.index is None:
             return view
         if view is None:
             held = self.index.get(hashed)
-            return held.view if held is not None else None
-        return self.index.latest(view, hashed)
+            return self._from_store(held.id, hashed) if held is not None else None
+        later = self.index.later(view.id, view.sequence)
+        if later is None:
+            return view
+        return self._from_store(view.id, hashed) if hashed in later.codes else None
 
     def check(self, body: ValidationRequest) -> ValidationResult:
         """The answer from the read model (or this process's later save), and
@@ -499,91 +508,183 @@ class Licensing:
         view = self._latest(self._by_code(hashed), hashed)
         if view is None:
             return ValidationResult(valid=False, code="NOT_FOUND", status=None)
-        return validation_result(view, self.outcome(body, view))
+        held = Held.of(view)
+        return validation_result(held, self.outcome(body, held))
 
-    def outcome(self, body: ValidationRequest, view: EntitlementView) -> ValidationCode:
-        if body.product is not None and body.product != view.product:
+    def outcome(self, body: ValidationRequest, held: Held) -> ValidationCode:
+        if body.product is not None and body.product != held.product:
             return "WRONG_PRODUCT"
-        if view.status != "ACTIVE":
-            return view.status
-        if body.fingerprint is not None and not self._holds_seat(view, body.fingerprint):
+        if held.status != "ACTIVE":
+            return held.status
+        if body.fingerprint is not None and not self._holds_seat(held, body.fingerprint):
             return "NO_SEAT"
-        if body.feature is not None and body.feature in view.limits:
-            if _current(view).get(body.feature, 0) >= view.limits[body.feature]:
+        if body.feature is not None and body.feature in held.limits:
+            if held.current.get(body.feature, 0) >= held.limits[body.feature]:
                 return "OVER_LIMIT"
-        elif body.feature is not None and not view.features.get(body.feature):
+        elif body.feature is not None and not held.features.get(body.feature):
             return "FEATURE_NOT_INCLUDED"
         return "VALID"
 
-    def _seat_listed(self, view: EntitlementView, fingerprint: str) -> bool:
+    def _seat_listed(self, held: Held, fingerprint: str) -> bool:
         now = self.clock()
         return any(
-            seat.fingerprint == fingerprint and (seat.lease_until is None or seat.lease_until > now)
-            for seat in view.activations
+            listed == fingerprint and (lease_until is None or lease_until > now)
+            for listed, lease_until in held.activations
         )
 
-    def _holds_seat(self, view: EntitlementView, fingerprint: str) -> bool:
-        if self._seat_listed(view, fingerprint):
+    def _holds_seat(self, held: Held, fingerprint: str) -> bool:
+        if self._seat_listed(held, fingerprint):
             return True
         # The read model may not have the activation (or renewal) yet: the
         # store decides. This is the rare path, so it may cost a read.
-        entitlement = self.store.find(view.id, Entitlement)
+        entitlement = self.store.find(held.id, Entitlement)
         return entitlement is not None and entitlement.holds_seat(fingerprint, self.clock())
 
 
-def validation_result(view: EntitlementView, code: ValidationCode) -> ValidationResult:
+def validation_result(held: Held, code: ValidationCode) -> ValidationResult:
     if code == "WRONG_PRODUCT":  # nothing of another product's entitlement
         return ValidationResult(valid=False, code=code, status=None)
     return ValidationResult(
         valid=code == "VALID",
         code=code,
-        status=view.status,
+        status=held.status,
         entitlement=ValidatedEntitlement(
-            offering=view.offering,
-            features=view.features,
-            limits=view.limits,
-            period_end=view.period_end,
-            seats_used=len(view.activations),
-            seats_total=view.seats,
+            offering=held.offering,
+            features=held.features,
+            limits=held.limits,
+            period_end=held.period_end,
+            seats_used=len(held.activations),
+            seats_total=held.seats,
         ),
     )
 
 
-@dataclass(eq=False)
-class IndexedEntitlement:
-    """An entitlement as the validation index holds it, with the answers
-    given so far: one state gives at most a few different answers."""
+class _Shared:
+    """One copy of each distinct value held by many entitlements (an
+    offering's features and limits, status and product names): the index
+    holds references, not a copy per entitlement."""
 
-    view: EntitlementView
-    answers: dict[str, bytes] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self._values: dict[str, Any] = {}
 
-    def answer(self, code: ValidationCode) -> bytes:
-        payload = self.answers.get(code)
-        if payload is None:
-            payload = self.answers[code] = (
-                validation_result(self.view, code).model_dump_json().encode()
-            )
-        return payload
+    def __call__(self, value: Any) -> Any:
+        if not value:
+            return _EMPTY
+        key = json.dumps(value, sort_keys=True, default=str)
+        return self._values.setdefault(key, value)
+
+    def name(self, value: str) -> str:
+        return self._values.setdefault(value, value)  # type: ignore[no-any-return]
+
+
+_EMPTY: dict[str, Any] = {}
+
+
+class Held:
+    """What validation needs of one entitlement state, and nothing else: the
+    index holds a million of these in under 1 KB each (`bench/scale.py`
+    prints the figure), where a whole EntitlementView took about 6 KB.
+
+    `activations` is ((fingerprint, lease_until or None), ...), oldest
+    first; `current` this period's usage per metric; `codes` the state's
+    active code hashes. Read-only once made: a new state is a new Held."""
+
+    __slots__ = (
+        "activations",
+        "codes",
+        "current",
+        "features",
+        "id",
+        "limits",
+        "offering",
+        "period_end",
+        "product",
+        "seats",
+        "sequence",
+        "status",
+    )
+
+    def __init__(
+        self, view: EntitlementView | _IndexRow, codes: tuple[str, ...], shared: _Shared
+    ) -> None:
+        self.id = view.id
+        self.sequence = view.sequence
+        self.codes = codes
+        self.status: StatusName = shared.name(view.status)  # type: ignore[assignment]
+        self.product = shared.name(view.product)
+        self.offering = shared.name(view.offering)
+        self.features: dict[str, Any] = shared(view.features)
+        self.limits: dict[str, int] = shared(view.limits)
+        self.period_end = view.period_end
+        self.seats = view.seats
+        self.activations = tuple((s.fingerprint, s.lease_until) for s in view.activations)
+        current: dict[str, int] = _EMPTY
+        for period in view.usage:
+            if period.period_start == view.period_start:
+                current = period.metrics or _EMPTY
+        self.current = current
+
+    @classmethod
+    def of(cls, view: EntitlementView, codes: tuple[str, ...] = ()) -> Held:
+        return cls(view, codes, _Shared())
+
+
+class _IndexSeat(BaseModel):
+    fingerprint: str
+    lease_until: datetime | None = None
+
+
+class _IndexUsage(BaseModel):
+    period_start: datetime | None
+    metrics: dict[str, int]
+
+
+class _IndexRow(BaseModel):
+    """The fields of a read-model row (an EntitlementView's JSON) the index
+    reads; parsing only these is about twice as fast as the whole view."""
+
+    id: uuid.UUID
+    sequence: int
+    status: StatusName
+    product: str
+    offering: str
+    features: dict[str, Any]
+    limits: dict[str, int]
+    period_start: datetime | None
+    period_end: datetime | None
+    seats: int
+    activations: list[_IndexSeat] = []
+    usage: list[_IndexUsage] = []
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _answer(held: Held, code: ValidationCode) -> bytes:
+    """The serialised answer for a state: the most used states' answers are
+    kept (a bounded cache, so a million entitlements do not hold one each)."""
+    return validation_result(held, code).model_dump_json().encode()
 
 
 class ValidationIndex:
     """Activation code hash -> entitlement, in the API process's memory, so
     validation needs no database round trip. It copies the read model's
-    entitlements, then fetches only those written since (`ReadModel.changed`)
-    ten times a second: the projector has already folded them. What this
-    process saves itself (activations, usage, admin actions) it holds at once,
-    so a client sees its own change in the next validation."""
+    entitlements a page at a time, then fetches only those written since
+    (`ReadModel.changed`) ten times a second: the projector has already
+    folded them. What this process saves itself (activations, usage, admin
+    actions) it holds at once, so a client sees its own change in the next
+    validation."""
 
-    def __init__(self, read_model: ReadModel) -> None:
+    def __init__(self, read_model: ReadModel, page: int = 2000) -> None:
         self.read_model = read_model
-        self._entries: dict[str, IndexedEntitlement] = {}
-        # id -> (sequence, codes, entry) of the state held
-        self._held: dict[uuid.UUID, tuple[int, list[str], IndexedEntitlement]] = {}
-        self._position = 0
+        self.page = page
+        self._entries: dict[str, Held] = {}
+        self._held: dict[uuid.UUID, Held] = {}
+        self._shared = _Shared()
+        self._after: tuple[int, str] = (0, "")
+        self.loaded = False  # caught up with the read model once
         self.unreadable = 0  # rows skipped as unreadable (logged)
         self._lock = threading.Lock()  # writers only: refresh and saves run in threads
 
-    def get(self, code_hash: str) -> IndexedEntitlement | None:
+    def get(self, code_hash: str) -> Held | None:
         return self._entries.get(code_hash)
 
     def __len__(self) -> int:
@@ -591,17 +692,24 @@ class ValidationIndex:
         return len(self._entries)
 
     def refresh(self) -> int:
-        """Fetch and hold what changed; returns how many entitlements did."""
-        changed = self.read_model.changed(self._position)
-        for _ in self._holding(*changed):
-            pass
-        return len(changed[1])
+        """Fetch and hold everything changed; returns how many entitlements did."""
+        count = 0
+        while True:
+            after, rows = self.read_model.changed(self._after, self.page)
+            for _ in self._holding(after, rows):
+                pass
+            count += len(rows)
+            if len(rows) < self.page:
+                self.loaded = True
+                return count
 
-    def _holding(self, position: int, changed: list[tuple[str, list[str]]]) -> Iterator[None]:
+    def _holding(
+        self, after: tuple[int, str], changed: list[tuple[str, list[str]]]
+    ) -> Iterator[None]:
         """Hold fetched rows, pausing (yielding) every few, then advance."""
         for n, (body, codes) in enumerate(changed, 1):
             try:
-                view = EntitlementView.model_validate_json(body)
+                row = _IndexRow.model_validate_json(body)
             except ValidationError as exc:
                 # One unreadable row (written by hand, a bad restore) must not
                 # keep the API from starting: its codes validate from the
@@ -609,10 +717,10 @@ class ValidationIndex:
                 self.unreadable += 1
                 log.error("validation index: an entitlement row is unreadable (%s)", describe(exc))
                 continue
-            self.hold(view, codes)
+            self._hold(Held(row, tuple(codes), self._shared))
             if n % 8 == 0:
                 yield
-        self._position = position
+        self._after = after
 
     def saved(self, entitlement: Entitlement) -> None:
         """This process saved `entitlement`: hold its new state now."""
@@ -621,28 +729,26 @@ class ValidationIndex:
     def hold(self, view: EntitlementView, codes: list[str]) -> None:
         """Hold `view` unless a later state of the entitlement is held: the
         read model may still be behind a state this process saved."""
-        with self._lock:
-            sequence, before, _ = self._held.get(view.id, (0, [], None))
-            if view.sequence < sequence:
-                return
-            entry = IndexedEntitlement(view)
-            # New codes first, then drop revoked ones: a code that stays never misses.
-            for code in codes:
-                self._entries[code] = entry
-            for code in set(before) - set(codes):
-                self._entries.pop(code, None)
-            self._held[view.id] = (view.sequence, codes, entry)
+        self._hold(Held(view, tuple(codes), self._shared))
 
-    def latest(self, view: EntitlementView, code_hash: str) -> EntitlementView | None:
-        """The later of `view` (read from the read model just now) and the
-        state held of its entitlement; None if the held state is later and
-        no longer has `code_hash`. The read model can be behind what this
-        process saved (a release, a revocation) for a moment."""
-        held = self._held.get(view.id)
-        if held is None or held[0] <= view.sequence:
-            return view
-        _, codes, entry = held
-        return entry.view if code_hash in codes else None
+    def _hold(self, held: Held) -> None:
+        with self._lock:
+            before = self._held.get(held.id)
+            if before is not None and held.sequence < before.sequence:
+                return
+            # New codes first, then drop revoked ones: a code that stays never misses.
+            for code in held.codes:
+                self._entries[code] = held
+            if before is not None:
+                for code in set(before.codes) - set(held.codes):
+                    self._entries.pop(code, None)
+            self._held[held.id] = held
+
+    def later(self, entitlement_id: uuid.UUID, sequence: int) -> Held | None:
+        """The state held of this entitlement if it is later than `sequence`
+        (what this process saved before the read model has it), else None."""
+        held = self._held.get(entitlement_id)
+        return held if held is not None and held.sequence > sequence else None
 
     async def follow(
         self, stop: asyncio.Event, working: Callable[[], None], interval: float = 0.1
@@ -651,13 +757,20 @@ class ValidationIndex:
         second's changes in one query costs the hot path far less than
         chasing each change as it lands. The rows are parsed here on the
         event loop, a few at a time between requests: in a worker thread the
-        parsing would hold the GIL for up to 5 ms while requests wait."""
-        working()  # a code not held yet is answered from the read model meanwhile
+        parsing would hold the GIL for up to 5 ms while requests wait. The
+        first load pages through the read model without waiting in between;
+        until it is done, codes not held yet are answered from the read model."""
+        working()
         while not stop.is_set():
-            changed = await anyio.to_thread.run_sync(self.read_model.changed, self._position)
-            for _ in self._holding(*changed):
+            after, rows = await anyio.to_thread.run_sync(
+                self.read_model.changed, self._after, self.page
+            )
+            for _ in self._holding(after, rows):
                 await asyncio.sleep(0)
             working()
+            if len(rows) == self.page:
+                continue  # more to fetch at once
+            self.loaded = True
             await sleep_unless(stop, interval)
 
 

@@ -758,20 +758,27 @@ class ReadModel:
         except ValidationError:
             raise UnreadableRow(rows[0][0]) from None
 
-    def changed(self, after: int) -> tuple[int, list[tuple[str, list[str]]]]:
-        """Entitlements written after log position `after`, as their JSON
-        bodies each with its code hashes, and the position to ask after next
-        time. A projection batch commits all its rows at once and batches
-        commit in log order, so asking again from there misses nothing."""
+    def changed(
+        self, after: tuple[int, str] = (0, ""), limit: int = 2000
+    ) -> tuple[tuple[int, str], list[tuple[str, list[str]]]]:
+        """Up to `limit` entitlements written after `after` (a (log position,
+        id) cursor; rows of one projection batch share a position), as
+        their JSON bodies each with its code hashes, and the cursor to ask
+        after next time. A projection batch commits all its rows at once and
+        batches commit in log order, so asking again from there misses
+        nothing; fewer than `limit` rows means caught up."""
+        position, last = after
         rows = self._query(
-            "SELECT e.position, e.id, e.body, c.code_hash FROM entitle_v4_entitlements e"
-            " LEFT JOIN entitle_v4_codes c ON c.entitlement_id = e.id"
-            " WHERE e.position > ? ORDER BY e.position",
-            (after,),
+            "SELECT e.position, e.id, e.body, c.code_hash FROM ("
+            " SELECT position, id, body FROM entitle_v4_entitlements"
+            " WHERE position > ? OR (position = ? AND id > ?) ORDER BY position, id LIMIT ?"
+            ") e LEFT JOIN entitle_v4_codes c ON c.entitlement_id = e.id"
+            " ORDER BY e.position, e.id",
+            (position, position, last, int(limit)),
         )
         changed: dict[str, tuple[str, list[str]]] = {}
-        for position, entitlement_id, body, code in rows:
-            after = max(after, int(position))
+        for row_position, entitlement_id, body, code in rows:
+            after = (int(row_position), entitlement_id)
             _, codes = changed.setdefault(entitlement_id, (body, []))
             if code is not None:
                 codes.append(code)

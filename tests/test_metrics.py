@@ -109,3 +109,6 @@ def test_metrics_count_what_happened(stack: Entitle) -> None:
     assert {"read-model", "public-events"} <= {p.split("-v")[0] for p in projections}, projections
     parts = {dict(k[1])["part"]: v for k, v in levels.items() if k[0] == "entitle_part_up"}
     assert parts.get("fold") == 1.0 and all(parts.values()), parts
+    # The validation index holds the one code issued, once loaded.
+    assert levels[("entitle_validation_index_loaded", ())] == 1.0
+    assert levels[("entitle_validation_index_codes", ())] >= 1
