@@ -94,6 +94,12 @@ _TABLES = [
     )""",
 ]
 
+
+def _created(statement: str) -> str:
+    """The name of the table or index a `CREATE … IF NOT EXISTS name` makes."""
+    return statement.split("IF NOT EXISTS", 1)[1].split()[0]
+
+
 _DROP = [
     # Earlier versions' tables (a new version is rebuilt by the projector).
     "DROP TABLE IF EXISTS entitle_v3_receipts",
@@ -355,9 +361,17 @@ class ReadModel:
 
     def create(self) -> None:
         with self._transaction() as cur:
+            statements = _TABLES
             if self._postgres:  # as the store's tables: one process at a time
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (CREATE_LOCK,))
-            for statement in _TABLES:
+                # Only what is missing: `CREATE INDEX IF NOT EXISTS` locks its
+                # table before it finds the index there, and a process starting
+                # beside a projector writing those tables deadlocked with it.
+                names = [_created(s) for s in _TABLES]
+                cur.execute("SELECT n, to_regclass(n) IS NULL FROM unnest(%s::text[]) n", (names,))
+                missing = {name for name, absent in cur.fetchall() if absent}
+                statements = [s for s in _TABLES if _created(s) in missing]
+            for statement in statements:
                 cur.execute(statement)
 
     def reset(self, name: str) -> None:

@@ -30,7 +30,15 @@ from domain.dead_letter import DeadLetter
 from domain.endpoint import Endpoint
 from domain.entitlement import Entitlement, Order, Payment
 from domain.receipt import ReceiptResolution
-from services.personal import Keyring, KeyTable, PersonalTranscoding, SealingMapper, owners
+from services.personal import (
+    ERASURES,
+    KEYS,
+    Keyring,
+    KeyTable,
+    PersonalTranscoding,
+    SealingMapper,
+    owners,
+)
 
 A = TypeVar("A", Entitlement, Order, Payment, DeadLetter, ReceiptResolution, Endpoint)
 
@@ -83,6 +91,8 @@ class PostgresRecorder(PostgresProcessRecorder):
         with self.datastore.get_connection() as lock:
             lock.execute("SELECT pg_advisory_lock(%s)", (CREATE_LOCK,))
             try:
+                if self._created(lock):
+                    return
                 super().create_table()
                 with self.datastore.transaction(commit=True) as curs:
                     curs.execute(
@@ -98,6 +108,27 @@ class PostgresRecorder(PostgresProcessRecorder):
             finally:
                 lock.execute("SELECT pg_advisory_unlock(%s)", (CREATE_LOCK,))
                 lock.commit()
+
+    def _created(self, conn: Any) -> bool:
+        """Whether every table and index is there already. `CREATE … IF NOT
+        EXISTS` locks the table before finding it there, so a process
+        starting while the fold holds the events table (its insert's
+        EXCLUSIVE lock) would wait for it, or deadlock with a longer one."""
+        names = [
+            self.events_table_name,
+            f"{self.events_table_name}_notification_id_idx",
+            self.tracking_table_name,
+            WEBHOOKS,
+            KEYS,
+            ERASURES,
+        ]
+        schema = self.datastore.schema
+        found = conn.execute(
+            "SELECT count(to_regclass(%s || '.' || n)) AS found FROM unnest(%s::text[]) n",
+            (schema, names),
+        ).fetchone()
+        conn.commit()
+        return found is not None and found["found"] == len(names)
 
     def _insert_events(self, curs: Any, stored_events: Any, **kwargs: Any) -> Any:
         for tracking in kwargs.get("more_tracking", ()):

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from contracts.webhooks import RAW_TOPIC, RawWebhookV1
@@ -431,3 +434,32 @@ def test_entitle_history_names_what_is_no_entitlement(tmp_path: Path) -> None:
         refused = history(what)
         assert refused.returncode == code, refused.stderr
         assert "Traceback" not in refused.stderr and refused.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("table", "mode", "opener"),
+    [
+        # What a projector's write holds until it commits.
+        ("entitle_v4_entitlements", "ROW EXCLUSIVE", ReadModel),
+        # What the fold's insert into the log holds until it commits.
+        ("entitle_events", "EXCLUSIVE", EntitlementStore),
+    ],
+)
+def test_opening_the_store_does_not_wait_for_a_writer(
+    postgres_url: str, table: str, mode: str, opener: Any
+) -> None:
+    """A process starting (an API, a second domain service) while another
+    holds a write open: creating what already exists must take no table
+    lock, or it waits on the writer (and once deadlocked with it)."""
+    ReadModel(postgres_url).close()  # the tables exist
+    EntitlementStore(postgres_url).close()
+    with psycopg.connect(postgres_url) as writer:
+        writer.execute(f"LOCK TABLE {table} IN {mode} MODE")
+        opened: list[Any] = []
+        thread = threading.Thread(target=lambda: opened.append(opener(postgres_url)))
+        thread.start()
+        thread.join(5)
+        assert opened, f"opening waited for the writer's transaction on {table}"
+        writer.rollback()
+    thread.join()
+    opened[0].close()
