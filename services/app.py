@@ -75,6 +75,7 @@ from services.projections.stripe_codes import write_back_sources
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
 from services.stripe_api import StripeAPI, backfill
+from services.supervisor import Peers
 
 log = logging.getLogger("entitle")
 
@@ -184,6 +185,7 @@ def _scrape(
     running: list[Projection],
     recorder: Any,
     index: licensing.ValidationIndex | None = None,
+    peers: Peers | None = None,
 ) -> BaseRoute:
     """`GET /metrics`, with the levels this process can read when scraped."""
     scrape = Scrape()
@@ -249,7 +251,7 @@ def _scrape(
             [],
             loaded,
         )
-    return scrape.route()
+    return scrape.route(peers.metrics if peers is not None else None)
 
 
 def build_app(
@@ -257,7 +259,10 @@ def build_app(
     settings: Settings,
     roles: Roles,
     admin_keys: list[AdminKey],
+    peers: Peers | None = None,
 ) -> ASGIApp:
+    """The app of a process running `roles`; `peers`, the other processes
+    of an `entitle dev` stack, whose readiness and metrics it adds to its own."""
     health = Health()
     # `entitle dev` mails (to files) even with no `notifications.email`.
     config = dataclasses.replace(config, email=mail_settings(config.email, settings.dev))
@@ -439,8 +444,13 @@ def build_app(
         if read_model is not None and parts.get("database") == "ok":
             with contextlib.suppress(Exception):
                 errors = await anyio.to_thread.run_sync(read_model.count_projection_errors)
+        names = roles.names()
+        if peers is not None:
+            more, theirs = await peers.readiness()
+            names = [r for r in ROLES if r in set(names) | set(more)]
+            parts = {**theirs, **parts}
         ready = all(state == "ok" for state in parts.values())
-        body = Readiness(ready=ready, roles=roles.names(), parts=parts, projection_errors=errors)
+        body = Readiness(ready=ready, roles=names, parts=parts, projection_errors=errors)
         return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ready else 503)
 
     running: list[Projection] = []  # this process's projections, once started
@@ -452,6 +462,7 @@ def build_app(
             running,
             store.process_recorder if store else None,
             index,
+            peers,
         )
     )
     routes.append(Documented("/healthz", healthz, "GET", HEALTHZ))
@@ -558,8 +569,9 @@ def build_app(
         try:
             yield
         finally:
-            if roles.ingress and raw_log is not None:
-                # The requests are answered; fold what they stored first.
+            if raw_log is not None and (roles.ingress or settings.dev):
+                # The requests are answered (in `entitle dev`, the web
+                # process has stopped first); fold what they stored first.
                 await raw_log.drain(timeout=10.0)
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -12,9 +12,7 @@ import os
 import signal
 import sqlite3
 import sys
-import threading
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,12 +35,13 @@ from services.config import (
     load_config,
 )
 from services.http import BODIES, Shortcut, ascii_int, aware_time
-from services.kafka import EmbeddedBroker
+from services.kafka import EmbeddedBroker, free_port
 from services.logs import RequestLog, configure, route_of
 from services.outbound.mail import mail_settings
 from services.progress import Bar
 from services.readmodel import ReadModel
 from services.server import HttpLimits, guarded, tune_gc
+from services.supervisor import Child, Peers, Supervisor, role_command
 
 log = logging.getLogger("entitle")
 
@@ -52,14 +51,14 @@ def _serve(
     roles: Roles,
     settings: Settings,
     keys_env: str | None,
-    watch: Callable[[uvicorn.Server], None] | None = None,
+    peers: Peers | None = None,
 ) -> None:
     configure(args.log_format or Environment.read().log_format, args.log_level)
     config = load_config(Path(args.config))
     limits = HttpLimits.from_env()
     BODIES.limit = limits.max_body_buffer
     try:
-        app = build_app(config, settings, roles, admin_keys(keys_env))
+        app = build_app(config, settings, roles, admin_keys(keys_env), peers)
     except ValueError as exc:  # a setting it cannot use (a code secret too short)
         raise ConfigError(str(exc)) from None
     paths, inner = set(), app
@@ -85,8 +84,6 @@ def _serve(
     # with the previous handlers back: make SIGTERM unwind like Ctrl-C, so the
     # caller's cleanup (the embedded broker) runs either way, and exit 0.
     signal.signal(signal.SIGTERM, _interrupt)
-    if watch is not None:
-        watch(server)
     tune_gc()
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
@@ -168,48 +165,51 @@ def cmd_dev(args: argparse.Namespace) -> int:
             f" {generated}"
         )
     print("\n".join(lines), flush=True)
-    died: list[int] = []
+    configure(args.log_format or Environment.read().log_format, args.log_level)
+    env = {
+        **os.environ,
+        "ENTITLE_ADMIN_KEYS": keys_env,
+        "ENTITLE_CODE_SECRET": settings.code_secret or "",
+        "ENTITLE_LICENSE_KEY": settings.license_key or "",
+        "ENTITLE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap or "",
+        "ENTITLE_PUBLIC_URL": settings.public_url or "",
+    }
+    if broker is not None:
+        env["ENTITLE_KAFKA_IDEMPOTENCE"] = "false"  # the embedded one has none
+    common = ["--config", args.config, "--log-level", args.log_level]
+    if args.log_format:
+        common += ["--log-format", args.log_format]
+    # The domain service and the projector answer /readyz and /metrics on
+    # ports of their own, which the web process adds to its answers.
+    ports = {"domain": free_port(), "projector": free_port()}
+    peers = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    web = ["--host", args.host, "--port", str(args.port)]
+    children = [
+        Child("web", role_command(["ingress", "api"], [*common, *web], peers), env),
+        Child("domain", role_command(["domain"], [*common, "--port", str(ports["domain"])]), env),
+        Child(
+            "projector",
+            role_command(["projector"], [*common, "--port", str(ports["projector"])]),
+            env,
+        ),
+    ]
 
-    def watch(server: uvicorn.Server) -> None:
-        """Stop the whole stack if the embedded broker dies: without it
-        nothing can be accepted or folded, and its log is gone anyway."""
-        if broker is None:
-            return
+    def broken() -> str | None:
+        if broker is None or broker.exited() is None:
+            return None
+        # Without it nothing can be accepted or folded, and its log is gone.
+        return (
+            f"the embedded broker exited (code {broker.exited()}); stopping. Webhooks it"
+            " acknowledged but the domain service had not yet folded are lost with it"
+        )
 
-        def wait() -> None:
-            code = broker.wait()
-            if code is None:
-                return  # stopped by us
-            died.append(code)
-            log.critical(
-                "the embedded broker exited (code %s); stopping. Webhooks it acknowledged "
-                "but the domain service had not yet folded are lost with it",
-                code,
-            )
-            # Nothing can be stored or folded any more: stop at once, without
-            # waiting for requests in flight, and without the Kafka client
-            # logging each reconnect meanwhile, nor every task cut short.
-            for name in ("aiokafka", "asyncio", "uvicorn.error", "entitle.kafka"):
-                logging.getLogger(name).setLevel(logging.CRITICAL + 1)
-            server.should_exit = server.force_exit = True
-
-        threading.Thread(target=wait, name="broker-watch", daemon=True).start()
-
+    signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: stop in order
     try:
-        _serve(args, Roles.all(), settings, keys_env, watch)
+        return Supervisor(children, broken).run()
     finally:
         if broker is not None:
             broker.stop()
             broker_file.unlink(missing_ok=True)
-    if died:
-        # Stopped at once: worker threads may still be inside a database
-        # call, and finalising the interpreter under them has crashed it
-        # (SIGSEGV) instead of exiting 1. Nothing is left to clean up.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-    return 0
 
 
 def _redact(url: str) -> str:
@@ -223,7 +223,12 @@ def _redact(url: str) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     roles = Roles.parse(args.roles)
-    _serve(args, roles, Settings.from_env(), os.environ.get("ENTITLE_ADMIN_KEYS"))
+    settings = Settings.from_env()
+    peers = None
+    if getattr(args, "dev_stack", False):  # a process of `entitle dev`
+        settings = dataclasses.replace(settings, dev=True)
+        peers = Peers(dict(p.split("=", 1) for p in args.peer)) if args.peer else None
+    _serve(args, roles, settings, os.environ.get("ENTITLE_ADMIN_KEYS"), peers)
     return 0
 
 
@@ -942,6 +947,9 @@ def parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run a chosen set of roles in one process")
     server(serve)
     serve.add_argument("roles", nargs="+", choices=ROLES)
+    # How `entitle dev` runs its processes (services/supervisor.py).
+    serve.add_argument("--dev-stack", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--peer", action="append", default=[], help=argparse.SUPPRESS)
     serve.set_defaults(run=cmd_serve)
     p = sub.add_parser("replay", help="rebuild the read model from the event store")
     p.add_argument(

@@ -121,6 +121,14 @@ class EmbeddedBroker:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
+    def exited(self) -> int | None:
+        """Its exit code once it has exited by itself; None while it runs
+        (or after `stop`)."""
+        process = self._process
+        if process is None or self._stopping:
+            return None
+        return process.poll()
+
     def wait(self) -> int | None:
         """Block until the broker process exits; its exit code, or None if
         `stop` ended it."""

@@ -101,10 +101,14 @@ class Scrape:
 
         await asyncio.gather(*(one(g, r) for g, r in self._readings))
 
-    def route(self) -> Documented:
+    def route(self, more: Callable[[bytes], Awaitable[bytes]] | None = None) -> Documented:
+        """`GET /metrics`; `more` adds other processes' to this one's."""
+
         async def metrics(_: Request) -> Response:
             await self.read()
             body = generate_latest(REGISTRY) + generate_latest(self.registry)
+            if more is not None:
+                body = await more(body)
             return Response(body, media_type=CONTENT_TYPE_LATEST)
 
         return Documented("/metrics", metrics, "GET", METRICS)

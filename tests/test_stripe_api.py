@@ -188,6 +188,9 @@ def test_backfill_sends_the_events_that_never_reached_us(tmp_path: Path) -> None
 @pytest.mark.e2e
 def test_a_periodic_backfill_closes_gaps_by_itself(tmp_path: Path) -> None:
     with fake_stripe() as (fake, base), keyed_stack(tmp_path, base, every="1s") as entitle:
+        # The backfill looks two intervals back from each run: the event is
+        # made once the domain process (which runs it) is ready.
+        eventually(lambda: httpx.get(f"{entitle.url}/readyz").status_code == 200, 30)
         fake.events.append(paid("sub_never_delivered"))
         [item] = eventually(lambda: entitlements(entitle, order_ref="sub_never_delivered"), 20)
         assert item["status"] == "ACTIVE"

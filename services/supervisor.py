@@ -1,0 +1,253 @@
+"""`entitle dev`'s processes: the roles run as separate processes under one
+supervisor, so the one-command stack uses more than one core (in one
+process the roles share one interpreter lock).
+
+- web: ingress and API (and the console and portal) on the public port; its
+  `/readyz` and `/metrics` also speak for the others (`Peers`);
+- domain: the fold and the scheduler;
+- projector: the read model, public topics and outbound notifications.
+
+Ctrl-C (or SIGTERM) reaches only the supervisor, which stops them in order:
+the web process first, so nothing is accepted after it; then the domain
+service, which folds everything on the raw topic before it exits (the
+embedded broker keeps nothing); then the projector. A process that exits
+by itself is started again, with a line saying so; one that exits 3 times
+within a minute stops the stack with a line saying which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+log = logging.getLogger("entitle.dev")
+
+#: A process that exits this many times within `WINDOW` seconds stops the stack.
+RESTARTS, WINDOW = 3, 60.0
+
+
+def _die_with_parent() -> None:
+    """Linux: the child is killed if the supervisor dies, even by SIGKILL,
+    so a killed stack leaves no process holding its port."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Child:
+    """One role process: `name` (web, domain, projector) and its command."""
+
+    name: str
+    command: list[str]
+    env: Mapping[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    exits: list[float] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            self.command,
+            env=dict(self.env),
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+            # Its own process group: Ctrl-C in the terminal reaches the
+            # supervisor only, which stops the processes in order.
+            start_new_session=True,
+        )
+
+    def exited(self) -> int | None:
+        return self.process.poll() if self.process is not None else None
+
+    def stop(self, timeout: float) -> None:
+        """SIGINT (a clean stop), then SIGKILL after `timeout` seconds."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.error("the %s process did not stop within %.0f s; killing it", self.name, timeout)
+            process.kill()
+            process.wait()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+class Supervisor:
+    """Runs `children` until Ctrl-C/SIGTERM (exit 0), a child that keeps
+    exiting (exit 1), or `broken()` returning a reason (exit 1: the
+    embedded broker died). Stops them in the order given."""
+
+    def __init__(
+        self,
+        children: Sequence[Child],
+        broken: Callable[[], str | None] = lambda: None,
+        stop_timeout: float = 30.0,
+    ) -> None:
+        self.children = list(children)
+        self.broken = broken
+        self.stop_timeout = stop_timeout
+
+    def run(self) -> int:
+        for child in self.children:
+            child.start()
+        try:
+            while True:
+                reason = self.broken()
+                if reason is not None:
+                    log.critical("%s", reason)
+                    # Nothing can be stored or folded any more: stop at once.
+                    for child in self.children:
+                        child.kill()
+                    return 1
+                for child in self.children:
+                    code = child.exited()
+                    if code is not None and not self._again(child, code):
+                        self.stop()
+                        return 1
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # one Ctrl-C stops it, in order
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            self.stop()
+            return 0
+
+    def _again(self, child: Child, code: int) -> bool:
+        """Start `child` again after it exited with `code`; False when it
+        has exited too often to go on."""
+        now = time.monotonic()
+        child.exits = [t for t in child.exits if now - t < WINDOW] + [now]
+        if len(child.exits) >= RESTARTS:
+            log.critical(
+                "the %s process exited (code %s) %d times within %.0f s; stopping the stack",
+                child.name,
+                code,
+                len(child.exits),
+                WINDOW,
+            )
+            return False
+        log.error("the %s process exited (code %s); starting it again", child.name, code)
+        child.start()
+        return True
+
+    def stop(self) -> None:
+        for child in self.children:
+            child.stop(self.stop_timeout)
+
+
+# -- one stack's readiness and metrics, served by the web process -------------
+
+
+class Peers:
+    """The other processes of the stack (name -> base URL), whose `/readyz`
+    parts and `/metrics` the web process adds to its own: one address
+    answers for the whole stack, as the one-process stack did."""
+
+    def __init__(self, urls: Mapping[str, str], timeout: float = 2.0) -> None:
+        self.urls = dict(urls)
+        self.timeout = timeout
+
+    async def _get(self, path: str) -> dict[str, tuple[int, str] | None]:
+        """(status, body text) of each, or None for one that did not answer."""
+        answers: dict[str, tuple[int, str] | None] = {}
+        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for name, url in self.urls.items():
+                try:
+                    async with session.get(url + path) as response:
+                        answers[name] = (response.status, await response.text())
+                except (aiohttp.ClientError, TimeoutError):
+                    answers[name] = None
+        return answers
+
+    async def readiness(self) -> tuple[list[str], dict[str, str]]:
+        """(roles, parts) of the others; a process that does not answer is
+        one part, failing."""
+        roles: list[str] = []
+        parts: dict[str, str] = {}
+        for name, answer in (await self._get("/readyz")).items():
+            body: Any = None
+            if answer is not None:
+                with contextlib.suppress(ValueError):
+                    body = json.loads(answer[1])
+            if not isinstance(body, dict) or not isinstance(body.get("parts"), dict):
+                parts[f"process:{name}"] = "failing: not answering"
+                continue
+            roles += [r for r in body.get("roles", []) if isinstance(r, str)]
+            parts.update({str(k): str(v) for k, v in body["parts"].items()})
+        return roles, parts
+
+    async def metrics(self, own: bytes) -> bytes:
+        """`own` exposition text with the others' added: samples with the
+        same name and labels are summed (counters count for the stack)."""
+        texts = [own.decode()]
+        for answer in (await self._get("/metrics")).values():
+            if answer is not None and answer[0] == 200:
+                texts.append(answer[1])
+        return merge_metrics(texts)
+
+
+def merge_metrics(texts: Sequence[str]) -> bytes:
+    """Prometheus text expositions as one: each family once, each sample
+    (name and labels) once with the values summed (the stack's total:
+    webhooks, CPU seconds, resident bytes), but an `_info` family's the
+    greatest; `_created` samples (a counter's start time, which no sum
+    keeps) are left out."""
+    from prometheus_client.core import Metric
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            merged = families.setdefault(
+                family.name, Metric(family.name, family.documentation, family.type)
+            )
+            summed = values.setdefault(merged.name, {})
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if family.name.endswith("_info"):
+                    summed[key] = max(summed.get(key, sample.value), sample.value)
+                else:
+                    summed[key] = summed.get(key, 0.0) + sample.value
+    for name, merged in families.items():
+        merged.samples = [Sample(n, dict(labels), v) for (n, labels), v in values[name].items()]
+
+    class Merged:
+        def collect(self) -> Any:
+            return iter(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Merged())
+    return generate_latest(registry)
+
+
+def role_command(
+    roles: Sequence[str], args: Sequence[str], peers: Mapping[str, str] | None = None
+) -> list[str]:
+    """The command that runs `roles` in a process of the dev stack."""
+    command = [sys.executable, "-m", "services.cli", "serve", *roles, *args, "--dev-stack"]
+    for name, url in (peers or {}).items():
+        command += ["--peer", f"{name}={url}"]
+    return command
