@@ -15,6 +15,7 @@ import asyncio
 import base64
 import binascii
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -770,7 +771,13 @@ class ValidationIndex:
             working()
             if len(rows) == self.page:
                 continue  # more to fetch at once
-            self.loaded = True
+            if not self.loaded:
+                self.loaded = True
+                # What the first load made lives as long as the process: out
+                # of the collector's sight, a full collection no longer walks
+                # a million entries while validations wait (a p99 spike).
+                # Replaced entries are still freed by their reference counts.
+                gc.freeze()
             await sleep_unless(stop, interval)
 
 
