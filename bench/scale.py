@@ -4,6 +4,8 @@ on PostgreSQL, each size in a fresh database.
     python bench/scale.py                            # 10k and 100k, 3 runs each
     python bench/scale.py --sizes 1000000 --runs 3   # a million (about 10 min to build)
     python bench/scale.py --replay                   # also `entitle replay` (slow at 1M)
+    python bench/scale.py --sizes 1000000 --keep     # keep the built database, then
+    python bench/scale.py --sizes 1000000 --database postgresql://…/entitle_bench_scale_1000000
 
 Per size:
 1. build: N Stripe subscriptions, one paid period each, straight into the
@@ -19,7 +21,8 @@ Per size:
 4. fold: 5,000 renewal `invoice.paid` webhooks of random existing
    subscriptions put on a fresh raw topic, drained by `entitle domain`
    (batches of 500); prints webhooks folded per second, `--runs` times.
-5. replay (with `--replay`): `entitle replay`, events per second.
+5. replay (with `--replay`): `entitle replay`, events per second, twice,
+   each beside eventsourcing's own select + decode of the same log.
 """
 
 from __future__ import annotations
@@ -313,6 +316,20 @@ def fold_run(workdir: Path, database_url: str, events: list[dict[str, Any]]) -> 
 # -- 5. replay -----------------------------------------------------------------------
 
 
+def bare_read(database_url: str) -> tuple[int, float]:
+    """(events, seconds) of eventsourcing alone selecting and decoding the
+    log (bench/replay.py's baseline)."""
+    from replay import bare
+
+    from services.store import EntitlementStore
+
+    store = EntitlementStore(database_url)
+    try:
+        return bare(store)
+    finally:
+        store.close()
+
+
 def replay_run(workdir: Path, database_url: str) -> tuple[float, int]:
     with psycopg.connect(database_url) as conn:
         row = conn.execute("SELECT count(*) FROM entitle_events").fetchone()
@@ -341,10 +358,17 @@ def spread(values: list[float], unit: str = "", digits: int = 0) -> str:
 def one_size(args: argparse.Namespace, size: int) -> None:
     workdir = Path(tempfile.mkdtemp(prefix=f"entitle-bench-scale-{size}-"))
     (workdir / "entitle.yaml").write_text(CONFIG + LIMITS)
-    database_url = fresh_database(args.postgres, f"entitle_bench_scale_{size}")
     print(f"== {size:,} entitlements (load average {os.getloadavg()[0]:.2f})", flush=True)
-    took = build(database_url, workdir / "entitle.yaml", size)
-    print(f"build:   {took:.0f} s ({size / took:,.0f} entitlements/s, not a figure of the engine)")
+    if args.database:  # built by an earlier run (--keep)
+        database_url = args.database
+    else:
+        database_url = fresh_database(
+            args.postgres, f"entitle_bench_scale_{size}", unique=not args.keep
+        )
+        took = build(database_url, workdir / "entitle.yaml", size)
+        print(f"build:   {took:.0f} s ({size / took:,.0f} entitlements/s, not of the engine)")
+        if args.keep:
+            print(f"kept:    {database_url} (--database to measure it again)")
     print(index_figures(database_url, size), flush=True)
 
     from services.codes import CodeBook
@@ -383,8 +407,14 @@ def one_size(args: argparse.Namespace, size: int) -> None:
     ]
     print(f"fold:    {spread(rates, ' webhooks/s')} ({args.fold_webhooks:,} renewals a run)")
     if args.replay:
-        seconds, events = replay_run(workdir, database_url)
-        print(f"replay:  {events:,} events in {seconds:.0f} s ({events / seconds:,.0f} events/s)")
+        rounds = [(bare_read(database_url), replay_run(workdir, database_url)) for _ in range(2)]
+        read = [count / took for (count, took), _ in rounds]
+        rebuilt = [events / took for _, (took, events) in rounds]
+        print(
+            f"replay:  {rounds[0][1][1]:,} events at {spread(rebuilt, '/s')}; the bare read"
+            f" (eventsourcing select + decode) {spread(read, '/s')}:"
+            f" {spread([r / b for r, b in zip(rebuilt, read, strict=True)], '', 2)} of it"
+        )
     print(f"         load average {os.getloadavg()[0]:.2f}", flush=True)
 
 
@@ -399,6 +429,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10, help="validation load per run")
     parser.add_argument("--fold-webhooks", type=int, default=5000)
     parser.add_argument("--replay", action="store_true")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the built database (named by its size)"
+    )
+    parser.add_argument(
+        "--database", help="measure this database, built by a run with --keep, of one --sizes"
+    )
     args = parser.parse_args()
     for size in args.sizes:
         one_size(args, size)

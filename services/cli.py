@@ -122,6 +122,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         keys_env = f"dev:{generated}"
     admin_keys(keys_env)  # fail before starting anything
     config = load_config(Path(args.config))
+    _can_listen(args.host, args.port)
     email = mail_settings(config.email, dev=True)
     assert email is not None
     broker: EmbeddedBroker | None = None
@@ -210,6 +211,21 @@ def cmd_dev(args: argparse.Namespace) -> int:
         if broker is not None:
             broker.stop()
             broker_file.unlink(missing_ok=True)
+
+
+def _can_listen(host: str, port: int) -> None:
+    """ConfigError unless `host:port` is free to listen on: the web process
+    would otherwise fail, be started again, and stop the stack only after
+    its third try."""
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn
+            probe.bind((host, port))
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _redact(url: str) -> str:

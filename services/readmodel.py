@@ -40,7 +40,10 @@ _TABLES = [
         -- keep a copy (the validation index) fetch only what changed.
         position BIGINT NOT NULL
     )""",
-    "CREATE INDEX IF NOT EXISTS entitle_v4_ent_position ON entitle_v4_entitlements (position)",
+    # (position, id): the validation index pages through the table by both
+    # (`changed`); on position alone, each page scanned from the start.
+    "CREATE INDEX IF NOT EXISTS entitle_v4_ent_position_id"
+    " ON entitle_v4_entitlements (position, id)",
     "CREATE INDEX IF NOT EXISTS entitle_v4_ent_due ON entitle_v4_entitlements (due_at)",
     "CREATE INDEX IF NOT EXISTS entitle_v4_ent_order ON entitle_v4_entitlements (order_ref)",
     "CREATE INDEX IF NOT EXISTS entitle_v4_ent_email ON entitle_v4_entitlements (customer_email)",
@@ -785,10 +788,10 @@ class ReadModel:
         rows = self._query(
             "SELECT e.position, e.id, e.body, c.code_hash FROM ("
             " SELECT position, id, body FROM entitle_v4_entitlements"
-            " WHERE position > ? OR (position = ? AND id > ?) ORDER BY position, id LIMIT ?"
+            " WHERE (position, id) > (?, ?) ORDER BY position, id LIMIT ?"
             ") e LEFT JOIN entitle_v4_codes c ON c.entitlement_id = e.id"
             " ORDER BY e.position, e.id",
-            (position, position, last, int(limit)),
+            (position, last, int(limit)),
         )
         changed: dict[str, tuple[str, list[str]]] = {}
         for row_position, entitlement_id, body, code in rows:

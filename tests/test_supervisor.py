@@ -156,3 +156,30 @@ process_cpu_seconds_total 2.5
         ("entitle_validation_seconds_sum", ()): 0.01,
     }
     assert merged.count("# TYPE python_info") == 1
+
+
+@pytest.mark.e2e
+def test_a_port_in_use_is_one_line_before_anything_starts(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+
+    from tests.harness import ENTITLE
+    from tests.test_dev import CONFIG
+
+    (tmp_path / "entitle.yaml").write_text(CONFIG)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [ENTITLE, "dev", "--port", str(port)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert done.returncode == 2, done.stderr
+    assert (
+        done.stderr.strip() == f"entitle: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    assert done.stdout == ""  # no banner, no broker started
