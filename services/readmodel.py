@@ -20,7 +20,7 @@ from uuid import UUID
 from pydantic import ValidationError
 
 from contracts.api import DeadLetterView, EntitlementView, ProjectionErrorView, ReceiptView
-from services.store import CREATE_LOCK
+from services.store import CREATE_LOCK, no_jit
 
 _TABLES = [
     """CREATE TABLE IF NOT EXISTS entitle_v4_entitlements (
@@ -299,7 +299,12 @@ class ReadModel:
 
             # A request waits at most 5 s for a connection: during a database
             # outage the API answers 503 soon rather than hanging for 30 s.
-            self._pool = ConnectionPool(database_url, min_size=1, max_size=8, open=True, timeout=5)
+            connect: dict[str, Any] = {}
+            if "options" not in database_url:
+                no_jit(connect)  # as the store's (services/store.py)
+            self._pool = ConnectionPool(
+                database_url, kwargs=connect, min_size=1, max_size=8, open=True, timeout=5
+            )
         self.create()
 
     def close(self) -> None:

@@ -62,6 +62,16 @@ class StillChanging(Exception):
 CREATE_LOCK = 0x656E7469746C65  # "entitle"
 
 
+def no_jit(connect: dict[str, Any]) -> None:
+    """Turn PostgreSQL's JIT compiler off for the connections made with these
+    psycopg keyword arguments (unless the URL chose `options` itself). The
+    planner's row estimate for `originator_id = ANY(1,000 ids)` on a log of
+    5 million events was 24 million, over the JIT threshold: compiling took
+    49 of the query's 87 ms, on every cache miss of the fold (bench/scale.py,
+    a million entitlements). No query here is long enough to gain from it."""
+    connect.setdefault("options", "-c jit=off")
+
+
 class PostgresRecorder(PostgresProcessRecorder):
     """eventsourcing's PostgreSQL process recorder, with two changes:
 
@@ -240,6 +250,9 @@ class EntitlementStore(Application[UUID]):
         super().__init__(env=store_env(database_url))
 
     def construct_recorder(self) -> ProcessRecorder:
+        pool = getattr(getattr(self.factory, "datastore", None), "pool", None)
+        if pool is not None and isinstance(pool.kwargs, dict):
+            no_jit(pool.kwargs)  # before its first connection
         recorder = self.factory.process_recorder()
         datastore: Any = getattr(recorder, "datastore", None)
         self.keyring.table = KeyTable(datastore, isinstance(recorder, PostgresRecorder))
