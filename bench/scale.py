@@ -337,7 +337,7 @@ def replay_run(workdir: Path, database_url: str) -> tuple[float, int]:
     env = {**os.environ, "ENTITLE_DATABASE_URL": database_url, "ENTITLE_CODE_SECRET": CODE_SECRET}
     began = time.perf_counter()
     subprocess.run(
-        [ENTITLE, "replay", "--config", "entitle.yaml"],
+        [ENTITLE, "replay"],
         cwd=workdir,
         env=env,
         check=True,
