@@ -75,7 +75,7 @@ from services.projections.stripe_codes import write_back_sources
 from services.readmodel import ReadModel
 from services.store import EntitlementStore
 from services.stripe_api import StripeAPI, backfill
-from services.supervisor import Peers
+from services.supervisor import Peers, merge_parts
 
 log = logging.getLogger("entitle")
 
@@ -448,7 +448,7 @@ def build_app(
         if peers is not None:
             more, theirs = await peers.readiness()
             names = [r for r in ROLES if r in set(names) | set(more)]
-            parts = {**theirs, **parts}
+            parts = merge_parts(parts, theirs)
         ready = all(state == "ok" for state in parts.values())
         body = Readiness(ready=ready, roles=names, parts=parts, projection_errors=errors)
         return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ready else 503)
@@ -572,7 +572,9 @@ def build_app(
             if raw_log is not None and (roles.ingress or settings.dev):
                 # The requests are answered (in `entitle dev`, the web
                 # process has stopped first); fold what they stored first.
-                await raw_log.drain(timeout=10.0)
+                # What is left is lost with an embedded broker: the process
+                # then exits 3 (services/cli.py), so its supervisor says so.
+                app.state.unfolded = await raw_log.drain(timeout=10.0)
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
             for sender in senders:

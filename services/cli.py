@@ -87,6 +87,13 @@ def _serve(
     tune_gc()
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
+    if getattr(getattr(inner, "state", None), "unfolded", 0) > 0:
+        raise SystemExit(UNFOLDED)
+
+
+#: The exit status of a domain service that stopped with acknowledged
+#: webhooks not yet folded (it said how many in its log).
+UNFOLDED = 3
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -107,6 +114,7 @@ def _dev_admin_key(path: Path) -> str:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
+    _can_listen(args.host, args.port)  # before anything is made or started
     settings = dataclasses.replace(Settings.from_env(), dev=True)
     # One process: secrets kept in .entitle/ are enough (see services/codes.py).
     if not settings.code_secret:
@@ -122,7 +130,6 @@ def cmd_dev(args: argparse.Namespace) -> int:
         keys_env = f"dev:{generated}"
     admin_keys(keys_env)  # fail before starting anything
     config = load_config(Path(args.config))
-    _can_listen(args.host, args.port)
     email = mail_settings(config.email, dev=True)
     assert email is not None
     broker: EmbeddedBroker | None = None
@@ -186,12 +193,27 @@ def cmd_dev(args: argparse.Namespace) -> int:
     peers = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     web = ["--host", args.host, "--port", str(args.port)]
     children = [
-        Child("web", role_command(["ingress", "api"], [*common, *web], peers), env),
-        Child("domain", role_command(["domain"], [*common, "--port", str(ports["domain"])]), env),
+        Child(
+            "web",
+            role_command(["ingress", "api"], [*common, *web], peers),
+            env,
+            health=f"http://{_loopback(args.host)}:{args.port}/healthz",
+        ),
+        Child(
+            "domain",
+            role_command(["domain"], [*common, "--port", str(ports["domain"])]),
+            env,
+            health=f"{peers['domain']}/healthz",
+            # It folds what the stack acknowledged before it exits, for as
+            # long as the backlog shrinks (RawLog.drain): no deadline here.
+            stop_timeout=None,
+            failed_stop={UNFOLDED: "webhooks it acknowledged were not folded: lost"},
+        ),
         Child(
             "projector",
             role_command(["projector"], [*common, "--port", str(ports["projector"])]),
             env,
+            health=f"{peers['projector']}/healthz",
         ),
     ]
 
@@ -211,6 +233,15 @@ def cmd_dev(args: argparse.Namespace) -> int:
         if broker is not None:
             broker.stop()
             broker_file.unlink(missing_ok=True)
+
+
+def _loopback(host: str) -> str:
+    """An address of `host` to reach it at from this machine."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 def _can_listen(host: str, port: int) -> None:

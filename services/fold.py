@@ -730,19 +730,22 @@ class RawLog:
             self._next.clear()
 
     async def drain(self, timeout: float) -> int:
-        """Wait up to `timeout` seconds until the fold has committed every
-        record on the raw topic; the number left. A process that is also
-        the ingress calls it before it stops: what it acknowledged is then
-        folded, where the embedded broker (which keeps nothing) would lose
-        it."""
+        """Wait until the fold has committed every record on the raw topic,
+        or has folded nothing for `timeout` seconds; the number left. A
+        process of `entitle dev` calls it before it stops: what the stack
+        acknowledged is then folded, where the embedded broker (which keeps
+        nothing) would lose it. A backlog that is still shrinking is waited
+        for, however long it takes."""
         deadline = time.monotonic() + timeout
-        left = -1
+        left = best = -1
         while True:
             try:
                 left = await self._unfolded()
             except Exception as exc:
                 log.warning("could not tell what is left to fold: %s", describe(exc))
                 return left
+            if best < 0 or left < best:
+                best, deadline = left, time.monotonic() + timeout  # progress
             if left == 0 or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.1)

@@ -251,8 +251,9 @@ class EntitlementStore(Application[UUID]):
 
     def construct_recorder(self) -> ProcessRecorder:
         pool = getattr(getattr(self.factory, "datastore", None), "pool", None)
-        if pool is not None and isinstance(pool.kwargs, dict):
-            no_jit(pool.kwargs)  # before its first connection
+        connect = getattr(pool, "kwargs", None)  # PostgreSQL's (psycopg's pool)
+        if isinstance(connect, dict):
+            no_jit(connect)  # before its first connection
         recorder = self.factory.process_recorder()
         datastore: Any = getattr(recorder, "datastore", None)
         self.keyring.table = KeyTable(datastore, isinstance(recorder, PostgresRecorder))

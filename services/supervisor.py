@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,11 +51,17 @@ def _die_with_parent() -> None:
 
 @dataclass
 class Child:
-    """One role process: `name` (web, domain, projector) and its command."""
+    """One role process: `name` (web, domain, projector), its command, and
+    the URL that answers once it serves (`health`). `stop_timeout`: seconds
+    a clean stop may take (None: as long as it needs); `failed_stop`: what
+    an exit status after a stop means, for the line saying so."""
 
     name: str
     command: list[str]
     env: Mapping[str, str]
+    health: str | None = None
+    stop_timeout: float | None = 30.0
+    failed_stop: Mapping[int, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     exits: list[float] = field(default_factory=list)
 
@@ -72,18 +79,38 @@ class Child:
     def exited(self) -> int | None:
         return self.process.poll() if self.process is not None else None
 
-    def stop(self, timeout: float) -> None:
-        """SIGINT (a clean stop), then SIGKILL after `timeout` seconds."""
+    def serving(self, timeout: float = 60.0) -> None:
+        """Wait until it answers `health` (or exits, or `timeout` passes): a
+        process stopped before its signal handlers are in place dies with a
+        traceback instead of stopping cleanly (folding what it must)."""
+        process = self.process
+        deadline = time.monotonic() + timeout
+        while self.health and process is not None and process.poll() is None:
+            with contextlib.suppress(OSError), urllib.request.urlopen(self.health, timeout=1):
+                return
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.1)
+
+    def stop(self) -> int | None:
+        """A clean stop (SIGINT, once it serves), SIGKILL after
+        `stop_timeout`; its exit status (None if it was not running)."""
         process = self.process
         if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGINT)
+            return None
+        self.serving()
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
         try:
-            process.wait(timeout)
+            return process.wait(self.stop_timeout)
         except subprocess.TimeoutExpired:
-            log.error("the %s process did not stop within %.0f s; killing it", self.name, timeout)
+            log.error(
+                "the %s process did not stop within %.0f s; killing it",
+                self.name,
+                self.stop_timeout,
+            )
             process.kill()
-            process.wait()
+            return process.wait()
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -97,14 +124,11 @@ class Supervisor:
     embedded broker died). Stops them in the order given."""
 
     def __init__(
-        self,
-        children: Sequence[Child],
-        broken: Callable[[], str | None] = lambda: None,
-        stop_timeout: float = 30.0,
+        self, children: Sequence[Child], broken: Callable[[], str | None] = lambda: None
     ) -> None:
         self.children = list(children)
         self.broken = broken
-        self.stop_timeout = stop_timeout
+        self.forced = False
 
     def run(self) -> int:
         for child in self.children:
@@ -125,10 +149,11 @@ class Supervisor:
                         return 1
                 time.sleep(0.2)
         except KeyboardInterrupt:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # one Ctrl-C stops it, in order
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            self.stop()
-            return 0
+            # One Ctrl-C stops it in order; a second, at once.
+            signal.signal(signal.SIGINT, self._at_once)
+            signal.signal(signal.SIGTERM, self._at_once)
+            clean = self.stop()
+            return 0 if clean and not self.forced else 1
 
     def _again(self, child: Child, code: int) -> bool:
         """Start `child` again after it exited with `code`; False when it
@@ -148,9 +173,21 @@ class Supervisor:
         child.start()
         return True
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Stop the children in order; False if one said it left work undone."""
+        clean = True
         for child in self.children:
-            child.stop(self.stop_timeout)
+            code = child.stop()
+            if code and code in child.failed_stop:
+                log.error("the %s process stopped: %s", child.name, child.failed_stop[code])
+                clean = False
+        return clean
+
+    def _at_once(self, signum: int, frame: object) -> None:
+        log.warning("stopping at once: what is not yet folded or projected waits, or is lost")
+        self.forced = True
+        for child in self.children:
+            child.kill()
 
 
 # -- one stack's readiness and metrics, served by the web process -------------
@@ -196,41 +233,62 @@ class Peers:
         return roles, parts
 
     async def metrics(self, own: bytes) -> bytes:
-        """`own` exposition text with the others' added: samples with the
-        same name and labels are summed (counters count for the stack)."""
-        texts = [own.decode()]
-        for answer in (await self._get("/metrics")).values():
-            if answer is not None and answer[0] == 200:
-                texts.append(answer[1])
+        """`own` exposition text (the web process's) with the others' added
+        (`merge_metrics`), and `entitle_part_up{part="process:NAME"}`, 0
+        while one does not answer (its samples are missing meanwhile)."""
+        texts = [("web", own.decode())]
+        up = [
+            "# HELP entitle_part_up 1 while a part of this process works (as /readyz)",
+            "# TYPE entitle_part_up gauge",
+        ]
+        for name, answer in (await self._get("/metrics")).items():
+            answered = answer is not None and answer[0] == 200
+            if answer is not None and answered:
+                texts.append((name, answer[1]))
+            up.append(f'entitle_part_up{{part="process:{name}"}} {float(answered)}')
+        texts.append(("web", "\n".join(up) + "\n"))
         return merge_metrics(texts)
 
 
-def merge_metrics(texts: Sequence[str]) -> bytes:
-    """Prometheus text expositions as one: each family once, each sample
-    (name and labels) once with the values summed (the stack's total:
-    webhooks, CPU seconds, resident bytes), but an `_info` family's the
-    greatest; `_created` samples (a counter's start time, which no sum
-    keeps) are left out."""
+def merge_parts(own: Mapping[str, str], theirs: Mapping[str, str]) -> dict[str, str]:
+    """Parts of several processes as one: a part two of them have (the
+    database, the broker) is ok only if it is ok in both."""
+    merged = dict(theirs)
+    for name, state in own.items():
+        if merged.get(name, "ok") == "ok":
+            merged[name] = state
+    return merged
+
+
+def merge_metrics(texts: Sequence[tuple[str, str]]) -> bytes:
+    """Prometheus text expositions of the stack's processes ((process name,
+    text) each) as one: each family once. The engine's own (`entitle_*`)
+    are the stack's: a sample with the same name and labels in several
+    processes is summed (counters count for the stack). Every other family
+    (the client library's `process_*`, `python_*`) keeps each process's
+    samples apart, with a `process` label: a start time or a file limit
+    adds up to nothing. `_created` samples are left out."""
     from prometheus_client.core import Metric
     from prometheus_client.exposition import generate_latest
     from prometheus_client.registry import CollectorRegistry
 
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    for text in texts:
+    for process, text in texts:
         for family in text_string_to_metric_families(text):
             merged = families.setdefault(
                 family.name, Metric(family.name, family.documentation, family.type)
             )
             summed = values.setdefault(merged.name, {})
+            ours = family.name.startswith("entitle_")
             for sample in family.samples:
                 if sample.name.endswith("_created"):
                     continue
-                key = (sample.name, tuple(sorted(sample.labels.items())))
-                if family.name.endswith("_info"):
-                    summed[key] = max(summed.get(key, sample.value), sample.value)
-                else:
-                    summed[key] = summed.get(key, 0.0) + sample.value
+                labels = dict(sample.labels) if ours else {**sample.labels, "process": process}
+                key = (sample.name, tuple(sorted(labels.items())))
+                summed[key] = summed.get(key, 0.0) + sample.value
+    for name in [n for n, v in values.items() if not v]:
+        del families[name]  # only `_created` samples
     for name, merged in families.items():
         merged.samples = [Sample(n, dict(labels), v) for (n, labels), v in values[name].items()]
 

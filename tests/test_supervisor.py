@@ -108,6 +108,9 @@ def test_readyz_names_a_role_that_does_not_answer(tmp_path: Path) -> None:
             answer = httpx.get(f"{entitle.url}/readyz", timeout=10)
             assert answer.status_code == 503
             assert answer.json()["parts"]["process:projector"] == "failing: not answering"
+            metrics = httpx.get(f"{entitle.url}/metrics", timeout=10).text
+            assert 'entitle_part_up{part="process:projector"} 0.0' in metrics
+            assert 'entitle_part_up{part="process:domain"} 1.0' in metrics
         finally:
             os.kill(pids["projector"], signal.SIGCONT)
         eventually(lambda: httpx.get(f"{entitle.url}/readyz", timeout=10).status_code == 200)
@@ -118,44 +121,51 @@ def test_metrics_of_the_processes_add_up() -> None:
 # TYPE entitle_webhooks_accepted_total counter
 entitle_webhooks_accepted_total{source="stripe"} 3.0
 entitle_webhooks_accepted_created{source="stripe"} 1.7e+09
-# HELP python_info Python platform information
-# TYPE python_info gauge
-python_info{version="3.11.7"} 1.0
 # HELP entitle_validation_seconds Time to answer
 # TYPE entitle_validation_seconds histogram
 entitle_validation_seconds_bucket{le="0.001"} 2.0
 entitle_validation_seconds_bucket{le="+Inf"} 3.0
 entitle_validation_seconds_count 3.0
 entitle_validation_seconds_sum 0.01
+# HELP process_start_time_seconds Start time
+# TYPE process_start_time_seconds gauge
+process_start_time_seconds 1.7e+09
 """
     domain = """# HELP entitle_webhooks_folded_total Webhooks folded
 # TYPE entitle_webhooks_folded_total counter
 entitle_webhooks_folded_total 5.0
-# HELP python_info Python platform information
-# TYPE python_info gauge
-python_info{version="3.11.7"} 1.0
-# HELP process_cpu_seconds_total CPU
-# TYPE process_cpu_seconds_total counter
-process_cpu_seconds_total 2.5
+# HELP entitle_part_up Parts
+# TYPE entitle_part_up gauge
+entitle_part_up{part="fold"} 1.0
+# HELP process_start_time_seconds Start time
+# TYPE process_start_time_seconds gauge
+process_start_time_seconds 1.8e+09
 """
-    projector = domain.replace(" 5.0", " 0.0").replace(" 2.5", " 1.5")
-    merged = merge_metrics([web, domain, projector]).decode()
+    projector = domain.replace(" 5.0", " 2.0").replace("1.8e+09", "1.9e+09")
+    projector = projector.replace('part="fold"', 'part="projection:x"')
+    merged = merge_metrics([("web", web), ("domain", domain), ("projector", projector)])
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(merged)
+        for family in text_string_to_metric_families(merged.decode())
         for s in family.samples
     }
     assert samples == {
+        # The engine's counters count for the stack.
         ("entitle_webhooks_accepted_total", (("source", "stripe"),)): 3.0,
-        ("entitle_webhooks_folded_total", ()): 5.0,
-        ("python_info", (("version", "3.11.7"),)): 1.0,
-        ("process_cpu_seconds_total", ()): 4.0,
+        ("entitle_webhooks_folded_total", ()): 7.0,
         ("entitle_validation_seconds_bucket", (("le", "0.001"),)): 2.0,
         ("entitle_validation_seconds_bucket", (("le", "+Inf"),)): 3.0,
         ("entitle_validation_seconds_count", ()): 3.0,
         ("entitle_validation_seconds_sum", ()): 0.01,
+        ("entitle_part_up", (("part", "fold"),)): 1.0,
+        ("entitle_part_up", (("part", "projection:x"),)): 1.0,
+        # The client library's are each process's own.
+        ("process_start_time_seconds", (("process", "web"),)): 1.7e09,
+        ("process_start_time_seconds", (("process", "domain"),)): 1.8e09,
+        ("process_start_time_seconds", (("process", "projector"),)): 1.9e09,
     }
-    assert merged.count("# TYPE python_info") == 1
+    assert merged.decode().count("# TYPE process_start_time_seconds") == 1
+    assert b"_created" not in merged  # no family left without samples either
 
 
 @pytest.mark.e2e
@@ -183,3 +193,22 @@ def test_a_port_in_use_is_one_line_before_anything_starts(tmp_path: Path) -> Non
         done.stderr.strip() == f"entitle: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
     assert done.stdout == ""  # no banner, no broker started
+
+
+@pytest.mark.e2e
+def test_ctrl_c_right_after_a_role_restart_folds_what_was_acknowledged(tmp_path: Path) -> None:
+    """The domain service started again a moment ago is still importing
+    when Ctrl-C comes: it is stopped once it serves, so it folds what the
+    stack acknowledged meanwhile (the embedded broker keeps nothing)."""
+    entitle = stack(tmp_path).start()
+    try:
+        pids = eventually(lambda: all_four(entitle))
+        eventually(lambda: httpx.get(f"{entitle.url}/readyz", timeout=10).status_code == 200)
+        os.kill(pids["domain"], signal.SIGKILL)
+        eventually(lambda: "the domain process exited (code -9)" in entitle.text)
+        sent = send(entitle, "sub_meanwhile_", 20)
+    finally:
+        assert entitle.stop(signal.SIGINT, group=True) == 0, entitle.text[-3000:]
+    assert "Traceback" not in entitle.text
+    with stack(tmp_path) as again:
+        eventually(lambda: active_refs(again) >= sent, timeout=30)
