@@ -226,7 +226,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
             " acknowledged but the domain service had not yet folded are lost with it"
         )
 
-    signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: stop in order
+    # As Ctrl-C: stop in order (SIGHUP: its terminal closed; the role
+    # processes have sessions of their own, so it reaches only this one).
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
     try:
         return Supervisor(children, broken).run()
     finally:

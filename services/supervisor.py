@@ -198,7 +198,9 @@ class Peers:
     parts and `/metrics` the web process adds to its own: one address
     answers for the whole stack, as the one-process stack did."""
 
-    def __init__(self, urls: Mapping[str, str], timeout: float = 2.0) -> None:
+    # A process's own /readyz takes up to 5 s when its broker or database is
+    # slow to answer: not answering for longer means it is stuck.
+    def __init__(self, urls: Mapping[str, str], timeout: float = 6.0) -> None:
         self.urls = dict(urls)
         self.timeout = timeout
 

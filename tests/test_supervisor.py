@@ -212,3 +212,15 @@ def test_ctrl_c_right_after_a_role_restart_folds_what_was_acknowledged(tmp_path:
     assert "Traceback" not in entitle.text
     with stack(tmp_path) as again:
         eventually(lambda: active_refs(again) >= sent, timeout=30)
+
+
+@pytest.mark.e2e
+def test_closing_the_terminal_stops_the_stack_in_order(tmp_path: Path) -> None:
+    entitle = stack(tmp_path).start()
+    try:
+        eventually(lambda: httpx.get(f"{entitle.url}/readyz", timeout=10).status_code == 200)
+        sent = send(entitle, "sub_hangup_", 10)
+    finally:
+        assert entitle.stop(signal.SIGHUP) == 0, entitle.text[-3000:]  # as for Ctrl-C
+    with stack(tmp_path) as again:
+        eventually(lambda: active_refs(again) >= sent, timeout=30)
