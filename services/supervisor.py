@@ -187,7 +187,9 @@ class Supervisor:
         log.warning("stopping at once: what is not yet folded or projected waits, or is lost")
         self.forced = True
         for child in self.children:
-            child.kill()
+            # No wait here: a signal handler, maybe inside `Popen.wait` on it.
+            if child.process is not None and child.process.poll() is None:
+                child.process.kill()
 
 
 # -- one stack's readiness and metrics, served by the web process -------------
