@@ -295,12 +295,13 @@ class ReadModel:
             path = url.path[1:] if url.path.startswith("/") else url.path
             self._sqlite_path = path
         else:
+            from psycopg.conninfo import conninfo_to_dict
             from psycopg_pool import ConnectionPool
 
             # A request waits at most 5 s for a connection: during a database
             # outage the API answers 503 soon rather than hanging for 30 s.
             connect: dict[str, Any] = {}
-            if "options" not in database_url:
+            if "options" not in conninfo_to_dict(database_url):
                 no_jit(connect)  # as the store's (services/store.py)
             self._pool = ConnectionPool(
                 database_url, kwargs=connect, min_size=1, max_size=8, open=True, timeout=5

@@ -17,6 +17,7 @@ within a minute stops the stack with a line saying which.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -207,17 +208,20 @@ class Peers:
         self.timeout = timeout
 
     async def _get(self, path: str) -> dict[str, tuple[int, str] | None]:
-        """(status, body text) of each, or None for one that did not answer."""
-        answers: dict[str, tuple[int, str] | None] = {}
+        """(status, body text) of each, or None for one that did not answer;
+        asked at once, so one that hangs costs its timeout once, not per peer."""
         timeout = aiohttp.ClientTimeout(total=self.timeout)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            for name, url in self.urls.items():
+
+            async def one(url: str) -> tuple[int, str] | None:
                 try:
                     async with session.get(url + path) as response:
-                        answers[name] = (response.status, await response.text())
+                        return response.status, await response.text()
                 except (aiohttp.ClientError, TimeoutError):
-                    answers[name] = None
-        return answers
+                    return None
+
+            answers = await asyncio.gather(*(one(url) for url in self.urls.values()))
+        return dict(zip(self.urls, answers, strict=True))
 
     async def readiness(self) -> tuple[list[str], dict[str, str]]:
         """(roles, parts) of the others; a process that does not answer is
