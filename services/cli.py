@@ -68,7 +68,7 @@ def _serve(
     shortcuts = frozenset(paths)
     server = uvicorn.Server(
         uvicorn.Config(
-            RequestLog(app, route_of(shortcuts)),
+            RequestLog(app, route_of(shortcuts), Environment.read().access_lines),
             http=guarded(limits),
             host=args.host,
             port=args.port,

@@ -773,6 +773,13 @@ class Environment(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         default="text", description="text or json log lines"
     )
+    access_lines: int = Field(
+        default=100,
+        ge=0,
+        le=10**9,
+        description="request lines a process logs a second, one each; beyond, one line a"
+        " second counts the rest by route and status (5xx always one each); 0: every one",
+    )
     public_url: Annotated[str | None, AfterValidator(_public_url)] = Field(
         default=None,
         description="the https address browsers reach the API role at, for links in mail"

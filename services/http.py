@@ -42,6 +42,8 @@ class MaskCodes(logging.Filter):
     seat secret, however either is percent-encoded."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, MASKED, False):
+            return True  # its maker masked what a client could put in it
         if isinstance(record.args, tuple):
             record.args = tuple(mask(a) if isinstance(a, str) else a for a in record.args)
         elif isinstance(record.msg, str):
@@ -49,9 +51,23 @@ class MaskCodes(logging.Filter):
         return True
 
 
+#: A log record's attribute (pass it in `extra`): its arguments and fields
+#: are masked already, the filter leaves it as it is.
+MASKED = "entitle_masked"
+
+
 def mask(text: str) -> str:
     """`text` (a path, a query string, a log line) with activation codes cut
     to five characters and seat secrets to their prefix."""
+    if len(text) < _SHORTEST_SECRET:
+        return text  # percent-encoding only lengthens a secret
+    # Nothing to decode and no query: a secret would show as itself. Two
+    # searches instead of a callback per path segment: masking was two
+    # thirds of an access line's cost (40 of 59 µs, timeit).
+    if not _ENCODED_OR_QUERY.search(text) and not (
+        _CODE.search(text) or _ANY_SEAT_SECRET.search(text)
+    ):
+        return text
     return _PART.sub(_mask_secret, _QUERY.sub(_mask_query, text))
 
 
@@ -82,6 +98,8 @@ def _mask_query(match: re.Match[str]) -> str:
 #: characters, any case, in groups of five with or without hyphens.
 _CODE = re.compile(r"(?<![0-9A-Za-z])[0-9A-HJKMNP-TV-Z]{5}(?:-?[0-9A-HJKMNP-TV-Z]{5}){4}", re.I)
 _ANY_SEAT_SECRET = re.compile(SEAT_SECRET.pattern, re.IGNORECASE)
+_SHORTEST_SECRET = 19  # "es_" and 16 characters; a code takes 25
+_ENCODED_OR_QUERY = re.compile(r"[%+?]")
 
 
 def _mask_secret(match: re.Match[str]) -> str:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import anyio
 from aiokafka.errors import MessageSizeTooLargeError
+from prometheus_client.metrics import Counter as CounterChild
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
@@ -165,6 +166,7 @@ class Ingress:
         self.clock = clock
         #: The documented route; the ASGI entry names it in the scope, for the access log.
         self.route = Documented(PREFIX + "{source}", self.receive, "POST", RECEIVE)
+        self._counters: dict[str, tuple[CounterChild, CounterChild]] = {}
 
     async def receive(self, request: Request) -> Response:
         """The route's handler (Starlette's); `asgi` serves the same in front of it."""
@@ -206,13 +208,21 @@ class Ingress:
         """The answer, counted; `noted` gets what the request's log line
         should say of the stored webhook (services.logs.RequestLog)."""
         label = name if name in self.config.sources else UNKNOWN_SOURCE
-        WEBHOOKS_RECEIVED.labels(label).inc()
+        counted = self._counters.get(label)
+        if counted is None:
+            # A child per configured source (and "unknown"), kept: `labels`
+            # takes a lock and builds a key tuple on every call.
+            counted = self._counters[label] = (
+                WEBHOOKS_RECEIVED.labels(label),
+                WEBHOOKS_ACCEPTED.labels(label),
+            )
+        counted[0].inc()
         try:
             answer = await self._receive(name, headers, body, noted)
         except HTTPError as exc:
             WEBHOOKS_REJECTED.labels(label, exc.code).inc()
             raise
-        WEBHOOKS_ACCEPTED.labels(label).inc()
+        counted[1].inc()
         return answer
 
     async def _receive(

@@ -7,6 +7,7 @@ seat secrets to their prefix); no secret is ever a field.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -18,7 +19,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.http import MaskCodes, mask
+from services.http import MASKED, MaskCodes, mask
 
 access = logging.getLogger("entitle.access")
 #: Routes whose successful answers are logged at DEBUG only: the hot path
@@ -57,6 +58,12 @@ def configure(log_format: str, level: str = "info") -> None:
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     handler.addFilter(MaskCodes())
+    # No line shows the caller's file, thread or process: spare each record
+    # finding them (https://docs.python.org/3/howto/logging.html#optimization).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -88,11 +95,29 @@ class RequestLog:
     sent a sane one: up to 128 of `A-Za-z0-9._:-`; else a new one), and each
     request is one line on `entitle.access` with method, route (the path
     template, e.g. /v1/entitlements/{id}; the masked path when no route
-    matched), status, duration in ms and the request id."""
+    matched), status, duration in ms and the request id.
 
-    def __init__(self, app: ASGIApp, routes: Callable[[Scope], str | None]) -> None:
+    At most `per_second` such lines a second (0: no limit); the requests
+    beyond are counted by method, route and status, and said in one line
+    at the end of that second, like journald's rate limit. A 5xx is always
+    a line of its own. Under load a line each cost the ingress a tenth of
+    its CPU (bench/ingest.py --compare), for lines nobody reads one by one;
+    every webhook's receipt is in the store either way."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: Callable[[Scope], str | None],
+        per_second: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.app = app
         self.routes = routes
+        self.per_second = per_second
+        self.clock = clock
+        self._second = 0  # the monotonic second being counted
+        self._lines = 0  # lines written in it
+        self._held: dict[tuple[str, str, int], int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -102,7 +127,8 @@ class RequestLog:
         given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode(
             "latin-1"
         )
-        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        ours = not _REQUEST_ID.fullmatch(given)
+        request_id = uuid.uuid4().hex if ours else given
         status = 0
 
         async def answer(message: Message) -> None:
@@ -122,21 +148,32 @@ class RequestLog:
             route = self.routes(scope)
             ms = (time.perf_counter() - started) * 1000
             quiet = route in QUIET and 200 <= status < 300
-            if access.isEnabledFor(logging.DEBUG if quiet else logging.INFO):
+            level = logging.DEBUG if quiet else logging.INFO
+            if not access.isEnabledFor(level):
+                pass
+            elif level == logging.INFO and status < 500 and not self._within_budget():
+                # Unmatched paths under one name: a scan of many paths would
+                # otherwise make the summary line as long as the lines it saves.
+                key = (scope["method"], route or "(no route)", status)
+                self._held[key] = self._held.get(key, 0) + 1
+            else:
                 shown = route or mask(scope["path"])
+                # Masked here, once, and only what a client or provider
+                # chose: a request id of ours is hex that looks like a code.
+                shown_id = request_id if ours else mask(request_id)
                 # What the handler noted for this line (the ingress: the
                 # stored webhook's source, event and receipt), so a webhook
                 # is one line, not two: logging was half of the ingress's
                 # CPU per webhook (bench/ingest.py --compare).
-                noted: dict[str, str] = scope.get(NOTED) or {}
+                noted = {k: mask(v) for k, v in (scope.get(NOTED) or {}).items()}
                 access.log(
-                    logging.DEBUG if quiet else logging.INFO,
+                    level,
                     "%s %s %d %.1f ms id=%s" + " %s=%s" * len(noted),
                     scope["method"],
                     shown,
                     status,
                     ms,
-                    request_id,
+                    shown_id,
                     *(part for item in noted.items() for part in item),
                     extra={
                         "fields": {
@@ -144,8 +181,49 @@ class RequestLog:
                             "route": shown,
                             "status": status,
                             "duration_ms": round(ms, 2),
-                            "request_id": request_id,
+                            "request_id": shown_id,
                             **noted,
-                        }
+                        },
+                        MASKED: True,
                     },
                 )
+
+    def _within_budget(self) -> bool:
+        """Whether one more line fits this second's budget; the first request
+        held back in a second arranges that second's summary line."""
+        if not self.per_second:
+            return True
+        now = self.clock()
+        second = int(now)
+        if second != self._second:
+            self._second, self._lines = second, 0
+        if self._lines < self.per_second:
+            self._lines += 1
+            return True
+        if not self._held:
+            asyncio.get_running_loop().call_later(second + 1.0 - now, self._say_held)
+        return False
+
+    def _say_held(self) -> None:
+        held, self._held = self._held, {}
+        if not held:
+            return
+        total = sum(held.values())
+        parts = sorted(held.items(), key=lambda item: -item[1])
+        access.info(
+            "%d more requests in the last second, not logged one by one (at most %d lines"
+            " a second, ENTITLE_ACCESS_LINES): %s",
+            total,
+            self.per_second,
+            ", ".join(f"{n} {m} {route} {status}" for (m, route, status), n in parts),
+            extra={
+                "fields": {
+                    "not_logged": total,
+                    "requests": [
+                        {"method": m, "route": route, "status": status, "count": n}
+                        for (m, route, status), n in parts
+                    ],
+                },
+                MASKED: True,
+            },
+        )
