@@ -300,7 +300,47 @@ async def produce(bootstrap: str, events: list[dict[str, Any]]) -> None:
 # -- phase 1: fold throughput ------------------------------------------------------
 
 
-def fold_phase(events: list[dict[str, Any]], admin_url: str, batch: int, label: str) -> float:
+def bare_fold(admin_url: str, events: int, aggregates: int, state_bytes: int) -> float:
+    """Seconds eventsourcing alone takes to store `events` events of about
+    `state_bytes` each, on `aggregates` new aggregates, 100 aggregates a
+    transaction with a tracking record (what the fold's exactly-once needs):
+    the ceiling the fold is measured against, in a fresh database."""
+    from eventsourcing.domain import Aggregate, event
+    from eventsourcing.persistence import Tracking
+
+    from services.store import EntitlementStore
+
+    class Thing(Aggregate):
+        def __init__(self, data: str) -> None:
+            self.data = data
+
+        @event("Changed")
+        def change(self, data: str) -> None:
+            self.data = data
+
+    database_url = fresh_database(admin_url, "entitle_bench_bare")
+    store = EntitlementStore(database_url)
+    data = "x" * max(state_bytes - 60, 1)
+    more = max(events - aggregates, 0)  # events beyond each aggregate's first
+    try:
+        began = time.perf_counter()
+        for done, start in enumerate(range(0, aggregates, 100), 1):
+            things = [Thing(data) for _ in range(min(100, aggregates - start))]
+            end = start + len(things)
+            for index in range(more * start // aggregates, more * end // aggregates):
+                things[index % len(things)].change(data)
+            stored = [
+                store.mapper.to_stored_event(e) for thing in things for e in thing.collect_events()
+            ]
+            store.recorder.insert_events(stored, tracking=Tracking("bare", done))
+        return time.perf_counter() - began
+    finally:
+        store.close()
+
+
+def fold_phase(
+    events: list[dict[str, Any]], admin_url: str, batch: int, label: str, domains: int = 1
+) -> float:
     workdir = Path(tempfile.mkdtemp(prefix=f"entitle-bench-{label}-"))
     (workdir / "entitle.yaml").write_text(CONFIG)
     broker = EmbeddedBroker()
@@ -316,7 +356,11 @@ def fold_phase(events: list[dict[str, Any]], admin_url: str, batch: int, label: 
             "ENTITLE_SCHEDULE_INTERVAL": "3600",
             "ENTITLE_CODE_SECRET": "bench-code-secret-0123456789",
         }
-        domain = start("domain", workdir, env)
+        # Several: one consumer group, each its own name (ENTITLE_INSTANCE).
+        processes = [
+            start("domain", workdir, {**env, "ENTITLE_INSTANCE": f"bench-{index}"})
+            for index in range(domains)
+        ]
         try:
             first_at, first = None, 0
             while (done := folded(database_url)) < len(events):
@@ -324,18 +368,34 @@ def fold_phase(events: list[dict[str, Any]], admin_url: str, batch: int, label: 
                     first_at, first = time.perf_counter(), done
                 time.sleep(0.02)
             finished = time.perf_counter()
-            rss = resident_mb(domain.pid)
+            rss = sum(resident_mb(domain.pid) for domain in processes)
         finally:
-            stop(domain)
+            for domain in processes:
+                stop(domain)
         assert first_at is not None
         rate = (len(events) - first) / (finished - first_at)
         with psycopg.connect(database_url) as conn:
-            row = conn.execute("SELECT count(*) FROM entitle_events").fetchone()
-            stored = int(row[0]) if row else 0
+            row = conn.execute(
+                "SELECT count(*), count(DISTINCT originator_id), avg(length(state))"
+                " FROM entitle_events"
+            ).fetchone()
+            assert row is not None
+            stored, aggregates, state_bytes = int(row[0]), int(row[1]), int(row[2] or 0)
         print(
             f"fold, {label:>7}: {len(events):>6} webhooks folded at {rate:,.0f} webhooks/s "
-            f"({stored:,} events stored; domain process {rss:.0f} MB resident)"
+            f"by {domains} domain process{'es' if domains > 1 else ''} "
+            f"({stored:,} events stored; {rss:.0f} MB resident)",
+            flush=True,
         )
+        if label == "batched":
+            seconds = bare_fold(admin_url, stored, aggregates, state_bytes)
+            ceiling = len(events) / seconds
+            print(
+                f"bare eventsourcing: the same {stored:,} events ({state_bytes:,} B each on"
+                f" average) on {aggregates:,} aggregates, 100 a transaction, in {seconds:.1f} s:"
+                f" {ceiling:,.0f} webhooks/s equivalent; the fold {rate / ceiling:.2f} of it",
+                flush=True,
+            )
         return rate
     finally:
         broker.stop()
@@ -484,6 +544,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--phase", choices=["fold", "e2e", "all"], default="all")
+    parser.add_argument(
+        "--domains", type=int, default=1, help="domain processes folding (batched fold)"
+    )
     args = parser.parse_args()
     now = int(time.time())
     if args.phase in ("fold", "all"):
@@ -493,7 +556,7 @@ def main() -> None:
             f"mix:           {len(events)} webhooks from {args.subscriptions} subscriptions, "
             f"{statistics.mean(sizes) / 1024:.1f} KB average"
         )
-        fold_phase(events, args.postgres, 500, "batched")
+        fold_phase(events, args.postgres, 500, "batched", args.domains)
         fold_phase(workload(args.naive_subscriptions, 2, now), args.postgres, 1, "naive")
     if args.phase in ("e2e", "all"):
         wanted = int(args.rate * args.seconds)

@@ -21,8 +21,10 @@ Per size:
 4. fold: 5,000 renewal `invoice.paid` webhooks of random existing
    subscriptions put on a fresh raw topic, drained by `entitle domain`
    (batches of 500); prints webhooks folded per second, `--runs` times.
-5. replay (with `--replay`): `entitle replay`, events per second, twice,
-   each beside eventsourcing's own select + decode of the same log.
+5. replay (with `--replay`): the rebuild `entitle replay` calls, timed
+   around the call as bench/replay.py does, events per second, twice, each
+   beside eventsourcing's own select + decode of the same log; and the
+   whole command's seconds (its interpreter's start and imports included).
 """
 
 from __future__ import annotations
@@ -330,20 +332,36 @@ def bare_read(database_url: str) -> tuple[int, float]:
         store.close()
 
 
-def replay_run(workdir: Path, database_url: str) -> tuple[float, int]:
+def replay_run(workdir: Path, database_url: str) -> tuple[float, int, float]:
+    """(seconds in `replay`, events, seconds of the whole `entitle replay`
+    command): the first as bench/replay.py measures it, the call the command
+    makes, so that the ratio to the bare read (also timed in-process) leaves
+    out the interpreter's start and imports, a second or so at any size."""
     with psycopg.connect(database_url) as conn:
         row = conn.execute("SELECT count(*) FROM entitle_events").fetchone()
         events = int(row[0]) if row else 0
     env = {**os.environ, "ENTITLE_DATABASE_URL": database_url, "ENTITLE_CODE_SECRET": CODE_SECRET}
-    began = time.perf_counter()
-    subprocess.run(
-        [ENTITLE, "replay"],
-        cwd=workdir,
+    code = (
+        "import time\n"
+        "from services.projections import replay\n"
+        "from services.readmodel import ReadModel\n"
+        "from services.store import EntitlementStore\n"
+        f"store, read_model = EntitlementStore({database_url!r}), ReadModel({database_url!r})\n"
+        "began = time.perf_counter()\n"
+        "replay(store, read_model)\n"
+        "print(time.perf_counter() - began)\n"
+    )
+    inner = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
         env=env,
         check=True,
         capture_output=True,
+        text=True,
     )
-    return time.perf_counter() - began, events
+    began = time.perf_counter()
+    subprocess.run([ENTITLE, "replay"], cwd=workdir, env=env, check=True, capture_output=True)
+    return float(inner.stdout.split()[-1]), events, time.perf_counter() - began
 
 
 # -----------------------------------------------------------------------------------
@@ -409,11 +427,12 @@ def one_size(args: argparse.Namespace, size: int) -> None:
     if args.replay:
         rounds = [(bare_read(database_url), replay_run(workdir, database_url)) for _ in range(2)]
         read = [count / took for (count, took), _ in rounds]
-        rebuilt = [events / took for _, (took, events) in rounds]
+        rebuilt = [events / took for _, (took, events, _) in rounds]
         print(
             f"replay:  {rounds[0][1][1]:,} events at {spread(rebuilt, '/s')}; the bare read"
             f" (eventsourcing select + decode) {spread(read, '/s')}:"
-            f" {spread([r / b for r, b in zip(rebuilt, read, strict=True)], '', 2)} of it"
+            f" {spread([r / b for r, b in zip(rebuilt, read, strict=True)], '', 2)} of it;"
+            f" the whole command {spread([whole for _, (_, _, whole) in rounds], ' s', 1)}"
         )
     print(f"         load average {os.getloadavg()[0]:.2f}", flush=True)
 
