@@ -557,7 +557,8 @@ def main() -> None:
             f"{statistics.mean(sizes) / 1024:.1f} KB average"
         )
         fold_phase(events, args.postgres, 500, "batched", args.domains)
-        fold_phase(workload(args.naive_subscriptions, 2, now), args.postgres, 1, "naive")
+        if args.naive_subscriptions:
+            fold_phase(workload(args.naive_subscriptions, 2, now), args.postgres, 1, "naive")
     if args.phase in ("e2e", "all"):
         wanted = int(args.rate * args.seconds)
         stream: list[dict[str, Any]] = []

@@ -76,6 +76,7 @@ def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
+@lru_cache(maxsize=16_384)
 def payment_id(source: str, ref: str) -> UUID:
     return uuid5(NAMESPACE, f"payment\x1f{source}\x1f{ref}")
 
