@@ -36,7 +36,7 @@ from services.config import (
 )
 from services.http import BODIES, Shortcut, ascii_int, aware_time
 from services.kafka import EmbeddedBroker, free_port
-from services.logs import RequestLog, configure, route_of
+from services.logs import LineBudget, RequestLog, configure, route_of
 from services.outbound.mail import mail_settings
 from services.progress import Bar
 from services.readmodel import ReadModel
@@ -56,6 +56,7 @@ def _serve(
     configure(args.log_format or Environment.read().log_format, args.log_level)
     config = load_config(Path(args.config))
     limits = HttpLimits.from_env()
+    budget = LineBudget(Environment.read().access_lines)
     BODIES.limit = limits.max_body_buffer
     try:
         app = build_app(config, settings, roles, admin_keys(keys_env), peers)
@@ -68,8 +69,8 @@ def _serve(
     shortcuts = frozenset(paths)
     server = uvicorn.Server(
         uvicorn.Config(
-            RequestLog(app, route_of(shortcuts), Environment.read().access_lines),
-            http=guarded(limits),
+            RequestLog(app, route_of(shortcuts), budget),
+            http=guarded(limits, budget),
             host=args.host,
             port=args.port,
             log_level=args.log_level,

@@ -58,7 +58,9 @@ MASKED = "entitle_masked"
 
 def mask(text: str) -> str:
     """`text` (a path, a query string, a log line) with activation codes cut
-    to five characters and seat secrets to their prefix."""
+    to five characters and seat secrets to their prefix: in every form
+    validation accepts (any case, O for 0, I or L for 1, groups apart by a
+    hyphen or a space or not at all), percent-encoded once or more."""
     if len(text) < _SHORTEST_SECRET:
         return text  # percent-encoding only lengthens a secret
     # Nothing to decode and no query: a secret would show as itself. Two
@@ -68,18 +70,28 @@ def mask(text: str) -> str:
         _CODE.search(text) or _ANY_SEAT_SECRET.search(text)
     ):
         return text
-    return _PART.sub(_mask_secret, _QUERY.sub(_mask_query, text))
+    # Segment by segment (each decoded), then across segments: a code typed
+    # with spaces is several segments.
+    return _mask_codes(_PART.sub(_mask_secret, _QUERY.sub(_mask_query, text)))
+
+
+def _decodings(raw: str) -> list[str]:
+    """`raw` and each round of percent-decoding it until it no longer
+    changes (a few rounds at most): a secret may show in any of them (the
+    last round can turn "%04J91" into a control character and "J91")."""
+    forms = [raw]
+    for _ in range(3):
+        decoded = unquote_plus(forms[-1])
+        if decoded == forms[-1]:
+            break
+        forms.append(decoded)
+    return forms
 
 
 def _decoded(raw: str) -> str:
-    """`raw` percent-decoded until it no longer changes (a few rounds at
-    most), so a double-encoded name is recognised too."""
-    for _ in range(3):
-        decoded = unquote_plus(raw)
-        if decoded == raw:
-            break
-        raw = decoded
-    return raw
+    """`raw` percent-decoded until it no longer changes, so a
+    double-encoded name is recognised too."""
+    return _decodings(raw)[-1]
 
 
 def _mask_query(match: re.Match[str]) -> str:
@@ -94,21 +106,46 @@ def _mask_query(match: re.Match[str]) -> str:
     return "?" + "&".join(parts)
 
 
-#: An activation code anywhere (a path segment, any parameter): 25 Crockford
-#: characters, any case, in groups of five with or without hyphens.
-_CODE = re.compile(r"(?<![0-9A-Za-z])[0-9A-HJKMNP-TV-Z]{5}(?:-?[0-9A-HJKMNP-TV-Z]{5}){4}", re.I)
+#: An activation code anywhere (a path segment, any parameter): 25
+#: characters of Crockford's base32 as validation reads them (any case; O,
+#: I and L too, read as 0 and 1), in groups of five apart by a hyphen or a
+#: space (or either percent-encoded), or not. `_mask_codes` decides what a
+#: match without any separator is (25 of a longer run of letters and
+#: digits, like a hex id, is not a code).
+_CODE = re.compile(r"[0-9A-TV-Z]{5}(?:(?:[-\s]|%2[0D])?[0-9A-TV-Z]{5}){4}", re.I)
+_SEPARATOR = re.compile(r"[-\s]|%2[0D]", re.I)
+_ALNUM = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _ANY_SEAT_SECRET = re.compile(SEAT_SECRET.pattern, re.IGNORECASE)
 _SHORTEST_SECRET = 19  # "es_" and 16 characters; a code takes 25
 _ENCODED_OR_QUERY = re.compile(r"[%+?]")
 
 
+def _cut_code(match: re.Match[str]) -> str:
+    found, text = match.group(0), match.string
+    if not _SEPARATOR.search(found) and (
+        (match.start() > 0 and text[match.start() - 1] in _ALNUM)
+        or (match.end() < len(text) and text[match.end()] in _ALNUM)
+    ):
+        # 25 of a longer run (a hex id, a ULID such as Paddle's event ids):
+        # not what a person types as a code, and cutting it would hide ids
+        # people look for. Written in groups it is masked whatever adjoins it.
+        return found
+    return found[:5] + "…"
+
+
+def _mask_codes(text: str) -> str:
+    return _CODE.sub(_cut_code, text)
+
+
 def _mask_secret(match: re.Match[str]) -> str:
     part = match.group(0)
-    decoded = _decoded(part)
-    if _ANY_SEAT_SECRET.search(decoded):
+    forms = _decodings(part)
+    if any(_ANY_SEAT_SECRET.search(form) for form in forms):
         return "es_…"
-    if _CODE.search(decoded):
-        return _CODE.sub(lambda code: code.group(0)[:5] + "…", decoded)
+    for form in forms:
+        masked = _mask_codes(form)
+        if masked != form:
+            return masked
     return part
 
 

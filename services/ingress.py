@@ -248,7 +248,9 @@ class Ingress:
             else:
                 source.provider.verify(headers, body, source.credentials(), self.clock())
         except SignatureError as exc:
-            log.info("rejected webhook for %s: %s", name, exc)
+            # On the request's line (within its budget), not a line of its
+            # own: anyone can send bad signatures, as many as they like.
+            noted.update(source=name, rejected=str(exc))
             raise HTTPError(401, "invalid_signature", str(exc)) from None
         payload, text = parse_body(body)
         events = source.provider.split(payload) if source.provider.split else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -20,6 +21,12 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from services.config import Environment
+from services.http import MASKED
+from services.logs import LineBudget, access
+
+#: The route named in the request line of what the server refuses before
+#: the app sees it: no route was chosen, and the path is not read.
+REFUSED = "(refused by the server)"
 
 
 @dataclass(frozen=True)
@@ -53,9 +60,14 @@ class HttpLimits:
         )
 
 
-def guarded(limits: HttpLimits) -> type[GuardedProtocol]:
-    """The protocol class to give uvicorn (`uvicorn.Config(http=...)`)."""
-    return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits, "_sweeping": None})
+def guarded(limits: HttpLimits, budget: LineBudget | None = None) -> type[GuardedProtocol]:
+    """The protocol class to give uvicorn (`uvicorn.Config(http=...)`); what
+    it refuses is logged within `budget` (the process's request lines')."""
+    return type(
+        "GuardedProtocol",
+        (GuardedProtocol,),
+        {"limits": limits, "budget": budget or LineBudget(), "_sweeping": None},
+    )
 
 
 #: How often deadlines are looked at: a slow client is cut off at most this
@@ -65,6 +77,7 @@ SWEEP_SECONDS = 0.25
 
 class GuardedProtocol(HttpToolsProtocol):
     limits = HttpLimits()
+    budget = LineBudget()
     _sweeping: asyncio.TimerHandle | None = None  # per server: `guarded` makes a class each
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -196,9 +209,32 @@ class GuardedProtocol(HttpToolsProtocol):
     def _refuse(
         self, status: HTTPStatus, code: str, detail: str, retry_after: bool = False
     ) -> None:
-        """Answer with the JSON error body every route uses, and close."""
+        """Answer with the JSON error body every route uses, and close; a
+        request line on `entitle.access` like the app's (the request never
+        reached it), within the budget."""
         self._refused = True
         self._disarm()
+        if access.isEnabledFor(logging.INFO):
+            method = "-"  # maybe not received yet; a fresh parser says DELETE
+            if self.budget.take():
+                access.info(
+                    "%s %s %d %s",
+                    method,
+                    REFUSED,
+                    int(status),
+                    code,
+                    extra={
+                        "fields": {
+                            "method": method,
+                            "route": REFUSED,
+                            "status": int(status),
+                            "error": code,
+                        },
+                        MASKED: True,
+                    },
+                )
+            else:
+                self.budget.hold((method, REFUSED, int(status)))
         body = json.dumps({"error": code, "detail": detail, "status": int(status)}).encode()
         head = [f"HTTP/1.1 {int(status)} {status.phrase}".encode()]
         head += [name + b": " + value for name, value in self.server_state.default_headers]

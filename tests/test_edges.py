@@ -176,6 +176,9 @@ def test_too_many_headers_are_a_431(stack: Entitle) -> None:
     headers = {f"x-h-{n}": "1" for n in range(150)}
     response = httpx.get(f"{stack.url}/healthz", headers=headers)
     assert_client_error(response, 431)
+    # The request never reached the app, and still has its request line.
+    refused = "- (refused by the server) 431 headers_too_large"
+    eventually(lambda: refused in stack.text or None, timeout=5)
 
 
 def test_a_header_too_large_is_a_431(stack: Entitle) -> None:
@@ -270,6 +273,8 @@ def test_a_request_that_is_not_http_is_a_json_400(stack: Entitle, request_bytes:
     client.close()
     assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "invalid_request"
+    eventually(lambda: "(refused by the server) 400 invalid_request" in stack.text or None)
+    assert "Invalid HTTP request received" not in stack.text  # that line, not two
 
 
 @pytest.mark.parametrize("path", ["/nope", "/healthz", "/v1/validate", "/webhooks/nope"])
@@ -321,6 +326,7 @@ def test_connections_past_the_cap_are_refused_and_the_server_recovers(stack: Ent
         client.settimeout(5)
         answers.append(_read_all(client))
     assert all(a.startswith(b"HTTP/1.1 503") for a in answers), answers
+    eventually(lambda: "(refused by the server) 503 too_many_connections" in stack.text or None)
     # The held ones time out; then the server takes connections again.
     eventually(lambda: httpx.get(f"{stack.url}/healthz").status_code == 200 or None, timeout=20)
     for client in held:

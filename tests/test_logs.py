@@ -124,7 +124,7 @@ def test_request_lines_beyond_the_budget_are_counted_in_one_line_a_second() -> N
     import asyncio
     import logging
 
-    from services.logs import JsonLines, RequestLog
+    from services.logs import JsonLines, LineBudget, RequestLog
 
     statuses = iter([202] * 9 + [503, 401, 401])
 
@@ -144,7 +144,7 @@ def test_request_lines_beyond_the_budget_are_counted_in_one_line_a_second() -> N
     level = access.level
     access.setLevel(logging.INFO)
     # 50 ms before a second ends: its summary comes 50 ms later.
-    logged = RequestLog(app, lambda scope: "/webhooks/{source}", 3, clock=lambda: 100.95)
+    logged = RequestLog(app, lambda scope: "/webhooks/{source}", LineBudget(3, lambda: 100.95))
     transport = httpx.ASGITransport(logged)
 
     async def run() -> None:
@@ -169,3 +169,162 @@ def test_request_lines_beyond_the_budget_are_counted_in_one_line_a_second() -> N
     assert "8 more requests" in summary["message"]
     assert "6 POST /webhooks/{source} 202, 2 POST" in summary["message"]
     assert len(records) == 5
+
+
+CODE = "04J91-2Q6TH-EC6PV-F1B4Z-7Z003"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "/x/o4j9i-2q6th-ec6pv-fib4z-7zoo3",  # O for 0, I for 1, any case
+        "/x/04J91 2Q6TH EC6PV F1B4Z 7Z003",  # a path as uvicorn decodes it
+        "/x/04J91%202Q6TH%20EC6PV%20F1B4Z%207Z003",
+        "/x/%2504J91-2Q6TH-EC6PV-F1B4Z-7Z003",  # a round of decoding makes "\x04J91"
+        "/x/%04J91%2D2Q6TH%2DEC6PV%2DF1B4Z%2D7Z003",
+        "/x/%2504J91%252D2Q6TH%252DEC6PV%252DF1B4Z%252D7Z003",
+        "/x/y04J91-2Q6TH-EC6PV-F1B4Z-7Z003",
+        "req-o4j9i-2q6th-ec6pv-fib4z-7zoo3",
+        "evt_o4j9i2q6thec6pvfib4z7zoo3",
+        "04J912Q6THEC6PVF1B4Z7Z003.json",
+        "dead letter 'stripe-main'/'evt_04j91-2q6th-ec6pv-f1b4z-7z003': no offering",
+    ],
+)
+def test_every_form_of_a_code_validation_accepts_is_masked(text: str) -> None:
+    from domain.entitlement import normalize_code
+    from services.http import mask
+
+    masked = mask(text)
+    assert "…" in masked, masked
+    # Nothing of the code past its first five characters is left, in any form.
+    plain = normalize_code(CODE)
+    squeezed = normalize_code(
+        "".join(c for c in masked.replace("%2D", "").replace("%20", "") if c.isalnum())
+    )
+    assert plain[5:10] not in squeezed and plain[-5:] not in squeezed, masked
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "4bf92f3577b34da6a3ce929d0e0e4736",  # a uuid4().hex, a W3C trace id
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # traceparent
+        "evt_01h04vsc0qhwtsbsxh3422wjs4",  # Paddle's ids: a prefix and a ULID
+        "3f2a1c9e-8d7b-4e6f-a5c4-b3d2e1f0a9b8",
+        "no offering matches the price of these items here today",
+    ],
+)
+def test_ids_that_are_no_code_are_logged_whole(text: str) -> None:
+    from services.http import mask
+
+    assert mask(text) == text
+
+
+def test_what_is_held_is_logged_as_the_server_stops() -> None:
+    """Stopped inside a second, the requests held back in it are said as
+    the lifespan ends, not lost with the timer that would have said them."""
+    import asyncio
+    import logging
+
+    from services.logs import LineBudget, RequestLog
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await send({"type": "http.response.start", "status": 202, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = Collect()
+    access = logging.getLogger("entitle.access")
+    access.addHandler(handler)
+    level = access.level
+    access.setLevel(logging.INFO)
+    logged = RequestLog(app, lambda scope: "/webhooks/{source}", LineBudget(1, lambda: 100.0))
+
+    async def run() -> None:
+        inbox: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        lifespan = asyncio.create_task(
+            logged({"type": "lifespan", "asgi": {"version": "3.0"}}, inbox.get, send)
+        )
+        await inbox.put({"type": "lifespan.startup"})
+        transport = httpx.ASGITransport(logged)
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as http:
+            for _ in range(3):
+                await http.post("/webhooks/x")
+        await inbox.put({"type": "lifespan.shutdown"})
+        await lifespan
+        assert sent[-1] == {"type": "lifespan.shutdown.complete"}
+
+    try:
+        asyncio.run(run())  # ends before the second would
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
+    assert len(lines) == 2, lines
+    assert lines[1].startswith("2 more requests in the last second"), lines
+    assert "(at most 1 line a second" in lines[1], lines
+
+
+def test_a_refused_signature_is_said_on_its_request_line_only(tmp_path: Path) -> None:
+    """A bad signature is one line (the request's, within the budget)
+    naming why, not a second line anyone could multiply."""
+    import asyncio
+    import logging
+
+    from services.config import load_config
+    from services.http import Shortcut
+    from services.ingress import PREFIX, Ingress
+    from services.logs import RequestLog, route_of
+
+    (tmp_path / "entitle.yaml").write_text(
+        "sources: {stripe-main: {provider: stripe, secret: whsec_x}}\n"
+    )
+
+    async def publish(value: bytes, key: bytes) -> None:
+        raise AssertionError("nothing is published")
+
+    ingress = Ingress(load_config(tmp_path / "entitle.yaml"), publish)
+    app = RequestLog(Shortcut(None, "POST", PREFIX, ingress.asgi, prefix=True), route_of())  # type: ignore[arg-type]
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(f"{record.name} {record.getMessage()}")
+
+    handler = Collect()
+    root = logging.getLogger("entitle")
+    root.addHandler(handler)
+    level = root.level
+    root.setLevel(logging.INFO)
+
+    async def run() -> int:
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as http:
+            answer = await http.post(
+                "/webhooks/stripe-main", content=b"{}", headers={"Stripe-Signature": "t=1,v1=00"}
+            )
+            return answer.status_code
+
+    try:
+        status = asyncio.run(run())
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert status == 401
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("entitle.access POST /webhooks/{source} 401"), lines
+    assert "source=stripe-main rejected=" in lines[0] and "tolerance" in lines[0], lines
