@@ -37,18 +37,34 @@ _PART = re.compile(r"[^\s\"/?&=#]+")
 
 
 class MaskCodes(logging.Filter):
-    """Access logs show a request's path and query string: keep only the
-    first five characters of an activation code there, and nothing of a
-    seat secret, however either is percent-encoded."""
+    """Every line, whatever logged it (ours, uvicorn's, the stripe
+    library's): activation codes cut to their first five characters and
+    seat secrets to their prefix, however either is written or
+    percent-encoded, in the message, its structured `fields` and a
+    traceback. The message is formatted here, once, and kept as text."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, MASKED, False):
             return True  # its maker masked what a client could put in it
-        if isinstance(record.args, tuple):
-            record.args = tuple(mask(a) if isinstance(a, str) else a for a in record.args)
-        elif isinstance(record.msg, str):
-            record.msg = mask(record.msg)
+        record.msg, record.args = mask(record.getMessage()), ()
+        fields = getattr(record, "fields", None)
+        if fields:
+            record.fields = _masked(fields)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = mask(logging.Formatter().formatException(record.exc_info))
+        if record.stack_info:
+            record.stack_info = mask(record.stack_info)
         return True
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask(value)
+    if isinstance(value, dict):
+        return {key: _masked(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked(item) for item in value]
+    return value
 
 
 #: A log record's attribute (pass it in `extra`): its arguments and fields
@@ -108,33 +124,45 @@ def _mask_query(match: re.Match[str]) -> str:
 
 #: An activation code anywhere (a path segment, any parameter): 25
 #: characters of Crockford's base32 as validation reads them (any case; O,
-#: I and L too, read as 0 and 1), in groups of five apart by a hyphen or a
-#: space (or either percent-encoded), or not. `_mask_codes` decides what a
-#: match without any separator is (25 of a longer run of letters and
-#: digits, like a hex id, is not a code).
-_CODE = re.compile(r"[0-9A-TV-Z]{5}(?:(?:[-\s]|%2[0D])?[0-9A-TV-Z]{5}){4}", re.I)
-_SEPARATOR = re.compile(r"[-\s]|%2[0D]", re.I)
+#: I and L too, read as 0 and 1; `domain.entitlement.normalize_code`), in
+#: five groups of five; hyphens anywhere, hyphens and spaces between groups
+#: (either percent-encoded too). Spaces only between groups: anywhere, they
+#: would make a code of any 25 letters of a sentence.
+_S = "[0-9A-TV-Z]"
+_GAP = r"(?:[-\s]|%2[0D])"
+_GROUP = rf"{_S}(?:(?:-|%2D)*{_S}){{4}}"
+_CODE = re.compile(rf"{_GROUP}(?:{_GAP}*{_GROUP}){{4}}", re.I)
+#: The form codes are shown in (and a person copies): masked whatever adjoins it.
+_SHOWN = re.compile(rf"{_S}{{5}}(?:{_GAP}{_S}{{5}}){{4}}", re.I)
+_GAPS = re.compile(rf"{_GAP}*", re.I)
+_GAPS_BEFORE = re.compile(r"(?:[-\s]|%2[0D])*$", re.I)
 _ALNUM = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _ANY_SEAT_SECRET = re.compile(SEAT_SECRET.pattern, re.IGNORECASE)
 _SHORTEST_SECRET = 19  # "es_" and 16 characters; a code takes 25
 _ENCODED_OR_QUERY = re.compile(r"[%+?]")
 
 
-def _cut_code(match: re.Match[str]) -> str:
-    found, text = match.group(0), match.string
-    if not _SEPARATOR.search(found) and (
-        (match.start() > 0 and text[match.start() - 1] in _ALNUM)
-        or (match.end() < len(text) and text[match.end()] in _ALNUM)
-    ):
-        # 25 of a longer run (a hex id, a ULID such as Paddle's event ids):
-        # not what a person types as a code, and cutting it would hide ids
-        # people look for. Written in groups it is masked whatever adjoins it.
-        return found
-    return found[:5] + "…"
+def _cut(match: re.Match[str]) -> str:
+    return match.group(0)[:5] + "…"
+
+
+def _cut_alone(match: re.Match[str]) -> str:
+    """A match in any other form is a code only when it stands alone (no
+    letter or digit next to it, past hyphens and spaces): 25 of a longer
+    run, such as a hex id, a UUID or a ULID (Paddle's event ids), is not,
+    and cutting it would hide ids people look for."""
+    text = match.string
+    before = text[: match.start()]
+    before = before[: len(before) - len(_GAPS_BEFORE.search(before).group(0))]  # type: ignore[union-attr]
+    after_gap = _GAPS.match(text, match.end())
+    after = after_gap.end() if after_gap else match.end()
+    if (before and before[-1] in _ALNUM) or (after < len(text) and text[after] in _ALNUM):
+        return match.group(0)
+    return _cut(match)
 
 
 def _mask_codes(text: str) -> str:
-    return _CODE.sub(_cut_code, text)
+    return _CODE.sub(_cut_alone, _SHOWN.sub(_cut, text))
 
 
 def _mask_secret(match: re.Match[str]) -> str:

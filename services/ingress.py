@@ -284,7 +284,9 @@ class Ingress:
                         source=name, provider_event_id=event_id, receipt_id=envelope.receipt_id
                     )
                 else:
-                    log.info(
+                    # The request's line counts them; one each only at debug
+                    # level (a batch may hold hundreds, outside the budget).
+                    log.debug(
                         "stored webhook %s from %s (event %s)",
                         envelope.receipt_id,
                         name,
@@ -298,6 +300,7 @@ class Ingress:
                         },
                     )
         if events is not None:
+            noted.update(source=name, events_stored=str(sum(stored)))
             # An event too large to store is left out of the acknowledgment
             # (the provider shows it unprocessed); the others are kept.
             for event, value, keep in zip(events, values, stored, strict=True):

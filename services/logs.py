@@ -44,7 +44,8 @@ class JsonLines(logging.Formatter):
         }
         line.update(getattr(record, "fields", None) or {})
         if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
+            # As `MaskCodes` masked it, when it did.
+            line["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
@@ -74,14 +75,27 @@ def configure(log_format: str, level: str = "info") -> None:
         logger.handlers = []
         logger.propagate = True
     # The server's guard writes a request line for what it refuses, within
-    # the lines' budget; uvicorn's own warning for it would be one more, without.
-    logging.getLogger("uvicorn.error").addFilter(_UnparsedRequest())
+    # the lines' budget; uvicorn's own warnings for a request would be more
+    # lines, without (anyone can send a bad head or ask for a WebSocket).
+    logging.getLogger("uvicorn.error").addFilter(_PerRequest())
     logging.getLogger("entitle").setLevel(level.upper())
+    # The stripe library writes two lines a call at info level; its errors
+    # reach our own lines (entitle.stripe).
+    logging.getLogger("stripe").setLevel(logging.WARNING)
 
 
-class _UnparsedRequest(logging.Filter):
+class _PerRequest(logging.Filter):
+    """uvicorn's warnings about one request: it is answered (a 400 the guard
+    logs, or as plain HTTP) and has its request line."""
+
+    QUIET = (
+        "Invalid HTTP request received.",
+        "Unsupported upgrade request.",
+        "No supported WebSocket library detected.",
+    )
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.msg != "Invalid HTTP request received."
+        return not (isinstance(record.msg, str) and record.msg.startswith(self.QUIET))
 
 
 def route_of(shortcuts: frozenset[str] = frozenset()) -> Callable[[Scope], str | None]:

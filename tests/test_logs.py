@@ -188,6 +188,11 @@ CODE = "04J91-2Q6TH-EC6PV-F1B4Z-7Z003"
         "evt_o4j9i2q6thec6pvfib4z7zoo3",
         "04J912Q6THEC6PVF1B4Z7Z003.json",
         "dead letter 'stripe-main'/'evt_04j91-2q6th-ec6pv-f1b4z-7z003': no offering",
+        "04J91--2Q6TH--EC6PV--F1B4Z--7Z003",  # hyphens and spaces between groups
+        "04J91 - 2Q6TH - EC6PV - F1B4Z - 7Z003",
+        "04J91-\t2Q6TH-\tEC6PV-\tF1B4Z-\t7Z003",
+        "04J9-12Q6-THEC-6PVF-1B4Z-7Z00-3",  # hyphens anywhere
+        "-".join("04J912Q6THEC6PVF1B4Z7Z003"),
     ],
 )
 def test_every_form_of_a_code_validation_accepts_is_masked(text: str) -> None:
@@ -211,7 +216,8 @@ def test_every_form_of_a_code_validation_accepts_is_masked(text: str) -> None:
         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # traceparent
         "evt_01h04vsc0qhwtsbsxh3422wjs4",  # Paddle's ids: a prefix and a ULID
         "3f2a1c9e-8d7b-4e6f-a5c4-b3d2e1f0a9b8",
-        "no offering matches the price of these items here today",
+        "Root=1-6371c655-7e3a94e835e7bd8219a0be36",  # an AWS trace id
+        "price 'price_nope' maps to no offering in the catalog",
     ],
 )
 def test_ids_that_are_no_code_are_logged_whole(text: str) -> None:
@@ -328,3 +334,41 @@ def test_a_refused_signature_is_said_on_its_request_line_only(tmp_path: Path) ->
     assert len(lines) == 1, lines
     assert lines[0].startswith("entitle.access POST /webhooks/{source} 401"), lines
     assert "source=stripe-main rejected=" in lines[0] and "tolerance" in lines[0], lines
+
+
+def test_every_line_is_masked_however_it_was_logged() -> None:
+    """A message without arguments, an exception or a mapping as argument,
+    a traceback and structured fields (JSON): codes are cut in each."""
+    import logging
+
+    from services.http import MaskCodes
+    from services.logs import JsonLines
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    logger = logging.getLogger("entitle.test-masking")
+    for formatter in (logging.Formatter("%(message)s"), JsonLines()):
+        handler = Collect()
+        handler.setFormatter(formatter)
+        handler.addFilter(MaskCodes())
+        logger.addHandler(handler)
+        try:
+            logger.warning("no arguments " + CODE)
+            logger.warning("%r", ValueError(CODE))
+            logger.warning("%(a)s", {"a": CODE})
+            logger.warning("fields", extra={"fields": {"provider_event_id": CODE, "l": [CODE]}})
+            try:
+                raise KeyError(CODE)
+            except KeyError:
+                logger.exception("failed")
+        finally:
+            logger.removeHandler(handler)
+    assert len(lines) == 10
+    for line in lines:
+        assert "2Q6TH" not in line, line
+    assert '"provider_event_id": "04J91…"' in lines[8], lines[8]
+    assert "KeyError: '04J91…'" in lines[4], lines[4]
