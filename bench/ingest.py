@@ -2,7 +2,7 @@
 stack at a chosen concurrency, then wait until all N are folded and visible.
 
     entitle dev --config examples/entitle.yaml &
-    python bench/ingest.py -n 5000 -c 32 --admin-key ek_… --database-url sqlite:///.entitle/entitle.db
+    python bench/ingest.py -n 5000 -c 32 --database-url sqlite:///.entitle/entitle.db
 
 Prints webhooks/s acknowledged, p50/p99 acknowledgement latency, and the time
 until all N are folded into the event store and projected (folded/s). Each
