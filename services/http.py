@@ -46,7 +46,11 @@ class MaskCodes(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, MASKED, False):
             return True  # its maker masked what a client could put in it
-        record.msg, record.args = mask(record.getMessage()), ()
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad call (e.g. too few arguments) is no crash of its caller
+            message = f"{record.msg} (arguments it could not take: {record.args!r})"
+        record.msg, record.args = mask(message), ()
         fields = getattr(record, "fields", None)
         if fields:
             record.fields = _masked(fields)
@@ -58,13 +62,18 @@ class MaskCodes(logging.Filter):
 
 
 def _masked(value: Any) -> Any:
+    """`value` (a line's fields) with every text in it masked: what JSON
+    writes as it is (numbers, booleans, null) is kept, anything else
+    (bytes, sets, objects) becomes its text, masked, as the line would show it."""
     if isinstance(value, str):
         return mask(value)
     if isinstance(value, dict):
-        return {key: _masked(item) for key, item in value.items()}
+        return {mask(str(key)): _masked(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [_masked(item) for item in value]
-    return value
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return mask(str(value))
 
 
 #: A log record's attribute (pass it in `extra`): its arguments and fields
@@ -79,6 +88,10 @@ def mask(text: str) -> str:
     hyphen or a space or not at all), percent-encoded once or more."""
     if len(text) < _SHORTEST_SECRET:
         return text  # percent-encoding only lengthens a secret
+    if not text.isascii():
+        # Letters that validation's upper-casing makes two ("ß" is "SS",
+        # "ﬁ" is "FI"), written as validation reads them.
+        text = "".join(c.upper() if len(c.upper()) > 1 else c for c in text)
     # Nothing to decode and no query: a secret would show as itself. Two
     # searches instead of a callback per path segment: masking was two
     # thirds of an access line's cost (40 of 59 µs, timeit).
@@ -89,6 +102,22 @@ def mask(text: str) -> str:
     # Segment by segment (each decoded), then across segments: a code typed
     # with spaces is several segments.
     return _mask_codes(_PART.sub(_mask_secret, _QUERY.sub(_mask_query, text)))
+
+
+#: Letters, digits, "_", hyphens, whitespace, "%" and "\\": what the start of
+#: a code or secret (written any way masking reads) is made of.
+_RUN_AT_END = re.compile(r"[0-9A-Za-z_\s%\\-]+$")
+
+
+def mask_short(text: str, limit: int = 512) -> str:
+    """`mask(text)`, cut to about `limit` characters: a path a client chose
+    may be 32 KB, which took masking 24 ms (linear, but not for every
+    request). Where it is cut, the run of characters a code or secret could
+    begin with is left out too, so no part of one shows."""
+    if len(text) <= limit:
+        return mask(text)
+    head = _RUN_AT_END.sub("", text[:limit])
+    return f"{mask(head)}…({len(text) - len(head)} more characters)"
 
 
 def _decodings(raw: str) -> list[str]:
@@ -129,13 +158,15 @@ def _mask_query(match: re.Match[str]) -> str:
 #: (either percent-encoded too). Spaces only between groups: anywhere, they
 #: would make a code of any 25 letters of a sentence.
 _S = "[0-9A-TV-Z]"
-_GAP = r"(?:[-\s]|%2[0D])"
+#: Between groups: a hyphen or whitespace, percent-encoded, or escaped as
+#: `repr` writes whitespace ("\\t", "\\u3000") in a line that shows a repr.
+_GAP = r"(?:[-\s]|%2[0D]|\\(?:[tnrfv]|x[0-9a-f]{2}|u[0-9a-f]{4}))"
 _GROUP = rf"{_S}(?:(?:-|%2D)*{_S}){{4}}"
 _CODE = re.compile(rf"{_GROUP}(?:{_GAP}*{_GROUP}){{4}}", re.I)
 #: The form codes are shown in (and a person copies): masked whatever adjoins it.
-_SHOWN = re.compile(rf"{_S}{{5}}(?:{_GAP}{_S}{{5}}){{4}}", re.I)
+_SHOWN = re.compile(rf"{_S}{{5}}(?:{_GAP}+{_S}{{5}}){{4}}", re.I)
 _GAPS = re.compile(rf"{_GAP}*", re.I)
-_GAPS_BEFORE = re.compile(r"(?:[-\s]|%2[0D])*$", re.I)
+_GAPS_BEFORE = re.compile(rf"{_GAP}*$", re.I)
 _ALNUM = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _ANY_SEAT_SECRET = re.compile(SEAT_SECRET.pattern, re.IGNORECASE)
 _SHORTEST_SECRET = 19  # "es_" and 16 characters; a code takes 25
@@ -152,7 +183,10 @@ def _cut_alone(match: re.Match[str]) -> str:
     run, such as a hex id, a UUID or a ULID (Paddle's event ids), is not,
     and cutting it would hide ids people look for."""
     text = match.string
-    before = text[: match.start()]
+    # Only the few characters before it: the whole text before each match
+    # made masking quadratic (a 32 KB path of letters took seconds). Gaps
+    # longer than that count as standing alone.
+    before = text[max(0, match.start() - 64) : match.start()]
     before = before[: len(before) - len(_GAPS_BEFORE.search(before).group(0))]  # type: ignore[union-attr]
     after_gap = _GAPS.match(text, match.end())
     after = after_gap.end() if after_gap else match.end()

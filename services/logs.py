@@ -19,7 +19,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.http import MASKED, MaskCodes, mask
+from services.http import MASKED, MaskCodes, mask, mask_short
 
 access = logging.getLogger("entitle.access")
 #: Routes whose successful answers are logged at DEBUG only: the hot path
@@ -42,7 +42,9 @@ class JsonLines(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        line.update(getattr(record, "fields", None) or {})
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
         if record.exc_info:
             # As `MaskCodes` masked it, when it did.
             line["exception"] = record.exc_text or self.formatException(record.exc_info)
@@ -59,9 +61,9 @@ def configure(log_format: str, level: str = "info") -> None:
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     handler.addFilter(MaskCodes())
-    # No line shows the caller's file, thread or process: spare each record
-    # finding them (https://docs.python.org/3/howto/logging.html#optimization).
-    logging._srcfile = None
+    # No line shows the thread or process: spare each record finding them
+    # (https://docs.python.org/3/howto/logging.html#optimization). The
+    # caller's frame stays: without it `stack_info=True` is lost.
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
@@ -177,7 +179,7 @@ class RequestLog:
                 # otherwise make the summary line as long as the lines it saves.
                 self.budget.hold((scope["method"], route or "(no route)", status))
             else:
-                shown = route or mask(scope["path"])
+                shown = route or mask_short(scope["path"])
                 # Masked here, once, and only what a client or provider
                 # chose: a request id of ours is hex that looks like a code.
                 shown_id = request_id if ours else mask(request_id)

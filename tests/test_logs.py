@@ -5,6 +5,7 @@ and never a secret or a whole code."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -193,12 +194,24 @@ CODE = "04J91-2Q6TH-EC6PV-F1B4Z-7Z003"
         "04J91-\t2Q6TH-\tEC6PV-\tF1B4Z-\t7Z003",
         "04J9-12Q6-THEC-6PVF-1B4Z-7Z00-3",  # hyphens anywhere
         "-".join("04J912Q6THEC6PVF1B4Z7Z003"),
+        "seen 04J91 - 2Q6TH - EC6PV - F1B4Z - 7Z003 today",  # gaps, then prose
+        "04J91\t\t2Q6TH\t\tEC6PV\t\tF1B4Z\t\t7Z003\tvalid",
+        repr("04J91\u30002Q6TH\u3000EC6PV\u3000F1B4Z\u30007Z003"),  # as %r shows it
+        "04J91-2Q6TH-EC6PV-\ufb01B4Z-7Z003",  # "ﬁ" upper-cases to "FI", read as F1
     ],
 )
 def test_every_form_of_a_code_validation_accepts_is_masked(text: str) -> None:
+    # The form is one validation takes for the code (the test's own check).
+    from urllib.parse import unquote
+
     from domain.entitlement import normalize_code
     from services.http import mask
 
+    forms = [re.sub("%2[0dD]", "", f) for f in [text, unquote(text), unquote(unquote(text))]]
+    forms += [f.encode().decode("unicode_escape") for f in forms if "\\u" in f]
+    assert any(
+        normalize_code(CODE) in normalize_code("".join(c for c in f if c.isalnum())) for f in forms
+    )
     masked = mask(text)
     assert "…" in masked, masked
     # Nothing of the code past its first five characters is left, in any form.
@@ -372,3 +385,45 @@ def test_every_line_is_masked_however_it_was_logged() -> None:
         assert "2Q6TH" not in line, line
     assert '"provider_event_id": "04J91…"' in lines[8], lines[8]
     assert "KeyError: '04J91…'" in lines[4], lines[4]
+
+
+def test_masking_is_linear_and_a_long_path_is_cut_without_a_partial_code() -> None:
+    """A client's 32 KB path must not hold the event loop (masking was
+    quadratic: seconds); shown cut, no beginning of a code is left."""
+    import time
+
+    from services.http import mask, mask_short
+
+    began = time.process_time()
+    for text in ("/" + "A" * 32_000, "/" + "A-" * 16_000, "/" + "A%2D" * 8_000):
+        mask(text)
+    assert time.process_time() - began < 1.0  # quadratic took 5-10 s
+    cut = mask_short("/" + "x" * 495 + "/" + CODE)
+    assert cut.startswith("/xxx") and "(29 more characters)" in cut, cut
+    assert "04J91" not in cut and "2Q6TH" not in cut
+
+
+def test_a_log_call_that_cannot_format_is_no_crash() -> None:
+    import logging
+
+    from services.http import MaskCodes
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Collect()
+    handler.addFilter(MaskCodes())
+    logger = logging.getLogger("entitle.test-bad-call")
+    logger.addHandler(handler)
+    try:
+        logger.warning("100% done %s", CODE)  # raised TypeError in the caller
+        logger.warning("fields", extra={"fields": {"codes": {CODE}, "raw": CODE.encode()}})
+    finally:
+        logger.removeHandler(handler)
+    assert lines[0].startswith("100% done %s (arguments it could not take:"), lines
+    assert "2Q6TH" not in lines[0]
+    record_fields = str(lines)
+    assert "2Q6TH" not in record_fields
