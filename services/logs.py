@@ -172,13 +172,13 @@ class RequestLog:
             ms = (time.perf_counter() - started) * 1000
             quiet = route in QUIET and 200 <= status < 300
             level = logging.DEBUG if quiet else logging.INFO
-            if not access.isEnabledFor(level):
-                pass
-            elif level == logging.INFO and status < 500 and not self.budget.take():
+            if access.isEnabledFor(level) and (
+                level != logging.INFO
+                or status >= 500
                 # Unmatched paths under one name: a scan of many paths would
                 # otherwise make the summary line as long as the lines it saves.
-                self.budget.hold((scope["method"], route or "(no route)", status))
-            else:
+                or self.budget.take((scope["method"], route or "(no route)", status))
+            ):
                 shown = route or mask_short(scope["path"])
                 # Masked here, once, and only what a client or provider
                 # chose: a request id of ours is hex that looks like a code.
@@ -236,9 +236,10 @@ class LineBudget:
         self._lines = 0  # lines written in it
         self._held: dict[tuple[str, str, int], int] = {}
 
-    def take(self) -> bool:
-        """Whether one more line fits this second's budget; the first one
-        held back in a second arranges that second's summary line."""
+    def take(self, request: tuple[str, str, int]) -> bool:
+        """Whether the line of `request` (method, route, status) fits this
+        second's budget; if not, it is counted for the second's summary
+        line, which the first one held back arranges."""
         if not self.per_second:
             return True
         now = self.clock()
@@ -253,11 +254,8 @@ class LineBudget:
             # early, and requests of the same second would then start a
             # second summary of it.
             asyncio.get_running_loop().call_later(second + 1.05 - now, self.say_held)
+        self._held[request] = self._held.get(request, 0) + 1
         return False
-
-    def hold(self, key: tuple[str, str, int]) -> None:
-        """Count a request (method, route, status) not logged by itself."""
-        self._held[key] = self._held.get(key, 0) + 1
 
     def say_held(self) -> None:
         held, self._held = self._held, {}

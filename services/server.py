@@ -216,7 +216,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._disarm()
         if access.isEnabledFor(logging.INFO):
             method = "-"  # maybe not received yet; a fresh parser says DELETE
-            if self.budget.take():
+            if self.budget.take((method, REFUSED, int(status))):
                 access.info(
                     "%s %s %d %s",
                     method,
@@ -233,8 +233,7 @@ class GuardedProtocol(HttpToolsProtocol):
                         MASKED: True,
                     },
                 )
-            else:
-                self.budget.hold((method, REFUSED, int(status)))
+
         body = json.dumps({"error": code, "detail": detail, "status": int(status)}).encode()
         head = [f"HTTP/1.1 {int(status)} {status.phrase}".encode()]
         head += [name + b": " + value for name, value in self.server_state.default_headers]

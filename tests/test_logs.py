@@ -4,9 +4,12 @@ and never a secret or a whole code."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,33 @@ from tests.harness import Entitle, eventually
 from tests.test_dev import ADMIN, AUTH, CONFIG, YEAR, entitlements, post
 
 pytestmark = pytest.mark.e2e
+
+
+@contextlib.contextmanager
+def collected(name: str, formatter: logging.Formatter | None = None) -> Iterator[list[str]]:
+    """The lines logger `name` writes at info level and above while inside,
+    through `MaskCodes` as `configure` installs it, formatted by
+    `formatter` (by default the message alone)."""
+    from services.http import MaskCodes
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Collect()
+    handler.setFormatter(formatter or logging.Formatter("%(message)s"))
+    handler.addFilter(MaskCodes())
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def test_json_logs_name_each_request_and_webhook_and_hide_secrets(tmp_path: Path) -> None:
@@ -74,9 +104,7 @@ def test_text_access_lines_keep_our_request_id_and_mask_what_a_client_chose() ->
     be found from the answer's header. A client's id and what a handler
     noted (a provider's event id) are masked like any path."""
     import asyncio
-    import logging
 
-    from services.http import MaskCodes
     from services.logs import NOTED, RequestLog
 
     code = "7K3QD-ABCDE-FGHJK-MNPQR-STVWX"
@@ -86,30 +114,15 @@ def test_text_access_lines_keep_our_request_id_and_mask_what_a_client_chose() ->
         await send({"type": "http.response.start", "status": 202, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(self.format(record))
-
-    handler = Collect()
-    handler.addFilter(MaskCodes())
-    access = logging.getLogger("entitle.access")
-    access.addHandler(handler)
-    level = access.level
-    access.setLevel(logging.INFO)
     transport = httpx.ASGITransport(RequestLog(app, lambda scope: "/webhooks/{source}"))
 
     async def post(headers: dict[str, str]) -> httpx.Headers:
         async with httpx.AsyncClient(transport=transport, base_url="http://x") as http:
             return (await http.post("/webhooks/x", headers=headers)).headers
 
-    try:
+    with collected("entitle.access") as lines:
         ours = asyncio.run(post({}))["x-request-id"]
         theirs = asyncio.run(post({"X-Request-Id": code}))
-    finally:
-        access.removeHandler(handler)
-        access.setLevel(level)
     assert len(ours) == 32
     assert f"id={ours} " in lines[0], lines
     assert theirs["x-request-id"] == code  # echoed to the client that sent it
@@ -123,7 +136,6 @@ def test_request_lines_beyond_the_budget_are_counted_in_one_line_a_second() -> N
     lost from the log: one line after that second counts them by method,
     route and status; a 5xx still gets a line of its own."""
     import asyncio
-    import logging
 
     from services.logs import JsonLines, LineBudget, RequestLog
 
@@ -133,33 +145,20 @@ def test_request_lines_beyond_the_budget_are_counted_in_one_line_a_second() -> N
         await send({"type": "http.response.start", "status": next(statuses), "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    records: list[dict[str, Any]] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(json.loads(JsonLines().format(record)))
-
-    handler = Collect()
-    access = logging.getLogger("entitle.access")
-    access.addHandler(handler)
-    level = access.level
-    access.setLevel(logging.INFO)
     # 50 ms before a second ends: its summary comes 50 ms later.
     logged = RequestLog(app, lambda scope: "/webhooks/{source}", LineBudget(3, lambda: 100.95))
     transport = httpx.ASGITransport(logged)
 
-    async def run() -> None:
+    async def run(lines: list[str]) -> None:
         async with httpx.AsyncClient(transport=transport, base_url="http://x") as http:
             for _ in range(12):
                 await http.post("/webhooks/x")
-            assert len(records) == 4  # three, and the 503
+            assert len(lines) == 4  # three, and the 503
             await asyncio.sleep(0.3)
 
-    try:
-        asyncio.run(run())
-    finally:
-        access.removeHandler(handler)
-        access.setLevel(level)
+    with collected("entitle.access", JsonLines()) as lines:
+        asyncio.run(run(lines))
+    records = [json.loads(line) for line in lines]
     assert [r.get("status") for r in records[:4]] == [202, 202, 202, 503]
     summary = records[4]
     assert summary["not_logged"] == 8
@@ -243,7 +242,6 @@ def test_what_is_held_is_logged_as_the_server_stops() -> None:
     """Stopped inside a second, the requests held back in it are said as
     the lifespan ends, not lost with the timer that would have said them."""
     import asyncio
-    import logging
 
     from services.logs import LineBudget, RequestLog
 
@@ -256,17 +254,6 @@ def test_what_is_held_is_logged_as_the_server_stops() -> None:
         await send({"type": "http.response.start", "status": 202, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    handler = Collect()
-    access = logging.getLogger("entitle.access")
-    access.addHandler(handler)
-    level = access.level
-    access.setLevel(logging.INFO)
     logged = RequestLog(app, lambda scope: "/webhooks/{source}", LineBudget(1, lambda: 100.0))
 
     async def run() -> None:
@@ -288,11 +275,8 @@ def test_what_is_held_is_logged_as_the_server_stops() -> None:
         await lifespan
         assert sent[-1] == {"type": "lifespan.shutdown.complete"}
 
-    try:
+    with collected("entitle.access") as lines:
         asyncio.run(run())  # ends before the second would
-    finally:
-        access.removeHandler(handler)
-        access.setLevel(level)
     assert len(lines) == 2, lines
     assert lines[1].startswith("2 more requests in the last second"), lines
     assert "(at most 1 line a second" in lines[1], lines
@@ -302,7 +286,6 @@ def test_a_refused_signature_is_said_on_its_request_line_only(tmp_path: Path) ->
     """A bad signature is one line (the request's, within the budget)
     naming why, not a second line anyone could multiply."""
     import asyncio
-    import logging
 
     from services.config import load_config
     from services.http import Shortcut
@@ -318,17 +301,6 @@ def test_a_refused_signature_is_said_on_its_request_line_only(tmp_path: Path) ->
 
     ingress = Ingress(load_config(tmp_path / "entitle.yaml"), publish)
     app = RequestLog(Shortcut(None, "POST", PREFIX, ingress.asgi, prefix=True), route_of())  # type: ignore[arg-type]
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(f"{record.name} {record.getMessage()}")
-
-    handler = Collect()
-    root = logging.getLogger("entitle")
-    root.addHandler(handler)
-    level = root.level
-    root.setLevel(logging.INFO)
 
     async def run() -> int:
         transport = httpx.ASGITransport(app)
@@ -338,11 +310,8 @@ def test_a_refused_signature_is_said_on_its_request_line_only(tmp_path: Path) ->
             )
             return answer.status_code
 
-    try:
+    with collected("entitle", logging.Formatter("%(name)s %(message)s")) as lines:
         status = asyncio.run(run())
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
     assert status == 401
     assert len(lines) == 1, lines
     assert lines[0].startswith("entitle.access POST /webhooks/{source} 401"), lines
@@ -352,24 +321,12 @@ def test_a_refused_signature_is_said_on_its_request_line_only(tmp_path: Path) ->
 def test_every_line_is_masked_however_it_was_logged() -> None:
     """A message without arguments, an exception or a mapping as argument,
     a traceback and structured fields (JSON): codes are cut in each."""
-    import logging
-
-    from services.http import MaskCodes
     from services.logs import JsonLines
 
     lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(self.format(record))
-
     logger = logging.getLogger("entitle.test-masking")
     for formatter in (logging.Formatter("%(message)s"), JsonLines()):
-        handler = Collect()
-        handler.setFormatter(formatter)
-        handler.addFilter(MaskCodes())
-        logger.addHandler(handler)
-        try:
+        with collected(logger.name, formatter) as these:
             logger.warning("no arguments " + CODE)
             logger.warning("%r", ValueError(CODE))
             logger.warning("%(a)s", {"a": CODE})
@@ -378,8 +335,7 @@ def test_every_line_is_masked_however_it_was_logged() -> None:
                 raise KeyError(CODE)
             except KeyError:
                 logger.exception("failed")
-        finally:
-            logger.removeHandler(handler)
+        lines += these
     assert len(lines) == 10
     for line in lines:
         assert "2Q6TH" not in line, line
@@ -404,26 +360,16 @@ def test_masking_is_linear_and_a_long_path_is_cut_without_a_partial_code() -> No
 
 
 def test_a_log_call_that_cannot_format_is_no_crash() -> None:
-    import logging
+    from services.logs import JsonLines
 
-    from services.http import MaskCodes
-
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(self.format(record))
-
-    handler = Collect()
-    handler.addFilter(MaskCodes())
     logger = logging.getLogger("entitle.test-bad-call")
-    logger.addHandler(handler)
-    try:
+    with collected(logger.name) as lines:
         logger.warning("100% done %s", CODE)  # raised TypeError in the caller
-        logger.warning("fields", extra={"fields": {"codes": {CODE}, "raw": CODE.encode()}})
-    finally:
-        logger.removeHandler(handler)
     assert lines[0].startswith("100% done %s (arguments it could not take:"), lines
     assert "2Q6TH" not in lines[0]
-    record_fields = str(lines)
-    assert "2Q6TH" not in record_fields
+    # Fields JSON writes as their text (a set, bytes) are masked as text.
+    with collected(logger.name, JsonLines()) as lines:
+        logger.warning("fields", extra={"fields": {"codes": {CODE}, "raw": CODE.encode()}})
+    fields = json.loads(lines[0])
+    assert "04J91…" in fields["codes"] and "04J91…" in fields["raw"], fields
+    assert "2Q6TH" not in lines[0]
