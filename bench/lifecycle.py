@@ -259,6 +259,16 @@ def resident_mb(pid: int) -> float:
     return float("nan")
 
 
+def folding(process: subprocess.Popen[bytes]) -> bool:
+    """Whether this domain process has folded a webhook (its /metrics)."""
+    with contextlib.suppress(httpx.HTTPError):
+        text = httpx.get(f"http://127.0.0.1:{process.port}/metrics", timeout=1).text  # type: ignore[attr-defined]
+        for line in text.splitlines():
+            if line.startswith("entitle_webhooks_folded_total "):
+                return float(line.split()[1]) > 0
+    return False
+
+
 def stop(process: subprocess.Popen[bytes]) -> None:
     process.send_signal(signal.SIGINT)
     try:
@@ -363,9 +373,16 @@ def fold_phase(
         ]
         try:
             first_at, first = None, 0
+            # Each process's first fold ends the group's last rebalance: from
+            # then on, all of them fold (the steady state).
+            steady_at, steady, waiting = None, 0, list(processes)
             while (done := folded(database_url)) < len(events):
                 if first_at is None and done:
                     first_at, first = time.perf_counter(), done
+                if waiting and done:
+                    waiting = [p for p in waiting if not folding(p)]
+                    if not waiting:
+                        steady_at, steady = time.perf_counter(), folded(database_url)
                 time.sleep(0.02)
             finished = time.perf_counter()
             rss = sum(resident_mb(domain.pid) for domain in processes)
@@ -374,6 +391,9 @@ def fold_phase(
                 stop(domain)
         assert first_at is not None
         rate = (len(events) - first) / (finished - first_at)
+        steady_rate = (
+            (len(events) - steady) / (finished - steady_at) if steady_at is not None else None
+        )
         with psycopg.connect(database_url) as conn:
             row = conn.execute(
                 "SELECT count(*), count(DISTINCT originator_id), avg(length(state))"
@@ -387,6 +407,18 @@ def fold_phase(
             f"({stored:,} events stored; {rss:.0f} MB resident)",
             flush=True,
         )
+        if domains > 1:
+            # The rate above includes the group's rebalances as members join
+            # (seconds in which nothing folds); this one starts after them.
+            print(
+                f"fold, {label:>7}: once all {domains} fold: "
+                + (
+                    f"{len(events) - steady} webhooks at {steady_rate:,.0f} webhooks/s"
+                    if steady_rate is not None
+                    else "never (one of them folded nothing)"
+                ),
+                flush=True,
+            )
         if label == "batched":
             seconds = bare_fold(admin_url, stored, aggregates, state_bytes)
             ceiling = len(events) / seconds
