@@ -12,7 +12,8 @@ others'). Bodies carry ~1.5 KB of line descriptions, like real invoices.
 
 1. fold: the raw topic is filled first, then `entitle domain` drains it;
    prints webhooks folded per second from its first commit to its last, with
-   batches (ENTITLE_DOMAIN_BATCH=500) and naively (one webhook, one save).
+   batches (the default ENTITLE_DOMAIN_BATCH, 2,000 on PostgreSQL) and
+   naively (one webhook, one save).
 2. end to end: `entitle ingress`, `domain` and `projector` as separate
    processes; webhooks are sent at a fixed rate and each one's latency is
    measured from the ingress's 202 to its first event on
@@ -349,8 +350,10 @@ def bare_fold(admin_url: str, events: int, aggregates: int, state_bytes: int) ->
 
 
 def fold_phase(
-    events: list[dict[str, Any]], admin_url: str, batch: int, label: str, domains: int = 1
+    events: list[dict[str, Any]], admin_url: str, batch: int | None, label: str, domains: int = 1
 ) -> float:
+    """Webhooks/s `domains` processes fold `events` at, in batches of at most
+    `batch` webhooks (None: the product's default)."""
     workdir = Path(tempfile.mkdtemp(prefix=f"entitle-bench-{label}-"))
     (workdir / "entitle.yaml").write_text(CONFIG)
     broker = EmbeddedBroker()
@@ -362,9 +365,9 @@ def fold_phase(
             "ENTITLE_KAFKA_BOOTSTRAP": broker.bootstrap,
             "ENTITLE_KAFKA_IDEMPOTENCE": "false",
             "ENTITLE_DATABASE_URL": database_url,
-            "ENTITLE_DOMAIN_BATCH": str(batch),
             "ENTITLE_SCHEDULE_INTERVAL": "3600",
             "ENTITLE_CODE_SECRET": "bench-code-secret-0123456789",
+            **({"ENTITLE_DOMAIN_BATCH": str(batch)} if batch else {}),
         }
         # Several: one consumer group, each its own name (ENTITLE_INSTANCE).
         processes = [
@@ -579,6 +582,9 @@ def main() -> None:
     parser.add_argument(
         "--domains", type=int, default=1, help="domain processes folding (batched fold)"
     )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="ENTITLE_DOMAIN_BATCH (default: the product's)"
+    )
     args = parser.parse_args()
     now = int(time.time())
     if args.phase in ("fold", "all"):
@@ -588,7 +594,7 @@ def main() -> None:
             f"mix:           {len(events)} webhooks from {args.subscriptions} subscriptions, "
             f"{statistics.mean(sizes) / 1024:.1f} KB average"
         )
-        fold_phase(events, args.postgres, 500, "batched", args.domains)
+        fold_phase(events, args.postgres, args.batch, "batched", args.domains)
         if args.naive_subscriptions:
             fold_phase(workload(args.naive_subscriptions, 2, now), args.postgres, 1, "naive")
     if args.phase in ("e2e", "all"):

@@ -471,9 +471,11 @@ class EntitlementStore(Application[UUID]):
                 else "SELECT originator_version, topic, state FROM {schema}.{table}"
                 " WHERE originator_id = wanted.id ORDER BY originator_version"
             )
+            # The order the callers fold in, said rather than left to the plan.
+            order = "" if latest else " ORDER BY 1, 2"
             statement = SQL(
                 f"SELECT wanted.id AS originator_id, e.* FROM unnest(%s::uuid[]) AS wanted(id)"
-                f" CROSS JOIN LATERAL ({inner}) AS e"
+                f" CROSS JOIN LATERAL ({inner}) AS e{order}"
             ).format(schema=Identifier(recorder.datastore.schema), table=Identifier(table))
         else:
             columns, tail = (

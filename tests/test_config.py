@@ -127,6 +127,36 @@ def test_a_setting_that_is_no_usable_number_is_named(
 
 
 @pytest.mark.parametrize(
+    ("database_url", "told", "batch"),
+    [
+        ("postgresql://postgres@127.0.0.1:5432/entitle", None, 2000),
+        ("postgres://postgres@127.0.0.1:5432/entitle", None, 2000),
+        (None, None, 500),  # SQLite, the default
+        ("sqlite:///entitle.db", None, 500),
+        ("postgresql://postgres@127.0.0.1:5432/entitle", "40", 40),
+        ("sqlite:///entitle.db", "3000", 3000),
+    ],
+)
+def test_the_fold_batch_follows_the_database_unless_told(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    database_url: str | None,
+    told: str | None,
+    batch: int,
+) -> None:
+    """Larger transactions on PostgreSQL (bench/lifecycle.py); SQLite's one
+    writer is held a fraction of a second at a time."""
+    from services.config import Settings
+
+    for variable, value in (("ENTITLE_DATABASE_URL", database_url), ("ENTITLE_DOMAIN_BATCH", told)):
+        if value is None:
+            monkeypatch.delenv(variable, raising=False)
+        else:
+            monkeypatch.setenv(variable, value)
+    assert Settings.from_env(tmp_path).domain_batch == batch
+
+
+@pytest.mark.parametrize(
     ("variable", "value"),
     [
         ("ENTITLE_HTTP_MAX_HEADER_BYTES", "inf"),
