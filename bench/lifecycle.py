@@ -367,7 +367,7 @@ def fold_phase(
             "ENTITLE_DATABASE_URL": database_url,
             "ENTITLE_SCHEDULE_INTERVAL": "3600",
             "ENTITLE_CODE_SECRET": "bench-code-secret-0123456789",
-            **({"ENTITLE_DOMAIN_BATCH": str(batch)} if batch else {}),
+            **({"ENTITLE_DOMAIN_BATCH": str(batch)} if batch is not None else {}),
         }
         # Several: one consumer group, each its own name (ENTITLE_INSTANCE).
         processes = [
@@ -380,6 +380,12 @@ def fold_phase(
             # then on, all of them fold (the steady state).
             steady_at, steady, waiting = None, 0, list(processes)
             while (done := folded(database_url)) < len(events):
+                for domain in processes:
+                    if domain.poll() is not None:
+                        raise RuntimeError(
+                            f"a domain process exited ({domain.returncode}); see"
+                            f" {workdir / 'domain.log'}"
+                        )
                 if first_at is None and done:
                     first_at, first = time.perf_counter(), done
                 if waiting and done:
@@ -416,7 +422,7 @@ def fold_phase(
             print(
                 f"fold, {label:>7}: once all {domains} fold: "
                 + (
-                    f"{len(events) - steady} webhooks at {steady_rate:,.0f} webhooks/s"
+                    f"{len(events) - steady:,} webhooks at {steady_rate:,.0f} webhooks/s"
                     if steady_rate is not None
                     else "never (one of them folded nothing)"
                 ),
@@ -583,9 +589,15 @@ def main() -> None:
         "--domains", type=int, default=1, help="domain processes folding (batched fold)"
     )
     parser.add_argument(
-        "--batch", type=int, default=None, help="ENTITLE_DOMAIN_BATCH (default: the product's)"
+        "--batch",
+        type=int,
+        default=None,
+        help="ENTITLE_DOMAIN_BATCH of the batched fold (default: the product's; the"
+        " environment's ENTITLE_DOMAIN_BATCH, if set, applies to every phase)",
     )
     args = parser.parse_args()
+    if args.batch is not None and args.batch < 1:
+        parser.error("--batch must be at least 1")
     now = int(time.time())
     if args.phase in ("fold", "all"):
         events = workload(args.subscriptions, 1, now)

@@ -131,6 +131,7 @@ def test_a_setting_that_is_no_usable_number_is_named(
     [
         ("postgresql://postgres@127.0.0.1:5432/entitle", None, 2000),
         ("postgres://postgres@127.0.0.1:5432/entitle", None, 2000),
+        ("POSTGRESQL://postgres@127.0.0.1:5432/entitle", None, 2000),
         (None, None, 500),  # SQLite, the default
         ("sqlite:///entitle.db", None, 500),
         ("postgresql://postgres@127.0.0.1:5432/entitle", "40", 40),
