@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import psycopg
 import pytest
+from eventsourcing.domain import Aggregate, event
 
 from contracts.webhooks import RAW_TOPIC, RawWebhookV1
 from domain.dead_letter import DeadLetter
@@ -480,3 +482,37 @@ def test_postgres_connections_do_not_jit_compile(postgres_url: str) -> None:
     finally:
         store.close()
         read_model.close()
+
+
+class Tally(Aggregate):
+    """A bare aggregate with as many versions as it was bumped, plus one."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @event("Bumped")
+    def bump(self) -> None:
+        self.count += 1
+
+
+def test_bulk_reads_rebuild_each_aggregate_whole_and_in_order(store: EntitlementStore) -> None:
+    """What the fold's cache check and loads and the projections' bulk reads
+    return: more ids than one query takes (1,000), in any order, repeated or
+    unknown, each aggregate rebuilt from its own events in version order."""
+    tallies = [Tally() for _ in range(1100)]
+    for n, tally in enumerate(tallies):
+        for _ in range(n % 4):
+            tally.bump()
+    store.record(tallies, None)
+    known = [tally.id for tally in tallies]
+    asked = [*reversed(known), *known[:5], uuid4()]
+    loaded = store.load_many(asked)
+    assert set(loaded) == set(known)
+    assert all(
+        (loaded[t.id].version, getattr(loaded[t.id], "count", None)) == (t.version, t.count)
+        for t in tallies
+    )
+    assert store.versions(asked) == {t.id: t.version for t in tallies}
+    first = store.aggregates_at({t.id: 1 for t in tallies})
+    assert set(first) == set(known)
+    assert all((a.version, getattr(a, "count", None)) == (1, 0) for a in first.values())
