@@ -92,6 +92,14 @@ class FoldResult:
     #: once saved, not on each attempt at the batch.
     letters: list[tuple[str, str, str]] = field(default_factory=list, repr=False)
 
+    def add(self, other: FoldResult) -> None:
+        """Count `other`'s (a part of the same batch) in."""
+        self.webhooks += other.webhooks
+        self.skipped += other.skipped
+        self.dead_letters += other.dead_letters
+        self.events += other.events
+        self.letters += other.letters
+
 
 @dataclass(frozen=True)
 class Decoded:
@@ -157,11 +165,13 @@ class DomainService:
         records: Sequence[Record],
         incarnation: str = "",
         decoded: dict[tuple[str, int], Decoded] | None = None,
+        now: datetime | None = None,
     ) -> FoldResult:
         """Apply a consumer batch in one transaction, with each partition's
         last offset (under the raw log's `incarnation`); blocking, so call it
         from a worker thread. `decoded`: webhooks decoded (and bad ones found)
-        by an earlier attempt at these records, by (position name, offset).
+        by an earlier attempt at these records, by (position name, offset),
+        at `now` (the attempt's time, which the rules see; default the clock's).
 
         A webhook whose folding raises is taken out of the batch and dead-
         lettered with the error, and the rest is folded again without it: one
@@ -176,7 +186,7 @@ class DomainService:
             by_partition[position_name(record.topic, record.partition, incarnation)].append(record)
         for group in by_partition.values():
             group.sort(key=lambda r: r.offset)
-        now = self.clock()
+        now = self.clock() if now is None else now
         decoded = {} if decoded is None else decoded
         conflicts = poisons = 0
         while True:
@@ -241,7 +251,7 @@ class DomainService:
                     # Something in the batch cannot be saved (or loaded): find
                     # which webhook by saving them one at a time.
                     log.warning("batch cannot be saved (%s); saving one at a time", describe(exc))
-                    return self._one_by_one(by_partition, incarnation)
+                    return self._one_by_one(by_partition, incarnation, decoded, now)
                 if not todo[0][1].commands:
                     raise  # not even its dead letter can be saved
                 poison = (todo[0][0], exc)
@@ -262,16 +272,21 @@ class DomainService:
             decoded[key] = replace(item, commands=[], reason=reason)
             poisons += 1
             if poisons > 1 and len(todo) >= 2 * SPLIT_FROM:
-                return self._in_halves(records, incarnation, decoded)
+                left = [record for group in pending.values() for record in group]
+                halves = self._in_halves(left, incarnation, decoded, now)
+                halves.skipped += len(records) - len(left)
+                return halves
 
     def _in_halves(
         self,
         records: Sequence[Record],
         incarnation: str,
         decoded: dict[tuple[str, int], Decoded],
+        now: datetime,
     ) -> FoldResult:
-        """Fold a batch with bad webhooks in it as two transactions, each
-        half (in halves again, should it hold two bad ones) saved apart.
+        """Fold what is left of a batch with bad webhooks in it (`records`,
+        none folded yet) as two transactions, each half (in halves again,
+        should it hold two bad ones) saved apart, at the batch's `now`.
         Each bad webhook found costs a pass over the batch: k of them in
         2,000 webhooks took k passes over 2,000 (254 s with every one bad),
         in halves about log2(2,000) passes over each part of it. Each half
@@ -282,22 +297,20 @@ class DomainService:
         middle = len(ordered) // 2
         total = FoldResult()
         for half in (ordered[:middle], ordered[middle:]):
-            one = self.process(half, incarnation, decoded)
-            total.webhooks += one.webhooks
-            total.skipped += one.skipped
-            total.dead_letters += one.dead_letters
-            total.events += one.events
+            total.add(self.process(half, incarnation, decoded, now))
         return total
 
-    def _one_by_one(self, by_partition: dict[str, list[Record]], incarnation: str) -> FoldResult:
+    def _one_by_one(
+        self,
+        by_partition: dict[str, list[Record]],
+        incarnation: str,
+        decoded: dict[tuple[str, int], Decoded],
+        now: datetime,
+    ) -> FoldResult:
         total = FoldResult()
         for group in by_partition.values():
             for record in group:
-                one = self.process([record], incarnation)
-                total.webhooks += one.webhooks
-                total.skipped += one.skipped
-                total.dead_letters += one.dead_letters
-                total.events += one.events
+                total.add(self.process([record], incarnation, decoded, now))
         return total
 
     def _sealed(self, item: Decoded) -> bytes:
@@ -502,12 +515,19 @@ class DomainService:
         raise RuntimeError("could not re-drive dead letters after 5 attempts")
 
     def give_up(
-        self, batch: Batch, parked: ReceiptView, waits_on: list[str], now: datetime
+        self,
+        batch: Batch,
+        parked: ReceiptView,
+        waits_on: list[str],
+        now: datetime,
+        letters: list[tuple[str, str, str]],
     ) -> bool:
         """A parked webhook that waited `policy.parked_for` becomes a dead
         letter saying what it waited for. It stays parked in the domain: if
         what it names arrives after all, it is applied then. Returns whether
-        it gave up (not if it was applied, or given up, meanwhile)."""
+        it gave up (not if it was applied, or given up, meanwhile); a new
+        dead letter's (source, event id, reason) is added to `letters`, for
+        the caller to log once it is saved."""
         resolution = self._resolution(batch, parked.id, now)
         if resolution.outcome == "dead_letter" or not still_waits(batch, waits_on):
             return False
@@ -528,7 +548,7 @@ class DomainService:
             )
         )
         if self._dead_letter(batch, webhook, reason, parked.provider_event_id, now):
-            log.warning("dead letter %r/%r: %s", webhook.source, parked.provider_event_id, reason)
+            letters.append((webhook.source, parked.provider_event_id, reason))
         resolution.resolve("dead_letter", reason, now)
         return True
 
@@ -603,14 +623,18 @@ class Scheduler:
                 entitlement = batch.find(UUID(raw_id), Entitlement)
                 if entitlement is not None:
                     settle_due(entitlement, self.service.rules, now)
+            letters: list[tuple[str, str, str]] = []
             given_up = sum(
-                self.service.give_up(batch, parked, waits_on, now) for parked, waits_on in waited
+                self.service.give_up(batch, parked, waits_on, now, letters)
+                for parked, waits_on in waited
             )
             try:
                 saved = self.service.store.record(batch, None)
             except IntegrityError:
                 log.warning("conflict settling due entitlements (attempt %d)", attempt + 1)
                 continue
+            for source, event_id, reason in letters:
+                log.warning("dead letter %r/%r: %s", source, event_id, reason)
             DEAD_LETTERS.inc(given_up)
             return saved
         raise RuntimeError("could not settle due entitlements after 5 attempts")

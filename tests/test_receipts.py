@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from eventsourcing.persistence import IntegrityError
 
 from contracts.api import ReceiptView
 from contracts.webhooks import RAW_TOPIC, RawWebhookV1
@@ -204,6 +205,32 @@ def test_a_refund_that_waits_too_long_becomes_a_dead_letter(world: World) -> Non
     assert view.resolved_at is not None
     letter = world.store.find(dead_letter_id("stripe-main", refund["id"]), DeadLetter)
     assert letter is not None and letter.resolved_at is not None
+
+
+def test_a_dead_letter_the_scheduler_makes_is_logged_once_when_saved(
+    world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another writer saving first makes the scheduler try again; a line per
+    attempt (or for a letter never saved) would say more than happened."""
+    refund = se.charge_refunded(payment_intent="pi_gone")
+    world.send(refund, "refund")
+    scheduler = Scheduler(world.service, world.read_model)
+    world.now += timedelta(days=7, hours=1)
+    record = world.store.record
+    conflicts = [IntegrityError("another writer saved first")] * 2
+
+    def contended(*args: Any, **kwargs: Any) -> int:
+        if conflicts:
+            raise conflicts.pop()
+        return record(*args, **kwargs)
+
+    monkeypatch.setattr(world.store, "record", contended)
+    scheduler.run_once()
+    assert not conflicts  # it did try three times
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dead letter")]
+    expected = f"dead letter 'stripe-main'/{refund['id']!r}: waited 7 days for payment pi_gone"
+    assert logged == [expected]
+    assert world.store.find(dead_letter_id("stripe-main", refund["id"]), DeadLetter) is not None
 
 
 def test_a_refund_or_dispute_naming_only_its_charge_waits_like_any_other(world: World) -> None:
