@@ -836,8 +836,8 @@ def default_domain_batch(database_url: str | None) -> int:
     """Webhooks the domain service folds per transaction unless told.
 
     On PostgreSQL 2,000: a backlog of 10,000 subscriptions was folded at
-    2,512-2,995 webhooks/s by one domain process and 4,020-5,006 by two (5
-    runs, median 4,683), against 2,438-2,618 and 3,880-4,698 with 500
+    2,512-2,995 webhooks/s by one domain process and 4,020-5,265 by two (8
+    runs, median 4,695), against 2,438-2,618 and 3,880-4,698 with 500
     (bench/lifecycle.py): fewer transactions, each taking the log's table
     lock and waiting for its commit once. On SQLite (one writer for the
     whole database) 500, so that a backlog holds the write lock, which the
