@@ -843,8 +843,8 @@ def default_domain_batch(database_url: str | None) -> int:
     whole database) 500, so that a backlog holds the write lock, which the
     projector and the API's writes wait for, a fraction of a second at a
     time."""
-    scheme = urlsplit(database_url or "").scheme.lower()
-    return 2000 if scheme in ("postgresql", "postgres") else 500
+    postgres = urlsplit(database_url or "").scheme in ("postgresql", "postgres")
+    return 2000 if postgres else 500
 
 
 @dataclass(frozen=True)
