@@ -321,6 +321,7 @@ def test_a_job_that_cannot_make_a_mail_fails_at_once(smtp: tuple[Inbox, int]) ->
     for bad in (
         job(to="not an address"),
         job(to="buyer@example.com\r\nBcc: everyone@example.com"),
+        job(to="buyer@example.com\nBcc: everyone@example.com"),
         job(template="entitlement.suspended"),  # not configured
         replace(job(), payload={"to": "buyer@example.com"}),
         job(indexes=(-1,)),

@@ -48,9 +48,9 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
+from email.headerregistry import AddressHeader
 from email.message import EmailMessage
-from email.policy import SMTPUTF8
-from email.utils import format_datetime, make_msgid
+from email.utils import make_msgid
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 from uuid import UUID
@@ -60,7 +60,7 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.codes import CodeBook
-from services.config import EmailSettings, address_problem
+from services.config import MAIL_POLICY, EmailSettings, address_header
 from services.mail_templates import MailTemplateError, context, render
 from services.outbound.outbox import Job, Outcome
 
@@ -161,6 +161,10 @@ class Mailer:
         self._connections = asyncio.Semaphore(settings.max_connections)
         if settings.host is None and settings.outbox_dir is None:
             raise ValueError("mail needs an SMTP host or an outbox directory")
+        # Parsed once: see _headed.
+        self._from = MAIL_POLICY.header_factory("From", settings.from_address)
+        # RFC 3834: no out-of-office answers to a machine's mail.
+        self._auto_submitted = MAIL_POLICY.header_factory("Auto-Submitted", "auto-generated")
 
     @property
     def outbox_dir(self) -> Path | None:
@@ -191,7 +195,8 @@ class Mailer:
         template = self.settings.templates.get(data.template)
         if template is None:
             raise _Unsendable(f"no template for {data.template!r} is configured")
-        if address_problem(data.to):
+        to, _ = address_header(data.to)
+        if to is None:
             # Not shown: the buyer's address is theirs, and the log is ours.
             raise _Unsendable("the recipient's address is unusable")
         entitlement = data.entitlement
@@ -215,19 +220,32 @@ class Mailer:
             rendered = render(template, variables)
         except MailTemplateError as exc:
             raise _Unsendable(f"template {data.template}: {exc}") from None
-        message = EmailMessage()
-        message["Subject"] = rendered.subject
-        message["From"] = self.settings.from_address
-        message["To"] = data.to
-        message["Date"] = format_datetime(datetime.now(UTC))
         # The same mail sent twice (a crash before its 250 was saved) has the
         # same id; a deliberate resend a new one, or receivers may drop it.
         resent = f".{job.retry_base}" if job.retry_base else ""
-        message["Message-ID"] = f"<{job.id}{resent}@{self._domain()}>"
-        # RFC 3834: no out-of-office answers to a machine's mail.
-        message["Auto-Submitted"] = "auto-generated"
+        message = self._headed(rendered.subject, to, f"<{job.id}{resent}@{self._domain()}>")
         message.set_content(rendered.text)
         message.add_alternative(rendered.html, subtype="html")
+        return message
+
+    def _headed(self, subject: str, to: str | AddressHeader, message_id: str) -> EmailMessage:
+        """A new mail with the headers every mail has.
+
+        Mails were 62 % of the projector's CPU in `entitle dev` under load
+        (py-spy), most of it the email package parsing headers. So the
+        headers that never change are parsed once, in __init__, the
+        recipient's once (`address_header` checks it), each header class
+        is made once (config.MAIL_POLICY), and the mail is built in the
+        policy it is written with. Building and writing a license mail:
+        1.85 / 2.46 / 2.87 ms before, 1.11 / 1.49 / 1.70 ms after (9 runs
+        alternated, min / median / max; the same bytes)."""
+        message = EmailMessage(policy=MAIL_POLICY)
+        message["Subject"] = subject
+        message["From"] = self._from
+        message["To"] = to
+        message["Date"] = datetime.now(UTC)
+        message["Message-ID"] = message_id
+        message["Auto-Submitted"] = self._auto_submitted
         return message
 
     def _domain(self) -> str:
@@ -305,13 +323,7 @@ class Mailer:
 
     def new_message(self, to: str, subject: str, text: str, html: str) -> EmailMessage:
         """A mail from the configured sender, with the headers every mail has."""
-        message = EmailMessage()
-        message["Subject"] = subject
-        message["From"] = self.settings.from_address
-        message["To"] = to
-        message["Date"] = format_datetime(datetime.now(UTC))
-        message["Message-ID"] = make_msgid(domain=self._domain())
-        message["Auto-Submitted"] = "auto-generated"
+        message = self._headed(subject, to, make_msgid(domain=self._domain()))
         message.set_content(text)
         message.add_alternative(html, subtype="html")
         return message
@@ -326,7 +338,7 @@ class Mailer:
             return Outcome(ok=False, error="the job id is no file name", permanent=True)
         path = folder / f"{name}.eml"
         try:
-            data = message.as_bytes(policy=SMTPUTF8)
+            data = message.as_bytes(policy=MAIL_POLICY)
             await anyio.to_thread.run_sync(_write_atomically, path, data)
         except OSError as exc:
             return Outcome(ok=False, error=f"cannot write {path}: {exc.strerror or exc}")
