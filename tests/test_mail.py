@@ -773,6 +773,48 @@ def test_a_license_is_mailed_when_it_is_first_paid_and_never_if_it_is_not(
         mail.close()
 
 
+def test_a_license_that_lapsed_before_it_was_ever_active_is_mailed_when_it_is_paid(
+    smtp: tuple[Inbox, int], database_url: str
+) -> None:
+    """An invoice for a period already over (a backfill, a late delivery)
+    creates the entitlement EXPIRED: no mail. Paid again, it is ACTIVE for
+    the first time, and its buyer gets the license mail then, once: not
+    again when it lapses and comes back (shared cases 05, 06, 10)."""
+    from tests.test_store import NOW, YEAR
+
+    inbox, port = smtp
+    mail = MailWorld(database_url, port, ("entitlement.created",))
+    try:
+        projection = mail.projection()
+        mail.send(paid_invoice("sub_back", period=-2), "p0")
+        mail.project(projection)
+        [view] = mail.world.read_model.entitlements(order_ref="sub_back")
+        assert view.status == "EXPIRED"
+        assert mail.mail_jobs() == []
+
+        mail.send(paid_invoice("sub_back"), "p1")
+        mail.project(projection)
+        [record] = mail.mail_jobs()
+        assert record.job.message_id == f"{view.id}/entitlement.created"
+        assert _described(record) == ("ACTIVE", dt.datetime.fromtimestamp(NOW + YEAR, dt.UTC))
+
+        # It lapses (its year runs out unpaid) and is paid again: the
+        # license mail is not sent twice.
+        mail.world.settle(dt.datetime.fromtimestamp(NOW + YEAR + 60 * 86400, dt.UTC))
+        [lapsed] = mail.world.read_model.entitlements(order_ref="sub_back")
+        assert lapsed.status == "EXPIRED"
+        mail.send(paid_invoice("sub_back", period=1), "p2")
+        mail.project(projection)
+        [again] = mail.world.read_model.entitlements(order_ref="sub_back")
+        events = [event_type(e) for e in mail.world.store.history(UUID(str(view.id)))]
+        assert again.status == "ACTIVE" and events.count("entitlement.reinstated") == 2, events
+        assert [r.job.type for r in mail.mail_jobs()] == ["entitlement.created"]
+        mail.dispatch(lambda: mail.mail_jobs()[0].status == "succeeded")
+        assert [m["Subject"] for _, m in inbox.messages] == ["Your acme activation code"]
+    finally:
+        mail.close()
+
+
 @pytest.mark.parametrize("status", ["active", "trialing"])
 def test_a_subscription_seen_before_its_invoice_is_mailed_when_the_address_arrives(
     smtp: tuple[Inbox, int], database_url: str, status: str

@@ -12,11 +12,16 @@ Which change calls for which template (those configured):
 - `entitlement.created`, the buyer's license mail (the code, the seats,
   how long it is paid for): when the entitlement is first ACTIVE with a
   customer address, i.e. a change that leaves it ACTIVE with an address
-  and found it PENDING (new, or its first payment failed) or ACTIVE with
-  no address yet (Stripe's `customer.subscription.created`, which names
-  no address, came before the invoice). An entitlement that never gets
-  paid for never gets it: a "your license" mail for a license that does
-  not work would be wrong, and the code is of no use before it does.
+  and found it otherwise: new, PENDING (its first payment failed), ACTIVE
+  with no address yet (Stripe's `customer.subscription.created`, which
+  names no address, came before the invoice), or lapsed before it was
+  ever ACTIVE here (an invoice for a period already over creates it
+  EXPIRED; a later payment reinstates it). Its message id (below) makes
+  it once per entitlement: a license that lapses and comes back is not
+  mailed again. An entitlement that never gets paid for never gets it: a
+  "your license" mail for a license that does not work would be wrong,
+  and the code is of no use before it does. (One ACTIVE before mail was
+  turned on gets it if it comes back to ACTIVE from a lapse.)
 - `entitlement.overdue`, `.suspended`, `.canceled`: a change with that
   event, unless the entitlement was PENDING before it (a license that
   never started cannot lapse, and its buyer was never told of one).
@@ -147,7 +152,7 @@ class MailProjection:
         if (
             after.status == ACTIVE
             and after.customer.email
-            and (before in (None, PENDING) or (before == ACTIVE and not first.previous_email))
+            and not (before == ACTIVE and first.previous_email)
         ):
             found.append(CREATED)
         if before not in (None, PENDING):  # a license that started
