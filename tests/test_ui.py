@@ -531,7 +531,7 @@ def test_a_mailed_sign_in_link_opens_the_portal_once(stack: Stack, page: Any) ->
     shot(page, "portal-link-sent")
     [mail] = eventually(lambda: list(outbox.glob("portal-link-*.eml")), timeout=10)
     message = email.message_from_bytes(mail.read_bytes(), policy=email.policy.default)
-    assert message["To"] == "Grace@Example.com"
+    assert message["To"] == "grace@example.com"  # as bought with, not as typed
     text = message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     [link] = re.findall(r"http://\S+/portal/link/\S+", text)
     assert "solo_annual" in text
@@ -552,6 +552,50 @@ def test_a_mailed_sign_in_link_opens_the_portal_once(stack: Stack, page: Any) ->
     assert "used already" in page.get_by_role("alert").inner_text()
     forged = page.goto(link[:-3] + "abc")
     assert forged is not None and forged.status == 404
+
+
+def test_a_sign_in_link_goes_to_the_address_bought_with_or_nowhere(tmp_path: Path) -> None:
+    """The link is mailed to the address stored with the license, never to
+    the one typed (it matches ignoring case, and a Kelvin sign K is another
+    mailbox); a stored address no mail can go to gets none; the page is the
+    same either way, never a 500."""
+    (tmp_path / "entitle.yaml").write_text(CONFIG)
+    env = {"ENTITLE_ADMIN_KEYS": f"support:{ADMIN_KEY}"}
+    stored = {
+        "sub_link_kate": "kate@example.com",
+        "sub_link_two": "a@example.com, d@example.org",
+        "sub_link_word": "=?utf-8?q?Evil=0D=0ABcc=3A_x=40y.z?= <q@example.com>",
+    }
+    typed = {
+        "sub_link_kate": "\u212aate@example.com",
+        "sub_link_two": "a@example.com, d@example.org",
+        "sub_link_word": "=?utf-8?q?Evil=0D=0ABcc=3A_x=40y.z?= <q@example.com>",
+    }
+    with Entitle(["dev", "--config", "entitle.yaml"], tmp_path, env) as entitle:
+        for ref, address in stored.items():
+            _pay(entitle, ref, address, "price_solo", "solo_annual")
+        for ref in stored:
+            eventually(lambda ref=ref: _entitlement(entitle, ref), timeout=30)
+        outbox = tmp_path / ".entitle" / "outbox"
+        pages = set()
+        for ref, address in typed.items():
+            entry = httpx.get(f"{entitle.url}/portal")
+            asked = httpx.post(
+                f"{entitle.url}/portal/link",
+                data={"csrf": _csrf(entry.text), "email": address},
+                headers=_cookie(entry, "entitle_portal_entry"),
+            )
+            assert asked.status_code == 200, (ref, asked.status_code, asked.text[:200])
+            pages.add(re.sub(r'name="csrf" value="[^"]+"', "", asked.text))
+        assert len(pages) == 1  # the same answer for all three
+        [mail] = eventually(lambda: list(outbox.glob("portal-link-*.eml")), timeout=10)
+        time.sleep(1)  # the other two would be written by now
+        assert len(list(outbox.glob("portal-link-*.eml"))) == 1
+        message = email.message_from_bytes(mail.read_bytes(), policy=email.policy.default)
+        assert message["To"] == "kate@example.com"
+        assert "sub_link_kate" in message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        assert entitle.text.count("a sign-in link could not be sent") == 2, entitle.text[-3000:]
+        assert httpx.get(f"{entitle.url}/readyz").status_code == 200
 
 
 def test_a_sign_in_link_works_for_15_minutes(tmp_path: Path, monkeypatch: Any) -> None:

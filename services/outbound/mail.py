@@ -322,8 +322,12 @@ class Mailer:
         return await self._smtp(message)
 
     def new_message(self, to: str, subject: str, text: str, html: str) -> EmailMessage:
-        """A mail from the configured sender, with the headers every mail has."""
-        message = self._headed(subject, to, make_msgid(domain=self._domain()))
+        """A mail from the configured sender, with the headers every mail
+        has; ValueError if `to` is not one usable address (`address_header`)."""
+        header, _ = address_header(to)
+        if header is None:
+            raise ValueError("the recipient's address is unusable")
+        message = self._headed(subject, header, make_msgid(domain=self._domain()))
         message.set_content(text)
         message.add_alternative(html, subtype="html")
         return message

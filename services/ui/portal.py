@@ -19,7 +19,6 @@ import secrets
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
 
 import anyio
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
@@ -233,30 +232,41 @@ class Portal:
             )
         )
         if views:
-            links = [(view, self.links.make(view.id)) for view in views]
-            message = self.mailer.new_message(
-                address,
-                "Your sign-in link" + ("s" if len(links) > 1 else ""),
-                *_link_mail(links, f"{self.public_url}/portal/link/"),
-            )
-            # Sent after the answer: how long the mail server takes must not
-            # tell whether the address has a license.
-            task = asyncio.create_task(self._send_links(message, len(links)))
+            # Made and sent after the answer: how long the mail server takes,
+            # or whether the stored address can take a mail, must not tell
+            # whether the address has a license.
+            task = asyncio.create_task(self._send_links(views))
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
         return self._entry_page(request, None, sent=True)
 
-    async def _send_links(self, message: EmailMessage, count: int) -> None:
-        assert self.mailer is not None
-        try:
-            outcome = await self.mailer.send_now(message, f"portal-link-{secrets.token_hex(8)}")
-        except Exception as exc:
-            log.warning("portal: a sign-in link could not be sent: %s", describe(exc))
-            return
-        if outcome.ok:
-            log.info("portal: sign-in link(s) sent for %d license(s)", count)
-        else:
-            log.warning("portal: a sign-in link could not be sent: %s", outcome.error)
+    async def _send_links(self, views: list[EntitlementView]) -> None:
+        """Mail each license's sign-in link to the address stored with it,
+        one mail per address. Never to the address typed: it matched
+        ignoring case, and another spelling can be another mailbox (a
+        Kelvin sign for a K); an address the mail cannot go to (two of
+        them, a broken header) gets none, with a warning."""
+        assert self.mailer is not None and self.links is not None
+        by_address: dict[str, list[EntitlementView]] = {}
+        for view in views:
+            if view.customer.email:
+                by_address.setdefault(view.customer.email, []).append(view)
+        for address, group in by_address.items():
+            try:
+                links = [(view, self.links.make(view.id)) for view in group]
+                message = self.mailer.new_message(
+                    address,
+                    "Your sign-in link" + ("s" if len(links) > 1 else ""),
+                    *_link_mail(links, f"{self.public_url}/portal/link/"),
+                )
+                outcome = await self.mailer.send_now(message, f"portal-link-{secrets.token_hex(8)}")
+            except Exception as exc:
+                log.warning("portal: a sign-in link could not be sent: %s", describe(exc))
+                continue
+            if outcome.ok:
+                log.info("portal: sign-in link(s) sent for %d license(s)", len(group))
+            else:
+                log.warning("portal: a sign-in link could not be sent: %s", outcome.error)
 
     async def link(self, request: Request) -> Response:
         """The page a mailed link opens: a button that signs in (a GET
