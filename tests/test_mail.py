@@ -315,6 +315,31 @@ def test_no_server_is_retried() -> None:
     assert not outcome.ok and not outcome.permanent and outcome.error
 
 
+#: Addresses the email package (CPython 3.11) accepts but cannot write: a
+#: continuation line without white space, which ends the header block; an
+#: IndexError while folding.
+BADLY_FOLDED = (
+    "a" + "x" * 80 + "0a(=\u00a0<.?=?utf-8?q?;_\u2039\u20ac?[)?= ?=a\u00fc <u@example.com>",
+    "''\U0001f600=?utf-8?q?" + "\u00c4" * 30 + "a\u200b" + "\u00c4" * 30 + "() <u2@example.com>",
+)
+
+
+def test_a_mail_the_email_package_cannot_write_whole_is_not_written(tmp_path: Path) -> None:
+    """Written as a file, such a mail lost its Date, Message-ID and body
+    (or was retried forever on an IndexError): refused for good, no file."""
+    mailer = Mailer(EmailSettings(outbox_dir=tmp_path), CODES)
+    for crafted in BADLY_FOLDED:
+        outcome = send(mailer, job(to=crafted))
+        assert not outcome.ok and outcome.permanent, outcome
+        assert "cannot be written" in (outcome.error or "")
+    assert list(tmp_path.iterdir()) == []
+    assert send(mailer, job(to="J\u00fcrgen <j\u00fcrgen@example.de>")).ok
+    [written] = tmp_path.glob("*.eml")
+    message = email.message_from_bytes(written.read_bytes(), policy=default_policy)
+    assert str(message["To"]) == "J\u00fcrgen <j\u00fcrgen@example.de>"
+    assert message["Message-ID"] and message["Date"] and message.get_body(("plain",))
+
+
 def test_a_job_that_cannot_make_a_mail_fails_at_once(smtp: tuple[Inbox, int]) -> None:
     inbox, port = smtp
     mailer = Mailer(settings(port), CODES)
@@ -322,6 +347,7 @@ def test_a_job_that_cannot_make_a_mail_fails_at_once(smtp: tuple[Inbox, int]) ->
         job(to="not an address"),
         job(to="buyer@example.com\r\nBcc: everyone@example.com"),
         job(to="buyer@example.com\nBcc: everyone@example.com"),
+        *(job(to=crafted) for crafted in BADLY_FOLDED),
         job(template="entitlement.suspended"),  # not configured
         replace(job(), payload={"to": "buyer@example.com"}),
         job(indexes=(-1,)),

@@ -50,6 +50,8 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from email.headerregistry import AddressHeader
 from email.message import EmailMessage
+from email.parser import BytesHeaderParser
+from email.policy import compat32
 from email.utils import make_msgid
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -179,10 +181,11 @@ class Mailer:
                 indexes = await anyio.to_thread.run_sync(self._current_codes, UUID(entitlement_id))
         try:
             message = self.message(job, indexes)
+            data = _written(message)
         except _Unsendable as exc:
             return Outcome(ok=False, error=str(exc), permanent=True)
         if self.settings.host is None:
-            return await self._write(job, message)
+            return await self._write_file(job.id, data)
         return await self._smtp(message)
 
     def message(self, job: Job, code_indexes: list[int] | None = None) -> EmailMessage:
@@ -317,8 +320,12 @@ class Mailer:
         """Send a mail that is not an outbox job (a portal sign-in link: it
         is worth nothing later, so it is not retried): by SMTP, or as
         `<name>.eml` in the outbox directory."""
+        try:
+            data = _written(message)
+        except _Unsendable as exc:
+            return Outcome(ok=False, error=str(exc), permanent=True)
         if self.settings.host is None:
-            return await self._write_file(name, message)
+            return await self._write_file(name, data)
         return await self._smtp(message)
 
     def new_message(self, to: str, subject: str, text: str, html: str) -> EmailMessage:
@@ -332,17 +339,13 @@ class Mailer:
         message.add_alternative(html, subtype="html")
         return message
 
-    async def _write(self, job: Job, message: EmailMessage) -> Outcome:
-        return await self._write_file(job.id, message)
-
-    async def _write_file(self, name: str, message: EmailMessage) -> Outcome:
+    async def _write_file(self, name: str, data: bytes) -> Outcome:
         folder = self.settings.outbox_dir
         assert folder is not None  # checked in __init__
         if not _SAFE_NAME.fullmatch(name):
             return Outcome(ok=False, error="the job id is no file name", permanent=True)
         path = folder / f"{name}.eml"
         try:
-            data = message.as_bytes(policy=MAIL_POLICY)
             await anyio.to_thread.run_sync(_write_atomically, path, data)
         except OSError as exc:
             return Outcome(ok=False, error=f"cannot write {path}: {exc.strerror or exc}")
@@ -381,6 +384,26 @@ def _what(exc: BaseException) -> str:
     words (the caller removes the password, should they hold it)."""
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:_ANSWER_LIMIT]
+
+
+def _written(message: EmailMessage) -> bytes:
+    """`message` as written to a file (SMTPUTF8), checked that its header
+    block reads back as the headers set: _Unsendable where it does not, or
+    where the email package cannot write it at all. CPython's folding of
+    some crafted display names (encoded words, parentheses, non-ASCII) can
+    start a continuation line without white space, which ends the header
+    block early (To without its domain, the rest read as body), or raise
+    IndexError; such a mail is refused for good instead of retried. Over
+    SMTP the mail is written by aiosmtplib (ASCII headers where the server
+    has no SMTPUTF8), but the same check guards it."""
+    try:
+        data = message.as_bytes(policy=MAIL_POLICY)
+    except Exception as exc:  # the email package's IndexError, ValueError, ...
+        raise _Unsendable(f"the mail cannot be written: {type(exc).__name__}") from None
+    read = BytesHeaderParser(policy=compat32).parsebytes(data)
+    if read.defects or [k.lower() for k in read] != [k.lower() for k in message]:
+        raise _Unsendable("the mail's headers cannot be written whole (an address folded badly)")
+    return data
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
