@@ -117,6 +117,11 @@ def _dev_admin_key(path: Path) -> str:
 def cmd_dev(args: argparse.Namespace) -> int:
     _can_listen(args.host, args.port)  # before anything is made or started
     settings = dataclasses.replace(Settings.from_env(), dev=True)
+    # Its owner's only: the database holds buyers' addresses, and the
+    # secrets and mails (with codes) are kept here too.
+    data_dir = Path(".entitle")
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data_dir.chmod(0o700)
     # One process: secrets kept in .entitle/ are enough (see services/codes.py).
     if not settings.code_secret:
         settings = dataclasses.replace(settings, code_secret=load_secret(generate=True))

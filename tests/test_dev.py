@@ -293,6 +293,9 @@ def test_dev_prints_its_urls_and_a_generated_admin_key(tmp_path: Path) -> None:
     # Kept with the other secrets: the same key after a restart, readable by its owner only.
     kept = tmp_path / ".entitle" / "admin-key"
     assert kept.read_text().strip() == key and kept.stat().st_mode & 0o077 == 0
+    # So is the directory with the database (buyers' addresses) and the mails.
+    assert (tmp_path / ".entitle" / "entitle.db").exists()
+    assert (tmp_path / ".entitle").stat().st_mode & 0o077 == 0
     with Entitle(["dev"], tmp_path, {"ENTITLE_ADMIN_KEYS": ""}) as again:
         assert again.printed(r"admin key[^:]*: (ek_\S+)") == key
 
