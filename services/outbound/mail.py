@@ -231,7 +231,7 @@ class Mailer:
         message.add_alternative(rendered.html, subtype="html")
         return message
 
-    def _headed(self, subject: str, to: str | AddressHeader, message_id: str) -> EmailMessage:
+    def _headed(self, subject: str, to: AddressHeader, message_id: str) -> EmailMessage:
         """A new mail with the headers every mail has.
 
         Mails were 62 % of the projector's CPU in `entitle dev` under load
