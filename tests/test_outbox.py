@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -109,12 +110,23 @@ def test_a_failing_key_holds_back_only_its_own_jobs_then_all_arrive_in_order(
     assert first.status == "succeeded"
 
 
-def test_exhausted_and_permanent_failures_are_failed_and_release_the_next(outbox: Outbox) -> None:
+def test_exhausted_and_permanent_failures_are_failed_and_release_the_next(
+    outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
     sender = Scripted(
-        {"a": [Outcome(ok=False, error="boom")] * 3, "b": [Outcome(ok=False, permanent=True)]}
+        {
+            "a": [Outcome(ok=False, error="boom")] * 3,
+            "b": [Outcome(ok=False, permanent=True, error="refused")],
+        }
     )
     outbox.commit("p", jobs("a", "k", 2) + jobs("b", "k", 2), 1)
-    run(Dispatcher(outbox, [sender], schedule=(0.05, 0.05), poll_interval=0.05), 1.0)
+    with caplog.at_level(logging.WARNING, logger="entitle.outbound"):
+        run(Dispatcher(outbox, [sender], schedule=(0.05, 0.05), poll_interval=0.05), 1.0)
+    # Each job given up says so once, with why; a retry says nothing.
+    given_up = sorted(r.getMessage() for r in caplog.records if "given up" in r.getMessage())
+    assert len(given_up) == 2, given_up
+    assert given_up[0].endswith("after 3 attempt(s): boom")
+    assert given_up[1].endswith("after 1 attempt(s): refused")
     statuses = {(r.job.channel, r.job.payload["n"]): r.status for r in outbox.jobs()}
     assert statuses == {
         ("a", 0): "failed",

@@ -519,8 +519,18 @@ class Outbox:
                     disable[channel] = f"every attempt failed for {days:g} days"
             for channel in disable:
                 self.pause(cur, channel, True)
-        for job, status in zip((job for job, *_ in results), (u[0] for u in updates), strict=True):
+        for (job, outcome, *_), status in zip(results, (u[0] for u in updates), strict=True):
             OUTBOUND.labels(job.kind, "retrying" if status == "pending" else status).inc()
+            if status == "failed":
+                # Once saved; the error never holds a secret or an address
+                # (each sender scrubs its own).
+                log.warning(
+                    "outbound %s %s given up after %d attempt(s): %s",
+                    job.kind,
+                    job.message_id,
+                    job.attempts + 1,
+                    outcome.error,
+                )
         return sorted(disable.items())
 
     # -- what operators read and do ----------------------------------------
