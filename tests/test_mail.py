@@ -322,6 +322,12 @@ BADLY_FOLDED = (
     "a" + "x" * 80 + "0a(=\u00a0<.?=?utf-8?q?;_\u2039\u20ac?[)?= ?=a\u00fc <u@example.com>",
     "''\U0001f600=?utf-8?q?" + "\u00c4" * 30 + "a\u200b" + "\u00c4" * 30 + "() <u2@example.com>",
 )
+#: The same faults where the mail is written with ASCII headers (RFC 2047
+#: encoded words), as aiosmtplib does for a server without SMTPUTF8.
+BADLY_FOLDED_AS_ASCII = (
+    "''\U0001f600=?utf-8?q?" + "\u00c4" * 38 + "( ) <u@example.com>",
+    "''\U0001f600=utf-8?\u200bq?" + "\u00c4" * 36 + "() <u@example.com>",
+)
 
 
 def test_a_mail_the_email_package_cannot_write_whole_is_not_written(tmp_path: Path) -> None:
@@ -347,7 +353,7 @@ def test_a_job_that_cannot_make_a_mail_fails_at_once(smtp: tuple[Inbox, int]) ->
         job(to="not an address"),
         job(to="buyer@example.com\r\nBcc: everyone@example.com"),
         job(to="buyer@example.com\nBcc: everyone@example.com"),
-        *(job(to=crafted) for crafted in BADLY_FOLDED),
+        *(job(to=crafted) for crafted in BADLY_FOLDED + BADLY_FOLDED_AS_ASCII),
         job(template="entitlement.suspended"),  # not configured
         replace(job(), payload={"to": "buyer@example.com"}),
         job(indexes=(-1,)),

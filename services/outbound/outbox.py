@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -475,16 +476,22 @@ class Outbox:
                 ),
                 attempts,
             )
-            cur.executemany(
-                self._sql(
-                    "UPDATE entitle_outbox_jobs SET status = ?, attempts = ?, next_at = ?,"
-                    " updated_at = ?, last_status_code = ?, last_error = ? WHERE id = ?"
-                    # A job given up while its attempt flew (its endpoint
-                    # deleted) stays failed unless the attempt got through.
-                    " AND (status = 'pending' OR ? = 'succeeded')"
-                ),
-                updates,
+            update = self._sql(
+                "UPDATE entitle_outbox_jobs SET status = ?, attempts = ?, next_at = ?,"
+                " updated_at = ?, last_status_code = ?, last_error = ? WHERE id = ?"
+                # A job given up while its attempt flew (its endpoint
+                # deleted) stays failed unless the attempt got through.
+                " AND (status = 'pending' OR ? = 'succeeded')"
             )
+            cur.executemany(update, [u for u in updates if u[0] != "failed"])
+            # Each job given up is logged once, after the commit: only those
+            # this update gave up (not one given up already while it flew).
+            given_up = set()
+            for u in updates:
+                if u[0] == "failed":
+                    cur.execute(update, u)
+                    if cur.rowcount == 1:
+                        given_up.add(u[6])
             # A success ends a channel's failing spell; failures start one.
             for channel, at in succeeded.items():
                 cur.execute(
@@ -521,15 +528,13 @@ class Outbox:
                 self.pause(cur, channel, True)
         for (job, outcome, *_), status in zip(results, (u[0] for u in updates), strict=True):
             OUTBOUND.labels(job.kind, "retrying" if status == "pending" else status).inc()
-            if status == "failed":
-                # Once saved; the error never holds a secret or an address
-                # (each sender scrubs its own).
+            if job.id in given_up:
                 log.warning(
                     "outbound %s %s given up after %d attempt(s): %s",
                     job.kind,
                     job.message_id,
                     job.attempts + 1,
-                    outcome.error,
+                    without_addresses(outcome.error or ""),
                 )
         return sorted(disable.items())
 
@@ -948,6 +953,16 @@ class Dispatcher:
             if self.on_disable is not None:
                 await self.on_disable(sender.kind, disabled_channel, reason)
         return any(name == channel for name, _ in disabled)
+
+
+_ADDRESS = re.compile(r"[^\s<>\"'(),;:\[\]]+@[^\s<>\"'(),;:\[\]]+")
+
+
+def without_addresses(text: str) -> str:
+    """`text` with every e-mail address in it cut to "…@…": a mail
+    server's refusal often quotes the recipient, and the buyer's address is
+    theirs, not the log's."""
+    return _ADDRESS.sub("…@…", text)
 
 
 async def _attempt(sender: Sender, job: Job) -> tuple[Job, Outcome, datetime, float]:

@@ -34,6 +34,7 @@ from services.health import describe
 from services.http import HTTPError, client_address
 from services.licensing import Licensing, _no_seat
 from services.outbound.mail import Mailer
+from services.outbound.outbox import without_addresses
 from services.projections import entitlement_view
 from services.readmodel import ReadModel
 from services.timeline import PORTAL_REQUEST
@@ -261,12 +262,14 @@ class Portal:
                 )
                 outcome = await self.mailer.send_now(message, f"portal-link-{secrets.token_hex(8)}")
             except Exception as exc:
-                log.warning("portal: a sign-in link could not be sent: %s", describe(exc))
+                why = without_addresses(describe(exc))
+                log.warning("portal: a sign-in link could not be sent: %s", why)
                 continue
             if outcome.ok:
                 log.info("portal: sign-in link(s) sent for %d license(s)", len(group))
             else:
-                log.warning("portal: a sign-in link could not be sent: %s", outcome.error)
+                why = without_addresses(outcome.error or "")
+                log.warning("portal: a sign-in link could not be sent: %s", why)
 
     async def link(self, request: Request) -> Response:
         """The page a mailed link opens: a button that signs in (a GET
