@@ -219,6 +219,24 @@ def test_a_recipient_refused_with_5xx_is_permanent(smtp: tuple[Inbox, int]) -> N
     assert inbox.messages == []
 
 
+def test_a_non_ascii_address_a_server_without_smtputf8_cannot_take_is_given_up() -> None:
+    inbox, port = Inbox(), free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port, enable_SMTPUTF8=False)
+    controller.start()
+    try:
+        mailer = Mailer(settings(port), CODES)
+        outcome = send(mailer, job(to="j\u00fcrgen@example.de"))
+        assert not outcome.ok and outcome.permanent, outcome
+        assert outcome.error == "the server cannot take a non-ASCII address (no SMTPUTF8)"
+        # An ASCII address with a non-ASCII name goes, its name encoded.
+        assert send(mailer, job(to="J\u00fcrgen <juergen@example.de>")).ok
+        [(envelope, message)] = inbox.messages
+        assert envelope.rcpt_tos == ["juergen@example.de"]
+        assert str(message["To"]) == "J\u00fcrgen <juergen@example.de>"
+    finally:
+        controller.stop()
+
+
 def test_a_recipient_refused_with_4xx_is_retried(smtp: tuple[Inbox, int]) -> None:
     inbox, port = smtp
     inbox.rcpt_answer = "451 4.7.1 greylisted, try again later"

@@ -280,6 +280,14 @@ class Mailer:
             return self._refused(exc.recipients[0])
         except aiosmtplib.SMTPResponseException as exc:
             return self._refused(exc)
+        except aiosmtplib.SMTPNotSupported:
+            # aiosmtplib raises it only for SMTPUTF8: a non-ASCII address
+            # (RFC 6531) this server cannot take; the same mail meets it again.
+            return Outcome(
+                ok=False,
+                error="the server cannot take a non-ASCII address (no SMTPUTF8)",
+                permanent=True,
+            )
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             # OSError: refused, unreachable, TLS handshake or certificate.
             return Outcome(ok=False, error=self._scrub(_what(exc)))
