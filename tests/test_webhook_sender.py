@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -38,7 +39,7 @@ class Book:
     def __init__(self, *endpoints: EndpointInfo) -> None:
         self.all = {e.id: e for e in endpoints}
 
-    async def get(self, endpoint_id: UUID) -> EndpointInfo | None:
+    async def get(self, endpoint_id: UUID, seq: int = 0) -> EndpointInfo | None:
         return self.all.get(endpoint_id)
 
 
@@ -256,3 +257,41 @@ def test_message_body_for_an_order_maps_codes_per_entitlement() -> None:
         str(a): [CODES.code(a, 0)],
         str(b): [CODES.code(b, 0)],
     }
+
+
+def test_a_copy_of_the_endpoints_older_than_the_job_is_read_again(database_url: str) -> None:
+    """The copy of the endpoints is kept a second, but a job from further
+    along the log than the copy gets the endpoint as of then: a secret
+    rotated just before a ping signs it (a read that began before the
+    rotation was saved must not win)."""
+    from services.outbound.outbox import Outbox
+    from services.outbound.webhooks import PROJECTION, Endpoints
+    from services.readmodel import ReadModel
+
+    read_model = ReadModel(database_url)
+    try:
+        endpoints = Endpoints(Outbox(read_model), [])
+        first = endpoint("https://x.example/h")
+        rotated = dataclasses.replace(first, generation=2, rotated_at=datetime.now(UTC))
+
+        def save(info: EndpointInfo, position: int) -> None:
+            with read_model.transaction() as cur:
+                cur.execute(
+                    read_model.sql(
+                        "INSERT INTO entitle_webhook_endpoints (id, body) VALUES (?, ?)"
+                        " ON CONFLICT (id) DO UPDATE SET body = excluded.body"
+                    ),
+                    (str(info.id), info.to_json()),
+                )
+                read_model.save_position(cur, PROJECTION, position)
+
+        save(first, 5)
+        assert asyncio.run(endpoints.get(first.id, 5)) == first
+        save(rotated, 6)
+        # Within the second, a job from the copy's position keeps the copy...
+        assert asyncio.run(endpoints.get(first.id, 5)) == first
+        # ... and one from after it reads the rotation.
+        got = asyncio.run(endpoints.get(first.id, 6))
+        assert got is not None and got.generation == 2
+    finally:
+        read_model.close()

@@ -45,6 +45,9 @@ RESOLVE_TTL = 30.0
 #: How often the endpoints are read again from the database.
 REFRESH_SECONDS = 1.0
 
+#: The webhooks projection's name (services.projections.webhooks), whose
+#: saved position says how new the endpoints table is.
+PROJECTION = "webhooks"
 ENDPOINTS_TABLE = """CREATE TABLE IF NOT EXISTS entitle_webhook_endpoints (
     id TEXT PRIMARY KEY,
     body TEXT NOT NULL
@@ -194,24 +197,41 @@ class Endpoints:
         outbox.create([ENDPOINTS_TABLE])
         self._all: dict[UUID, EndpointInfo] = dict(self.configured)
         self._read = 0.0
+        #: The webhooks projection's position the copy was read at.
+        self._position = -1
 
     def load(self) -> dict[UUID, EndpointInfo]:
+        return self._load()[0]
+
+    def _load(self) -> tuple[dict[UUID, EndpointInfo], int]:
         with self.read_model.transaction(write=False) as cur:
             stored = stored_endpoints(cur)
-        return {**{e.id: e for e in stored}, **self.configured}
+            cur.execute(
+                self.read_model.sql("SELECT position FROM entitle_read_positions WHERE name = ?"),
+                (PROJECTION,),
+            )
+            row = cur.fetchone()
+        return {**{e.id: e for e in stored}, **self.configured}, int(row[0]) if row else 0
 
     def invalidate(self) -> None:
         """Read the table again at the next `get`: the webhooks projection
-        just changed it (a rotated secret signs the next message)."""
+        just changed it. (A read already under way when it changed may
+        still install the old copy; `get`'s `seq` check catches that.)"""
         self._read = 0.0
 
-    async def get(self, endpoint_id: UUID) -> EndpointInfo | None:
-        """The endpoint, or None if the table has never had it. One the
-        copy does not know yet (created within the second) is read again
-        at once: its row was written before any job for it."""
-        stale = time.monotonic() - self._read > REFRESH_SECONDS
-        if stale or (endpoint_id not in self._all and time.monotonic() - self._read > 0.05):
-            self._all = await anyio.to_thread.run_sync(self.load)
+    async def get(self, endpoint_id: UUID, seq: int = 0) -> EndpointInfo | None:
+        """The endpoint as a job at log position `seq` must see it, or None
+        if the table has never had it. The copy is read again after
+        `REFRESH_SECONDS`, and at once when it is older than `seq`: the
+        projection saves its endpoints with its position, so a secret
+        rotated before the job (whose answer waits for the projection)
+        signs it, not the secret before. One the copy does not know yet
+        (created within the second) is read again too: its row was
+        written before any job for it."""
+        now = time.monotonic()
+        stale = now - self._read > REFRESH_SECONDS or seq > self._position
+        if stale or (endpoint_id not in self._all and now - self._read > 0.05):
+            self._all, self._position = await anyio.to_thread.run_sync(self._load)
             self._read = time.monotonic()
         return self._all.get(endpoint_id)
 
@@ -284,7 +304,7 @@ class WebhookSender:
             await self._session.close()
 
     async def send(self, job: Job) -> Outcome:
-        endpoint = await self.endpoints.get(UUID(job.channel))
+        endpoint = await self.endpoints.get(UUID(job.channel), job.seq)
         if endpoint is None:
             # Not read yet (the copy is refreshed at most 20 times a second):
             # try again later rather than give the job up.

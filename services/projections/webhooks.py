@@ -22,11 +22,17 @@ from contracts.outbound import OrderCreatedV1
 from domain.endpoint import Endpoint
 from domain.entitlement import NAMESPACE, event_type
 from services.outbound.outbox import Job, Outbox
-from services.outbound.webhooks import ENDPOINTS_TABLE, KIND, EndpointInfo, stored_endpoints
+from services.outbound.webhooks import (
+    ENDPOINTS_TABLE,
+    KIND,
+    PROJECTION,
+    EndpointInfo,
+    stored_endpoints,
+)
 from services.projections.follower import Change
 from services.projections.public_events import public_event
 
-WEBHOOKS = "webhooks"
+WEBHOOKS = PROJECTION
 #: The last error of the jobs a deleted endpoint never got.
 ENDPOINT_DELETED = "the endpoint was deleted"
 
