@@ -113,10 +113,15 @@ def settled(entitle: Entitle, sub: str, sent: list[dict[str, Any]]) -> dict[str,
     if len(items) != 1:
         return None
     history = httpx.get(f"{entitle.url}/v1/entitlements/{items[0]['id']}/history", headers=AUTH)
-    seen = {e["cause"]["event_id"] for e in history.json()["events"] if e["cause"]}
+    events = history.json()["events"]
+    seen = {e["cause"]["event_id"] for e in events if e["cause"]}
     if seen != {event["id"] for event in sent}:
         return None
-    current = entitlements(entitle, order_ref=sub)[0]
+    # The history is read from the store, the entitlement from the read
+    # model, which the projector brings up to it a moment later.
+    current = httpx.get(f"{entitle.url}/v1/entitlements/{items[0]['id']}", headers=AUTH).json()
+    if current["sequence"] != max(e["version"] for e in events):
+        return None
     return {key: current[key] for key in VISIBLE}
 
 
