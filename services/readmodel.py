@@ -405,8 +405,16 @@ class ReadModel:
             cur.execute(self._sql("DELETE FROM entitle_read_positions WHERE name = ?"), (name,))
 
     def position(self, name: str) -> int:
-        rows = self._query("SELECT position FROM entitle_read_positions WHERE name = ?", (name,))
-        return int(rows[0][0]) if rows else 0
+        with self._transaction(write=False) as cur:
+            return self.read_position(cur, name)
+
+    def read_position(self, cur: Any, name: str) -> int:
+        """Projection `name`'s saved position, in the transaction of `cur`
+        (0 if it has none)."""
+        statement = "SELECT position FROM entitle_read_positions WHERE name = ?"
+        cur.execute(self._sql(statement), (name,))
+        row = cur.fetchone()
+        return int(row[0]) if row else 0
 
     def save_position(self, cur: Any, name: str, position: int) -> None:
         cur.execute(

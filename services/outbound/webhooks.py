@@ -206,12 +206,8 @@ class Endpoints:
     def _load(self) -> tuple[dict[UUID, EndpointInfo], int]:
         with self.read_model.transaction(write=False) as cur:
             stored = stored_endpoints(cur)
-            cur.execute(
-                self.read_model.sql("SELECT position FROM entitle_read_positions WHERE name = ?"),
-                (PROJECTION,),
-            )
-            row = cur.fetchone()
-        return {**{e.id: e for e in stored}, **self.configured}, int(row[0]) if row else 0
+            position = self.read_model.read_position(cur, PROJECTION)
+        return {**{e.id: e for e in stored}, **self.configured}, position
 
     def invalidate(self) -> None:
         """Read the table again at the next `get`: the webhooks projection
