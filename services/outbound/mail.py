@@ -181,12 +181,9 @@ class Mailer:
                 indexes = await anyio.to_thread.run_sync(self._current_codes, UUID(entitlement_id))
         try:
             message = self.message(job, indexes)
-            data = _written(message, smtp=self.settings.host is not None)
         except _Unsendable as exc:
             return Outcome(ok=False, error=str(exc), permanent=True)
-        if self.settings.host is None:
-            return await self._write_file(job.id, data)
-        return await self._smtp(message)
+        return await self.send_now(message, job.id)
 
     def message(self, job: Job, code_indexes: list[int] | None = None) -> EmailMessage:
         """The mail `job` stands for, codes included (`code_indexes`, else
@@ -327,9 +324,10 @@ class Mailer:
         return text
 
     async def send_now(self, message: EmailMessage, name: str) -> Outcome:
-        """Send a mail that is not an outbox job (a portal sign-in link: it
-        is worth nothing later, so it is not retried): by SMTP, or as
-        `<name>.eml` in the outbox directory."""
+        """Send a mail by SMTP, or as `<name>.eml` in the outbox directory,
+        once it is checked to be written whole (`_written`): a job's (`send`)
+        or one that is not an outbox job (a portal sign-in link: it is worth
+        nothing later, so it is not retried)."""
         try:
             data = _written(message, smtp=self.settings.host is not None)
         except _Unsendable as exc:
