@@ -234,8 +234,7 @@ class DomainService:
                     # before the event that applies its fact after all.
                     result.events = self.store.record([recorded, *batch], positions, webhooks)
                     saved = True
-                    for source, event_id, reason in result.letters:
-                        log.warning("dead letter %r/%r: %s", source, event_id, reason)
+                    _log_letters(result.letters)
             except IntegrityError:
                 # Another consumer saved these offsets or aggregates first (a
                 # rebalance, or an admin action): reload, apply what is left.
@@ -596,6 +595,13 @@ class DomainService:
         return 1
 
 
+def _log_letters(letters: list[tuple[str, str, str]]) -> None:
+    """One line per new dead letter (source, provider event id, reason),
+    once the transaction that saved them has committed."""
+    for source, event_id, reason in letters:
+        log.warning("dead letter %r/%r: %s", source, event_id, reason)
+
+
 class Scheduler:
     """Applies time-based transitions (overdue, suspend, expire, scheduled
     cancel) when an entitlement's due time comes, and turns webhooks parked
@@ -634,8 +640,7 @@ class Scheduler:
             except IntegrityError:
                 log.warning("conflict settling due entitlements (attempt %d)", attempt + 1)
                 continue
-            for source, event_id, reason in letters:
-                log.warning("dead letter %r/%r: %s", source, event_id, reason)
+            _log_letters(letters)
             DEAD_LETTERS.inc(given_up)
             return saved
         raise RuntimeError("could not settle due entitlements after 5 attempts")
