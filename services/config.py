@@ -566,6 +566,9 @@ class _HeaderRegistry(HeaderRegistry):
 MAIL_POLICY = SMTPUTF8.clone(header_factory=_HeaderRegistry())
 
 
+_NOT_ONE_ADDRESS = "is not one address such as 'Acme <licenses@acme.example>'"
+
+
 def address_problem(value: str) -> str | None:
     """Why `value` is no usable From or To header (one address with a user
     and a domain, optionally with a name), or None."""
@@ -580,18 +583,18 @@ def address_header(value: str, name: str = "To") -> tuple[AddressHeader | None, 
     `header_store_parse`)."""
     if len(value.splitlines()) > 1:
         # What `EmailMessage.__setitem__` refuses: another header smuggled in.
-        return None, "is not one address such as 'Acme <licenses@acme.example>'"
+        return None, _NOT_ONE_ADDRESS
     try:
         header = MAIL_POLICY.header_factory(name, value)
         addresses: tuple[Address, ...] = header.addresses
     except Exception:  # the header parser's IndexError, ValueError, ...
-        return None, "is not one address such as 'Acme <licenses@acme.example>'"
+        return None, _NOT_ONE_ADDRESS
     # The registry's class for To and From is both (typeshed knows it not).
     assert isinstance(header, AddressHeader) and isinstance(header, BaseHeader)
     # A non-ASCII user name is fine where the server speaks SMTPUTF8.
     defects = [d for d in header.defects if not isinstance(d, NonASCIILocalPartDefect)]
     if defects or len(addresses) != 1:
-        return None, "is not one address such as 'Acme <licenses@acme.example>'"
+        return None, _NOT_ONE_ADDRESS
     if not addresses[0].username or not addresses[0].domain:
         return None, "has no user or no domain"
     return header, None
