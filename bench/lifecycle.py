@@ -295,8 +295,15 @@ def envelope(event: dict[str, Any]) -> tuple[bytes, bytes]:
 
 async def produce(bootstrap: str, events: list[dict[str, Any]]) -> None:
     await ensure_topics(bootstrap, PARTITIONS)
+    # Every send is queued before any is awaited: at 100,000 subscriptions
+    # (687,664 webhooks) the embedded broker took longer than aiokafka's
+    # default 40 s to answer some batches, and the run failed before folding.
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", max_batch_size=1 << 20, linger_ms=5
+        bootstrap_servers=bootstrap,
+        acks="all",
+        max_batch_size=1 << 20,
+        linger_ms=5,
+        request_timeout_ms=600_000,
     )
     await producer.start()
     try:
