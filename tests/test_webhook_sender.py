@@ -266,6 +266,7 @@ def test_a_copy_of_the_endpoints_older_than_the_job_is_read_again(database_url: 
     rotation was saved must not win)."""
     from services.outbound.outbox import Outbox
     from services.outbound.webhooks import PROJECTION, Endpoints
+    from services.projections.webhooks import WebhooksProjection
     from services.readmodel import ReadModel
 
     read_model = ReadModel(database_url)
@@ -274,15 +275,12 @@ def test_a_copy_of_the_endpoints_older_than_the_job_is_read_again(database_url: 
         first = endpoint("https://x.example/h")
         rotated = dataclasses.replace(first, generation=2, rotated_at=datetime.now(UTC))
 
+        # Saved as the webhooks projection saves them: the row, then its position.
+        projection = WebhooksProjection(Outbox(read_model), [])
+
         def save(info: EndpointInfo, position: int) -> None:
             with read_model.transaction() as cur:
-                cur.execute(
-                    read_model.sql(
-                        "INSERT INTO entitle_webhook_endpoints (id, body) VALUES (?, ?)"
-                        " ON CONFLICT (id) DO UPDATE SET body = excluded.body"
-                    ),
-                    (str(info.id), info.to_json()),
-                )
+                projection._write(cur, info)
                 read_model.save_position(cur, PROJECTION, position)
 
         save(first, 5)
