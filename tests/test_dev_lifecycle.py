@@ -167,7 +167,7 @@ def test_admin_commands_over_http_are_recorded_and_published(tmp_path: Path) -> 
             lines=[{"price": "price_basic", "start": now, "end": now + 30 * DAY}],
         )
         assert post(entitle, paid).status_code == 202
-        [item] = eventually(lambda: entitlements(entitle, order_ref="sub_admin"), timeout=5)
+        [item] = eventually(lambda: entitlements(entitle, order_ref="sub_admin"), timeout=20)
         url = f"{entitle.url}/v1/entitlements/{item['id']}"
 
         def act(action: str, body: Any, key: str | None = None, auth: Any = AUTH) -> httpx.Response:
@@ -250,7 +250,7 @@ def test_redrive_applies_dead_letters_once_the_catalog_knows_the_price(tmp_path:
         )
         assert done.returncode == 0, done.stderr
         assert "1 applied, 0 still unmappable" in done.stdout
-        [item] = eventually(lambda: entitlements(entitle, order_ref="sub_gold"), timeout=5)
+        [item] = eventually(lambda: entitlements(entitle, order_ref="sub_gold"), timeout=20)
         assert (item["offering"], item["seats"], item["status"]) == ("gold", 20, "ACTIVE")
         [letter] = httpx.get(f"{entitle.url}/v1/dead-letters", headers=AUTH).json()["items"]
         assert letter["resolved_at"] is not None
@@ -279,7 +279,7 @@ def test_admins_issue_and_revoke_activation_codes_which_are_never_stored(tmp_pat
             lines=[{"price": "price_basic", "start": now, "end": now + 30 * DAY}],
         )
         assert post(entitle, paid).status_code == 202
-        [item] = eventually(lambda: entitlements(entitle, order_ref="sub_codes"), timeout=5)
+        [item] = eventually(lambda: entitlements(entitle, order_ref="sub_codes"), timeout=20)
         first = item["activation_code"]
         assert [c["code"] for c in item["activation_codes"]] == [first]
         url = f"{entitle.url}/v1/entitlements/{item['id']}"
